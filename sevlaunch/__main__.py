@@ -1,0 +1,3 @@
+from sevlaunch.cli import main
+
+raise SystemExit(main())

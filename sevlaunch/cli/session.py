@@ -1,0 +1,10 @@
+"""`sevlaunch session`: not written yet."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(sub: "argparse._SubParsersAction[Any]") -> None:
+    """Registers nothing until the command is written."""
