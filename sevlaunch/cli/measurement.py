@@ -1,10 +1,174 @@
-"""`sevlaunch measurement`: not written yet."""
+"""`sevlaunch measurement digest|build`: expected launch digests and launch measurements.
+
+`digest` prints what sev-snp-measure prints for `--mode sev|seves --output-format hex` (with the init2
+VMSA layout); `build` prints the 48-byte measure‖mnonce blob in base64, as QEMU and libvirt show it,
+like `sevctl measurement build`.
+"""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from sevlaunch.cli import CommandError
+from sevlaunch.cli._common import parse_b64, parse_hex, parse_int, read_bytes
+from sevlaunch.sev.digest import LaunchMode, launch_digest
+from sevlaunch.sev.measurement import LaunchMeasurement, compute_measure
+from sevlaunch.sev.policy import PolicyFlags
+from sevlaunch.sev.types import LaunchDigest, MNonce
+from sevlaunch.sev.vmsa import VCPU_TYPES, VMSALayout, vcpu_signature
 
-def register(sub: "argparse._SubParsersAction[Any]") -> None:
-    """Registers nothing until the command is written."""
+_MEASUREMENT_BLOB = 48
+_MNONCE = 16
+_TIK = 16
+
+
+def _add_digest_options(parser: argparse.ArgumentParser, *, mode_required: bool) -> None:
+    group = parser.add_argument_group("launch digest")
+    group.add_argument(
+        "--mode",
+        choices=[m.value for m in LaunchMode],
+        required=mode_required,
+        help="guest type" + ("" if mode_required else " (default: sev-es when the policy has ES, else sev)"),
+    )
+    group.add_argument("--firmware", metavar="OVMF", help="the OVMF code image QEMU loads")
+    group.add_argument("--kernel", metavar="FILE", help="kernel booted with kernel-hashes=on")
+    group.add_argument("--initrd", metavar="FILE", help="initrd (with --kernel)")
+    group.add_argument("--cmdline", metavar="STRING", help="kernel command line (with --kernel)")
+    group.add_argument("--vcpus", metavar="N", type=int, default=1, help="vCPU count (SEV-ES; default 1)")
+    vcpu = group.add_mutually_exclusive_group()
+    vcpu.add_argument("--vcpu-type", metavar="NAME", choices=list(VCPU_TYPES), help="QEMU CPU model (SEV-ES)")
+    vcpu.add_argument(
+        "--vcpu-sig", metavar="N", type=parse_int, help="CPUID(1).EAX of the guest vCPU (SEV-ES)"
+    )
+    vcpu.add_argument("--vcpu-family", metavar="N", type=parse_int, help="vCPU family (SEV-ES)")
+    group.add_argument("--vcpu-model", metavar="N", type=parse_int, help="vCPU model (with --vcpu-family)")
+    group.add_argument(
+        "--vcpu-stepping", metavar="N", type=parse_int, help="vCPU stepping (with --vcpu-family)"
+    )
+    group.add_argument(
+        "--vmsa-layout",
+        choices=[v.value for v in VMSALayout],
+        default=VMSALayout.init2.value,
+        help="init2: KVM with KVM_SEV_INIT2 (MXCSR/FCW set); legacy: older KVM (default: init2)",
+    )
+
+
+def _vcpu_sig(args: argparse.Namespace) -> int | None:
+    split = (args.vcpu_model, args.vcpu_stepping)
+    if args.vcpu_family is None and any(v is not None for v in split):
+        raise CommandError("--vcpu-model and --vcpu-stepping need --vcpu-family")
+    if args.vcpu_family is not None:
+        if any(v is None for v in split):
+            raise CommandError("--vcpu-family needs --vcpu-model and --vcpu-stepping")
+        return vcpu_signature(family=args.vcpu_family, model=args.vcpu_model, stepping=args.vcpu_stepping)
+    if args.vcpu_type is not None:
+        return vcpu_signature(args.vcpu_type)
+    if args.vcpu_sig is not None:
+        if not 0 <= args.vcpu_sig <= 0xFFFFFFFF:
+            raise CommandError("--vcpu-sig must fit in 32 bits")
+        return int(args.vcpu_sig)
+    return None
+
+
+def _compute_digest(args: argparse.Namespace, mode: LaunchMode) -> LaunchDigest:
+    if args.firmware is None:
+        raise CommandError("--firmware is required to compute a launch digest")
+    if args.kernel is None and (args.initrd is not None or args.cmdline is not None):
+        raise CommandError("--initrd and --cmdline need --kernel")
+    vcpu_sig = _vcpu_sig(args)
+    if mode is LaunchMode.sev_es:
+        if vcpu_sig is None:
+            raise CommandError(
+                "sev-es needs --vcpu-type, --vcpu-sig or --vcpu-family/--vcpu-model/--vcpu-stepping"
+            )
+        if args.vcpus < 1:
+            raise CommandError("--vcpus must be at least 1")
+    return launch_digest(
+        read_bytes(args.firmware),
+        mode=mode,
+        vcpus=args.vcpus,
+        vcpu_sig=vcpu_sig,
+        layout=VMSALayout(args.vmsa_layout),
+        kernel=None if args.kernel is None else read_bytes(args.kernel),
+        initrd=None if args.initrd is None else read_bytes(args.initrd),
+        cmdline=args.cmdline,
+    )
+
+
+def _run_digest(args: argparse.Namespace) -> int:
+    print(_compute_digest(args, LaunchMode(args.mode)).hex())
+    return 0
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    for name in ("api_major", "api_minor", "build_id"):
+        if not 0 <= getattr(args, name) <= 0xFF:
+            raise CommandError(f"--{name.replace('_', '-')} must be 0..255")
+    if not 0 <= args.policy <= 0xFFFFFFFF:
+        raise CommandError("--policy must fit in 32 bits")
+    tik = read_bytes(args.tik)
+    if len(tik) != _TIK:
+        raise CommandError(f"the TIK file must hold {_TIK} raw bytes, got {len(tik)}")
+
+    if args.nonce is not None:
+        mnonce = parse_hex(args.nonce, what="--nonce", length=_MNONCE)
+    else:
+        blob = parse_b64(args.launch_measure_blob, what="--launch-measure-blob")
+        if len(blob) != _MEASUREMENT_BLOB:
+            raise CommandError(f"--launch-measure-blob must be {_MEASUREMENT_BLOB} bytes, got {len(blob)}")
+        mnonce = LaunchMeasurement.from_bytes(blob).mnonce
+
+    if args.launch_digest is not None:
+        if args.firmware is not None or args.mode is not None:
+            raise CommandError("give either --launch-digest or the firmware options, not both")
+        digest = LaunchDigest(parse_hex(args.launch_digest, what="--launch-digest", length=32))
+    else:
+        # QEMU sets the ES policy bit exactly for SEV-ES guests: a digest of the other kind cannot match.
+        policy_mode = LaunchMode.sev_es if args.policy & PolicyFlags.ES else LaunchMode.sev
+        if args.mode is not None and LaunchMode(args.mode) is not policy_mode:
+            raise CommandError(f"--mode {args.mode} contradicts policy {args.policy:#x} (ES bit)")
+        digest = _compute_digest(args, policy_mode)
+
+    measure = compute_measure(
+        tik,
+        api_major=args.api_major,
+        api_minor=args.api_minor,
+        build_id=args.build_id,
+        policy=args.policy,
+        launch_digest=digest,
+        mnonce=MNonce(mnonce),
+    )
+    measurement = LaunchMeasurement(measure=measure, mnonce=MNonce(mnonce))
+    print(measurement.to_b64())
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    parser = sub.add_parser("measurement", help="expected launch digests and measurements")
+    commands = parser.add_subparsers(dest="measurement_command", required=True, metavar="SUBCOMMAND")
+
+    digest = commands.add_parser(
+        "digest", help="print the expected launch digest (hex) for a firmware and guest configuration"
+    )
+    _add_digest_options(digest, mode_required=True)
+    digest.set_defaults(func=_run_digest)
+
+    build = commands.add_parser(
+        "build", help="print the expected launch measurement (measure||mnonce, base64)"
+    )
+    build.add_argument("--api-major", type=parse_int, required=True, metavar="N")
+    build.add_argument("--api-minor", type=parse_int, required=True, metavar="N")
+    build.add_argument("--build-id", type=parse_int, required=True, metavar="N")
+    build.add_argument("--policy", type=parse_int, required=True, metavar="N")
+    build.add_argument("--tik", required=True, metavar="FILE", help="the 16-byte TIK of the session")
+    nonce = build.add_mutually_exclusive_group(required=True)
+    nonce.add_argument("--nonce", metavar="HEX", help="the firmware's mnonce (16 bytes)")
+    nonce.add_argument(
+        "--launch-measure-blob", metavar="B64", help="the measurement the host reported; its mnonce is used"
+    )
+    build.add_argument(
+        "--launch-digest", metavar="HEX", help="a known launch digest (instead of computing it)"
+    )
+    _add_digest_options(build, mode_required=False)
+    build.set_defaults(func=_run_build)

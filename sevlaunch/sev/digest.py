@@ -1,0 +1,153 @@
+"""The launch digest: what the SEV firmware hashes while QEMU launches a guest (PROTOCOL.md §5).
+
+QEMU (`target/i386/sev.c`, `hw/i386/pc_sysfw.c`, `hw/i386/x86.c`) issues, in this order:
+
+1. LAUNCH_UPDATE_DATA of pflash unit 0, the whole OVMF code image, mapped to end at 4 GiB;
+2. with `kernel-hashes=on` and a kernel: LAUNCH_UPDATE_DATA of the padded 176-byte hashes table at the
+   address the OVMF footer declares (`sev_add_kernel_loader_hashes`);
+3. SEV-ES only: LAUNCH_UPDATE_VMSA of every vCPU in KVM's order, the BSP (vCPU 0) first.
+
+The firmware's launch digest is SHA-256 over those plaintexts in order; `launch_digest` hashes them
+incrementally without joining them, so a 4 MiB image costs one pass of SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Literal
+
+from sevlaunch.sev.errors import MalformedInput, Reason, Unsupported
+from sevlaunch.sev.kernel_hashes import PADDED_TABLE_LENGTH, build_hashes_table
+from sevlaunch.sev.ovmf import OVMF
+from sevlaunch.sev.types import LaunchDigest
+from sevlaunch.sev.vmsa import VMSA_SIZE, VMSALayout, build_vmsa
+
+
+class LaunchMode(StrEnum):
+    sev = "sev"
+    sev_es = "sev-es"
+
+
+@dataclass(frozen=True)
+class LaunchUpdate:
+    """One LAUNCH_UPDATE_DATA (`kind="data"`, at guest physical address `gpa`) or LAUNCH_UPDATE_VMSA
+    (`kind="vmsa"`, `gpa` None: the firmware takes the page from the vCPU, not from guest memory)."""
+
+    kind: Literal["data", "vmsa"]
+    gpa: int | None
+    data: bytes
+
+    def __post_init__(self) -> None:
+        if self.kind == "data":
+            if self.gpa is None or not 0 <= self.gpa < (1 << 64):
+                raise ValueError("a data update needs a 64-bit guest physical address")
+            # The firmware encrypts in 16-byte blocks; QEMU only ever hands it such lengths.
+            if len(self.data) % 16:
+                raise MalformedInput(
+                    Reason.BAD_LENGTH, f"LAUNCH_UPDATE_DATA length {len(self.data)} is not a multiple of 16"
+                )
+        elif self.kind == "vmsa":
+            if self.gpa is not None:
+                raise ValueError("a VMSA update has no guest physical address")
+            if len(self.data) != VMSA_SIZE:
+                raise MalformedInput(Reason.BAD_LENGTH, f"a VMSA is {VMSA_SIZE} bytes, got {len(self.data)}")
+        else:
+            raise ValueError(f"unknown launch update kind {self.kind!r}")
+
+
+def _mode(mode: LaunchMode | str) -> LaunchMode:
+    try:
+        return LaunchMode(mode)
+    except ValueError:
+        raise MalformedInput(Reason.BAD_FIELD, f"unknown launch mode {mode!r} (sev or sev-es)") from None
+
+
+def launch_updates(
+    ovmf: bytes,
+    *,
+    mode: LaunchMode | Literal["sev", "sev-es"],
+    vcpus: int = 1,
+    vcpu_sig: int | None = None,
+    layout: VMSALayout = VMSALayout.init2,
+    kernel: bytes | None = None,
+    initrd: bytes | None = None,
+    cmdline: str | bytes | None = None,
+) -> list[LaunchUpdate]:
+    """The LAUNCH_UPDATE_* commands QEMU issues for this firmware and configuration, in order.
+
+    `vcpu_sig` (CPUID 1 EAX, see `vmsa.vcpu_signature`) is needed for SEV-ES only. An initrd or a
+    command line without a kernel is a usage error: QEMU adds the hashes table only for a kernel.
+    """
+    launch_mode = _mode(mode)
+    if kernel is None and (initrd is not None or cmdline is not None):
+        raise TypeError("an initrd or a command line needs a kernel")
+    parsed = OVMF.from_bytes(ovmf)
+    updates = [LaunchUpdate("data", parsed.gpa, ovmf)]
+
+    if kernel is not None:
+        if parsed.hashes_table is None:
+            raise Unsupported(
+                Reason.NO_HASHES_TABLE,
+                "kernel given but the OVMF declares no kernel hashes table (needs an AmdSev build)",
+            )
+        base, size = parsed.hashes_table
+        if size < PADDED_TABLE_LENGTH:
+            raise Unsupported(
+                Reason.NO_HASHES_TABLE, f"OVMF hashes table area of {size} bytes cannot hold the table"
+            )
+        updates.append(LaunchUpdate("data", base, build_hashes_table(kernel, initrd, cmdline)))
+
+    if launch_mode is LaunchMode.sev_es:
+        if vcpu_sig is None:
+            raise TypeError("SEV-ES needs the vCPU signature (vcpu_sig)")
+        if vcpus < 1:
+            raise MalformedInput(Reason.BAD_FIELD, f"vCPU count must be at least 1, got {vcpus}")
+        if parsed.sev_es_reset_eip is None:
+            raise Unsupported(
+                Reason.NO_SEV_ES_RESET_BLOCK,
+                "the OVMF has no SEV-ES reset block, so it cannot boot SEV-ES APs",
+            )
+        bsp = build_vmsa(eip=None, vcpu_sig=vcpu_sig, layout=layout, bsp=True)
+        updates.append(LaunchUpdate("vmsa", None, bsp))
+        if vcpus > 1:
+            ap = build_vmsa(eip=parsed.sev_es_reset_eip, vcpu_sig=vcpu_sig, layout=layout, bsp=False)
+            # Every AP page is identical; the same bytes object is shared, not copied.
+            updates.extend(LaunchUpdate("vmsa", None, ap) for _ in range(vcpus - 1))
+    return updates
+
+
+def digest_updates(updates: Sequence[LaunchUpdate]) -> LaunchDigest:
+    """SHA-256 over the plaintexts of `updates`, in order, as the firmware computes it."""
+    hasher = hashlib.sha256()
+    for update in updates:
+        hasher.update(update.data)
+    return LaunchDigest(hasher.digest())
+
+
+def launch_digest(
+    ovmf: bytes,
+    *,
+    mode: LaunchMode | Literal["sev", "sev-es"],
+    vcpus: int = 1,
+    vcpu_sig: int | None = None,
+    layout: VMSALayout = VMSALayout.init2,
+    kernel: bytes | None = None,
+    initrd: bytes | None = None,
+    cmdline: str | bytes | None = None,
+) -> LaunchDigest:
+    """The 32-byte launch digest the firmware will hold after QEMU launched this configuration."""
+    return digest_updates(
+        launch_updates(
+            ovmf,
+            mode=mode,
+            vcpus=vcpus,
+            vcpu_sig=vcpu_sig,
+            layout=layout,
+            kernel=kernel,
+            initrd=initrd,
+            cmdline=cmdline,
+        )
+    )
