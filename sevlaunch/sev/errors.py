@@ -36,6 +36,7 @@ class Reason(StrEnum):
     BAD_POLICY_MAC = "bad_policy_mac"
     BAD_SECRET_MAC = "bad_secret_mac"
     MEASUREMENT_MISMATCH = "measurement_mismatch"
+    EMPTY_ALLOW_LIST = "empty_allow_list"
     BAD_MANIFEST = "bad_manifest"
     EXPIRED = "expired"
     REVOKED = "revoked"
