@@ -50,15 +50,14 @@ def to_status(value: int) -> StatusCode | int:
 
 
 # The protocol-level Reason closest to a status, for callers that only look at `SevError.reason`.
-# Every other status uses FIRMWARE_STATUS when sevlaunch.sev.errors defines it (asked of the lead),
-# else BAD_FIELD; `.status` is always the precise answer.
+# Every other status is FIRMWARE_STATUS; `.status` is always the precise answer.
 _REASONS: dict[int, Reason] = {
     StatusCode.BAD_SIGNATURE: Reason.BAD_SIGNATURE,
     StatusCode.BAD_MEASUREMENT: Reason.MEASUREMENT_MISMATCH,
     StatusCode.POLICY_FAILURE: Reason.POLICY_NOT_ALLOWED,
     StatusCode.INVALID_LENGTH: Reason.BAD_LENGTH,
 }
-_DEFAULT_REASON: Reason = Reason.__members__.get("FIRMWARE_STATUS", Reason.BAD_FIELD)
+_DEFAULT_REASON = Reason.FIRMWARE_STATUS
 
 
 class FirmwareError(SevError):

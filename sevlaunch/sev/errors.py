@@ -49,6 +49,8 @@ class Reason(StrEnum):
     UNKNOWN_VCPU_TYPE = "unknown_vcpu_type"
     POLICY_NOT_ALLOWED = "policy_not_allowed"
     API_TOO_OLD = "api_too_old"
+    # The firmware refused a command; the exact status code is on FirmwareError.status
+    FIRMWARE_STATUS = "firmware_status"
 
 
 class SevError(Exception):
