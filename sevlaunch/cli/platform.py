@@ -1,10 +1,115 @@
-"""`sevlaunch platform`: not written yet."""
+"""`sevlaunch platform {status,id,chain}`: ask a platform service, over mTLS.
+
+    sevlaunch platform chain --endpoint HOST:PORT --tls-dir DIR [--identity client] --out chain.cert
+
+`chain --out` writes PDH‖PEK‖OCA‖CEK‖ASK‖ARK (sevctl's `export --full`), which `sevlaunch verify
+--chain` reads. Failures print the gRPC status, the reason and its details (firmware status, link).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 from typing import Any
 
+import grpc
 
-def register(sub: "argparse._SubParsersAction[Any]") -> None:
-    """Registers nothing until the command is written."""
+from sevlaunch.cli import CommandError
+from sevlaunch.rpc import error_info, secure_channel_sync
+from sevlaunch.rpc.tls import TLSMaterialError
+from sevlaunch.rpc.v1 import platform_pb2, platform_pb2_grpc
+
+_STATE_NAMES = {
+    platform_pb2.PLATFORM_STATE_UNINIT: "UNINIT",
+    platform_pb2.PLATFORM_STATE_INIT: "INIT",
+    platform_pb2.PLATFORM_STATE_WORKING: "WORKING",
+}
+
+
+def _describe(err: grpc.RpcError) -> str:
+    info = error_info(err)
+    extra = ", ".join(f"{k}={v}" for k, v in sorted(info.metadata.items()))
+    text = f"{info.code.name}: {info.message}"
+    return f"{text} ({info.reason}{'; ' + extra if extra else ''})" if info.reason else text
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        channel = secure_channel_sync(args.endpoint, args.tls_dir, args.identity)
+    except TLSMaterialError as exc:
+        raise CommandError(str(exc)) from None
+    with channel:
+        stub = platform_pb2_grpc.PlatformServiceStub(channel)
+        try:
+            return int(args.action(stub, args))
+        except grpc.RpcError as err:
+            raise CommandError(_describe(err)) from None
+
+
+def _status(stub: platform_pb2_grpc.PlatformServiceStub, args: argparse.Namespace) -> int:
+    st = stub.GetPlatformStatus(platform_pb2.GetPlatformStatusRequest(), timeout=args.timeout)
+    out = {
+        "api_major": st.firmware.api_major,
+        "api_minor": st.firmware.api_minor,
+        "build_id": st.firmware.build_id,
+        "state": _STATE_NAMES.get(st.state, "UNSPECIFIED"),
+        "owned_externally": st.owned_externally,
+        "es_supported": st.es_supported,
+        "guest_count": st.guest_count,
+        "flags": f"0x{st.flags:08x}",
+    }
+    _emit(json.dumps(out, indent=2), args.out)
+    return 0
+
+
+def _id(stub: platform_pb2_grpc.PlatformServiceStub, args: argparse.Namespace) -> int:
+    reply = stub.GetIdentifier(platform_pb2.GetIdentifierRequest(), timeout=args.timeout)
+    _emit(reply.chip_id, args.out)
+    return 0
+
+
+def _chain(stub: platform_pb2_grpc.PlatformServiceStub, args: argparse.Namespace) -> int:
+    reply = stub.GetCertificateChain(platform_pb2.GetCertificateChainRequest(), timeout=args.timeout)
+    p = reply.platform
+    c = p.chain
+    full = c.pdh_cert + c.pek_cert + c.oca_cert + c.cek_cert + c.ask_cert + c.ark_cert
+    summary = (
+        f"chip {p.chip_id[:16]}…  generation {p.generation}  firmware {p.firmware.api_major}."
+        f"{p.firmware.api_minor} build {p.firmware.build_id}  CEK from {reply.cek_source}"
+    )
+    if args.out:
+        Path(args.out).write_bytes(full)
+        print(f"{summary}\nwrote PDH||PEK||OCA||CEK||ASK||ARK ({len(full)} bytes) to {args.out}")
+    else:
+        print(summary)
+    return 0
+
+
+def _emit(text: str, out: str | None) -> None:
+    if out:
+        Path(out).write_text(text + "\n")
+    else:
+        print(text)
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    p = sub.add_parser(
+        "platform",
+        help="query a platform service (status, chip id, certificate chain)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = p.add_subparsers(dest="platform_command", required=True, metavar="ACTION")
+    for name, fn, text in (
+        ("status", _status, "firmware version, state, guests"),
+        ("id", _id, "the chip id (lower hex)"),
+        ("chain", _chain, "the full certificate chain (PDH..ARK)"),
+    ):
+        a = actions.add_parser(name, help=text)
+        a.add_argument("--endpoint", required=True, help="HOST:PORT of the platform service")
+        a.add_argument("--tls-dir", required=True, help="folder with ca.pem and IDENTITY.pem/.key")
+        a.add_argument("--identity", default="client", help="client certificate name (default client)")
+        a.add_argument("--out", help="write the result to this file")
+        a.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+        a.set_defaults(func=_run, action=fn)

@@ -1,0 +1,202 @@
+"""The one server interceptor: request id, authorisation, error → status mapping, metrics, access log.
+
+grpc.aio interceptors see only the method name before the call; the peer's certificate is on the
+servicer context, so the interceptor wraps each handler's behaviour and does its work inside the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import grpc.aio
+
+from sevlaunch.errors import PermissionDenied
+from sevlaunch.rpc.authz import AuthzPolicy, identity_from_auth_context
+from sevlaunch.rpc.errors import map_exception
+from sevlaunch.rpc.metrics import RpcMetrics
+
+log = logging.getLogger("sevlaunch.rpc")
+
+REQUEST_ID_KEY = "x-request-id"
+# A caller-supplied request id is echoed into logs, so only a short, plain token is accepted.
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling what, for servicers (audit records) and logs."""
+
+    identity: str
+    method: str
+    request_id: str
+
+
+_current: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("sevlaunch_rpc_caller", default=None)
+
+
+def current_caller() -> Caller:
+    """The caller of the RPC being served; a RuntimeError outside an RPC (programmer misuse)."""
+    caller = _current.get()
+    if caller is None:
+        raise RuntimeError("current_caller() called outside an RPC")
+    return caller
+
+
+def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID_RE.match(value):
+            return value
+    return uuid.uuid4().hex
+
+
+# grpc-stubs make ServerInterceptor generic; the runtime class is not subscriptable.
+if TYPE_CHECKING:
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _Interceptor = grpc.aio.ServerInterceptor
+
+
+class ShellInterceptor(_Interceptor):
+    def __init__(self, authz: AuthzPolicy, metrics: RpcMetrics) -> None:
+        self._authz = authz
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler  # unknown method: grpc answers UNIMPLEMENTED
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                self._wrap_stream(method, handler.stream_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    async def _enter(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+        request_id = _request_id(context)
+        identity = identity_from_auth_context(context.auth_context())
+        caller = Caller(identity or "", method, request_id)
+        _current.set(caller)
+        if not self._authz.allows(method, identity):
+            self._metrics.denied.labels(method).inc()
+            self._metrics.requests.labels(method, grpc.StatusCode.PERMISSION_DENIED.name).inc()
+            log.warning(
+                "rpc denied", extra={"method": method, "identity": identity, "request_id": request_id}
+            )
+            mapped_status = _denied_status(method, request_id)
+            await context.abort(mapped_status.code, mapped_status.details, mapped_status.trailing_metadata)
+        return caller
+
+    async def _fail(
+        self, caller: Caller, exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        mapped = map_exception(exc, caller.request_id)
+        if mapped.code is grpc.StatusCode.INTERNAL:
+            # The one place the unknown error is recorded in full; the caller only gets the request id.
+            log.error(
+                "rpc failed",
+                exc_info=exc,
+                extra={"method": caller.method, "identity": caller.identity, "request_id": caller.request_id},
+            )
+        status = mapped.to_status()
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+    def _done(self, caller: Caller, start: float, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        code = context.code()
+        code_name = code.name if isinstance(code, grpc.StatusCode) else _code_name(code)
+        elapsed = time.perf_counter() - start
+        self._metrics.requests.labels(caller.method, code_name).inc()
+        self._metrics.latency.labels(caller.method).observe(elapsed)
+        log.info(
+            "rpc",
+            extra={
+                "method": caller.method,
+                "identity": caller.identity,
+                "request_id": caller.request_id,
+                "code": code_name,
+                "duration_ms": round(elapsed * 1000, 3),
+            },
+        )
+
+    def _wrap_unary(
+        self, method: str, behavior: Callable[..., Any]
+    ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            caller = await self._enter(method, context)
+            start = time.perf_counter()
+            try:
+                return await behavior(request, context)
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                await self._fail(caller, exc, context)
+            finally:
+                self._done(caller, start, context)
+
+        return wrapped
+
+    def _wrap_stream(
+        self, method: str, behavior: Callable[..., Any]
+    ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            caller = await self._enter(method, context)
+            start = time.perf_counter()
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                await self._fail(caller, exc, context)
+            finally:
+                self._done(caller, start, context)
+
+        return wrapped
+
+
+def _code_name(code: object) -> str:
+    # context.code() is None while a call succeeds, or a raw int in some grpc versions.
+    if code is None:
+        return grpc.StatusCode.OK.name
+    for member in grpc.StatusCode:
+        if member.value[0] == code:
+            return member.name
+    return str(code)
+
+
+def _denied_status(method: str, request_id: str) -> grpc.Status:
+    refusal = PermissionDenied("caller_not_authorized", f"this identity may not call {method}")
+    return map_exception(refusal, request_id).to_status()

@@ -1,0 +1,32 @@
+"""Fixtures shared by every test suite: mTLS material from `sevlaunch dev-certs`.
+
+Add fixtures here with care: the owner, launcher and platform suites all load this file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sevlaunch.cli.devcerts import DEFAULT_IDENTITIES, write_dev_certs
+
+#: Identities beyond the defaults, for authorisation tests (a valid certificate with no role anywhere).
+EXTRA_TEST_IDENTITIES = ("nobody",)
+
+
+@pytest.fixture(scope="session")
+def tls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dev-certs folder: ca.pem and NAME.pem/NAME.key for platform, launcher, owner, client,
+    platform-admin, owner-admin, and `nobody` (authenticated, no role)."""
+    out = tmp_path_factory.mktemp("tls")
+    write_dev_certs(out, identities=[*DEFAULT_IDENTITIES, *EXTRA_TEST_IDENTITIES])
+    return out
+
+
+@pytest.fixture(scope="session")
+def foreign_tls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same identities from another, untrusted CA: its certificates must fail the handshake."""
+    out = tmp_path_factory.mktemp("tls-foreign")
+    write_dev_certs(out, identities=DEFAULT_IDENTITIES)
+    return out

@@ -1,0 +1,53 @@
+"""`sevlaunch dev-certs`: a CA and per-identity certificates that mTLS and authorisation rely on."""
+
+from __future__ import annotations
+
+import ipaddress
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from sevlaunch.cli import main
+from sevlaunch.cli.devcerts import DEFAULT_IDENTITIES
+
+
+def _load(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def test_dev_certs_writes_ca_and_every_identity(tmp_path: Path) -> None:
+    out = tmp_path / "tls"
+    assert main(["dev-certs", "--out", str(out), "--san", "10.0.0.7", "--san", "platform.svc"]) == 0
+    ca = _load(out / "ca.pem")
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert stat.S_IMODE((out / "ca.key").stat().st_mode) == 0o600
+    for name in DEFAULT_IDENTITIES:
+        cert = _load(out / f"{name}.pem")
+        assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == name
+        cert.verify_directly_issued_by(ca)
+        key = cert.public_key()
+        assert isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"
+        assert stat.S_IMODE((out / f"{name}.key").stat().st_mode) == 0o600
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert {"localhost", name, "platform.svc"} <= set(san.get_values_for_type(x509.DNSName))
+        ips = set(san.get_values_for_type(x509.IPAddress))
+        assert {ipaddress.ip_address(a) for a in ("127.0.0.1", "::1", "10.0.0.7")} <= ips
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} <= set(eku)
+        assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+
+
+def test_extra_and_only_identities(tmp_path: Path) -> None:
+    assert main(["dev-certs", "--out", str(tmp_path), "--only", "--identity", "ops"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ca.key", "ca.pem", "ops.key", "ops.pem"]
+
+
+@pytest.mark.parametrize("bad", ["ca", "Upper", "../escape", "a b"])
+def test_bad_identity_names_are_refused(tmp_path: Path, bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["dev-certs", "--out", str(tmp_path), "--identity", bad]) == 2
+    assert "identity" in capsys.readouterr().err
+    assert not (tmp_path / "ca.pem").exists()
