@@ -1,0 +1,1 @@
+"""Hypervisor backends (libvirt, emulated) and the gRPC clients of the platform and owner services."""

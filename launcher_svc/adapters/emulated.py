@@ -1,0 +1,298 @@
+"""The emulated hypervisor: libvirt's test driver for the domain lifecycle, the firmware emulator for
+QEMU's part of an SEV launch.
+
+* libvirt: a private `test:///<file>` connection (one driver instance per launcher, unlike the
+  process-wide `test:///default`). It parses and validates the domain XML with libvirt's own parser and
+  keeps domain state and lifecycle events. The test driver has no VIR_DOMAIN_START_PAUSED, so a start is
+  create() followed at once by suspend(); the test driver runs no guest code, so nothing runs between.
+* QEMU's part, on the `EmulatedFirmware` chip that platform_svc shares: LAUNCH_START with the XML's
+  dhCert, session and policy; LAUNCH_UPDATE_DATA of the firmware file the XML names and of the kernel
+  hashes table (`launch_updates`, QEMU's order); LAUNCH_UPDATE_VMSA for SEV-ES; LAUNCH_MEASURE;
+  LAUNCH_SECRET into the secret area; LAUNCH_FINISH on resume; DECOMMISSION on destroy.
+
+Surviving a restart (why `domains_dir` exists): the test driver's domains live in this process, and QEMU
+processes would outlive a killed launcher on a real host. So every emulated domain is also written to
+`<domains_dir>/<name>.json` (its XML, its firmware guest handle and its run state), the way libvirt keeps
+`/run/libvirt/qemu/<name>.xml` status files. Opening the backend re-creates those domains in the test
+driver in the state they had; the reconciler then sees them as a real host would show them, and
+destroying one DECOMMISSIONs its firmware guest context, so the chip's guest count comes back.
+Nothing secret is written: the wrapped secret is passed to the firmware and dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+
+from launcher_svc.adapters.libvirt_backend import LibvirtHypervisor, libvirt_error
+from launcher_svc.core.domain_xml import parse_domain_xml
+from launcher_svc.core.ports import DomainInfo, LaunchSecurityInfo, SevCapabilities
+from sevlaunch.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServiceError
+from sevlaunch.firmware import EmulatedFirmware, FirmwareError, StatusCode
+from sevlaunch.sev.digest import launch_updates
+from sevlaunch.sev.errors import SevError
+from sevlaunch.sev.ovmf import OVMF
+from sevlaunch.sev.policy import PolicyFlags
+from sevlaunch.sev.vmsa import VMSALayout, vcpu_signature
+
+_NODE_XML = "<node/>\n"
+MAX_IMAGE = 1 << 30
+
+
+def firmware_error(exc: FirmwareError) -> ServiceError:
+    """The firmware's refusal as a service error whose reason names the status (e.g. BAD_MEASUREMENT
+    for a secret packaged for another launch)."""
+    name = exc.status.name if isinstance(exc.status, StatusCode) else f"0x{int(exc.status):02x}"
+    meta = {"firmware_status": name, "command": exc.command}
+    if exc.status == StatusCode.RESOURCE_LIMIT:
+        return ResourceExhausted("firmware_resource_limit", exc.detail, metadata=meta)
+    return FailedPrecondition(f"firmware_{name.lower()}", exc.detail, metadata=meta)
+
+
+@dataclass
+class _Domain:
+    """What a QEMU process would hold of one SEV guest; persisted as JSON."""
+
+    name: str
+    xml: str
+    run_state: str  # "defined" | "paused" | "running"
+    handle: int | None = None
+    measurement: bytes = b""
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "name": self.name,
+                "xml": self.xml,
+                "run_state": self.run_state,
+                "handle": self.handle,
+                "measurement": base64.b64encode(self.measurement).decode(),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: str) -> _Domain:
+        data = json.loads(raw)
+        return cls(
+            name=str(data["name"]),
+            xml=str(data["xml"]),
+            run_state=str(data["run_state"]),
+            handle=None if data.get("handle") is None else int(data["handle"]),
+            measurement=base64.b64decode(data.get("measurement", "")),
+        )
+
+
+class EmulatedHypervisor(LibvirtHypervisor):
+    def __init__(
+        self,
+        firmware: EmulatedFirmware,
+        domains_dir: str | Path,
+        *,
+        cbitpos: int = 51,
+        reduced_phys_bits: int = 1,
+        vcpu_type: str = "EPYC-v4",
+        vmsa_layout: VMSALayout = VMSALayout.init2,
+    ) -> None:
+        self.firmware = firmware
+        self.domains_dir = Path(domains_dir)
+        self.domains_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        node = self.domains_dir / "testnode.xml"
+        node.write_text(_NODE_XML)
+        self._cbitpos = cbitpos
+        self._reduced = reduced_phys_bits
+        self._vcpu_sig = vcpu_signature(vcpu_type)
+        self._layout = vmsa_layout
+        # One lock: the emulated "QEMU" handles one command at a time, like the PSP it talks to.
+        self._mutex = threading.RLock()
+        super().__init__(f"test://{node}")
+        self._restore()
+
+    # -- persistence ----------------------------------------------------------------------------
+
+    def _path(self, name: str) -> Path:
+        return self.domains_dir / f"{name}.json"
+
+    def _save(self, dom: _Domain) -> None:
+        tmp = self._path(dom.name).with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(dom.to_json())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self._path(dom.name))
+
+    def _load(self, name: str) -> _Domain | None:
+        try:
+            return _Domain.from_json(self._path(name).read_text())
+        except FileNotFoundError:
+            return None
+
+    def _restore(self) -> None:
+        """Re-creates the persisted domains in the fresh test driver, in the state they were left in."""
+        for path in sorted(self.domains_dir.glob("*.json")):
+            dom = _Domain.from_json(path.read_text())
+            try:
+                vdom = self._conn.defineXML(dom.xml)
+                if dom.run_state in ("paused", "running"):
+                    vdom.create()
+                    if dom.run_state == "paused":
+                        vdom.suspend()
+            except libvirt.libvirtError as exc:
+                raise libvirt_error(exc, f"restore {dom.name}") from None
+
+    # -- the SEV parts QEMU would play ----------------------------------------------------------
+
+    def sev_capabilities(self) -> SevCapabilities:
+        cfg = self.firmware.config
+        return SevCapabilities(self._cbitpos, self._reduced, cfg.max_guests, cfg.max_es_guests)
+
+    def define(self, xml: str) -> str:
+        with self._mutex:
+            uuid = super().define(xml)
+            name = parse_domain_xml(xml).domain_name
+            self._save(_Domain(name=name, xml=self.domain_xml(name), run_state="defined"))
+            return uuid
+
+    @staticmethod
+    def _read(path: str | None, what: str) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read(MAX_IMAGE + 1)
+        except OSError:
+            raise FailedPrecondition("image_unreadable", f"{what} cannot be read") from None
+        if len(data) > MAX_IMAGE:
+            raise InvalidArgument("too_large", f"{what} is too large")
+        return data
+
+    def start_paused(self, name: str) -> None:
+        with self._mutex:
+            dom = self._load(name)
+            if dom is None:
+                raise NotFound("domain_not_found", f"domain {name}")
+            vdom = self._lookup(name)
+            # Like QEMU, take the launch parameters from the domain's XML as libvirt holds it.
+            parsed = parse_domain_xml(vdom.XMLDesc(0))
+            if not parsed.sev:
+                raise FailedPrecondition("not_sev", "the domain has no SEV launch security")
+            firmware_image = self._read(parsed.loader, "firmware")
+            if firmware_image is None:
+                raise FailedPrecondition("no_firmware", "the domain names no firmware")
+            kernel = initrd = None
+            cmdline: str | None = None
+            if parsed.kernel is not None and parsed.kernel_hashes:
+                kernel = self._read(parsed.kernel, "kernel")
+                initrd = self._read(parsed.initrd, "initrd")
+                cmdline = parsed.cmdline or ""
+            es = bool(parsed.policy & PolicyFlags.ES)
+            try:
+                updates = launch_updates(
+                    firmware_image,
+                    mode="sev-es" if es else "sev",
+                    vcpus=parsed.vcpus,
+                    vcpu_sig=self._vcpu_sig,
+                    layout=self._layout,
+                    kernel=kernel,
+                    initrd=initrd,
+                    cmdline=cmdline,
+                )
+            except SevError as exc:
+                raise FailedPrecondition(exc.reason.value, exc.detail) from None
+            try:
+                handle = self.firmware.launch_start(parsed.dh_cert, parsed.session, parsed.policy)
+                # Persist the handle at once: from here on a crash must leave a way to DECOMMISSION.
+                dom.handle, dom.run_state = handle, "paused"
+                self._save(dom)
+                for update in updates:
+                    if update.kind == "data":
+                        assert update.gpa is not None
+                        self.firmware.launch_update_data(handle, update.gpa, update.data)
+                    else:
+                        self.firmware.launch_update_vmsa(handle, update.data)
+                dom.measurement = self.firmware.launch_measure(handle)
+            except FirmwareError as exc:
+                raise firmware_error(exc) from None
+            self._save(dom)
+            try:
+                vdom.create()
+                vdom.suspend()
+            except libvirt.libvirtError as exc:
+                raise libvirt_error(exc, "start paused") from None
+
+    def launch_security_info(self, name: str) -> LaunchSecurityInfo:
+        with self._mutex:
+            dom = self._load(name)
+            if dom is None or dom.handle is None or not dom.measurement:
+                raise FailedPrecondition("not_measured", "the domain has no launch measurement")
+            status = self.firmware.platform_status()
+            info = self.firmware.guest_info(dom.handle)
+            return LaunchSecurityInfo(
+                measurement=dom.measurement,
+                api_major=status.api_major,
+                api_minor=status.api_minor,
+                build_id=status.build,
+                policy=int(info["policy"]),
+            )
+
+    def inject_secret(self, name: str, header: bytes, payload: bytes, gpa: int | None) -> None:
+        with self._mutex:
+            dom = self._load(name)
+            if dom is None or dom.handle is None:
+                raise FailedPrecondition("not_started", "the domain has no firmware guest context")
+            if gpa is None:
+                # QEMU's default: the secret area the OVMF footer declares.
+                parsed = parse_domain_xml(dom.xml)
+                image = self._read(parsed.loader, "firmware")
+                area = OVMF.from_bytes(image or b"").secret_area
+                if area is None:
+                    raise FailedPrecondition("no_secret_area", "the OVMF declares no secret area")
+                gpa = area[0]
+            try:
+                self.firmware.launch_secret(dom.handle, header, payload, gpa)
+            except FirmwareError as exc:
+                raise firmware_error(exc) from None
+
+    def resume(self, name: str) -> None:
+        with self._mutex:
+            dom = self._load(name)
+            if dom is None or dom.handle is None:
+                raise FailedPrecondition("not_started", "the domain has no firmware guest context")
+            try:
+                self.firmware.launch_finish(dom.handle)
+            except FirmwareError as exc:
+                raise firmware_error(exc) from None
+            super().resume(name)
+            dom.run_state = "running"
+            self._save(dom)
+
+    def destroy(self, name: str) -> bool:
+        with self._mutex:
+            dom = self._load(name)
+            existed = super().destroy(name)
+            if dom is not None:
+                if dom.handle is not None:
+                    try:
+                        self.firmware.decommission(dom.handle)
+                    except FirmwareError as exc:
+                        # INVALID_GUEST: already gone (e.g. a chip reset); anything else is kept for a retry.
+                        if exc.status != StatusCode.INVALID_GUEST:
+                            raise firmware_error(exc) from None
+                self._path(name).unlink(missing_ok=True)
+                existed = True
+            return existed
+
+    def guest_handle(self, name: str) -> int | None:
+        """The firmware guest context of a domain (tests read the secret area through it)."""
+        dom = self._load(name)
+        return None if dom is None else dom.handle
+
+    def list_domains(self) -> list[DomainInfo]:
+        with self._mutex:
+            return super().list_domains()

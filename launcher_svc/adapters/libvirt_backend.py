@@ -1,0 +1,295 @@
+"""The real hypervisor backend: libvirt-python against qemu:///system (or any URI).
+
+The SEV calls are libvirt's own (PROTOCOL.md section 9): domain capabilities and virNodeGetSEVInfo for
+cbitpos, reducedPhysBits and the ASID limits; defineXML; createWithFlags(VIR_DOMAIN_START_PAUSED), which
+makes QEMU run LAUNCH_START/UPDATE/MEASURE; virDomainGetLaunchSecurityInfo; virDomainSetLaunchSecurityState
+(LAUNCH_SECRET, with `sev-secret-set-address` when the OVMF declares no secret area); resume (LAUNCH_FINISH);
+destroy and undefine; lifecycle events.
+
+libvirt errors become `ServiceError`s here, so the core never sees libvirt types. Their messages are
+libvirt's, which never hold the secret (we never log the parameters of setLaunchSecurityState).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import xml.etree.ElementTree as ET
+from typing import Any
+
+import libvirt
+
+from launcher_svc.core.domain_xml import parse_domain_xml
+from launcher_svc.core.ports import (
+    DomainInfo,
+    DomainState,
+    LaunchSecurityInfo,
+    LifecycleHandler,
+    LifecycleKind,
+    SevCapabilities,
+)
+from sevlaunch.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ServiceError,
+    Unavailable,
+)
+from sevlaunch.sev.policy import PolicyFlags
+
+log = logging.getLogger("launcher_svc.libvirt")
+
+_event_loop_lock = threading.Lock()
+_event_loop_started = False
+
+
+def _ignore_libvirt_errors(_ctx: object, _err: object) -> None:
+    """libvirt prints every error to stderr by default; we raise them instead."""
+
+
+def ensure_event_loop() -> None:
+    """libvirt delivers events only through a registered event loop, one per process, run in a thread.
+    It must be registered before the connections whose events we want are opened."""
+    global _event_loop_started
+    with _event_loop_lock:
+        if _event_loop_started:
+            return
+        libvirt.registerErrorHandler(_ignore_libvirt_errors, None)
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _event_loop_started = True
+
+
+def libvirt_error(exc: libvirt.libvirtError, what: str) -> ServiceError:
+    code = exc.get_error_code()
+    message = exc.get_error_message() or str(exc)
+    detail = f"{what}: {message}"
+    if code == libvirt.VIR_ERR_NO_SUPPORT:
+        return FailedPrecondition("hypervisor_unsupported", detail)
+    if code == libvirt.VIR_ERR_NO_DOMAIN:
+        return NotFound("domain_not_found", detail)
+    if code in (libvirt.VIR_ERR_XML_ERROR, libvirt.VIR_ERR_XML_DETAIL, libvirt.VIR_ERR_CONFIG_UNSUPPORTED):
+        return InvalidArgument("domain_xml_rejected", detail)
+    if code in (
+        libvirt.VIR_ERR_OPERATION_INVALID,
+        libvirt.VIR_ERR_INVALID_ARG,
+        libvirt.VIR_ERR_OPERATION_FAILED,
+    ):
+        return FailedPrecondition("hypervisor_refused", detail)
+    return Unavailable("hypervisor_error", detail)
+
+
+_LIFECYCLE = {
+    libvirt.VIR_DOMAIN_EVENT_STARTED: LifecycleKind.STARTED,
+    libvirt.VIR_DOMAIN_EVENT_SUSPENDED: LifecycleKind.SUSPENDED,
+    libvirt.VIR_DOMAIN_EVENT_RESUMED: LifecycleKind.RESUMED,
+    libvirt.VIR_DOMAIN_EVENT_STOPPED: LifecycleKind.STOPPED,
+    libvirt.VIR_DOMAIN_EVENT_CRASHED: LifecycleKind.CRASHED,
+    libvirt.VIR_DOMAIN_EVENT_UNDEFINED: LifecycleKind.UNDEFINED,
+}
+
+_STATES = {
+    libvirt.VIR_DOMAIN_RUNNING: DomainState.RUNNING,
+    libvirt.VIR_DOMAIN_PAUSED: DomainState.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTOFF: DomainState.SHUTOFF,
+}
+
+
+def _int(root: ET.Element, path: str) -> int | None:
+    el = root.find(path)
+    if el is None or el.text is None:
+        return None
+    return int(el.text.strip(), 0)
+
+
+class LibvirtHypervisor:
+    def __init__(self, uri: str = "qemu:///system") -> None:
+        ensure_event_loop()
+        self.uri = uri
+        try:
+            self._conn: libvirt.virConnect = libvirt.open(uri)
+        except libvirt.libvirtError as exc:
+            raise libvirt_error(exc, f"cannot connect to {uri}") from None
+        self._handler: LifecycleHandler | None = None
+        self._callback_id: int | None = None
+        try:
+            self._callback_id = self._conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_event, None
+            )
+        except libvirt.libvirtError:
+            # Without events the core still works: deadlines and the reconciler cover what they would.
+            log.warning("libvirt lifecycle events unavailable", extra={"uri": uri})
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def set_lifecycle_handler(self, handler: LifecycleHandler | None) -> None:
+        self._handler = handler
+
+    def _on_event(
+        self, _conn: object, dom: libvirt.virDomain, event: int, _detail: int, _opaque: object
+    ) -> None:
+        handler = self._handler
+        if handler is not None:
+            handler(dom.name(), _LIFECYCLE.get(event, LifecycleKind.OTHER))
+
+    def close(self) -> None:
+        try:
+            if self._callback_id is not None:
+                self._conn.domainEventDeregisterAny(self._callback_id)
+            self._conn.close()
+        except libvirt.libvirtError:
+            pass
+
+    # -- capabilities ---------------------------------------------------------------------------
+
+    def sev_capabilities(self) -> SevCapabilities:
+        try:
+            caps_xml = self._conn.getDomainCapabilities(None, "x86_64", None, "kvm", 0)
+        except libvirt.libvirtError as exc:
+            raise libvirt_error(exc, "domain capabilities") from None
+        root = ET.fromstring(caps_xml)  # noqa: S314 - from the local libvirt daemon
+        sev = root.find("features/sev")
+        if sev is None or sev.get("supported") != "yes":
+            raise FailedPrecondition("sev_unsupported", "this host's hypervisor does not offer SEV")
+        cbitpos, reduced = _int(sev, "cbitpos"), _int(sev, "reducedPhysBits")
+        max_guests, max_es = _int(sev, "maxGuests"), _int(sev, "maxESGuests")
+        if max_guests is None or max_es is None:
+            try:
+                info: dict[str, Any] = self._conn.getSEVInfo()
+            except libvirt.libvirtError as exc:
+                raise libvirt_error(exc, "SEV info") from None
+            max_guests = int(info.get("max-guests", 0))
+            max_es = int(info.get("max-es-guests", 0))
+        if cbitpos is None or reduced is None:
+            raise FailedPrecondition("sev_unsupported", "the hypervisor reports no cbitpos/reducedPhysBits")
+        return SevCapabilities(cbitpos, reduced, max_guests, max_es)
+
+    # -- domains --------------------------------------------------------------------------------
+
+    def _lookup(self, name: str) -> libvirt.virDomain:
+        try:
+            return self._conn.lookupByName(name)
+        except libvirt.libvirtError as exc:
+            raise libvirt_error(exc, f"domain {name}") from None
+
+    def _find(self, name: str) -> libvirt.virDomain | None:
+        try:
+            return self._conn.lookupByName(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise libvirt_error(exc, f"domain {name}") from None
+
+    def define(self, xml: str) -> str:
+        try:
+            name = parse_domain_xml(xml).domain_name
+        except (ValueError, ET.ParseError):
+            raise InvalidArgument("domain_xml_rejected", "the domain XML does not parse") from None
+        if self._find(name) is not None:
+            raise AlreadyExists("domain_exists", f"a domain named {name} exists")
+        try:
+            dom = self._conn.defineXML(xml)
+        except libvirt.libvirtError as exc:
+            raise libvirt_error(exc, "define") from None
+        return str(dom.UUIDString())
+
+    def start_paused(self, name: str) -> None:
+        dom = self._lookup(name)
+        try:
+            dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+        except libvirt.libvirtError as exc:
+            raise libvirt_error(exc, "start paused") from None
+
+    def launch_security_info(self, name: str) -> LaunchSecurityInfo:
+        dom = self._lookup(name)
+        try:
+            params: dict[str, Any] = dom.launchSecurityInfo(0)
+        except libvirt.libvirtError as exc:
+            raise libvirt_error(exc, "launch security info") from None
+        try:
+            return LaunchSecurityInfo(
+                measurement=base64.b64decode(params["sev-measurement"], validate=True),
+                api_major=int(params["sev-api-major"]),
+                api_minor=int(params["sev-api-minor"]),
+                build_id=int(params["sev-build-id"]),
+                policy=int(params["sev-policy"]),
+            )
+        except (KeyError, ValueError, TypeError):
+            raise FailedPrecondition(
+                "bad_measurement", "libvirt returned incomplete launch security info"
+            ) from None
+
+    def inject_secret(self, name: str, header: bytes, payload: bytes, gpa: int | None) -> None:
+        dom = self._lookup(name)
+        params: dict[str, Any] = {
+            libvirt.VIR_DOMAIN_LAUNCH_SECURITY_SEV_SECRET_HEADER: base64.b64encode(header).decode(),
+            libvirt.VIR_DOMAIN_LAUNCH_SECURITY_SEV_SECRET: base64.b64encode(payload).decode(),
+        }
+        if gpa is not None:
+            params[libvirt.VIR_DOMAIN_LAUNCH_SECURITY_SEV_SECRET_SET_ADDRESS] = gpa
+        try:
+            dom.setLaunchSecurityState(params, 0)
+        except libvirt.libvirtError as exc:
+            raise libvirt_error(exc, "inject secret") from None
+        finally:
+            params.clear()
+
+    def resume(self, name: str) -> None:
+        dom = self._lookup(name)
+        try:
+            dom.resume()
+        except libvirt.libvirtError as exc:
+            raise libvirt_error(exc, "resume") from None
+
+    def destroy(self, name: str) -> bool:
+        dom = self._find(name)
+        if dom is None:
+            return False
+        try:
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return True  # gone meanwhile (a transient domain, or someone else)
+            raise libvirt_error(exc, "destroy") from None
+        return True
+
+    def domain_xml(self, name: str) -> str:
+        dom = self._lookup(name)
+        try:
+            return str(dom.XMLDesc(0))
+        except libvirt.libvirtError as exc:
+            raise libvirt_error(exc, "domain XML") from None
+
+    def list_domains(self) -> list[DomainInfo]:
+        try:
+            domains = self._conn.listAllDomains(0)
+        except libvirt.libvirtError as exc:
+            raise libvirt_error(exc, "list domains") from None
+        out: list[DomainInfo] = []
+        for dom in domains:
+            try:
+                state = _STATES.get(dom.state()[0], DomainState.OTHER)
+                parsed = parse_domain_xml(dom.XMLDesc(0))
+                uuid = dom.UUIDString()
+            except libvirt.libvirtError:
+                continue  # undefined while we listed
+            out.append(
+                DomainInfo(
+                    name=parsed.domain_name,
+                    uuid=uuid,
+                    state=state,
+                    sev=parsed.sev,
+                    sev_es=parsed.sev and bool(parsed.policy & PolicyFlags.ES),
+                    launch_id=parsed.launch_id,
+                )
+            )
+        return out

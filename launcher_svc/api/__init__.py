@@ -1,0 +1,1 @@
+"""The LauncherService servicer: protobuf in, core calls, protobuf out."""

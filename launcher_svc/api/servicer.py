@@ -1,0 +1,210 @@
+"""LauncherService: protobuf in, `Launcher` calls, protobuf out. Callers are authorised per RPC by the
+shell (role `client`); each launch belongs to the identity that started it, and other identities get
+NOT_FOUND for it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc.aio
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from launcher_svc.core.launcher import Launcher, LaunchEvent
+from launcher_svc.core.spec import DiskFormat, DiskSpec, GuestSpec, SevMode, create_spec
+from launcher_svc.core.state import LaunchMode, LaunchRecord, Phase
+from sevlaunch.errors import InvalidArgument
+from sevlaunch.rpc import AuthzPolicy, current_caller, method_rules
+from sevlaunch.rpc.v1 import launcher_pb2, launcher_pb2_grpc
+from sevlaunch.sev.policy import PolicyFlags
+
+SERVICE_NAME = "sevlaunch.v1.LauncherService"
+
+AUTHZ = AuthzPolicy(
+    method_rules(
+        SERVICE_NAME,
+        {
+            "Launch": ["client"],
+            "PrepareLaunch": ["client"],
+            "CompleteLaunch": ["client"],
+            "AbortLaunch": ["client"],
+            "GetLaunch": ["client"],
+            "ListLaunches": ["client"],
+            "DestroyGuest": ["client"],
+        },
+    )
+)
+
+_MODES = {launcher_pb2.SEV_MODE_SEV: SevMode.SEV, launcher_pb2.SEV_MODE_SEV_ES: SevMode.SEV_ES}
+_FORMATS = {
+    launcher_pb2.DISK_FORMAT_UNSPECIFIED: DiskFormat.RAW,
+    launcher_pb2.DISK_FORMAT_RAW: DiskFormat.RAW,
+    launcher_pb2.DISK_FORMAT_QCOW2: DiskFormat.QCOW2,
+}
+
+
+def phase_pb(phase: Phase | None) -> int:
+    if phase is None:
+        return int(launcher_pb2.PHASE_UNSPECIFIED)
+    return int(launcher_pb2.Phase.Value(f"PHASE_{phase.value}"))
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def _duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(int(max(seconds, 0.0) * 1e9))
+    return d
+
+
+def event_pb(ev: LaunchEvent) -> launcher_pb2.LaunchEvent:
+    return launcher_pb2.LaunchEvent(
+        launch_id=ev.launch_id,
+        phase=phase_pb(ev.phase),  # type: ignore[arg-type]
+        duration=_duration(ev.duration),
+        failed_phase=phase_pb(ev.failed_phase),  # type: ignore[arg-type]
+        reason=ev.reason,
+        detail=ev.detail,
+        domain_name=ev.domain_name,
+        at=_timestamp(ev.at),
+    )
+
+
+def info_pb(rec: LaunchRecord) -> launcher_pb2.LaunchInfo:
+    return launcher_pb2.LaunchInfo(
+        launch_id=rec.launch_id,
+        mode=(
+            launcher_pb2.LAUNCH_MODE_ORCHESTRATED
+            if rec.mode is LaunchMode.ORCHESTRATED
+            else launcher_pb2.LAUNCH_MODE_TWO_PHASE
+        ),
+        state=phase_pb(rec.state),  # type: ignore[arg-type]
+        failed_phase=phase_pb(rec.failed_phase),  # type: ignore[arg-type]
+        reason=rec.reason,
+        detail=rec.detail,
+        guest_name=rec.spec.name,
+        domain_name=rec.domain_name,
+        domain_uuid=rec.domain_uuid,
+        owner_endpoint=rec.owner_endpoint,
+        workload_id=rec.workload_id,
+        sev_mode=launcher_pb2.SEV_MODE_SEV_ES
+        if rec.spec.mode is SevMode.SEV_ES
+        else launcher_pb2.SEV_MODE_SEV,
+        policy=rec.spec.policy,
+        vcpus=rec.spec.vcpus,
+        created_at=_timestamp(rec.created_at),
+        updated_at=_timestamp(rec.updated_at),
+        measurement=rec.measurement,
+    )
+
+
+def _launch_id(value: str) -> str:
+    if not (len(value) == 32 and all(c in "0123456789abcdef" for c in value)):
+        raise InvalidArgument("bad_launch_id", "launch ids are 32 lower-hex characters")
+    return value
+
+
+class LauncherServicer(launcher_pb2_grpc.LauncherServiceServicer):
+    def __init__(self, core: Launcher) -> None:
+        self.core = core
+
+    def spec_from_pb(self, spec: launcher_pb2.GuestSpec) -> GuestSpec:
+        if spec.mode == launcher_pb2.SEV_MODE_UNSPECIFIED:
+            mode = SevMode.SEV_ES if spec.policy & PolicyFlags.ES else SevMode.SEV
+        elif spec.mode in _MODES:
+            mode = _MODES[spec.mode]
+        else:
+            raise InvalidArgument("bad_mode", "unknown SEV mode")
+        for disk in spec.disks:
+            if disk.format not in _FORMATS:
+                raise InvalidArgument("bad_disk_format", "unknown disk format")
+        return create_spec(
+            name=spec.name,
+            memory_mib=spec.memory_mib,
+            vcpus=spec.vcpus,
+            firmware_path=spec.firmware_path,
+            mode=mode,
+            policy=spec.policy,
+            paths=self.core.config.paths,
+            kernel_path=spec.kernel_path or None,
+            initrd_path=spec.initrd_path or None,
+            cmdline=spec.cmdline or None,
+            disks=tuple(DiskSpec(d.path, d.target, _FORMATS[d.format], d.readonly) for d in spec.disks),
+            networks=tuple(n.network for n in spec.networks),
+            launch_without_secret=spec.launch_without_secret,
+        )
+
+    async def Launch(
+        self, request: launcher_pb2.LaunchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[launcher_pb2.LaunchEvent]:
+        spec = self.spec_from_pb(request.spec)
+        _rec, events = await self.core.launch(
+            spec,
+            owner_endpoint=request.owner.endpoint,
+            workload_id=request.owner.workload_id,
+            requested_by=current_caller().identity,
+        )
+        async for event in events:
+            yield event_pb(event)
+
+    async def PrepareLaunch(
+        self, request: launcher_pb2.PrepareLaunchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> launcher_pb2.PrepareLaunchResponse:
+        spec = self.spec_from_pb(request.spec)
+        rec, info = await self.core.prepare(
+            spec, godh_cert=request.godh_cert, session=request.session, requested_by=current_caller().identity
+        )
+        return launcher_pb2.PrepareLaunchResponse(
+            launch_id=rec.launch_id,
+            measurement=info.measurement,
+            api_major=info.api_major,
+            api_minor=info.api_minor,
+            build_id=info.build_id,
+            policy=info.policy,
+            domain_name=rec.domain_name,
+            complete_by=_timestamp(rec.deadline or 0.0),
+        )
+
+    async def CompleteLaunch(
+        self, request: launcher_pb2.CompleteLaunchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> launcher_pb2.LaunchInfo:
+        rec = await self.core.complete(
+            _launch_id(request.launch_id),
+            header=request.secret_header,
+            payload=request.secret_payload,
+            requested_by=current_caller().identity,
+        )
+        return info_pb(rec)
+
+    async def AbortLaunch(
+        self, request: launcher_pb2.AbortLaunchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> launcher_pb2.LaunchInfo:
+        launch_id = _launch_id(request.launch_id)
+        self.core.owned(launch_id, current_caller().identity)
+        return info_pb(await self.core.abort(launch_id))
+
+    async def GetLaunch(
+        self, request: launcher_pb2.GetLaunchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> launcher_pb2.LaunchInfo:
+        return info_pb(self.core.owned(_launch_id(request.launch_id), current_caller().identity))
+
+    async def ListLaunches(
+        self, request: launcher_pb2.ListLaunchesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> launcher_pb2.ListLaunchesResponse:
+        records = self.core.list(
+            requested_by=current_caller().identity, include_finished=request.include_finished
+        )
+        return launcher_pb2.ListLaunchesResponse(launches=[info_pb(r) for r in records])
+
+    async def DestroyGuest(
+        self, request: launcher_pb2.DestroyGuestRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> launcher_pb2.LaunchInfo:
+        rec = await self.core.destroy_guest(
+            _launch_id(request.launch_id), requested_by=current_caller().identity
+        )
+        return info_pb(rec)

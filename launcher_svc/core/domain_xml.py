@@ -1,0 +1,165 @@
+"""The libvirt domain XML of an SEV/SEV-ES guest, built with ElementTree (never string formatting).
+
+What makes it an attested SEV launch (PROTOCOL.md section 9):
+* `<launchSecurity type='sev'>` with cbitpos and reducedPhysBits from the platform, the owner's policy,
+  GODH (`dhCert`) and session blob (base64), and `kernelHashes='yes'` when a kernel is given, so QEMU
+  measures the kernel, initrd and command line into the launch digest;
+* a stateless OVMF (`<loader type='rom' stateless='yes'>`, no NVRAM): only the measured image runs;
+* `<memoryBacking><locked/>`: encrypted pages cannot be swapped or moved;
+* virtio devices with `iommu='on'`, so they use bounce buffers in shared memory;
+* our own `<metadata>` element naming the launch, which lets the reconciler tell our domains apart.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+from launcher_svc.core.spec import GuestSpec
+
+METADATA_NS = "urn:sevlaunch:launch:v1"
+METADATA_PREFIX = "sevlaunch"
+ET.register_namespace(METADATA_PREFIX, METADATA_NS)
+
+
+@dataclass(frozen=True)
+class SevLaunchParams:
+    cbitpos: int
+    reduced_phys_bits: int
+    policy: int
+    dh_cert: bytes
+    session: bytes
+
+    def __post_init__(self) -> None:
+        if not 0 < self.cbitpos < 64 or not 0 <= self.reduced_phys_bits < 64:
+            raise ValueError("cbitpos/reducedPhysBits out of range")
+        if not 0 <= self.policy <= 0xFFFF_FFFF:
+            raise ValueError("policy out of range")
+
+
+def domain_name_for(launch_id: str, guest_name: str) -> str:
+    """The libvirt domain name: unique per launch, recognisable by an operator."""
+    return f"sl-{launch_id[:12]}-{guest_name}"
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrib: str) -> ET.Element:
+    el = ET.SubElement(parent, tag, attrib)
+    if text is not None:
+        el.text = text
+    return el
+
+
+def build_domain_xml(spec: GuestSpec, *, launch_id: str, domain_name: str, sev: SevLaunchParams) -> str:
+    dom = ET.Element("domain", {"type": "kvm"})
+    _sub(dom, "name", domain_name)
+    meta = _sub(dom, "metadata")
+    ET.SubElement(meta, f"{{{METADATA_NS}}}launch", {"id": launch_id, "guest": spec.name})
+    _sub(dom, "memory", str(spec.memory_mib), unit="MiB")
+    backing = _sub(dom, "memoryBacking")
+    _sub(backing, "locked")
+    _sub(dom, "vcpu", str(spec.vcpus), placement="static")
+
+    os_el = _sub(dom, "os")
+    _sub(os_el, "type", "hvm", arch="x86_64", machine="q35")
+    # Stateless, read-only firmware: no NVRAM store, so nothing unmeasured can change the boot.
+    _sub(os_el, "loader", spec.firmware_path, readonly="yes", type="rom", stateless="yes")
+    if spec.kernel_path is not None:
+        _sub(os_el, "kernel", spec.kernel_path)
+        if spec.initrd_path is not None:
+            _sub(os_el, "initrd", spec.initrd_path)
+        if spec.cmdline is not None:
+            _sub(os_el, "cmdline", spec.cmdline)
+
+    features = _sub(dom, "features")
+    _sub(features, "acpi")
+    # A reboot would run the guest again without a fresh measurement: SEV guests are destroyed instead.
+    _sub(dom, "on_poweroff", "destroy")
+    _sub(dom, "on_reboot", "destroy")
+    _sub(dom, "on_crash", "destroy")
+
+    devices = _sub(dom, "devices")
+    for disk in spec.disks:
+        d = _sub(devices, "disk", type="file", device="disk")
+        _sub(d, "driver", name="qemu", type=disk.format.value, iommu="on")
+        _sub(d, "source", file=disk.path)
+        _sub(d, "target", dev=disk.target, bus="virtio")
+        if disk.readonly:
+            _sub(d, "readonly")
+    for net in spec.networks:
+        i = _sub(devices, "interface", type="network")
+        _sub(i, "source", network=net)
+        _sub(i, "model", type="virtio")
+        _sub(i, "driver", iommu="on")
+    # A balloon would let the host reclaim pages it cannot read anyway; locked memory forbids it.
+    _sub(devices, "memballoon", model="none")
+
+    ls_attrib = {"type": "sev"}
+    if spec.kernel_path is not None:
+        ls_attrib["kernelHashes"] = "yes"
+    ls = _sub(dom, "launchSecurity", **ls_attrib)
+    _sub(ls, "cbitpos", str(sev.cbitpos))
+    _sub(ls, "reducedPhysBits", str(sev.reduced_phys_bits))
+    _sub(ls, "policy", f"0x{sev.policy:04x}")
+    _sub(ls, "dhCert", base64.b64encode(sev.dh_cert).decode())
+    _sub(ls, "session", base64.b64encode(sev.session).decode())
+    return ET.tostring(dom, encoding="unicode")
+
+
+@dataclass(frozen=True)
+class ParsedLaunch:
+    """What QEMU takes from a domain's XML for an SEV launch; the emulated backend plays QEMU with it."""
+
+    domain_name: str
+    launch_id: str | None
+    vcpus: int
+    loader: str | None
+    kernel: str | None
+    initrd: str | None
+    cmdline: str | None
+    sev: bool
+    kernel_hashes: bool
+    policy: int
+    dh_cert: bytes
+    session: bytes
+
+
+def _text(root: ET.Element, path: str) -> str | None:
+    el = root.find(path)
+    return None if el is None or el.text is None else el.text.strip()
+
+
+def _b64(value: str | None) -> bytes:
+    if not value:
+        return b""
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("launchSecurity holds invalid base64") from None
+
+
+def parse_domain_xml(xml: str) -> ParsedLaunch:
+    """Parses libvirt's (or our) domain XML. Raises ValueError on anything unexpected."""
+    root = ET.fromstring(xml)  # noqa: S314 - XML from the local libvirt connection or our own builder
+    name = _text(root, "name")
+    if not name:
+        raise ValueError("domain has no name")
+    meta = root.find(f"metadata/{{{METADATA_NS}}}launch")
+    ls = root.find("launchSecurity")
+    sev = ls is not None and ls.get("type") == "sev"
+    policy_text = _text(root, "launchSecurity/policy") if sev else None
+    return ParsedLaunch(
+        domain_name=name,
+        launch_id=meta.get("id") if meta is not None else None,
+        vcpus=int(_text(root, "vcpu") or "1"),
+        loader=_text(root, "os/loader"),
+        kernel=_text(root, "os/kernel"),
+        initrd=_text(root, "os/initrd"),
+        cmdline=_text(root, "os/cmdline"),
+        sev=sev,
+        kernel_hashes=sev and ls is not None and ls.get("kernelHashes") == "yes",
+        policy=int(policy_text, 16) if policy_text else 0,
+        dh_cert=_b64(_text(root, "launchSecurity/dhCert")) if sev else b"",
+        session=_b64(_text(root, "launchSecurity/session")) if sev else b"",
+    )

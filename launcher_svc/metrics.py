@@ -1,0 +1,49 @@
+"""The launcher's Prometheus metrics, in the server's registry. Labels are phases, outcomes, modes and
+destroy paths only: never launch ids, names or anything secret."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from launcher_svc.core.launcher import LaunchObserver
+from launcher_svc.core.state import LaunchMode, Phase
+
+PHASE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class LauncherMetrics(LaunchObserver):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.launches = Counter(
+            "sevlaunch_launcher_launches",
+            "Launches ended, by mode, outcome (running, failed) and failing phase",
+            ["mode", "outcome", "failed_phase"],
+            registry=registry,
+        )
+        self.phase_seconds = Histogram(
+            "sevlaunch_launcher_phase_duration_seconds",
+            "Time to reach each launch phase",
+            ["phase"],
+            buckets=PHASE_BUCKETS,
+            registry=registry,
+        )
+        self.destroyed = Counter(
+            "sevlaunch_launcher_domains_destroyed",
+            "Domains destroyed, by path (fail_closed, reconciler, request)",
+            ["path"],
+            registry=registry,
+        )
+        self.in_flight_gauge = Gauge(
+            "sevlaunch_launcher_launches_in_flight", "Launches admitted and not yet ended", registry=registry
+        )
+
+    def phase_done(self, phase: Phase, seconds: float) -> None:
+        self.phase_seconds.labels(phase.value).observe(seconds)
+
+    def launch_finished(self, mode: LaunchMode, outcome: str, failed_phase: Phase | None) -> None:
+        self.launches.labels(mode.value, outcome, failed_phase.value if failed_phase else "").inc()
+
+    def domain_destroyed(self, path: str) -> None:
+        self.destroyed.labels(path).inc()
+
+    def in_flight(self, count: int) -> None:
+        self.in_flight_gauge.set(count)

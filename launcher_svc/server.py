@@ -1,0 +1,219 @@
+"""`sevlaunch-launcher`: the launcher service (one per SEV host).
+
+    sevlaunch-launcher --listen 0.0.0.0:50052 --tls-dir /etc/sevlaunch/tls --platform localhost:50051 \
+        --hypervisor {emulated,libvirt} [--emulator STATE_DIR] [--libvirt-uri qemu:///system] \
+        [--db /var/lib/sevlaunch/launcher.db] [--secret-gpa 0x80c000] \
+        [--phase-timeout 30[,SECRET_RELEASED=60,...]] [--max-concurrent 8] [--metrics-listen :9102] \
+        [--image-dir /usr/share/OVMF:/var/lib/libvirt/images]
+
+Every flag is also an environment variable (`--tls-dir` ↔ SEVLAUNCH_TLS_DIR).
+On SIGTERM the server stops taking calls and every launch still in flight fails closed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launcher_svc.adapters.grpc_clients import OwnerClient, PlatformClient
+from launcher_svc.api.servicer import AUTHZ, SERVICE_NAME, LauncherServicer
+from launcher_svc.core.launcher import Launcher, LauncherConfig
+from launcher_svc.core.ports import Hypervisor
+from launcher_svc.core.spec import PathPolicy
+from launcher_svc.core.state import LaunchStore, Phase
+from launcher_svc.metrics import LauncherMetrics
+from sevlaunch.rpc import RpcServer, configure_logging, parse_args_with_env
+from sevlaunch.rpc.v1 import launcher_pb2_grpc
+
+log = logging.getLogger("launcher_svc")
+
+DEFAULT_LISTEN = "0.0.0.0:50052"
+DEFAULT_METRICS = ":9102"
+DEFAULT_DB = "/var/lib/sevlaunch/launcher.db"
+DEFAULT_IMAGE_DIRS = ("/usr/share/OVMF", "/var/lib/libvirt/images")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LauncherServerConfig:
+    tls_dir: Path
+    listen: str = DEFAULT_LISTEN
+    identity: str = "launcher"
+    platform: str | None = None
+    hypervisor: str = "libvirt"
+    emulator: Path | None = None
+    libvirt_uri: str = "qemu:///system"
+    db: Path = Path(DEFAULT_DB)
+    metrics_listen: str | None = DEFAULT_METRICS
+    grace: float = 10.0
+    vcpu_type: str = "EPYC-v4"
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+
+def parse_phase_timeouts(text: str) -> tuple[float, dict[Phase, float]]:
+    """ "30" or "30,SECRET_RELEASED=60,SESSION_OPENED=10": a default and per-phase overrides."""
+    default = LauncherConfig().phase_timeout
+    overrides: dict[Phase, float] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, sep, value = part.partition("=")
+        seconds = float(value if sep else name)
+        if not 0 < seconds <= 3600:
+            raise ValueError(f"phase timeout {seconds} out of range (0, 3600]")
+        if sep:
+            try:
+                overrides[Phase(name.strip().upper())] = seconds
+            except ValueError:
+                raise ValueError(f"unknown phase {name!r}") from None
+        else:
+            default = seconds
+    return default, overrides
+
+
+def open_hypervisor(cfg: LauncherServerConfig) -> Hypervisor:
+    if cfg.hypervisor == "libvirt":
+        from launcher_svc.adapters.libvirt_backend import LibvirtHypervisor
+
+        return LibvirtHypervisor(cfg.libvirt_uri)
+    if cfg.hypervisor == "emulated":
+        if cfg.emulator is None:
+            raise ValueError("--hypervisor emulated needs --emulator STATE_DIR (the chip platform_svc uses)")
+        from launcher_svc.adapters.emulated import EmulatedHypervisor
+        from sevlaunch.firmware import EmulatedFirmware
+
+        firmware = EmulatedFirmware(cfg.emulator)
+        return EmulatedHypervisor(firmware, cfg.emulator / "hypervisor", vcpu_type=cfg.vcpu_type)
+    raise ValueError(f"unknown hypervisor {cfg.hypervisor!r}")
+
+
+async def create_server(
+    cfg: LauncherServerConfig, *, hypervisor: Hypervisor | None = None
+) -> tuple[RpcServer, Launcher]:
+    """The server (not started) and its started launcher core; the core's reconciler already ran."""
+    server = RpcServer(
+        service_name=SERVICE_NAME,
+        tls_dir=cfg.tls_dir,
+        identity=cfg.identity,
+        authz=AUTHZ,
+        listen=cfg.listen,
+        metrics_listen=cfg.metrics_listen,
+        grace=cfg.grace,
+    )
+    hv = hypervisor if hypervisor is not None else open_hypervisor(cfg)
+    cfg.db.parent.mkdir(parents=True, exist_ok=True)
+    store = LaunchStore(str(cfg.db))
+    platform = PlatformClient(cfg.platform, cfg.tls_dir, cfg.identity) if cfg.platform else None
+    owners = OwnerClient(cfg.tls_dir, cfg.identity)
+    core = Launcher(
+        hypervisor=hv,
+        store=store,
+        platform=platform,
+        owners=owners,
+        config=cfg.launcher,
+        observer=LauncherMetrics(server.metrics.registry),
+    )
+    await core.start()
+    launcher_pb2_grpc.add_LauncherServiceServicer_to_server(LauncherServicer(core), server.grpc_server)
+    return server, core
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sevlaunch-launcher", description="sevlaunch launcher service")
+    p.add_argument("--listen", default=DEFAULT_LISTEN, help="gRPC address HOST:PORT")
+    p.add_argument("--tls-dir", required=True, help="folder with ca.pem and IDENTITY.pem/.key")
+    p.add_argument(
+        "--identity", default="launcher", help="certificate name in the TLS folder (server and client)"
+    )
+    p.add_argument("--platform", metavar="HOST:PORT", help="platform_svc endpoint (needed for Launch)")
+    p.add_argument("--hypervisor", choices=["emulated", "libvirt"], default="libvirt", help="backend")
+    p.add_argument("--emulator", metavar="STATE_DIR", help="emulated chip directory shared with platform_svc")
+    p.add_argument("--libvirt-uri", default="qemu:///system", help="libvirt connection URI")
+    p.add_argument("--db", default=DEFAULT_DB, help="SQLite file of the launch state machine")
+    p.add_argument(
+        "--secret-gpa",
+        type=lambda v: int(v, 0),
+        help="guest physical address for LAUNCH_SECRET when the OVMF declares no secret area",
+    )
+    p.add_argument(
+        "--phase-timeout",
+        default="30",
+        help="seconds per phase, optionally with overrides: 30,SECRET_RELEASED=60",
+    )
+    p.add_argument("--max-concurrent", type=int, default=8, help="launches in flight at once")
+    p.add_argument(
+        "--image-dir",
+        default=":".join(DEFAULT_IMAGE_DIRS),
+        help="colon-separated directories firmware, kernels and disks may come from",
+    )
+    p.add_argument("--reconcile-interval", type=float, default=10.0, help="seconds between reconciler rounds")
+    p.add_argument(
+        "--reconcile-foreign",
+        action="store_true",
+        help="also destroy paused SEV domains the launcher did not create",
+    )
+    p.add_argument(
+        "--vcpu-type", default="EPYC-v4", help="emulated hypervisor: QEMU CPU model of SEV-ES VMSAs"
+    )
+    p.add_argument("--metrics-listen", default=DEFAULT_METRICS, help="Prometheus HOST:PORT; 'off' disables")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> LauncherServerConfig:
+    default_timeout, overrides = parse_phase_timeouts(args.phase_timeout)
+    if args.max_concurrent < 1:
+        raise ValueError("--max-concurrent must be at least 1")
+    dirs = tuple(d for d in args.image_dir.split(":") if d)
+    if not dirs or not all(d.startswith("/") for d in dirs):
+        raise ValueError("--image-dir needs absolute directories")
+    return LauncherServerConfig(
+        tls_dir=Path(args.tls_dir),
+        listen=args.listen,
+        identity=args.identity,
+        platform=args.platform,
+        hypervisor=args.hypervisor,
+        emulator=Path(args.emulator) if args.emulator else None,
+        libvirt_uri=args.libvirt_uri,
+        db=Path(args.db),
+        metrics_listen=None if args.metrics_listen in ("", "off") else args.metrics_listen,
+        grace=args.grace,
+        vcpu_type=args.vcpu_type,
+        launcher=LauncherConfig(
+            paths=PathPolicy(dirs),
+            phase_timeout=default_timeout,
+            phase_timeouts=overrides,
+            max_concurrent=args.max_concurrent,
+            secret_gpa=args.secret_gpa,
+            reconcile_interval=args.reconcile_interval,
+            reconcile_foreign=args.reconcile_foreign,
+        ),
+    )
+
+
+async def serve(cfg: LauncherServerConfig) -> None:
+    server, core = await create_server(cfg)
+    await server.start()
+    try:
+        await server.serve_until_signal()
+    finally:
+        await core.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parse_args_with_env(parser, argv)
+    configure_logging(args.log_level)
+    try:
+        cfg = config_from_args(args)
+        asyncio.run(serve(cfg))
+    except (OSError, ValueError) as exc:
+        log.error("cannot start", extra={"error": str(exc)})
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

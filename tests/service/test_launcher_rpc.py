@@ -1,0 +1,222 @@
+"""LauncherService through a real mTLS gRPC server on port 0, with the emulated hypervisor (libvirt's
+test driver plus the firmware emulator). The client plays the owner of a two-phase launch with the SEV
+library: GODH and session from the chip's PDH, the secret from the measurement."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from launcher_svc.core.launcher import LauncherConfig
+from launcher_svc.core.spec import PathPolicy
+from launcher_svc.server import LauncherServerConfig, create_server
+from sevlaunch.firmware import ChipConfig, EmulatedFirmware, EmulatedRoot
+from sevlaunch.rpc import error_info, secure_channel_sync
+from sevlaunch.rpc.v1 import launcher_pb2, launcher_pb2_grpc
+from sevlaunch.sev.cert import SEVCertificate
+from sevlaunch.sev.measurement import LaunchMeasurement
+from sevlaunch.sev.secret import SecretEntry, SecretTable, package_secret
+from sevlaunch.sev.session import LaunchSession, create_session
+
+OVMF = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+SECRET_GPA = 0x80C000
+
+
+@pytest.fixture(scope="module")
+def root() -> EmulatedRoot:
+    return EmulatedRoot.generate()
+
+
+class Env:
+    def __init__(
+        self, serve: Callable[..., Any], tls_dir: Path, tmp: Path, root: EmulatedRoot, **kw: Any
+    ) -> None:
+        chip = kw.pop("chip", ChipConfig())
+        self.firmware = EmulatedFirmware(tmp / "chip", root=root, config=chip)
+        cfg = LauncherServerConfig(
+            tls_dir=tls_dir,
+            listen="127.0.0.1:0",
+            hypervisor="emulated",
+            emulator=tmp / "chip",
+            db=tmp / "launcher.db",
+            metrics_listen="127.0.0.1:0",
+            launcher=LauncherConfig(
+                paths=PathPolicy(("/usr/share/OVMF",)),
+                reconcile_interval=0,
+                **{"secret_gpa": SECRET_GPA, **kw},
+            ),
+        )
+        self.core: Any = None
+
+        async def factory() -> Any:
+            server, self.core = await create_server(cfg)
+            return server
+
+        self.running = serve(factory)
+        self.tls_dir = tls_dir
+
+    def stub(self, identity: str = "client") -> launcher_pb2_grpc.LauncherServiceStub:
+        return launcher_pb2_grpc.LauncherServiceStub(
+            secure_channel_sync(self.running.address, self.tls_dir, identity)
+        )
+
+    def session(self, policy: int = 0x3) -> LaunchSession:
+        pdh, _ = self.firmware.pdh_cert_export()
+        return create_session(SEVCertificate.from_bytes(pdh), policy)
+
+    def prepare(
+        self, name: str = "g", policy: int = 0x3, **spec: Any
+    ) -> tuple[launcher_pb2.PrepareLaunchResponse, LaunchSession]:
+        s = self.session(policy)
+        guest = launcher_pb2.GuestSpec(
+            name=name, memory_mib=256, vcpus=1, firmware_path=OVMF, policy=policy, **spec
+        )
+        reply = self.stub().PrepareLaunch(
+            launcher_pb2.PrepareLaunchRequest(
+                spec=guest, godh_cert=s.godh.to_bytes(), session=s.blob.to_bytes()
+            )
+        )
+        return reply, s
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.running.metrics_url, timeout=5) as r:
+            return r.read().decode()
+
+
+@pytest.fixture
+def env_factory(
+    serve: Callable[..., Any], tls_dir: Path, tmp_path: Path, root: EmulatedRoot
+) -> Callable[..., Env]:
+    return lambda **kw: Env(serve, tls_dir, tmp_path, root, **kw)
+
+
+def _code(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    info = error_info(err.value)
+    return info.code, info.reason
+
+
+def test_two_phase_through_the_server_and_metrics(env_factory: Callable[..., Env]) -> None:
+    env = env_factory()
+    prepared, session = env.prepare()
+    measurement = LaunchMeasurement.from_bytes(prepared.measurement)
+    table = SecretTable.of([SecretEntry.disk_passphrase(b"pw")]).to_bytes()
+    header, payload = package_secret(session.keys, measurement.measure, table)
+    info = env.stub().CompleteLaunch(
+        launcher_pb2.CompleteLaunchRequest(
+            launch_id=prepared.launch_id, secret_header=header.to_bytes(), secret_payload=payload
+        )
+    )
+    assert info.state == launcher_pb2.PHASE_RUNNING
+    handle = env.core.hv.guest_handle(info.domain_name)
+    assert env.firmware.read_guest_memory(handle, SECRET_GPA, len(table)) == table
+    listed = env.stub().ListLaunches(launcher_pb2.ListLaunchesRequest())
+    assert [x.launch_id for x in listed.launches] == [prepared.launch_id]
+    text = env.metrics()
+    assert 'sevlaunch_launcher_launches_total{failed_phase="",mode="two-phase",outcome="running"} 1.0' in text
+    assert 'sevlaunch_launcher_phase_duration_seconds_count{phase="MEASURED"} 1.0' in text
+    assert "sevlaunch_launcher_launches_in_flight 0.0" in text
+
+
+def test_callers_without_the_client_role_are_denied(env_factory: Callable[..., Env]) -> None:
+    env = env_factory()
+    for identity in ("nobody", "launcher", "owner"):
+        code, reason = _code(lambda i=identity: env.stub(i).ListLaunches(launcher_pb2.ListLaunchesRequest()))
+        assert code is grpc.StatusCode.PERMISSION_DENIED and reason == "caller_not_authorized"
+
+
+def test_invalid_requests_never_reach_libvirt(env_factory: Callable[..., Env]) -> None:
+    env = env_factory()
+    s = env.session()
+    bad = [
+        launcher_pb2.GuestSpec(name="x'><evil", memory_mib=256, vcpus=1, firmware_path=OVMF, policy=3),
+        launcher_pb2.GuestSpec(name="g", memory_mib=256, vcpus=1, firmware_path="/etc/shadow", policy=3),
+        launcher_pb2.GuestSpec(
+            name="g",
+            memory_mib=256,
+            vcpus=1,
+            firmware_path=OVMF,
+            policy=3,
+            kernel_path="/usr/share/OVMF/OVMF_CODE.fd",
+        ),  # Debian's OVMF: no hashes table
+    ]
+    for guest in bad:
+        code, _ = _code(
+            lambda g=guest: env.stub().PrepareLaunch(
+                launcher_pb2.PrepareLaunchRequest(
+                    spec=g, godh_cert=s.godh.to_bytes(), session=s.blob.to_bytes()
+                )
+            )
+        )
+        assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+    code, reason = _code(
+        lambda: env.stub().PrepareLaunch(
+            launcher_pb2.PrepareLaunchRequest(
+                spec=launcher_pb2.GuestSpec(name="g", memory_mib=256, vcpus=1, firmware_path=OVMF, policy=3),
+                godh_cert=b"short",
+                session=s.blob.to_bytes(),
+            )
+        )
+    )
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "bad_godh")
+    assert env.core.hv.list_domains() == [] and env.firmware.platform_status().guest_count == 0
+    # Orchestrated launches need a platform endpoint.
+    code, reason = _code(
+        lambda: list(
+            env.stub().Launch(
+                launcher_pb2.LaunchRequest(
+                    spec=launcher_pb2.GuestSpec(
+                        name="g", memory_mib=256, vcpus=1, firmware_path=OVMF, policy=3
+                    ),
+                    owner=launcher_pb2.OwnerRef(endpoint="localhost:1", workload_id="w"),
+                )
+            )
+        )
+    )
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "not_configured")
+
+
+def test_no_secret_area_and_no_address_is_refused_up_front(env_factory: Callable[..., Env]) -> None:
+    env = env_factory(secret_gpa=None)
+    code, reason = _code(lambda: env.prepare())
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "no_secret_area")
+    assert env.core.hv.list_domains() == []
+
+
+def test_admission_bounds_concurrency_and_asids(env_factory: Callable[..., Env]) -> None:
+    env = env_factory(max_concurrent=1)
+    first, _ = env.prepare("a")
+    code, reason = _code(lambda: env.prepare("b"))
+    assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "too_many_launches")
+    aborted = env.stub().AbortLaunch(launcher_pb2.AbortLaunchRequest(launch_id=first.launch_id))
+    assert (aborted.state, aborted.reason) == (launcher_pb2.PHASE_FAILED, "aborted")
+    assert env.core.hv.list_domains() == [] and env.firmware.platform_status().guest_count == 0
+    assert 'sevlaunch_launcher_domains_destroyed_total{path="fail_closed"} 1.0' in env.metrics()
+
+
+def test_asid_limit_is_checked_before_defining(env_factory: Callable[..., Env]) -> None:
+    env = env_factory(chip=ChipConfig(max_guests=1, max_es_guests=1))
+    env.prepare("a")
+    code, reason = _code(lambda: env.prepare("b"))
+    assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "no_free_asid")
+    assert len(env.core.hv.list_domains()) == 1
+
+
+def test_externally_resumed_guest_is_destroyed(env_factory: Callable[..., Env]) -> None:
+    import time
+
+    env = env_factory()
+    prepared, _ = env.prepare()
+    env.core.hv._conn.lookupByName(prepared.domain_name).resume()  # someone runs it without a secret
+    deadline = time.monotonic() + 10
+    while env.core.hv.list_domains() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    info = env.stub().GetLaunch(launcher_pb2.GetLaunchRequest(launch_id=prepared.launch_id))
+    assert (info.state, info.reason) == (launcher_pb2.PHASE_FAILED, "resumed_without_secret")
+    assert env.firmware.platform_status().guest_count == 0

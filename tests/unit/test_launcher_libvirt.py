@@ -1,0 +1,115 @@
+"""The real libvirt backend against libvirt's test driver, for the calls the test driver implements
+(define, list, resume, destroy, undefine, lifecycle events); the SEV calls it lacks must fail closed
+with a typed error, never pass silently."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher_svc.adapters.libvirt_backend import LibvirtHypervisor
+from launcher_svc.core.domain_xml import SevLaunchParams, build_domain_xml
+from launcher_svc.core.ports import DomainState, LifecycleKind
+from launcher_svc.core.spec import GuestSpec, SevMode
+from sevlaunch.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+
+LAUNCH_ID = "fedcba9876543210fedcba9876543210"
+
+
+@pytest.fixture
+def hv(tmp_path: Path) -> LibvirtHypervisor:
+    node = tmp_path / "node.xml"
+    node.write_text("<node/>\n")
+    h = LibvirtHypervisor(f"test://{node}")
+    yield h  # type: ignore[misc]
+    h.close()
+
+
+def _xml(es: bool = False) -> str:
+    spec = GuestSpec(
+        name="g",
+        memory_mib=256,
+        vcpus=2,
+        firmware_path="/usr/share/OVMF/OVMF_CODE_4M.fd",
+        mode=SevMode.SEV_ES if es else SevMode.SEV,
+        policy=0x7 if es else 0x3,
+    )
+    return build_domain_xml(
+        spec,
+        launch_id=LAUNCH_ID,
+        domain_name="sl-fedcba987654-g",
+        sev=SevLaunchParams(51, 1, spec.policy, b"\x01" * 0x824, b"\x02" * 128),
+    )
+
+
+def test_define_list_resume_destroy_with_events(hv: LibvirtHypervisor) -> None:
+    events: list[tuple[str, LifecycleKind]] = []
+    seen = threading.Event()
+
+    def handler(name: str, kind: LifecycleKind) -> None:
+        events.append((name, kind))
+        if kind is LifecycleKind.UNDEFINED:
+            seen.set()
+
+    hv.set_lifecycle_handler(handler)
+    uuid = hv.define(_xml(es=True))
+    (dom,) = hv.list_domains()
+    assert (dom.uuid, dom.state, dom.sev, dom.sev_es, dom.launch_id) == (
+        uuid,
+        DomainState.SHUTOFF,
+        True,
+        True,
+        LAUNCH_ID,
+    )
+    with pytest.raises(AlreadyExists):
+        hv.define(_xml())
+    # The test driver has no START_PAUSED: a typed refusal, and nothing started.
+    with pytest.raises(FailedPrecondition) as err:
+        hv.start_paused("sl-fedcba987654-g")
+    assert err.value.reason in ("hypervisor_unsupported", "hypervisor_refused")
+    assert hv.list_domains()[0].state is DomainState.SHUTOFF
+    # Start and pause the way the emulated backend does, then resume through the backend.
+    hv._conn.lookupByName("sl-fedcba987654-g").create()
+    hv._conn.lookupByName("sl-fedcba987654-g").suspend()
+    assert hv.list_domains()[0].state is DomainState.PAUSED
+    hv.resume("sl-fedcba987654-g")
+    assert hv.list_domains()[0].state is DomainState.RUNNING
+    assert hv.destroy("sl-fedcba987654-g") is True
+    assert hv.list_domains() == []
+    assert hv.destroy("sl-fedcba987654-g") is False  # idempotent
+    assert seen.wait(5)
+    kinds = [k for n, k in events if n == "sl-fedcba987654-g"]
+    assert kinds[:1] == [LifecycleKind.STARTED] or LifecycleKind.STARTED in kinds
+    assert LifecycleKind.RESUMED in kinds and LifecycleKind.STOPPED in kinds
+
+
+def test_sev_calls_the_test_driver_lacks_fail_closed(hv: LibvirtHypervisor) -> None:
+    hv.define(_xml())
+    with pytest.raises(FailedPrecondition) as caps:
+        hv.sev_capabilities()
+    assert caps.value.reason == "hypervisor_unsupported"
+    hv._conn.lookupByName("sl-fedcba987654-g").create()
+    with pytest.raises(FailedPrecondition):
+        hv.launch_security_info("sl-fedcba987654-g")
+    with pytest.raises(FailedPrecondition) as inj:
+        hv.inject_secret("sl-fedcba987654-g", b"\x00" * 52, b"\x00" * 32, 0x80C000)
+    assert inj.value.reason == "hypervisor_unsupported"
+
+
+def test_libvirt_rejects_bad_xml_as_invalid_argument(hv: LibvirtHypervisor) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        hv.define(_xml().replace("<cbitpos>51</cbitpos>", "<cbitpos>zz</cbitpos>"))
+    assert err.value.reason == "domain_xml_rejected"
+    assert hv.list_domains() == []
+
+
+def test_events_arrive_without_polling(hv: LibvirtHypervisor) -> None:
+    got = threading.Event()
+    hv.set_lifecycle_handler(lambda name, kind: got.set() if kind is LifecycleKind.STARTED else None)
+    hv.define(_xml())
+    start = time.monotonic()
+    hv._conn.lookupByName("sl-fedcba987654-g").create()
+    assert got.wait(5) and time.monotonic() - start < 5
