@@ -1,10 +1,279 @@
-"""`sevlaunch owner`: not written yet."""
+"""`sevlaunch owner ...`: administer an owner service over mTLS, and verify its audit log offline.
+
+    sevlaunch owner workload put --file workload.json --endpoint HOST:PORT --tls-dir DIR
+    sevlaunch owner workload get --workload-id W ...
+    sevlaunch owner secret put --workload-id W --passphrase-file luks.txt | --entry GUID=FILE ...
+    sevlaunch owner refvalues import M.dsse ...
+    sevlaunch owner sessions [--workload-id W] ...
+    sevlaunch owner audit show [--after N] ...
+    sevlaunch owner session revoke --session-id S ...
+    sevlaunch owner audit verify --db owner.db [--kek-file kek]
+
+`workload.json` is the `Workload` message of owner.proto in protobuf's JSON form, e.g.
+{"workload_id": "web", "allowed_policies": [3], "generations": ["milan"],
+ "selectors": [{"firmware_name": "OVMF", "modes": ["REFERENCE_MODE_SEV"]}]}.
+
+`audit verify` reads the database directly (read-only) and needs no service: each record stores the
+exact JSON text that was hashed (`{"event", "prev", "seq", "time"}`), hash = SHA-256(text), and
+`prev` = the previous record's hash (64 zeros for the first); the `audit_head` row holds the last
+(seq, hash), so a truncated tail shows. With the KEK it also checks each record's MAC,
+HMAC-SHA256(HMAC-SHA256(KEK, "sevlaunch-owner/v1/audit-mac"), hash), which whoever can only write the
+database cannot forge.
+"""
 
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import sqlite3
+import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import grpc
+from google.protobuf import json_format
 
-def register(sub: "argparse._SubParsersAction[Any]") -> None:
-    """Registers nothing until the command is written."""
+from sevlaunch.cli import CommandError
+from sevlaunch.cli._common import read_bytes
+from sevlaunch.rpc import error_info, secure_channel_sync
+from sevlaunch.rpc.tls import TLSMaterialError
+from sevlaunch.rpc.v1 import owner_pb2, owner_pb2_grpc
+from sevlaunch.sev.secret import DISK_PASSPHRASE_GUID
+
+AUDIT_GENESIS = "0" * 64
+AUDIT_MAC_LABEL = b"sevlaunch-owner/v1/audit-mac"
+
+Action = Callable[[owner_pb2_grpc.OwnerServiceStub, argparse.Namespace], int]
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    p = sub.add_parser("owner", help="administer an owner service; verify its audit log")
+    groups = p.add_subparsers(dest="owner_command", required=True, metavar="AREA")
+
+    def client(
+        parent: argparse._SubParsersAction[Any], name: str, help: str, action: Action
+    ) -> argparse.ArgumentParser:
+        c: argparse.ArgumentParser = parent.add_parser(name, help=help)
+        c.add_argument("--endpoint", required=True, help="owner service HOST:PORT")
+        c.add_argument("--tls-dir", required=True, help="folder with ca.pem and IDENTITY.pem/.key")
+        c.add_argument("--identity", default="owner-admin")
+        c.add_argument("--timeout", type=float, default=30.0)
+        c.set_defaults(func=_run, action=action)
+        return c
+
+    workload = groups.add_parser("workload", help="workload configuration").add_subparsers(
+        dest="workload_command", required=True, metavar="ACTION"
+    )
+    put = client(workload, "put", "create or replace a workload from a JSON file", _workload_put)
+    put.add_argument("--file", required=True, help="Workload message as JSON")
+    get = client(workload, "get", "show a workload", _workload_get)
+    get.add_argument("--workload-id", required=True)
+
+    secret = groups.add_parser("secret", help="the workload's secret table").add_subparsers(
+        dest="secret_command", required=True, metavar="ACTION"
+    )
+    sput = client(secret, "put", "replace the workload's secret table", _secret_put)
+    sput.add_argument("--workload-id", required=True)
+    sput.add_argument("--passphrase-file", help="disk (LUKS) passphrase; stored NUL terminated")
+    sput.add_argument(
+        "--entry", action="append", default=[], metavar="GUID=FILE", help="a table entry (repeatable)"
+    )
+
+    refvalues = groups.add_parser("refvalues", help="reference values").add_subparsers(
+        dest="refvalues_command", required=True, metavar="ACTION"
+    )
+    imp = client(refvalues, "import", "import a signed manifest (DSSE envelope)", _refvalues_import)
+    imp.add_argument("envelope")
+    client(refvalues, "list", "manifests in force", _refvalues_list)
+
+    sessions = client(groups, "sessions", "list launch sessions", _sessions)
+    sessions.add_argument("--workload-id", default="")
+    sessions.add_argument("--limit", type=int, default=100)
+
+    session = groups.add_parser("session", help="one session").add_subparsers(
+        dest="session_command", required=True, metavar="ACTION"
+    )
+    revoke = client(session, "revoke", "revoke an open session", _session_revoke)
+    revoke.add_argument("--session-id", required=True)
+
+    audit = groups.add_parser("audit", help="the audit log").add_subparsers(
+        dest="audit_command", required=True, metavar="ACTION"
+    )
+    show = client(audit, "show", "print audit records as JSON lines", _audit_show)
+    show.add_argument("--after", type=int, default=0)
+    show.add_argument("--limit", type=int, default=1000)
+    verify = audit.add_parser("verify", help="check the audit log's hash chain in a database file")
+    verify.add_argument("--db", required=True)
+    verify.add_argument("--kek-file", help="also check each record's MAC (proves the owner wrote it)")
+    verify.set_defaults(func=_audit_verify)
+
+
+# ------------------------------------------------------------------------------------- client
+
+
+def _describe(err: grpc.RpcError) -> str:
+    info = error_info(err)
+    extra = ", ".join(f"{k}={v}" for k, v in sorted(info.metadata.items()))
+    text = f"{info.code.name}: {info.message}"
+    return f"{text} ({info.reason}{'; ' + extra if extra else ''})" if info.reason else text
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        channel = secure_channel_sync(args.endpoint, args.tls_dir, args.identity)
+    except TLSMaterialError as exc:
+        raise CommandError(str(exc)) from None
+    with channel:
+        stub = owner_pb2_grpc.OwnerServiceStub(channel)
+        try:
+            return int(args.action(stub, args))
+        except grpc.RpcError as err:
+            raise CommandError(_describe(err)) from None
+
+
+def _print_message(msg: Any) -> None:
+    print(json_format.MessageToJson(msg, preserving_proto_field_name=True, indent=2))
+
+
+def _workload_put(stub: owner_pb2_grpc.OwnerServiceStub, args: argparse.Namespace) -> int:
+    workload = owner_pb2.Workload()
+    try:
+        json_format.Parse(read_bytes(args.file), workload)
+    except json_format.ParseError as exc:
+        raise CommandError(f"{args.file}: {exc}") from None
+    stub.PutWorkload(owner_pb2.PutWorkloadRequest(workload=workload), timeout=args.timeout)
+    print(f"workload {workload.workload_id} stored")
+    return 0
+
+
+def _workload_get(stub: owner_pb2_grpc.OwnerServiceStub, args: argparse.Namespace) -> int:
+    _print_message(
+        stub.GetWorkload(owner_pb2.GetWorkloadRequest(workload_id=args.workload_id), timeout=args.timeout)
+    )
+    return 0
+
+
+def _secret_put(stub: owner_pb2_grpc.OwnerServiceStub, args: argparse.Namespace) -> int:
+    entries = []
+    if args.passphrase_file:
+        passphrase = read_bytes(args.passphrase_file).rstrip(b"\r\n")
+        entries.append(owner_pb2.SecretEntry(guid=str(DISK_PASSPHRASE_GUID), data=passphrase + b"\x00"))
+    for spec in args.entry:
+        guid, sep, path = spec.partition("=")
+        if not sep:
+            raise CommandError(f"--entry {spec!r} is not GUID=FILE")
+        entries.append(owner_pb2.SecretEntry(guid=guid, data=read_bytes(path)))
+    if not entries:
+        raise CommandError("give --passphrase-file or --entry")
+    reply = stub.PutSecret(
+        owner_pb2.PutSecretRequest(workload_id=args.workload_id, entries=entries), timeout=args.timeout
+    )
+    # Never echo the secret: only how many entries and how large the table is.
+    print(f"secret table of {len(entries)} entries stored ({reply.table_size} bytes)")
+    return 0
+
+
+def _refvalues_import(stub: owner_pb2_grpc.OwnerServiceStub, args: argparse.Namespace) -> int:
+    reply = stub.ImportReferenceValues(
+        owner_pb2.ImportReferenceValuesRequest(envelope=read_bytes(args.envelope)), timeout=args.timeout
+    )
+    _print_message(reply)
+    return 0
+
+
+def _refvalues_list(stub: owner_pb2_grpc.OwnerServiceStub, args: argparse.Namespace) -> int:
+    _print_message(stub.ListReferenceValues(owner_pb2.ListReferenceValuesRequest(), timeout=args.timeout))
+    return 0
+
+
+def _sessions(stub: owner_pb2_grpc.OwnerServiceStub, args: argparse.Namespace) -> int:
+    reply = stub.ListSessions(
+        owner_pb2.ListSessionsRequest(workload_id=args.workload_id, limit=args.limit), timeout=args.timeout
+    )
+    for s in reply.sessions:
+        print(json_format.MessageToJson(s, preserving_proto_field_name=True, indent=None))
+    return 0
+
+
+def _session_revoke(stub: owner_pb2_grpc.OwnerServiceStub, args: argparse.Namespace) -> int:
+    stub.RevokeSession(owner_pb2.RevokeSessionRequest(session_id=args.session_id), timeout=args.timeout)
+    print(f"session {args.session_id} revoked")
+    return 0
+
+
+def _audit_show(stub: owner_pb2_grpc.OwnerServiceStub, args: argparse.Namespace) -> int:
+    reply = stub.GetAuditLog(
+        owner_pb2.GetAuditLogRequest(after_seq=args.after, limit=args.limit), timeout=args.timeout
+    )
+    for r in reply.records:
+        print(json_format.MessageToJson(r, preserving_proto_field_name=True, indent=None))
+    return 0
+
+
+# ------------------------------------------------------------------------------ audit verify
+
+
+def _read_kek(path: str) -> bytes:
+    data = read_bytes(path)
+    if len(data) == 32:
+        return data
+    try:
+        key = base64.b64decode(data.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) != 32:
+        raise CommandError(f"KEK file {path} must hold 32 bytes (raw or base64)")
+    return key
+
+
+def verify_audit_db(db: str, kek: bytes | None = None) -> int:
+    """Checks the audit chain of an owner database; returns the record count or raises CommandError."""
+    if not Path(db).is_file():
+        raise CommandError(f"{db} is not a file")
+    mac_key = hmac.new(kek, AUDIT_MAC_LABEL, hashlib.sha256).digest() if kek is not None else None
+    # Read-only, so verifying can never change what it verifies.
+    conn = sqlite3.connect(f"{Path(db).resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT seq, canonical, prev_hash, hash, mac FROM audit ORDER BY seq")
+        prev, expected, count = AUDIT_GENESIS, 1, 0
+        for seq, canonical, prev_col, digest, mac in rows:
+            where = f"audit record {seq}"
+            if seq != expected:
+                raise CommandError(f"audit record {expected} is missing (next is {seq})")
+            try:
+                obj = json.loads(canonical)
+                body_seq, body_prev = obj["seq"], obj["prev"]
+            except (ValueError, KeyError, TypeError):
+                raise CommandError(f"{where}: not a canonical record") from None
+            if body_seq != seq or not hmac.compare_digest(str(body_prev), prev) or prev_col != prev:
+                raise CommandError(f"{where}: does not link to the previous record")
+            if not hmac.compare_digest(hashlib.sha256(canonical.encode("ascii")).hexdigest(), digest):
+                raise CommandError(f"{where}: content does not match its hash (edited)")
+            if mac_key is not None and not hmac.compare_digest(
+                hmac.new(mac_key, digest.encode("ascii"), hashlib.sha256).hexdigest(), mac
+            ):
+                raise CommandError(f"{where}: MAC does not verify (not written by the owner with this KEK)")
+            prev, expected, count = digest, expected + 1, count + 1
+        head = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+    except sqlite3.Error as exc:
+        raise CommandError(f"{db}: {exc}") from None
+    finally:
+        conn.close()
+    head_seq, head_hash = head if head is not None else (0, AUDIT_GENESIS)
+    if head_seq != count or head_hash != prev:
+        raise CommandError(
+            f"the audit head says {head_seq} records, the log holds {count} (truncated or edited)"
+        )
+    return count
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    kek = _read_kek(args.kek_file) if args.kek_file else None
+    count = verify_audit_db(args.db, kek)
+    print(f"audit log intact: {count} records{', MACs verified' if kek else ''}", file=sys.stdout)
+    return 0

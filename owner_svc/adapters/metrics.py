@@ -1,0 +1,53 @@
+"""Prometheus metrics of the owner's decisions, in the server's registry.
+
+Labels are reason names from a fixed vocabulary (the core's and the protocol's reasons) and step names:
+never session ids, workloads, identities or anything secret.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class PrometheusOwnerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.sessions_opened = Counter(
+            "sevlaunch_owner_sessions_opened", "Launch sessions opened", registry=registry
+        )
+        self.sessions_refused = Counter(
+            "sevlaunch_owner_sessions_refused",
+            "OpenSession refusals, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.releases = Counter("sevlaunch_owner_secrets_released", "Secrets released", registry=registry)
+        self.release_refusals = Counter(
+            "sevlaunch_owner_release_refusals",
+            "ReleaseSecret refusals, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.verification = Histogram(
+            "sevlaunch_owner_verification_seconds",
+            "Time spent verifying, by step (chain, measurement)",
+            ["step"],
+            buckets=_BUCKETS,
+            registry=registry,
+        )
+
+    def session_opened(self) -> None:
+        self.sessions_opened.inc()
+
+    def session_refused(self, reason: str) -> None:
+        self.sessions_refused.labels(reason).inc()
+
+    def secret_released(self) -> None:
+        self.releases.inc()
+
+    def release_refused(self, reason: str) -> None:
+        self.release_refusals.labels(reason).inc()
+
+    def observe(self, step: str, seconds: float) -> None:
+        self.verification.labels(step).observe(seconds)

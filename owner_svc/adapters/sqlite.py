@@ -1,0 +1,423 @@
+"""The embedded store: one SQLite file in WAL mode, schema migrations in code.
+
+Concurrency: one connection per thread (SQLite connections are not shared across threads), writers
+serialised by `BEGIN IMMEDIATE`, so the conditional session update is atomic and the audit chain's
+"read the head, append the next record" cannot interleave. The audit table refuses UPDATE and DELETE by
+trigger: the log is append-only for anyone using this code, and the hash chain shows tampering by
+anyone else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from owner_svc.core.audit import GENESIS, canonical_record, parse_canonical, record_mac
+from owner_svc.core.model import AuditEvent, AuditRecord, SessionRecord, SessionState
+
+# Each entry migrates from version i to i+1; applied in order, in one transaction each.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE workloads (
+        workload_id TEXT PRIMARY KEY,
+        config_json TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE secrets (
+        workload_id TEXT PRIMARY KEY REFERENCES workloads(workload_id),
+        sealed BLOB NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE sessions (
+        session_id TEXT PRIMARY KEY,
+        workload_id TEXT NOT NULL,
+        caller TEXT NOT NULL,
+        policy INTEGER NOT NULL,
+        generation TEXT NOT NULL,
+        cek_fingerprint TEXT NOT NULL,
+        godh_cert BLOB NOT NULL,
+        session_blob BLOB NOT NULL,
+        sealed_keys BLOB NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        state TEXT NOT NULL,
+        finished_at REAL,
+        matched_digest TEXT NOT NULL DEFAULT '',
+        reason TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX sessions_by_workload ON sessions(workload_id, created_at);
+    CREATE TABLE manifests (
+        manifest_id TEXT PRIMARY KEY,
+        envelope BLOB NOT NULL,
+        source TEXT NOT NULL,
+        imported_at REAL NOT NULL
+    );
+    CREATE TABLE revoked_manifests (
+        manifest_id TEXT PRIMARY KEY,
+        revoked_by TEXT NOT NULL,
+        revoked_at REAL NOT NULL
+    );
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        canonical TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        mac TEXT NOT NULL
+    );
+    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+        BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+        BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
+    CREATE TABLE audit_head (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        seq INTEGER NOT NULL,
+        hash TEXT NOT NULL
+    );
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_SESSION_COLUMNS = (
+    "session_id, workload_id, caller, policy, generation, cek_fingerprint, godh_cert, session_blob, "
+    "sealed_keys, created_at, expires_at, state, finished_at, matched_digest, reason"
+)
+# Column lists are this module's constants, never input: the f-strings below cannot inject anything.
+_SELECT_SESSIONS = f"SELECT {_SESSION_COLUMNS} FROM sessions"  # noqa: S608
+
+
+class SchemaError(Exception):
+    """The database was written by a newer version of the owner service."""
+
+
+class SQLiteStore:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        audit_mac_key: bytes | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = str(path)
+        self._audit_mac_key = audit_mac_key
+        self._clock = clock
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._conn_lock = threading.Lock()
+        self.migrate()
+
+    # ------------------------------------------------------------------------------- plumbing
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), never implicit.
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+            with self._conn_lock:
+                self._connections.append(conn)
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._conn_lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    def schema_version(self) -> int:
+        return int(self._conn().execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self) -> None:
+        with self._write() as conn:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise SchemaError(f"database schema {version} is newer than this code's {SCHEMA_VERSION}")
+            for target in range(version, SCHEMA_VERSION):
+                for statement in _statements(MIGRATIONS[target]):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {target + 1}")
+
+    # ------------------------------------------------------------------------------ audit log
+
+    def _append_audit(self, conn: sqlite3.Connection, event: AuditEvent) -> None:
+        row = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+        seq, prev = (int(row[0]) + 1, str(row[1])) if row else (1, GENESIS)
+        canonical = canonical_record(seq, self._clock(), event, prev)
+        digest = hashlib.sha256(canonical.encode("ascii")).hexdigest()
+        mac = record_mac(self._audit_mac_key, digest) if self._audit_mac_key is not None else ""
+        conn.execute(
+            "INSERT INTO audit (seq, canonical, prev_hash, hash, mac) VALUES (?, ?, ?, ?, ?)",
+            (seq, canonical, prev, digest, mac),
+        )
+        conn.execute(
+            "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+            (seq, digest),
+        )
+
+    def append_audit(self, event: AuditEvent) -> None:
+        with self._write() as conn:
+            self._append_audit(conn, event)
+
+    def audit_records(self, after_seq: int, limit: int) -> Sequence[AuditRecord]:
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT seq, canonical, prev_hash, hash, mac FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after_seq, limit),
+            )
+            .fetchall()
+        )
+        return [_audit_record(r) for r in rows]
+
+    def audit_head(self) -> tuple[int, str] | None:
+        row = self._conn().execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def iter_audit(self, batch: int = 1000) -> Iterator[AuditRecord]:
+        after = 0
+        while True:
+            records = self.audit_records(after, batch)
+            yield from records
+            if len(records) < batch:
+                return
+            after = records[-1].seq
+
+    # ------------------------------------------------------------------------- workloads
+
+    def put_workload(self, workload_id: str, config_json: str, event: AuditEvent) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO workloads (workload_id, config_json, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT(workload_id) DO UPDATE SET config_json = excluded.config_json, "
+                "updated_at = excluded.updated_at",
+                (workload_id, config_json, self._clock()),
+            )
+            self._append_audit(conn, event)
+
+    def get_workload(self, workload_id: str) -> str | None:
+        row = (
+            self._conn()
+            .execute("SELECT config_json FROM workloads WHERE workload_id = ?", (workload_id,))
+            .fetchone()
+        )
+        return None if row is None else str(row[0])
+
+    def put_secret(self, workload_id: str, sealed: bytes, event: AuditEvent) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO secrets (workload_id, sealed, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT(workload_id) DO UPDATE SET sealed = excluded.sealed, "
+                "updated_at = excluded.updated_at",
+                (workload_id, sealed, self._clock()),
+            )
+            self._append_audit(conn, event)
+
+    def get_secret(self, workload_id: str) -> bytes | None:
+        row = (
+            self._conn()
+            .execute("SELECT sealed FROM secrets WHERE workload_id = ?", (workload_id,))
+            .fetchone()
+        )
+        return None if row is None else bytes(row[0])
+
+    # --------------------------------------------------------------------------- sessions
+
+    def insert_session(self, record: SessionRecord, event: AuditEvent) -> None:
+        with self._write() as conn:
+            conn.execute(
+                f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES ({', '.join('?' * 15)})",  # noqa: S608
+                (
+                    record.session_id,
+                    record.workload_id,
+                    record.caller,
+                    record.policy,
+                    record.generation,
+                    record.cek_fingerprint,
+                    record.godh_cert,
+                    record.session_blob,
+                    record.sealed_keys,
+                    record.created_at,
+                    record.expires_at,
+                    record.state.value,
+                    record.finished_at,
+                    record.matched_digest,
+                    record.reason,
+                ),
+            )
+            self._append_audit(conn, event)
+
+    def get_session(self, session_id: str) -> SessionRecord | None:
+        row = (
+            self._conn()
+            .execute(
+                _SELECT_SESSIONS + " WHERE session_id = ?",
+                (session_id,),
+            )
+            .fetchone()
+        )
+        return None if row is None else _session(row)
+
+    def finish_session(
+        self,
+        session_id: str,
+        *,
+        to_state: SessionState,
+        now: float,
+        require_unexpired: bool,
+        matched_digest: str,
+        reason: str,
+        event: AuditEvent,
+    ) -> bool:
+        with self._write() as conn:
+            # The WHERE clause is the whole guarantee: only an OPEN (and, for a release, unexpired)
+            # session moves, and SQLite's write lock makes this check-and-set atomic.
+            # Expiry is compared with `now` always; a non-release passes -inf so any expiry qualifies.
+            cur = conn.execute(
+                "UPDATE sessions SET state = ?, finished_at = ?, matched_digest = ?, reason = ? "
+                "WHERE session_id = ? AND state = 'open' AND expires_at > ?",
+                (
+                    to_state.value,
+                    now,
+                    matched_digest,
+                    reason,
+                    session_id,
+                    now if require_unexpired else float("-inf"),
+                ),
+            )
+            if cur.rowcount != 1:
+                return False
+            self._append_audit(conn, event)
+        return True
+
+    def list_sessions(self, workload_id: str, limit: int) -> Sequence[SessionRecord]:
+        if workload_id:
+            rows = (
+                self._conn()
+                .execute(
+                    _SELECT_SESSIONS + " WHERE workload_id = ? "
+                    "ORDER BY created_at DESC LIMIT ?",
+                    (workload_id, limit),
+                )
+                .fetchall()
+            )
+        else:
+            rows = (
+                self._conn()
+                .execute(
+                    _SELECT_SESSIONS + " ORDER BY created_at DESC LIMIT ?",
+                    (limit,),
+                )
+                .fetchall()
+            )
+        return [_session(r) for r in rows]
+
+    # ------------------------------------------------------------------------ manifests
+
+    def put_manifest(self, manifest_id: str, envelope: bytes, source: str, event: AuditEvent) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO manifests (manifest_id, envelope, source, imported_at) "
+                "VALUES (?, ?, ?, ?)",
+                (manifest_id, envelope, source, self._clock()),
+            )
+            self._append_audit(conn, event)
+
+    def list_manifests(self) -> Sequence[tuple[str, bytes, str]]:
+        rows = (
+            self._conn()
+            .execute("SELECT manifest_id, envelope, source FROM manifests ORDER BY imported_at")
+            .fetchall()
+        )
+        return [(str(r[0]), bytes(r[1]), str(r[2])) for r in rows]
+
+    def add_revocations(self, manifest_ids: Sequence[str], by: str) -> None:
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT OR IGNORE INTO revoked_manifests (manifest_id, revoked_by, revoked_at) "
+                "VALUES (?, ?, ?)",
+                [(mid, by, self._clock()) for mid in manifest_ids],
+            )
+
+    def revoked_manifests(self) -> set[str]:
+        return {str(r[0]) for r in self._conn().execute("SELECT manifest_id FROM revoked_manifests")}
+
+
+def _statements(script: str) -> list[str]:
+    # Split on statement ends, keeping trigger bodies (which hold their own ';') whole.
+    out: list[str] = []
+    current = ""
+    for line in script.strip().splitlines():
+        current += line + "\n"
+        if sqlite3.complete_statement(current):
+            out.append(current.strip())
+            current = ""
+    if current.strip():
+        out.append(current.strip())
+    return out
+
+
+def _session(row: Sequence[Any]) -> SessionRecord:
+    (
+        sid,
+        wid,
+        caller,
+        policy,
+        generation,
+        cek,
+        godh,
+        blob,
+        sealed,
+        created,
+        expires,
+        state,
+        finished,
+        digest,
+        reason,
+    ) = row
+    return SessionRecord(
+        session_id=str(sid),
+        workload_id=str(wid),
+        caller=str(caller),
+        policy=int(policy),
+        generation=str(generation),
+        cek_fingerprint=str(cek),
+        godh_cert=bytes(godh),
+        session_blob=bytes(blob),
+        sealed_keys=bytes(sealed),
+        created_at=float(created),
+        expires_at=float(expires),
+        state=SessionState(state),
+        finished_at=None if finished is None else float(finished),
+        matched_digest=str(digest),
+        reason=str(reason),
+    )
+
+
+def _audit_record(row: Sequence[Any]) -> AuditRecord:
+    # The event comes from the hashed text itself, so what is shown is what the chain covers.
+    _, t, event, _ = parse_canonical(str(row[1]))
+    return AuditRecord(
+        seq=int(row[0]), time=t, event=event, prev_hash=str(row[2]), hash=str(row[3]), mac=str(row[4])
+    )

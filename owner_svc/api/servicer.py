@@ -1,0 +1,273 @@
+"""OwnerService servicer: protobuf ↔ domain objects, the caller's identity, and nothing else.
+
+The core is synchronous (SQLite, RSA/ECDSA verification): each call runs in a worker thread so a slow
+verification never stalls the event loop. Errors propagate to the shell's interceptor, which maps them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc.aio
+
+from owner_svc.core.model import (
+    DEFAULT_SECRET_AREA_SIZE,
+    FirmwareMinimum,
+    RefSelector,
+    SessionRecord,
+    SessionState,
+    Workload,
+)
+from owner_svc.core.service import ChainInput, OwnerCore
+from sevlaunch.errors import InvalidArgument
+from sevlaunch.refvalues import LaunchMode, VerifiedManifest
+from sevlaunch.rpc import current_caller
+from sevlaunch.rpc.v1 import common_pb2, owner_pb2, owner_pb2_grpc
+from sevlaunch.sev.policy import GuestPolicy
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+_MODE_TO_PROTO = {
+    LaunchMode.SEV: owner_pb2.REFERENCE_MODE_SEV,
+    LaunchMode.SEV_ES: owner_pb2.REFERENCE_MODE_SEV_ES,
+}
+_MODE_FROM_PROTO = {v: k for k, v in _MODE_TO_PROTO.items()}
+_STATE_TO_PROTO = {
+    SessionState.OPEN: owner_pb2.OWNER_SESSION_STATE_OPEN,
+    SessionState.RELEASED: owner_pb2.OWNER_SESSION_STATE_RELEASED,
+    SessionState.REFUSED: owner_pb2.OWNER_SESSION_STATE_REFUSED,
+    SessionState.REVOKED: owner_pb2.OWNER_SESSION_STATE_REVOKED,
+}
+
+
+def workload_from_proto(msg: owner_pb2.Workload) -> Workload:
+    selectors = []
+    for s in msg.selectors:
+        try:
+            modes = tuple(_MODE_FROM_PROTO[m] for m in s.modes)
+        except KeyError:
+            raise InvalidArgument("bad_selector", "selector mode must be SEV or SEV_ES") from None
+        selectors.append(
+            RefSelector(
+                firmware_name=s.firmware_name,
+                modes=modes,
+                version_min=s.version_min,
+                version_max=s.version_max,
+                sev_es_vcpus=tuple(s.sev_es_vcpus),
+            )
+        )
+    fw = msg.firmware_minimum
+    return Workload(
+        workload_id=msg.workload_id,
+        allowed_policies=tuple(msg.allowed_policies),
+        generations=tuple(msg.generations),
+        selectors=tuple(selectors),
+        firmware_minimum=FirmwareMinimum(fw.api_major, fw.api_minor, fw.build_id),
+        allow_debug=msg.allow_debug,
+        allow_key_sharing=msg.allow_key_sharing,
+        secret_area_size=msg.secret_area_size or DEFAULT_SECRET_AREA_SIZE,
+    )
+
+
+def workload_to_proto(w: Workload) -> owner_pb2.Workload:
+    return owner_pb2.Workload(
+        workload_id=w.workload_id,
+        allowed_policies=list(w.allowed_policies),
+        generations=list(w.generations),
+        firmware_minimum=common_pb2.FirmwareVersion(
+            api_major=w.firmware_minimum.api_major,
+            api_minor=w.firmware_minimum.api_minor,
+            build_id=w.firmware_minimum.build_id,
+        ),
+        selectors=[
+            owner_pb2.ReferenceSelector(
+                firmware_name=s.firmware_name,
+                version_min=s.version_min,
+                version_max=s.version_max,
+                modes=[_MODE_TO_PROTO[m] for m in s.modes],
+                sev_es_vcpus=list(s.sev_es_vcpus),
+            )
+            for s in w.selectors
+        ],
+        secret_area_size=w.secret_area_size,
+        allow_debug=w.allow_debug,
+        allow_key_sharing=w.allow_key_sharing,
+    )
+
+
+def manifest_summary(vm: VerifiedManifest) -> owner_pb2.ManifestSummary:
+    m = vm.manifest
+    return owner_pb2.ManifestSummary(
+        manifest_id=vm.id,
+        publisher=m.publisher,
+        firmware_name=m.firmware_name,
+        firmware_version=m.firmware_version,
+        not_before_unix=int(m.not_before.timestamp()),
+        not_after_unix=int(m.not_after.timestamp()),
+        digests=len(m.digests),
+        keyid=vm.keyid,
+    )
+
+
+def session_info(s: SessionRecord, now: float) -> owner_pb2.SessionInfo:
+    state = _STATE_TO_PROTO[s.state]
+    if s.state is SessionState.OPEN and now >= s.expires_at:
+        state = owner_pb2.OWNER_SESSION_STATE_EXPIRED
+    return owner_pb2.SessionInfo(
+        session_id=s.session_id,
+        workload_id=s.workload_id,
+        caller=s.caller,
+        policy=s.policy,
+        generation=s.generation,
+        cek_fingerprint=s.cek_fingerprint,
+        state=state,
+        created_at_unix=int(s.created_at),
+        expires_at_unix=int(s.expires_at),
+        matched_digest=s.matched_digest,
+        reason=s.reason,
+    )
+
+
+class OwnerServicer(owner_pb2_grpc.OwnerServiceServicer):
+    def __init__(self, core: OwnerCore) -> None:
+        self.core = core
+
+    async def OpenSession(
+        self, request: owner_pb2.OpenSessionRequest, context: Ctx
+    ) -> owner_pb2.OpenSessionResponse:
+        caller = current_caller().identity
+        c = request.chain
+        chain = ChainInput(c.pdh_cert, c.pek_cert, c.oca_cert, c.cek_cert, c.ask_cert, c.ark_cert)
+        opened = await asyncio.to_thread(
+            self.core.open_session, caller, request.workload_id, chain, request.policy
+        )
+        return owner_pb2.OpenSessionResponse(
+            session_id=opened.session_id,
+            godh_cert=opened.godh_cert,
+            session_blob=opened.session_blob,
+            policy=opened.policy,
+            expires_at_unix=int(opened.expires_at),
+            generation=opened.generation,
+        )
+
+    async def ReleaseSecret(
+        self, request: owner_pb2.ReleaseSecretRequest, context: Ctx
+    ) -> owner_pb2.ReleaseSecretResponse:
+        caller = current_caller().identity
+        if not request.HasField("firmware"):
+            raise InvalidArgument("bad_firmware_version", "firmware version is required")
+        fw = request.firmware
+        released = await asyncio.to_thread(
+            self.core.release_secret,
+            caller,
+            request.session_id,
+            request.launch_measurement,
+            api_major=fw.api_major,
+            api_minor=fw.api_minor,
+            build_id=fw.build_id,
+            policy=request.policy,
+        )
+        return owner_pb2.ReleaseSecretResponse(
+            secret_header=released.header,
+            secret_payload=released.payload,
+            matched_launch_digest=released.matched_digest,
+            manifest_id=released.manifest_id,
+        )
+
+    async def PutWorkload(
+        self, request: owner_pb2.PutWorkloadRequest, context: Ctx
+    ) -> owner_pb2.PutWorkloadResponse:
+        caller = current_caller().identity
+        if not request.HasField("workload"):
+            raise InvalidArgument("bad_workload", "workload is required")
+        workload = workload_from_proto(request.workload)
+        await asyncio.to_thread(self.core.put_workload, caller, workload)
+        return owner_pb2.PutWorkloadResponse()
+
+    async def GetWorkload(
+        self, request: owner_pb2.GetWorkloadRequest, context: Ctx
+    ) -> owner_pb2.GetWorkloadResponse:
+        def get() -> owner_pb2.GetWorkloadResponse:
+            w = self.core.get_workload(request.workload_id)
+            now = datetime.now(UTC)
+            sev = self.core.refvalues.accepted(w, GuestPolicy(0x3), now)
+            sev_es = self.core.refvalues.accepted(w, GuestPolicy(0x7), now)
+            return owner_pb2.GetWorkloadResponse(
+                workload=workload_to_proto(w),
+                has_secret=self.core.store.get_secret(w.workload_id) is not None,
+                accepted_digests_sev=len(sev),
+                accepted_digests_sev_es=len(sev_es),
+            )
+
+        return await asyncio.to_thread(get)
+
+    async def PutSecret(
+        self, request: owner_pb2.PutSecretRequest, context: Ctx
+    ) -> owner_pb2.PutSecretResponse:
+        caller = current_caller().identity
+        entries = [(e.guid, e.data) for e in request.entries]
+        size = await asyncio.to_thread(self.core.put_secret, caller, request.workload_id, entries)
+        return owner_pb2.PutSecretResponse(table_size=size)
+
+    async def ImportReferenceValues(
+        self, request: owner_pb2.ImportReferenceValuesRequest, context: Ctx
+    ) -> owner_pb2.ImportReferenceValuesResponse:
+        caller = current_caller().identity
+        if not request.envelope:
+            raise InvalidArgument("bad_envelope", "envelope is required")
+        vm, new = await asyncio.to_thread(
+            self.core.import_reference_values, caller, request.envelope, f"rpc:{caller}"
+        )
+        return owner_pb2.ImportReferenceValuesResponse(
+            manifest_id=vm.id, newly_imported=new, manifest=manifest_summary(vm)
+        )
+
+    async def ListReferenceValues(
+        self, request: owner_pb2.ListReferenceValuesRequest, context: Ctx
+    ) -> owner_pb2.ListReferenceValuesResponse:
+        now = datetime.now(UTC)
+        return owner_pb2.ListReferenceValuesResponse(
+            manifests=[manifest_summary(vm) for vm in self.core.refvalues.in_force(now)]
+        )
+
+    async def ListSessions(
+        self, request: owner_pb2.ListSessionsRequest, context: Ctx
+    ) -> owner_pb2.ListSessionsResponse:
+        sessions = await asyncio.to_thread(self.core.list_sessions, request.workload_id, request.limit)
+        now = time.time()
+        return owner_pb2.ListSessionsResponse(sessions=[session_info(s, now) for s in sessions])
+
+    async def GetAuditLog(
+        self, request: owner_pb2.GetAuditLogRequest, context: Ctx
+    ) -> owner_pb2.GetAuditLogResponse:
+        records = await asyncio.to_thread(self.core.audit_log, request.after_seq, request.limit)
+        return owner_pb2.GetAuditLogResponse(
+            records=[
+                owner_pb2.AuditRecord(
+                    seq=r.seq,
+                    time_unix=r.time,
+                    actor=r.event.actor,
+                    action=r.event.action,
+                    outcome=r.event.outcome,
+                    workload_id=r.event.workload_id,
+                    session_id=r.event.session_id,
+                    cek_fingerprint=r.event.cek_fingerprint,
+                    reason=r.event.reason,
+                    digest=r.event.digest,
+                    detail=r.event.detail,
+                    prev_hash=r.prev_hash,
+                    hash=r.hash,
+                )
+                for r in records
+            ]
+        )
+
+    async def RevokeSession(
+        self, request: owner_pb2.RevokeSessionRequest, context: Ctx
+    ) -> owner_pb2.RevokeSessionResponse:
+        caller = current_caller().identity
+        await asyncio.to_thread(self.core.revoke_session, caller, request.session_id)
+        return owner_pb2.RevokeSessionResponse()

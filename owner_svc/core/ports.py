@@ -1,0 +1,74 @@
+"""What the core needs from the outside world: a store and a sealer (encryption at rest).
+
+The core seals TEK/TIK and secrets before they reach a store, so no store adapter (SQLite today,
+PostgreSQL for replicas) can forget to: a store only ever sees ciphertext bound to its row by the AAD.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from owner_svc.core.model import AuditEvent, AuditRecord, SessionRecord, SessionState
+
+
+class Sealer(Protocol):
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes: ...
+
+    def open(self, sealed: bytes, aad: bytes) -> bytes:
+        """Raises `SealError` when the ciphertext, the AAD or the key does not match."""
+        ...
+
+
+class SealError(Exception):
+    """Sealed data does not open: wrong key, edited ciphertext, or moved to another row."""
+
+
+class Store(Protocol):
+    # Workloads and their secrets (sealed).
+    def put_workload(self, workload_id: str, config_json: str, event: AuditEvent) -> None: ...
+
+    def get_workload(self, workload_id: str) -> str | None: ...
+
+    def put_secret(self, workload_id: str, sealed: bytes, event: AuditEvent) -> None: ...
+
+    def get_secret(self, workload_id: str) -> bytes | None: ...
+
+    # Sessions.
+    def insert_session(self, record: SessionRecord, event: AuditEvent) -> None: ...
+
+    def get_session(self, session_id: str) -> SessionRecord | None: ...
+
+    def finish_session(
+        self,
+        session_id: str,
+        *,
+        to_state: SessionState,
+        now: float,
+        require_unexpired: bool,
+        matched_digest: str,
+        reason: str,
+        event: AuditEvent,
+    ) -> bool:
+        """Atomically moves an OPEN session to `to_state` and appends `event`, in one transaction.
+
+        Returns False (and writes nothing) when the session is no longer OPEN, or, with
+        `require_unexpired`, when it expired: of concurrent callers exactly one gets True.
+        """
+        ...
+
+    def list_sessions(self, workload_id: str, limit: int) -> Sequence[SessionRecord]: ...
+
+    # Reference values (signed envelopes, stored as imported; re-verified on load).
+    def put_manifest(self, manifest_id: str, envelope: bytes, source: str, event: AuditEvent) -> None: ...
+
+    def list_manifests(self) -> Sequence[tuple[str, bytes, str]]: ...
+
+    def add_revocations(self, manifest_ids: Sequence[str], by: str) -> None: ...
+
+    def revoked_manifests(self) -> set[str]: ...
+
+    # Audit.
+    def append_audit(self, event: AuditEvent) -> None: ...
+
+    def audit_records(self, after_seq: int, limit: int) -> Sequence[AuditRecord]: ...

@@ -1,0 +1,104 @@
+"""The reference values in force: verified manifests, minus revoked and out-of-window ones.
+
+Thread-safe: the gRPC handlers and the HTTP poller read and admit concurrently. Validity windows are
+checked at every use, not only at import, so a manifest stops counting the moment it expires.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from owner_svc.core.model import RefSelector, Workload
+from sevlaunch.refvalues import (
+    DigestConfig,
+    LaunchMode,
+    PublisherKey,
+    VerifiedManifest,
+    verify_manifest,
+    version_in_range,
+)
+from sevlaunch.sev.errors import SevError
+from sevlaunch.sev.policy import GuestPolicy
+
+
+@dataclass(frozen=True)
+class AcceptedDigest:
+    launch_digest: bytes
+    manifest_id: str
+    config: DigestConfig
+
+
+class ReferenceValueSet:
+    def __init__(self, publishers: Sequence[PublisherKey]) -> None:
+        self.publishers = tuple(publishers)
+        self._manifests: dict[str, VerifiedManifest] = {}
+        self._revoked: set[str] = set()
+        self._lock = threading.Lock()
+
+    def load(self, stored: Iterable[tuple[str, bytes]], revoked: Iterable[str]) -> list[tuple[str, SevError]]:
+        """Re-verifies stored envelopes against the publisher keys configured now (a key removed from the
+        configuration takes its manifests out of force). Returns the (id, error) of those that fail."""
+        failures: list[tuple[str, SevError]] = []
+        with self._lock:
+            self._revoked = set(revoked)
+            self._manifests = {}
+            for mid, envelope in stored:
+                try:
+                    vm = verify_manifest(envelope, self.publishers, now=None, revoked=self._revoked)
+                except SevError as exc:
+                    failures.append((mid, exc))
+                    continue
+                self._manifests[vm.id] = vm
+        return failures
+
+    def verify(self, envelope: bytes, now: datetime) -> VerifiedManifest:
+        """Verifies an envelope for import (signature, schema, window, revocation); changes nothing."""
+        with self._lock:
+            revoked = set(self._revoked)
+        return verify_manifest(envelope, self.publishers, now=now, revoked=revoked)
+
+    def contains(self, manifest_id: str) -> bool:
+        with self._lock:
+            return manifest_id in self._manifests
+
+    def admit(self, vm: VerifiedManifest) -> None:
+        with self._lock:
+            self._revoked.update(vm.manifest.revokes)
+            for rid in vm.manifest.revokes:
+                self._manifests.pop(rid, None)
+            if vm.id not in self._revoked:
+                self._manifests[vm.id] = vm
+
+    def in_force(self, now: datetime) -> list[VerifiedManifest]:
+        with self._lock:
+            manifests = list(self._manifests.values())
+        return [vm for vm in manifests if vm.manifest.not_before <= now < vm.manifest.not_after]
+
+    def accepted(self, workload: Workload, policy: GuestPolicy, now: datetime) -> list[AcceptedDigest]:
+        """Every launch digest the workload accepts now for a launch under `policy` (deduplicated)."""
+        mode = LaunchMode.SEV_ES if policy.requires_es else LaunchMode.SEV
+        out: dict[bytes, AcceptedDigest] = {}
+        for vm in sorted(self.in_force(now), key=lambda v: v.id):
+            for selector in workload.selectors:
+                if not _manifest_selected(vm, selector, mode):
+                    continue
+                for ref in vm.manifest.digests:
+                    cfg = ref.config
+                    if cfg.mode is not mode:
+                        continue
+                    if mode is LaunchMode.SEV_ES and cfg.vcpus not in selector.sev_es_vcpus:
+                        continue
+                    out.setdefault(ref.launch_digest, AcceptedDigest(ref.launch_digest, vm.id, cfg))
+        return list(out.values())
+
+
+def _manifest_selected(vm: VerifiedManifest, selector: RefSelector, mode: LaunchMode) -> bool:
+    m = vm.manifest
+    return (
+        mode in selector.modes
+        and m.firmware_name.casefold() == selector.firmware_name.casefold()
+        and version_in_range(m.firmware_version, selector.version_min or None, selector.version_max or None)
+    )

@@ -1,0 +1,599 @@
+"""The guest owner's decisions: open a launch session, release a secret, administer workloads.
+
+Pure logic over the `Store` and `Sealer` ports: no gRPC, no files. Every input from the host side is
+hostile. The order in each call is fixed: first parse and validate (a malformed request raises
+INVALID_ARGUMENT and writes nothing, not even an audit record), then decide; every decision, allowed or
+refused, is appended to the audit log; refusals raise a typed error whose `reason` the caller sees.
+
+A session releases at most once: the release is an atomic conditional transition OPEN → RELEASED in the
+store, and the secret leaves this module only if that transition was ours. A release refused on the
+merits (measurement mismatch, policy changed, firmware too old, expired) moves the session to REFUSED, so
+the same launch cannot be retried with other evidence.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import NoReturn, Protocol
+
+from owner_svc.core.model import (
+    AuditEvent,
+    AuditRecord,
+    SecretEntry,
+    SessionRecord,
+    SessionState,
+    Workload,
+    check_guid,
+    check_policy,
+    check_session_id,
+    check_workload_id,
+)
+from owner_svc.core.ports import Sealer, SealError, Store
+from owner_svc.core.refset import ReferenceValueSet
+from sevlaunch.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ServiceError,
+)
+from sevlaunch.refvalues import VerifiedManifest
+from sevlaunch.sev import secret as sev_secret
+from sevlaunch.sev.chain import CertificateChain, TrustedRoot, verify_chain
+from sevlaunch.sev.errors import MalformedInput, SevError, Unsupported, VerificationFailed
+from sevlaunch.sev.measurement import LaunchMeasurement, verify_measurement
+from sevlaunch.sev.session import TransportKeys, create_session
+
+log = logging.getLogger("owner_svc.core")
+
+DEFAULT_SESSION_TTL = 300.0
+MAX_SESSION_TTL = 86400.0
+
+
+class Metrics(Protocol):
+    """Counters and timings the core reports. Labels are reason names only: never ids or secrets."""
+
+    def session_opened(self) -> None: ...
+
+    def session_refused(self, reason: str) -> None: ...
+
+    def secret_released(self) -> None: ...
+
+    def release_refused(self, reason: str) -> None: ...
+
+    def observe(self, step: str, seconds: float) -> None: ...
+
+
+class NullMetrics:
+    def session_opened(self) -> None:
+        pass
+
+    def session_refused(self, reason: str) -> None:
+        pass
+
+    def secret_released(self) -> None:
+        pass
+
+    def release_refused(self, reason: str) -> None:
+        pass
+
+    def observe(self, step: str, seconds: float) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class ChainInput:
+    """The six certificates as received (raw bytes, hostile until verified)."""
+
+    pdh: bytes
+    pek: bytes
+    oca: bytes
+    cek: bytes
+    ask: bytes
+    ark: bytes
+
+
+@dataclass(frozen=True)
+class OpenedSession:
+    session_id: str
+    godh_cert: bytes
+    session_blob: bytes
+    policy: int
+    expires_at: float
+    generation: str
+
+
+@dataclass(frozen=True)
+class ReleasedSecret:
+    header: bytes
+    payload: bytes
+    matched_digest: bytes
+    manifest_id: str
+
+    def __repr__(self) -> str:
+        return f"ReleasedSecret(matched_digest={self.matched_digest.hex()}, manifest_id={self.manifest_id})"
+
+
+def keys_aad(session_id: str) -> bytes:
+    return f"sevlaunch-owner/v1/session-keys/{session_id}".encode()
+
+
+def secret_aad(workload_id: str) -> bytes:
+    return f"sevlaunch-owner/v1/secret/{workload_id}".encode()
+
+
+class OwnerCore:
+    def __init__(
+        self,
+        store: Store,
+        sealer: Sealer,
+        refvalues: ReferenceValueSet,
+        *,
+        extra_roots: Sequence[TrustedRoot] = (),
+        session_ttl: float = DEFAULT_SESSION_TTL,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not 1 <= session_ttl <= MAX_SESSION_TTL:
+            raise ValueError(f"session TTL must be 1..{MAX_SESSION_TTL:.0f} seconds")
+        self.store = store
+        self.sealer = sealer
+        self.refvalues = refvalues
+        self.extra_roots = tuple(extra_roots)
+        self.session_ttl = session_ttl
+        self.metrics: Metrics = metrics or NullMetrics()
+        self.clock = clock
+
+    def _now_dt(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), UTC)
+
+    # ------------------------------------------------------------------------------- OpenSession
+
+    def open_session(self, caller: str, workload_id: str, chain_in: ChainInput, policy: int) -> OpenedSession:
+        # 1. Parse: malformed input raises before any decision and writes nothing.
+        check_workload_id(workload_id)
+        guest_policy = check_policy(policy)
+        chain = CertificateChain.from_parts(
+            pdh=chain_in.pdh,
+            pek=chain_in.pek,
+            oca=chain_in.oca,
+            cek=chain_in.cek,
+            ask=chain_in.ask,
+            ark=chain_in.ark,
+        )
+        # The CEK fingerprint is only an identifier for the audit log here; it is trusted after verification.
+        event = AuditEvent(
+            actor=caller,
+            action="open_session",
+            outcome="refused",
+            workload_id=workload_id,
+            cek_fingerprint=chain.cek.fingerprint(),
+        )
+
+        def refuse(exc: Exception) -> Exception:
+            reason = _reason_of(exc)
+            self.store.append_audit(replace(event, reason=reason, detail=_detail_of(exc)))
+            self.metrics.session_refused(reason)
+            log.info("session refused", extra={"workload": workload_id, "reason": reason, "caller": caller})
+            return exc
+
+        # 2. Decide.
+        workload = self._workload_or_none(workload_id)
+        if workload is None:
+            raise refuse(NotFound("unknown_workload", f"no workload {workload_id!r}"))
+        started = time.perf_counter()
+        try:
+            verified = verify_chain(chain, extra_roots=self.extra_roots)
+        except (VerificationFailed, Unsupported) as exc:
+            raise refuse(exc) from None
+        finally:
+            self.metrics.observe("chain", time.perf_counter() - started)
+        generation = verified.generation.value if verified.generation is not None else verified.root_name
+        if generation not in workload.generations:
+            raise refuse(
+                PermissionDenied(
+                    "generation_not_allowed",
+                    f"platform generation {generation!r} is not allowed for this workload",
+                )
+            )
+        minimum = workload.firmware_minimum
+        for name, cert in (("PDH", chain.pdh), ("PEK", chain.pek)):
+            if not minimum.api_ok(cert.api_major, cert.api_minor):
+                raise refuse(
+                    PermissionDenied(
+                        "firmware_too_old",
+                        f"{name} says API {cert.api_major}.{cert.api_minor}, the workload needs at least "
+                        f"{minimum.api_major}.{minimum.api_minor}",
+                    )
+                )
+        if policy not in workload.allowed_policies:
+            raise refuse(PermissionDenied("policy_not_allowed", f"policy {policy:#x} is not allowed"))
+        # Checked again at open time, not only at PutWorkload: defence against an edited workload row.
+        if guest_policy.allows_debug and not workload.allow_debug:
+            raise refuse(PermissionDenied("policy_not_allowed", "the policy allows debugging"))
+        if guest_policy.allows_key_sharing and not workload.allow_key_sharing:
+            raise refuse(PermissionDenied("policy_not_allowed", "the policy allows key sharing"))
+        if not self.refvalues.accepted(workload, guest_policy, self._now_dt()):
+            # Fail before the host spends a launch that could never be verified.
+            raise refuse(
+                FailedPrecondition(
+                    "no_reference_values", "no trusted reference value in force matches this workload"
+                )
+            )
+        if self.store.get_secret(workload_id) is None:
+            raise refuse(FailedPrecondition("no_secret", "the workload has no secret to release"))
+
+        # 3. Make the session: fresh GODH, TEK and TIK, wrapped for this PDH only.
+        launch = create_session(chain.pdh, guest_policy)
+        session_id = secrets.token_hex(16)
+        now = self.clock()
+        record = SessionRecord(
+            session_id=session_id,
+            workload_id=workload_id,
+            caller=caller,
+            policy=policy,
+            generation=generation,
+            cek_fingerprint=verified.cek_fingerprint,
+            godh_cert=launch.godh.to_bytes(),
+            session_blob=launch.blob.to_bytes(),
+            sealed_keys=self.sealer.seal(launch.keys.tek + launch.keys.tik, keys_aad(session_id)),
+            created_at=now,
+            expires_at=now + self.session_ttl,
+        )
+        self.store.insert_session(
+            record,
+            replace(
+                event,
+                outcome="allowed",
+                session_id=session_id,
+                cek_fingerprint=verified.cek_fingerprint,
+                detail=f"generation {generation}, policy {policy:#x}",
+            ),
+        )
+        self.metrics.session_opened()
+        log.info(
+            "session opened", extra={"workload": workload_id, "generation": generation, "caller": caller}
+        )
+        return OpenedSession(
+            session_id=session_id,
+            godh_cert=record.godh_cert,
+            session_blob=record.session_blob,
+            policy=policy,
+            expires_at=record.expires_at,
+            generation=generation,
+        )
+
+    # ----------------------------------------------------------------------------- ReleaseSecret
+
+    def release_secret(
+        self,
+        caller: str,
+        session_id: str,
+        measurement_blob: bytes,
+        *,
+        api_major: int,
+        api_minor: int,
+        build_id: int,
+        policy: int,
+    ) -> ReleasedSecret:
+        # 1. Parse.
+        check_session_id(session_id)
+        measurement = LaunchMeasurement.from_bytes(measurement_blob)
+        for name, value in (("api_major", api_major), ("api_minor", api_minor), ("build_id", build_id)):
+            if not 0 <= value <= 255:
+                raise InvalidArgument("bad_firmware_version", f"{name} must be 0..255")
+        check_policy(policy, "reported policy")
+
+        # 2. Decide.
+        event = AuditEvent(actor=caller, action="release_secret", outcome="refused", session_id=session_id)
+        session = self.store.get_session(session_id)
+        if session is None:
+            self._refuse_release(event, NotFound("unknown_session", "no such session"))
+        event = replace(event, workload_id=session.workload_id, cek_fingerprint=session.cek_fingerprint)
+        if session.caller != caller:
+            # Bound to whoever opened it: another identity with the right role still cannot use it.
+            self._refuse_release(
+                event, PermissionDenied("wrong_caller", "the session was opened by another caller")
+            )
+        if session.state is not SessionState.OPEN:
+            reason = {
+                SessionState.RELEASED: "session_already_used",
+                SessionState.REFUSED: "session_refused",
+                SessionState.REVOKED: "session_revoked",
+            }[session.state]
+            self._refuse_release(event, FailedPrecondition(reason, f"the session is {session.state.value}"))
+        now = self.clock()
+        if now >= session.expires_at:
+            self._burn(session, event, FailedPrecondition("session_expired", "the session has expired"))
+        if policy != session.policy:
+            self._burn(
+                session,
+                event,
+                PermissionDenied(
+                    "policy_mismatch",
+                    f"reported policy {policy:#x} differs from the session's {session.policy:#x}",
+                ),
+            )
+        guest_policy = check_policy(session.policy)
+        workload = self._workload_or_none(session.workload_id)
+        if workload is None:
+            self._burn(
+                session, event, FailedPrecondition("unknown_workload", "the workload no longer exists")
+            )
+        if not workload.firmware_minimum.ok(
+            api_major, api_minor, build_id
+        ) or not guest_policy.firmware_allowed(api_major, api_minor):
+            self._burn(
+                session,
+                event,
+                PermissionDenied(
+                    "firmware_too_old",
+                    f"firmware {api_major}.{api_minor} build {build_id} is below the minimum",
+                ),
+            )
+        accepted = self.refvalues.accepted(workload, guest_policy, datetime.fromtimestamp(now, UTC))
+        if not accepted:
+            self._burn(
+                session,
+                event,
+                FailedPrecondition(
+                    "no_reference_values", "no trusted reference value in force matches this workload"
+                ),
+            )
+        keys = self._open_keys(session)
+        started = time.perf_counter()
+        try:
+            matched = verify_measurement(
+                keys.tik,
+                measurement,
+                api_major=api_major,
+                api_minor=api_minor,
+                build_id=build_id,
+                policy=guest_policy,
+                launch_digests=[a.launch_digest for a in accepted],
+            )
+        except VerificationFailed as exc:
+            self._burn(
+                session,
+                event,
+                PermissionDenied(
+                    "measurement_mismatch",
+                    f"the measurement matches none of the {len(accepted)} accepted launch digest(s)",
+                ),
+                cause=exc,
+            )
+        finally:
+            self.metrics.observe("measurement", time.perf_counter() - started)
+        manifest_id = next(a.manifest_id for a in accepted if a.launch_digest == matched)
+        event = replace(event, digest=matched.hex())
+        table = self._secret_table(session, workload, event)
+        header, payload = sev_secret.package_secret(
+            keys, measurement.measure, table.to_bytes(), api_major=api_major, api_minor=api_minor
+        )
+
+        # 3. Claim the session; only the caller whose conditional update wins gets the secret.
+        won = self.store.finish_session(
+            session_id,
+            to_state=SessionState.RELEASED,
+            now=now,
+            require_unexpired=True,
+            matched_digest=matched.hex(),
+            reason="",
+            event=replace(event, outcome="allowed", detail=f"manifest {manifest_id}"),
+        )
+        if not won:
+            self._refuse_release(
+                event, FailedPrecondition("session_already_used", "the session was already used")
+            )
+        self.metrics.secret_released()
+        log.info("secret released", extra={"workload": session.workload_id, "caller": caller})
+        return ReleasedSecret(header.to_bytes(), payload, bytes(matched), manifest_id)
+
+    def _refuse_release(self, event: AuditEvent, exc: ServiceError) -> NoReturn:
+        self.store.append_audit(replace(event, reason=exc.reason, detail=exc.detail))
+        self.metrics.release_refused(exc.reason)
+        log.info("release refused", extra={"workload": event.workload_id, "reason": exc.reason})
+        raise exc
+
+    def _burn(
+        self, session: SessionRecord, event: AuditEvent, exc: ServiceError, cause: Exception | None = None
+    ) -> NoReturn:
+        """Refuses on the merits and retires the session, so the launch cannot be retried."""
+        refused = replace(event, reason=exc.reason, detail=exc.detail)
+        if not self.store.finish_session(
+            session.session_id,
+            to_state=SessionState.REFUSED,
+            now=self.clock(),
+            require_unexpired=False,
+            matched_digest="",
+            reason=exc.reason,
+            event=refused,
+        ):
+            self.store.append_audit(refused)
+        self.metrics.release_refused(exc.reason)
+        log.info("release refused", extra={"workload": event.workload_id, "reason": exc.reason})
+        raise exc from cause
+
+    def _open_keys(self, session: SessionRecord) -> TransportKeys:
+        try:
+            raw = self.sealer.open(session.sealed_keys, keys_aad(session.session_id))
+        except SealError:
+            # Wrong KEK or a tampered row. Never say more to the caller; the operator sees the log.
+            log.error("session keys do not open (wrong KEK or tampered database)")
+            raise RuntimeError("session keys do not open") from None
+        return TransportKeys(raw[:16], raw[16:])
+
+    def _secret_table(
+        self, session: SessionRecord, workload: Workload, event: AuditEvent
+    ) -> sev_secret.SecretTable:
+        sealed = self.store.get_secret(session.workload_id)
+        if sealed is None:
+            self._burn(session, event, FailedPrecondition("no_secret", "the workload has no secret"))
+        try:
+            table = sev_secret.SecretTable.from_bytes(
+                self.sealer.open(sealed, secret_aad(session.workload_id))
+            )
+        except SealError:
+            log.error("workload secret does not open (wrong KEK or tampered database)")
+            raise RuntimeError("workload secret does not open") from None
+        try:
+            table.require_fits(workload.secret_area_size)
+        except Unsupported as exc:
+            self._burn(session, event, FailedPrecondition("secret_too_large", exc.detail))
+        return table
+
+    # ------------------------------------------------------------------------------------ admin
+
+    def _workload_or_none(self, workload_id: str) -> Workload | None:
+        text = self.store.get_workload(workload_id)
+        return None if text is None else Workload.from_json(text)
+
+    def get_workload(self, workload_id: str) -> Workload:
+        check_workload_id(workload_id)
+        workload = self._workload_or_none(workload_id)
+        if workload is None:
+            raise NotFound("unknown_workload", f"no workload {workload_id!r}")
+        return workload
+
+    def put_workload(self, caller: str, workload: Workload) -> None:
+        # `workload` validated itself on construction; a secret already stored must still fit.
+        sealed = self.store.get_secret(workload.workload_id)
+        if sealed is not None:
+            table = sev_secret.SecretTable.from_bytes(
+                self.sealer.open(sealed, secret_aad(workload.workload_id))
+            )
+            try:
+                table.require_fits(workload.secret_area_size)
+            except Unsupported as exc:
+                raise InvalidArgument("secret_too_large", exc.detail) from None
+        self.store.put_workload(
+            workload.workload_id,
+            workload.to_json(),
+            AuditEvent(
+                actor=caller,
+                action="put_workload",
+                outcome="allowed",
+                workload_id=workload.workload_id,
+                detail=f"policies {[hex(p) for p in workload.allowed_policies]}, "
+                f"generations {list(workload.generations)}",
+            ),
+        )
+
+    def put_secret(self, caller: str, workload_id: str, entries: Sequence[tuple[str, bytes]]) -> int:
+        """Replaces the workload's secret table; returns its padded size. Never audits the bytes."""
+        check_workload_id(workload_id)
+        if not entries:
+            raise InvalidArgument("bad_secret", "a secret table needs at least one entry")
+        if len(entries) > 64:
+            raise InvalidArgument("bad_secret", "at most 64 secret entries")
+        parsed = []
+        for guid, data in entries:
+            if not data:
+                raise InvalidArgument("bad_secret", "a secret entry cannot be empty")
+            parsed.append(SecretEntry(check_guid(guid), data))
+        try:
+            table = sev_secret.SecretTable.of([sev_secret.SecretEntry(e.guid, e.data) for e in parsed])
+        except MalformedInput as exc:
+            raise InvalidArgument("bad_secret", exc.detail) from None
+        workload = self.get_workload(workload_id)
+        try:
+            table.require_fits(workload.secret_area_size)
+        except Unsupported as exc:
+            raise InvalidArgument("secret_too_large", exc.detail) from None
+        plain = table.to_bytes()
+        self.store.put_secret(
+            workload_id,
+            self.sealer.seal(plain, secret_aad(workload_id)),
+            AuditEvent(
+                actor=caller,
+                action="put_secret",
+                outcome="allowed",
+                workload_id=workload_id,
+                detail=f"{len(parsed)} entries: {', '.join(str(e.guid) for e in parsed)}",
+            ),
+        )
+        return len(plain)
+
+    def import_reference_values(
+        self, caller: str, envelope: bytes, source: str
+    ) -> tuple[VerifiedManifest, bool]:
+        """Verifies and stores a manifest envelope. Returns (manifest, newly imported)."""
+        event = AuditEvent(actor=caller, action="import_reference_values", outcome="refused", detail=source)
+        try:
+            vm = self.refvalues.verify(envelope, self._now_dt())
+        except VerificationFailed as exc:
+            self.store.append_audit(replace(event, reason=exc.reason.value, detail=f"{source}: {exc.detail}"))
+            raise
+        if self.refvalues.contains(vm.id):
+            return vm, False
+        self.store.put_manifest(
+            vm.id,
+            envelope,
+            source,
+            replace(
+                event,
+                outcome="allowed",
+                digest=vm.id,
+                detail=f"{source}: {vm.manifest.publisher} {vm.manifest.firmware_name} "
+                f"{vm.manifest.firmware_version}, {len(vm.manifest.digests)} digests",
+            ),
+        )
+        if vm.manifest.revokes:
+            self.store.add_revocations(vm.manifest.revokes, vm.id)
+        self.refvalues.admit(vm)
+        return vm, True
+
+    def list_sessions(self, workload_id: str, limit: int) -> Sequence[SessionRecord]:
+        if workload_id:
+            check_workload_id(workload_id)
+        if not 0 <= limit <= 10000:
+            raise InvalidArgument("bad_limit", "limit must be 0..10000")
+        return self.store.list_sessions(workload_id, limit or 100)
+
+    def audit_log(self, after_seq: int, limit: int) -> Sequence[AuditRecord]:
+        if after_seq < 0 or not 0 <= limit <= 10000:
+            raise InvalidArgument("bad_limit", "after must be >= 0 and limit 0..10000")
+        return self.store.audit_records(after_seq, limit or 1000)
+
+    def revoke_session(self, caller: str, session_id: str) -> None:
+        check_session_id(session_id)
+        session = self.store.get_session(session_id)
+        if session is None:
+            raise NotFound("unknown_session", "no such session")
+        event = AuditEvent(
+            actor=caller,
+            action="revoke_session",
+            outcome="allowed",
+            session_id=session_id,
+            workload_id=session.workload_id,
+            cek_fingerprint=session.cek_fingerprint,
+        )
+        if not self.store.finish_session(
+            session_id,
+            to_state=SessionState.REVOKED,
+            now=self.clock(),
+            require_unexpired=False,
+            matched_digest="",
+            reason="revoked",
+            event=event,
+        ):
+            raise FailedPrecondition("session_not_open", "the session is no longer open")
+
+
+def _reason_of(exc: Exception) -> str:
+    if isinstance(exc, ServiceError):
+        return exc.reason
+    if isinstance(exc, SevError):
+        return exc.reason.value
+    return "internal"
+
+
+def _detail_of(exc: Exception) -> str:
+    if isinstance(exc, ServiceError | SevError):
+        return exc.detail
+    return ""

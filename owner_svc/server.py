@@ -1,0 +1,283 @@
+"""`sevlaunch-owner`: the guest owner's gRPC service.
+
+    sevlaunch-owner --listen 0.0.0.0:50053 --tls-dir certs --db owner.db --kek-file kek --create-kek \\
+        --trust-root emulated=state/ask_ark.cert --publisher-key distro.pub \\
+        --refvalues-url https://example.org/ovmf.dsse --metrics-listen :9103
+
+Every flag is also an environment variable (`--kek-file` ↔ `SEVLAUNCH_KEK_FILE`); repeatable flags take
+a comma-separated list there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from owner_svc.adapters.kek import KEKFileError, KeyEncryptionKey
+from owner_svc.adapters.metrics import PrometheusOwnerMetrics
+from owner_svc.adapters.refvalues_http import RefValuesPoller
+from owner_svc.adapters.sqlite import SQLiteStore
+from owner_svc.api.servicer import OwnerServicer
+from owner_svc.core.refset import ReferenceValueSet
+from owner_svc.core.service import DEFAULT_SESSION_TTL, OwnerCore
+from sevlaunch.refvalues import PublisherKey
+from sevlaunch.rpc import AuthzPolicy, RpcServer, configure_logging, method_rules, parse_args_with_env
+from sevlaunch.rpc.tls import TLSMaterialError
+from sevlaunch.rpc.v1 import owner_pb2_grpc
+from sevlaunch.sev.chain import TrustedRoot, load_roots_file
+from sevlaunch.sev.errors import SevError
+
+log = logging.getLogger("owner_svc")
+
+SERVICE_NAME = "sevlaunch.v1.OwnerService"
+DEFAULT_LISTEN = "0.0.0.0:50053"
+DEFAULT_METRICS_LISTEN = "0.0.0.0:9103"
+DEFAULT_REFVALUES_INTERVAL = 300.0
+
+LAUNCH_ROLES = ("launcher", "client")
+ADMIN_ROLES = ("owner-admin",)
+AUTHZ = AuthzPolicy(
+    method_rules(
+        SERVICE_NAME,
+        {
+            "OpenSession": LAUNCH_ROLES,
+            "ReleaseSecret": LAUNCH_ROLES,
+            "PutWorkload": ADMIN_ROLES,
+            "GetWorkload": ADMIN_ROLES,
+            "PutSecret": ADMIN_ROLES,
+            "ImportReferenceValues": ADMIN_ROLES,
+            "ListReferenceValues": ADMIN_ROLES,
+            "ListSessions": ADMIN_ROLES,
+            "GetAuditLog": ADMIN_ROLES,
+            "RevokeSession": ADMIN_ROLES,
+        },
+    )
+)
+
+
+class ConfigError(Exception):
+    """A startup configuration problem, printed as one line."""
+
+
+@dataclass
+class OwnerConfig:
+    tls_dir: Path
+    db: Path
+    kek_file: Path
+    listen: str = "127.0.0.1:0"
+    identity: str = "owner"
+    create_kek: bool = False
+    trust_roots: Sequence[str] = ()
+    publisher_keys: Sequence[str] = ()
+    refvalues_urls: Sequence[str] = ()
+    refvalues_interval: float = DEFAULT_REFVALUES_INTERVAL
+    session_ttl: float = DEFAULT_SESSION_TTL
+    metrics_listen: str | None = None
+
+
+@dataclass
+class OwnerApp:
+    rpc: RpcServer
+    core: OwnerCore
+    store: SQLiteStore
+    poller: RefValuesPoller | None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def start(self) -> None:
+        await self.rpc.start()
+        if self.poller is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(self.poller.run()))
+
+    async def stop(self, grace: float | None = None) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.rpc.stop(grace)
+        self.store.close()
+
+
+def load_trust_root(spec: str) -> TrustedRoot:
+    """`[NAME=]FILE`: an ASK‖ARK file trusted in addition to the pinned AMD roots."""
+    name, sep, path = spec.partition("=")
+    if not sep:
+        path = spec
+        name = re.sub(r"[^a-z0-9._-]", "-", Path(spec).stem.lower()) or "extra"
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read trust root {path}: {exc.strerror}") from None
+    try:
+        return load_roots_file(data, name)
+    except SevError as exc:
+        raise ConfigError(f"trust root {path} is not a valid ASK||ARK file: {exc}") from None
+
+
+def load_publisher_key(path: str) -> PublisherKey:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read publisher key {path}: {exc.strerror}") from None
+    try:
+        return PublisherKey.from_pem(data, name=Path(path).name)
+    except SevError as exc:
+        raise ConfigError(f"publisher key {path}: {exc}") from None
+
+
+def build_app(config: OwnerConfig) -> OwnerApp:
+    try:
+        kek = KeyEncryptionKey.from_file(config.kek_file, create=config.create_kek)
+    except KEKFileError as exc:
+        raise ConfigError(str(exc)) from None
+    roots = [load_trust_root(spec) for spec in config.trust_roots]
+    publishers = [load_publisher_key(p) for p in config.publisher_keys]
+    if not publishers:
+        # Not fatal (reference values can come later with a restart), but nothing will be released.
+        log.warning("no --publisher-key given: no reference value will be trusted, every release refused")
+    store = SQLiteStore(config.db, audit_mac_key=kek.audit_key)
+    refset = ReferenceValueSet(publishers)
+    failures = refset.load([(mid, env) for mid, env, _ in store.list_manifests()], store.revoked_manifests())
+    for mid, failure in failures:
+        log.warning(
+            "stored reference values no longer verify",
+            extra={"manifest": mid, "reason": failure.reason.value},
+        )
+    try:
+        rpc = RpcServer(
+            service_name=SERVICE_NAME,
+            tls_dir=config.tls_dir,
+            identity=config.identity,
+            authz=AUTHZ,
+            listen=config.listen,
+            metrics_listen=config.metrics_listen,
+        )
+    except TLSMaterialError as exc:
+        store.close()
+        raise ConfigError(str(exc)) from None
+    core = OwnerCore(
+        store,
+        kek,
+        refset,
+        extra_roots=roots,
+        session_ttl=config.session_ttl,
+        metrics=PrometheusOwnerMetrics(rpc.metrics.registry),
+    )
+    owner_pb2_grpc.add_OwnerServiceServicer_to_server(OwnerServicer(core), rpc.grpc_server)
+
+    def import_polled(envelope: bytes, url: str) -> bool:
+        return core.import_reference_values(f"poller:{url}", envelope, url)[1]
+
+    poller = None
+    if config.refvalues_urls:
+        poller = RefValuesPoller(
+            config.refvalues_urls, interval=config.refvalues_interval, importer=import_polled
+        )
+    return OwnerApp(rpc=rpc, core=core, store=store, poller=poller)
+
+
+def _list(value: object) -> list[str]:
+    # A repeatable flag from the environment arrives as one comma-separated string.
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value]  # type: ignore[attr-defined]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sevlaunch-owner", description="The guest owner's attestation service.")
+    p.add_argument("--listen", default=DEFAULT_LISTEN, help="HOST:PORT to serve gRPC on")
+    p.add_argument("--tls-dir", required=True, help="folder with ca.pem and IDENTITY.pem/.key")
+    p.add_argument("--identity", default="owner", help="server certificate name in --tls-dir")
+    p.add_argument("--db", required=True, help="SQLite database file")
+    p.add_argument(
+        "--kek-file", required=True, help="key-encryption key file (32 bytes, raw or base64; 0600)"
+    )
+    p.add_argument(
+        "--create-kek", action="store_true", help="create the KEK file (0600) if it does not exist"
+    )
+    p.add_argument(
+        "--trust-root",
+        action="append",
+        default=None,
+        metavar="[NAME=]FILE",
+        help="ASK||ARK file to trust besides AMD's pinned roots (repeatable)",
+    )
+    p.add_argument(
+        "--publisher-key",
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="PEM public key of a trusted reference value publisher (repeatable)",
+    )
+    p.add_argument(
+        "--refvalues-url",
+        action="append",
+        default=None,
+        metavar="URL",
+        help="DSSE manifest to poll over HTTP(S) (repeatable)",
+    )
+    p.add_argument(
+        "--refvalues-interval", type=float, default=DEFAULT_REFVALUES_INTERVAL, help="seconds between polls"
+    )
+    p.add_argument("--session-ttl", type=float, default=DEFAULT_SESSION_TTL, help="session lifetime, seconds")
+    p.add_argument(
+        "--metrics-listen", default=DEFAULT_METRICS_LISTEN, help="HOST:PORT for /metrics; '' = off"
+    )
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> OwnerConfig:
+    return OwnerConfig(
+        tls_dir=Path(args.tls_dir),
+        db=Path(args.db),
+        kek_file=Path(args.kek_file),
+        listen=args.listen,
+        identity=args.identity,
+        create_kek=args.create_kek,
+        trust_roots=_list(args.trust_root),
+        publisher_keys=_list(args.publisher_key),
+        refvalues_urls=_list(args.refvalues_url),
+        refvalues_interval=args.refvalues_interval,
+        session_ttl=args.session_ttl,
+        metrics_listen=args.metrics_listen or None,
+    )
+
+
+async def _serve(config: OwnerConfig) -> None:
+    app = build_app(config)
+    await app.start()
+    try:
+        await app.rpc.serve_until_signal()
+    finally:
+        await app.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args_with_env(build_parser(), argv)
+    configure_logging(args.log_level)
+    try:
+        config = config_from_args(args)
+        if not 1 <= config.session_ttl <= 86400:
+            raise ConfigError("--session-ttl must be 1..86400 seconds")
+        if config.refvalues_interval <= 0:
+            raise ConfigError("--refvalues-interval must be positive")
+        asyncio.run(_serve(config))
+    except ConfigError as exc:
+        print(f"sevlaunch-owner: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
