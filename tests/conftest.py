@@ -11,6 +11,14 @@ import pytest
 
 from sevlaunch.cli.devcerts import DEFAULT_IDENTITIES, write_dev_certs
 
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # Hardware tests are opt-in (STYLE.md rule 10): the default suite passes on any Linux machine.
+    parser.addoption(
+        "--run-hw", action="store_true", default=False, help="also run the tests that need /dev/sev"
+    )
+
+
 #: Identities beyond the defaults, for authorisation tests (a valid certificate with no role anywhere).
 EXTRA_TEST_IDENTITIES = ("nobody",)
 

