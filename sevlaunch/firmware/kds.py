@@ -92,7 +92,13 @@ class KDSServer:
         self._server.serve_forever()
 
     def start(self) -> KDSServer:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="emulated-kds", daemon=True)
+        # A short poll interval: stop() waits up to one interval, and tests and the demo stop it often.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="emulated-kds",
+            daemon=True,
+        )
         self._thread.start()
         return self
 
