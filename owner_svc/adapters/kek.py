@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import hmac
 import os
 import secrets
 import stat
@@ -20,6 +18,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from owner_svc.core.ports import SealError
+from sevlaunch.audit import audit_mac_key
 
 KEK_SIZE = 32
 _NONCE_SIZE = 12
@@ -36,7 +35,7 @@ class KeyEncryptionKey:
             raise ValueError("a KEK is 32 bytes")
         self._aead = AESGCM(key)
         # Separate keys per purpose, derived one-way, so the audit MAC key cannot decrypt anything.
-        self._audit_key = hmac.new(key, b"sevlaunch-owner/v1/audit-mac", hashlib.sha256).digest()
+        self._audit_key = audit_mac_key(key)
 
     def __repr__(self) -> str:
         return "KeyEncryptionKey(<hidden>)"

@@ -9,7 +9,6 @@ anyone else.
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 import threading
 import time
@@ -18,8 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from owner_svc.core.audit import GENESIS, canonical_record, parse_canonical, record_mac
+from owner_svc.core.audit import canonical_record, parse_canonical
 from owner_svc.core.model import AuditEvent, AuditRecord, SessionRecord, SessionState
+from sevlaunch.audit import GENESIS, record_hash, record_mac
 
 # Each entry migrates from version i to i+1; applied in order, in one transaction each.
 MIGRATIONS: tuple[str, ...] = (
@@ -164,7 +164,7 @@ class SQLiteStore:
         row = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
         seq, prev = (int(row[0]) + 1, str(row[1])) if row else (1, GENESIS)
         canonical = canonical_record(seq, self._clock(), event, prev)
-        digest = hashlib.sha256(canonical.encode("ascii")).hexdigest()
+        digest = record_hash(canonical)
         mac = record_mac(self._audit_mac_key, digest) if self._audit_mac_key is not None else ""
         conn.execute(
             "INSERT INTO audit (seq, canonical, prev_hash, hash, mac) VALUES (?, ?, ?, ?, ?)",

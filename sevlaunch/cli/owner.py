@@ -18,7 +18,7 @@ exact JSON text that was hashed (`{"event", "prev", "seq", "time"}`), hash = SHA
 `prev` = the previous record's hash (64 zeros for the first); the `audit_head` row holds the last
 (seq, hash), so a truncated tail shows. With the KEK it also checks each record's MAC,
 HMAC-SHA256(HMAC-SHA256(KEK, "sevlaunch-owner/v1/audit-mac"), hash), which whoever can only write the
-database cannot forge.
+database cannot forge. The check is `sevlaunch.audit`, the code the owner service writes the chain with.
 """
 
 from __future__ import annotations
@@ -26,27 +26,19 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import hashlib
-import hmac
-import json
 import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import grpc
 from google.protobuf import json_format
 
+from sevlaunch.audit import AuditChainBroken, ChainEntry, audit_mac_key, verify_chain
 from sevlaunch.cli import CommandError
-from sevlaunch.cli._common import read_bytes
-from sevlaunch.rpc import error_info, secure_channel_sync
-from sevlaunch.rpc.tls import TLSMaterialError
+from sevlaunch.cli._common import add_client_args, call_service, read_bytes
 from sevlaunch.rpc.v1 import owner_pb2, owner_pb2_grpc
 from sevlaunch.sev.secret import DISK_PASSPHRASE_GUID
-
-AUDIT_GENESIS = "0" * 64
-AUDIT_MAC_LABEL = b"sevlaunch-owner/v1/audit-mac"
 
 Action = Callable[[owner_pb2_grpc.OwnerServiceStub, argparse.Namespace], int]
 
@@ -59,10 +51,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         parent: argparse._SubParsersAction[Any], name: str, help: str, action: Action
     ) -> argparse.ArgumentParser:
         c: argparse.ArgumentParser = parent.add_parser(name, help=help)
-        c.add_argument("--endpoint", required=True, help="owner service HOST:PORT")
-        c.add_argument("--tls-dir", required=True, help="folder with ca.pem and IDENTITY.pem/.key")
-        c.add_argument("--identity", default="owner-admin")
-        c.add_argument("--timeout", type=float, default=30.0)
+        add_client_args(c, service="owner", identity="owner-admin")
         c.set_defaults(func=_run, action=action)
         return c
 
@@ -116,24 +105,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 # ------------------------------------------------------------------------------------- client
 
 
-def _describe(err: grpc.RpcError) -> str:
-    info = error_info(err)
-    extra = ", ".join(f"{k}={v}" for k, v in sorted(info.metadata.items()))
-    text = f"{info.code.name}: {info.message}"
-    return f"{text} ({info.reason}{'; ' + extra if extra else ''})" if info.reason else text
-
-
 def _run(args: argparse.Namespace) -> int:
-    try:
-        channel = secure_channel_sync(args.endpoint, args.tls_dir, args.identity)
-    except TLSMaterialError as exc:
-        raise CommandError(str(exc)) from None
-    with channel:
-        stub = owner_pb2_grpc.OwnerServiceStub(channel)
-        try:
-            return int(args.action(stub, args))
-        except grpc.RpcError as err:
-            raise CommandError(_describe(err)) from None
+    return call_service(args, owner_pb2_grpc.OwnerServiceStub, args.action)
 
 
 def _print_message(msg: Any) -> None:
@@ -235,41 +208,25 @@ def verify_audit_db(db: str, kek: bytes | None = None) -> int:
     """Checks the audit chain of an owner database; returns the record count or raises CommandError."""
     if not Path(db).is_file():
         raise CommandError(f"{db} is not a file")
-    mac_key = hmac.new(kek, AUDIT_MAC_LABEL, hashlib.sha256).digest() if kek is not None else None
-    # Read-only, so verifying can never change what it verifies.
-    conn = sqlite3.connect(f"{Path(db).resolve().as_uri()}?mode=ro", uri=True)
+    mac_key = audit_mac_key(kek) if kek is not None else None
+    # Read-only, so verifying can never change what it verifies; one read transaction, so the records
+    # and the head are one snapshot even while the owner appends.
+    conn = sqlite3.connect(f"{Path(db).resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
     try:
-        rows = conn.execute("SELECT seq, canonical, prev_hash, hash, mac FROM audit ORDER BY seq")
-        prev, expected, count = AUDIT_GENESIS, 1, 0
-        for seq, canonical, prev_col, digest, mac in rows:
-            where = f"audit record {seq}"
-            if seq != expected:
-                raise CommandError(f"audit record {expected} is missing (next is {seq})")
-            try:
-                obj = json.loads(canonical)
-                body_seq, body_prev = obj["seq"], obj["prev"]
-            except (ValueError, KeyError, TypeError):
-                raise CommandError(f"{where}: not a canonical record") from None
-            if body_seq != seq or not hmac.compare_digest(str(body_prev), prev) or prev_col != prev:
-                raise CommandError(f"{where}: does not link to the previous record")
-            if not hmac.compare_digest(hashlib.sha256(canonical.encode("ascii")).hexdigest(), digest):
-                raise CommandError(f"{where}: content does not match its hash (edited)")
-            if mac_key is not None and not hmac.compare_digest(
-                hmac.new(mac_key, digest.encode("ascii"), hashlib.sha256).hexdigest(), mac
-            ):
-                raise CommandError(f"{where}: MAC does not verify (not written by the owner with this KEK)")
-            prev, expected, count = digest, expected + 1, count + 1
+        conn.execute("BEGIN")
         head = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+        rows = conn.execute("SELECT seq, canonical, prev_hash, hash, mac FROM audit ORDER BY seq")
+        return verify_chain(
+            (ChainEntry(*row) for row in rows),
+            head=None if head is None else (head[0], head[1]),
+            mac_key=mac_key,
+        )
+    except AuditChainBroken as exc:
+        raise CommandError(str(exc)) from None
     except sqlite3.Error as exc:
         raise CommandError(f"{db}: {exc}") from None
     finally:
         conn.close()
-    head_seq, head_hash = head if head is not None else (0, AUDIT_GENESIS)
-    if head_seq != count or head_hash != prev:
-        raise CommandError(
-            f"the audit head says {head_seq} records, the log holds {count} (truncated or edited)"
-        )
-    return count
 
 
 def _audit_verify(args: argparse.Namespace) -> int:

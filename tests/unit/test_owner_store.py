@@ -11,7 +11,7 @@ import pytest
 
 from owner_svc.adapters.kek import KEKFileError, KeyEncryptionKey
 from owner_svc.adapters.sqlite import SCHEMA_VERSION, SQLiteStore
-from owner_svc.core.audit import AuditChainBroken, verify_records
+from owner_svc.core.audit import verify_records
 from owner_svc.core.model import (
     AuditEvent,
     FirmwareMinimum,
@@ -21,6 +21,7 @@ from owner_svc.core.model import (
     Workload,
 )
 from owner_svc.core.ports import SealError
+from sevlaunch.audit import AuditChainBroken
 from sevlaunch.cli import main as cli_main
 from sevlaunch.errors import InvalidArgument
 from sevlaunch.refvalues import LaunchMode
