@@ -1,10 +1,16 @@
 """The server builder: a grpc.aio server with mTLS, the shell interceptor, health, reflection, metrics.
 
     server = RpcServer(service_name="sevlaunch.v1.PlatformService", tls_dir=..., identity="platform",
-                       authz=AuthzPolicy(method_rules(...)), listen="127.0.0.1:0", metrics_listen=":9101")
+                       authz=AuthzPolicy(method_rules(...)), listen="127.0.0.1:0", metrics_listen=":9101",
+                       health_listen="0.0.0.0:50061")
     platform_pb2_grpc.add_PlatformServiceServicer_to_server(servicer, server.grpc_server)
     await server.start()            # binds, health SERVING, metrics HTTP up
     await server.serve_until_signal()  # SIGTERM/SIGINT → graceful stop
+
+`health_listen` adds a second, plaintext server that serves only grpc.health.v1.Health, for probes that
+cannot present a client certificate (Kubernetes' `grpc:` probes). It shares the HealthServicer with the
+mTLS server, so it reports what that one reports (NOT_SERVING from the start of a shutdown), and it
+closes after the mTLS server has stopped.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ class RpcServer:
         authz: AuthzPolicy,
         listen: str = "127.0.0.1:0",
         metrics_listen: str | None = None,
+        health_listen: str | None = None,
         grace: float = DEFAULT_GRACE_SECONDS,
         extra_service_names: Sequence[str] = (),
         options: Sequence[tuple[str, Any]] = (),
@@ -59,6 +66,14 @@ class RpcServer:
         )
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        self._health_listen = health_listen
+        # Plaintext, so it gets nothing but the health service: no interceptor (no caller identity to
+        # authorise), no reflection, no servicer of the service itself.
+        self.health_server: grpc.aio.Server | None = None
+        if health_listen is not None:
+            self.health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+        self.health_port: int | None = None
         self._metrics_http: MetricsHTTPServer | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -84,10 +99,12 @@ class RpcServer:
              reflection.SERVICE_NAME],
             self.grpc_server,
         )
-        self.port = self.grpc_server.add_secure_port(self._listen, self._credentials)
-        if self.port == 0:
-            raise OSError(f"cannot bind {self._listen}")
+        self.port = _bind(self.grpc_server, self._listen, self._credentials)
+        if self.health_server is not None and self._health_listen is not None:
+            self.health_port = _bind(self.health_server, self._health_listen, None)
         await self.grpc_server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         if self._metrics_listen:
             self._metrics_http = start_metrics_server(self._metrics_listen, self.metrics.registry)
         for name in ("", *self.service_names):
@@ -98,6 +115,7 @@ class RpcServer:
                 "services": list(self.service_names),
                 "port": self.port,
                 "metrics_port": self.metrics_port,
+                "health_port": self.health_port,
             },
         )
 
@@ -109,6 +127,8 @@ class RpcServer:
         self._stopping = True
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(self.grace if grace is None else grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         if self._metrics_http is not None:
             self._metrics_http.close()
             self._metrics_http = None
@@ -132,3 +152,17 @@ class RpcServer:
         """Serves until SIGTERM or SIGINT, then stops gracefully. Call after start()."""
         self.install_signal_handlers()
         await self._stopped.wait()
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Binds a port (plaintext without credentials); OSError when it cannot."""
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:  # how grpc reports a failed bind
+        port = 0
+    if port == 0:
+        raise OSError(f"cannot bind {address}")
+    return port
