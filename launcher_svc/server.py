@@ -4,6 +4,7 @@
         --hypervisor {emulated,libvirt} [--emulator STATE_DIR] [--libvirt-uri qemu:///system] \
         [--db /var/lib/sevlaunch/launcher.db] [--secret-gpa 0x80c000] \
         [--phase-timeout 30[,SECRET_RELEASED=60,...]] [--max-concurrent 8] [--metrics-listen :9102] \
+        [--health-listen 0.0.0.0:50062] \
         [--image-dir /usr/share/OVMF:/var/lib/libvirt/images]
 
 Every flag is also an environment variable (`--tls-dir` ↔ SEVLAUNCH_TLS_DIR).
@@ -13,8 +14,6 @@ On SIGTERM the server stops taking calls and every launch still in flight fails 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +25,10 @@ from launcher_svc.core.ports import Hypervisor
 from launcher_svc.core.spec import PathPolicy
 from launcher_svc.core.state import LaunchStore, Phase
 from launcher_svc.metrics import LauncherMetrics
-from sevlaunch.rpc import RpcServer, configure_logging, parse_args_with_env
+from sevlaunch.rpc import RpcServer
+from sevlaunch.rpc.entry import add_server_flags, rpc_server_options, server_main, server_options
+from sevlaunch.rpc.server import DEFAULT_GRACE_SECONDS
 from sevlaunch.rpc.v1 import launcher_pb2_grpc
-
-log = logging.getLogger("launcher_svc")
 
 DEFAULT_LISTEN = "0.0.0.0:50052"
 DEFAULT_METRICS = ":9102"
@@ -48,7 +47,8 @@ class LauncherServerConfig:
     libvirt_uri: str = "qemu:///system"
     db: Path = Path(DEFAULT_DB)
     metrics_listen: str | None = DEFAULT_METRICS
-    grace: float = 10.0
+    health_listen: str | None = None
+    grace: float = DEFAULT_GRACE_SECONDS
     vcpu_type: str = "EPYC-v4"
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
@@ -92,15 +92,7 @@ async def create_server(
     cfg: LauncherServerConfig, *, hypervisor: Hypervisor | None = None
 ) -> tuple[RpcServer, Launcher]:
     """The server (not started) and its started launcher core; the core's reconciler already ran."""
-    server = RpcServer(
-        service_name=SERVICE_NAME,
-        tls_dir=cfg.tls_dir,
-        identity=cfg.identity,
-        authz=AUTHZ,
-        listen=cfg.listen,
-        metrics_listen=cfg.metrics_listen,
-        grace=cfg.grace,
-    )
+    server = RpcServer(service_name=SERVICE_NAME, authz=AUTHZ, **rpc_server_options(cfg))
     hv = hypervisor if hypervisor is not None else open_hypervisor(cfg)
     cfg.db.parent.mkdir(parents=True, exist_ok=True)
     store = LaunchStore(str(cfg.db))
@@ -121,11 +113,7 @@ async def create_server(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sevlaunch-launcher", description="sevlaunch launcher service")
-    p.add_argument("--listen", default=DEFAULT_LISTEN, help="gRPC address HOST:PORT")
-    p.add_argument("--tls-dir", required=True, help="folder with ca.pem and IDENTITY.pem/.key")
-    p.add_argument(
-        "--identity", default="launcher", help="certificate name in the TLS folder (server and client)"
-    )
+    add_server_flags(p, listen=DEFAULT_LISTEN, identity="launcher", metrics_listen=DEFAULT_METRICS)
     p.add_argument("--platform", metavar="HOST:PORT", help="platform_svc endpoint (needed for Launch)")
     p.add_argument("--hypervisor", choices=["emulated", "libvirt"], default="libvirt", help="backend")
     p.add_argument("--emulator", metavar="STATE_DIR", help="emulated chip directory shared with platform_svc")
@@ -156,9 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--vcpu-type", default="EPYC-v4", help="emulated hypervisor: QEMU CPU model of SEV-ES VMSAs"
     )
-    p.add_argument("--metrics-listen", default=DEFAULT_METRICS, help="Prometheus HOST:PORT; 'off' disables")
-    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     return p
 
 
@@ -170,16 +155,12 @@ def config_from_args(args: argparse.Namespace) -> LauncherServerConfig:
     if not dirs or not all(d.startswith("/") for d in dirs):
         raise ValueError("--image-dir needs absolute directories")
     return LauncherServerConfig(
-        tls_dir=Path(args.tls_dir),
-        listen=args.listen,
-        identity=args.identity,
+        **server_options(args),
         platform=args.platform,
         hypervisor=args.hypervisor,
         emulator=Path(args.emulator) if args.emulator else None,
         libvirt_uri=args.libvirt_uri,
         db=Path(args.db),
-        metrics_listen=None if args.metrics_listen in ("", "off") else args.metrics_listen,
-        grace=args.grace,
         vcpu_type=args.vcpu_type,
         launcher=LauncherConfig(
             paths=PathPolicy(dirs),
@@ -203,16 +184,7 @@ async def serve(cfg: LauncherServerConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parse_args_with_env(parser, argv)
-    configure_logging(args.log_level)
-    try:
-        cfg = config_from_args(args)
-        asyncio.run(serve(cfg))
-    except (OSError, ValueError) as exc:
-        log.error("cannot start", extra={"error": str(exc)})
-        return 1
-    return 0
+    return server_main(build_parser(), argv, lambda args: serve(config_from_args(args)))
 
 
 if __name__ == "__main__":

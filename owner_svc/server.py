@@ -2,7 +2,7 @@
 
     sevlaunch-owner --listen 0.0.0.0:50053 --tls-dir certs --db owner.db --kek-file kek --create-kek \\
         --trust-root emulated=state/ask_ark.cert --publisher-key distro.pub \\
-        --refvalues-url https://example.org/ovmf.dsse --metrics-listen :9103
+        --refvalues-url https://example.org/ovmf.dsse --metrics-listen :9103 --health-listen 0.0.0.0:50063
 
 Every flag is also an environment variable (`--kek-file` ↔ `SEVLAUNCH_KEK_FILE`); repeatable flags take
 a comma-separated list there.
@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,15 @@ from owner_svc.api.servicer import OwnerServicer
 from owner_svc.core.refset import ReferenceValueSet
 from owner_svc.core.service import DEFAULT_SESSION_TTL, OwnerCore
 from sevlaunch.refvalues import PublisherKey
-from sevlaunch.rpc import AuthzPolicy, RpcServer, configure_logging, method_rules, parse_args_with_env
+from sevlaunch.rpc import AuthzPolicy, RpcServer, method_rules
+from sevlaunch.rpc.entry import (
+    StartupError,
+    add_server_flags,
+    rpc_server_options,
+    server_main,
+    server_options,
+)
+from sevlaunch.rpc.server import DEFAULT_GRACE_SECONDS
 from sevlaunch.rpc.tls import TLSMaterialError
 from sevlaunch.rpc.v1 import owner_pb2_grpc
 from sevlaunch.sev.chain import TrustedRoot, load_roots_file
@@ -62,8 +69,8 @@ AUTHZ = AuthzPolicy(
 )
 
 
-class ConfigError(Exception):
-    """A startup configuration problem, printed as one line."""
+class ConfigError(StartupError):
+    """A startup configuration problem, logged as one line ("cannot start")."""
 
 
 @dataclass
@@ -80,6 +87,8 @@ class OwnerConfig:
     refvalues_interval: float = DEFAULT_REFVALUES_INTERVAL
     session_ttl: float = DEFAULT_SESSION_TTL
     metrics_listen: str | None = None
+    health_listen: str | None = None
+    grace: float = DEFAULT_GRACE_SECONDS
 
 
 @dataclass
@@ -150,14 +159,7 @@ def build_app(config: OwnerConfig) -> OwnerApp:
             extra={"manifest": mid, "reason": failure.reason.value},
         )
     try:
-        rpc = RpcServer(
-            service_name=SERVICE_NAME,
-            tls_dir=config.tls_dir,
-            identity=config.identity,
-            authz=AUTHZ,
-            listen=config.listen,
-            metrics_listen=config.metrics_listen,
-        )
+        rpc = RpcServer(service_name=SERVICE_NAME, authz=AUTHZ, **rpc_server_options(config))
     except TLSMaterialError as exc:
         store.close()
         raise ConfigError(str(exc)) from None
@@ -193,9 +195,7 @@ def _list(value: object) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sevlaunch-owner", description="The guest owner's attestation service.")
-    p.add_argument("--listen", default=DEFAULT_LISTEN, help="HOST:PORT to serve gRPC on")
-    p.add_argument("--tls-dir", required=True, help="folder with ca.pem and IDENTITY.pem/.key")
-    p.add_argument("--identity", default="owner", help="server certificate name in --tls-dir")
+    add_server_flags(p, listen=DEFAULT_LISTEN, identity="owner", metrics_listen=DEFAULT_METRICS_LISTEN)
     p.add_argument("--db", required=True, help="SQLite database file")
     p.add_argument(
         "--kek-file", required=True, help="key-encryption key file (32 bytes, raw or base64; 0600)"
@@ -228,28 +228,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--refvalues-interval", type=float, default=DEFAULT_REFVALUES_INTERVAL, help="seconds between polls"
     )
     p.add_argument("--session-ttl", type=float, default=DEFAULT_SESSION_TTL, help="session lifetime, seconds")
-    p.add_argument(
-        "--metrics-listen", default=DEFAULT_METRICS_LISTEN, help="HOST:PORT for /metrics; '' = off"
-    )
-    p.add_argument("--log-level", default="INFO")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> OwnerConfig:
-    return OwnerConfig(
-        tls_dir=Path(args.tls_dir),
+    config = OwnerConfig(
+        **server_options(args),
         db=Path(args.db),
         kek_file=Path(args.kek_file),
-        listen=args.listen,
-        identity=args.identity,
         create_kek=args.create_kek,
         trust_roots=_list(args.trust_root),
         publisher_keys=_list(args.publisher_key),
         refvalues_urls=_list(args.refvalues_url),
         refvalues_interval=args.refvalues_interval,
         session_ttl=args.session_ttl,
-        metrics_listen=args.metrics_listen or None,
     )
+    if not 1 <= config.session_ttl <= 86400:
+        raise ConfigError("--session-ttl must be 1..86400 seconds")
+    if config.refvalues_interval <= 0:
+        raise ConfigError("--refvalues-interval must be positive")
+    return config
 
 
 async def _serve(config: OwnerConfig) -> None:
@@ -262,21 +260,7 @@ async def _serve(config: OwnerConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args_with_env(build_parser(), argv)
-    configure_logging(args.log_level)
-    try:
-        config = config_from_args(args)
-        if not 1 <= config.session_ttl <= 86400:
-            raise ConfigError("--session-ttl must be 1..86400 seconds")
-        if config.refvalues_interval <= 0:
-            raise ConfigError("--refvalues-interval must be positive")
-        asyncio.run(_serve(config))
-    except ConfigError as exc:
-        print(f"sevlaunch-owner: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return server_main(build_parser(), argv, lambda args: _serve(config_from_args(args)))
 
 
 if __name__ == "__main__":

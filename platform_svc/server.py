@@ -2,7 +2,7 @@
 
     sevlaunch-platform --listen 0.0.0.0:50051 --tls-dir /etc/sevlaunch/tls \
         (--emulator STATE_DIR | --dev-sev /dev/sev) [--kds-url URL] [--cek-file F] [--cek-cache-dir DIR]
-        [--metrics-listen :9101] [--kds-timeout 10]
+        [--metrics-listen :9101] [--health-listen 0.0.0.0:50061] [--kds-timeout 10]
 
 Every flag is also an environment variable (`--tls-dir` ↔ SEVLAUNCH_TLS_DIR).
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +20,17 @@ from platform_svc.adapters.kds import DEFAULT_KDS_URL, CEKDiskCache, KDSClient, 
 from platform_svc.api.servicer import AUTHZ, SERVICE_NAME, PlatformServicer
 from platform_svc.core.service import CEKSources, ChainMetrics, PlatformCore
 from sevlaunch.firmware import DevSev, EmulatedFirmware, Firmware
-from sevlaunch.rpc import RpcServer, configure_logging, parse_args_with_env
+from sevlaunch.rpc import RpcServer
+from sevlaunch.rpc.entry import (
+    StartupError,
+    add_server_flags,
+    rpc_server_options,
+    server_main,
+    server_options,
+)
+from sevlaunch.rpc.server import DEFAULT_GRACE_SECONDS
 from sevlaunch.rpc.v1 import platform_pb2_grpc
 from sevlaunch.sev.chain import TrustedRoot, load_roots_file, pinned_roots
-
-log = logging.getLogger("platform_svc")
 
 DEFAULT_LISTEN = "0.0.0.0:50051"
 DEFAULT_METRICS = ":9101"
@@ -42,10 +47,11 @@ class PlatformConfig:
     cek_file: Path | None = None
     cek_cache_dir: Path | None = None
     metrics_listen: str | None = DEFAULT_METRICS
+    health_listen: str | None = None
     kds_timeout: float = 10.0
     kds_attempts: int = 3
     chain_max_age: float | None = 3600.0
-    grace: float = 10.0
+    grace: float = DEFAULT_GRACE_SECONDS
 
 
 def _open_firmware(cfg: PlatformConfig) -> tuple[Firmware, EmulatedFirmware | None]:
@@ -66,15 +72,7 @@ async def create_server(
         firmware, emulator = _open_firmware(cfg)
     else:
         emulator = firmware if isinstance(firmware, EmulatedFirmware) else getattr(firmware, "emulator", None)
-    server = RpcServer(
-        service_name=SERVICE_NAME,
-        tls_dir=cfg.tls_dir,
-        identity=cfg.identity,
-        authz=AUTHZ,
-        listen=cfg.listen,
-        metrics_listen=cfg.metrics_listen,
-        grace=cfg.grace,
-    )
+    server = RpcServer(service_name=SERVICE_NAME, authz=AUTHZ, **rpc_server_options(cfg))
     registry = server.metrics.registry
     fw = AsyncFirmware(firmware, FirmwareMetrics(registry), emulator=emulator)
 
@@ -109,41 +107,33 @@ async def create_server(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sevlaunch-platform", description="sevlaunch platform service")
-    p.add_argument("--listen", default=DEFAULT_LISTEN, help="gRPC address HOST:PORT")
-    p.add_argument("--tls-dir", required=True, help="folder with ca.pem and IDENTITY.pem/.key")
-    p.add_argument("--identity", default="platform", help="server certificate name in the TLS folder")
+    add_server_flags(p, listen=DEFAULT_LISTEN, identity="platform", metrics_listen=DEFAULT_METRICS)
     backend = p.add_mutually_exclusive_group(required=True)
     backend.add_argument("--emulator", metavar="STATE_DIR", help="use the emulated firmware in STATE_DIR")
     backend.add_argument("--dev-sev", metavar="PATH", help="use the real firmware device (e.g. /dev/sev)")
     p.add_argument("--kds-url", help=f"AMD KDS base URL (default {DEFAULT_KDS_URL}; emulator: its own)")
     p.add_argument("--cek-file", help="a provisioned ASK-signed CEK (instead of the KDS)")
     p.add_argument("--cek-cache-dir", help="on-disk cache of ASK-signed CEKs, by chip id")
-    p.add_argument("--metrics-listen", default=DEFAULT_METRICS, help="Prometheus HOST:PORT; 'off' disables")
     p.add_argument("--kds-timeout", type=float, default=10.0, help="deadline in seconds for one CEK fetch")
     p.add_argument("--kds-attempts", type=int, default=3, help="KDS attempts within the deadline")
     p.add_argument("--chain-max-age", type=float, default=3600.0,
                    help="seconds before a cached chain is re-exported (also re-exported on PDH change)")
-    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> PlatformConfig:
-    metrics = None if args.metrics_listen in ("", "off") else args.metrics_listen
+    if args.emulator and args.dev_sev:
+        raise StartupError("--emulator and --dev-sev exclude each other")
     return PlatformConfig(
-        tls_dir=Path(args.tls_dir),
-        listen=args.listen,
-        identity=args.identity,
+        **server_options(args),
         emulator=Path(args.emulator) if args.emulator else None,
         dev_sev=args.dev_sev,
         kds_url=args.kds_url,
         cek_file=Path(args.cek_file) if args.cek_file else None,
         cek_cache_dir=Path(args.cek_cache_dir) if args.cek_cache_dir else None,
-        metrics_listen=metrics,
         kds_timeout=args.kds_timeout,
         kds_attempts=args.kds_attempts,
         chain_max_age=args.chain_max_age if args.chain_max_age > 0 else None,
-        grace=args.grace,
     )
 
 
@@ -154,18 +144,7 @@ async def serve(cfg: PlatformConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parse_args_with_env(parser, argv)
-    configure_logging(args.log_level)
-    if args.emulator and args.dev_sev:
-        parser.error("--emulator and --dev-sev exclude each other")
-    try:
-        cfg = config_from_args(args)
-        asyncio.run(serve(cfg))
-    except (OSError, ValueError) as exc:
-        log.error("cannot start", extra={"error": str(exc)})
-        return 1
-    return 0
+    return server_main(build_parser(), argv, lambda args: serve(config_from_args(args)))
 
 
 if __name__ == "__main__":

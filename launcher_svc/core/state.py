@@ -150,11 +150,18 @@ CREATE INDEX IF NOT EXISTS launches_state ON launches(state);
 CREATE UNIQUE INDEX IF NOT EXISTS launches_domain ON launches(domain_name);
 """
 
-_COLUMNS = (
-    "launch_id, mode, state, spec, domain_name, requested_by, incarnation, created_at, updated_at, deadline, "
-    "failed_phase, reason, detail, domain_uuid, owner_endpoint, workload_id, session_id, measurement, "
-    "secret_waived"
-)
+_COLUMN_NAMES = (
+    "launch_id", "mode", "state", "spec", "domain_name", "requested_by", "incarnation", "created_at",
+    "updated_at", "deadline", "failed_phase", "reason", "detail", "domain_uuid", "owner_endpoint",
+    "workload_id", "session_id", "measurement", "secret_waived",
+)  # fmt: skip
+_COLUMNS = ", ".join(_COLUMN_NAMES)
+# What a launch's progress changes; the rest (id, mode, spec, domain name, caller, creation) is fixed.
+_UPDATED = (
+    "state", "updated_at", "deadline", "failed_phase", "reason", "detail", "domain_uuid", "owner_endpoint",
+    "workload_id", "session_id", "measurement", "secret_waived", "incarnation",
+)  # fmt: skip
+_UPDATE_SQL = f"UPDATE launches SET {', '.join(f'{c}=?' for c in _UPDATED)} WHERE launch_id=?"  # noqa: S608
 
 
 class LaunchStore:
@@ -173,59 +180,42 @@ class LaunchStore:
             self._db.close()
 
     def insert(self, record: LaunchRecord) -> None:
+        values = self._values(record)
         with self._lock:
             self._db.execute(
-                f"INSERT INTO launches ({_COLUMNS}) VALUES ({', '.join('?' * 19)})",  # noqa: S608 - constants
-                self._row(record),
+                f"INSERT INTO launches ({_COLUMNS}) VALUES ({', '.join('?' * len(_COLUMN_NAMES))})",  # noqa: S608 - constants
+                tuple(values[c] for c in _COLUMN_NAMES),
             )
 
     def _write(self, r: LaunchRecord) -> None:
+        values = self._values(r)
         with self._lock:
-            self._db.execute(
-                "UPDATE launches SET state=?, updated_at=?, deadline=?, failed_phase=?, reason=?, detail=?, "
-                "domain_uuid=?, owner_endpoint=?, workload_id=?, session_id=?, measurement=?, "
-                "secret_waived=?, incarnation=? WHERE launch_id=?",
-                (
-                    r.state.value,
-                    r.updated_at,
-                    r.deadline,
-                    r.failed_phase.value if r.failed_phase else None,
-                    r.reason,
-                    r.detail,
-                    r.domain_uuid,
-                    r.owner_endpoint,
-                    r.workload_id,
-                    r.session_id,
-                    r.measurement,
-                    1 if r.secret_waived else 0,
-                    r.incarnation,
-                    r.launch_id,
-                ),
-            )
+            self._db.execute(_UPDATE_SQL, (*(values[c] for c in _UPDATED), r.launch_id))
 
     @staticmethod
-    def _row(r: LaunchRecord) -> tuple[object, ...]:
-        return (
-            r.launch_id,
-            r.mode.value,
-            r.state.value,
-            json.dumps(r.spec.to_json_dict(), sort_keys=True),
-            r.domain_name,
-            r.requested_by,
-            r.incarnation,
-            r.created_at,
-            r.updated_at,
-            r.deadline,
-            r.failed_phase.value if r.failed_phase else None,
-            r.reason,
-            r.detail,
-            r.domain_uuid,
-            r.owner_endpoint,
-            r.workload_id,
-            r.session_id,
-            r.measurement,
-            1 if r.secret_waived else 0,
-        )
+    def _values(r: LaunchRecord) -> dict[str, object]:
+        """The record's row, by column name."""
+        return {
+            "launch_id": r.launch_id,
+            "mode": r.mode.value,
+            "state": r.state.value,
+            "spec": json.dumps(r.spec.to_json_dict(), sort_keys=True),
+            "domain_name": r.domain_name,
+            "requested_by": r.requested_by,
+            "incarnation": r.incarnation,
+            "created_at": r.created_at,
+            "updated_at": r.updated_at,
+            "deadline": r.deadline,
+            "failed_phase": r.failed_phase.value if r.failed_phase else None,
+            "reason": r.reason,
+            "detail": r.detail,
+            "domain_uuid": r.domain_uuid,
+            "owner_endpoint": r.owner_endpoint,
+            "workload_id": r.workload_id,
+            "session_id": r.session_id,
+            "measurement": r.measurement,
+            "secret_waived": 1 if r.secret_waived else 0,
+        }
 
     @staticmethod
     def _record(row: tuple[object, ...]) -> LaunchRecord:

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
 import binascii
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
+
+import grpc
 
 from sevlaunch.cli import CommandError
+from sevlaunch.rpc import error_info, secure_channel_sync
+from sevlaunch.rpc.tls import TLSMaterialError
+from sevlaunch.sev.amd_cert import AMDCertificate, parse_ark
+from sevlaunch.sev.cert import SEVCertificate
+from sevlaunch.sev.chain import CertificateChain, TrustedRoot, load_roots_file, root_for_cek
+
+S = TypeVar("S")
 
 
 def read_bytes(path: str) -> bytes:
@@ -47,3 +59,105 @@ def parse_b64(value: str, *, what: str) -> bytes:
 def parse_int(value: str) -> int:
     """argparse type: decimal or 0x-prefixed hex."""
     return int(value, 0)
+
+
+# ------------------------------------------------------------- a platform chain from the command line
+
+_CHAIN_PARTS = ("pdh", "pek", "oca", "cek")
+_B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+
+
+def add_chain_args(parser: argparse.ArgumentParser) -> None:
+    """--chain FILE, or --pdh/--pek/--oca/--cek [--ask --ark]; and --ca extra roots (repeatable)."""
+    parser.add_argument("--chain", metavar="FILE", help="full chain PDH||PEK||OCA||CEK||ASK||ARK")
+    for name in (*_CHAIN_PARTS, "ask", "ark"):
+        parser.add_argument(f"--{name}", metavar="FILE", help=f"the {name.upper()} certificate")
+    parser.add_argument(
+        "--ca",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="an extra trusted root, an ASK||ARK file (repeatable)",
+    )
+
+
+def extra_roots(args: argparse.Namespace) -> tuple[TrustedRoot, ...]:
+    """The --ca roots."""
+    return tuple(load_roots_file(read_bytes(path), path) for path in args.ca)
+
+
+def maybe_base64(data: bytes, *, what: str) -> bytes:
+    """Certificates are binary; text made only of the base64 alphabet is taken as base64 (libvirt, QEMU)."""
+    compact = b"".join(data.split())
+    if not compact or compact.strip(_B64_ALPHABET):
+        return data
+    try:
+        return base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise CommandError(f"{what} looks like base64 but does not decode") from None
+
+
+def load_chain(
+    args: argparse.Namespace, roots: Sequence[TrustedRoot], *, accept_base64: bool = False
+) -> CertificateChain:
+    """The chain of `add_chain_args`. Without --ask/--ark, the ASK/ARK of the root whose ASK signed the
+    CEK. With `accept_base64`, the chain file and the PDH..CEK files may also be base64 text."""
+
+    def read(path: str, what: str) -> bytes:
+        data = read_bytes(path)
+        return maybe_base64(data, what=what) if accept_base64 else data
+
+    if args.chain is not None:
+        if any(getattr(args, n) is not None for n in (*_CHAIN_PARTS, "ask", "ark")):
+            raise CommandError("give either --chain or the separate certificate files, not both")
+        return CertificateChain.from_full_bytes(read(args.chain, args.chain))
+    missing = [f"--{n}" for n in _CHAIN_PARTS if getattr(args, n) is None]
+    if missing:
+        raise CommandError(f"missing {', '.join(missing)} (or give --chain)")
+    if (args.ask is None) != (args.ark is None):
+        raise CommandError("give --ask and --ark together, or neither")
+    pdh, pek, oca, cek = (SEVCertificate.from_bytes(read(getattr(args, n), f"--{n}")) for n in _CHAIN_PARTS)
+    if args.ask is not None:
+        ask = AMDCertificate.from_bytes(read_bytes(args.ask))
+        ark = parse_ark(read_bytes(args.ark))
+    else:
+        root = root_for_cek(cek, tuple(roots))
+        ask, ark = root.ask, root.ark
+    return CertificateChain(pdh=pdh, pek=pek, oca=oca, cek=cek, ask=ask, ark=ark)
+
+
+# ------------------------------------------------------------------- gRPC client commands (mTLS)
+
+
+def add_client_args(parser: argparse.ArgumentParser, *, service: str, identity: str) -> None:
+    """--endpoint, --tls-dir, --identity, --timeout of a command that calls a service."""
+    parser.add_argument("--endpoint", required=True, help=f"{service} service HOST:PORT")
+    parser.add_argument("--tls-dir", required=True, help="folder with ca.pem and IDENTITY.pem/.key")
+    parser.add_argument("--identity", default=identity)
+    parser.add_argument("--timeout", type=float, default=30.0)
+
+
+def describe_rpc_error(err: grpc.RpcError) -> str:
+    """One line: status, message, and the ErrorInfo reason with its metadata."""
+    info = error_info(err)
+    extra = ", ".join(f"{k}={v}" for k, v in sorted(info.metadata.items()))
+    text = f"{info.code.name}: {info.message}"
+    return f"{text} ({info.reason}{'; ' + extra if extra else ''})" if info.reason else text
+
+
+def call_service(
+    args: argparse.Namespace,
+    stub_class: Callable[[grpc.Channel], S],
+    action: Callable[[S, argparse.Namespace], int],
+) -> int:
+    """Opens the mTLS channel of `add_client_args`, runs `action(stub, args)`; an RPC or TLS failure
+    becomes a CommandError naming the status and reason."""
+    try:
+        channel = secure_channel_sync(args.endpoint, args.tls_dir, args.identity)
+    except TLSMaterialError as exc:
+        raise CommandError(str(exc)) from None
+    with channel:
+        try:
+            return int(action(stub_class(channel), args))
+        except grpc.RpcError as err:
+            raise CommandError(describe_rpc_error(err)) from None

@@ -13,11 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from sevlaunch.cli import CommandError
-from sevlaunch.rpc import error_info, secure_channel_sync
-from sevlaunch.rpc.tls import TLSMaterialError
+from sevlaunch.cli._common import add_client_args, call_service
 from sevlaunch.rpc.v1 import platform_pb2, platform_pb2_grpc
 
 _STATE_NAMES = {
@@ -27,24 +23,8 @@ _STATE_NAMES = {
 }
 
 
-def _describe(err: grpc.RpcError) -> str:
-    info = error_info(err)
-    extra = ", ".join(f"{k}={v}" for k, v in sorted(info.metadata.items()))
-    text = f"{info.code.name}: {info.message}"
-    return f"{text} ({info.reason}{'; ' + extra if extra else ''})" if info.reason else text
-
-
 def _run(args: argparse.Namespace) -> int:
-    try:
-        channel = secure_channel_sync(args.endpoint, args.tls_dir, args.identity)
-    except TLSMaterialError as exc:
-        raise CommandError(str(exc)) from None
-    with channel:
-        stub = platform_pb2_grpc.PlatformServiceStub(channel)
-        try:
-            return int(args.action(stub, args))
-        except grpc.RpcError as err:
-            raise CommandError(_describe(err)) from None
+    return call_service(args, platform_pb2_grpc.PlatformServiceStub, args.action)
 
 
 def _status(stub: platform_pb2_grpc.PlatformServiceStub, args: argparse.Namespace) -> int:
@@ -107,9 +87,6 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         ("chain", _chain, "the full certificate chain (PDH..ARK)"),
     ):
         a = actions.add_parser(name, help=text)
-        a.add_argument("--endpoint", required=True, help="HOST:PORT of the platform service")
-        a.add_argument("--tls-dir", required=True, help="folder with ca.pem and IDENTITY.pem/.key")
-        a.add_argument("--identity", default="client", help="client certificate name (default client)")
+        add_client_args(a, service="platform", identity="client")
         a.add_argument("--out", help="write the result to this file")
-        a.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
         a.set_defaults(func=_run, action=fn)

@@ -14,26 +14,14 @@ from __future__ import annotations
 
 import argparse
 import base64
-import binascii
 from pathlib import Path
 from typing import Any
 
 from sevlaunch.cli import CommandError
-from sevlaunch.cli._common import parse_int, read_bytes, write_private
-from sevlaunch.sev.amd_cert import AMDCertificate, parse_ark
-from sevlaunch.sev.cert import SEVCertificate
-from sevlaunch.sev.chain import (
-    CertificateChain,
-    TrustedRoot,
-    load_roots_file,
-    pinned_roots,
-    root_for_cek,
-    verify_chain,
-)
+from sevlaunch.cli._common import add_chain_args, extra_roots, load_chain, parse_int, write_private
+from sevlaunch.sev.chain import pinned_roots, verify_chain
 from sevlaunch.sev.policy import GuestPolicy
 from sevlaunch.sev.session import create_session
-
-_B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -43,62 +31,16 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--chain", metavar="FILE", help="full chain PDH||PEK||OCA||CEK||ASK||ARK")
-    for name in ("pdh", "pek", "oca", "cek", "ask", "ark"):
-        parser.add_argument(f"--{name}", metavar="FILE", help=f"the {name.upper()} certificate")
-    parser.add_argument(
-        "--ca",
-        metavar="FILE",
-        action="append",
-        default=[],
-        help="an extra trusted root, ASK||ARK (repeatable)",
-    )
+    add_chain_args(parser)
     parser.add_argument("--policy", type=parse_int, required=True, help="guest policy (e.g. 0x3, 0x7)")
     parser.add_argument("--out", metavar="DIR", required=True, help="directory for the output files")
     parser.set_defaults(func=run)
 
 
-def _maybe_base64(data: bytes, *, what: str) -> bytes:
-    """Certificates are binary; text made only of the base64 alphabet is taken as base64 (libvirt, QEMU)."""
-    compact = b"".join(data.split())
-    if not compact or compact.strip(_B64_ALPHABET):
-        return data
-    try:
-        return base64.b64decode(compact, validate=True)
-    except (binascii.Error, ValueError):
-        raise CommandError(f"{what} looks like base64 but does not decode") from None
-
-
-def _read_cert(path: str, what: str) -> SEVCertificate:
-    return SEVCertificate.from_bytes(_maybe_base64(read_bytes(path), what=what))
-
-
-def _load_chain(args: argparse.Namespace, roots: tuple[TrustedRoot, ...]) -> CertificateChain:
-    parts = ("pdh", "pek", "oca", "cek")
-    if args.chain is not None:
-        if any(getattr(args, n) is not None for n in (*parts, "ask", "ark")):
-            raise CommandError("give either --chain or the separate certificate files, not both")
-        data = read_bytes(args.chain)
-        return CertificateChain.from_full_bytes(_maybe_base64(data, what=args.chain))
-    missing = [f"--{n}" for n in parts if getattr(args, n) is None]
-    if missing:
-        raise CommandError(f"missing {', '.join(missing)} (or give --chain)")
-    if (args.ask is None) != (args.ark is None):
-        raise CommandError("give --ask and --ark together, or neither")
-    pdh, pek, oca, cek = (_read_cert(getattr(args, n), f"--{n}") for n in parts)
-    if args.ask is not None:
-        ask = AMDCertificate.from_bytes(read_bytes(args.ask))
-        ark = parse_ark(read_bytes(args.ark))
-    else:
-        root = root_for_cek(cek, roots)
-        ask, ark = root.ask, root.ark
-    return CertificateChain(pdh=pdh, pek=pek, oca=oca, cek=cek, ask=ask, ark=ark)
-
-
 def run(args: argparse.Namespace) -> int:
     policy = GuestPolicy(args.policy)
-    extra = tuple(load_roots_file(read_bytes(path), path) for path in args.ca)
-    chain = _load_chain(args, pinned_roots() + extra)
+    extra = extra_roots(args)
+    chain = load_chain(args, pinned_roots() + extra, accept_base64=True)
     # Raises VerificationFailed naming the first failing link: no session for an unverified platform.
     verified = verify_chain(chain, extra_roots=extra)
     session = create_session(verified.chain.pdh, policy)

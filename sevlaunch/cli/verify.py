@@ -14,18 +14,8 @@ import argparse
 import sys
 from typing import Any
 
-from sevlaunch.cli import CommandError
-from sevlaunch.cli._common import read_bytes
-from sevlaunch.sev.amd_cert import AMDCertificate, parse_ark
-from sevlaunch.sev.cert import SEVCertificate
-from sevlaunch.sev.chain import (
-    CertificateChain,
-    TrustedRoot,
-    check_links,
-    load_roots_file,
-    pinned_roots,
-    root_for_cek,
-)
+from sevlaunch.cli._common import add_chain_args, extra_roots, load_chain
+from sevlaunch.sev.chain import check_links, pinned_roots
 
 EXIT_UNTRUSTED = 1
 
@@ -37,44 +27,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--chain", metavar="FILE", help="full chain PDH||PEK||OCA||CEK||ASK||ARK")
-    for name in ("pdh", "pek", "oca", "cek", "ask", "ark"):
-        parser.add_argument(f"--{name}", metavar="FILE", help=f"the {name.upper()} certificate")
-    parser.add_argument(
-        "--ca",
-        metavar="FILE",
-        action="append",
-        default=[],
-        help="an extra trusted root, an ASK||ARK file (repeatable)",
-    )
+    add_chain_args(parser)
     parser.set_defaults(func=run)
 
 
-def _load_chain(args: argparse.Namespace, roots: tuple[TrustedRoot, ...]) -> CertificateChain:
-    parts = ("pdh", "pek", "oca", "cek")
-    if args.chain is not None:
-        if any(getattr(args, n) is not None for n in (*parts, "ask", "ark")):
-            raise CommandError("give either --chain or the separate certificate files, not both")
-        return CertificateChain.from_full_bytes(read_bytes(args.chain))
-    missing = [f"--{n}" for n in parts if getattr(args, n) is None]
-    if missing:
-        raise CommandError(f"missing {', '.join(missing)} (or give --chain)")
-    if (args.ask is None) != (args.ark is None):
-        raise CommandError("give --ask and --ark together, or neither")
-    pdh, pek, oca, cek = (SEVCertificate.from_bytes(read_bytes(getattr(args, n))) for n in parts)
-    if args.ask is not None:
-        ask = AMDCertificate.from_bytes(read_bytes(args.ask))
-        ark = parse_ark(read_bytes(args.ark))
-    else:
-        root = root_for_cek(cek, roots)
-        ask, ark = root.ask, root.ark
-    return CertificateChain(pdh=pdh, pek=pek, oca=oca, cek=cek, ask=ask, ark=ark)
-
-
 def run(args: argparse.Namespace) -> int:
-    extra = tuple(load_roots_file(read_bytes(path), path) for path in args.ca)
-    roots = pinned_roots() + extra
-    chain = _load_chain(args, roots)
+    roots = pinned_roots() + extra_roots(args)
+    chain = load_chain(args, roots)
     results = check_links(chain, roots)
     trusted = next((r for r in roots if r.ark == chain.ark), None)
     if trusted is None:

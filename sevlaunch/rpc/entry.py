@@ -1,0 +1,123 @@
+"""What the three server commands share: their common flags and `main()` around an asyncio server.
+
+    def build_parser():
+        p = argparse.ArgumentParser(prog="sevlaunch-platform")
+        add_server_flags(p, listen="0.0.0.0:50051", identity="platform", metrics_listen=":9101")
+        ...                                     # the service's own flags
+
+    def main(argv=None):
+        return server_main(build_parser(), argv, lambda args: serve(config_from_args(args)))
+
+`server_options(args)` gives the common fields of a service config (`tls_dir`, `listen`, `identity`,
+`metrics_listen`, `health_listen`, `grace`), and `RpcServer(**rpc_server_options(cfg), ...)` passes
+them on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from sevlaunch.rpc.flags import parse_args_with_env
+from sevlaunch.rpc.logs import configure_logging
+from sevlaunch.rpc.server import DEFAULT_GRACE_SECONDS
+from sevlaunch.rpc.tls import TLSMaterialError
+
+log = logging.getLogger("sevlaunch.rpc")
+
+_OFF = ("", "off")
+
+
+class StartupError(Exception):
+    """A configuration problem found while starting a server; logged as one line, exit status 1."""
+
+
+class ServerSettings(Protocol):
+    """The common fields of the services' config classes."""
+
+    @property
+    def tls_dir(self) -> Path: ...
+    @property
+    def listen(self) -> str: ...
+    @property
+    def identity(self) -> str: ...
+    @property
+    def metrics_listen(self) -> str | None: ...
+    @property
+    def health_listen(self) -> str | None: ...
+    @property
+    def grace(self) -> float: ...
+
+
+def add_server_flags(
+    parser: argparse.ArgumentParser, *, listen: str, identity: str, metrics_listen: str
+) -> None:
+    parser.add_argument("--listen", default=listen, help="gRPC (mTLS) address HOST:PORT")
+    parser.add_argument("--tls-dir", required=True, help="folder with ca.pem and IDENTITY.pem/.key")
+    parser.add_argument(
+        "--identity", default=identity, help="certificate name in the TLS folder (also the client identity)"
+    )
+    parser.add_argument(
+        "--metrics-listen", default=metrics_listen, help="Prometheus HOST:PORT; '' or 'off' disables"
+    )
+    parser.add_argument(
+        "--health-listen",
+        default="",
+        help="plaintext HOST:PORT serving only grpc.health.v1.Health (probes); '' or 'off' disables",
+    )
+    parser.add_argument(
+        "--grace", type=float, default=DEFAULT_GRACE_SECONDS, help="seconds in-flight calls get on SIGTERM"
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+
+
+def optional_address(value: str | None) -> str | None:
+    """A listen flag's value, None when it is '' or 'off' (disabled)."""
+    return None if value is None or value.strip() in _OFF else value
+
+
+def server_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The common config fields from the flags of `add_server_flags`."""
+    return {
+        "tls_dir": Path(args.tls_dir),
+        "listen": args.listen,
+        "identity": args.identity,
+        "metrics_listen": optional_address(args.metrics_listen),
+        "health_listen": optional_address(args.health_listen),
+        "grace": args.grace,
+    }
+
+
+def rpc_server_options(cfg: ServerSettings) -> dict[str, Any]:
+    """The `RpcServer` keyword arguments taken from a service config."""
+    return {
+        "tls_dir": cfg.tls_dir,
+        "identity": cfg.identity,
+        "listen": cfg.listen,
+        "metrics_listen": cfg.metrics_listen,
+        "health_listen": cfg.health_listen,
+        "grace": cfg.grace,
+    }
+
+
+def server_main(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    run: Callable[[argparse.Namespace], Coroutine[Any, Any, None]],
+) -> int:
+    """Parses the flags (and their SEVLAUNCH_ variables), sets up JSON logging and runs `run(args)`.
+    A configuration, TLS or bind problem is logged as "cannot start" and gives exit status 1."""
+    args = parse_args_with_env(parser, argv)
+    configure_logging(args.log_level)
+    try:
+        asyncio.run(run(args))
+    except (StartupError, TLSMaterialError, OSError, ValueError) as exc:
+        log.error("cannot start", extra={"error": str(exc)})
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
