@@ -1,0 +1,274 @@
+"""Owner throughput (OpenSession + ReleaseSecret pairs) through owner_svc over mTLS, against the owner
+core called in-process, and the owner's RSS over many sessions.
+
+Each run opens a batch of sessions (timed), lets the host side compute each session's measurement
+(untimed: the emulated firmware's LAUNCH_START/UPDATE_DATA/MEASURE, or, for the long memory run, the
+same math with the chip's PDH key), then releases the secrets (timed). pairs/s = pairs / (open time +
+release time); a pair's latency = its OpenSession latency + its ReleaseSecret latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from bench._world import POLICY, WORKLOAD_ID, World, measure_with_firmware, proc_status_kb
+from owner_svc.adapters.kek import KeyEncryptionKey
+from owner_svc.adapters.metrics import PrometheusOwnerMetrics
+from owner_svc.adapters.sqlite import SQLiteStore
+from owner_svc.api.servicer import workload_from_proto
+from owner_svc.core.refset import ReferenceValueSet
+from owner_svc.core.service import ChainInput, OwnerCore
+from sevlaunch.firmware.emulator import EmulatedFirmware
+from sevlaunch.refvalues import PublisherKey
+from sevlaunch.rpc import secure_channel
+from sevlaunch.rpc.v1 import common_pb2, owner_pb2, owner_pb2_grpc
+from sevlaunch.sev.cert import SEVCertificate
+from sevlaunch.sev.chain import load_roots_file
+from sevlaunch.sev.measurement import compute_measure
+from sevlaunch.sev.session import SessionBlob, unwrap_session
+
+Measurer = Callable[[bytes, bytes], bytes]
+
+
+@dataclass
+class RunResult:
+    pairs: int
+    seconds: float  # open phase + release phase
+    pair_latencies: list[float]
+
+    @property
+    def pairs_per_s(self) -> float:
+        return self.pairs / self.seconds
+
+    def pct(self, q: float) -> float:
+        data = sorted(self.pair_latencies)
+        return data[min(len(data) - 1, int(q * len(data)))] * 1000
+
+
+def firmware_measurer(fw: EmulatedFirmware) -> Measurer:
+    return lambda godh, blob: measure_with_firmware(fw, godh, blob)
+
+
+def direct_measurer(fw: EmulatedFirmware) -> Measurer:
+    """The emulator's LAUNCH_START + LAUNCH_MEASURE math (unwrap with the PDH key, HMAC with the TIK)
+    without its file-backed state: for the 10,000-session memory run only. Uses the emulator's private
+    state to get the PDH key (bench code, not a supported API)."""
+    with fw._command() as chip:
+        assert chip.pdh is not None
+        pdh_key = chip.pdh.private_key()
+        api_major, api_minor, build = chip.config.api_major, chip.config.api_minor, chip.config.build
+    import hashlib
+    import os
+
+    from bench._world import TINY_IMAGE
+
+    digest = hashlib.sha256(TINY_IMAGE).digest()
+
+    def measure(godh: bytes, blob: bytes) -> bytes:
+        keys = unwrap_session(pdh_key, SEVCertificate.from_bytes(godh), SessionBlob.from_bytes(blob), POLICY)
+        mnonce = os.urandom(16)
+        m = compute_measure(
+            keys.tik,
+            api_major=api_major,
+            api_minor=api_minor,
+            build_id=build,
+            policy=POLICY,
+            launch_digest=digest,
+            mnonce=mnonce,
+        )
+        return bytes(m) + mnonce
+
+    return measure
+
+
+# -- through gRPC ------------------------------------------------------------------------------------
+
+
+async def grpc_run(
+    world: World, address: str, chain: common_pb2.CertificateChain, measurer: Measurer, *, pairs: int,
+    clients: int, batch: int = 1000,
+) -> RunResult:  # fmt: skip
+    channels = [secure_channel(address, world.tls_dir, "client") for _ in range(clients)]
+    stubs = [owner_pb2_grpc.OwnerServiceStub(ch) for ch in channels]
+    fw_version = common_pb2.FirmwareVersion(
+        api_major=world.hosts[0].firmware.config.api_major,
+        api_minor=world.hosts[0].firmware.config.api_minor,
+        build_id=world.hosts[0].firmware.config.build,
+    )
+    total = 0.0
+    latencies: list[float] = []
+    try:
+        # Warm every connection (TLS handshake) outside the timed phases.
+        await asyncio.gather(*(ch.channel_ready() for ch in channels))
+        done = 0
+        while done < pairs:
+            n = min(batch, pairs - done)
+            opened: list[owner_pb2.OpenSessionResponse | None] = [None] * n
+            open_lat = [0.0] * n
+            rel_lat = [0.0] * n
+            next_i = iter(range(n))
+
+            async def opener(stub: owner_pb2_grpc.OwnerServiceStub) -> None:
+                for i in next_i:  # noqa: B023 - shared work queue
+                    t = time.perf_counter()
+                    opened[i] = await stub.OpenSession(  # noqa: B023
+                        owner_pb2.OpenSessionRequest(workload_id=WORKLOAD_ID, chain=chain, policy=POLICY),
+                        timeout=120,
+                    )
+                    open_lat[i] = time.perf_counter() - t  # noqa: B023
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(opener(s) for s in stubs))
+            t_open = time.perf_counter() - t0
+            measurements = [measurer(o.godh_cert, o.session_blob) for o in opened if o is not None]
+            next_i = iter(range(n))
+
+            async def releaser(stub: owner_pb2_grpc.OwnerServiceStub) -> None:
+                for i in next_i:  # noqa: B023
+                    o = opened[i]  # noqa: B023
+                    assert o is not None
+                    t = time.perf_counter()
+                    reply = await stub.ReleaseSecret(
+                        owner_pb2.ReleaseSecretRequest(
+                            session_id=o.session_id,
+                            launch_measurement=measurements[i],  # noqa: B023
+                            firmware=fw_version,
+                            policy=POLICY,
+                        ),
+                        timeout=120,
+                    )
+                    rel_lat[i] = time.perf_counter() - t  # noqa: B023
+                    assert len(reply.secret_header) == 52
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(releaser(s) for s in stubs))
+            t_release = time.perf_counter() - t0
+            total += t_open + t_release
+            latencies += [a + b for a, b in zip(open_lat, rel_lat, strict=True)]
+            done += n
+    finally:
+        for ch in channels:
+            await ch.close(None)
+    return RunResult(pairs, total, latencies)
+
+
+# -- in-process floor ----------------------------------------------------------------------------------
+
+
+def inprocess_core(world: World, db: Path) -> OwnerCore:
+    """The owner core as owner_svc.server builds it (SQLite store, KEK, reference values, emulated root
+    trusted, Prometheus metrics), configured like the service: same manifest, workload, secret."""
+    kek = KeyEncryptionKey.from_file(world.workdir / "owner" / "kek-inproc", create=True)
+    store = SQLiteStore(db, audit_mac_key=kek.audit_key)
+    refset = ReferenceValueSet([PublisherKey.from_pem(world.publisher_pub.read_bytes(), name="bench")])
+    core = OwnerCore(
+        store,
+        kek,
+        refset,
+        extra_roots=[load_roots_file(world.root_file.read_bytes(), "emulated")],
+        metrics=PrometheusOwnerMetrics(CollectorRegistry()),
+    )
+    core.import_reference_values("owner-admin", world.envelope, "bench")
+    core.put_workload("owner-admin", workload_from_proto(world.workload_proto()))
+    core.put_secret("owner-admin", WORKLOAD_ID, [(str(world.secret.guid), world.secret.data)])
+    return core
+
+
+def inprocess_run(
+    core: OwnerCore, chain: common_pb2.CertificateChain, measurer: Measurer, fw: EmulatedFirmware, *,
+    pairs: int,
+) -> RunResult:  # fmt: skip
+    c = chain
+    latencies: list[float] = []
+    # The servicer builds a ChainInput from the request's bytes; so does the floor, per call.
+    t0 = time.perf_counter()
+    opened = []
+    open_lat = []
+    for _ in range(pairs):
+        t = time.perf_counter()
+        chain_in = ChainInput(c.pdh_cert, c.pek_cert, c.oca_cert, c.cek_cert, c.ask_cert, c.ark_cert)
+        opened.append(core.open_session("client", WORKLOAD_ID, chain_in, POLICY))
+        open_lat.append(time.perf_counter() - t)
+    t_open = time.perf_counter() - t0
+    measurements = [measurer(o.godh_cert, o.session_blob) for o in opened]
+    cfg = fw.config
+    t0 = time.perf_counter()
+    for o, m, lat in zip(opened, measurements, open_lat, strict=True):
+        t = time.perf_counter()
+        core.release_secret(
+            "client", o.session_id, m, api_major=cfg.api_major, api_minor=cfg.api_minor,
+            build_id=cfg.build, policy=POLICY,
+        )  # fmt: skip
+        latencies.append(lat + time.perf_counter() - t)
+    t_release = time.perf_counter() - t0
+    return RunResult(pairs, t_open + t_release, latencies)
+
+
+# -- the experiment ------------------------------------------------------------------------------------
+
+
+@dataclass
+class OwnerThroughput:
+    by_clients: dict[int, tuple[RunResult, float]]  # clients -> (gRPC run, floor pairs/s beside it)
+    floors: list[RunResult]
+    pairs: int
+
+    def ratio(self, clients: int) -> float:
+        run, floor = self.by_clients[clients]
+        return run.pairs_per_s / floor
+
+
+def owner_throughput(world: World, *, pairs: int, clients: tuple[int, ...] = (1, 8, 64)) -> OwnerThroughput:
+    assert world.owner is not None
+    host = world.hosts[0]
+    chain = world.chain_proto(host)
+    measurer = firmware_measurer(host.firmware)
+    core = inprocess_core(world, world.workdir / "owner" / "inproc.db")
+    # Warm-up: both sides once (imports, caches, SQLite pages).
+    inprocess_run(core, chain, measurer, host.firmware, pairs=4)
+    asyncio.run(grpc_run(world, world.owner.address, chain, measurer, pairs=4, clients=1))
+    floors = [inprocess_run(core, chain, measurer, host.firmware, pairs=pairs)]
+    results: dict[int, tuple[RunResult, float]] = {}
+    for n in clients:  # floor, run, floor, run, ...: each run is compared with the floors around it
+        run = asyncio.run(grpc_run(world, world.owner.address, chain, measurer, pairs=pairs, clients=n))
+        floors.append(inprocess_run(core, chain, measurer, host.firmware, pairs=pairs))
+        results[n] = (run, statistics.mean([floors[-2].pairs_per_s, floors[-1].pairs_per_s]))
+    core.store.close()  # type: ignore[attr-defined]
+    return OwnerThroughput(results, floors, pairs)
+
+
+@dataclass
+class OwnerMemory:
+    sessions: int
+    rss_before_mb: float
+    rss_after_mb: float
+    hwm_mb: float
+    seconds: float
+
+    @property
+    def growth_mb(self) -> float:
+        return self.rss_after_mb - self.rss_before_mb
+
+
+def owner_memory(world: World, *, sessions: int, clients: int = 8) -> OwnerMemory:
+    """RSS of the owner process before and after `sessions` more open+release pairs (8 clients)."""
+    assert world.owner is not None
+    host = world.hosts[0]
+    chain = world.chain_proto(host)
+    measurer = direct_measurer(host.firmware)
+    pid = world.owner.pid
+    # Settle the allocator first: a few hundred pairs so that caches and pools exist before "before".
+    asyncio.run(grpc_run(world, world.owner.address, chain, measurer, pairs=200, clients=clients))
+    before = proc_status_kb(pid, "VmRSS") / 1024
+    t = time.perf_counter()
+    asyncio.run(grpc_run(world, world.owner.address, chain, measurer, pairs=sessions, clients=clients))
+    seconds = time.perf_counter() - t
+    after = proc_status_kb(pid, "VmRSS") / 1024
+    return OwnerMemory(sessions, before, after, proc_status_kb(pid, "VmHWM") / 1024, seconds)

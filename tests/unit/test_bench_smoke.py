@@ -1,0 +1,56 @@
+"""The benchmarks run and print the documented keys (tiny counts; never asserts a timing)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "SEVLAUNCH_BENCH_TINY": "1"}
+
+
+def test_bench_sev_json_keys() -> None:
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_sev.py"), "--json"],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    data = json.loads(out.stdout)
+    assert set(data) == {"chain_verify", "session_create", "launch_digest", "secret_package"}
+    for entry in data.values():
+        assert set(entry) == {"ops_per_s", "floor_ops_per_s", "ratio"}
+        assert all(isinstance(v, int | float) and v > 0 for v in entry.values())
+
+
+def test_bench_main_quick_json_keys() -> None:
+    # Starts real services (owner, 2 platforms, 2 launchers) with tiny counts; RESULTS.md is not written.
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--json"],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=True,
+    )
+    data = json.loads(out.stdout)
+    assert set(data) == {
+        "owner_throughput_ratio",
+        "owner_pairs_per_s",
+        "launch_overhead_ratio",
+        "launch_p50_ms",
+        "launch_p99_ms",
+        "exports_per_pdh",
+        "digest_ratio",
+        "scale_launches_per_s",
+        "owner_peak_rss_mb",
+        "owner_rss_growth_mb",
+    }
+    assert all(isinstance(v, int | float) for v in data.values())
