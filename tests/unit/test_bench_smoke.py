@@ -32,7 +32,7 @@ def test_bench_sev_json_keys() -> None:
 def test_bench_main_quick_json_keys() -> None:
     # Starts real services (owner, 2 platforms, 2 launchers) with tiny counts; RESULTS.md is not written.
     out = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--json"],
+        [sys.executable, "-m", "bench", "--quick", "--json", "--no-write"],
         cwd=REPO,
         env=ENV,
         capture_output=True,
