@@ -20,6 +20,7 @@ from enum import StrEnum
 
 from launcher_svc.core.spec import GuestSpec
 from sevlaunch.errors import FailedPrecondition, NotFound
+from sevlaunch.files import create_private_sqlite
 
 
 class Phase(StrEnum):
@@ -170,6 +171,7 @@ class LaunchStore:
 
     def __init__(self, path: str) -> None:
         self._lock = threading.Lock()
+        create_private_sqlite(path)  # 0600, and so its -wal/-shm: launch records name owners and sessions
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")

@@ -20,6 +20,7 @@ from typing import Any
 from owner_svc.core.audit import canonical_record, parse_canonical
 from owner_svc.core.model import AuditEvent, AuditRecord, SessionRecord, SessionState
 from sevlaunch.audit import GENESIS, record_hash, record_mac
+from sevlaunch.files import create_private_sqlite
 
 # Each entry migrates from version i to i+1; applied in order, in one transaction each.
 MIGRATIONS: tuple[str, ...] = (
@@ -116,6 +117,9 @@ class SQLiteStore:
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
+            # The file holds sealed keys and the audit log: 0600, and so its -wal/-shm (SQLite gives them
+            # the database's mode).
+            create_private_sqlite(self.path)
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), never implicit.
             conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
@@ -316,8 +320,7 @@ class SQLiteStore:
             rows = (
                 self._conn()
                 .execute(
-                    _SELECT_SESSIONS + " WHERE workload_id = ? "
-                    "ORDER BY created_at DESC LIMIT ?",
+                    _SELECT_SESSIONS + " WHERE workload_id = ? ORDER BY created_at DESC LIMIT ?",
                     (workload_id, limit),
                 )
                 .fetchall()

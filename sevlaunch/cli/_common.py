@@ -5,19 +5,21 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
-
-import grpc
+from typing import TYPE_CHECKING, TypeVar
 
 from sevlaunch.cli import CommandError
-from sevlaunch.rpc import error_info, secure_channel_sync
-from sevlaunch.rpc.tls import TLSMaterialError
-from sevlaunch.sev.amd_cert import AMDCertificate, parse_ark
-from sevlaunch.sev.cert import SEVCertificate
-from sevlaunch.sev.chain import CertificateChain, TrustedRoot, load_roots_file, root_for_cek
+from sevlaunch.files import write_private_file
+
+if TYPE_CHECKING:
+    import grpc
+
+    from sevlaunch.sev.chain import CertificateChain, TrustedRoot
+
+# Heavy imports live in the functions that need them: grpc and sevlaunch.rpc (asyncio, prometheus) for the
+# service-calling commands, the certificate parsers (x509) for the chain commands. A command that needs
+# neither (measurement, secret, ...) starts without them.
 
 S = TypeVar("S")
 
@@ -30,13 +32,12 @@ def read_bytes(path: str) -> bytes:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Writes key or secret material: created 0600, never world-readable even for an instant."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.chmod(path, 0o600)
+    """Writes key or secret material: 0600 from the first byte, never world-readable even for an instant.
+
+    The bytes go to a new 0600 file beside `path` (O_EXCL|O_NOFOLLOW) that is renamed over it, so an
+    existing file with a wider mode, or a symlink planted at `path`, never receives them.
+    """
+    write_private_file(path, data)
 
 
 def parse_hex(value: str, *, what: str, length: int | None = None) -> bytes:
@@ -83,6 +84,8 @@ def add_chain_args(parser: argparse.ArgumentParser) -> None:
 
 def extra_roots(args: argparse.Namespace) -> tuple[TrustedRoot, ...]:
     """The --ca roots."""
+    from sevlaunch.sev.chain import load_roots_file
+
     return tuple(load_roots_file(read_bytes(path), path) for path in args.ca)
 
 
@@ -102,6 +105,9 @@ def load_chain(
 ) -> CertificateChain:
     """The chain of `add_chain_args`. Without --ask/--ark, the ASK/ARK of the root whose ASK signed the
     CEK. With `accept_base64`, the chain file and the PDH..CEK files may also be base64 text."""
+    from sevlaunch.sev.amd_cert import AMDCertificate, parse_ark
+    from sevlaunch.sev.cert import SEVCertificate
+    from sevlaunch.sev.chain import CertificateChain, root_for_cek
 
     def read(path: str, what: str) -> bytes:
         data = read_bytes(path)
@@ -139,6 +145,8 @@ def add_client_args(parser: argparse.ArgumentParser, *, service: str, identity: 
 
 def describe_rpc_error(err: grpc.RpcError) -> str:
     """One line: status, message, and the ErrorInfo reason with its metadata."""
+    from sevlaunch.rpc import error_info
+
     info = error_info(err)
     extra = ", ".join(f"{k}={v}" for k, v in sorted(info.metadata.items()))
     text = f"{info.code.name}: {info.message}"
@@ -152,6 +160,11 @@ def call_service(
 ) -> int:
     """Opens the mTLS channel of `add_client_args`, runs `action(stub, args)`; an RPC or TLS failure
     becomes a CommandError naming the status and reason."""
+    import grpc
+
+    from sevlaunch.rpc import secure_channel_sync
+    from sevlaunch.rpc.tls import TLSMaterialError
+
     try:
         channel = secure_channel_sync(args.endpoint, args.tls_dir, args.identity)
     except TLSMaterialError as exc:
