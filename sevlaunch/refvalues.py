@@ -86,12 +86,17 @@ class Envelope:
 
     @classmethod
     def from_json(cls, data: bytes) -> Envelope:
+        """Parses an envelope; anything malformed (too large, not JSON, nested too deeply, wrong types)
+        raises MalformedInput, never another exception: the bytes may come from a remote server."""
         if len(data) > MAX_ENVELOPE_BYTES:
             raise MalformedInput(Reason.BAD_LENGTH, f"envelope larger than {MAX_ENVELOPE_BYTES} bytes")
         try:
             obj = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise MalformedInput(Reason.BAD_ENCODING, "envelope is not JSON") from None
+        except RecursionError:
+            # `[[[[...]]]]` nested deeper than the interpreter's stack: hostile, not a bug of ours.
+            raise MalformedInput(Reason.BAD_ENCODING, "envelope JSON is nested too deeply") from None
         if not isinstance(obj, dict):
             raise MalformedInput(Reason.BAD_FIELD, "envelope is not a JSON object")
         payload_type = obj.get("payloadType")
@@ -377,10 +382,14 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
+        if len(data) > MAX_ENVELOPE_BYTES:
+            raise MalformedInput(Reason.BAD_LENGTH, f"manifest larger than {MAX_ENVELOPE_BYTES} bytes")
         try:
             raw = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise MalformedInput(Reason.BAD_MANIFEST, "manifest is not JSON") from None
+        except RecursionError:
+            raise MalformedInput(Reason.BAD_MANIFEST, "manifest JSON is nested too deeply") from None
         o = _object(
             raw,
             "manifest",

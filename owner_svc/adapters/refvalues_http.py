@@ -8,6 +8,7 @@ manifest refused for a transient reason (not valid yet) is tried again at the ne
 from __future__ import annotations
 
 import asyncio
+import http.client
 import logging
 import urllib.error
 import urllib.request
@@ -59,27 +60,35 @@ class RefValuesPoller:
         return body, etag
 
     def poll_once(self) -> None:
+        """One round over every URL. Failures are per URL: one that cannot be fetched, or serves a body
+        that is refused (or even trips a bug), is logged and the others are still polled."""
         for url in self.urls:
             try:
-                fetched = self.fetch(url)
-            except (OSError, ValueError) as exc:
-                log.warning("reference values fetch failed", extra={"url": url, "error": str(exc)})
-                continue
-            if fetched is None:
-                continue
-            body, etag = fetched
-            try:
-                new = self._importer(body, url)
-            except SevError as exc:
-                log.warning(
-                    "reference values rejected",
-                    extra={"url": url, "reason": exc.reason.value, "error": str(exc)},
-                )
-                continue
-            if etag:
-                self._etags[url] = etag
-            if new:
-                log.info("reference values imported", extra={"url": url})
+                self._poll_url(url)
+            except Exception:  # the next URL must still be polled; the log has the trace
+                log.exception("reference values poll failed", extra={"url": url})
+
+    def _poll_url(self, url: str) -> None:
+        try:
+            fetched = self.fetch(url)
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            log.warning("reference values fetch failed", extra={"url": url, "error": str(exc)})
+            return
+        if fetched is None:
+            return
+        body, etag = fetched
+        try:
+            new = self._importer(body, url)
+        except SevError as exc:
+            log.warning(
+                "reference values rejected",
+                extra={"url": url, "reason": exc.reason.value, "error": str(exc)},
+            )
+            return
+        if etag:
+            self._etags[url] = etag
+        if new:
+            log.info("reference values imported", extra={"url": url})
 
     async def run(self) -> None:
         while True:

@@ -16,6 +16,7 @@ import grpc.aio
 from owner_svc.core.model import (
     DEFAULT_SECRET_AREA_SIZE,
     FirmwareMinimum,
+    KernelHashesRule,
     RefSelector,
     SessionRecord,
     SessionState,
@@ -35,6 +36,15 @@ _MODE_TO_PROTO = {
     LaunchMode.SEV_ES: owner_pb2.REFERENCE_MODE_SEV_ES,
 }
 _MODE_FROM_PROTO = {v: k for k, v in _MODE_TO_PROTO.items()}
+_KERNEL_TO_PROTO = {
+    KernelHashesRule.FORBIDDEN: owner_pb2.KERNEL_HASHES_FORBIDDEN,
+    KernelHashesRule.REQUIRED: owner_pb2.KERNEL_HASHES_REQUIRED,
+    KernelHashesRule.ANY: owner_pb2.KERNEL_HASHES_ANY,
+}
+# Unspecified is the safe default: no kernel hashes.
+_KERNEL_FROM_PROTO = {owner_pb2.KERNEL_HASHES_UNSPECIFIED: KernelHashesRule.FORBIDDEN} | {
+    v: k for k, v in _KERNEL_TO_PROTO.items()
+}
 _STATE_TO_PROTO = {
     SessionState.OPEN: owner_pb2.OWNER_SESSION_STATE_OPEN,
     SessionState.RELEASED: owner_pb2.OWNER_SESSION_STATE_RELEASED,
@@ -50,6 +60,9 @@ def workload_from_proto(msg: owner_pb2.Workload) -> Workload:
             modes = tuple(_MODE_FROM_PROTO[m] for m in s.modes)
         except KeyError:
             raise InvalidArgument("bad_selector", "selector mode must be SEV or SEV_ES") from None
+        kernel = _KERNEL_FROM_PROTO.get(s.kernel_hashes)
+        if kernel is None:
+            raise InvalidArgument("bad_selector", "kernel_hashes must be FORBIDDEN, REQUIRED or ANY")
         selectors.append(
             RefSelector(
                 firmware_name=s.firmware_name,
@@ -57,6 +70,9 @@ def workload_from_proto(msg: owner_pb2.Workload) -> Workload:
                 version_min=s.version_min,
                 version_max=s.version_max,
                 sev_es_vcpus=tuple(s.sev_es_vcpus),
+                kernel_hashes=kernel,
+                vcpu_type=s.vcpu_type,
+                vmsa_layout=s.vmsa_layout,
             )
         )
     fw = msg.firmware_minimum
@@ -69,6 +85,8 @@ def workload_from_proto(msg: owner_pb2.Workload) -> Workload:
         allow_debug=msg.allow_debug,
         allow_key_sharing=msg.allow_key_sharing,
         secret_area_size=msg.secret_area_size or DEFAULT_SECRET_AREA_SIZE,
+        allow_launch_without_secret=msg.allow_launch_without_secret,
+        allow_pre_0_17=msg.allow_pre_0_17,
     )
 
 
@@ -89,12 +107,17 @@ def workload_to_proto(w: Workload) -> owner_pb2.Workload:
                 version_max=s.version_max,
                 modes=[_MODE_TO_PROTO[m] for m in s.modes],
                 sev_es_vcpus=list(s.sev_es_vcpus),
+                kernel_hashes=_KERNEL_TO_PROTO[s.kernel_hashes],
+                vcpu_type=s.vcpu_type,
+                vmsa_layout=s.vmsa_layout,
             )
             for s in w.selectors
         ],
         secret_area_size=w.secret_area_size,
         allow_debug=w.allow_debug,
         allow_key_sharing=w.allow_key_sharing,
+        allow_launch_without_secret=w.allow_launch_without_secret,
+        allow_pre_0_17=w.allow_pre_0_17,
     )
 
 
@@ -175,6 +198,7 @@ class OwnerServicer(owner_pb2_grpc.OwnerServiceServicer):
             secret_payload=released.payload,
             matched_launch_digest=released.matched_digest,
             manifest_id=released.manifest_id,
+            no_secret=released.no_secret,
         )
 
     async def PutWorkload(

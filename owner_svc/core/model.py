@@ -17,6 +17,7 @@ from sevlaunch.errors import InvalidArgument
 from sevlaunch.refvalues import LaunchMode
 from sevlaunch.sev.errors import MalformedInput
 from sevlaunch.sev.policy import GuestPolicy
+from sevlaunch.sev.vmsa import VMSALayout
 
 #: PROTOCOL.md §6: OVMF's secret area is 3072 bytes unless the firmware image says otherwise.
 DEFAULT_SECRET_AREA_SIZE = 3072
@@ -24,6 +25,7 @@ MAX_SECRET_AREA_SIZE = 1 << 20
 WORKLOAD_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 SESSION_ID_RE = re.compile(r"[0-9a-f]{32}")
 KNOWN_GENERATION_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+VCPU_TYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 MAX_SECRET_ENTRIES = 64
 
 
@@ -74,12 +76,26 @@ class FirmwareMinimum:
         return (api_major, api_minor, build_id) >= (self.api_major, self.api_minor, self.build_id)
 
 
+class KernelHashesRule(StrEnum):
+    """Whether a workload accepts launch digests that measure kernel hashes (QEMU's `kernel-hashes=on`:
+    kernel, initrd and command line given to QEMU, their hashes measured in OVMF's hashes table)."""
+
+    #: Only plain firmware boots (no kernel hashes): the default, so a workload that says nothing about
+    #: kernels is not opened to every kernel and command line a publisher ever listed.
+    FORBIDDEN = "forbidden"
+    #: Only digests with kernel hashes: the guest boots exactly the kernel, initrd and command line listed.
+    REQUIRED = "required"
+    #: Either.
+    ANY = "any"
+
+
 @dataclass(frozen=True)
 class RefSelector:
     """Which launch digests from the trusted manifests a workload accepts.
 
     A digest is accepted when its manifest names this firmware, its version is in [version_min,
-    version_max] (an empty bound is open), its mode is listed, and (SEV-ES) its vCPU count is listed.
+    version_max] (an empty bound is open), its mode is listed, its kernel hashes satisfy `kernel_hashes`,
+    and (SEV-ES) its vCPU count is listed and its vCPU type and VMSA layout equal the pins, if set.
     """
 
     firmware_name: str
@@ -87,6 +103,11 @@ class RefSelector:
     version_min: str = ""
     version_max: str = ""
     sev_es_vcpus: tuple[int, ...] = ()
+    kernel_hashes: KernelHashesRule = KernelHashesRule.FORBIDDEN
+    #: SEV-ES only; "" = any. Exact match with the manifest's `vcpu_type` (e.g. "EPYC-Milan").
+    vcpu_type: str = ""
+    #: SEV-ES only; "" = any. One of `sevlaunch.sev.vmsa.VMSALayout` ("init2", "legacy").
+    vmsa_layout: str = ""
 
     def __post_init__(self) -> None:
         if not self.firmware_name or len(self.firmware_name) > 256:
@@ -99,6 +120,16 @@ class RefSelector:
             raise InvalidArgument("bad_selector", "SEV-ES vCPU counts are 1..512")
         if len(self.version_min) > 128 or len(self.version_max) > 128:
             raise InvalidArgument("bad_selector", "version bounds are at most 128 characters")
+        if not isinstance(self.kernel_hashes, KernelHashesRule):
+            raise InvalidArgument("bad_selector", "kernel_hashes is forbidden, required or any")
+        if (self.vcpu_type or self.vmsa_layout) and LaunchMode.SEV_ES not in self.modes:
+            raise InvalidArgument("bad_selector", "vcpu_type and vmsa_layout pins need the SEV-ES mode")
+        if self.vcpu_type and not VCPU_TYPE_RE.fullmatch(self.vcpu_type):
+            raise InvalidArgument("bad_selector", "vcpu_type is a CPU model name such as 'EPYC-Milan'")
+        if self.vmsa_layout and self.vmsa_layout not in {v.value for v in VMSALayout}:
+            raise InvalidArgument(
+                "bad_selector", f"vmsa_layout is one of {', '.join(v.value for v in VMSALayout)}"
+            )
 
     def to_obj(self) -> dict[str, Any]:
         return {
@@ -107,6 +138,9 @@ class RefSelector:
             "version_min": self.version_min,
             "version_max": self.version_max,
             "sev_es_vcpus": list(self.sev_es_vcpus),
+            "kernel_hashes": self.kernel_hashes.value,
+            "vcpu_type": self.vcpu_type,
+            "vmsa_layout": self.vmsa_layout,
         }
 
     @classmethod
@@ -117,6 +151,10 @@ class RefSelector:
             version_min=o.get("version_min", ""),
             version_max=o.get("version_max", ""),
             sev_es_vcpus=tuple(o.get("sev_es_vcpus", ())),
+            # A row written before the rule existed gets the safe default.
+            kernel_hashes=KernelHashesRule(o.get("kernel_hashes", KernelHashesRule.FORBIDDEN.value)),
+            vcpu_type=o.get("vcpu_type", ""),
+            vmsa_layout=o.get("vmsa_layout", ""),
         )
 
 
@@ -130,9 +168,19 @@ class Workload:
     allow_debug: bool = False
     allow_key_sharing: bool = False
     secret_area_size: int = DEFAULT_SECRET_AREA_SIZE
+    #: The owner consents to a launch whose measurement matched but that gets no secret (the workload
+    #: has no secret table): ReleaseSecret then succeeds with `no_secret`. Off: such a release is refused.
+    allow_launch_without_secret: bool = False
+    #: Firmware older than API 0.17 leaves its API version and build out of the measurement, so what the
+    #: host reports for them is unchecked and `firmware_minimum` cannot be enforced. Off: a release for
+    #: such firmware is refused (`firmware_too_old`).
+    allow_pre_0_17: bool = False
 
     def __post_init__(self) -> None:
         check_workload_id(self.workload_id)
+        for flag in ("allow_debug", "allow_key_sharing", "allow_launch_without_secret", "allow_pre_0_17"):
+            if not isinstance(getattr(self, flag), bool):
+                raise InvalidArgument("bad_workload", f"{flag} must be true or false")
         if not self.allowed_policies:
             raise InvalidArgument(
                 "bad_workload", "allowed_policies is empty: no launch could ever be allowed"
@@ -174,6 +222,8 @@ class Workload:
                 "allow_debug": self.allow_debug,
                 "allow_key_sharing": self.allow_key_sharing,
                 "secret_area_size": self.secret_area_size,
+                "allow_launch_without_secret": self.allow_launch_without_secret,
+                "allow_pre_0_17": self.allow_pre_0_17,
             },
             sort_keys=True,
         )
@@ -190,6 +240,9 @@ class Workload:
             allow_debug=o["allow_debug"],
             allow_key_sharing=o["allow_key_sharing"],
             secret_area_size=o["secret_area_size"],
+            # Rows written before these flags existed: the safe defaults.
+            allow_launch_without_secret=o.get("allow_launch_without_secret", False),
+            allow_pre_0_17=o.get("allow_pre_0_17", False),
         )
 
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from owner_svc.core.model import RefSelector, Workload
+from owner_svc.core.model import KernelHashesRule, RefSelector, Workload
 from sevlaunch.refvalues import (
     DigestConfig,
     LaunchMode,
@@ -87,9 +87,7 @@ class ReferenceValueSet:
                     continue
                 for ref in vm.manifest.digests:
                     cfg = ref.config
-                    if cfg.mode is not mode:
-                        continue
-                    if mode is LaunchMode.SEV_ES and cfg.vcpus not in selector.sev_es_vcpus:
+                    if cfg.mode is not mode or not _config_selected(cfg, selector):
                         continue
                     out.setdefault(ref.launch_digest, AcceptedDigest(ref.launch_digest, vm.id, cfg))
         return list(out.values())
@@ -102,3 +100,20 @@ def _manifest_selected(vm: VerifiedManifest, selector: RefSelector, mode: Launch
         and m.firmware_name.casefold() == selector.firmware_name.casefold()
         and version_in_range(m.firmware_version, selector.version_min or None, selector.version_max or None)
     )
+
+
+def _config_selected(cfg: DigestConfig, selector: RefSelector) -> bool:
+    """The selector's per-digest rules: kernel hashes; for SEV-ES the vCPU count and the pins."""
+    has_kernel = cfg.kernel_hashes is not None
+    if selector.kernel_hashes is KernelHashesRule.FORBIDDEN and has_kernel:
+        return False
+    if selector.kernel_hashes is KernelHashesRule.REQUIRED and not has_kernel:
+        return False
+    if cfg.mode is LaunchMode.SEV_ES:
+        if cfg.vcpus not in selector.sev_es_vcpus:
+            return False
+        if selector.vcpu_type and cfg.vcpu_type != selector.vcpu_type:
+            return False
+        if selector.vmsa_layout and cfg.vmsa_layout != selector.vmsa_layout:
+            return False
+    return True

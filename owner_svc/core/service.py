@@ -44,15 +44,20 @@ from sevlaunch.errors import (
 )
 from sevlaunch.refvalues import VerifiedManifest
 from sevlaunch.sev import secret as sev_secret
-from sevlaunch.sev.chain import CertificateChain, TrustedRoot, verify_chain
+from sevlaunch.sev.chain import CertificateChain, Generation, TrustedRoot, verify_chain
 from sevlaunch.sev.errors import MalformedInput, SevError, Unsupported, VerificationFailed
 from sevlaunch.sev.measurement import LaunchMeasurement, verify_measurement
+from sevlaunch.sev.policy import GuestPolicy
 from sevlaunch.sev.session import TransportKeys, create_session
 
 log = logging.getLogger("owner_svc.core")
 
 DEFAULT_SESSION_TTL = 300.0
 MAX_SESSION_TTL = 86400.0
+#: AMD's generation names. Only a chain that verified against AMD's pinned ARK may carry one.
+AMD_GENERATIONS = frozenset(g.value for g in Generation)
+#: From API 0.17 the measurement covers the API version and build (PROTOCOL.md; `compute_measure`).
+MEASURED_VERSION_API = (0, 17)
 
 
 class Metrics(Protocol):
@@ -110,13 +115,20 @@ class OpenedSession:
 
 @dataclass(frozen=True)
 class ReleasedSecret:
+    """A successful release. With `no_secret` (the workload consents to launching without a secret and
+    has none), `header` and `payload` are empty: the measurement matched, nothing is to be injected."""
+
     header: bytes
     payload: bytes
     matched_digest: bytes
     manifest_id: str
+    no_secret: bool = False
 
     def __repr__(self) -> str:
-        return f"ReleasedSecret(matched_digest={self.matched_digest.hex()}, manifest_id={self.manifest_id})"
+        return (
+            f"ReleasedSecret(matched_digest={self.matched_digest.hex()}, manifest_id={self.manifest_id}, "
+            f"no_secret={self.no_secret})"
+        )
 
 
 def keys_aad(session_id: str) -> bytes:
@@ -141,6 +153,14 @@ class OwnerCore:
     ) -> None:
         if not 1 <= session_ttl <= MAX_SESSION_TTL:
             raise ValueError(f"session TTL must be 1..{MAX_SESSION_TTL:.0f} seconds")
+        for root in extra_roots:
+            # An extra root named like an AMD generation would let a workload allowing "milan" accept
+            # whatever that root signs: only AMD's own ARK may carry an AMD generation name.
+            if root.generation is None and root.name in AMD_GENERATIONS:
+                raise ValueError(
+                    f"extra trust root {root.name!r} is named like an AMD generation but its ARK is not "
+                    "AMD's: give it another name"
+                )
         self.store = store
         self.sealer = sealer
         self.refvalues = refvalues
@@ -193,14 +213,10 @@ class OwnerCore:
             raise refuse(exc) from None
         finally:
             self.metrics.observe("chain", time.perf_counter() - started)
-        generation = verified.generation.value if verified.generation is not None else verified.root_name
-        if generation not in workload.generations:
-            raise refuse(
-                PermissionDenied(
-                    "generation_not_allowed",
-                    f"platform generation {generation!r} is not allowed for this workload",
-                )
-            )
+        generation = _generation_of(verified.generation, verified.root_name)
+        refusal = _generation_refusal(workload, generation)
+        if refusal is not None:
+            raise refuse(refusal)
         minimum = workload.firmware_minimum
         for name, cert in (("PDH", chain.pdh), ("PEK", chain.pek)):
             if not minimum.api_ok(cert.api_major, cert.api_minor):
@@ -211,13 +227,9 @@ class OwnerCore:
                         f"{minimum.api_major}.{minimum.api_minor}",
                     )
                 )
-        if policy not in workload.allowed_policies:
-            raise refuse(PermissionDenied("policy_not_allowed", f"policy {policy:#x} is not allowed"))
-        # Checked again at open time, not only at PutWorkload: defence against an edited workload row.
-        if guest_policy.allows_debug and not workload.allow_debug:
-            raise refuse(PermissionDenied("policy_not_allowed", "the policy allows debugging"))
-        if guest_policy.allows_key_sharing and not workload.allow_key_sharing:
-            raise refuse(PermissionDenied("policy_not_allowed", "the policy allows key sharing"))
+        refusal = _policy_refusal(workload, policy, guest_policy)
+        if refusal is not None:
+            raise refuse(refusal)
         if not self.refvalues.accepted(workload, guest_policy, self._now_dt()):
             # Fail before the host spends a launch that could never be verified.
             raise refuse(
@@ -225,7 +237,7 @@ class OwnerCore:
                     "no_reference_values", "no trusted reference value in force matches this workload"
                 )
             )
-        if self.store.get_secret(workload_id) is None:
+        if self.store.get_secret(workload_id) is None and not workload.allow_launch_without_secret:
             raise refuse(FailedPrecondition("no_secret", "the workload has no secret to release"))
 
         # 3. Make the session: fresh GODH, TEK and TIK, wrapped for this PDH only.
@@ -325,6 +337,27 @@ class OwnerCore:
             self._burn(
                 session, event, FailedPrecondition("unknown_workload", "the workload no longer exists")
             )
+        # The workload's admission rules as they are now, not as they were at open: an admin who
+        # tightened the workload (a generation dropped after a CVE, a policy withdrawn) stops the
+        # release of sessions already open.
+        for refusal in (
+            _generation_refusal(workload, session.generation),
+            _policy_refusal(workload, session.policy, guest_policy),
+        ):
+            if refusal is not None:
+                self._burn(session, event, refusal)
+        if (api_major, api_minor) < MEASURED_VERSION_API and not workload.allow_pre_0_17:
+            # Below 0.17 the measurement leaves the API version and build out, so the host could report
+            # any; the workload's minimum cannot be enforced. Only an explicit opt-in accepts that.
+            self._burn(
+                session,
+                event,
+                PermissionDenied(
+                    "firmware_too_old",
+                    f"firmware API {api_major}.{api_minor} predates 0.17: its version and build are not "
+                    "measured (the workload does not allow pre-0.17 firmware)",
+                ),
+            )
         if not workload.firmware_minimum.ok(
             api_major, api_minor, build_id
         ) or not guest_policy.firmware_allowed(api_major, api_minor):
@@ -372,9 +405,14 @@ class OwnerCore:
         manifest_id = next(a.manifest_id for a in accepted if a.launch_digest == matched)
         event = replace(event, digest=matched.hex())
         table = self._secret_table(session, workload, event)
-        header, payload = sev_secret.package_secret(
-            keys, measurement.measure, table.to_bytes(), api_major=api_major, api_minor=api_minor
-        )
+        if table is None:
+            # Every check passed, the workload consents to launching without a secret, and has none.
+            header_bytes, payload, detail = b"", b"", "no secret"
+        else:
+            header, payload = sev_secret.package_secret(
+                keys, measurement.measure, table.to_bytes(), api_major=api_major, api_minor=api_minor
+            )
+            header_bytes, detail = header.to_bytes(), f"manifest {manifest_id}"
 
         # 3. Claim the session; only the caller whose conditional update wins gets the secret.
         won = self.store.finish_session(
@@ -384,15 +422,18 @@ class OwnerCore:
             require_unexpired=True,
             matched_digest=matched.hex(),
             reason="",
-            event=replace(event, outcome="allowed", detail=f"manifest {manifest_id}"),
+            event=replace(event, outcome="allowed", detail=detail),
         )
         if not won:
             self._refuse_release(
                 event, FailedPrecondition("session_already_used", "the session was already used")
             )
         self.metrics.secret_released()
-        log.info("secret released", extra={"workload": session.workload_id, "caller": caller})
-        return ReleasedSecret(header.to_bytes(), payload, bytes(matched), manifest_id)
+        log.info(
+            "secret released",
+            extra={"workload": session.workload_id, "caller": caller, "no_secret": table is None},
+        )
+        return ReleasedSecret(header_bytes, payload, bytes(matched), manifest_id, no_secret=table is None)
 
     def _refuse_release(self, event: AuditEvent, exc: ServiceError) -> NoReturn:
         self.store.append_audit(replace(event, reason=exc.reason, detail=exc.detail))
@@ -430,9 +471,12 @@ class OwnerCore:
 
     def _secret_table(
         self, session: SessionRecord, workload: Workload, event: AuditEvent
-    ) -> sev_secret.SecretTable:
+    ) -> sev_secret.SecretTable | None:
+        """The workload's secret table; None when it has none and allows launching without one."""
         sealed = self.store.get_secret(session.workload_id)
         if sealed is None:
+            if workload.allow_launch_without_secret:
+                return None
             self._burn(session, event, FailedPrecondition("no_secret", "the workload has no secret"))
         try:
             table = sev_secret.SecretTable.from_bytes(
@@ -583,6 +627,35 @@ class OwnerCore:
             event=event,
         ):
             raise FailedPrecondition("session_not_open", "the session is no longer open")
+
+
+def _generation_of(generation: Generation | None, root_name: str) -> str:
+    """The generation a verified chain counts as: AMD's name only for AMD's pinned ARK, else the extra
+    root's name (which `OwnerCore` refuses to be an AMD name, checked here again)."""
+    if generation is not None:
+        return generation.value
+    if root_name in AMD_GENERATIONS:
+        raise RuntimeError(f"extra root {root_name!r} carries an AMD generation name")
+    return root_name
+
+
+def _generation_refusal(workload: Workload, generation: str) -> ServiceError | None:
+    if generation not in workload.generations:
+        return PermissionDenied(
+            "generation_not_allowed", f"platform generation {generation!r} is not allowed for this workload"
+        )
+    return None
+
+
+def _policy_refusal(workload: Workload, policy: int, guest_policy: GuestPolicy) -> ServiceError | None:
+    if policy not in workload.allowed_policies:
+        return PermissionDenied("policy_not_allowed", f"policy {policy:#x} is not allowed")
+    # Checked at every use, not only at PutWorkload: defence against an edited workload row.
+    if guest_policy.allows_debug and not workload.allow_debug:
+        return PermissionDenied("policy_not_allowed", "the policy allows debugging")
+    if guest_policy.allows_key_sharing and not workload.allow_key_sharing:
+        return PermissionDenied("policy_not_allowed", "the policy allows key sharing")
+    return None
 
 
 def _reason_of(exc: Exception) -> str:

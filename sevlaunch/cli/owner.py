@@ -12,6 +12,11 @@
 `workload.json` is the `Workload` message of owner.proto in protobuf's JSON form, e.g.
 {"workload_id": "web", "allowed_policies": [3], "generations": ["milan"],
  "selectors": [{"firmware_name": "OVMF", "modes": ["REFERENCE_MODE_SEV"]}]}.
+A selector accepts only digests without kernel hashes unless it says `"kernel_hashes":
+"KERNEL_HASHES_REQUIRED"` (only with) or `"KERNEL_HASHES_ANY"`; SEV-ES digests can be pinned to a
+`"vcpu_type"` (e.g. "EPYC-Milan") and a `"vmsa_layout"` ("init2" or "legacy"). Workload flags:
+`"allow_launch_without_secret": true` (a matched launch without a secret table is released with
+`no_secret`), `"allow_pre_0_17": true` (accept firmware below API 0.17, whose version is not measured).
 
 `audit verify` reads the database directly (read-only) and needs no service: each record stores the
 exact JSON text that was hashed (`{"event", "prev", "seq", "time"}`), hash = SHA-256(text), and
@@ -191,7 +196,8 @@ def _audit_show(stub: owner_pb2_grpc.OwnerServiceStub, args: argparse.Namespace)
 # ------------------------------------------------------------------------------ audit verify
 
 
-def _read_kek(path: str) -> bytes:
+def read_kek(path: str) -> bytes:
+    """The owner's KEK file: 32 raw bytes, or base64 of them on one line (as `--kek-file` takes it)."""
     data = read_bytes(path)
     if len(data) == 32:
         return data
@@ -230,7 +236,7 @@ def verify_audit_db(db: str, kek: bytes | None = None) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    kek = _read_kek(args.kek_file) if args.kek_file else None
+    kek = read_kek(args.kek_file) if args.kek_file else None
     count = verify_audit_db(args.db, kek)
     print(f"audit log intact: {count} records{', MACs verified' if kek else ''}", file=sys.stdout)
     return 0

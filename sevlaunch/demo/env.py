@@ -10,8 +10,6 @@ boundaries).
 from __future__ import annotations
 
 import hashlib
-import hmac
-import json
 import secrets
 import shutil
 import subprocess
@@ -25,10 +23,10 @@ from typing import Any
 
 import grpc
 
+from sevlaunch.audit import AuditChainBroken, ChainEntry, canonical_record, verify_chain
 from sevlaunch.cli import CommandError
 from sevlaunch.cli.devcerts import write_dev_certs
-from sevlaunch.cli.owner import _read_kek as read_kek  # the KEK file format (raw or base64), in one place
-from sevlaunch.cli.owner import verify_audit_db
+from sevlaunch.cli.owner import read_kek, verify_audit_db
 from sevlaunch.demo.services import (
     ServiceProcess,
     signals_deferred,
@@ -71,8 +69,19 @@ GUEST_POLICY = int(PolicyFlags.NODBG | PolicyFlags.NOKS)
 #: Debian's OVMF declares no secret area, so the launcher is told where LAUNCH_SECRET writes (the
 #: address AmdSev builds of OVMF reserve for it).
 SECRET_GPA = 0x80C000
-GENESIS = "0" * 64
 _MS = timedelta(milliseconds=1)
+#: The event fields of an owner audit record, as GetAuditLog carries them (the hashed event's keys).
+_AUDIT_EVENT_FIELDS = (
+    "actor",
+    "action",
+    "outcome",
+    "workload_id",
+    "session_id",
+    "cek_fingerprint",
+    "reason",
+    "digest",
+    "detail",
+)
 
 StepCallback = Callable[[str, float], None]
 EventCallback = Callable[[str, "launcher_pb2.LaunchEvent"], None]
@@ -149,37 +158,31 @@ def verify_audit_chain(records: Sequence[owner_pb2.AuditRecord]) -> str:
     """Checks the hash chain of audit records as GetAuditLog returns them, from the first record.
 
     Returns "" when every record links to the one before and its hash covers its content, else what is
-    wrong. The formula is the owner's (`owner_svc.core.audit.record_hash`): SHA-256 over canonical JSON of
-    seq, repr(time), the event fields and the previous hash. It is restated here, not imported, because
-    a verifier should not run the code it checks (and `sevlaunch` never imports a service). The records'
-    HMACs need the owner's key-encryption key and are not checked here.
+    wrong. Each record's hashed text is rebuilt from its fields with `sevlaunch.audit.canonical_record`
+    and checked by `sevlaunch.audit.verify_chain`, the code `sevlaunch owner audit verify` runs (shared
+    library code, not the owner service's). The last record stands in for the head, which GetAuditLog does
+    not return; the records' MACs need the owner's KEK and are checked on the database (`audit()`).
     """
-    prev = GENESIS
-    for expected_seq, rec in enumerate(records, start=1):
-        if rec.seq != expected_seq:
-            return f"record {expected_seq} missing (next is {rec.seq})"
-        if not hmac.compare_digest(rec.prev_hash, prev):
-            return f"record {rec.seq} does not link to the previous record"
-        event = {
-            "actor": rec.actor,
-            "action": rec.action,
-            "outcome": rec.outcome,
-            "workload_id": rec.workload_id,
-            "session_id": rec.session_id,
-            "cek_fingerprint": rec.cek_fingerprint,
-            "reason": rec.reason,
-            "digest": rec.digest,
-            "detail": rec.detail,
-        }
-        canonical = json.dumps(
-            {"seq": rec.seq, "time": repr(rec.time_unix), "event": event, "prev": rec.prev_hash},
-            sort_keys=True,
-            separators=(",", ":"),
-            ensure_ascii=True,
+    entries = [
+        ChainEntry(
+            seq=rec.seq,
+            canonical=canonical_record(
+                rec.seq,
+                rec.time_unix,
+                {name: getattr(rec, name) for name in _AUDIT_EVENT_FIELDS},
+                rec.prev_hash,
+            ),
+            prev_hash=rec.prev_hash,
+            hash=rec.hash,
+            mac="",
         )
-        if not hmac.compare_digest(hashlib.sha256(canonical.encode("ascii")).hexdigest(), rec.hash):
-            return f"record {rec.seq}: content does not match its hash"
-        prev = rec.hash
+        for rec in records
+    ]
+    head = (entries[-1].seq, entries[-1].hash) if entries else None
+    try:
+        verify_chain(entries, head=head)
+    except AuditChainBroken as exc:
+        return str(exc)
     return ""
 
 

@@ -7,6 +7,7 @@ owner server on port 0 behind real mTLS.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -249,6 +250,8 @@ def make_owner(
         session_ttl: float = 300.0,
         subdir: str = "owner",
         refvalues_urls: tuple[str, ...] = (),
+        refvalues_interval: float = 3600,
+        start_poller: bool = False,
     ) -> OwnerHarness:
         base = tmp_path / subdir
         base.mkdir(exist_ok=True)
@@ -263,13 +266,15 @@ def make_owner(
             publisher_keys=[str(publisher.pub_file)],
             session_ttl=session_ttl,
             refvalues_urls=refvalues_urls,
-            refvalues_interval=3600,
+            refvalues_interval=refvalues_interval,
         )
         holder: dict[str, OwnerApp] = {}
 
         async def factory() -> Any:
             app = build_app(config)
             holder["app"] = app
+            if start_poller:
+                await app.start()  # the server and, with --refvalues-url, the polling loop
             return app.rpc
 
         running = serve(factory)
@@ -280,6 +285,15 @@ def make_owner(
     yield make
     for h in made:
         h.close()
+        if h.app._tasks:
+            h.running.run(_cancel_tasks(h.app))
+
+
+async def _cancel_tasks(app: OwnerApp) -> None:
+    for task in app._tasks:
+        task.cancel()
+    await asyncio.gather(*app._tasks, return_exceptions=True)
+    app._tasks.clear()
 
 
 def provision(h: OwnerHarness, publisher: Publisher, *, workload: owner_pb2.Workload | None = None) -> str:
