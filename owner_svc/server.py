@@ -22,10 +22,10 @@ from pathlib import Path
 from owner_svc.adapters.kek import KEKFileError, KeyEncryptionKey
 from owner_svc.adapters.metrics import PrometheusOwnerMetrics
 from owner_svc.adapters.refvalues_http import RefValuesPoller
-from owner_svc.adapters.sqlite import SQLiteStore
+from owner_svc.adapters.store import OwnerStore, open_store
 from owner_svc.api.servicer import OwnerServicer
 from owner_svc.core.refset import ReferenceValueSet
-from owner_svc.core.service import DEFAULT_SESSION_TTL, OwnerCore
+from owner_svc.core.service import AMD_GENERATIONS, DEFAULT_SESSION_TTL, OwnerCore
 from sevlaunch.refvalues import PublisherKey
 from sevlaunch.rpc import AuthzPolicy, RpcServer, method_rules
 from sevlaunch.rpc.entry import (
@@ -76,7 +76,7 @@ class ConfigError(StartupError):
 @dataclass
 class OwnerConfig:
     tls_dir: Path
-    db: Path
+    db: str | Path  # a SQLite file, or a postgresql:// URL (a str: Path() would mangle the URL)
     kek_file: Path
     listen: str = "127.0.0.1:0"
     identity: str = "owner"
@@ -95,7 +95,7 @@ class OwnerConfig:
 class OwnerApp:
     rpc: RpcServer
     core: OwnerCore
-    store: SQLiteStore
+    store: OwnerStore
     poller: RefValuesPoller | None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -124,9 +124,17 @@ def load_trust_root(spec: str) -> TrustedRoot:
     except OSError as exc:
         raise ConfigError(f"cannot read trust root {path}: {exc.strerror}") from None
     try:
-        return load_roots_file(data, name)
+        root = load_roots_file(data, name)
     except SevError as exc:
         raise ConfigError(f"trust root {path} is not a valid ASK||ARK file: {exc}") from None
+    if root.generation is None and name in AMD_GENERATIONS:
+        # `milan.cert` would otherwise be trusted as "milan", and a workload allowing AMD's Milan would
+        # accept whatever this root signs. AMD's own ARK (byte-equal to the pinned one) keeps its name.
+        raise ConfigError(
+            f"trust root {path} would be named {name!r}, an AMD generation, but its ARK is not AMD's: "
+            "give it another name (NAME=FILE)"
+        )
+    return root
 
 
 def load_publisher_key(path: str) -> PublisherKey:
@@ -150,7 +158,7 @@ def build_app(config: OwnerConfig) -> OwnerApp:
     if not publishers:
         # Not fatal (reference values can come later with a restart), but nothing will be released.
         log.warning("no --publisher-key given: no reference value will be trusted, every release refused")
-    store = SQLiteStore(config.db, audit_mac_key=kek.audit_key)
+    store = open_store(config.db, audit_mac_key=kek.audit_key)
     refset = ReferenceValueSet(publishers)
     failures = refset.load([(mid, env) for mid, env, _ in store.list_manifests()], store.revoked_manifests())
     for mid, failure in failures:
@@ -196,7 +204,7 @@ def _list(value: object) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sevlaunch-owner", description="The guest owner's attestation service.")
     add_server_flags(p, listen=DEFAULT_LISTEN, identity="owner", metrics_listen=DEFAULT_METRICS_LISTEN)
-    p.add_argument("--db", required=True, help="SQLite database file")
+    p.add_argument("--db", required=True, help="the store: a SQLite file, or a postgresql:// URL")
     p.add_argument(
         "--kek-file", required=True, help="key-encryption key file (32 bytes, raw or base64; 0600)"
     )
@@ -234,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> OwnerConfig:
     config = OwnerConfig(
         **server_options(args),
-        db=Path(args.db),
+        db=args.db,
         kek_file=Path(args.kek_file),
         create_kek=args.create_kek,
         trust_roots=_list(args.trust_root),
