@@ -1,5 +1,5 @@
-"""The launcher's Prometheus metrics, in the server's registry. Labels are phases, outcomes, modes and
-destroy paths only: never launch ids, names or anything secret."""
+"""The launcher's Prometheus metrics, in the server's registry. Labels are phases, outcomes, modes,
+destroy paths and firmware command/status names only: never launch ids, names or anything secret."""
 
 from __future__ import annotations
 
@@ -32,6 +32,20 @@ class LauncherMetrics(LaunchObserver):
             ["path"],
             registry=registry,
         )
+        # The launch commands the emulated backend issues in QEMU's place (named like platform_svc's
+        # sevlaunch_firmware_*). With the libvirt backend QEMU talks to the firmware and these stay empty.
+        self.firmware_commands = Counter(
+            "sevlaunch_launcher_firmware_commands",
+            "Firmware launch commands issued by the emulated hypervisor, by command and firmware status",
+            ["command", "status"],
+            registry=registry,
+        )
+        self.firmware_latency = Histogram(
+            "sevlaunch_launcher_firmware_command_duration_seconds",
+            "Firmware launch command time, by command",
+            ["command"],
+            registry=registry,
+        )
         self.in_flight_gauge = Gauge(
             "sevlaunch_launcher_launches_in_flight", "Launches admitted and not yet ended", registry=registry
         )
@@ -47,3 +61,8 @@ class LauncherMetrics(LaunchObserver):
 
     def in_flight(self, count: int) -> None:
         self.in_flight_gauge.set(count)
+
+    def firmware_command(self, command: str, status: str, seconds: float) -> None:
+        """`EmulatedHypervisor`'s firmware observer: command and status names only."""
+        self.firmware_commands.labels(command, status).inc()
+        self.firmware_latency.labels(command).observe(seconds)

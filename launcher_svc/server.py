@@ -4,7 +4,7 @@
         --hypervisor {emulated,libvirt} [--emulator STATE_DIR] [--libvirt-uri qemu:///system] \
         [--db /var/lib/sevlaunch/launcher.db] [--secret-gpa 0x80c000] \
         [--phase-timeout 30[,SECRET_RELEASED=60,...]] [--max-concurrent 8] [--metrics-listen :9102] \
-        [--health-listen 0.0.0.0:50062] \
+        [--health-listen 0.0.0.0:50062] [--owner-identity owner] [--platform-identity platform] \
         [--image-dir /usr/share/OVMF:/var/lib/libvirt/images]
 
 Every flag is also an environment variable (`--tls-dir` ↔ SEVLAUNCH_TLS_DIR).
@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from launcher_svc.adapters.grpc_clients import OwnerClient, PlatformClient
 from launcher_svc.api.servicer import AUTHZ, SERVICE_NAME, LauncherServicer
 from launcher_svc.core.launcher import Launcher, LauncherConfig
 from launcher_svc.core.ports import Hypervisor
-from launcher_svc.core.spec import PathPolicy
+from launcher_svc.core.spec import PathPolicy, validate_vcpu_type
 from launcher_svc.core.state import LaunchStore, Phase
 from launcher_svc.metrics import LauncherMetrics
+from sevlaunch.errors import InvalidArgument
 from sevlaunch.rpc import RpcServer
 from sevlaunch.rpc.entry import add_server_flags, rpc_server_options, server_main, server_options
 from sevlaunch.rpc.server import DEFAULT_GRACE_SECONDS
@@ -50,6 +51,8 @@ class LauncherServerConfig:
     health_listen: str | None = None
     grace: float = DEFAULT_GRACE_SECONDS
     vcpu_type: str = "EPYC-v4"
+    owner_identity: str = "owner"  # the subject CN every owner's certificate must carry
+    platform_identity: str = "platform"  # the subject CN of platform_svc's certificate
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
@@ -72,7 +75,7 @@ def parse_phase_timeouts(text: str) -> tuple[float, dict[Phase, float]]:
     return default, overrides
 
 
-def open_hypervisor(cfg: LauncherServerConfig) -> Hypervisor:
+def open_hypervisor(cfg: LauncherServerConfig, *, metrics: LauncherMetrics | None = None) -> Hypervisor:
     if cfg.hypervisor == "libvirt":
         from launcher_svc.adapters.libvirt_backend import LibvirtHypervisor
 
@@ -84,7 +87,12 @@ def open_hypervisor(cfg: LauncherServerConfig) -> Hypervisor:
         from sevlaunch.firmware import EmulatedFirmware
 
         firmware = EmulatedFirmware(cfg.emulator)
-        return EmulatedHypervisor(firmware, cfg.emulator / "hypervisor", vcpu_type=cfg.vcpu_type)
+        return EmulatedHypervisor(
+            firmware,
+            cfg.emulator / "hypervisor",
+            vcpu_type=cfg.vcpu_type,
+            firmware_observer=metrics.firmware_command if metrics is not None else None,
+        )
     raise ValueError(f"unknown hypervisor {cfg.hypervisor!r}")
 
 
@@ -93,18 +101,24 @@ async def create_server(
 ) -> tuple[RpcServer, Launcher]:
     """The server (not started) and its started launcher core; the core's reconciler already ran."""
     server = RpcServer(service_name=SERVICE_NAME, authz=AUTHZ, **rpc_server_options(cfg))
-    hv = hypervisor if hypervisor is not None else open_hypervisor(cfg)
+    metrics = LauncherMetrics(server.metrics.registry)
+    hv = hypervisor if hypervisor is not None else open_hypervisor(cfg, metrics=metrics)
     cfg.db.parent.mkdir(parents=True, exist_ok=True)
     store = LaunchStore(str(cfg.db))
-    platform = PlatformClient(cfg.platform, cfg.tls_dir, cfg.identity) if cfg.platform else None
-    owners = OwnerClient(cfg.tls_dir, cfg.identity)
+    platform = (
+        PlatformClient(cfg.platform, cfg.tls_dir, cfg.identity, platform_identity=cfg.platform_identity)
+        if cfg.platform
+        else None
+    )
+    owners = OwnerClient(cfg.tls_dir, cfg.identity, owner_identity=cfg.owner_identity)
     core = Launcher(
         hypervisor=hv,
         store=store,
         platform=platform,
         owners=owners,
-        config=cfg.launcher,
-        observer=LauncherMetrics(server.metrics.registry),
+        # One vCPU model setting: the emulated backend's default is the model SEV-ES guests are pinned to.
+        config=replace(cfg.launcher, vcpu_type=cfg.vcpu_type),
+        observer=metrics,
     )
     await core.start()
     launcher_pb2_grpc.add_LauncherServiceServicer_to_server(LauncherServicer(core), server.grpc_server)
@@ -142,7 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="also destroy paused SEV domains the launcher did not create",
     )
     p.add_argument(
-        "--vcpu-type", default="EPYC-v4", help="emulated hypervisor: QEMU CPU model of SEV-ES VMSAs"
+        "--vcpu-type",
+        default="EPYC-v4",
+        help="vCPU model pinned for SEV-ES guests whose spec names none (also the emulated VMSAs')",
+    )
+    p.add_argument(
+        "--owner-identity",
+        default="owner",
+        help="subject CN an owner's server certificate must carry (any other is refused)",
+    )
+    p.add_argument(
+        "--platform-identity",
+        default="platform",
+        help="subject CN platform_svc's server certificate must carry",
     )
     return p
 
@@ -151,6 +177,10 @@ def config_from_args(args: argparse.Namespace) -> LauncherServerConfig:
     default_timeout, overrides = parse_phase_timeouts(args.phase_timeout)
     if args.max_concurrent < 1:
         raise ValueError("--max-concurrent must be at least 1")
+    try:
+        validate_vcpu_type(args.vcpu_type)
+    except InvalidArgument as exc:
+        raise ValueError(f"--vcpu-type: {exc.detail}") from None
     dirs = tuple(d for d in args.image_dir.split(":") if d)
     if not dirs or not all(d.startswith("/") for d in dirs):
         raise ValueError("--image-dir needs absolute directories")
@@ -162,6 +192,8 @@ def config_from_args(args: argparse.Namespace) -> LauncherServerConfig:
         libvirt_uri=args.libvirt_uri,
         db=Path(args.db),
         vcpu_type=args.vcpu_type,
+        owner_identity=args.owner_identity,
+        platform_identity=args.platform_identity,
         launcher=LauncherConfig(
             paths=PathPolicy(dirs),
             phase_timeout=default_timeout,

@@ -7,8 +7,9 @@ QEMU's part of an SEV launch.
   create() followed at once by suspend(); the test driver runs no guest code, so nothing runs between.
 * QEMU's part, on the `EmulatedFirmware` chip that platform_svc shares: LAUNCH_START with the XML's
   dhCert, session and policy; LAUNCH_UPDATE_DATA of the firmware file the XML names and of the kernel
-  hashes table (`launch_updates`, QEMU's order); LAUNCH_UPDATE_VMSA for SEV-ES; LAUNCH_MEASURE;
-  LAUNCH_SECRET into the secret area; LAUNCH_FINISH on resume; DECOMMISSION on destroy.
+  hashes table (`launch_updates`, QEMU's order); LAUNCH_UPDATE_VMSA for SEV-ES, of the vCPU model the
+  XML pins; LAUNCH_MEASURE; LAUNCH_SECRET into the secret area; LAUNCH_FINISH on resume; DECOMMISSION
+  on destroy. Each command is reported to an optional observer (the launcher's firmware metrics).
 
 Surviving a restart (why `domains_dir` exists): the test driver's domains live in this process, and QEMU
 processes would outlive a killed launcher on a real host. So every emulated domain is also written to
@@ -25,8 +26,11 @@ import base64
 import json
 import os
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import libvirt
 
@@ -41,8 +45,14 @@ from sevlaunch.sev.ovmf import OVMF
 from sevlaunch.sev.policy import PolicyFlags
 from sevlaunch.sev.vmsa import VMSALayout, vcpu_signature
 
+T = TypeVar("T")
+
 _NODE_XML = "<node/>\n"
 MAX_IMAGE = 1 << 30
+
+
+#: Told (command, status name, seconds) of every launch command the backend issues, e.g. for metrics.
+FirmwareObserver = Callable[[str, str, float], None]
 
 
 def firmware_error(exc: FirmwareError) -> ServiceError:
@@ -98,8 +108,10 @@ class EmulatedHypervisor(LibvirtHypervisor):
         reduced_phys_bits: int = 1,
         vcpu_type: str = "EPYC-v4",
         vmsa_layout: VMSALayout = VMSALayout.init2,
+        firmware_observer: FirmwareObserver | None = None,
     ) -> None:
         self.firmware = firmware
+        self._observe = firmware_observer
         self.domains_dir = Path(domains_dir)
         self.domains_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         node = self.domains_dir / "testnode.xml"
@@ -148,6 +160,23 @@ class EmulatedHypervisor(LibvirtHypervisor):
 
     # -- the SEV parts QEMU would play ----------------------------------------------------------
 
+    def _fw(self, command: str, fn: Callable[..., T], *args: object) -> T:
+        """One firmware launch command, reported to the observer with its status (the firmware's status
+        name, or ERROR when the emulator failed otherwise)."""
+        start = time.perf_counter()
+        status = StatusCode.SUCCESS.name
+        try:
+            return fn(*args)
+        except FirmwareError as exc:
+            status = exc.status.name if isinstance(exc.status, StatusCode) else f"0x{int(exc.status):02x}"
+            raise
+        except Exception:
+            status = "ERROR"
+            raise
+        finally:
+            if self._observe is not None:
+                self._observe(command, status, time.perf_counter() - start)
+
     def sev_capabilities(self) -> SevCapabilities:
         cfg = self.firmware.config
         return SevCapabilities(self._cbitpos, self._reduced, cfg.max_guests, cfg.max_es_guests)
@@ -193,11 +222,13 @@ class EmulatedHypervisor(LibvirtHypervisor):
                 cmdline = parsed.cmdline or ""
             es = bool(parsed.policy & PolicyFlags.ES)
             try:
+                # Like QEMU: the VMSAs of the CPU model the XML pins, else of the configured default.
+                vcpu_sig = vcpu_signature(parsed.cpu_model) if parsed.cpu_model else self._vcpu_sig
                 updates = launch_updates(
                     firmware_image,
                     mode="sev-es" if es else "sev",
                     vcpus=parsed.vcpus,
-                    vcpu_sig=self._vcpu_sig,
+                    vcpu_sig=vcpu_sig,
                     layout=self._layout,
                     kernel=kernel,
                     initrd=initrd,
@@ -206,17 +237,25 @@ class EmulatedHypervisor(LibvirtHypervisor):
             except SevError as exc:
                 raise FailedPrecondition(exc.reason.value, exc.detail) from None
             try:
-                handle = self.firmware.launch_start(parsed.dh_cert, parsed.session, parsed.policy)
+                handle = self._fw(
+                    "LAUNCH_START", self.firmware.launch_start, parsed.dh_cert, parsed.session, parsed.policy
+                )
                 # Persist the handle at once: from here on a crash must leave a way to DECOMMISSION.
                 dom.handle, dom.run_state = handle, "paused"
                 self._save(dom)
                 for update in updates:
                     if update.kind == "data":
                         assert update.gpa is not None
-                        self.firmware.launch_update_data(handle, update.gpa, update.data)
+                        self._fw(
+                            "LAUNCH_UPDATE_DATA",
+                            self.firmware.launch_update_data,
+                            handle,
+                            update.gpa,
+                            update.data,
+                        )
                     else:
-                        self.firmware.launch_update_vmsa(handle, update.data)
-                dom.measurement = self.firmware.launch_measure(handle)
+                        self._fw("LAUNCH_UPDATE_VMSA", self.firmware.launch_update_vmsa, handle, update.data)
+                dom.measurement = self._fw("LAUNCH_MEASURE", self.firmware.launch_measure, handle)
             except FirmwareError as exc:
                 raise firmware_error(exc) from None
             self._save(dom)
@@ -255,7 +294,7 @@ class EmulatedHypervisor(LibvirtHypervisor):
                     raise FailedPrecondition("no_secret_area", "the OVMF declares no secret area")
                 gpa = area[0]
             try:
-                self.firmware.launch_secret(dom.handle, header, payload, gpa)
+                self._fw("LAUNCH_SECRET", self.firmware.launch_secret, dom.handle, header, payload, gpa)
             except FirmwareError as exc:
                 raise firmware_error(exc) from None
 
@@ -265,7 +304,7 @@ class EmulatedHypervisor(LibvirtHypervisor):
             if dom is None or dom.handle is None:
                 raise FailedPrecondition("not_started", "the domain has no firmware guest context")
             try:
-                self.firmware.launch_finish(dom.handle)
+                self._fw("LAUNCH_FINISH", self.firmware.launch_finish, dom.handle)
             except FirmwareError as exc:
                 raise firmware_error(exc) from None
             super().resume(name)
@@ -279,7 +318,7 @@ class EmulatedHypervisor(LibvirtHypervisor):
             if dom is not None:
                 if dom.handle is not None:
                     try:
-                        self.firmware.decommission(dom.handle)
+                        self._fw("DECOMMISSION", self.firmware.decommission, dom.handle)
                     except FirmwareError as exc:
                         # INVALID_GUEST: already gone (e.g. a chip reset); anything else is kept for a retry.
                         if exc.status != StatusCode.INVALID_GUEST:

@@ -100,6 +100,7 @@ def info_pb(rec: LaunchRecord) -> launcher_pb2.LaunchInfo:
         created_at=_timestamp(rec.created_at),
         updated_at=_timestamp(rec.updated_at),
         measurement=rec.measurement,
+        vcpu_type=rec.spec.vcpu_type or "",
     )
 
 
@@ -137,6 +138,7 @@ class LauncherServicer(launcher_pb2_grpc.LauncherServiceServicer):
             disks=tuple(DiskSpec(d.path, d.target, _FORMATS[d.format], d.readonly) for d in spec.disks),
             networks=tuple(n.network for n in spec.networks),
             launch_without_secret=spec.launch_without_secret,
+            vcpu_type=spec.vcpu_type or None,
         )
 
     async def Launch(

@@ -7,17 +7,22 @@ What makes it an attested SEV launch (PROTOCOL.md section 9):
 * a stateless OVMF (`<loader type='rom' stateless='yes'>`, no NVRAM): only the measured image runs;
 * `<memoryBacking><locked/>`: encrypted pages cannot be swapped or moved;
 * virtio devices with `iommu='on'`, so they use bounce buffers in shared memory;
-* our own `<metadata>` element naming the launch, which lets the reconciler tell our domains apart.
+* our own `<metadata>` element naming the launch, which lets the reconciler tell our domains apart;
+* the vCPU model pinned (`<cpu mode='custom' match='exact' check='full'>`, `fallback='forbid'`) when the
+  spec names one (always for SEV-ES, where the launcher supplies its default): an SEV-ES launch measures
+  each vCPU's VMSA, whose reset RDX is the model's family/model/stepping, so QEMU must not pick a CPU
+  model of its own (the host's, or whatever the machine type's default is).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
-from launcher_svc.core.spec import GuestSpec
+from launcher_svc.core.spec import GuestSpec, validate_vcpu_type
 
 METADATA_NS = "urn:sevlaunch:launch:v1"
 METADATA_PREFIX = "sevlaunch"
@@ -37,6 +42,18 @@ class SevLaunchParams:
             raise ValueError("cbitpos/reducedPhysBits out of range")
         if not 0 <= self.policy <= 0xFFFF_FFFF:
             raise ValueError("policy out of range")
+
+
+_MODEL_VERSION = re.compile(r"-v[0-9]+$")
+
+
+def libvirt_cpu_model(vcpu_type: str) -> str:
+    """libvirt's name for a vCPU type of `sevlaunch.sev.vmsa`. libvirt's CPU map knows QEMU's models
+    without their version suffix (`EPYC`, not `EPYC-v4`); every version of a model has the same
+    family/model/stepping, which is all of the CPU model that the VMSA measures (VCPU_TYPES maps
+    them to one signature; the unit tests check it for every name)."""
+    validate_vcpu_type(vcpu_type)
+    return _MODEL_VERSION.sub("", vcpu_type)
 
 
 def domain_name_for(launch_id: str, guest_name: str) -> str:
@@ -74,6 +91,10 @@ def build_domain_xml(spec: GuestSpec, *, launch_id: str, domain_name: str, sev: 
 
     features = _sub(dom, "features")
     _sub(features, "acpi")
+    if spec.vcpu_type is not None:
+        # Exactly this model, checked after start, no fallback to a nearby one: the VMSAs depend on it.
+        cpu = _sub(dom, "cpu", mode="custom", match="exact", check="full")
+        _sub(cpu, "model", libvirt_cpu_model(spec.vcpu_type), fallback="forbid")
     # A reboot would run the guest again without a fresh measurement: SEV guests are destroyed instead.
     _sub(dom, "on_poweroff", "destroy")
     _sub(dom, "on_reboot", "destroy")
@@ -123,6 +144,7 @@ class ParsedLaunch:
     policy: int
     dh_cert: bytes
     session: bytes
+    cpu_model: str | None = None  # the pinned `<cpu><model>`, if any
 
 
 def _text(root: ET.Element, path: str) -> str | None:
@@ -162,4 +184,5 @@ def parse_domain_xml(xml: str) -> ParsedLaunch:
         policy=int(policy_text, 16) if policy_text else 0,
         dh_cert=_b64(_text(root, "launchSecurity/dhCert")) if sev else b"",
         session=_b64(_text(root, "launchSecurity/session")) if sev else b"",
+        cpu_model=_text(root, "cpu/model"),
     )

@@ -4,11 +4,16 @@ Fail closed means: every path that does not end in RUNNING ends in `_fail_closed
 undefines the domain (the backend frees the firmware guest context with it) before the launch is
 recorded as FAILED. A guest is resumed only through `_resume`, which checks `may_resume` on the
 persisted record first: a secret must have been injected, or the spec asked to run without one and the
-owner agreed.
+owner explicitly agreed (`no_secret`).
 
 Orchestrated launches run as tasks of their own; the progress stream only reads their events, so a
 client that goes away does not stop a launch from finishing or from being cleaned up. Two-phase launches
-wait for CompleteLaunch until a deadline, enforced by a timer and, as a backstop, by the reconciler.
+wait for CompleteLaunch until a deadline, checked by CompleteLaunch itself under the launch's lock and
+enforced by a timer and, as a backstop, by the reconciler.
+
+Hypervisor calls run in worker threads and cannot be interrupted: fail-closed waits for a call still in
+flight before it destroys the domain (see `_hv`), so a call that outlives its deadline cannot recreate
+or keep a paused domain behind the destroy.
 
 The reconciler runs at start and periodically: it fails every launch left in flight by an earlier
 launcher process, and destroys SEV domains of ours that no advancing launch owns.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -105,6 +111,9 @@ class LauncherConfig:
     reconcile_interval: float = 10.0
     reconcile_foreign: bool = False  # also destroy paused SEV domains the launcher did not create
     cleanup_grace: float = 10.0  # how long fail-closed waits for a hypervisor call still in a worker
+    # The vCPU model pinned for SEV-ES guests whose spec names none (`--vcpu-type`): an SEV-ES launch
+    # always runs on a pinned model, since its VMSAs (and so its measurement) depend on it.
+    vcpu_type: str = "EPYC-v4"
 
     def timeout(self, phase: Phase) -> float:
         return self.phase_timeouts.get(phase, self.phase_timeout)
@@ -186,6 +195,9 @@ class Launcher:
                 await self._reconciler
         for launch_id in list(self._active):
             await self.abort(launch_id, reason=("launcher_stopping", "the launcher is shutting down"))
+        if self._background:
+            # Expiries, aborts and late destroys already under way: give them the cleanup grace.
+            await asyncio.wait(set(self._background), timeout=self.config.cleanup_grace)
         self.hv.set_lifecycle_handler(None)
 
     def _lock(self, launch_id: str) -> asyncio.Lock:
@@ -195,8 +207,15 @@ class Launcher:
     # helpers
 
     async def _hv(self, launch_id: str, fn: Callable[..., T], *args: object, timeout: float | None) -> T:
-        """Runs a blocking hypervisor call in a worker. On a deadline the call keeps running in its
-        thread; it is remembered so that fail-closed waits for it before destroying the domain."""
+        """Runs a blocking hypervisor call in a worker.
+
+        A worker thread cannot be stopped: a call that has begun (say `start_paused`, which may have
+        done LAUNCH_START already) runs to its end whatever its caller does. So the executor future is
+        never cancelled: it is awaited through `shield`, and a phase deadline, an abort or a SIGTERM
+        only cancels the waiting. The future stays in `pending` until its thread has returned, which is
+        what fail-closed waits for before destroying (and destroys again after, if it had to give up
+        waiting). Cancelling `fut` itself would drop it from `pending` at once while the thread goes on
+        and leaves a paused domain behind the destroy."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.run_in_executor(None, fn, *args)
         active = self._active.get(launch_id)
@@ -204,8 +223,13 @@ class Launcher:
             active.pending.add(fut)  # type: ignore[arg-type]
             fut.add_done_callback(active.pending.discard)
         if timeout is None:
-            return await fut
+            return await asyncio.shield(fut)
         return await asyncio.wait_for(asyncio.shield(fut), timeout)
+
+    def _pin_vcpu_type(self, spec: GuestSpec) -> GuestSpec:
+        if spec.vcpu_type is None and spec.mode is SevMode.SEV_ES:
+            return dataclasses.replace(spec, vcpu_type=self.config.vcpu_type)
+        return spec
 
     def _preflight(self, spec: GuestSpec) -> _Preflight:
         """What the firmware image allows, checked before anything is defined or anyone is called."""
@@ -304,17 +328,17 @@ class Launcher:
         active = self._active.get(rec.launch_id)
         if active is not None:
             active.closing = True
-        if active is not None and active.pending:
-            # A call that missed its deadline may still be starting the domain: let it end first.
-            await asyncio.wait(set(active.pending), timeout=self.config.cleanup_grace)
-        try:
-            destroyed = await self._hv(
-                rec.launch_id, self.hv.destroy, rec.domain_name, timeout=self.config.cleanup_grace
-            )
-            if destroyed:
-                self.observer.domain_destroyed(path)
-        except Exception as exc:
-            log.error("destroy failed", extra={"launch_id": rec.launch_id, "error": _classify(exc)[0]})
+        in_flight: set[asyncio.Future[object]] = set(active.pending) if active is not None else set()
+        if in_flight:
+            # A call that missed its deadline (or whose waiter was cancelled) may still be starting the
+            # domain: let it end first, so that the destroy comes after it and not before.
+            _, in_flight = await asyncio.wait(in_flight, timeout=self.config.cleanup_grace)
+        await self._destroy_for(rec, path)
+        if in_flight:
+            # Still running after the grace: destroy once more when it ends (and the reconciler
+            # destroys whatever a launch that is over left, as a backstop).
+            log.warning("hypervisor call outlived the cleanup grace", extra={"launch_id": rec.launch_id})
+            self._spawn(self._destroy_after(rec, in_flight, path))
         try:
             rec = self.store.finish(
                 rec, Phase.FAILED, failed_phase=failed_phase, reason=reason, detail=detail
@@ -334,6 +358,20 @@ class Launcher:
             },
         )
         return rec
+
+    async def _destroy_for(self, rec: LaunchRecord, path: str) -> None:
+        try:
+            destroyed = await self._hv(
+                rec.launch_id, self.hv.destroy, rec.domain_name, timeout=self.config.cleanup_grace
+            )
+            if destroyed:
+                self.observer.domain_destroyed(path)
+        except Exception as exc:
+            log.error("destroy failed", extra={"launch_id": rec.launch_id, "error": _classify(exc)[0]})
+
+    async def _destroy_after(self, rec: LaunchRecord, calls: set[asyncio.Future[object]], path: str) -> None:
+        await asyncio.wait(calls)
+        await self._destroy_for(rec, path)
 
     async def _step(
         self, rec: LaunchRecord, to: Phase, work: Callable[[], Awaitable[dict[str, object]]]
@@ -412,6 +450,12 @@ class Launcher:
         return rec, info_box[0]
 
     def _check_secret(self, header: bytes, payload: bytes, pre: _Preflight) -> None:
+        if pre.secret_gpa is None and not pre.secret_area_size:
+            # Preflight let a launch_without_secret spec through without a secret location.
+            raise FailedPrecondition(
+                "no_secret_area",
+                "the OVMF declares no secret area and no secret guest physical address is configured",
+            )
         if len(header) != SECRET_HEADER_SIZE:
             raise InvalidArgument("bad_secret_header", f"the secret header is {SECRET_HEADER_SIZE} bytes")
         if not payload or len(payload) % 16:
@@ -471,6 +515,7 @@ class Launcher:
             raise FailedPrecondition("not_configured", "orchestrated launches need --platform")
         validate_endpoint(owner_endpoint)
         validate_workload(workload_id)
+        spec = self._pin_vcpu_type(spec)
         pre = await asyncio.to_thread(self._preflight, spec)
         rec = self._new_record(
             spec,
@@ -550,13 +595,23 @@ class Launcher:
                     build_id=info.build_id,
                     policy=info.policy,
                 )
+                # Running without a secret takes two explicit yeses: the spec's `launch_without_secret`
+                # and the owner's `no_secret`. Empty blobs are not consent: they fail the secret's checks.
+                if secret.no_secret:
+                    if secret.header or secret.payload:
+                        raise FailedPrecondition(
+                            "bad_owner_reply", "the owner sent a secret and agreed to run without one"
+                        )
+                    if not rec.spec.launch_without_secret:
+                        raise FailedPrecondition(
+                            "no_secret_not_requested",
+                            "the owner released no secret and the spec did not ask to run without one",
+                        )
+                    return {"secret_waived": True}
+                # A secret (also when the spec would have done without one) must be injected.
+                self._check_secret(secret.header, secret.payload, pre)
                 secret_box.append(secret)
-                waived = secret.waived and rec.spec.launch_without_secret
-                if secret.waived and not rec.spec.launch_without_secret:
-                    raise FailedPrecondition(
-                        "no_secret", "the owner released no secret and the spec needs one"
-                    )
-                return {"secret_waived": waived}
+                return {"secret_waived": False}
 
             rec, took = await self._step(rec, Phase.SECRET_RELEASED, release)
             emit(rec, took)
@@ -610,6 +665,7 @@ class Launcher:
         if spec.launch_without_secret:
             # The launcher cannot see an owner's consent in a client-driven launch: fail closed.
             raise InvalidArgument("no_secret_two_phase", "a two-phase launch always needs a secret")
+        spec = self._pin_vcpu_type(spec)
         pre = await asyncio.to_thread(self._preflight, spec)
         rec = self._new_record(spec, LaunchMode.TWO_PHASE, requested_by)
         await self._admit(spec, rec.launch_id)
@@ -682,6 +738,15 @@ class Launcher:
                 raise FailedPrecondition("launch_not_waiting", "launch is not driven by this launcher")
             if active.timer is not None:
                 active.timer.cancel()
+            # The timer is not the deadline, only its usual enforcer: a busy loop can run it late, and
+            # a CompleteLaunch that takes the lock first must not inject into an expired launch.
+            if rec.deadline is None or time.time() >= rec.deadline:
+                await self._fail_closed(
+                    rec, Phase.SECRET_INJECTED, "deadline_exceeded", "no secret arrived before the deadline"
+                )
+                raise DeadlineExceeded(
+                    "deadline_exceeded", "the launch's deadline for CompleteLaunch has passed"
+                )
             try:
                 rec, _ = await self._inject(rec, ReleasedSecret(header=header, payload=payload), pre)
                 rec, _ = await self._resume(rec)

@@ -120,11 +120,13 @@ class OwnerSession:
 
 @dataclass(frozen=True)
 class ReleasedSecret:
-    """The owner's LAUNCH_SECRET packet, or its explicit agreement to run without one."""
+    """The owner's LAUNCH_SECRET packet, or its explicit agreement to run without one (`no_secret`,
+    owner.proto's `ReleaseSecretResponse.no_secret`; header and payload are then empty). Empty blobs
+    alone are never consent."""
 
     header: bytes = field(default=b"", repr=False)
     payload: bytes = field(default=b"", repr=False)
-    waived: bool = False
+    no_secret: bool = False
 
 
 class OwnerPort(Protocol):

@@ -14,8 +14,9 @@ from enum import StrEnum
 from pathlib import Path
 
 from sevlaunch.errors import InvalidArgument
-from sevlaunch.sev.errors import MalformedInput
+from sevlaunch.sev.errors import MalformedInput, Unsupported
 from sevlaunch.sev.policy import GuestPolicy
+from sevlaunch.sev.vmsa import vcpu_signature
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
 DISK_TARGET_RE = re.compile(r"^vd[a-z]$")
@@ -69,6 +70,7 @@ class GuestSpec:
     disks: tuple[DiskSpec, ...] = ()
     networks: tuple[str, ...] = ()
     launch_without_secret: bool = False
+    vcpu_type: str | None = None  # a `sevlaunch.sev.vmsa.VCPU_TYPES` name, pinned in the domain XML
 
     @property
     def has_kernel(self) -> bool:
@@ -91,6 +93,7 @@ class GuestSpec:
             ],
             "networks": list(self.networks),
             "launch_without_secret": self.launch_without_secret,
+            "vcpu_type": self.vcpu_type,
         }
 
     @classmethod
@@ -114,6 +117,7 @@ class GuestSpec:
             ),
             networks=tuple(str(n) for n in (data.get("networks") or [])),  # type: ignore[attr-defined]
             launch_without_secret=bool(data.get("launch_without_secret", False)),
+            vcpu_type=_opt_str(data.get("vcpu_type")),
         )
 
 
@@ -159,6 +163,15 @@ def validate_name(name: str) -> str:
     return name
 
 
+def validate_vcpu_type(name: str) -> str:
+    """A vCPU type the VMSA builder knows (so the owner's reference values can name it too)."""
+    try:
+        vcpu_signature(name)
+    except Unsupported:
+        raise InvalidArgument("bad_vcpu_type", f"unknown vCPU type {name[:64]!r}") from None
+    return name
+
+
 def validate_endpoint(endpoint: str) -> str:
     if not ENDPOINT_RE.fullmatch(endpoint):
         raise InvalidArgument("bad_endpoint", "owner endpoint must be HOST:PORT")
@@ -189,6 +202,7 @@ def create_spec(
     disks: tuple[DiskSpec, ...] = (),
     networks: tuple[str, ...] = (),
     launch_without_secret: bool = False,
+    vcpu_type: str | None = None,
 ) -> GuestSpec:
     """Validates every field of a guest request; raises `InvalidArgument` with the first problem."""
     validate_name(name)
@@ -231,6 +245,8 @@ def create_spec(
     for net in networks:
         if not NETWORK_RE.fullmatch(net):
             raise InvalidArgument("bad_network", "network names must be 1-64 characters of A-Z a-z 0-9 _ . -")
+    if vcpu_type is not None:
+        validate_vcpu_type(vcpu_type)
     return GuestSpec(
         name=name,
         memory_mib=memory_mib,
@@ -244,4 +260,5 @@ def create_spec(
         disks=disks,
         networks=networks,
         launch_without_secret=launch_without_secret,
+        vcpu_type=vcpu_type,
     )

@@ -28,6 +28,17 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--cmdline")
     p.add_argument("--sev-es", action="store_true", help="launch an SEV-ES guest")
     p.add_argument("--vcpus", type=int, default=1)
+    p.add_argument(
+        "--vcpu-type",
+        metavar="MODEL",
+        help="vCPU model pinned for the guest, e.g. EPYC-v4 or EPYC-Milan (default: the launcher's for "
+        "SEV-ES, none for SEV); SEV-ES measurements depend on it",
+    )
+    p.add_argument(
+        "--without-secret",
+        action="store_true",
+        help="the guest may run without a secret, if the owner agrees (ReleaseSecret no_secret)",
+    )
     p.add_argument("--memory", type=int, default=1024, metavar="MIB")
     p.add_argument("--policy", type=parse_int, help="guest policy (default 0x3, or 0x7 with --sev-es)")
     p.add_argument("--name", default="guest", help="guest name")
@@ -57,6 +68,8 @@ def _launch(args: argparse.Namespace) -> int:
         cmdline=args.cmdline or "",
         mode=launcher_pb2.SEV_MODE_SEV_ES if args.sev_es else launcher_pb2.SEV_MODE_SEV,
         policy=policy,
+        vcpu_type=args.vcpu_type or "",
+        launch_without_secret=args.without_secret,
     )
     request = launcher_pb2.LaunchRequest(
         spec=spec, owner=launcher_pb2.OwnerRef(endpoint=args.owner, workload_id=args.workload)

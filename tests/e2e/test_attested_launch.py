@@ -24,6 +24,7 @@ import grpc
 import pytest
 
 from launcher_svc.adapters.emulated import EmulatedHypervisor
+from launcher_svc.core.domain_xml import parse_domain_xml
 from launcher_svc.core.launcher import Launcher, LauncherConfig
 from launcher_svc.core.spec import PathPolicy
 from launcher_svc.core.state import Phase
@@ -149,7 +150,7 @@ class World:
         assert self.core is not None and isinstance(self.core.hv, EmulatedHypervisor)
         return self.core.hv
 
-    def start_launcher(self, **overrides: Any) -> None:
+    def start_launcher(self, *, server: dict[str, Any] | None = None, **overrides: Any) -> None:
         cfg = LauncherConfig(
             paths=PathPolicy((str(OVMF.parent), str(self.tmp / "images"))),
             secret_gpa=SECRET_GPA,
@@ -167,6 +168,7 @@ class World:
             metrics_listen="127.0.0.1:0",
             vcpu_type=VCPU_TYPE,
             launcher=cfg,
+            **(server or {}),
         )
 
         async def boot() -> tuple[RpcServer, Launcher]:
@@ -214,46 +216,12 @@ def world(
             PlatformConfig(tls_dir=tls_dir, listen="127.0.0.1:0", emulator=chip_dir, metrics_listen=None)
         )
         await platform.start()
-        owner = build_app(
-            OwnerConfig(
-                tls_dir=tls_dir,
-                db=tmp_path / "owner.db",
-                kek_file=tmp_path / "owner.kek",
-                create_kek=True,
-                trust_roots=[f"emulated={chip_dir / 'ask_ark.cert'}"],
-                publisher_keys=[str(publisher[1])],
-            )
-        )
-        await owner.start()
+        owner = await _start_owner(tmp_path / "owner", tls_dir, chip_dir, publisher[1])
         return platform, owner
 
     platform, owner = loop.run(boot())
     w = World(tmp_path, tls_dir, loop, chip_dir, firmware, platform, owner)
-    admin = w.owner_stub("owner-admin")
-    admin.PutWorkload(
-        owner_pb2.PutWorkloadRequest(
-            workload=owner_pb2.Workload(
-                workload_id=WORKLOAD,
-                allowed_policies=[0x3, 0x7],
-                generations=["emulated"],
-                firmware_minimum=common_pb2.FirmwareVersion(api_major=0, api_minor=0, build_id=0),
-                selectors=[
-                    owner_pb2.ReferenceSelector(
-                        firmware_name="OVMF",
-                        modes=[owner_pb2.REFERENCE_MODE_SEV, owner_pb2.REFERENCE_MODE_SEV_ES],
-                        sev_es_vcpus=[4],
-                    )
-                ],
-            )
-        )
-    )
-    admin.PutSecret(
-        owner_pb2.PutSecretRequest(
-            workload_id=WORKLOAD,
-            entries=[owner_pb2.SecretEntry(guid=str(DISK_PASSPHRASE_GUID), data=PASSPHRASE + b"\x00")],
-        )
-    )
-    admin.ImportReferenceValues(owner_pb2.ImportReferenceValuesRequest(envelope=manifest_envelope))
+    _configure_owner(w.owner_stub("owner-admin"), manifest_envelope)
     try:
         yield w
     finally:
@@ -273,8 +241,65 @@ def world(
         loop.close()
 
 
+async def _start_owner(
+    state: Path, tls_dir: Path, chip_dir: Path, publisher_key: Path, **kw: Any
+) -> OwnerApp:
+    state.mkdir(exist_ok=True)
+    owner = build_app(
+        OwnerConfig(
+            tls_dir=tls_dir,
+            db=state / "owner.db",
+            kek_file=state / "owner.kek",
+            create_kek=True,
+            trust_roots=[f"emulated={chip_dir / 'ask_ark.cert'}"],
+            publisher_keys=[str(publisher_key)],
+            **kw,
+        )
+    )
+    await owner.start()
+    return owner
+
+
+def _put_workload(admin: owner_pb2_grpc.OwnerServiceStub, workload_id: str, **extra: Any) -> None:
+    admin.PutWorkload(
+        owner_pb2.PutWorkloadRequest(
+            workload=owner_pb2.Workload(
+                workload_id=workload_id,
+                allowed_policies=[0x3, 0x7],
+                generations=["emulated"],
+                firmware_minimum=common_pb2.FirmwareVersion(api_major=0, api_minor=0, build_id=0),
+                selectors=[
+                    owner_pb2.ReferenceSelector(
+                        firmware_name="OVMF",
+                        modes=[owner_pb2.REFERENCE_MODE_SEV, owner_pb2.REFERENCE_MODE_SEV_ES],
+                        sev_es_vcpus=[4],
+                    )
+                ],
+                **extra,
+            )
+        )
+    )
+
+
+def _configure_owner(admin: owner_pb2_grpc.OwnerServiceStub, manifest_envelope: bytes) -> None:
+    _put_workload(admin, WORKLOAD)
+    admin.PutSecret(
+        owner_pb2.PutSecretRequest(
+            workload_id=WORKLOAD,
+            entries=[owner_pb2.SecretEntry(guid=str(DISK_PASSPHRASE_GUID), data=PASSPHRASE + b"\x00")],
+        )
+    )
+    admin.ImportReferenceValues(owner_pb2.ImportReferenceValuesRequest(envelope=manifest_envelope))
+
+
 def spec(
-    name: str = "guest", *, es: bool = False, vcpus: int = 1, policy: int | None = None, firmware: Path = OVMF
+    name: str = "guest",
+    *,
+    es: bool = False,
+    vcpus: int = 1,
+    policy: int | None = None,
+    firmware: Path = OVMF,
+    **extra: Any,
 ) -> launcher_pb2.GuestSpec:
     return launcher_pb2.GuestSpec(
         name=name,
@@ -283,6 +308,7 @@ def spec(
         firmware_path=str(firmware),
         mode=launcher_pb2.SEV_MODE_SEV_ES if es else launcher_pb2.SEV_MODE_SEV,
         policy=policy if policy is not None else (0x7 if es else 0x3),
+        **extra,
     )
 
 
@@ -343,6 +369,76 @@ def test_orchestrated_launch_reaches_running_with_the_owners_secret(
 
     destroyed = stub.DestroyGuest(launcher_pb2.DestroyGuestRequest(launch_id=launch_id))
     assert destroyed.state == launcher_pb2.PHASE_DESTROYED
+    assert world.hv.list_domains() == [] and world.guest_count() == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# running without a secret: the spec's launch_without_secret AND the owner's no_secret
+
+BARE = "bare-1"  # a workload with no secret that consents to launching without one
+
+
+def _bare_workload(w: World) -> None:
+    _put_workload(w.owner_stub("owner-admin"), BARE, allow_launch_without_secret=True)
+
+
+def test_launch_without_secret_when_spec_and_owner_agree(world: World) -> None:
+    _bare_workload(world)
+    world.start_launcher()
+    events = launch(world, spec(launch_without_secret=True), workload=BARE)
+    assert [e.phase for e in events] == [
+        p for p in ORCHESTRATED_ORDER if p != launcher_pb2.PHASE_SECRET_INJECTED
+    ]
+    (domain,) = world.hv.list_domains()
+    assert domain.state.value == "running" and world.guest_count() == 1
+    assert world.firmware.guest_info(world.hv.guest_handle(domain.name))["state"] == "RUNNING"
+
+
+def test_owners_no_secret_without_the_specs_request_fails_closed(world: World) -> None:
+    _bare_workload(world)
+    world.start_launcher()
+    failed = _failed(launch(world, spec(), workload=BARE))
+    assert (failed.failed_phase, failed.reason) == (
+        launcher_pb2.PHASE_SECRET_RELEASED,
+        "no_secret_not_requested",
+    )
+    assert_gone(world, failed.launch_id)
+
+
+def test_spec_allowing_no_secret_still_gets_the_owners_secret(world: World) -> None:
+    world.start_launcher()
+    events = launch(world, spec(launch_without_secret=True))
+    assert [e.phase for e in events] == ORCHESTRATED_ORDER
+    table = secret_table(world, events[0].launch_id)
+    assert table.get(DISK_PASSPHRASE_GUID) == PASSPHRASE + b"\x00"
+
+
+# ---------------------------------------------------------------------------------------------------
+# the vCPU model is pinned, and it is what SEV-ES measures
+
+
+def test_the_pinned_vcpu_model_is_what_the_measurement_covers(world: World) -> None:
+    # The manifest lists SEV-ES with 4 vCPUs of EPYC-v4 only.
+    world.start_launcher()
+    ok = launch(world, spec("ok", es=True, vcpus=4, vcpu_type="EPYC-v4"))
+    assert ok[-1].phase == launcher_pb2.PHASE_RUNNING
+    info = world.launcher_stub().GetLaunch(launcher_pb2.GetLaunchRequest(launch_id=ok[0].launch_id))
+    assert info.vcpu_type == "EPYC-v4"
+    assert parse_domain_xml(world.hv.domain_xml(ok[-1].domain_name)).cpu_model == "EPYC"  # libvirt's name
+    # Another model: other VMSAs, another measurement, refused by the owner.
+    failed = _failed(launch(world, spec("milan", es=True, vcpus=4, vcpu_type="EPYC-Milan")))
+    assert (failed.failed_phase, failed.reason) == (
+        launcher_pb2.PHASE_SECRET_RELEASED,
+        "measurement_mismatch",
+    )
+    assert world.domains_of(failed.launch_id) == [] and world.guest_count() == 1
+
+
+def test_unknown_vcpu_type_is_refused_before_anything_is_defined(world: World) -> None:
+    world.start_launcher()
+    with pytest.raises(grpc.RpcError) as err:
+        launch(world, spec(es=True, vcpus=4, vcpu_type="Skylake-Server"))
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert world.hv.list_domains() == [] and world.guest_count() == 0
 
 
@@ -441,6 +537,56 @@ def test_owner_unreachable(world: World) -> None:
     assert failed.failed_phase == launcher_pb2.PHASE_SESSION_OPENED
     assert failed.reason == "owner_unavailable"
     assert_gone(world, failed.launch_id)
+
+
+@pytest.mark.parametrize("impostor", ["client", "launcher"])
+def test_owner_serving_another_identitys_certificate_is_refused(
+    world: World, impostor: str, publisher: tuple[Any, Path], manifest_envelope: bytes
+) -> None:
+    # A caller holding a certificate of the deployment's CA runs its own owner, configured like the
+    # real one (it would release a secret of its choosing), and names it in the launch request.
+    fake = world.loop.run(
+        _start_owner(
+            world.tmp / f"fake-{impostor}", world.tls_dir, world.chip_dir, publisher[1], identity=impostor
+        )
+    )
+    fake_addr = f"localhost:{fake.rpc.port}"
+    try:
+        _configure_owner(
+            owner_pb2_grpc.OwnerServiceStub(secure_channel_sync(fake_addr, world.tls_dir, "owner-admin")),
+            manifest_envelope,
+        )
+        world.start_launcher()
+        failed = _failed(launch(world, spec(), owner=fake_addr))
+        assert (failed.failed_phase, failed.reason) == (
+            launcher_pb2.PHASE_SESSION_OPENED,
+            "owner_not_authenticated",
+        )
+        assert repr(impostor) in failed.detail
+        assert_gone(world, failed.launch_id)
+        # The launcher never got as far as a call: the impostor saw no session request.
+        admin = owner_pb2_grpc.OwnerServiceStub(secure_channel_sync(fake_addr, world.tls_dir, "owner-admin"))
+        assert list(admin.ListSessions(owner_pb2.ListSessionsRequest()).sessions) == []
+        # The real owner, at its own endpoint, is still accepted by the same launcher.
+        assert launch(world, spec("real"))[-1].phase == launcher_pb2.PHASE_RUNNING
+    finally:
+        world.loop.run(fake.stop(0.5))
+
+
+def test_platform_with_an_unexpected_identity_is_refused(world: World) -> None:
+    world.start_launcher(server={"platform_identity": "platform-admin"})
+    failed = _failed(launch(world, spec()))
+    assert (failed.failed_phase, failed.reason) == (
+        launcher_pb2.PHASE_CHAIN_FETCHED,
+        "platform_not_authenticated",
+    )
+    assert_gone(world, failed.launch_id)
+
+
+def test_a_launcher_expecting_another_owner_identity_refuses_the_real_owner(world: World) -> None:
+    world.start_launcher(server={"owner_identity": "tenant-owner"})
+    failed = _failed(launch(world, spec()))
+    assert failed.reason == "owner_not_authenticated"
 
 
 def test_owner_too_slow_hits_the_phase_deadline(world: World) -> None:

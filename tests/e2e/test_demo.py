@@ -267,6 +267,29 @@ def test_keep_leaves_services_running_and_metrics_count_what_happened(kept_demo:
     # Each phase of the good launch was timed once; the refused one stopped after MEASURED.
     assert value(launcher, "sevlaunch_launcher_phase_duration_seconds_count", phase="RUNNING") == 1
     assert value(launcher, "sevlaunch_launcher_phase_duration_seconds_count", phase="MEASURED") == 2
+    # The firmware commands the launcher's emulated hypervisor issued in QEMU's place: the running
+    # guest had START, UPDATE_DATA, MEASURE, SECRET, FINISH; the refused one START, UPDATE_DATA,
+    # MEASURE and its DECOMMISSION. Both are SEV guests: no VMSA.
+    launch_commands = {
+        "LAUNCH_START": 2,
+        "LAUNCH_UPDATE_DATA": 2,
+        "LAUNCH_MEASURE": 2,
+        "LAUNCH_SECRET": 1,
+        "LAUNCH_FINISH": 1,
+        "DECOMMISSION": 1,
+    }
+    for command, count in launch_commands.items():
+        fw = "sevlaunch_launcher_firmware_commands_total"
+        assert value(launcher, fw, command=command, status="SUCCESS") == count, command
+        duration = "sevlaunch_launcher_firmware_command_duration_seconds_count"
+        assert value(launcher, duration, command=command) == count, command
+    fw_samples = {
+        labels: v
+        for (name, labels), v in launcher.items()
+        if name == "sevlaunch_launcher_firmware_commands_total"
+    }
+    # Nothing else, and no command failed.
+    assert fw_samples == {(("command", c), ("status", "SUCCESS")): n for c, n in launch_commands.items()}
 
     owner = scrape(services["owner"]["metrics_url"])
     assert value(owner, "sevlaunch_owner_sessions_opened_total") == 2

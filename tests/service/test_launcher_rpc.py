@@ -122,6 +122,39 @@ def test_two_phase_through_the_server_and_metrics(env_factory: Callable[..., Env
     assert 'sevlaunch_launcher_launches_total{failed_phase="",mode="two-phase",outcome="running"} 1.0' in text
     assert 'sevlaunch_launcher_phase_duration_seconds_count{phase="MEASURED"} 1.0' in text
     assert "sevlaunch_launcher_launches_in_flight 0.0" in text
+    # The launch commands the emulated hypervisor issued in QEMU's place, counted like platform_svc's.
+    for command in ("LAUNCH_START", "LAUNCH_UPDATE_DATA", "LAUNCH_MEASURE", "LAUNCH_SECRET", "LAUNCH_FINISH"):
+        assert (
+            f'sevlaunch_launcher_firmware_commands_total{{command="{command}",status="SUCCESS"}} 1.0' in text
+        )
+        assert (
+            f'sevlaunch_launcher_firmware_command_duration_seconds_count{{command="{command}"}} 1.0' in text
+        )
+    assert 'command="LAUNCH_UPDATE_VMSA"' not in text and 'command="DECOMMISSION"' not in text
+
+
+def test_firmware_refusals_are_counted_by_status(env_factory: Callable[..., Env]) -> None:
+    env = env_factory()
+    prepared, _ = env.prepare()
+    # A secret header made with other keys: LAUNCH_SECRET refuses it, the domain is decommissioned.
+    other = env.session()
+    measurement = LaunchMeasurement.from_bytes(prepared.measurement)
+    header, payload = package_secret(other.keys, measurement.measure, b"\x00" * 64)
+    code, reason = _code(
+        lambda: env.stub().CompleteLaunch(
+            launcher_pb2.CompleteLaunchRequest(
+                launch_id=prepared.launch_id, secret_header=header.to_bytes(), secret_payload=payload
+            )
+        )
+    )
+    assert code is grpc.StatusCode.FAILED_PRECONDITION and reason.startswith("firmware_")
+    status = reason.removeprefix("firmware_").upper()
+    text = env.metrics()
+    assert (
+        f'sevlaunch_launcher_firmware_commands_total{{command="LAUNCH_SECRET",status="{status}"}} 1.0' in text
+    )
+    assert 'sevlaunch_launcher_firmware_commands_total{command="DECOMMISSION",status="SUCCESS"} 1.0' in text
+    assert 'command="LAUNCH_FINISH"' not in text
 
 
 def test_callers_without_the_client_role_are_denied(env_factory: Callable[..., Env]) -> None:

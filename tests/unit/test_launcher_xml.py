@@ -13,8 +13,16 @@ import libvirt
 import pytest
 
 from launcher_svc.adapters.libvirt_backend import ensure_event_loop
-from launcher_svc.core.domain_xml import METADATA_NS, SevLaunchParams, build_domain_xml, parse_domain_xml
+from launcher_svc.core.domain_xml import (
+    METADATA_NS,
+    SevLaunchParams,
+    build_domain_xml,
+    libvirt_cpu_model,
+    parse_domain_xml,
+)
 from launcher_svc.core.spec import DiskFormat, DiskSpec, GuestSpec, SevMode
+from sevlaunch.errors import InvalidArgument
+from sevlaunch.sev.vmsa import VCPU_TYPES, vcpu_signature
 
 GODH = bytes(range(256)) * 8 + b"\x00" * 36  # 0x824 bytes
 SESSION = b"\x5a" * 128
@@ -36,7 +44,9 @@ def _spec(**kw: object) -> GuestSpec:
 
 CASES = {
     "sev": _spec(),
-    "sev-es": _spec(vcpus=4, mode=SevMode.SEV_ES, policy=0x7),
+    "sev-es": _spec(vcpus=4, mode=SevMode.SEV_ES, policy=0x7, vcpu_type="EPYC-v4"),
+    "sev-es-genoa": _spec(vcpus=2, mode=SevMode.SEV_ES, policy=0x7, vcpu_type="EPYC-Genoa-v1"),
+    "sev-milan": _spec(vcpu_type="EPYC-Milan"),
     "kernel": _spec(
         kernel_path="/var/lib/libvirt/images/vmlinuz",
         initrd_path="/var/lib/libvirt/images/initrd.img",
@@ -100,6 +110,33 @@ def test_libvirt_parser_accepts_and_keeps_the_sev_settings(case: str) -> None:
         spec.vcpus,
     )
     assert parsed.launch_id == "0123456789abcdef0123456789abcdef"
+    cpu = back.find("cpu")
+    if spec.vcpu_type is None:
+        assert cpu is None and parsed.cpu_model is None
+    else:
+        # libvirt kept the pin as given: exactly this model, checked, no fallback.
+        assert cpu is not None
+        assert (cpu.get("mode"), cpu.get("match"), cpu.get("check")) == ("custom", "exact", "full")
+        model = cpu.find("model")
+        assert model is not None and model.get("fallback") == "forbid"
+        assert model.text == libvirt_cpu_model(spec.vcpu_type) == parsed.cpu_model
+        assert vcpu_signature(model.text) == vcpu_signature(spec.vcpu_type)
+
+
+@pytest.mark.parametrize("name", sorted(VCPU_TYPES))
+def test_every_vcpu_type_pins_a_libvirt_model_with_its_signature(name: str) -> None:
+    model = libvirt_cpu_model(name)
+    assert "-v" not in model  # libvirt's CPU map has no versioned names
+    assert vcpu_signature(model) == vcpu_signature(name)
+
+
+@pytest.mark.parametrize("name", ["Skylake-Server", "EPYC-v9", "", "EPYC'/><evil"])
+def test_unknown_vcpu_types_are_refused(name: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        libvirt_cpu_model(name)
+    assert err.value.reason == "bad_vcpu_type"
+    with pytest.raises(InvalidArgument):
+        _xml(_spec(vcpu_type=name))
 
 
 def _validator() -> list[str] | None:

@@ -184,6 +184,7 @@ class GuestSpec(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     LAUNCH_WITHOUT_SECRET_FIELD_NUMBER: _builtins.int
+    VCPU_TYPE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """guest name; the libvirt domain name is derived from it and the launch id"""
     memory_mib: _builtins.int
@@ -198,7 +199,15 @@ class GuestSpec(_message.Message):
     policy: _builtins.int
     """guest policy (PROTOCOL.md section 8); must agree with mode"""
     launch_without_secret: _builtins.bool
-    """Resume without an injected secret; honoured only in an orchestrated launch whose owner agreed."""
+    """Resume without an injected secret: only in an orchestrated launch whose owner answered ReleaseSecret
+    with no_secret = true. If the owner sends a secret anyway, it is injected.
+    """
+    vcpu_type: _builtins.str
+    """QEMU CPU model of the guest's vCPUs, one of sevlaunch.sev.vmsa's names (e.g. "EPYC-v4",
+    "EPYC-Milan"). Pinned in the domain XML (<cpu mode='custom' match='exact' check='full'>, no fallback),
+    so an SEV-ES launch measures the VMSAs the owner's reference values were computed for. Empty: the
+    launcher's --vcpu-type for SEV-ES, no pinned model for SEV.
+    """
     @_builtins.property
     def disks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Disk]: ...
     @_builtins.property
@@ -218,10 +227,11 @@ class GuestSpec(_message.Message):
         mode: Global___SevMode.ValueType = ...,
         policy: _builtins.int = ...,
         launch_without_secret: _builtins.bool = ...,
+        vcpu_type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cmdline", b"cmdline", "disks", b"disks", "firmware_path", b"firmware_path", "initrd_path", b"initrd_path", "kernel_path", b"kernel_path", "launch_without_secret", b"launch_without_secret", "memory_mib", b"memory_mib", "mode", b"mode", "name", b"name", "networks", b"networks", "policy", b"policy", "vcpus", b"vcpus"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cmdline", b"cmdline", "disks", b"disks", "firmware_path", b"firmware_path", "initrd_path", b"initrd_path", "kernel_path", b"kernel_path", "launch_without_secret", b"launch_without_secret", "memory_mib", b"memory_mib", "mode", b"mode", "name", b"name", "networks", b"networks", "policy", b"policy", "vcpu_type", b"vcpu_type", "vcpus", b"vcpus"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -539,6 +549,7 @@ class LaunchInfo(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     MEASUREMENT_FIELD_NUMBER: _builtins.int
+    VCPU_TYPE_FIELD_NUMBER: _builtins.int
     launch_id: _builtins.str
     mode: Global___LaunchMode.ValueType
     state: Global___Phase.ValueType
@@ -555,6 +566,8 @@ class LaunchInfo(_message.Message):
     vcpus: _builtins.int
     measurement: _builtins.bytes
     """once MEASURED"""
+    vcpu_type: _builtins.str
+    """the pinned vCPU model (empty: none)"""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -579,10 +592,11 @@ class LaunchInfo(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         measurement: _builtins.bytes = ...,
+        vcpu_type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "detail", b"detail", "domain_name", b"domain_name", "domain_uuid", b"domain_uuid", "failed_phase", b"failed_phase", "guest_name", b"guest_name", "launch_id", b"launch_id", "measurement", b"measurement", "mode", b"mode", "owner_endpoint", b"owner_endpoint", "policy", b"policy", "reason", b"reason", "sev_mode", b"sev_mode", "state", b"state", "updated_at", b"updated_at", "vcpus", b"vcpus", "workload_id", b"workload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "detail", b"detail", "domain_name", b"domain_name", "domain_uuid", b"domain_uuid", "failed_phase", b"failed_phase", "guest_name", b"guest_name", "launch_id", b"launch_id", "measurement", b"measurement", "mode", b"mode", "owner_endpoint", b"owner_endpoint", "policy", b"policy", "reason", b"reason", "sev_mode", b"sev_mode", "state", b"state", "updated_at", b"updated_at", "vcpu_type", b"vcpu_type", "vcpus", b"vcpus", "workload_id", b"workload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

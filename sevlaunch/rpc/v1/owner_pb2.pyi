@@ -55,6 +55,36 @@ REFERENCE_MODE_SEV: ReferenceMode.ValueType  # 1
 REFERENCE_MODE_SEV_ES: ReferenceMode.ValueType  # 2
 Global___ReferenceMode: _TypeAlias = ReferenceMode  # noqa: Y015
 
+class _KernelHashesRule:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _KernelHashesRuleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KernelHashesRule.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    KERNEL_HASHES_UNSPECIFIED: _KernelHashesRule.ValueType  # 0
+    """= FORBIDDEN, the safe default"""
+    KERNEL_HASHES_FORBIDDEN: _KernelHashesRule.ValueType  # 1
+    """only digests without kernel hashes (plain firmware boots)"""
+    KERNEL_HASHES_REQUIRED: _KernelHashesRule.ValueType  # 2
+    """only digests with kernel hashes (the listed kernel/initrd/cmdline)"""
+    KERNEL_HASHES_ANY: _KernelHashesRule.ValueType  # 3
+    """either"""
+
+class KernelHashesRule(_KernelHashesRule, metaclass=_KernelHashesRuleEnumTypeWrapper):
+    """Whether a workload accepts launch digests that measure kernel hashes (QEMU kernel-hashes=on: a kernel,
+    initrd and command line given to QEMU, their SHA-256 in OVMF's hashes table).
+    """
+
+KERNEL_HASHES_UNSPECIFIED: KernelHashesRule.ValueType  # 0
+"""= FORBIDDEN, the safe default"""
+KERNEL_HASHES_FORBIDDEN: KernelHashesRule.ValueType  # 1
+"""only digests without kernel hashes (plain firmware boots)"""
+KERNEL_HASHES_REQUIRED: KernelHashesRule.ValueType  # 2
+"""only digests with kernel hashes (the listed kernel/initrd/cmdline)"""
+KERNEL_HASHES_ANY: KernelHashesRule.ValueType  # 3
+"""either"""
+Global___KernelHashesRule: _TypeAlias = KernelHashesRule  # noqa: Y015
+
 class _OwnerSessionState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -186,13 +216,20 @@ class ReleaseSecretResponse(_message.Message):
     SECRET_PAYLOAD_FIELD_NUMBER: _builtins.int
     MATCHED_LAUNCH_DIGEST_FIELD_NUMBER: _builtins.int
     MANIFEST_ID_FIELD_NUMBER: _builtins.int
+    NO_SECRET_FIELD_NUMBER: _builtins.int
     secret_header: _builtins.bytes
-    """52 bytes (sev-secret-header)"""
+    """52 bytes (sev-secret-header); empty when no_secret"""
     secret_payload: _builtins.bytes
-    """the encrypted secret table (sev-secret)"""
+    """the encrypted secret table (sev-secret); empty when no_secret"""
     matched_launch_digest: _builtins.bytes
     manifest_id: _builtins.str
     """the reference value manifest that listed the digest"""
+    no_secret: _builtins.bool
+    """True: every check passed (the measurement matched), and the workload has no secret table but
+    consents to launching without one (Workload.allow_launch_without_secret). Nothing is to be injected;
+    the session is spent (RELEASED) like any release. A launcher resumes such a guest only if its own
+    launch request asked to launch without a secret. False: header and payload are the secret.
+    """
     def __init__(
         self,
         *,
@@ -200,10 +237,11 @@ class ReleaseSecretResponse(_message.Message):
         secret_payload: _builtins.bytes = ...,
         matched_launch_digest: _builtins.bytes = ...,
         manifest_id: _builtins.str = ...,
+        no_secret: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifest_id", b"manifest_id", "matched_launch_digest", b"matched_launch_digest", "secret_header", b"secret_header", "secret_payload", b"secret_payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifest_id", b"manifest_id", "matched_launch_digest", b"matched_launch_digest", "no_secret", b"no_secret", "secret_header", b"secret_header", "secret_payload", b"secret_payload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -220,12 +258,21 @@ class ReferenceSelector(_message.Message):
     VERSION_MAX_FIELD_NUMBER: _builtins.int
     MODES_FIELD_NUMBER: _builtins.int
     SEV_ES_VCPUS_FIELD_NUMBER: _builtins.int
+    KERNEL_HASHES_FIELD_NUMBER: _builtins.int
+    VCPU_TYPE_FIELD_NUMBER: _builtins.int
+    VMSA_LAYOUT_FIELD_NUMBER: _builtins.int
     firmware_name: _builtins.str
     """manifest firmware name, e.g. "OVMF" (case-insensitive)"""
     version_min: _builtins.str
     """inclusive; empty = no lower bound"""
     version_max: _builtins.str
     """inclusive; empty = no upper bound"""
+    kernel_hashes: Global___KernelHashesRule.ValueType
+    """unspecified = forbidden"""
+    vcpu_type: _builtins.str
+    """SEV-ES digests only: exact vCPU type, e.g. "EPYC-Milan"; empty = any"""
+    vmsa_layout: _builtins.str
+    """SEV-ES digests only: "init2" or "legacy"; empty = any"""
     @_builtins.property
     def modes(self) -> _containers.RepeatedScalarFieldContainer[Global___ReferenceMode.ValueType]:
         """non-empty"""
@@ -242,10 +289,13 @@ class ReferenceSelector(_message.Message):
         version_max: _builtins.str = ...,
         modes: _abc.Iterable[Global___ReferenceMode.ValueType] | None = ...,
         sev_es_vcpus: _abc.Iterable[_builtins.int] | None = ...,
+        kernel_hashes: Global___KernelHashesRule.ValueType = ...,
+        vcpu_type: _builtins.str = ...,
+        vmsa_layout: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["firmware_name", b"firmware_name", "modes", b"modes", "sev_es_vcpus", b"sev_es_vcpus", "version_max", b"version_max", "version_min", b"version_min"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["firmware_name", b"firmware_name", "kernel_hashes", b"kernel_hashes", "modes", b"modes", "sev_es_vcpus", b"sev_es_vcpus", "vcpu_type", b"vcpu_type", "version_max", b"version_max", "version_min", b"version_min", "vmsa_layout", b"vmsa_layout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -263,11 +313,22 @@ class Workload(_message.Message):
     SECRET_AREA_SIZE_FIELD_NUMBER: _builtins.int
     ALLOW_DEBUG_FIELD_NUMBER: _builtins.int
     ALLOW_KEY_SHARING_FIELD_NUMBER: _builtins.int
+    ALLOW_LAUNCH_WITHOUT_SECRET_FIELD_NUMBER: _builtins.int
+    ALLOW_PRE_0_17_FIELD_NUMBER: _builtins.int
     workload_id: _builtins.str
     secret_area_size: _builtins.int
     """0 = the OVMF default, 3072 bytes"""
     allow_debug: _builtins.bool
     allow_key_sharing: _builtins.bool
+    allow_launch_without_secret: _builtins.bool
+    """The owner consents to a launch without a secret: with no secret stored, OpenSession is allowed and a
+    ReleaseSecret whose checks all pass succeeds with no_secret = true. False: refused (no_secret).
+    """
+    allow_pre_0_17: _builtins.bool
+    """Firmware below API 0.17 does not measure its API version and build, so the host may report any and
+    firmware_minimum cannot be enforced. False (default): ReleaseSecret refuses a launch reporting an
+    API below 0.17 (firmware_too_old). True: accept such firmware, knowing its version is unverified.
+    """
     @_builtins.property
     def allowed_policies(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """non-empty; a policy allowing debug/key sharing needs the flag below"""
@@ -293,10 +354,12 @@ class Workload(_message.Message):
         secret_area_size: _builtins.int = ...,
         allow_debug: _builtins.bool = ...,
         allow_key_sharing: _builtins.bool = ...,
+        allow_launch_without_secret: _builtins.bool = ...,
+        allow_pre_0_17: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["firmware_minimum", b"firmware_minimum"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_debug", b"allow_debug", "allow_key_sharing", b"allow_key_sharing", "allowed_policies", b"allowed_policies", "firmware_minimum", b"firmware_minimum", "generations", b"generations", "secret_area_size", b"secret_area_size", "selectors", b"selectors", "workload_id", b"workload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_debug", b"allow_debug", "allow_key_sharing", b"allow_key_sharing", "allow_launch_without_secret", b"allow_launch_without_secret", "allow_pre_0_17", b"allow_pre_0_17", "allowed_policies", b"allowed_policies", "firmware_minimum", b"firmware_minimum", "generations", b"generations", "secret_area_size", b"secret_area_size", "selectors", b"selectors", "workload_id", b"workload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -99,7 +99,9 @@ class OwnerServiceServicer:
 
     def ReleaseSecret(self, request, context):
         """Verifies the LAUNCH_MEASURE result against the workload's reference values and, on a match, returns
-        the workload's secret table packaged for LAUNCH_SECRET. At most once per session.
+        the workload's secret table packaged for LAUNCH_SECRET. At most once per session. The workload's
+        admission rules (generations, allowed policies, debug / key sharing) are checked again as they are
+        now: a workload tightened after OpenSession refuses (and spends) the session.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -54,7 +54,9 @@ class OwnerServiceStub:
     """
     ReleaseSecret: _grpc.UnaryUnaryMultiCallable[_owner_pb2.ReleaseSecretRequest, _owner_pb2.ReleaseSecretResponse]
     """Verifies the LAUNCH_MEASURE result against the workload's reference values and, on a match, returns
-    the workload's secret table packaged for LAUNCH_SECRET. At most once per session.
+    the workload's secret table packaged for LAUNCH_SECRET. At most once per session. The workload's
+    admission rules (generations, allowed policies, debug / key sharing) are checked again as they are
+    now: a workload tightened after OpenSession refuses (and spends) the session.
     """
     PutWorkload: _grpc.UnaryUnaryMultiCallable[_owner_pb2.PutWorkloadRequest, _owner_pb2.PutWorkloadResponse]
     """Admin (role owner-admin)."""
@@ -75,7 +77,9 @@ class OwnerServiceAsyncStub(OwnerServiceStub):
     """
     ReleaseSecret: _aio.UnaryUnaryMultiCallable[_owner_pb2.ReleaseSecretRequest, _owner_pb2.ReleaseSecretResponse]  # type: ignore[assignment]
     """Verifies the LAUNCH_MEASURE result against the workload's reference values and, on a match, returns
-    the workload's secret table packaged for LAUNCH_SECRET. At most once per session.
+    the workload's secret table packaged for LAUNCH_SECRET. At most once per session. The workload's
+    admission rules (generations, allowed policies, debug / key sharing) are checked again as they are
+    now: a workload tightened after OpenSession refuses (and spends) the session.
     """
     PutWorkload: _aio.UnaryUnaryMultiCallable[_owner_pb2.PutWorkloadRequest, _owner_pb2.PutWorkloadResponse]  # type: ignore[assignment]
     """Admin (role owner-admin)."""
@@ -105,7 +109,9 @@ class OwnerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_owner_pb2.ReleaseSecretResponse, _abc.Awaitable[_owner_pb2.ReleaseSecretResponse]]:
         """Verifies the LAUNCH_MEASURE result against the workload's reference values and, on a match, returns
-        the workload's secret table packaged for LAUNCH_SECRET. At most once per session.
+        the workload's secret table packaged for LAUNCH_SECRET. At most once per session. The workload's
+        admission rules (generations, allowed policies, debug / key sharing) are checked again as they are
+        now: a workload tightened after OpenSession refuses (and spends) the session.
         """
 
     @_abc_1.abstractmethod
