@@ -23,6 +23,10 @@ LABEL_MASTER_SECRET = b"sev-master-secret"
 LABEL_KEK = b"sev-kek"
 LABEL_KIK = b"sev-kik"
 
+# One hash descriptor for every HMAC: it is immutable, and building one per call costs more than the MAC
+# of a short message.
+_SHA256 = hashes.SHA256()
+
 
 def kdf(key: bytes, label: bytes, context: bytes = b"", length: int = KEY_SIZE) -> bytes:
     """Derives `length` bytes: K(i) = HMAC(key, u32le(i) ‖ label ‖ 0x00 ‖ context ‖ u32le(length*8))."""
@@ -34,7 +38,7 @@ def kdf(key: bytes, label: bytes, context: bytes = b"", length: int = KEY_SIZE) 
     out = bytearray()
     counter = 1
     while len(out) < length:
-        prf = hmac.HMAC(bytes(key), hashes.SHA256())
+        prf = hmac.HMAC(key, _SHA256)
         prf.update(struct.pack("<I", counter) + suffix)
         out += prf.finalize()
         counter += 1
@@ -60,7 +64,7 @@ def derive_kik(master: bytes) -> bytes:
 
 def hmac_sha256(key: bytes, *parts: bytes) -> bytes:
     """HMAC-SHA256 over the concatenation of `parts`: the MAC of every SEV launch channel message."""
-    mac = hmac.HMAC(bytes(key), hashes.SHA256())
+    mac = hmac.HMAC(key, _SHA256)
     for part in parts:
         mac.update(part)
     return mac.finalize()
@@ -70,5 +74,7 @@ def aes128_ctr(key: bytes, iv: bytes, data: bytes) -> bytes:
     """AES-128-CTR with a 128-bit big-endian counter block starting at `iv` (its own inverse)."""
     if len(key) != KEY_SIZE or len(iv) != 16:
         raise ValueError("AES-128-CTR needs a 16-byte key and a 16-byte IV")
-    encryptor = Cipher(algorithms.AES(bytes(key)), modes.CTR(bytes(iv))).encryptor()
+    # AES() and CTR() check the key and IV types (bytes-like) and copy nothing here: the context is used
+    # at once and dropped.
+    encryptor = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
     return encryptor.update(data) + encryptor.finalize()

@@ -31,6 +31,8 @@ SECRET_IV_SIZE = 16
 SECRET_MAC_SIZE = 32
 # The MAC message opens with the channel context byte of a secret (AMD-ASPFW sev_channel.c).
 _SECRET_CTX = 0x01
+# The MAC message's fixed head: ctx u8 ‖ flags u32 ‖ iv[16] ‖ guest_len u32 ‖ trans_len u32.
+_MAC_HEAD = struct.Struct("<BI16sII")
 # Firmware from API 0.17 on binds the secret to the launch by MACing the measure too; older firmware
 # (Naples API <= 0.16) does not (sev-tool create_launch_secret_header; kat.json
 # launch-secret-mac-api-version-rule).
@@ -169,6 +171,16 @@ class SecretHeader:
             raise MalformedInput(Reason.BAD_LENGTH, "secret header iv is 16 and mac 32 bytes")
 
     @classmethod
+    def _unchecked(cls, flags: int, iv: bytes, mac: bytes) -> SecretHeader:
+        """A header of values package_secret itself made (flags 0, its checked IV, a fresh MAC): the
+        checks of __post_init__ would only repeat what is known. Never for values from outside."""
+        header = object.__new__(cls)
+        object.__setattr__(header, "flags", flags)
+        object.__setattr__(header, "iv", iv)
+        object.__setattr__(header, "mac", mac)
+        return header
+
+    @classmethod
     def from_bytes(cls, data: bytes) -> SecretHeader:
         if len(data) != SECRET_HEADER_SIZE:
             raise MalformedInput(
@@ -194,12 +206,15 @@ def _binds_measure(api_major: int | None, api_minor: int | None) -> bool:
 def _secret_mac(
     tik: bytes, measure: bytes, flags: int, iv: bytes, payload: bytes, *, bind_measure: bool
 ) -> bytes:
+    """`iv` and `flags` are already checked (a SecretHeader's, or package_secret's own); `measure` is not."""
     if len(measure) != 32:
         raise MalformedInput(Reason.BAD_LENGTH, f"measure must be 32 bytes, got {len(measure)}")
-    # guest_len and trans_len are equal: the payload is decrypted in place, nothing is compressed.
-    lengths = struct.pack("<II", len(payload), len(payload))
-    message = bytes((_SECRET_CTX,)) + struct.pack("<I", flags) + iv + lengths + payload
-    return hmac_sha256(tik, message, bytes(measure) if bind_measure else b"")
+    # ctx ‖ flags ‖ iv ‖ guest_len ‖ trans_len ‖ payload [‖ measure]. guest_len and trans_len are equal:
+    # the payload is decrypted in place, nothing is compressed.
+    head = _MAC_HEAD.pack(_SECRET_CTX, flags, iv, len(payload), len(payload))
+    if bind_measure:
+        return hmac_sha256(tik, head, payload, measure)
+    return hmac_sha256(tik, head, payload)
 
 
 def package_secret(
@@ -220,12 +235,15 @@ def package_secret(
     if not plaintext:
         raise MalformedInput(Reason.BAD_LENGTH, "a launch secret cannot be empty")
     bind = _binds_measure(api_major, api_minor)
-    iv = iv if iv is not None else secrets.token_bytes(SECRET_IV_SIZE)
-    if len(iv) != SECRET_IV_SIZE:
-        raise MalformedInput(Reason.BAD_LENGTH, f"secret IV must be 16 bytes, got {len(iv)}")
+    if iv is None:
+        iv = secrets.token_bytes(SECRET_IV_SIZE)
+    else:  # the caller's IV (tests, known answers): checked, and held as bytes by the header
+        if len(iv) != SECRET_IV_SIZE:
+            raise MalformedInput(Reason.BAD_LENGTH, f"secret IV must be 16 bytes, got {len(iv)}")
+        iv = bytes(iv)
     payload = aes128_ctr(keys.tek, iv, plaintext)
     mac = _secret_mac(keys.tik, measure, 0, iv, payload, bind_measure=bind)
-    return SecretHeader(flags=0, iv=bytes(iv), mac=mac), payload
+    return SecretHeader._unchecked(0, iv, mac), payload
 
 
 def open_secret(
