@@ -1,50 +1,79 @@
-"""The `sevlaunch` command. Each sub-command lives in its own module with a `register(subparsers)`."""
+"""The `sevlaunch` command. Each sub-command lives in its own module with a `register(subparsers)`.
+
+Only the chosen command's module is imported and registered: the offline commands (measurement, verify,
+session, secret, ...) then never load grpc, asyncio or prometheus, and start in a fraction of the time.
+`sevlaunch --help` lists every command from the table below without importing any of them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from sevlaunch.sev.errors import SevError
 
-# Modules under sevlaunch.cli, each registering one or more sub-commands.
-COMMAND_MODULES = (
-    "verify",
-    "measurement",
-    "session",
-    "secret",
-    "emulator",
-    "export",
-    "devcerts",
-    "platform",
-    "owner",
-    "refvalues",
-    "keygen",
-    "launch",
-    "demo",
-)
+# Command name -> (module under sevlaunch.cli whose `register` adds it, the one-line help of the command
+# list). In the order `sevlaunch --help` lists them. A module's own `add_parser(..., help=...)` must give
+# the same help (tests/unit/test_cli_startup.py checks).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "verify": ("verify", "verify a platform certificate chain against pinned AMD roots"),
+    "measurement": ("measurement", "expected launch digests and measurements"),
+    "session": ("session", "create a launch session (GODH, session blob, TEK/TIK) for a verified platform"),
+    "secret": ("secret", "launch secrets"),
+    "emulator": ("emulator", "manage an emulated SEV chip (software PSP)"),
+    "export": ("export", "export the platform certificate chain"),
+    "dev-certs": ("devcerts", "make a local CA and mTLS certificates for the services (development only)"),
+    "platform": ("platform", "query a platform service (status, chip id, certificate chain)"),
+    "owner": ("owner", "administer an owner service; verify its audit log"),
+    "refvalues": ("refvalues", "make, sign and verify reference value manifests"),
+    "keygen": ("keygen", "make a reference value signing key pair (KEY and KEY.pub)"),
+    "launch": ("launch", "launch an attested SEV/SEV-ES guest through a launcher"),
+    "demo": ("demo", "attested launch on the embedded defaults, then a tampered launch refused"),
+}
+
+# Modules under sevlaunch.cli, each registering one sub-command.
+COMMAND_MODULES = tuple(dict.fromkeys(module for module, _ in COMMANDS.values()))
 
 
 class CommandError(Exception):
     """A user-facing failure of a command: printed as one line, exit status 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(
+    commands: Collection[str] | None = None, *, list_others: bool = True
+) -> argparse.ArgumentParser:
+    """The parser with `commands` imported and registered (None: every command). With `list_others`, the
+    other commands are listed by name and help only (nothing imported), so `--help` and argparse's
+    invalid-choice error still name them all."""
     parser = argparse.ArgumentParser(
         prog="sevlaunch", description="Attested launch of AMD SEV / SEV-ES confidential VMs."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        module = importlib.import_module(f"sevlaunch.cli.{name}")
-        module.register(sub)
+    for name, (module_name, help_text) in COMMANDS.items():
+        if commands is None or name in commands:
+            module = importlib.import_module(f"sevlaunch.cli.{module_name}")
+            module.register(sub)
+        elif list_others:
+            sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
+def _parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The least parser that parses `argv` exactly as the whole command tree would."""
+    if argv and argv[0] in COMMANDS:
+        # `sevlaunch COMMAND ...`: argparse goes straight to COMMAND's parser and never shows the others.
+        return build_parser((argv[0],), list_others=False)
+    if not any(arg in COMMANDS for arg in argv):
+        # No command (`--help`, nothing, a typo): the listing serves the help or the invalid-choice error.
+        return build_parser(())
+    return build_parser()  # anything else (`--help measurement`, `-- measurement`): the whole tree
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    args = _parser_for(args_list).parse_args(args_list)
     try:
         code: int = args.func(args)
     except (SevError, CommandError) as exc:

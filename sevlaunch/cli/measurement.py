@@ -13,8 +13,6 @@ from typing import Any
 from sevlaunch.cli import CommandError
 from sevlaunch.cli._common import parse_b64, parse_hex, parse_int, read_bytes
 from sevlaunch.sev.digest import LaunchMode, launch_digest
-from sevlaunch.sev.measurement import LaunchMeasurement, compute_measure
-from sevlaunch.sev.policy import PolicyFlags
 from sevlaunch.sev.types import LaunchDigest, MNonce
 from sevlaunch.sev.vmsa import VCPU_TYPES, VMSALayout, vcpu_signature
 
@@ -102,6 +100,10 @@ def _run_digest(args: argparse.Namespace) -> int:
 
 
 def _run_build(args: argparse.Namespace) -> int:
+    # Here, not at the top: the measure's HMAC needs `cryptography`, which `digest` does not load.
+    from sevlaunch.sev.measurement import LaunchMeasurement, compute_measure
+    from sevlaunch.sev.policy import PolicyFlags
+
     for name in ("api_major", "api_minor", "build_id"):
         if not 0 <= getattr(args, name) <= 0xFF:
             raise CommandError(f"--{name.replace('_', '-')} must be 0..255")
