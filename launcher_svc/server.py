@@ -30,6 +30,7 @@ from sevlaunch.rpc import RpcServer
 from sevlaunch.rpc.entry import add_server_flags, rpc_server_options, server_main, server_options
 from sevlaunch.rpc.server import DEFAULT_GRACE_SECONDS
 from sevlaunch.rpc.v1 import launcher_pb2_grpc
+from sevlaunch.tlsnames import server_name
 
 DEFAULT_LISTEN = "0.0.0.0:50052"
 DEFAULT_METRICS = ":9102"
@@ -51,8 +52,10 @@ class LauncherServerConfig:
     health_listen: str | None = None
     grace: float = DEFAULT_GRACE_SECONDS
     vcpu_type: str = "EPYC-v4"
-    owner_identity: str = "owner"  # the subject CN every owner's certificate must carry
-    platform_identity: str = "platform"  # the subject CN of platform_svc's certificate
+    # The identity (→ NAME.sevlaunch.internal) or full DNS name every owner's certificate must be valid for,
+    # and platform_svc's (`sevlaunch.tlsnames.server_name`).
+    owner_identity: str = "owner"
+    platform_identity: str = "platform"
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
@@ -163,12 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--owner-identity",
         default="owner",
-        help="subject CN an owner's server certificate must carry (any other is refused)",
+        help="identity NAME (its certificate carries NAME.sevlaunch.internal) or full DNS name an owner's"
+        " server certificate must be valid for; any other server is refused",
     )
     p.add_argument(
         "--platform-identity",
         default="platform",
-        help="subject CN platform_svc's server certificate must carry",
+        help="identity NAME or full DNS name platform_svc's server certificate must be valid for",
     )
     return p
 
@@ -181,6 +185,14 @@ def config_from_args(args: argparse.Namespace) -> LauncherServerConfig:
         validate_vcpu_type(args.vcpu_type)
     except InvalidArgument as exc:
         raise ValueError(f"--vcpu-type: {exc.detail}") from None
+    for flag, value in (
+        ("--owner-identity", args.owner_identity),
+        ("--platform-identity", args.platform_identity),
+    ):
+        try:
+            server_name(value)
+        except ValueError as exc:
+            raise ValueError(f"{flag}: {exc}") from None
     dirs = tuple(d for d in args.image_dir.split(":") if d)
     if not dirs or not all(d.startswith("/") for d in dirs):
         raise ValueError("--image-dir needs absolute directories")

@@ -1,25 +1,37 @@
 """The launcher's clients of platform_svc and owner_svc, over mTLS with the launcher's identity.
 
-The server at the other end is authenticated by its certificate's subject CN, not only by the CA: the
-owner must be `owner_identity` (`--owner-identity`), the platform `platform_identity`
-(`--platform-identity`). The connections are made by `peer_tls.VerifiedTLSConnector`, whose docstring
-says why gRPC's own checks are not enough and how the check covers the very connection the calls use.
+The server at the other end is authenticated as an identity, not only by the CA. Every certificate of
+the deployment comes from one CA, and the owner endpoint is chosen by the launch's caller: a caller
+holding the `client` (or any other) certificate could run its own "owner" there, release a secret of
+its choosing and learn the measurement, as if it were the tenant. So each channel sets gRPC's
+`grpc.ssl_target_name_override` to the expected identity's server name (`sevlaunch.tlsnames`:
+`--owner-identity owner` → `owner.sevlaunch.internal`, `--platform-identity platform` →
+`platform.sevlaunch.internal`, or a full DNS name as given), and gRPC's own TLS handshake checks that
+the server certificate is valid for that name (chain to the CA, serverAuth, the name in its SANs).
+A server whose certificate is not (the `client` or `launcher` certificate, another CA's) fails the
+handshake before any call is sent on the connection; the call fails UNAVAILABLE and becomes
+`PermissionDenied("<who>_not_authenticated")`.
+
+The override replaces the check of the endpoint's host name: the host in `--platform` or in a launch's
+`OwnerRef.endpoint` is not matched against the certificate. That is the point: the endpoint is only
+where to connect (and the caller picks the owner's), the identity is what the server must prove.
 
 gRPC failures become `ServiceError`s that keep the remote's ErrorInfo reason (an owner's
 `measurement_mismatch` stays `measurement_mismatch`), so a FAILED event says why the owner refused.
-A server refused for its identity becomes `PermissionDenied("<who>_not_authenticated")`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from pathlib import Path
 
 import grpc
 import grpc.aio
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
-from launcher_svc.adapters.peer_tls import VerifiedTLSConnector, client_context
 from launcher_svc.core.ports import OwnerSession, ReleasedSecret
 from sevlaunch.errors import (
     DeadlineExceeded,
@@ -30,11 +42,16 @@ from sevlaunch.errors import (
     ServiceError,
     Unavailable,
 )
-from sevlaunch.rpc import error_info
+from sevlaunch.rpc import TLSMaterialError, channel_credentials, error_info
 from sevlaunch.rpc.v1 import common_pb2, owner_pb2, owner_pb2_grpc, platform_pb2, platform_pb2_grpc
+from sevlaunch.tlsnames import server_name
+
+log = logging.getLogger("launcher_svc")
 
 # Channels are kept per endpoint; owners are few per host, and the set is bounded anyway.
 MAX_OWNER_CHANNELS = 64
+# The diagnosis of a failed connection (below) waits at most this long.
+DIAGNOSIS_TIMEOUT = 3.0
 
 
 def remote_error(exc: grpc.RpcError, who: str) -> ServiceError:
@@ -54,35 +71,119 @@ def remote_error(exc: grpc.RpcError, who: str) -> ServiceError:
     return FailedPrecondition(reason, detail)
 
 
-class _VerifiedChannel:
-    """A gRPC channel to one endpoint through a `VerifiedTLSConnector` expecting one identity."""
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' → (host, port)."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"endpoint {endpoint!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
 
-    def __init__(self, endpoint: str, context: ssl.SSLContext, expected: str, who: str) -> None:
+
+def _subject_cn(der: bytes | None) -> str:
+    if not der:
+        return "?"
+    names = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    value = names[0].value if len(names) == 1 else "?"
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+
+def _context(base: Path, identity: str, *, verify: bool) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname by default
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_verify_locations(cafile=str(base / "ca.pem"))
+        ctx.load_cert_chain(str(base / f"{identity}.pem"), str(base / f"{identity}.key"))
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSMaterialError(f"cannot load the TLS identity {identity!r} from {base}: {exc}") from None
+    ctx.set_alpn_protocols(["h2"])  # gRPC servers require it
+    return ctx
+
+
+class _Diagnosis:
+    """Why a connection failed, for the error only. gRPC's handshake has already decided (and refused);
+    this tells a server that failed authentication (its certificate is not valid for the expected name,
+    or not trusted) from one that cannot be reached, and names the certificate's subject in the refusal.
+    It runs only after a call failed UNAVAILABLE, never on the path of a good call, and its verdict never
+    lets a call through: at worst a refusal is reported as `<who>_unavailable`."""
+
+    def __init__(self, tls_dir: str | Path, identity: str) -> None:
+        base = Path(tls_dir)
+        self._strict = _context(base, identity, verify=True)  # what gRPC checks: CA, serverAuth, name
+        self._peek = _context(base, identity, verify=False)  # only to read the certificate's subject
+
+    async def _handshake(self, host: str, port: int, ctx: ssl.SSLContext, name: str) -> bytes | None:
+        _, w = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=ctx, server_hostname=name), DIAGNOSIS_TIMEOUT
+        )
+        try:
+            ssl_object = w.get_extra_info("ssl_object")
+            return ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        finally:
+            w.close()
+
+    async def refusal(self, endpoint: str, expected: str) -> str | None:
+        """Why the server at `endpoint` is not `expected`; None when it cannot be reached, or when its
+        certificate passes now (then the failure was not about its identity)."""
+        try:
+            host, port = split_endpoint(endpoint)
+            await self._handshake(host, port, self._strict, expected)
+        except ssl.SSLCertVerificationError as exc:
+            why = str(exc.verify_message)
+        except (OSError, TimeoutError, ValueError):
+            return None
+        else:
+            return None
+        try:
+            subject = repr(_subject_cn(await self._handshake(host, port, self._peek, expected)))
+        except (OSError, TimeoutError, ValueError):
+            subject = "unknown"
+        return f"the server's certificate (subject {subject}) is not valid for {expected}: {why}"
+
+
+class _IdentityChannel:
+    """A gRPC channel to one endpoint whose server must hold a certificate valid for `expected`."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        credentials: grpc.ChannelCredentials,
+        diagnosis: _Diagnosis,
+        expected: str,
+        who: str,
+    ) -> None:
+        self.endpoint = endpoint
+        self.expected = expected
         self.who = who
-        self.connector = VerifiedTLSConnector(endpoint, context, expected)
-        self.channel: grpc.aio.Channel | None = None
+        self._diagnosis = diagnosis
+        # The override is both the SNI and the name gRPC checks the certificate against, instead of the
+        # endpoint's host (module docstring).
+        self.channel = grpc.aio.secure_channel(
+            endpoint, credentials, options=[("grpc.ssl_target_name_override", expected)]
+        )
 
-    async def open(self) -> grpc.aio.Channel:
-        if self.channel is None:
-            target = await self.connector.start()
-            self.channel = grpc.aio.insecure_channel(target)  # plaintext only to our private socket
-        return self.channel
-
-    def error(self, exc: grpc.RpcError, refusals_before: int) -> ServiceError:
-        if self.connector.refusals > refusals_before or self.connector.refused_last:
-            return PermissionDenied(
-                f"{self.who}_not_authenticated", f"{self.who}: {self.connector.last_refusal}"[:512]
-            )
+    async def error(self, exc: grpc.RpcError) -> ServiceError:
+        if exc.code() is grpc.StatusCode.UNAVAILABLE:
+            why = await self._diagnosis.refusal(self.endpoint, self.expected)
+            if why is not None:
+                log.warning(
+                    "server refused: not the expected identity",
+                    extra={"endpoint": self.endpoint, "expected": self.expected, "error": why},
+                )
+                return PermissionDenied(f"{self.who}_not_authenticated", f"{self.who}: {why}"[:512])
         return remote_error(exc, self.who)
 
     async def close(self) -> None:
-        if self.channel is not None:
-            await self.channel.close(None)
-            self.channel = None
-        await self.connector.close()
+        await self.channel.close(None)
 
 
 class PlatformClient:
+    """platform_svc at `endpoint`, which must hold a certificate valid for `platform_identity`'s name."""
+
     def __init__(
         self,
         endpoint: str,
@@ -91,20 +192,20 @@ class PlatformClient:
         *,
         platform_identity: str = "platform",
     ) -> None:
-        self._conn = _VerifiedChannel(
-            endpoint, client_context(tls_dir, identity), platform_identity, "platform"
+        self._conn = _IdentityChannel(
+            endpoint,
+            channel_credentials(tls_dir, identity),
+            _Diagnosis(tls_dir, identity),
+            server_name(platform_identity),
+            "platform",
         )
-        self._lock = asyncio.Lock()
+        self._stub = platform_pb2_grpc.PlatformServiceStub(self._conn.channel)
 
     async def certificate_chain(self) -> object:
-        async with self._lock:
-            channel = await self._conn.open()
-        stub = platform_pb2_grpc.PlatformServiceStub(channel)
-        before = self._conn.connector.refusals
         try:
-            reply = await stub.GetCertificateChain(platform_pb2.GetCertificateChainRequest())
+            reply = await self._stub.GetCertificateChain(platform_pb2.GetCertificateChainRequest())
         except grpc.RpcError as exc:
-            raise self._conn.error(exc, before) from None
+            raise await self._conn.error(exc) from None
         return reply.platform.chain
 
     async def close(self) -> None:
@@ -112,28 +213,28 @@ class PlatformClient:
 
 
 class OwnerClient:
-    """One verified channel per owner endpoint named in launch requests; every owner must present the
-    `owner_identity` certificate, whoever named the endpoint."""
+    """One channel per owner endpoint named in launch requests; every owner must hold a certificate
+    valid for `owner_identity`'s name, whoever named the endpoint."""
 
     def __init__(
         self, tls_dir: str | Path, identity: str = "launcher", *, owner_identity: str = "owner"
     ) -> None:
-        self._context = client_context(tls_dir, identity)
-        self._owner_identity = owner_identity
-        self._channels: dict[str, _VerifiedChannel] = {}
+        self._credentials = channel_credentials(tls_dir, identity)
+        self._diagnosis = _Diagnosis(tls_dir, identity)
+        self._expected = server_name(owner_identity)
+        self._channels: dict[str, _IdentityChannel] = {}
         self._lock = asyncio.Lock()
 
-    async def _conn(self, endpoint: str) -> tuple[_VerifiedChannel, owner_pb2_grpc.OwnerServiceAsyncStub]:
+    async def _conn(self, endpoint: str) -> tuple[_IdentityChannel, owner_pb2_grpc.OwnerServiceAsyncStub]:
         async with self._lock:
             conn = self._channels.get(endpoint)
             if conn is None:
                 if len(self._channels) >= MAX_OWNER_CHANNELS:
                     _, oldest = self._channels.popitem()
                     await oldest.close()
-                conn = _VerifiedChannel(endpoint, self._context, self._owner_identity, "owner")
+                conn = _IdentityChannel(endpoint, self._credentials, self._diagnosis, self._expected, "owner")
                 self._channels[endpoint] = conn
-            channel = await conn.open()
-            return conn, owner_pb2_grpc.OwnerServiceStub(channel)  # an aio channel gives the async stub
+            return conn, owner_pb2_grpc.OwnerServiceStub(conn.channel)  # an aio channel: the async stub
 
     async def open_session(
         self, endpoint: str, *, workload_id: str, chain: object, policy: int
@@ -141,13 +242,12 @@ class OwnerClient:
         if not isinstance(chain, common_pb2.CertificateChain):
             raise TypeError("the chain comes from PlatformClient")
         conn, stub = await self._conn(endpoint)
-        before = conn.connector.refusals
         try:
             reply = await stub.OpenSession(
                 owner_pb2.OpenSessionRequest(workload_id=workload_id, chain=chain, policy=policy)
             )
         except grpc.RpcError as exc:
-            raise conn.error(exc, before) from None
+            raise await conn.error(exc) from None
         return OwnerSession(reply.session_id, reply.godh_cert, reply.session_blob, reply.policy)
 
     async def release_secret(
@@ -162,7 +262,6 @@ class OwnerClient:
         policy: int,
     ) -> ReleasedSecret:
         conn, stub = await self._conn(endpoint)
-        before = conn.connector.refusals
         try:
             reply = await stub.ReleaseSecret(
                 owner_pb2.ReleaseSecretRequest(
@@ -175,7 +274,7 @@ class OwnerClient:
                 )
             )
         except grpc.RpcError as exc:
-            raise conn.error(exc, before) from None
+            raise await conn.error(exc) from None
         # Consent to run without a secret is the owner's explicit `no_secret`, never empty blobs; the
         # core also needs the spec's own `launch_without_secret` before it resumes without injecting.
         return ReleasedSecret(

@@ -545,17 +545,27 @@ def test_owner_serving_another_identitys_certificate_is_refused(
 ) -> None:
     # A caller holding a certificate of the deployment's CA runs its own owner, configured like the
     # real one (it would release a secret of its choosing), and names it in the launch request.
-    fake = world.loop.run(
-        _start_owner(
-            world.tmp / f"fake-{impostor}", world.tls_dir, world.chip_dir, publisher[1], identity=impostor
+    # The fake is configured (and inspected) over its admin API while it serves the `owner` certificate,
+    # and serves the impostor's on the same database in between: the `client` certificate is good for
+    # client auth only, so no ordinary TLS client (this test's admin channel included) accepts it.
+    state = world.tmp / f"fake-{impostor}"
+
+    def start_fake(identity: str) -> tuple[OwnerApp, str]:
+        app = world.loop.run(
+            _start_owner(state, world.tls_dir, world.chip_dir, publisher[1], identity=identity)
         )
-    )
-    fake_addr = f"localhost:{fake.rpc.port}"
+        return app, f"localhost:{app.rpc.port}"
+
+    fake, addr = start_fake("owner")
     try:
         _configure_owner(
-            owner_pb2_grpc.OwnerServiceStub(secure_channel_sync(fake_addr, world.tls_dir, "owner-admin")),
+            owner_pb2_grpc.OwnerServiceStub(secure_channel_sync(addr, world.tls_dir, "owner-admin")),
             manifest_envelope,
         )
+    finally:
+        world.loop.run(fake.stop(0.5))
+    fake, fake_addr = start_fake(impostor)
+    try:
         world.start_launcher()
         failed = _failed(launch(world, spec(), owner=fake_addr))
         assert (failed.failed_phase, failed.reason) == (
@@ -564,8 +574,12 @@ def test_owner_serving_another_identitys_certificate_is_refused(
         )
         assert repr(impostor) in failed.detail
         assert_gone(world, failed.launch_id)
+    finally:
+        world.loop.run(fake.stop(0.5))
+    fake, addr = start_fake("owner")
+    try:
         # The launcher never got as far as a call: the impostor saw no session request.
-        admin = owner_pb2_grpc.OwnerServiceStub(secure_channel_sync(fake_addr, world.tls_dir, "owner-admin"))
+        admin = owner_pb2_grpc.OwnerServiceStub(secure_channel_sync(addr, world.tls_dir, "owner-admin"))
         assert list(admin.ListSessions(owner_pb2.ListSessionsRequest()).sessions) == []
         # The real owner, at its own endpoint, is still accepted by the same launcher.
         assert launch(world, spec("real"))[-1].phase == launcher_pb2.PHASE_RUNNING

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sevlaunch.cli import main
-from sevlaunch.cli.devcerts import DEFAULT_IDENTITIES
+from sevlaunch.cli.devcerts import DEFAULT_IDENTITIES, SERVER_IDENTITIES
 
 
 def _load(path: Path) -> x509.Certificate:
@@ -32,13 +32,42 @@ def test_dev_certs_writes_ca_and_every_identity(tmp_path: Path) -> None:
         key = cert.public_key()
         assert isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"
         assert stat.S_IMODE((out / f"{name}.key").stat().st_mode) == 0o600
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        assert {"localhost", name, "platform.svc"} <= set(san.get_values_for_type(x509.DNSName))
-        ips = set(san.get_values_for_type(x509.IPAddress))
-        assert {ipaddress.ip_address(a) for a in ("127.0.0.1", "::1", "10.0.0.7")} <= ips
-        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        assert {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} <= set(eku)
+        eku = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
         assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        if name in SERVER_IDENTITIES:
+            # A server (that also calls): the shared SANs plus its own identity's server name only.
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            dns = set(san.get_values_for_type(x509.DNSName))
+            assert dns == {"localhost", "platform.svc", f"{name}.sevlaunch.internal"}
+            ips = set(san.get_values_for_type(x509.IPAddress))
+            assert {ipaddress.ip_address(a) for a in ("127.0.0.1", "::1", "10.0.0.7")} == ips
+            assert eku == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+        else:
+            # A client identity cannot pass for a server: client auth only, no names at all.
+            assert eku == {ExtendedKeyUsageOID.CLIENT_AUTH}
+            with pytest.raises(x509.ExtensionNotFound):
+                cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert set(SERVER_IDENTITIES) == {"platform", "launcher", "owner"}
+
+
+def test_extra_server_identity(tmp_path: Path) -> None:
+    assert (
+        main(["dev-certs", "--out", str(tmp_path), "--only", "--server", "owner-b", "--identity", "ops"]) == 0
+    )
+    san = _load(tmp_path / "owner-b.pem").extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert "owner-b.sevlaunch.internal" in san.value.get_values_for_type(x509.DNSName)
+    eku = _load(tmp_path / "ops.pem").extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert set(eku) == {ExtendedKeyUsageOID.CLIENT_AUTH}
+
+
+@pytest.mark.parametrize("san", ["owner.sevlaunch.internal", "sevlaunch.internal", "X.Sevlaunch.Internal."])
+def test_reserved_names_are_refused_as_shared_sans(
+    tmp_path: Path, san: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Every server certificate gets each --san: one of these would make every server pass for that identity.
+    assert main(["dev-certs", "--out", str(tmp_path), "--san", san]) == 2
+    assert "sevlaunch.internal" in capsys.readouterr().err
+    assert not (tmp_path / "ca.pem").exists()
 
 
 def test_extra_and_only_identities(tmp_path: Path) -> None:

@@ -1,87 +1,239 @@
-"""`VerifiedTLSConnector`: a connection reaches the endpoint only when its server certificate names the
-expected identity; otherwise nothing is relayed. A plain TLS echo server plays the remote end."""
+"""The launcher's clients authenticate the server as an identity: gRPC's own TLS checks the server
+certificate against the expected identity's server name (`grpc.ssl_target_name_override`), so a server
+holding any other certificate of the CA (or another CA's) fails the handshake before a call reaches it,
+and the call becomes `<who>_not_authenticated`."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import ssl
-import stat
+import datetime as dt
+import shutil
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import grpc
+import grpc.aio
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from launcher_svc.adapters.peer_tls import VerifiedTLSConnector, client_context, split_endpoint
+from launcher_svc.adapters.grpc_clients import OwnerClient, PlatformClient, split_endpoint
+from launcher_svc.server import build_parser, config_from_args
+from sevlaunch.errors import PermissionDenied, Unavailable
+from sevlaunch.rpc.tls import server_credentials
+from sevlaunch.rpc.v1 import (
+    common_pb2,
+    owner_pb2,
+    owner_pb2_grpc,
+    platform_pb2,
+    platform_pb2_grpc,
+)
+from sevlaunch.tlsnames import SERVER_NAME_DOMAIN, is_reserved, server_name
 
-
-async def _echo_server(tls_dir: Path, identity: str) -> tuple[asyncio.AbstractServer, int, list[bytes]]:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(tls_dir / f"{identity}.pem", tls_dir / f"{identity}.key")
-    ctx.load_verify_locations(tls_dir / "ca.pem")
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.set_alpn_protocols(["h2"])
-    received: list[bytes] = []
-
-    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        data = await r.read(100)
-        received.append(data)
-        w.write(data.upper())
-        await w.drain()
-        w.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
-    return server, server.sockets[0].getsockname()[1], received
+PROD_NAME = "sevlaunch-owner.tenant.svc.cluster.local"
 
 
-async def _roundtrip(target: str) -> bytes:
-    r, w = await asyncio.open_unix_connection(target.removeprefix("unix:"))
-    w.write(b"hello")
-    await w.drain()
-    data = await asyncio.wait_for(r.read(100), 5)
-    w.close()
-    return data
+class _Owner(owner_pb2_grpc.OwnerServiceServicer):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def OpenSession(self, request: Any, context: Any) -> owner_pb2.OpenSessionResponse:
+        self.calls += 1
+        return owner_pb2.OpenSessionResponse(session_id="s-1", policy=request.policy)
 
 
-@pytest.mark.parametrize(("served_as", "accepted"), [("owner", True), ("client", False), ("launcher", False)])
-def test_only_the_expected_identity_is_relayed(tls_dir: Path, served_as: str, accepted: bool) -> None:
-    async def main() -> None:
-        server, port, received = await _echo_server(tls_dir, served_as)
-        conn = VerifiedTLSConnector(f"localhost:{port}", client_context(tls_dir, "launcher"), "owner")
-        target = await conn.start()
-        try:
-            sock_dir = Path(target.removeprefix("unix:")).parent
-            assert stat.S_IMODE(os.stat(sock_dir).st_mode) == 0o700  # only this user reaches it
-            reply = await _roundtrip(target)
-            if accepted:
-                assert reply == b"HELLO" and received == [b"hello"]
-                assert (conn.refusals, conn.refused_last) == (0, False)
-            else:
-                assert reply == b""
-                await asyncio.sleep(0.1)
-                assert received in ([], [b""])  # the server never saw a byte of the call
-                assert (conn.refusals, conn.refused_last) == (1, True)
-                assert conn.last_refusal == f"the server is {served_as!r}, not 'owner'"
-        finally:
-            await conn.close()
-            server.close()
-        assert not sock_dir.exists()
+class _Platform(platform_pb2_grpc.PlatformServiceServicer):
+    async def GetCertificateChain(self, request: Any, context: Any) -> Any:
+        return platform_pb2.GetCertificateChainResponse()
 
+
+@asynccontextmanager
+async def _serve(tls_dir: Path, identity: str) -> AsyncIterator[tuple[str, _Owner]]:
+    """An owner (and platform) gRPC server over mTLS with `identity`'s certificate."""
+    server = grpc.aio.server()
+    owner = _Owner()
+    owner_pb2_grpc.add_OwnerServiceServicer_to_server(owner, server)
+    platform_pb2_grpc.add_PlatformServiceServicer_to_server(_Platform(), server)
+    port = server.add_secure_port("127.0.0.1:0", server_credentials(tls_dir, identity))
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}", owner
+    finally:
+        await server.stop(None)
+
+
+async def _open(client: OwnerClient, endpoint: str) -> Any:
+    return await client.open_session(endpoint, workload_id="w", chain=common_pb2.CertificateChain(), policy=3)
+
+
+def _run(main: Callable[[], Any]) -> None:
     asyncio.run(main())
 
 
-def test_a_server_of_another_ca_is_not_relayed(tls_dir: Path, foreign_tls_dir: Path) -> None:
+def test_the_owner_certificate_is_accepted(tls_dir: Path) -> None:
     async def main() -> None:
-        server, port, received = await _echo_server(foreign_tls_dir, "owner")
-        conn = VerifiedTLSConnector(f"localhost:{port}", client_context(tls_dir, "launcher"), "owner")
-        target = await conn.start()
-        try:
-            assert await _roundtrip(target) == b""
-            assert received in ([], [b""]) and conn.refusals == 0  # a failed handshake, not an identity
-        finally:
-            await conn.close()
-            server.close()
+        async with _serve(tls_dir, "owner") as (endpoint, owner):
+            client = OwnerClient(tls_dir, "launcher")
+            try:
+                assert (await _open(client, endpoint)).session_id == "s-1"
+            finally:
+                await client.close()
+            assert owner.calls == 1
 
-    asyncio.run(main())
+    _run(main)
+
+
+@pytest.mark.parametrize("served_as", ["client", "launcher", "platform", "nobody"])
+def test_another_identitys_certificate_is_refused(tls_dir: Path, served_as: str) -> None:
+    async def main() -> None:
+        async with _serve(tls_dir, served_as) as (endpoint, owner):
+            client = OwnerClient(tls_dir, "launcher")
+            try:
+                for _ in range(2):  # also while gRPC backs off after the failed handshake
+                    with pytest.raises(PermissionDenied) as err:
+                        await _open(client, endpoint)
+                    assert err.value.reason == "owner_not_authenticated"
+                    assert repr(served_as) in err.value.detail
+                    assert "owner.sevlaunch.internal" in err.value.detail
+            finally:
+                await client.close()
+            assert owner.calls == 0  # the server never saw a call
+
+    _run(main)
+
+
+def test_a_server_of_another_ca_is_refused(tls_dir: Path, foreign_tls_dir: Path) -> None:
+    async def main() -> None:
+        async with _serve(foreign_tls_dir, "owner") as (endpoint, owner):
+            client = OwnerClient(tls_dir, "launcher")
+            try:
+                with pytest.raises(PermissionDenied) as err:
+                    await _open(client, endpoint)
+                assert err.value.reason == "owner_not_authenticated"
+            finally:
+                await client.close()
+            assert owner.calls == 0
+
+    _run(main)
+
+
+def test_an_unreachable_owner_is_unavailable_not_a_refusal(tls_dir: Path) -> None:
+    async def main() -> None:
+        async with _serve(tls_dir, "owner") as (endpoint, _):
+            pass  # stopped: nothing listens there any more
+        client = OwnerClient(tls_dir, "launcher")
+        try:
+            with pytest.raises(Unavailable) as err:
+                await _open(client, endpoint)
+            assert err.value.reason == "owner_unavailable"
+        finally:
+            await client.close()
+
+    _run(main)
+
+
+def test_platform_identity_is_checked_too(tls_dir: Path) -> None:
+    async def main() -> None:
+        for served_as, ok in (("platform", True), ("owner", False)):
+            async with _serve(tls_dir, served_as) as (endpoint, _):
+                client = PlatformClient(endpoint, tls_dir, "launcher")
+                try:
+                    if ok:
+                        await client.certificate_chain()
+                    else:
+                        with pytest.raises(PermissionDenied) as err:
+                            await client.certificate_chain()
+                        assert err.value.reason == "platform_not_authenticated"
+                        assert "'owner'" in err.value.detail
+                finally:
+                    await client.close()
+
+    _run(main)
+
+
+def _issue_production_cert(tls_dir: Path, out: Path, name: str, dns: str) -> None:
+    """A server certificate from the deployment's CA for a Kubernetes-style service name only (no
+    localhost, no sevlaunch.internal name), as a production CA would issue it."""
+    ca_key = serialization.load_pem_private_key((tls_dir / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca = x509.load_pem_x509_certificate((tls_dir / "ca.pem").read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "owner")]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    out.mkdir(exist_ok=True)
+    shutil.copy(tls_dir / "ca.pem", out / "ca.pem")
+    (out / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (out / f"{name}.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+
+
+def test_a_production_name_is_accepted_when_the_certificate_carries_it(tls_dir: Path, tmp_path: Path) -> None:
+    _issue_production_cert(tls_dir, tmp_path, "owner", PROD_NAME)
+
+    async def main() -> None:
+        async with _serve(tmp_path, "owner") as (endpoint, owner):
+            # The endpoint's host (127.0.0.1) is not in that certificate: the identity replaces it.
+            good = OwnerClient(tls_dir, "launcher", owner_identity=PROD_NAME)
+            default = OwnerClient(tls_dir, "launcher")  # expects owner.sevlaunch.internal: not in it
+            try:
+                assert (await _open(good, endpoint)).session_id == "s-1"
+                with pytest.raises(PermissionDenied) as err:
+                    await _open(default, endpoint)
+                assert err.value.reason == "owner_not_authenticated"
+            finally:
+                await good.close()
+                await default.close()
+            assert owner.calls == 1
+        # ... and a dev `owner` certificate is not valid for the production name.
+        async with _serve(tls_dir, "owner") as (endpoint, owner):
+            client = OwnerClient(tls_dir, "launcher", owner_identity=PROD_NAME)
+            try:
+                with pytest.raises(PermissionDenied):
+                    await _open(client, endpoint)
+            finally:
+                await client.close()
+            assert owner.calls == 0
+
+    _run(main)
+
+
+def test_server_names() -> None:
+    assert server_name("owner") == f"owner.{SERVER_NAME_DOMAIN}" == "owner.sevlaunch.internal"
+    assert server_name("platform") == "platform.sevlaunch.internal"
+    assert server_name("Owner.Tenant.SVC.") == "owner.tenant.svc"  # a full DNS name as given
+    for bad in ("", "a b", "*.example.com", "owner:50053", "-x", "x" * 64, "a..b"):
+        with pytest.raises(ValueError):
+            server_name(bad)
+    assert is_reserved("owner.sevlaunch.internal") and is_reserved("SEVLAUNCH.INTERNAL.")
+    assert not is_reserved("sevlaunch.internal.example.com") and not is_reserved("owner")
+
+
+def test_bad_expected_identities_stop_the_launcher_at_start(tmp_path: Path) -> None:
+    base = ["--tls-dir", str(tmp_path), "--db", str(tmp_path / "l.db")]
+    cfg = config_from_args(build_parser().parse_args([*base, "--owner-identity", PROD_NAME]))
+    assert cfg.owner_identity == PROD_NAME
+    for flag in ("--owner-identity", "--platform-identity"):
+        with pytest.raises(ValueError, match=flag):
+            config_from_args(build_parser().parse_args([*base, flag, "not a name"]))
 
 
 def test_split_endpoint() -> None:
