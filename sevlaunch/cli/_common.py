@@ -140,6 +140,12 @@ def add_client_args(parser: argparse.ArgumentParser, *, service: str, identity: 
     parser.add_argument("--endpoint", required=True, help=f"{service} service HOST:PORT")
     parser.add_argument("--tls-dir", required=True, help="folder with ca.pem and IDENTITY.pem/.key")
     parser.add_argument("--identity", default=identity)
+    parser.add_argument(
+        "--server-identity",
+        default=service,
+        help=f"the identity the server must prove (default {service}, i.e. {service}.sevlaunch.internal; "
+        "a name with a dot is a full DNS name)",
+    )
     parser.add_argument("--timeout", type=float, default=30.0)
 
 
@@ -164,10 +170,15 @@ def call_service(
 
     from sevlaunch.rpc import secure_channel_sync
     from sevlaunch.rpc.tls import TLSMaterialError
+    from sevlaunch.tlsnames import server_name
 
     try:
-        channel = secure_channel_sync(args.endpoint, args.tls_dir, args.identity)
-    except TLSMaterialError as exc:
+        # Every dev server certificate is valid for localhost: only the identity name tells an owner
+        # from a platform on the same host, so the server must prove the identity we meant to reach.
+        channel = secure_channel_sync(
+            args.endpoint, args.tls_dir, args.identity, server_name=server_name(args.server_identity)
+        )
+    except (TLSMaterialError, ValueError) as exc:
         raise CommandError(str(exc)) from None
     with channel:
         try:

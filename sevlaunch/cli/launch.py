@@ -13,6 +13,7 @@ from sevlaunch.cli._common import parse_int
 from sevlaunch.rpc import error_info, secure_channel_sync
 from sevlaunch.rpc.v1 import launcher_pb2, launcher_pb2_grpc
 from sevlaunch.sev.policy import PolicyFlags
+from sevlaunch.tlsnames import server_name
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -44,6 +45,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--name", default="guest", help="guest name")
     p.add_argument("--tls-dir", required=True, help="folder with ca.pem and the identity's certificate")
     p.add_argument("--identity", default="client", help="certificate name in the TLS folder")
+    p.add_argument(
+        "--launcher-identity",
+        default="launcher",
+        help="the identity the launcher must prove (default launcher.sevlaunch.internal)",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole launch")
     p.set_defaults(func=_launch)
 
@@ -74,7 +80,12 @@ def _launch(args: argparse.Namespace) -> int:
     request = launcher_pb2.LaunchRequest(
         spec=spec, owner=launcher_pb2.OwnerRef(endpoint=args.owner, workload_id=args.workload)
     )
-    with secure_channel_sync(args.launcher, args.tls_dir, args.identity) as channel:
+    try:
+        expected = server_name(args.launcher_identity)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    channel = secure_channel_sync(args.launcher, args.tls_dir, args.identity, server_name=expected)
+    with channel:
         stub = launcher_pb2_grpc.LauncherServiceStub(channel)
         last = None
         try:

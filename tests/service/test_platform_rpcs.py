@@ -100,6 +100,12 @@ def test_cli_chain_out_verifies_with_sevlaunch_verify(
     # A caller without a role gets a refusal, printed as a one-line error (exit status 2).
     assert cli_main(["platform", "id", *common, "--identity", "owner"]) == 2
     assert "PERMISSION_DENIED" in capsys.readouterr().err
+    # The CLI checks whom it reached: a platform is not accepted where an owner is expected (the
+    # handshake fails; every dev server certificate is valid for localhost, only the identity differs).
+    assert cli_main(["platform", "id", *common, "--server-identity", "owner", "--timeout", "3"]) == 2
+    assert "UNAVAILABLE" in capsys.readouterr().err
+    assert cli_main(["platform", "id", *common, "--server-identity", "bad name!"]) == 2
+    assert "neither an identity name nor a DNS name" in capsys.readouterr().err
 
 
 def test_roles_and_handshake_failures(start_platform: Any, tls_dir: Path, foreign_tls_dir: Path) -> None:
