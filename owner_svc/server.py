@@ -160,12 +160,6 @@ def build_app(config: OwnerConfig) -> OwnerApp:
         log.warning("no --publisher-key given: no reference value will be trusted, every release refused")
     store = open_store(config.db, audit_mac_key=kek.audit_key)
     refset = ReferenceValueSet(publishers)
-    failures = refset.load([(mid, env) for mid, env, _ in store.list_manifests()], store.revoked_manifests())
-    for mid, failure in failures:
-        log.warning(
-            "stored reference values no longer verify",
-            extra={"manifest": mid, "reason": failure.reason.value},
-        )
     try:
         rpc = RpcServer(service_name=SERVICE_NAME, authz=AUTHZ, **rpc_server_options(config))
     except TLSMaterialError as exc:
@@ -179,6 +173,9 @@ def build_app(config: OwnerConfig) -> OwnerApp:
         session_ttl=config.session_ttl,
         metrics=PrometheusOwnerMetrics(rpc.metrics.registry),
     )
+    # The stored manifests, each re-verified against the keys configured now; from then on every
+    # decision reloads them when the store's generation moved (another replica imported or revoked).
+    core.sync_reference_values()
     owner_pb2_grpc.add_OwnerServiceServicer_to_server(OwnerServicer(core), rpc.grpc_server)
 
     def import_polled(envelope: bytes, url: str) -> bool:

@@ -102,6 +102,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, repeat('0', 64))",  # GENESIS
     ),
+    # 2: the reference value generation, bumped in the transaction of every manifest or revocation
+    # stored, so every replica notices a change made by another (one primary-key read per decision).
+    (
+        """CREATE TABLE refvalues_generation (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            generation BIGINT NOT NULL
+        )""",
+        "INSERT INTO refvalues_generation (id, generation) VALUES (1, 1)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -394,13 +403,24 @@ class PostgresStore:
 
     # ------------------------------------------------------------------------ manifests
 
-    def put_manifest(self, manifest_id: str, envelope: bytes, source: str, event: AuditEvent) -> None:
+    def put_manifest(
+        self,
+        manifest_id: str,
+        envelope: bytes,
+        source: str,
+        event: AuditEvent,
+        *,
+        revokes: Sequence[str] = (),
+    ) -> None:
         with self._write() as conn:
             conn.execute(
                 "INSERT INTO manifests (manifest_id, envelope, source, imported_at) "
                 "VALUES (%s, %s, %s, %s) ON CONFLICT (manifest_id) DO NOTHING",
                 (manifest_id, envelope, source, self._clock()),
             )
+            self._insert_revocations(conn, revokes, manifest_id)
+            # Lock order: the generation row, then the audit head (taken last by every writer).
+            self._bump_generation(conn)
             self._append_audit(conn, event)
 
     def list_manifests(self) -> Sequence[tuple[str, bytes, str]]:
@@ -408,15 +428,44 @@ class PostgresStore:
         return [(str(r[0]), bytes(r[1]), str(r[2])) for r in rows]
 
     def add_revocations(self, manifest_ids: Sequence[str], by: str) -> None:
-        with self._write() as conn, conn.cursor() as cur:
+        with self._write() as conn:
+            self._insert_revocations(conn, manifest_ids, by)
+            self._bump_generation(conn)
+
+    def _insert_revocations(
+        self, conn: psycopg.Connection[Any], manifest_ids: Sequence[str], by: str
+    ) -> None:
+        if not manifest_ids:
+            return
+        with conn.cursor() as cur:
+            # Sorted: two transactions inserting overlapping lists take the key locks in one order.
             cur.executemany(
                 "INSERT INTO revoked_manifests (manifest_id, revoked_by, revoked_at) "
                 "VALUES (%s, %s, %s) ON CONFLICT (manifest_id) DO NOTHING",
-                [(mid, by, self._clock()) for mid in manifest_ids],
+                [(mid, by, self._clock()) for mid in sorted(set(manifest_ids))],
             )
+
+    @staticmethod
+    def _bump_generation(conn: psycopg.Connection[Any]) -> None:
+        conn.execute("UPDATE refvalues_generation SET generation = generation + 1 WHERE id = 1")
 
     def revoked_manifests(self) -> set[str]:
         return {str(r[0]) for r in self._read_all("SELECT manifest_id FROM revoked_manifests")}
+
+    def refvalues_generation(self) -> int:
+        row = self._read_one("SELECT generation FROM refvalues_generation WHERE id = 1")
+        return 0 if row is None else int(row[0])
+
+    def load_refvalues(self) -> tuple[int, Sequence[tuple[str, bytes]], set[str]]:
+        with self._conn() as conn, conn.transaction():
+            # One snapshot: the generation returned is exactly that of the rows read with it.
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            row = conn.execute("SELECT generation FROM refvalues_generation WHERE id = 1").fetchone()
+            rows = conn.execute("SELECT manifest_id, envelope FROM manifests ORDER BY imported_at").fetchall()
+            revoked = {
+                str(r[0]) for r in conn.execute("SELECT manifest_id FROM revoked_manifests").fetchall()
+            }
+        return (0 if row is None else int(row[0])), [(str(r[0]), bytes(r[1])) for r in rows], revoked
 
 
 def _session(row: Sequence[Any]) -> SessionRecord:

@@ -1,10 +1,11 @@
 """The embedded store: one SQLite file in WAL mode, schema migrations in code.
 
 Concurrency: one connection per thread (SQLite connections are not shared across threads), writers
-serialised by `BEGIN IMMEDIATE`, so the conditional session update is atomic and the audit chain's
-"read the head, append the next record" cannot interleave. The audit table refuses UPDATE and DELETE by
-trigger: the log is append-only for anyone using this code, and the hash chain shows tampering by
-anyone else.
+serialised by a process-wide lock (this process's threads, handed over without SQLite's sleeping busy
+handler) and `BEGIN IMMEDIATE` (any other process on the file), so the conditional session update is
+atomic and the audit chain's "read the head, append the next record" cannot interleave. The audit
+table refuses UPDATE and DELETE by trigger: the log is append-only for anyone using this code, and the
+hash chain shows tampering by anyone else.
 """
 
 from __future__ import annotations
@@ -81,6 +82,15 @@ MIGRATIONS: tuple[str, ...] = (
         hash TEXT NOT NULL
     );
     """,
+    # 2: the reference value generation, bumped in the transaction of every manifest or revocation
+    # stored, so an owner sharing the file notices a change made by another process.
+    """
+    CREATE TABLE refvalues_generation (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        generation INTEGER NOT NULL
+    );
+    INSERT INTO refvalues_generation (id, generation) VALUES (1, 1);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -110,6 +120,11 @@ class SQLiteStore:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._conn_lock = threading.Lock()
+        # Writers of this process queue here, before BEGIN IMMEDIATE: a thread that finds SQLite's write
+        # lock taken sleeps in the busy handler (1, 2, 5, 10, ... 100 ms steps) while the lock may already
+        # be free, which under 64 concurrent calls left the writer idle much of the time. A Python lock
+        # hands over at once; BEGIN IMMEDIATE still serialises against other processes on the file.
+        self._write_lock = threading.Lock()
         self.migrate()
 
     # ------------------------------------------------------------------------------- plumbing
@@ -134,13 +149,14 @@ class SQLiteStore:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def close(self) -> None:
         with self._conn_lock:
@@ -338,13 +354,23 @@ class SQLiteStore:
 
     # ------------------------------------------------------------------------ manifests
 
-    def put_manifest(self, manifest_id: str, envelope: bytes, source: str, event: AuditEvent) -> None:
+    def put_manifest(
+        self,
+        manifest_id: str,
+        envelope: bytes,
+        source: str,
+        event: AuditEvent,
+        *,
+        revokes: Sequence[str] = (),
+    ) -> None:
         with self._write() as conn:
             conn.execute(
                 "INSERT OR IGNORE INTO manifests (manifest_id, envelope, source, imported_at) "
                 "VALUES (?, ?, ?, ?)",
                 (manifest_id, envelope, source, self._clock()),
             )
+            self._insert_revocations(conn, revokes, manifest_id)
+            self._bump_generation(conn)
             self._append_audit(conn, event)
 
     def list_manifests(self) -> Sequence[tuple[str, bytes, str]]:
@@ -357,14 +383,38 @@ class SQLiteStore:
 
     def add_revocations(self, manifest_ids: Sequence[str], by: str) -> None:
         with self._write() as conn:
-            conn.executemany(
-                "INSERT OR IGNORE INTO revoked_manifests (manifest_id, revoked_by, revoked_at) "
-                "VALUES (?, ?, ?)",
-                [(mid, by, self._clock()) for mid in manifest_ids],
-            )
+            self._insert_revocations(conn, manifest_ids, by)
+            self._bump_generation(conn)
+
+    def _insert_revocations(self, conn: sqlite3.Connection, manifest_ids: Sequence[str], by: str) -> None:
+        conn.executemany(
+            "INSERT OR IGNORE INTO revoked_manifests (manifest_id, revoked_by, revoked_at) VALUES (?, ?, ?)",
+            [(mid, by, self._clock()) for mid in sorted(set(manifest_ids))],
+        )
+
+    @staticmethod
+    def _bump_generation(conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE refvalues_generation SET generation = generation + 1 WHERE id = 1")
 
     def revoked_manifests(self) -> set[str]:
         return {str(r[0]) for r in self._conn().execute("SELECT manifest_id FROM revoked_manifests")}
+
+    def refvalues_generation(self) -> int:
+        row = self._conn().execute("SELECT generation FROM refvalues_generation WHERE id = 1").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def load_refvalues(self) -> tuple[int, Sequence[tuple[str, bytes]], set[str]]:
+        conn = self._conn()
+        # One read transaction: in WAL mode its reads are one snapshot, so the generation returned is
+        # exactly that of the rows (a write landing meanwhile shows as a newer generation next time).
+        conn.execute("BEGIN")
+        try:
+            row = conn.execute("SELECT generation FROM refvalues_generation WHERE id = 1").fetchone()
+            rows = conn.execute("SELECT manifest_id, envelope FROM manifests ORDER BY imported_at").fetchall()
+            revoked = {str(r[0]) for r in conn.execute("SELECT manifest_id FROM revoked_manifests")}
+        finally:
+            conn.execute("COMMIT")
+        return (0 if row is None else int(row[0])), [(str(r[0]), bytes(r[1])) for r in rows], revoked
 
 
 def _statements(script: str) -> list[str]:

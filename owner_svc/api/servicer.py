@@ -216,6 +216,7 @@ class OwnerServicer(owner_pb2_grpc.OwnerServiceServicer):
     ) -> owner_pb2.GetWorkloadResponse:
         def get() -> owner_pb2.GetWorkloadResponse:
             w = self.core.get_workload(request.workload_id)
+            self.core.sync_reference_values()
             now = datetime.now(UTC)
             sev = self.core.refvalues.accepted(w, GuestPolicy(0x3), now)
             sev_es = self.core.refvalues.accepted(w, GuestPolicy(0x7), now)
@@ -252,10 +253,8 @@ class OwnerServicer(owner_pb2_grpc.OwnerServiceServicer):
     async def ListReferenceValues(
         self, request: owner_pb2.ListReferenceValuesRequest, context: Ctx
     ) -> owner_pb2.ListReferenceValuesResponse:
-        now = datetime.now(UTC)
-        return owner_pb2.ListReferenceValuesResponse(
-            manifests=[manifest_summary(vm) for vm in self.core.refvalues.in_force(now)]
-        )
+        manifests = await asyncio.to_thread(self.core.reference_values_in_force)
+        return owner_pb2.ListReferenceValuesResponse(manifests=[manifest_summary(vm) for vm in manifests])
 
     async def ListSessions(
         self, request: owner_pb2.ListSessionsRequest, context: Ctx

@@ -60,13 +60,33 @@ class Store(Protocol):
     def list_sessions(self, workload_id: str, limit: int) -> Sequence[SessionRecord]: ...
 
     # Reference values (signed envelopes, stored as imported; re-verified on load).
-    def put_manifest(self, manifest_id: str, envelope: bytes, source: str, event: AuditEvent) -> None: ...
+    def put_manifest(
+        self,
+        manifest_id: str,
+        envelope: bytes,
+        source: str,
+        event: AuditEvent,
+        *,
+        revokes: Sequence[str] = (),
+    ) -> None:
+        """Stores the envelope and the revocations it carries, bumps the reference value generation and
+        appends `event`, in one transaction."""
+        ...
 
     def list_manifests(self) -> Sequence[tuple[str, bytes, str]]: ...
 
     def add_revocations(self, manifest_ids: Sequence[str], by: str) -> None: ...
 
     def revoked_manifests(self) -> set[str]: ...
+
+    def refvalues_generation(self) -> int:
+        """A counter that grows with every stored manifest or revocation, by any replica: one cheap
+        read, so each decision can tell whether its in-memory reference values are still current."""
+        ...
+
+    def load_refvalues(self) -> tuple[int, Sequence[tuple[str, bytes]], set[str]]:
+        """(generation, [(manifest id, envelope)], revoked ids), read in one snapshot."""
+        ...
 
     # Audit.
     def append_audit(self, event: AuditEvent) -> None: ...

@@ -1,7 +1,9 @@
 """The reference values in force: verified manifests, minus revoked and out-of-window ones.
 
 Thread-safe: the gRPC handlers and the HTTP poller read and admit concurrently. Validity windows are
-checked at every use, not only at import, so a manifest stops counting the moment it expires.
+checked at every use, not only at import, so a manifest stops counting the moment it expires. The set is
+a cache of the store's manifests (`OwnerCore.sync_reference_values` reloads it when another replica
+changed them); `load` re-verifies every envelope it is given.
 """
 
 from __future__ import annotations
@@ -39,20 +41,33 @@ class ReferenceValueSet:
         self._lock = threading.Lock()
 
     def load(self, stored: Iterable[tuple[str, bytes]], revoked: Iterable[str]) -> list[tuple[str, SevError]]:
-        """Re-verifies stored envelopes against the publisher keys configured now (a key removed from the
-        configuration takes its manifests out of force). Returns the (id, error) of those that fail."""
+        """Replaces the set with the stored envelopes, each re-verified against the publisher keys
+        configured now (a key removed from the configuration takes its manifests out of force): a row is
+        never trusted for being in the store. Revoked: the stored revocations plus every `revokes` list
+        of a manifest that verifies. Returns the (id, error) of the envelopes that fail (not the revoked).
+
+        The verification runs outside the lock; readers see the old set until the new one replaces it.
+        """
         failures: list[tuple[str, SevError]] = []
+        verified: list[VerifiedManifest] = []
+        for mid, envelope in stored:
+            try:
+                verified.append(verify_manifest(envelope, self.publishers, now=None))
+            except SevError as exc:
+                failures.append((mid, exc))
+        revoked_now = set(revoked)
+        for vm in verified:
+            revoked_now.update(vm.manifest.revokes)
+        manifests = {vm.id: vm for vm in verified if vm.id not in revoked_now}
         with self._lock:
-            self._revoked = set(revoked)
-            self._manifests = {}
-            for mid, envelope in stored:
-                try:
-                    vm = verify_manifest(envelope, self.publishers, now=None, revoked=self._revoked)
-                except SevError as exc:
-                    failures.append((mid, exc))
-                    continue
-                self._manifests[vm.id] = vm
+            self._revoked = revoked_now
+            self._manifests = manifests
         return failures
+
+    def ids(self) -> frozenset[str]:
+        """The ids of the verified, unrevoked manifests held (validity windows not applied)."""
+        with self._lock:
+            return frozenset(self._manifests)
 
     def verify(self, envelope: bytes, now: datetime) -> VerifiedManifest:
         """Verifies an envelope for import (signature, schema, window, revocation); changes nothing."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -168,9 +169,47 @@ class OwnerCore:
         self.session_ttl = session_ttl
         self.metrics: Metrics = metrics or NullMetrics()
         self.clock = clock
+        # The reference values are a cache of the store's manifests: the generation they were loaded at
+        # (None: not loaded yet), and the stored envelopes already logged as failing verification.
+        self._refvalues_generation: int | None = None
+        self._refvalues_lock = threading.Lock()
+        self._refvalues_failed: set[str] = set()
 
     def _now_dt(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
+
+    # ------------------------------------------------------------------------- reference values
+
+    def sync_reference_values(self) -> None:
+        """Brings the in-memory reference values up to the store's: one read of the store's generation
+        (bumped by every manifest or revocation stored, by any replica); when it moved, every stored
+        envelope is re-verified against this replica's publisher keys and the set replaced. Called
+        before each decision that uses reference values, so an import or a revocation through any
+        replica counts on every replica from its next call on, without a restart."""
+        generation = self.store.refvalues_generation()
+        if generation == self._refvalues_generation:
+            return
+        with self._refvalues_lock:
+            if generation == self._refvalues_generation:
+                return  # another thread reloaded it meanwhile
+            loaded, stored, revoked = self.store.load_refvalues()
+            failures = self.refvalues.load(stored, revoked)
+            self._refvalues_generation = loaded
+            for mid, failure in failures:
+                if mid not in self._refvalues_failed:
+                    self._refvalues_failed.add(mid)
+                    log.warning(
+                        "stored reference values do not verify",
+                        extra={"manifest": mid, "reason": failure.reason.value},
+                    )
+            log.info(
+                "reference values loaded",
+                extra={"generation": loaded, "stored": len(stored), "held": len(self.refvalues.ids())},
+            )
+
+    def reference_values_in_force(self) -> list[VerifiedManifest]:
+        self.sync_reference_values()
+        return self.refvalues.in_force(self._now_dt())
 
     # ------------------------------------------------------------------------------- OpenSession
 
@@ -230,6 +269,7 @@ class OwnerCore:
         refusal = _policy_refusal(workload, policy, guest_policy)
         if refusal is not None:
             raise refuse(refusal)
+        self.sync_reference_values()
         if not self.refvalues.accepted(workload, guest_policy, self._now_dt()):
             # Fail before the host spends a launch that could never be verified.
             raise refuse(
@@ -369,6 +409,7 @@ class OwnerCore:
                     f"firmware {api_major}.{api_minor} build {build_id} is below the minimum",
                 ),
             )
+        self.sync_reference_values()
         accepted = self.refvalues.accepted(workload, guest_policy, datetime.fromtimestamp(now, UTC))
         if not accepted:
             self._burn(
@@ -568,6 +609,7 @@ class OwnerCore:
     ) -> tuple[VerifiedManifest, bool]:
         """Verifies and stores a manifest envelope. Returns (manifest, newly imported)."""
         event = AuditEvent(actor=caller, action="import_reference_values", outcome="refused", detail=source)
+        self.sync_reference_values()  # revocations and manifests another replica stored count here too
         try:
             vm = self.refvalues.verify(envelope, self._now_dt())
         except VerificationFailed as exc:
@@ -586,9 +628,9 @@ class OwnerCore:
                 detail=f"{source}: {vm.manifest.publisher} {vm.manifest.firmware_name} "
                 f"{vm.manifest.firmware_version}, {len(vm.manifest.digests)} digests",
             ),
+            revokes=vm.manifest.revokes,
         )
-        if vm.manifest.revokes:
-            self.store.add_revocations(vm.manifest.revokes, vm.id)
+        # In force here at once; the generation it bumped makes the next call reload (a no-op change).
         self.refvalues.admit(vm)
         return vm, True
 

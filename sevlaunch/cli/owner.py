@@ -7,7 +7,7 @@
     sevlaunch owner sessions [--workload-id W] ...
     sevlaunch owner audit show [--after N] ...
     sevlaunch owner session revoke --session-id S ...
-    sevlaunch owner audit verify --db owner.db [--kek-file kek]
+    sevlaunch owner audit verify --db owner.db | postgresql://... [--kek-file kek]
 
 `workload.json` is the `Workload` message of owner.proto in protobuf's JSON form, e.g.
 {"workload_id": "web", "allowed_policies": [3], "generations": ["milan"],
@@ -18,7 +18,9 @@ A selector accepts only digests without kernel hashes unless it says `"kernel_ha
 `"allow_launch_without_secret": true` (a matched launch without a secret table is released with
 `no_secret`), `"allow_pre_0_17": true` (accept firmware below API 0.17, whose version is not measured).
 
-`audit verify` reads the database directly (read-only) and needs no service: each record stores the
+`audit verify` reads the database directly (read-only: a SQLite file opened `mode=ro`, or PostgreSQL in
+one `REPEATABLE READ, READ ONLY` transaction, so the records and the head are one snapshot while
+replicas append) and needs no service: each record stores the
 exact JSON text that was hashed (`{"event", "prev", "seq", "time"}`), hash = SHA-256(text), and
 `prev` = the previous record's hash (64 zeros for the first); the `audit_head` row holds the last
 (seq, hash), so a truncated tail shows. With the KEK it also checks each record's MAC,
@@ -101,8 +103,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     show = client(audit, "show", "print audit records as JSON lines", _audit_show)
     show.add_argument("--after", type=int, default=0)
     show.add_argument("--limit", type=int, default=1000)
-    verify = audit.add_parser("verify", help="check the audit log's hash chain in a database file")
-    verify.add_argument("--db", required=True)
+    verify = audit.add_parser("verify", help="check the audit log's hash chain in the owner's database")
+    verify.add_argument(
+        "--db",
+        required=True,
+        help="the owner's store: a SQLite file, or a postgresql:// URL (as the owner's)",
+    )
     verify.add_argument("--kek-file", help="also check each record's MAC (proves the owner wrote it)")
     verify.set_defaults(func=_audit_verify)
 
@@ -210,11 +216,20 @@ def read_kek(path: str) -> bytes:
     return key
 
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
 def verify_audit_db(db: str, kek: bytes | None = None) -> int:
-    """Checks the audit chain of an owner database; returns the record count or raises CommandError."""
+    """Checks the audit chain of an owner database (a SQLite file or a postgresql:// URL); returns the
+    record count or raises CommandError."""
+    mac_key = audit_mac_key(kek) if kek is not None else None
+    if db.strip().lower().startswith(POSTGRES_SCHEMES):
+        return _verify_audit_postgres(db.strip(), mac_key)
+    if db.lower().startswith("sqlite:"):
+        path = db[len("sqlite:") :]
+        db = path[2:] if path.startswith("///") else path
     if not Path(db).is_file():
         raise CommandError(f"{db} is not a file")
-    mac_key = audit_mac_key(kek) if kek is not None else None
     # Read-only, so verifying can never change what it verifies; one read transaction, so the records
     # and the head are one snapshot even while the owner appends.
     conn = sqlite3.connect(f"{Path(db).resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
@@ -233,6 +248,50 @@ def verify_audit_db(db: str, kek: bytes | None = None) -> int:
         raise CommandError(f"{db}: {exc}") from None
     finally:
         conn.close()
+
+
+def _verify_audit_postgres(dsn: str, mac_key: bytes | None) -> int:
+    """The same check over the owner's PostgreSQL tables: one read-only REPEATABLE READ transaction (a
+    snapshot: records and head agree even while replicas append), records streamed by a server-side
+    cursor. Errors name the server without the DSN's password."""
+    try:
+        import psycopg
+        from psycopg import conninfo
+    except ImportError:
+        raise CommandError(
+            "--db is a PostgreSQL URL but psycopg is not installed: install sevlaunch[postgres]"
+        ) from None
+    try:
+        params = conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        raise CommandError("--db: not a valid PostgreSQL URL") from None  # psycopg's text quotes the DSN
+    password = str(params.pop("password", "") or "")
+    shown = " ".join(f"{k}={v}" for k, v in sorted(params.items()))
+
+    def clean(exc: Exception) -> str:
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return text.replace(password, "***") if password else text
+
+    if "connect_timeout" not in params:
+        dsn = conninfo.make_conninfo(dsn, connect_timeout=10)
+    try:
+        with psycopg.connect(dsn, autocommit=True, application_name="sevlaunch-audit-verify") as conn:
+            with conn.transaction():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                head = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+                with conn.cursor(name="sevlaunch_audit_verify") as cur:
+                    cur.itersize = 2000
+                    cur.execute("SELECT seq, canonical, prev_hash, hash, mac FROM audit ORDER BY seq")
+                    return verify_chain(
+                        (ChainEntry(*row) for row in cur),
+                        # The PostgreSQL store seeds the head at seq 0 (no record yet, GENESIS hash).
+                        head=None if head is None else (int(head[0]), head[1]),
+                        mac_key=mac_key,
+                    )
+    except AuditChainBroken as exc:
+        raise CommandError(str(exc)) from None
+    except psycopg.Error as exc:
+        raise CommandError(f"PostgreSQL ({shown}): {clean(exc)}") from None
 
 
 def _audit_verify(args: argparse.Namespace) -> int:

@@ -1,13 +1,15 @@
 """The owner's store on a real PostgreSQL server (pg_fixture.py), and two owner replicas sharing it.
 
 1. The store contract, run against both adapters (SQLite and PostgreSQL): migrations, rows, the
-   one-release-per-session conditional update, manifests, the append-only hash-chained audit log, and
-   several store instances (replicas) appending concurrently.
+   one-release-per-session conditional update, manifests and the reference value generation, the
+   append-only hash-chained audit log, and several store instances (replicas) appending concurrently;
+   two owner cores over two store instances keeping their reference values in step with the store.
 2. PostgreSQL specifics: replicas migrating together, `open_store` choosing the adapter, broken
    connections replaced.
-3. Two `sevlaunch-owner` processes over mTLS on one database: open on A and release on B; 50 concurrent
-   releases across both yield one secret; the audit chain verifies after concurrent activity; SIGKILL of
-   one replica mid-way leaves the other serving and the chain intact.
+3. Two `sevlaunch-owner` processes over mTLS on one database: reference values imported or revoked on
+   A count on B without a restart; open on A and release on B; 50 concurrent releases across both yield
+   one secret; the audit chain verifies after concurrent activity; SIGKILL of one replica mid-way leaves
+   the other serving and the chain intact; `sevlaunch owner audit verify --db postgresql://...`.
 """
 
 from __future__ import annotations
@@ -41,7 +43,12 @@ from owner_svc.adapters.sqlite import SQLiteStore
 from owner_svc.adapters.store import StoreConfigError, open_store
 from owner_svc.core.audit import verify_records
 from owner_svc.core.model import AuditEvent, SessionRecord, SessionState
+from owner_svc.core.refset import ReferenceValueSet
+from owner_svc.core.service import OwnerCore
 from sevlaunch.audit import AuditChainBroken
+from sevlaunch.cli import main as cli_main
+from sevlaunch.cli.owner import verify_audit_db
+from sevlaunch.refvalues import KeyType, PublisherKey, generate_private_key
 from sevlaunch.rpc import error_info, secure_channel_sync
 from sevlaunch.rpc.v1 import owner_pb2, owner_pb2_grpc
 
@@ -247,6 +254,102 @@ def test_manifests_and_revocations(backend: Backend) -> None:
     assert _verify(store) == 3
 
 
+def test_refvalues_generation_moves_with_every_manifest_and_revocation(backend: Backend) -> None:
+    a, b = backend.open(), backend.open()  # two replicas
+    g0 = b.refvalues_generation()
+    assert b.load_refvalues() == (g0, [], set())
+    a.put_manifest("m1", b"envelope-1", "admin", _event("import_reference_values"))
+    g1 = b.refvalues_generation()
+    assert g1 > g0
+    a.put_manifest("m2", b"envelope-2", "admin", _event("import_reference_values"), revokes=["m1", "m0"])
+    g2 = b.refvalues_generation()
+    assert g2 > g1
+    # The manifest, its revocations and the generation move in one transaction.
+    assert b.load_refvalues() == (g2, [("m1", b"envelope-1"), ("m2", b"envelope-2")], {"m0", "m1"})
+    assert b.revoked_manifests() == {"m0", "m1"}
+    b.add_revocations(["m9"], "admin")
+    assert a.refvalues_generation() > g2 and a.load_refvalues()[2] == {"m0", "m1", "m9"}
+    # Reads move nothing; the audit records the two imports only.
+    assert a.refvalues_generation() == b.refvalues_generation()
+    assert _verify(a) == 2
+
+
+def _core(store: Any, publishers: list[PublisherKey]) -> OwnerCore:
+    return OwnerCore(store, KeyEncryptionKey(b"k" * 32), ReferenceValueSet(publishers))
+
+
+def test_reference_values_follow_the_store_across_replicas(
+    backend: Backend, publisher: Publisher, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two owner cores over two store instances (two replicas): what one imports or revokes counts on the
+    other at its next call; what the store holds is re-verified by each, never trusted for being there."""
+    keys = [PublisherKey.from_pem(publisher.pub_file.read_bytes())]
+    a, b = _core(backend.open(), keys), _core(backend.open(), keys)
+    a.sync_reference_values()
+    b.sync_reference_values()
+    assert a.reference_values_in_force() == b.reference_values_in_force() == []
+
+    first, new = a.import_reference_values(
+        "admin", publisher.envelope(digests=support.reference_digests()), "t"
+    )
+    assert new
+    assert [vm.id for vm in b.reference_values_in_force()] == [first.id]
+    # Reloaded only when the generation moved: a call that finds it unchanged reads nothing else.
+    loads: list[int] = []
+    real_load = b.store.load_refvalues
+    b.store.load_refvalues = lambda: loads.append(1) or real_load()  # type: ignore[method-assign]
+    for _ in range(3):
+        b.sync_reference_values()
+    assert loads == []
+    # Importing it again through B: already in force there (from the store), so no second row or record.
+    assert b.import_reference_values("admin", first.envelope, "t")[1] is False
+
+    # A revocation imported through A takes the first manifest out of force on B.
+    revoking, _ = a.import_reference_values(
+        "admin",
+        publisher.envelope(
+            digests=support.reference_digests(b"\0" * 4096 + support.OVMF_IMAGE),
+            version="2024.06",
+            revokes=(first.id,),
+        ),
+        "t",
+    )
+    assert [vm.id for vm in b.reference_values_in_force()] == [revoking.id]
+    # And an import of the revoked manifest through B is refused as revoked.
+    with pytest.raises(Exception, match="revoked"):
+        b.import_reference_values("admin", first.envelope, "t")
+
+    # A row written straight into the store (signed by a key this owner does not trust) is not trusted.
+    rogue = support.Publisher(generate_private_key(KeyType.ED25519), publisher.pub_file)
+    forged = rogue.envelope(
+        digests=support.reference_digests(b"\1" * 4096 + support.OVMF_IMAGE), version="2024.07"
+    )
+    hex_env = forged.hex()
+    backend.raw(
+        f"INSERT INTO manifests (manifest_id, envelope, source, imported_at) VALUES "
+        f"('{'f' * 64}', {_blob(backend, hex_env)}, 'sql', 1e10)"
+    )
+    backend.raw("UPDATE refvalues_generation SET generation = generation + 1")
+    with caplog.at_level("WARNING", logger="owner_svc.core"):
+        assert [vm.id for vm in b.reference_values_in_force()] == [revoking.id]
+    assert any(r.getMessage() == "stored reference values do not verify" for r in caplog.records)
+    # A replica configured with another key holds none of them (re-verified on load, per replica).
+    other_key = PublisherKey(generate_private_key(KeyType.ED25519).public_key())
+    c = _core(backend.open(), [other_key])
+    assert c.reference_values_in_force() == []
+    # A revocation row written straight into the store only ever takes reference values out of force.
+    backend.raw(
+        "INSERT INTO revoked_manifests (manifest_id, revoked_by, revoked_at) "
+        f"VALUES ('{revoking.id}', 'sql', 1)"
+    )
+    backend.raw("UPDATE refvalues_generation SET generation = generation + 1")
+    assert a.reference_values_in_force() == b.reference_values_in_force() == []
+
+
+def _blob(backend: Backend, hex_text: str) -> str:
+    return f"X'{hex_text}'" if backend.name == "sqlite" else f"'\\x{hex_text}'::bytea"
+
+
 def test_audit_chain_is_append_only_and_verifies(backend: Backend) -> None:
     store = backend.open()
     for i in range(5):
@@ -449,9 +552,9 @@ def _wait_serving(replica: Replica) -> None:
 def replicas(
     pg_dsn: str, tmp_path: Path, tls_dir: Path, emu_root_file: Path, publisher: Publisher
 ) -> Iterator[tuple[Replica, Replica]]:
-    """Two owner processes on one database and one KEK (the replicas of a Deployment), provisioned:
-    reference values imported on both (each keeps the manifests in force in memory), workload and
-    secret stored through A."""
+    """Two owner processes on one database and one KEK (the replicas of a Deployment), both started, then
+    provisioned through A only: reference values, workload and secret. B learns the reference values
+    from the store (its generation moved), without a restart."""
     KeyEncryptionKey.from_file(tmp_path / "kek", create=True)
     started: list[Replica] = []
     try:
@@ -459,11 +562,6 @@ def replicas(
             started.append(_start_replica(name, pg_dsn, tmp_path, tls_dir, emu_root_file, publisher.pub_file))
         a, b = started
         provision(a, publisher)  # type: ignore[arg-type]
-        b.admin.ImportReferenceValues(
-            owner_pb2.ImportReferenceValuesRequest(
-                envelope=publisher.envelope(digests=support.reference_digests())
-            )
-        )
         yield a, b
     finally:
         for r in started:
@@ -513,6 +611,115 @@ def test_open_on_one_replica_release_on_the_other(
     sessions = b.admin.ListSessions(owner_pb2.ListSessionsRequest(workload_id="web"))
     assert [s.session_id for s in sessions.sessions] == [opened.session_id]
     _audit_of(pg_dsn, tmp_path)
+
+
+def test_reference_values_imported_or_revoked_on_one_replica_count_on_the_other(
+    replicas: tuple[Replica, Replica], emu: Any, publisher: Publisher, pg_dsn: str, tmp_path: Path
+) -> None:
+    a, b = replicas
+    first = a.admin.ListReferenceValues(owner_pb2.ListReferenceValuesRequest()).manifests
+    assert [
+        m.manifest_id for m in b.admin.ListReferenceValues(owner_pb2.ListReferenceValuesRequest()).manifests
+    ] == [m.manifest_id for m in first]
+    # Imported on A (by the fixture, after B started): B opens and releases without a restart.
+    opened, run = _open(b, emu)
+    released = b.stub().ReleaseSecret(run.release_request(opened.session_id, SEV_POLICY))
+    assert released.manifest_id == first[0].manifest_id
+    emu.decommission(run.handle)
+
+    # A revocation imported on A stops B at once: a session B opened before is refused (and spent), and
+    # B opens no new one.
+    opened, run = _open(b, emu)
+    revoking = publisher.envelope(
+        digests=support.reference_digests(b"\0" * 4096 + support.OVMF_IMAGE),
+        version="2023.01",
+        revokes=(first[0].manifest_id,),
+    )
+    a.admin.ImportReferenceValues(owner_pb2.ImportReferenceValuesRequest(envelope=revoking))
+    err = support.rpc_error(
+        lambda: b.stub().ReleaseSecret(run.release_request(opened.session_id, SEV_POLICY))
+    )
+    assert (err.code, err.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "no_reference_values")
+    emu.decommission(run.handle)
+    err = support.rpc_error(
+        lambda: b.stub().OpenSession(
+            owner_pb2.OpenSessionRequest(workload_id="web", chain=emulator_chain(emu), policy=SEV_POLICY)
+        )
+    )
+    assert (err.code, err.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "no_reference_values")
+    in_force_b = b.admin.ListReferenceValues(owner_pb2.ListReferenceValuesRequest()).manifests
+    assert first[0].manifest_id not in {m.manifest_id for m in in_force_b}
+
+    # New reference values imported on B serve a session opened on A.
+    b.admin.ImportReferenceValues(
+        owner_pb2.ImportReferenceValuesRequest(
+            envelope=publisher.envelope(digests=support.reference_digests(), version="2024.06")
+        )
+    )
+    opened, run = _open(a, emu)
+    b.stub().ReleaseSecret(run.release_request(opened.session_id, SEV_POLICY))
+    emu.decommission(run.handle)
+    records = _audit_of(pg_dsn, tmp_path)
+    imports = [r.event for r in records if r.event.action == "import_reference_values"]
+    assert [e.outcome for e in imports] == ["allowed"] * 3  # each manifest stored once, by one replica
+
+
+def test_audit_verify_command_reads_postgresql(
+    replicas: tuple[Replica, Replica],
+    emu: Any,
+    pg_dsn: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    postgres_server: pg_fixture.PostgresServer,
+) -> None:
+    """`sevlaunch owner audit verify --db postgresql://...`: the same verifier as for a SQLite file, the
+    MACs checked with the replicas' KEK, in one read-only snapshot."""
+    a, b = replicas
+    opened, run = _open(a, emu)
+    b.stub().ReleaseSecret(run.release_request(opened.session_id, SEV_POLICY))
+    emu.decommission(run.handle)
+    count = len(_audit_of(pg_dsn, tmp_path))
+    assert verify_audit_db(pg_dsn) == count
+    capsys.readouterr()
+    kek_args = ["--kek-file", str(tmp_path / "kek")]
+    assert cli_main(["owner", "audit", "verify", "--db", pg_dsn, *kek_args]) == 0
+    assert capsys.readouterr().out.strip() == f"audit log intact: {count} records, MACs verified"
+
+    # Another KEK: the MACs do not verify.
+    (tmp_path / "other.kek").write_bytes(b"o" * 32)
+    (tmp_path / "other.kek").chmod(0o600)
+    assert (
+        cli_main(["owner", "audit", "verify", "--db", pg_dsn, "--kek-file", str(tmp_path / "other.kek")]) == 2
+    )
+    assert "MAC does not verify" in capsys.readouterr().err
+    # A superuser edits a record (triggers off): the hash shows it; then a cut tail shows against the head.
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE audit DISABLE TRIGGER USER")
+        original = conn.execute("SELECT canonical FROM audit WHERE seq = 2").fetchone()
+        assert original is not None
+        conn.execute("UPDATE audit SET canonical = replace(canonical, 'allowed', 'refused') WHERE seq = 2")
+        assert cli_main(["owner", "audit", "verify", "--db", pg_dsn]) == 2
+        assert "audit record 2: content does not match its hash" in capsys.readouterr().err
+        conn.execute("UPDATE audit SET canonical = %s WHERE seq = 2", (original[0],))
+        assert cli_main(["owner", "audit", "verify", "--db", pg_dsn, *kek_args]) == 0
+        conn.execute("DELETE FROM audit WHERE seq = (SELECT max(seq) FROM audit)")
+        capsys.readouterr()
+        assert cli_main(["owner", "audit", "verify", "--db", pg_dsn]) == 2
+        assert "truncated or edited" in capsys.readouterr().err
+    # The command only reads: the rows it verified are still there, nothing was added.
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM audit").fetchone() == (count - 1,)
+
+    # An empty database on the PostgreSQL store (head at seq 0) verifies as 0 records; an unreachable
+    # server is one line naming it without the password.
+    fresh = postgres_server.new_database()
+    PostgresStore(fresh, audit_mac_key=None).close()
+    assert verify_audit_db(fresh) == 0
+    capsys.readouterr()
+    nowhere = f"postgresql://u:s3cret@/db?host={tmp_path}/none&connect_timeout=2"
+    assert cli_main(["owner", "audit", "verify", "--db", nowhere]) == 2
+    err_text = capsys.readouterr().err
+    assert "PostgreSQL (" in err_text and "s3cret" not in err_text
 
 
 def test_concurrent_releases_across_replicas_yield_one_secret(
