@@ -29,7 +29,8 @@ import psycopg
 from psycopg import conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from owner_svc.core.audit import canonical_record, parse_canonical
+from owner_svc.adapters.rows import audit_record_from_row, session_from_row
+from owner_svc.core.audit import canonical_record
 from owner_svc.core.model import AuditEvent, AuditRecord, SessionRecord, SessionState
 from sevlaunch.audit import record_hash, record_mac
 from sevlaunch.errors import Unavailable
@@ -282,7 +283,7 @@ class PostgresStore:
             "SELECT seq, canonical, prev_hash, hash, mac FROM audit WHERE seq > %s ORDER BY seq LIMIT %s",
             (after_seq, limit),
         )
-        return [_audit_record(r) for r in rows]
+        return [audit_record_from_row(r) for r in rows]
 
     def audit_head(self) -> tuple[int, str] | None:
         """(last seq, its hash), or None before the first record (as in the SQLite store)."""
@@ -356,7 +357,7 @@ class PostgresStore:
 
     def get_session(self, session_id: str) -> SessionRecord | None:
         row = self._read_one(_SELECT_SESSIONS + " WHERE session_id = %s", (session_id,))
-        return None if row is None else _session(row)
+        return None if row is None else session_from_row(row)
 
     def finish_session(
         self,
@@ -399,7 +400,7 @@ class PostgresStore:
             )
         else:
             rows = self._read_all(_SELECT_SESSIONS + " ORDER BY created_at DESC LIMIT %s", (limit,))
-        return [_session(r) for r in rows]
+        return [session_from_row(r) for r in rows]
 
     # ------------------------------------------------------------------------ manifests
 
@@ -466,48 +467,3 @@ class PostgresStore:
                 str(r[0]) for r in conn.execute("SELECT manifest_id FROM revoked_manifests").fetchall()
             }
         return (0 if row is None else int(row[0])), [(str(r[0]), bytes(r[1])) for r in rows], revoked
-
-
-def _session(row: Sequence[Any]) -> SessionRecord:
-    (
-        sid,
-        wid,
-        caller,
-        policy,
-        generation,
-        cek,
-        godh,
-        blob,
-        sealed,
-        created,
-        expires,
-        state,
-        finished,
-        digest,
-        reason,
-    ) = row
-    return SessionRecord(
-        session_id=str(sid),
-        workload_id=str(wid),
-        caller=str(caller),
-        policy=int(policy),
-        generation=str(generation),
-        cek_fingerprint=str(cek),
-        godh_cert=bytes(godh),
-        session_blob=bytes(blob),
-        sealed_keys=bytes(sealed),
-        created_at=float(created),
-        expires_at=float(expires),
-        state=SessionState(state),
-        finished_at=None if finished is None else float(finished),
-        matched_digest=str(digest),
-        reason=str(reason),
-    )
-
-
-def _audit_record(row: Sequence[Any]) -> AuditRecord:
-    # The event comes from the hashed text itself, so what is shown is what the chain covers.
-    _, t, event, _ = parse_canonical(str(row[1]))
-    return AuditRecord(
-        seq=int(row[0]), time=t, event=event, prev_hash=str(row[2]), hash=str(row[3]), mac=str(row[4])
-    )

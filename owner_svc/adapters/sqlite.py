@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-from owner_svc.core.audit import canonical_record, parse_canonical
+from owner_svc.adapters.rows import audit_record_from_row, session_from_row
+from owner_svc.core.audit import canonical_record
 from owner_svc.core.model import AuditEvent, AuditRecord, SessionRecord, SessionState
 from sevlaunch.audit import GENESIS, record_hash, record_mac
 from sevlaunch.files import create_private_sqlite
@@ -209,7 +209,7 @@ class SQLiteStore:
             )
             .fetchall()
         )
-        return [_audit_record(r) for r in rows]
+        return [audit_record_from_row(r) for r in rows]
 
     def audit_head(self) -> tuple[int, str] | None:
         row = self._conn().execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
@@ -297,7 +297,7 @@ class SQLiteStore:
             )
             .fetchone()
         )
-        return None if row is None else _session(row)
+        return None if row is None else session_from_row(row)
 
     def finish_session(
         self,
@@ -350,7 +350,7 @@ class SQLiteStore:
                 )
                 .fetchall()
             )
-        return [_session(r) for r in rows]
+        return [session_from_row(r) for r in rows]
 
     # ------------------------------------------------------------------------ manifests
 
@@ -429,48 +429,3 @@ def _statements(script: str) -> list[str]:
     if current.strip():
         out.append(current.strip())
     return out
-
-
-def _session(row: Sequence[Any]) -> SessionRecord:
-    (
-        sid,
-        wid,
-        caller,
-        policy,
-        generation,
-        cek,
-        godh,
-        blob,
-        sealed,
-        created,
-        expires,
-        state,
-        finished,
-        digest,
-        reason,
-    ) = row
-    return SessionRecord(
-        session_id=str(sid),
-        workload_id=str(wid),
-        caller=str(caller),
-        policy=int(policy),
-        generation=str(generation),
-        cek_fingerprint=str(cek),
-        godh_cert=bytes(godh),
-        session_blob=bytes(blob),
-        sealed_keys=bytes(sealed),
-        created_at=float(created),
-        expires_at=float(expires),
-        state=SessionState(state),
-        finished_at=None if finished is None else float(finished),
-        matched_digest=str(digest),
-        reason=str(reason),
-    )
-
-
-def _audit_record(row: Sequence[Any]) -> AuditRecord:
-    # The event comes from the hashed text itself, so what is shown is what the chain covers.
-    _, t, event, _ = parse_canonical(str(row[1]))
-    return AuditRecord(
-        seq=int(row[0]), time=t, event=event, prev_hash=str(row[2]), hash=str(row[3]), mac=str(row[4])
-    )
