@@ -251,9 +251,10 @@ def report(r: dict[str, Any], s: dict[str, Any], m: dict[str, str], command: str
         + ", ".join(f"{f['pairs_per_s']:.1f}" for f in r["owner_floor_runs"])
         + f" pairs/s (floor pair latency p50 {r['owner_floor_runs'][0]['p50_ms']:.1f} ms).",
         "",
-        "Several owner worker processes sharing the port (SO_REUSEPORT): not done. owner_svc has no option",
-        "for worker processes, and two owners on one SQLite file would both append to the hash-chained",
-        "audit log, which the store does not coordinate across processes.",
+        "Several owner worker processes sharing the port (SO_REUSEPORT): not done. owner_svc has no worker",
+        "option. Its stores would allow one (SQLite writes serialise across processes under BEGIN IMMEDIATE;",
+        "two owner processes on one PostgreSQL are tested; reference values follow the store), but here the",
+        "benchmark client shares the same 2 cores, so a second worker could not be measured fairly.",
         "",
         "## 2. Launch overhead",
         "",
