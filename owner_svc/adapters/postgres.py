@@ -11,7 +11,8 @@ Concurrency, between threads of one replica and between replicas:
   single `audit_head` row (created, at seq 0, by the first migration): appends from every replica are
   serialised, in the same transaction as the decision they record, so the chain never forks. Every writer
   takes the head lock last and holds no other lock it could wait for: no deadlock cycle.
-* The audit table refuses UPDATE, DELETE and TRUNCATE by trigger.
+* The audit table refuses UPDATE, DELETE and TRUNCATE by trigger; so do `manifests` and
+  `revoked_manifests` (a revocation must not be undone by deleting rows).
 
 Connections: a small psycopg pool (autocommit connections; writes open explicit transactions), since the
 owner calls the store from worker threads. A lost connection surfaces as UNAVAILABLE, so a client retries;
@@ -32,6 +33,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from owner_svc.adapters.rows import audit_record_from_row, session_from_row
 from owner_svc.core.audit import canonical_record
 from owner_svc.core.model import AuditEvent, AuditRecord, SessionRecord, SessionState
+from sevlaunch import dsn as dsn_text
 from sevlaunch.audit import record_hash, record_mac
 from sevlaunch.errors import Unavailable
 
@@ -112,6 +114,24 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "INSERT INTO refvalues_generation (id, generation) VALUES (1, 1)",
     ),
+    # 3: manifests and revocations are append-only, like the audit: deleting a revoking manifest and
+    # its revocation rows would put a revoked (validly signed) manifest back in force on every replica.
+    # (`ON CONFLICT DO NOTHING` fires no UPDATE trigger.)
+    (
+        """CREATE FUNCTION sevlaunch_refvalues_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            RAISE EXCEPTION '% is append-only', TG_TABLE_NAME;
+        END
+        $$""",
+        """CREATE TRIGGER manifests_no_update BEFORE UPDATE OR DELETE ON manifests
+            FOR EACH ROW EXECUTE FUNCTION sevlaunch_refvalues_append_only()""",
+        """CREATE TRIGGER manifests_no_truncate BEFORE TRUNCATE ON manifests
+            FOR EACH STATEMENT EXECUTE FUNCTION sevlaunch_refvalues_append_only()""",
+        """CREATE TRIGGER revoked_manifests_no_update BEFORE UPDATE OR DELETE ON revoked_manifests
+            FOR EACH ROW EXECUTE FUNCTION sevlaunch_refvalues_append_only()""",
+        """CREATE TRIGGER revoked_manifests_no_truncate BEFORE TRUNCATE ON revoked_manifests
+            FOR EACH STATEMENT EXECUTE FUNCTION sevlaunch_refvalues_append_only()""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -140,13 +160,8 @@ class StoreUnavailable(Unavailable):
 
 
 def redact_dsn(dsn: str) -> str:
-    """The DSN without its password, for logs and error messages."""
-    try:
-        params = conninfo.conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        return "<unparsable DSN>"
-    params.pop("password", None)
-    return " ".join(f"{k}={v}" for k, v in sorted(params.items()))
+    """The DSN for logs and error messages: only keys known to hold no secret shown (`sevlaunch.dsn`)."""
+    return dsn_text.redact_dsn(dsn)
 
 
 class PostgresStore:
@@ -175,9 +190,7 @@ class PostgresStore:
                 self._migrate(conn)
         except psycopg.OperationalError as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            password = str(params.get("password") or "")
-            if password:
-                reason = reason.replace(password, "***")
+            reason = dsn_text.scrub(reason, dsn)
             raise StoreUnavailable(f"cannot connect to PostgreSQL ({self._dsn_redacted}): {reason}") from None
         self._pool = ConnectionPool(
             full,

@@ -44,6 +44,7 @@ from google.protobuf import json_format
 from sevlaunch.audit import AuditChainBroken, ChainEntry, audit_mac_key, verify_chain
 from sevlaunch.cli import CommandError
 from sevlaunch.cli._common import add_client_args, call_service, read_bytes
+from sevlaunch.dsn import redact_params, scrub
 from sevlaunch.rpc.v1 import owner_pb2, owner_pb2_grpc
 from sevlaunch.sev.secret import DISK_PASSPHRASE_GUID
 
@@ -265,12 +266,11 @@ def _verify_audit_postgres(dsn: str, mac_key: bytes | None) -> int:
         params = conninfo.conninfo_to_dict(dsn)
     except psycopg.ProgrammingError:
         raise CommandError("--db: not a valid PostgreSQL URL") from None  # psycopg's text quotes the DSN
-    password = str(params.pop("password", "") or "")
-    shown = " ".join(f"{k}={v}" for k, v in sorted(params.items()))
+    shown = redact_params(params)  # only keys known to hold no secret; password, sslpassword... masked
+    given = dsn
 
     def clean(exc: Exception) -> str:
-        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return text.replace(password, "***") if password else text
+        return scrub((str(exc).strip().splitlines() or [type(exc).__name__])[0], given)
 
     if "connect_timeout" not in params:
         dsn = conninfo.make_conninfo(dsn, connect_timeout=10)
