@@ -5,7 +5,8 @@ serialised by a process-wide lock (this process's threads, handed over without S
 handler) and `BEGIN IMMEDIATE` (any other process on the file), so the conditional session update is
 atomic and the audit chain's "read the head, append the next record" cannot interleave. The audit
 table refuses UPDATE and DELETE by trigger: the log is append-only for anyone using this code, and the
-hash chain shows tampering by anyone else.
+hash chain shows tampering by anyone else. So do `manifests` and `revoked_manifests` (a revocation
+must not be undone by deleting rows).
 """
 
 from __future__ import annotations
@@ -90,6 +91,18 @@ MIGRATIONS: tuple[str, ...] = (
         generation INTEGER NOT NULL
     );
     INSERT INTO refvalues_generation (id, generation) VALUES (1, 1);
+    """,
+    # 3: manifests and revocations are append-only, like the audit: deleting a revoking manifest and
+    # its revocation rows would put a revoked (validly signed) manifest back in force on every replica.
+    """
+    CREATE TRIGGER manifests_no_update BEFORE UPDATE ON manifests
+        BEGIN SELECT RAISE(ABORT, 'manifests are append-only'); END;
+    CREATE TRIGGER manifests_no_delete BEFORE DELETE ON manifests
+        BEGIN SELECT RAISE(ABORT, 'manifests are append-only'); END;
+    CREATE TRIGGER revoked_manifests_no_update BEFORE UPDATE ON revoked_manifests
+        BEGIN SELECT RAISE(ABORT, 'revocations are append-only'); END;
+    CREATE TRIGGER revoked_manifests_no_delete BEFORE DELETE ON revoked_manifests
+        BEGIN SELECT RAISE(ABORT, 'revocations are append-only'); END;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

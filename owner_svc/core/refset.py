@@ -44,7 +44,8 @@ class ReferenceValueSet:
         """Replaces the set with the stored envelopes, each re-verified against the publisher keys
         configured now (a key removed from the configuration takes its manifests out of force): a row is
         never trusted for being in the store. Revoked: the stored revocations plus every `revokes` list
-        of a manifest that verifies. Returns the (id, error) of the envelopes that fail (not the revoked).
+        of a manifest that verifies, plus everything this set held revoked before (never forgotten).
+        Returns the (id, error) of the envelopes that fail (not the revoked).
 
         The verification runs outside the lock; readers see the old set until the new one replaces it.
         """
@@ -58,10 +59,12 @@ class ReferenceValueSet:
         revoked_now = set(revoked)
         for vm in verified:
             revoked_now.update(vm.manifest.revokes)
-        manifests = {vm.id: vm for vm in verified if vm.id not in revoked_now}
         with self._lock:
+            # Revocations only ever grow in a process: rows gone from the store (deleted by someone
+            # with write access to it) do not put a revoked manifest back in force.
+            revoked_now |= self._revoked
             self._revoked = revoked_now
-            self._manifests = manifests
+            self._manifests = {vm.id: vm for vm in verified if vm.id not in revoked_now}
         return failures
 
     def ids(self) -> frozenset[str]:

@@ -45,6 +45,7 @@ from owner_svc.core.audit import verify_records
 from owner_svc.core.model import AuditEvent, SessionRecord, SessionState
 from owner_svc.core.refset import ReferenceValueSet
 from owner_svc.core.service import OwnerCore
+from sevlaunch import dsn as sevlaunch_dsn
 from sevlaunch.audit import AuditChainBroken
 from sevlaunch.cli import main as cli_main
 from sevlaunch.cli.owner import verify_audit_db
@@ -346,6 +347,67 @@ def test_reference_values_follow_the_store_across_replicas(
     assert a.reference_values_in_force() == b.reference_values_in_force() == []
 
 
+_REFVALUE_TRIGGERS = {
+    "sqlite": [
+        "DROP TRIGGER manifests_no_update",
+        "DROP TRIGGER manifests_no_delete",
+        "DROP TRIGGER revoked_manifests_no_update",
+        "DROP TRIGGER revoked_manifests_no_delete",
+    ],
+    "postgres": [
+        "DROP TRIGGER manifests_no_update ON manifests",
+        "DROP TRIGGER manifests_no_truncate ON manifests",
+        "DROP TRIGGER revoked_manifests_no_update ON revoked_manifests",
+        "DROP TRIGGER revoked_manifests_no_truncate ON revoked_manifests",
+    ],
+}
+
+
+def test_revocations_cannot_be_undone_through_the_database(backend: Backend, publisher: Publisher) -> None:
+    """Deleting the revoking manifest and the revocation rows (and bumping the generation) would put a
+    revoked, validly signed manifest back in force on every replica: the tables refuse UPDATE and DELETE
+    (and TRUNCATE), and even with the triggers dropped a running replica never forgets a revocation."""
+    keys = [PublisherKey.from_pem(publisher.pub_file.read_bytes())]
+    a, b = _core(backend.open(), keys), _core(backend.open(), keys)
+    first, _ = a.import_reference_values(
+        "admin", publisher.envelope(digests=support.reference_digests()), "t"
+    )
+    revoking, _ = a.import_reference_values(
+        "admin",
+        publisher.envelope(
+            digests=support.reference_digests(b"\0" * 4096 + support.OVMF_IMAGE),
+            version="2024.06",
+            revokes=(first.id,),
+        ),
+        "t",
+    )
+    assert [vm.id for vm in b.reference_values_in_force()] == [revoking.id]
+
+    undo = [
+        f"DELETE FROM revoked_manifests WHERE manifest_id = '{first.id}'",
+        f"UPDATE revoked_manifests SET manifest_id = 'x' WHERE manifest_id = '{first.id}'",
+        f"DELETE FROM manifests WHERE manifest_id = '{revoking.id}'",
+        f"UPDATE manifests SET envelope = {_blob(backend, '00')} WHERE manifest_id = '{revoking.id}'",
+    ]
+    if backend.name == "postgres":
+        undo += ["TRUNCATE revoked_manifests", "TRUNCATE manifests CASCADE"]
+    for sql in undo:
+        with pytest.raises(Exception, match="append-only"):
+            backend.raw(sql)
+    backend.raw("UPDATE refvalues_generation SET generation = generation + 1")
+    assert [vm.id for vm in b.reference_values_in_force()] == [revoking.id]
+
+    # Someone with the rights to drop the triggers: the running replicas keep what they revoked.
+    for sql in _REFVALUE_TRIGGERS[backend.name]:
+        backend.raw(sql)
+    backend.raw(f"DELETE FROM manifests WHERE manifest_id = '{revoking.id}'")
+    backend.raw("DELETE FROM revoked_manifests")
+    backend.raw("UPDATE refvalues_generation SET generation = generation + 1")
+    assert a.reference_values_in_force() == b.reference_values_in_force() == []
+    with pytest.raises(Exception, match="revoked"):
+        b.import_reference_values("admin", first.envelope, "t")
+
+
 def _blob(backend: Backend, hex_text: str) -> str:
     return f"X'{hex_text}'" if backend.name == "sqlite" else f"'\\x{hex_text}'::bytea"
 
@@ -450,11 +512,29 @@ def test_open_store_chooses_the_adapter(tmp_path: Path, postgres_server: pg_fixt
             open_store(bad, audit_mac_key=None)
         assert "s3cret" not in str(info.value)
     # Nothing listening: a one-line startup error naming the server, never the password.
-    nowhere = f"postgresql://u:s3cret@/db?host={tmp_path}/none&connect_timeout=2"
+    nowhere = f"postgresql://u:s3cret@/db?host={tmp_path}/none&connect_timeout=2&sslpassword=k3ypass"
     started = time.monotonic()
     with pytest.raises(StoreConfigError, match="cannot connect to PostgreSQL") as info:
         open_store(nowhere, audit_mac_key=None)
     assert "s3cret" not in str(info.value) and time.monotonic() - started < 10
+    assert "k3ypass" not in str(info.value) and "dbname=db" in str(info.value)
+
+
+def test_dsns_are_shown_by_an_allow_list() -> None:
+    """Only conninfo keys known to hold no secret are shown; any other (password, sslpassword, and keys
+    libpq may add later) is masked, so it cannot reach a log line or an error."""
+    dsn = (
+        "postgresql://owner:pw-1@db.example:5433/sevlaunch?sslmode=verify-full"
+        "&sslpassword=key-pw-2&sslkey=/k/client.key&target_session_attrs=read-write"
+    )
+    for shown in (pg_adapter.redact_dsn(dsn), sevlaunch_dsn.redact_dsn(dsn)):
+        assert "pw-1" not in shown and "key-pw-2" not in shown and "/k/client.key" not in shown
+        for part in ("host=db.example", "port=5433", "dbname=sevlaunch", "user=owner", "sslmode=verify-full"):
+            assert part in shown
+        assert "password=***" in shown and "sslpassword=***" in shown
+    assert sevlaunch_dsn.redact_dsn("host=h nosuchoption=1") == "<unparsable DSN>"
+    text = "FATAL: bad key-pw-2 for pw-1 at db.example"
+    assert sevlaunch_dsn.scrub(text, dsn) == "FATAL: bad *** for *** at db.example"
 
 
 def test_broken_connections_are_replaced(postgres_server: pg_fixture.PostgresServer) -> None:
@@ -716,10 +796,11 @@ def test_audit_verify_command_reads_postgresql(
     PostgresStore(fresh, audit_mac_key=None).close()
     assert verify_audit_db(fresh) == 0
     capsys.readouterr()
-    nowhere = f"postgresql://u:s3cret@/db?host={tmp_path}/none&connect_timeout=2"
+    nowhere = f"postgresql://u:s3cret@/db?host={tmp_path}/none&connect_timeout=2&sslpassword=k3ypass"
     assert cli_main(["owner", "audit", "verify", "--db", nowhere]) == 2
     err_text = capsys.readouterr().err
-    assert "PostgreSQL (" in err_text and "s3cret" not in err_text
+    assert "PostgreSQL (" in err_text and "s3cret" not in err_text and "k3ypass" not in err_text
+    assert "dbname=db" in err_text and "user=u" in err_text
 
 
 def test_concurrent_releases_across_replicas_yield_one_secret(
