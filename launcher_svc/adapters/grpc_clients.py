@@ -89,17 +89,22 @@ def _subject_cn(der: bytes | None) -> str:
     return value if isinstance(value, str) else value.decode("utf-8", "replace")
 
 
-def _context(base: Path, identity: str, *, verify: bool) -> ssl.SSLContext:
+def _context(base: Path, identity: str | None) -> ssl.SSLContext:
+    """A client context; with `identity`, one that checks the server (CA, serverAuth, name) and presents
+    that identity's certificate. Without: one that checks nothing and presents no certificate, only to
+    read the certificate of a server that already failed the check (`_Diagnosis`): the launcher's
+    certificate is never shown, nor its key used, to an endpoint it has not authenticated."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname by default
-    if not verify:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if identity is None:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        ctx.load_verify_locations(cafile=str(base / "ca.pem"))
-        ctx.load_cert_chain(str(base / f"{identity}.pem"), str(base / f"{identity}.key"))
-    except (OSError, ssl.SSLError) as exc:
-        raise TLSMaterialError(f"cannot load the TLS identity {identity!r} from {base}: {exc}") from None
+    else:
+        try:
+            ctx.load_verify_locations(cafile=str(base / "ca.pem"))
+            ctx.load_cert_chain(str(base / f"{identity}.pem"), str(base / f"{identity}.key"))
+        except (OSError, ssl.SSLError) as exc:
+            raise TLSMaterialError(f"cannot load the TLS identity {identity!r} from {base}: {exc}") from None
     ctx.set_alpn_protocols(["h2"])  # gRPC servers require it
     return ctx
 
@@ -109,12 +114,17 @@ class _Diagnosis:
     this tells a server that failed authentication (its certificate is not valid for the expected name,
     or not trusted) from one that cannot be reached, and names the certificate's subject in the refusal.
     It runs only after a call failed UNAVAILABLE, never on the path of a good call, and its verdict never
-    lets a call through: at worst a refusal is reported as `<who>_unavailable`."""
+    lets a call through: at worst a refusal is reported as `<who>_unavailable`.
+
+    The subject is read on a second, unverified connection that presents no client certificate (the
+    server's certificate arrives before the client would send one). It is what that connection saw,
+    which need not be what refused the first: the detail says so. A server that insists on a client
+    certificate may end the second handshake first; the subject is then "unknown"."""
 
     def __init__(self, tls_dir: str | Path, identity: str) -> None:
         base = Path(tls_dir)
-        self._strict = _context(base, identity, verify=True)  # what gRPC checks: CA, serverAuth, name
-        self._peek = _context(base, identity, verify=False)  # only to read the certificate's subject
+        self._strict = _context(base, identity)  # what gRPC checks: CA, serverAuth, name
+        self._peek = _context(base, None)  # only to read the certificate's subject
 
     async def _handshake(self, host: str, port: int, ctx: ssl.SSLContext, name: str) -> bytes | None:
         _, w = await asyncio.wait_for(
@@ -142,7 +152,10 @@ class _Diagnosis:
             subject = repr(_subject_cn(await self._handshake(host, port, self._peek, expected)))
         except (OSError, TimeoutError, ValueError):
             subject = "unknown"
-        return f"the server's certificate (subject {subject}) is not valid for {expected}: {why}"
+        return (
+            f"the server's certificate is not valid for {expected}: {why}"
+            f" (subject {subject} seen on a second connection)"
+        )
 
 
 class _IdentityChannel:

@@ -20,7 +20,7 @@ from typing import Any
 
 import libvirt
 
-from launcher_svc.core.domain_xml import parse_domain_xml
+from launcher_svc.core.domain_xml import libvirt_cpu_model, parse_domain_xml
 from launcher_svc.core.ports import (
     DomainInfo,
     DomainState,
@@ -38,6 +38,7 @@ from sevlaunch.errors import (
     Unavailable,
 )
 from sevlaunch.sev.policy import PolicyFlags
+from sevlaunch.sev.vmsa import VCPU_TYPES
 
 log = logging.getLogger("launcher_svc.libvirt")
 
@@ -109,6 +110,37 @@ def _int(root: ET.Element, path: str) -> int | None:
     return int(el.text.strip(), 0)
 
 
+def check_cpu_model(domcaps_xml: str, model: str) -> None:
+    """Refuses (`unsupported_vcpu_type`, FAILED_PRECONDITION) a CPU model that libvirt cannot pin on this
+    host: one missing from the custom-mode models of its domain capabilities (its CPU map does not know
+    it: libvirt 9.0 knows EPYC, EPYC-IBPB, EPYC-Rome and EPYC-Milan, no Genoa or Turin), or listed there
+    as not usable on this host's CPU. Without the check, such a model passes our validation and fails
+    later, at define or start."""
+    try:
+        root = ET.fromstring(domcaps_xml)  # noqa: S314 - from the local libvirt daemon
+    except ET.ParseError:
+        raise FailedPrecondition("hypervisor_refused", "libvirt's domain capabilities do not parse") from None
+    models = {
+        (el.text or "").strip(): el.get("usable", "unknown")
+        for el in root.findall("cpu/mode[@name='custom']/model")
+    }
+    offered = sorted(
+        {libvirt_cpu_model(t) for t in VCPU_TYPES} & {m for m, usable in models.items() if usable != "no"}
+    )
+    if model not in models:
+        raise FailedPrecondition(
+            "unsupported_vcpu_type",
+            f"libvirt on this host does not know the CPU model {model}; of the SEV-ES vCPU types it offers"
+            f" {', '.join(offered) or 'none'}",
+        )
+    if models[model] == "no":
+        raise FailedPrecondition(
+            "unsupported_vcpu_type",
+            f"this host cannot run the CPU model {model} (libvirt lists it as not usable); it offers"
+            f" {', '.join(offered) or 'none'}",
+        )
+
+
 class LibvirtHypervisor:
     def __init__(self, uri: str = "qemu:///system") -> None:
         ensure_event_loop()
@@ -171,6 +203,15 @@ class LibvirtHypervisor:
             raise FailedPrecondition("sev_unsupported", "the hypervisor reports no cbitpos/reducedPhysBits")
         return SevCapabilities(cbitpos, reduced, max_guests, max_es)
 
+    def _domain_capabilities(self) -> str | None:
+        """The KVM domain capabilities XML; None when the driver has none (libvirt's test driver)."""
+        try:
+            return str(self._conn.getDomainCapabilities(None, "x86_64", None, "kvm", 0))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT:
+                return None
+            raise libvirt_error(exc, "domain capabilities") from None
+
     # -- domains --------------------------------------------------------------------------------
 
     def _lookup(self, name: str) -> libvirt.virDomain:
@@ -189,9 +230,15 @@ class LibvirtHypervisor:
 
     def define(self, xml: str) -> str:
         try:
-            name = parse_domain_xml(xml).domain_name
+            parsed = parse_domain_xml(xml)
         except (ValueError, ET.ParseError):
             raise InvalidArgument("domain_xml_rejected", "the domain XML does not parse") from None
+        name = parsed.domain_name
+        if parsed.cpu_model is not None:
+            # A pinned model this libvirt cannot provide: refused before anything is defined.
+            domcaps = self._domain_capabilities()
+            if domcaps is not None:
+                check_cpu_model(domcaps, parsed.cpu_model)
         if self._find(name) is not None:
             raise AlreadyExists("domain_exists", f"a domain named {name} exists")
         try:

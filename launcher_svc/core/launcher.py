@@ -118,6 +118,14 @@ class LauncherConfig:
     def timeout(self, phase: Phase) -> float:
         return self.phase_timeouts.get(phase, self.phase_timeout)
 
+    @property
+    def shutdown_budget(self) -> float:
+        """What `Launcher.stop` may take in all: one abort's worst case (a cleanup grace waiting for a
+        hypervisor call in flight, another for the destroy), since all launches are aborted at once.
+        A SIGTERM takes the server's `--grace` (calls in flight) plus this; Kubernetes'
+        terminationGracePeriodSeconds must exceed the sum (k8s/base/host-daemonset.yaml: 60 > 10 + 20)."""
+        return 2 * self.cleanup_grace
+
 
 @dataclass
 class _Preflight:
@@ -145,6 +153,9 @@ def _classify(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, TimeoutError):
         return "deadline_exceeded", "the phase did not finish within its deadline"
     return "internal", "internal error"
+
+
+_STOPPING = ("launcher_stopping", "the launcher is shutting down")
 
 
 class Launcher:
@@ -187,18 +198,45 @@ class Launcher:
             self._reconciler = asyncio.create_task(self._reconcile_forever())
 
     async def stop(self) -> None:
-        """Stops the reconciler and fails closed every launch still in flight in this process."""
+        """Stops the reconciler and fails closed every launch still in flight in this process.
+
+        The launches are aborted all at once, and the whole stop (aborts, then the expiries, fail-closes
+        and late destroys already under way) gets one budget, `config.shutdown_budget`: one abort takes
+        at most two cleanup graces (wait for a call in flight, then the destroy), however many launches
+        there are. A launch that reached RUNNING meanwhile is done, not an error. Whatever is still
+        left when the budget is spent is logged and left to the reconciler of the next start (it fails
+        launches of an earlier process and destroys their domains)."""
         self._closing = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.shutdown_budget
         if self._reconciler is not None:
             self._reconciler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reconciler
-        for launch_id in list(self._active):
-            await self.abort(launch_id, reason=("launcher_stopping", "the launcher is shutting down"))
+        aborts = [
+            asyncio.ensure_future(self._stop_one(launch_id, _STOPPING)) for launch_id in list(self._active)
+        ]
+        if aborts:
+            done, late = await asyncio.wait(aborts, timeout=max(0.0, deadline - loop.time()))
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("abort at stop failed", exc_info=task.exception())
+            if late:
+                log.warning(
+                    "launches still failing closed when the shutdown budget ran out",
+                    extra={"count": len(late)},
+                )
         if self._background:
-            # Expiries, aborts and late destroys already under way: give them the cleanup grace.
-            await asyncio.wait(set(self._background), timeout=self.config.cleanup_grace)
+            # Expiries, fail-closes and late destroys already under way: the rest of the budget.
+            await asyncio.wait(set(self._background), timeout=max(0.0, deadline - loop.time()))
         self.hv.set_lifecycle_handler(None)
+
+    async def _stop_one(self, launch_id: str, reason: tuple[str, str]) -> None:
+        try:
+            await self.abort(launch_id, reason=reason)
+        except FailedPrecondition as exc:
+            if exc.reason != "launch_running":  # it made it meanwhile: nothing to fail
+                raise
 
     def _lock(self, launch_id: str) -> asyncio.Lock:
         return self._locks.setdefault(launch_id, asyncio.Lock())
@@ -385,6 +423,11 @@ class Launcher:
             raise DeadlineExceeded(
                 "phase_deadline", f"{to.value} not reached within {self.config.timeout(to)} s"
             ) from None
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # Cancelled (abort, SIGTERM, a caller gone) just as the work ended: before Python 3.12
+            # `wait_for` then returns the result and drops the cancellation. Never advance past it.
+            raise asyncio.CancelledError
         rec = self.store.advance(rec, to, **changes)  # type: ignore[arg-type]
         elapsed = time.monotonic() - start
         self.observer.phase_done(to, elapsed)
@@ -629,7 +672,7 @@ class Launcher:
                 active.cancel_reason if active and active.cancel_reason else ("aborted", "launch aborted")
             )
             target = self._target(rec)
-            failed = await asyncio.shield(self._fail_closed(rec, target, reason, detail))
+            failed = await self._shielded(self._fail_closed(rec, target, reason, detail))
             queue.put_nowait(self._failed_event(failed, target))
         except Exception as exc:
             reason, detail = _classify(exc)
@@ -687,7 +730,7 @@ class Launcher:
                     _classify(exc) if isinstance(exc, Exception) else ("aborted", "launch aborted")
                 )
                 if self.store_has(rec.launch_id):
-                    rec = await asyncio.shield(self._fail_closed(rec, self._target(rec), reason, detail))
+                    rec = await self._shielded(self._fail_closed(rec, self._target(rec), reason, detail))
                 else:
                     self._release(rec.launch_id)
                 if isinstance(exc, ServiceError | SevError):
@@ -741,8 +784,14 @@ class Launcher:
             # The timer is not the deadline, only its usual enforcer: a busy loop can run it late, and
             # a CompleteLaunch that takes the lock first must not inject into an expired launch.
             if rec.deadline is None or time.time() >= rec.deadline:
-                await self._fail_closed(
-                    rec, Phase.SECRET_INJECTED, "deadline_exceeded", "no secret arrived before the deadline"
+                # Shielded: a caller cancelled now (gRPC deadline, disconnect) must not stop the destroy.
+                await self._shielded(
+                    self._fail_closed(
+                        rec,
+                        Phase.SECRET_INJECTED,
+                        "deadline_exceeded",
+                        "no secret arrived before the deadline",
+                    )
                 )
                 raise DeadlineExceeded(
                     "deadline_exceeded", "the launch's deadline for CompleteLaunch has passed"
@@ -751,12 +800,16 @@ class Launcher:
                 rec, _ = await self._inject(rec, ReleasedSecret(header=header, payload=payload), pre)
                 rec, _ = await self._resume(rec)
                 return rec
-            except Exception as exc:
-                reason, detail = _classify(exc)
-                rec = await self._fail_closed(rec, self._target(rec), reason, detail)
-                raise (
-                    exc if isinstance(exc, ServiceError | SevError) else FailedPrecondition(reason, detail)
-                ) from None
+            except BaseException as exc:
+                # Also a cancellation (the caller went away during inject or resume): the timer is off and
+                # the preflight gone, so nothing else would fail this launch closed before the reconciler.
+                reason, detail = (
+                    _classify(exc) if isinstance(exc, Exception) else ("aborted", "launch aborted")
+                )
+                rec = await self._shielded(self._fail_closed(rec, self._target(rec), reason, detail))
+                if isinstance(exc, ServiceError | SevError) or not isinstance(exc, Exception):
+                    raise
+                raise FailedPrecondition(reason, detail) from None
 
     # ----------------------------------------------------------------------------------------------
     # abort, destroy, queries
@@ -883,10 +936,16 @@ class Launcher:
                 log.warning("reconciler destroyed a domain", extra={"domain": dom.name})
         return destroyed
 
-    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
         task = asyncio.ensure_future(coro)
-        self._background.add(task)
+        self._background.add(task)  # type: ignore[arg-type]
         task.add_done_callback(self._background.discard)
+        return task
+
+    def _shielded(self, coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+        """Runs `coro` (a fail-closed) to its end even if the awaiting call is cancelled (again): it is
+        a background task of its own, which `stop` also waits for."""
+        return asyncio.shield(self._spawn(coro))
 
     def _driver_idle(self, launch_id: str) -> bool:
         active = self._active.get(launch_id)

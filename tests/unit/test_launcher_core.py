@@ -405,3 +405,245 @@ def test_secret_sent_for_a_spec_without_a_secret_area_fails_closed(tmp_path: Pat
         _assert_nothing_left(hv)
 
     _run(core, body)
+
+
+# ---------------------------------------------------------------------------------------------------
+# a caller that goes away (gRPC cancels the handler: client disconnect or deadline)
+
+
+def test_complete_launch_cancelled_during_inject_fails_closed(tmp_path: Path) -> None:
+    hv = FakeHypervisor()
+    core = _core(tmp_path, hv, phase_timeouts={Phase.SECRET_INJECTED: 2})
+
+    async def body(core: Launcher) -> None:
+        rec, _ = await core.prepare(
+            _spec(), godh_cert=b"\x01" * 0x824, session=b"\x02" * 128, requested_by="c"
+        )
+        hv.delays["inject_secret"] = 0.5
+        call = asyncio.create_task(
+            core.complete(rec.launch_id, header=HEADER, payload=PAYLOAD, requested_by="c")
+        )
+        while "inject_secret" not in hv.calls:
+            await asyncio.sleep(0.01)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        # Fail-closed ran before the cancellation reached the caller: no waiting for the deadline.
+        failed = core.store.get(rec.launch_id)
+        assert (failed.state, failed.failed_phase) == (Phase.FAILED, Phase.SECRET_INJECTED)
+        assert rec.launch_id not in core._active
+        assert "resume" not in hv.calls
+        _assert_nothing_left(hv)
+        await asyncio.sleep(0.6)  # well past the inject's end in its thread
+        _assert_nothing_left(hv)
+
+    _run(core, body)
+
+
+def test_complete_launch_cancelled_during_resume_leaves_no_paused_domain(tmp_path: Path) -> None:
+    hv = FakeHypervisor()
+    core = _core(tmp_path, hv, phase_timeouts={Phase.SECRET_INJECTED: 5})
+
+    async def body(core: Launcher) -> None:
+        rec, _ = await core.prepare(
+            _spec(), godh_cert=b"\x01" * 0x824, session=b"\x02" * 128, requested_by="c"
+        )
+        hv.delays["resume"] = 0.5
+        call = asyncio.create_task(
+            core.complete(rec.launch_id, header=HEADER, payload=PAYLOAD, requested_by="c")
+        )
+        while "resume" not in hv.calls:
+            await asyncio.sleep(0.01)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        # The resume ran to its end in its thread; fail-closed waited for it, then destroyed.
+        failed = core.store.get(rec.launch_id)
+        assert (failed.state, failed.failed_phase) == (Phase.FAILED, Phase.RUNNING)
+        assert rec.launch_id not in core._active
+        _assert_nothing_left(hv)
+
+    _run(core, body)
+
+
+def test_complete_launch_cancelled_in_the_deadline_path_still_fails_closed(tmp_path: Path) -> None:
+    # Past the deadline, CompleteLaunch fails the launch closed itself; a cancellation arriving while
+    # that destroy runs must not stop it half-way.
+    hv = FakeHypervisor()
+    core = _core(tmp_path, hv, phase_timeouts={Phase.SECRET_INJECTED: 0.2})
+
+    async def body(core: Launcher) -> None:
+        rec, _ = await core.prepare(
+            _spec(), godh_cert=b"\x01" * 0x824, session=b"\x02" * 128, requested_by="c"
+        )
+        time.sleep(0.3)  # deadline passed, the expiry timer has not run yet
+        hv.delays["destroy"] = 0.5
+        call = asyncio.create_task(
+            core.complete(rec.launch_id, header=HEADER, payload=PAYLOAD, requested_by="c")
+        )
+        while "destroy" not in hv.calls:
+            await asyncio.sleep(0.01)
+        call.cancel()
+        with pytest.raises((asyncio.CancelledError, DeadlineExceeded)):
+            await call
+        await asyncio.sleep(0.7)
+        failed = core.store.get(rec.launch_id)
+        assert (failed.state, failed.failed_phase, failed.reason) == (
+            Phase.FAILED,
+            Phase.SECRET_INJECTED,
+            "deadline_exceeded",
+        )
+        assert rec.launch_id not in core._active
+        assert hv.injected == []
+        _assert_nothing_left(hv)
+
+    _run(core, body)
+
+
+@pytest.mark.parametrize("then", ["running", "refused"])
+def test_launch_stream_cancelled_mid_launch_never_leaves_a_paused_domain(tmp_path: Path, then: str) -> None:
+    # The stream only reads the launch's events: a client that goes away does not stop the launch,
+    # which ends RUNNING or fails closed, never paused.
+    hv = FakeHypervisor({"launch_security_info": 0.3})
+    reply = ReleasedSecret(header=HEADER, payload=PAYLOAD) if then == "running" else ReleasedSecret()
+    core = _core(tmp_path, hv, owner=FakeOwner(reply))
+
+    async def body(core: Launcher) -> None:
+        rec, events = await core.launch(
+            _spec(), owner_endpoint="owner:50053", workload_id="w", requested_by="client"
+        )
+
+        async def consume() -> None:
+            async for _ in events:
+                pass
+
+        reader = asyncio.create_task(consume())
+        while "launch_security_info" not in hv.calls:
+            await asyncio.sleep(0.01)
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        deadline = time.monotonic() + 5
+        while core.store.get(rec.launch_id).state not in (Phase.RUNNING, Phase.FAILED):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        final = core.store.get(rec.launch_id)
+        assert rec.launch_id not in core._active
+        if then == "running":
+            assert final.state is Phase.RUNNING
+            assert list(hv.domains.values()) == [DomainState.RUNNING]
+        else:
+            assert (final.state, final.reason) == (Phase.FAILED, "bad_secret_header")
+            _assert_nothing_left(hv)
+
+    _run(core, body)
+
+
+# ---------------------------------------------------------------------------------------------------
+# stop (SIGTERM)
+
+
+def test_stop_fails_every_launch_closed_even_if_one_reaches_running_meanwhile(tmp_path: Path) -> None:
+    hv = FakeHypervisor()
+    core = _core(tmp_path, hv, phase_timeouts={Phase.SECRET_INJECTED: 10})
+
+    async def main() -> None:
+        await core.start()
+        # First in line: a two-phase launch whose CompleteLaunch is under way (it holds the launch's
+        # lock), so stop's abort waits for it and finds it RUNNING.
+        done, _ = await core.prepare(
+            _spec(), godh_cert=b"\x01" * 0x824, session=b"\x02" * 128, requested_by="c"
+        )
+        hv.delays["inject_secret"] = 0.3
+        completing = asyncio.create_task(
+            core.complete(done.launch_id, header=HEADER, payload=PAYLOAD, requested_by="c")
+        )
+        while "inject_secret" not in hv.calls:
+            await asyncio.sleep(0.01)
+        # Then two orchestrated launches stuck in a slow start.
+        hv.delays["start_paused"] = 0.5
+        recs = []
+        for _ in range(2):
+            rec, _events = await core.launch(
+                _spec(), owner_endpoint="owner:50053", workload_id="w", requested_by="client"
+            )
+            recs.append(rec)
+        while hv.calls.count("start_paused") < 3:  # the two-phase launch started once too
+            await asyncio.sleep(0.01)
+        await core.stop()  # must not raise launch_running
+        assert (await completing).state is Phase.RUNNING
+        assert core.store.get(done.launch_id).state is Phase.RUNNING
+        for rec in recs:
+            stopped = core.store.get(rec.launch_id)
+            assert (stopped.state, stopped.reason) == (Phase.FAILED, "launcher_stopping")
+        assert core._active == {}
+        await asyncio.sleep(0.6)
+        assert hv.domains == {done.domain_name: DomainState.RUNNING}
+        assert hv.contexts == {done.domain_name}
+
+    asyncio.run(main())
+
+
+def test_stop_aborts_launches_concurrently_within_one_budget(tmp_path: Path) -> None:
+    # Each launch is stuck in a start that outlives the cleanup grace: one abort takes about a grace,
+    # so aborting them one after another would take about n graces. (Four: the starts and the
+    # destroys share the default executor, six workers on a two-CPU machine.)
+    hv = FakeHypervisor({"start_paused": 3.0})
+    core = _core(tmp_path, hv)
+    core.config = LauncherConfig(secret_gpa=SECRET_GPA, reconcile_interval=0, cleanup_grace=0.5)
+
+    async def main() -> None:
+        await core.start()
+        recs = []
+        for _ in range(4):
+            rec, _events = await core.launch(
+                _spec(), owner_endpoint="owner:50053", workload_id="w", requested_by="client"
+            )
+            recs.append(rec)
+        while hv.calls.count("start_paused") < 4:
+            await asyncio.sleep(0.01)
+        began = time.monotonic()
+        await core.stop()
+        took = time.monotonic() - began
+        assert took <= core.config.shutdown_budget + 0.5
+        assert took < 1.5  # four sequential aborts: about 2 s
+        for rec in recs:
+            assert core.store.get(rec.launch_id).reason == "launcher_stopping"
+        await asyncio.sleep(3.2)  # the starts end; the late destroys (or the reconciler) clean up
+        _assert_nothing_left(hv)
+
+    asyncio.run(main())
+
+
+class _CancellingPlatform:
+    """Cancels the launch's task (an abort, a SIGTERM) in the very step its chain fetch ends: the
+    phase's work and the cancellation land together."""
+
+    def __init__(self) -> None:
+        self.victim: asyncio.Task[None] | None = None
+
+    async def certificate_chain(self) -> object:
+        assert self.victim is not None
+        self.victim.cancel()
+        return "chain"
+
+
+def test_a_cancellation_landing_as_a_phase_ends_is_not_lost(tmp_path: Path) -> None:
+    # asyncio.wait_for (before Python 3.12) returns the result instead of raising when the awaited work
+    # is done by the time the cancellation is delivered: the abort must still stop the launch.
+    hv = FakeHypervisor()
+    core = _core(tmp_path, hv)
+    platform = _CancellingPlatform()
+    core.platform = platform
+
+    async def body(core: Launcher) -> None:
+        rec, events = await core.launch(
+            _spec(), owner_endpoint="owner:50053", workload_id="w", requested_by="client"
+        )
+        platform.victim = core._active[rec.launch_id].task
+        last = [e async for e in events][-1]
+        assert (last.phase, last.failed_phase, last.reason) == (Phase.FAILED, Phase.CHAIN_FETCHED, "aborted")
+        assert "define" not in hv.calls and "resume" not in hv.calls
+        _assert_nothing_left(hv)
+
+    _run(core, body)

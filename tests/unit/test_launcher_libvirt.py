@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher_svc.adapters.libvirt_backend import LibvirtHypervisor
+from launcher_svc.adapters.libvirt_backend import LibvirtHypervisor, check_cpu_model
 from launcher_svc.core.domain_xml import SevLaunchParams, build_domain_xml
 from launcher_svc.core.ports import DomainState, LifecycleKind
 from launcher_svc.core.spec import GuestSpec, SevMode
@@ -28,7 +28,7 @@ def hv(tmp_path: Path) -> LibvirtHypervisor:
     h.close()
 
 
-def _xml(es: bool = False) -> str:
+def _xml(es: bool = False, vcpu_type: str | None = None) -> str:
     spec = GuestSpec(
         name="g",
         memory_mib=256,
@@ -36,6 +36,7 @@ def _xml(es: bool = False) -> str:
         firmware_path="/usr/share/OVMF/OVMF_CODE_4M.fd",
         mode=SevMode.SEV_ES if es else SevMode.SEV,
         policy=0x7 if es else 0x3,
+        vcpu_type=vcpu_type,
     )
     return build_domain_xml(
         spec,
@@ -113,3 +114,91 @@ def test_events_arrive_without_polling(hv: LibvirtHypervisor) -> None:
     start = time.monotonic()
     hv._conn.lookupByName("sl-fedcba987654-g").create()
     assert got.wait(5) and time.monotonic() - start < 5
+
+
+# `virsh domcapabilities --virttype kvm` of libvirt 9.0 (Debian 12) with QEMU 7.2 on an EPYC Milan host,
+# abridged: its CPU map knows EPYC, EPYC-IBPB, EPYC-Rome and EPYC-Milan, not Genoa or Turin. (The test
+# driver reports no domain capabilities at all.)
+DOMCAPS_LIBVIRT_9_0 = """<domainCapabilities>
+  <path>/usr/bin/qemu-system-x86_64</path>
+  <domain>kvm</domain>
+  <machine>pc-q35-7.2</machine>
+  <arch>x86_64</arch>
+  <vcpu max='255'/>
+  <cpu>
+    <mode name='host-passthrough' supported='yes'>
+      <enum name='hostPassthroughMigratable'><value>on</value><value>off</value></enum>
+    </mode>
+    <mode name='maximum' supported='yes'>
+      <enum name='maximumMigratable'><value>on</value><value>off</value></enum>
+    </mode>
+    <mode name='host-model' supported='yes'>
+      <model fallback='forbid'>EPYC-Genoa</model>
+      <vendor>AMD</vendor>
+      <feature policy='require' name='x2apic'/>
+    </mode>
+    <mode name='custom' supported='yes'>
+      <model usable='yes' vendor='unknown'>qemu64</model>
+      <model usable='yes' vendor='AMD'>Opteron_G3</model>
+      <model usable='yes' vendor='AMD'>EPYC</model>
+      <model usable='yes' vendor='AMD'>EPYC-IBPB</model>
+      <model usable='yes' vendor='AMD'>EPYC-Rome</model>
+      <model usable='yes' vendor='AMD'>EPYC-Milan</model>
+      <model usable='no' vendor='Intel'>Icelake-Server</model>
+    </mode>
+  </cpu>
+  <features>
+    <sev supported='yes'>
+      <cbitpos>51</cbitpos>
+      <reducedPhysBits>1</reducedPhysBits>
+      <maxGuests>509</maxGuests>
+      <maxESGuests>0</maxESGuests>
+    </sev>
+  </features>
+</domainCapabilities>
+"""
+
+
+def test_pinned_cpu_models_are_checked_against_the_domain_capabilities() -> None:
+    for model in ("EPYC", "EPYC-IBPB", "EPYC-Rome", "EPYC-Milan"):
+        check_cpu_model(DOMCAPS_LIBVIRT_9_0, model)
+    # Genoa is only the host-model here, not a model this libvirt can pin.
+    for model, why in (
+        ("EPYC-Genoa", "does not know"),
+        ("EPYC-Turin", "does not know"),
+        ("Icelake-Server", "cannot run"),
+    ):
+        with pytest.raises(FailedPrecondition) as err:
+            check_cpu_model(DOMCAPS_LIBVIRT_9_0, model)
+        assert err.value.reason == "unsupported_vcpu_type"
+        assert model in err.value.detail and why in err.value.detail
+
+
+def test_define_refuses_a_cpu_model_the_host_does_not_know_before_defining(
+    hv: LibvirtHypervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[object] = []
+
+    def domcaps(*args: object) -> str:
+        asked.append(args)
+        return DOMCAPS_LIBVIRT_9_0
+
+    monkeypatch.setattr(hv._conn, "getDomainCapabilities", domcaps)
+    for vcpu_type in ("EPYC-Genoa", "EPYC-Genoa-v1", "EPYC-Turin"):
+        with pytest.raises(FailedPrecondition) as err:
+            hv.define(_xml(es=True, vcpu_type=vcpu_type))
+        assert err.value.reason == "unsupported_vcpu_type"
+        assert "EPYC-Milan" in err.value.detail  # what the host does offer
+        assert hv.list_domains() == []
+    hv.define(_xml(es=True, vcpu_type="EPYC-Milan-v2"))
+    (dom,) = hv.list_domains()
+    assert dom.sev_es and asked
+    assert hv.destroy(dom.name)
+    hv.define(_xml())  # no pinned model: nothing to check
+    assert len(hv.list_domains()) == 1
+
+
+def test_without_domain_capabilities_define_is_left_to_libvirt(hv: LibvirtHypervisor) -> None:
+    # The test driver has none: the check cannot run, and libvirt's own define and start decide.
+    hv.define(_xml(es=True, vcpu_type="EPYC-v4"))
+    assert len(hv.list_domains()) == 1

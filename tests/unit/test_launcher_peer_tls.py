@@ -6,8 +6,10 @@ and the call becomes `<who>_not_authenticated`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import shutil
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from launcher_svc.adapters.grpc_clients import OwnerClient, PlatformClient, split_endpoint
+from launcher_svc.adapters.grpc_clients import OwnerClient, PlatformClient, _Diagnosis, split_endpoint
 from launcher_svc.server import build_parser, config_from_args
 from sevlaunch.errors import PermissionDenied, Unavailable
 from sevlaunch.rpc.tls import server_credentials
@@ -117,6 +119,46 @@ def test_a_server_of_another_ca_is_refused(tls_dir: Path, foreign_tls_dir: Path)
             finally:
                 await client.close()
             assert owner.calls == 0
+
+    _run(main)
+
+
+@pytest.mark.parametrize("client_auth", ["optional", "required"])
+def test_the_diagnosis_presents_no_client_certificate_to_an_unverified_server(
+    tls_dir: Path, client_auth: str
+) -> None:
+    """The diagnosis reads the certificate of a server that already failed authentication: the launcher
+    must not show it its own certificate (nor sign with its key) there. A server that insists on one
+    only makes the subject unknown; the refusal stays a refusal."""
+    seen: list[object] = []
+
+    async def main() -> None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(tls_dir / "client.pem"), str(tls_dir / "client.key"))
+        ctx.load_verify_locations(cafile=str(tls_dir / "ca.pem"))
+        ctx.verify_mode = ssl.CERT_OPTIONAL if client_auth == "optional" else ssl.CERT_REQUIRED
+        ctx.set_alpn_protocols(["h2"])
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            ssl_object = writer.get_extra_info("ssl_object")
+            seen.append(ssl_object.getpeercert() if ssl_object is not None else None)
+            with contextlib.suppress(Exception):
+                await reader.read(1)
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            why = await _Diagnosis(tls_dir, "launcher").refusal(
+                f"127.0.0.1:{port}", "owner.sevlaunch.internal"
+            )
+        finally:
+            server.close()
+            await server.wait_closed()
+        assert why is not None and "not valid for owner.sevlaunch.internal" in why
+        if client_auth == "optional":
+            assert "'client'" in why and "seen on a second connection" in why
+        assert all(not cert for cert in seen)  # no connection carried the launcher's certificate
 
     _run(main)
 
@@ -227,6 +269,24 @@ def test_server_names() -> None:
     assert not is_reserved("sevlaunch.internal.example.com") and not is_reserved("owner")
 
 
+def test_ip_literals_are_not_identities() -> None:
+    # Every dev server certificate carries 127.0.0.1 and ::1: such a name would accept any of them.
+    for ip in (
+        "127.0.0.1",
+        "10.1.2.3",
+        "::1",
+        "[::1]",
+        "fe80::1%eth0",
+        "::ffff:127.0.0.1",
+        "127.1",
+        "1.2.3.0x4",
+    ):
+        with pytest.raises(ValueError, match="IP address"):
+            server_name(ip)
+    assert server_name("host1.example.com") == "host1.example.com"
+    assert server_name("10") == "10.sevlaunch.internal"  # a (numeric) identity name, not an address
+
+
 def test_bad_expected_identities_stop_the_launcher_at_start(tmp_path: Path) -> None:
     base = ["--tls-dir", str(tmp_path), "--db", str(tmp_path / "l.db")]
     cfg = config_from_args(build_parser().parse_args([*base, "--owner-identity", PROD_NAME]))
@@ -234,6 +294,8 @@ def test_bad_expected_identities_stop_the_launcher_at_start(tmp_path: Path) -> N
     for flag in ("--owner-identity", "--platform-identity"):
         with pytest.raises(ValueError, match=flag):
             config_from_args(build_parser().parse_args([*base, flag, "not a name"]))
+        with pytest.raises(ValueError, match=f"{flag}: .*IP address"):
+            config_from_args(build_parser().parse_args([*base, flag, "127.0.0.1"]))
 
 
 def test_split_endpoint() -> None:
