@@ -112,7 +112,8 @@ class EmulatedHypervisor(LibvirtHypervisor):
     ) -> None:
         self.firmware = firmware
         self._observe = firmware_observer
-        self.domains_dir = Path(domains_dir)
+        # Absolute: libvirt reads `test://chip/...` as a host named "chip", not a relative path.
+        self.domains_dir = Path(domains_dir).resolve()
         self.domains_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         node = self.domains_dir / "testnode.xml"
         node.write_text(_NODE_XML)

@@ -37,6 +37,8 @@ def write_private(path: Path, data: bytes) -> None:
     The bytes go to a new 0600 file beside `path` (O_EXCL|O_NOFOLLOW) that is renamed over it, so an
     existing file with a wider mode, or a symlink planted at `path`, never receives them.
     """
+    if not path.parent.is_dir():
+        raise CommandError(f"cannot write {path}: folder {path.parent} does not exist")
     write_private_file(path, data)
 
 

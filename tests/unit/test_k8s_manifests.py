@@ -437,6 +437,8 @@ def test_dev_runs_the_emulator_with_one_chip_shared_in_the_pod() -> None:
     state = env(platform)["SEVLAUNCH_EMULATOR"]
     assert env(launcher)["SEVLAUNCH_EMULATOR"] == state
     assert env(launcher)["SEVLAUNCH_HYPERVISOR"] == "emulated"
+    # Debian's OVMF in the image declares no secret area: LAUNCH_SECRET needs an explicit address.
+    assert int(env(launcher)["SEVLAUNCH_SECRET_GPA"], 0) > 0
     assert "SEVLAUNCH_DEV_SEV" not in env(platform)
     assert "SEVLAUNCH_LIBVIRT_URI" not in env(launcher)
     (_, volume_p), (_, volume_l) = volume_at(spec, platform, state), volume_at(spec, launcher, state)
