@@ -37,6 +37,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any, Final
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -68,6 +69,27 @@ ARK_CERT: Final = "ark.cert"
 ASK_CERT: Final = "ask.cert"
 ASK_ARK_CERT: Final = "ask_ark.cert"
 CEK_KEY: Final = "cek.key"
+#: The `command` of an `EmulatorStateError`: the failing step is reading the chip's state, whatever
+#: command needed it.
+STATE_COMMAND: Final = "EMULATOR_STATE"
+
+
+class EmulatorStateError(FirmwareError, ValueError):
+    """The state directory cannot be read: a truncated, garbage or foreign `state.json`, a missing or
+    unreadable key file. The emulator's damaged SPI flash, so HWERROR_PLATFORM, the PSP's answer (a
+    typed error the server shell maps, not a traceback from json or the PEM parser). Also a ValueError,
+    like `MalformedInput`: a server opening such a directory at start reports "cannot start"."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(StatusCode.HWERROR_PLATFORM, STATE_COMMAND, detail)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (EmulatorStateError, (self._detail_only,))
+
+
+# Every exception that decoding a damaged state can raise: json (ValueError, RecursionError for absurd
+# nesting), bytes.fromhex/base64 (ValueError), missing keys, wrong JSON types, unknown enum values.
+_DECODE_ERRORS = (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError)
 CEK_CERT: Final = "cek.cert"  # the ASK-signed CEK, as a KDS serves it
 GUESTS_DIR: Final = "guests"
 
@@ -189,16 +211,22 @@ def _pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
 def _load_rsa(pem: bytes) -> rsa.RSAPrivateKey:
     # The emulator generated this key and keeps it in a 0600 file of its own state directory, so the
     # expensive RSA consistency check (~0.7 s for 4096 bits) guards against nothing here.
-    key = serialization.load_pem_private_key(pem, password=None, unsafe_skip_rsa_key_validation=True)
+    try:
+        key = serialization.load_pem_private_key(pem, password=None, unsafe_skip_rsa_key_validation=True)
+    except (*_DECODE_ERRORS, UnsupportedAlgorithm):
+        raise EmulatorStateError("an RSA private key of the chip does not parse") from None
     if not isinstance(key, rsa.RSAPrivateKey):
-        raise RuntimeError("emulator state: expected an RSA private key")
+        raise EmulatorStateError("expected an RSA private key")
     return key
 
 
 def _load_ec(pem: str) -> ec.EllipticCurvePrivateKey:
-    key = serialization.load_pem_private_key(pem.encode("ascii"), password=None)
+    try:
+        key = serialization.load_pem_private_key(pem.encode("ascii"), password=None)
+    except (*_DECODE_ERRORS, UnsupportedAlgorithm):
+        raise EmulatorStateError("an EC private key of the chip does not parse") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise RuntimeError("emulator state: expected an EC private key")
+        raise EmulatorStateError("expected an EC private key")
     return key
 
 
@@ -207,7 +235,7 @@ def _b64(data: bytes) -> str:
 
 
 def _unb64(text: str) -> bytes:
-    return base64.b64decode(text)
+    return base64.b64decode(text, validate=True)
 
 
 # -- persistent chip state -------------------------------------------------------------------------
@@ -245,7 +273,10 @@ class _KeyedCert:
     def from_json(cls, data: dict[str, Any] | None) -> _KeyedCert | None:
         if data is None:
             return None
-        return cls(cert=_unb64(data["cert"]), key=data["key"])
+        cert = _unb64(data["cert"])
+        if len(cert) != CERT_SIZE:
+            raise EmulatorStateError(f"a platform certificate in {STATE_FILE} is {len(cert)} bytes")
+        return cls(cert=cert, key=data["key"])
 
 
 @dataclass
@@ -353,7 +384,7 @@ class _Chip:
     def from_json(cls, raw: bytes) -> _Chip:
         doc = json.loads(raw)
         if doc.get("format") != STATE_FORMAT:
-            raise RuntimeError(f"emulator state format {doc.get('format')!r} is not {STATE_FORMAT}")
+            raise EmulatorStateError(f"{STATE_FILE} has format {doc.get('format')!r}, not {STATE_FORMAT}")
         guests = [_Guest.from_json(g) for g in doc["guests"]]
         return cls(
             config=ChipConfig(**doc["config"]),
@@ -443,8 +474,21 @@ class EmulatedFirmware:
             api_minor=config.api_minor,
         )
 
+    def _read(self, name: str) -> bytes:
+        """A file of the state directory; a missing or unreadable one is an `EmulatorStateError`."""
+        try:
+            return (self.state_dir / name).read_bytes()
+        except OSError as exc:
+            raise EmulatorStateError(f"cannot read {name}: {exc.strerror or type(exc).__name__}") from None
+
     def _load(self) -> _Chip:
-        return _Chip.from_json((self.state_dir / STATE_FILE).read_bytes())
+        raw = self._read(STATE_FILE)
+        try:
+            return _Chip.from_json(raw)
+        except EmulatorStateError:
+            raise
+        except _DECODE_ERRORS as exc:
+            raise EmulatorStateError(f"{STATE_FILE} is not a chip state ({type(exc).__name__})") from None
 
     def _save(self, chip: _Chip) -> None:
         # Under the lock no other writer is active: any temporary here is a crashed command's residue.
@@ -462,7 +506,7 @@ class EmulatedFirmware:
     def _cek(self) -> tuple[ec.EllipticCurvePrivateKey, SEVCertificate]:
         # The CEK never changes (55766: derived from chip-unique secrets), so it is cached.
         if self._cek_key is None or self._cek_unsigned is None:
-            key = _load_ec((self.state_dir / CEK_KEY).read_text("ascii"))
+            key = _load_ec(self._read(CEK_KEY).decode("ascii", "replace"))
             self._cek_key, self._cek_unsigned = key, self._cek_cert(key, self.config)
         return self._cek_key, self._cek_unsigned
 
@@ -927,13 +971,13 @@ class EmulatedFirmware:
         """The CEK signed by the emulated ASK, as AMD's KDS serves it. Like the KDS each call signs
         afresh (RSA-PSS is randomised): the bytes differ, the key and the chain stay the same."""
         if self._ask_key is None:
-            self._ask_key = _load_rsa((self.state_dir / ASK_KEY).read_bytes())
+            self._ask_key = _load_rsa(self._read(ASK_KEY))
         _, cek = self._cek()
         return cek.sign_with(Usage.ASK, Algorithm.RSA_SHA384, self._ask_key).to_bytes()
 
     def ask_ark(self) -> bytes:
         """The emulated ASK‖ARK (AMD's `ask_ark_<gen>.cert` layout): the root to trust explicitly."""
-        return (self.state_dir / ASK_ARK_CERT).read_bytes()
+        return self._read(ASK_ARK_CERT)
 
     def chip_id_hex(self) -> str:
         return self.get_id().hex()
@@ -955,5 +999,6 @@ __all__ = [
     "ChipConfig",
     "EmulatedFirmware",
     "EmulatedRoot",
+    "EmulatorStateError",
     "GuestState",
 ]

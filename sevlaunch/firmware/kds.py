@@ -17,6 +17,7 @@ from pathlib import Path
 from types import TracebackType
 
 from sevlaunch.firmware.emulator import EmulatedFirmware
+from sevlaunch.firmware.status import FirmwareError
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,12 @@ class KDSServer:
                     chip = path[len(CEK_PATH_PREFIX) :]
                     # AMD's KDS takes the lower-hex id; anything else is simply not found.
                     if chip == chip.lower():
-                        body = server.cek_for(chip)
+                        try:
+                            body = server.cek_for(chip)
+                        except FirmwareError as exc:  # the chip's state is damaged: AMD would say 500
+                            log.warning("kds: cannot sign the CEK of chip %s: %s", chip[:16], exc)
+                            self.send_error(HTTPStatus.INTERNAL_SERVER_ERROR, "chip unavailable")
+                            return
                 if body is None:
                     self.send_error(HTTPStatus.NOT_FOUND, "unknown chip id")
                     return

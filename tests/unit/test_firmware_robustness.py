@@ -1,0 +1,274 @@
+"""The emulated chip against a damaged state directory, odd guest handles and odd KDS requests.
+
+A broken state directory (a truncated, garbage or foreign state file, a missing or unreadable key
+file) is the emulator's equivalent of damaged SPI flash: every command then fails with a typed
+`FirmwareError` (HWERROR_PLATFORM, the PSP's answer), never a traceback from json, base64 or the PEM
+parser that the server shell would turn into INTERNAL. Opening such a directory fails the same way, and
+the error is also a `ValueError`, so a server starting on it reports "cannot start".
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import pickle
+import shutil
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sevlaunch.firmware import EmulatedFirmware, EmulatedRoot, FirmwareError, StatusCode
+from sevlaunch.firmware.emulator import EmulatorStateError
+from sevlaunch.firmware.kds import KDSServer
+from sevlaunch.rpc import map_exception
+
+
+@pytest.fixture(scope="module")
+def root() -> EmulatedRoot:
+    return EmulatedRoot.generate()
+
+
+@pytest.fixture(scope="module")
+def template(root: EmulatedRoot, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An initialised chip (OCA, PEK, PDH) to copy per test."""
+    path = tmp_path_factory.mktemp("robust") / "chip"
+    EmulatedFirmware(path, root=root).pdh_cert_export()
+    return path
+
+
+def _copy(template: Path, tmp_path: Path) -> Path:
+    chip = tmp_path / "chip"
+    shutil.copytree(template, chip)
+    return chip
+
+
+def _edit_state(chip: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    doc = json.loads((chip / "state.json").read_bytes())
+    edit(doc)
+    (chip / "state.json").write_text(json.dumps(doc))
+
+
+def _is_hwerror(exc: BaseException) -> bool:
+    return isinstance(exc, FirmwareError) and exc.status is StatusCode.HWERROR_PLATFORM
+
+
+STATE_DAMAGE: dict[str, Callable[[Path], None]] = {
+    "truncated": lambda c: (c / "state.json").write_bytes((c / "state.json").read_bytes()[:100]),
+    "empty": lambda c: (c / "state.json").write_bytes(b""),
+    "garbage": lambda c: (c / "state.json").write_bytes(bytes(range(256)) * 3),
+    "json-list": lambda c: (c / "state.json").write_bytes(b"[1, 2]"),
+    "deep-json": lambda c: (c / "state.json").write_bytes(b"[" * 200_000 + b"]" * 200_000),
+    "other-format": lambda c: _edit_state(c, lambda d: d.update(format=99)),
+    "missing-field": lambda c: _edit_state(c, lambda d: d.pop("guests")),
+    "bad-hex": lambda c: _edit_state(c, lambda d: d.update(chip_id="zz")),
+    "unknown-config": lambda c: _edit_state(c, lambda d: d["config"].update(bogus=1)),
+    "bad-platform-state": lambda c: _edit_state(c, lambda d: d.update(platform_state=7)),
+    "bad-base64": lambda c: _edit_state(c, lambda d: d["pdh"].update(cert="!!")),
+    "state-is-a-directory": lambda c: ((c / "state.json").unlink(), (c / "state.json").mkdir()),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(STATE_DAMAGE))
+def test_a_damaged_state_file_is_a_typed_error_at_open(template: Path, tmp_path: Path, damage: str) -> None:
+    chip = _copy(template, tmp_path)
+    STATE_DAMAGE[damage](chip)
+    with pytest.raises(EmulatorStateError) as info:
+        EmulatedFirmware(chip)
+    assert _is_hwerror(info.value) and isinstance(info.value, ValueError)
+    assert map_exception(info.value, "r").code.name == "FAILED_PRECONDITION"
+
+
+@pytest.mark.parametrize("damage", sorted(STATE_DAMAGE))
+def test_a_state_file_damaged_under_a_running_emulator_fails_each_command_typed(
+    template: Path, tmp_path: Path, damage: str
+) -> None:
+    chip = _copy(template, tmp_path)
+    fw = EmulatedFirmware(chip)
+    STATE_DAMAGE[damage](chip)
+    for command in (fw.platform_status, fw.pdh_cert_export, fw.get_id, fw.pek_gen, fw.factory_reset):
+        with pytest.raises(FirmwareError) as info:
+            command()
+        assert _is_hwerror(info.value)
+
+
+@pytest.mark.parametrize("bad_key", ["not a pem", 17, "ünïcode"])
+def test_a_private_key_in_the_state_that_does_not_parse_is_typed(
+    template: Path, tmp_path: Path, bad_key: object
+) -> None:
+    chip = _copy(template, tmp_path)
+    _edit_state(chip, lambda d: d["pek"].update(key=bad_key))
+    fw = EmulatedFirmware(chip)
+    with pytest.raises(FirmwareError) as info:
+        fw.pdh_gen()  # signs the new PDH with the PEK's private key
+    assert _is_hwerror(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "command"),
+    [
+        ("cek.key", lambda fw: fw.pek_gen()),
+        ("ask.key", lambda fw: fw.kds_cek()),
+        ("ask_ark.cert", lambda fw: fw.ask_ark()),
+    ],
+)
+def test_a_missing_or_garbled_key_file_is_typed(
+    template: Path, tmp_path: Path, name: str, command: Callable[[EmulatedFirmware], Any]
+) -> None:
+    chip = _copy(template, tmp_path)
+    (chip / name).unlink()
+    with pytest.raises(FirmwareError) as info:
+        command(EmulatedFirmware(chip))
+    assert _is_hwerror(info.value)
+    if name.endswith(".key"):
+        (chip / name).write_bytes(b"-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
+        with pytest.raises(FirmwareError) as info:
+            command(EmulatedFirmware(chip))
+        assert _is_hwerror(info.value)
+
+
+def test_the_state_error_survives_pickling() -> None:
+    err = EmulatorStateError("state.json is not a readable chip state")
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is EmulatorStateError and str(back) == str(err) and back.status is err.status
+
+
+def test_a_leftover_temporary_is_swept_by_the_next_command(template: Path, tmp_path: Path) -> None:
+    chip = _copy(template, tmp_path)
+    (chip / ".state.json.crashed.tmp").write_bytes(b"half a state")
+    fw = EmulatedFirmware(chip)
+    before = fw.get_id()
+    fw.pdh_gen()
+    assert list(chip.glob(".*.tmp")) == [] and fw.get_id() == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_an_unreadable_state_file_is_typed(template: Path, tmp_path: Path) -> None:
+    chip = _copy(template, tmp_path)
+    fw = EmulatedFirmware(chip)
+    os.chmod(chip / "state.json", 0)
+    with pytest.raises(FirmwareError) as info:
+        fw.platform_status()
+    assert _is_hwerror(info.value)
+
+
+def _open_and_report(path: str, queue: Any) -> None:
+    queue.put(EmulatedFirmware(path).chip_id_hex())
+
+
+def test_processes_opening_one_fresh_directory_create_one_chip(root: EmulatedRoot, tmp_path: Path) -> None:
+    """The initialisation race: every opener waits on the chip lock and finds the one chip made."""
+    # The root is handed over as files, so no child spends seconds generating RSA-4096 keys.
+    chip = tmp_path / "fresh"
+    chip.mkdir()
+    root.save(chip)
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_open_and_report, args=(str(chip), queue)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    ids = {queue.get(timeout=120) for _ in procs}
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    assert len(ids) == 1 and ids == {EmulatedFirmware(chip).chip_id_hex()}
+
+
+@pytest.mark.parametrize("handle", [0, -1, 2**31, 2**64, 2**200, 10**6])
+def test_unknown_guest_handles_are_invalid_guest(template: Path, tmp_path: Path, handle: int) -> None:
+    fw = EmulatedFirmware(_copy(template, tmp_path))
+    for command in (
+        lambda: fw.launch_update_data(handle, 0, b"\0" * 16),
+        lambda: fw.launch_update_vmsa(handle, b"\0" * 4096),
+        lambda: fw.launch_measure(handle),
+        lambda: fw.launch_secret(handle, b"\0" * 52, b"\0" * 16, 0),
+        lambda: fw.launch_finish(handle),
+        lambda: fw.attestation(handle, b"\0" * 16),
+        lambda: fw.decommission(handle),
+        lambda: fw.guest_info(handle),
+    ):
+        with pytest.raises(FirmwareError) as info:
+            command()
+        assert info.value.status is StatusCode.INVALID_GUEST
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/cek/id/../../etc/passwd",
+        "/cek/id/..%2F..%2Fetc%2Fpasswd",
+        "/cek/id/",
+        "/cek/id/" + "ab" * 5000,
+        "/cek/id/%00",
+        "/cek/id//",
+        "/CEK/ID/00",
+        "/",
+    ],
+)
+def test_kds_answers_odd_paths_with_404(template: Path, tmp_path: Path, path: str) -> None:
+    fw = EmulatedFirmware(_copy(template, tmp_path))
+    with KDSServer([fw]) as kds:
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(kds.url + path, timeout=10)
+        assert info.value.code == 404
+        upper = kds.url + "/cek/id/" + fw.chip_id_hex().upper()
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(upper, timeout=10)
+        assert info.value.code == 404
+        with urllib.request.urlopen(kds.url + "/cek/id/" + fw.chip_id_hex(), timeout=10) as reply:
+            assert reply.status == 200 and len(reply.read()) == 0x824
+
+
+def test_kds_answers_500_when_the_chip_cannot_sign(template: Path, tmp_path: Path) -> None:
+    chip = _copy(template, tmp_path)
+    fw = EmulatedFirmware(chip)
+    with KDSServer([fw]) as kds:
+        (chip / "ask.key").unlink()
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(kds.url + "/cek/id/" + fw.chip_id_hex(), timeout=10)
+        assert info.value.code == 500
+
+
+def test_the_platform_server_on_a_damaged_chip_says_cannot_start(
+    template: Path, tmp_path: Path, tls_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from platform_svc.server import main
+
+    chip = _copy(template, tmp_path)
+    STATE_DAMAGE["truncated"](chip)
+    argv = [
+        "--tls-dir",
+        str(tls_dir),
+        "--emulator",
+        str(chip),
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "off",
+    ]
+    assert main(argv) == 1
+    err = capfd.readouterr().err
+    assert '"cannot start"' in err and "HWERROR_PLATFORM" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("gpa", "length"), [(2**64 - 16, 32), (-16, 16), (2**70, 16), (0, 0)])
+def test_launch_update_data_outside_the_address_space_is_refused(
+    template: Path, tmp_path: Path, gpa: int, length: int
+) -> None:
+    from sevlaunch.sev.cert import SEVCertificate
+    from sevlaunch.sev.session import create_session
+
+    fw = EmulatedFirmware(_copy(template, tmp_path))
+    pdh, _ = fw.pdh_cert_export()
+    session = create_session(SEVCertificate.from_bytes(pdh), 0x3)
+    handle = fw.launch_start(session.godh.to_bytes(), session.blob.to_bytes(), 0x3)
+    with pytest.raises(FirmwareError) as info:
+        fw.launch_update_data(handle, gpa, bytes(length))
+    expected = StatusCode.INVALID_LENGTH if length == 0 else StatusCode.INVALID_ADDRESS
+    assert info.value.status is expected
+    assert fw.guest_info(handle)["state"] == "LUPDATE"
+    fw.decommission(handle)
