@@ -124,6 +124,15 @@ class LauncherServicer(launcher_pb2_grpc.LauncherServiceServicer):
         for disk in spec.disks:
             if disk.format not in _FORMATS:
                 raise InvalidArgument("bad_disk_format", "unknown disk format")
+        try:
+            return self._create_spec(spec, mode)
+        except OSError as exc:
+            # The path checks stat the caller's paths: a name too long for the file system, a
+            # directory the launcher may not search, ... are the caller's bad paths, not our errors.
+            reason = exc.strerror or type(exc).__name__
+            raise InvalidArgument("bad_path", f"a path cannot be checked: {reason}") from None
+
+    def _create_spec(self, spec: launcher_pb2.GuestSpec, mode: SevMode) -> GuestSpec:
         return create_spec(
             name=spec.name,
             memory_mib=spec.memory_mib,

@@ -31,6 +31,9 @@ from sevlaunch.sev.policy import GuestPolicy
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
+#: Audit sequence numbers are signed 64-bit integers in SQLite and PostgreSQL.
+MAX_SEQ = 2**63 - 1
+
 _MODE_TO_PROTO = {
     LaunchMode.SEV: owner_pb2.REFERENCE_MODE_SEV,
     LaunchMode.SEV_ES: owner_pb2.REFERENCE_MODE_SEV_ES,
@@ -266,6 +269,10 @@ class OwnerServicer(owner_pb2_grpc.OwnerServiceServicer):
     async def GetAuditLog(
         self, request: owner_pb2.GetAuditLogRequest, context: Ctx
     ) -> owner_pb2.GetAuditLogResponse:
+        # seq is a signed 64-bit column in both stores; a larger uint64 would not even bind (SQLite:
+        # OverflowError), so it is refused here like any other out-of-range bound.
+        if request.after_seq > MAX_SEQ:
+            raise InvalidArgument("bad_limit", f"after_seq must be at most {MAX_SEQ}")
         records = await asyncio.to_thread(self.core.audit_log, request.after_seq, request.limit)
         return owner_pb2.GetAuditLogResponse(
             records=[

@@ -37,6 +37,12 @@ log = logging.getLogger("sevlaunch.rpc")
 
 DEFAULT_GRACE_SECONDS = 10.0
 
+#: The largest request a server accepts; gRPC refuses a larger one with RESOURCE_EXHAUSTED before any
+#: handler runs (nothing parsed, nothing changed). The largest legitimate requests are a reference value
+#: envelope (at most 1 MiB, `sevlaunch.refvalues.MAX_ENVELOPE_BYTES`) and a secret payload (at most the
+#: 1 MiB secret area); 4 MiB leaves room for both and bounds what one call makes a server buffer.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
 
 class RpcServer:
     def __init__(
@@ -62,7 +68,8 @@ class RpcServer:
         self._credentials = server_credentials(tls_dir, identity)
         self.grpc_server: grpc.aio.Server = grpc.aio.server(
             interceptors=[ShellInterceptor(authz.with_standard_methods(), self.metrics)],
-            options=list(options),
+            # Set here, not left to gRPC's default: `options` may still override it.
+            options=list({"grpc.max_receive_message_length": MAX_MESSAGE_BYTES, **dict(options)}.items()),
         )
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
