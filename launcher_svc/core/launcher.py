@@ -60,8 +60,10 @@ from sevlaunch.errors import (
     ResourceExhausted,
     ServiceError,
 )
+from sevlaunch.sev.cert import Algorithm, Curve, ECKey, SEVCertificate, Usage
 from sevlaunch.sev.errors import SevError
 from sevlaunch.sev.ovmf import OVMF
+from sevlaunch.sev.session import SessionBlob
 
 log = logging.getLogger("launcher_svc")
 
@@ -70,6 +72,39 @@ T = TypeVar("T")
 SECRET_HEADER_SIZE = 52
 GODH_SIZE = 0x824
 SESSION_SIZE = 128
+
+
+def check_godh(godh_cert: bytes) -> None:
+    """Refuses (InvalidArgument bad_godh) a GODH the firmware could not use: it must parse as a SEV
+    certificate for a PDH (usage 0x1003) with an ECDH algorithm and a P-384 public key on its curve."""
+    if len(godh_cert) != GODH_SIZE:
+        raise InvalidArgument("bad_godh", f"the GODH certificate is {GODH_SIZE} bytes")
+    try:
+        cert = SEVCertificate.from_bytes(godh_cert)
+    except SevError as exc:
+        raise InvalidArgument("bad_godh", f"the GODH certificate does not parse: {exc.detail}") from None
+    if cert.usage is not Usage.PDH:
+        raise InvalidArgument("bad_godh", f"the GODH certificate is for a {cert.usage.name} key, not a PDH")
+    if cert.algorithm not in (Algorithm.ECDH_SHA256, Algorithm.ECDH_SHA384):
+        raise InvalidArgument("bad_godh", f"the GODH algorithm is {cert.algorithm.name}, not ECDH")
+    if not isinstance(cert.key, ECKey) or cert.key.curve is not Curve.P384:
+        raise InvalidArgument("bad_godh", "the GODH key is not an EC P-384 key")
+    try:
+        cert.public_key()
+    except SevError as exc:
+        raise InvalidArgument("bad_godh", f"the GODH public key does not load: {exc.detail}") from None
+
+
+def check_session(session: bytes) -> None:
+    """Refuses (InvalidArgument bad_session) a session blob that does not parse."""
+    if len(session) != SESSION_SIZE:
+        raise InvalidArgument("bad_session", f"the session blob is {SESSION_SIZE} bytes")
+    try:
+        SessionBlob.from_bytes(session)
+    except SevError as exc:
+        raise InvalidArgument("bad_session", f"the session blob does not parse: {exc.detail}") from None
+
+
 MEASUREMENT_SIZE = 48
 DEFAULT_SECRET_AREA_SIZE = 3072  # OVMF's default (PROTOCOL.md section 6), used with an explicit address
 MAX_FIRMWARE_READ = 64 << 20
@@ -701,10 +736,8 @@ class Launcher:
     async def prepare(
         self, spec: GuestSpec, *, godh_cert: bytes, session: bytes, requested_by: str
     ) -> tuple[LaunchRecord, LaunchSecurityInfo]:
-        if len(godh_cert) != GODH_SIZE:
-            raise InvalidArgument("bad_godh", f"the GODH certificate is {GODH_SIZE} bytes")
-        if len(session) != SESSION_SIZE:
-            raise InvalidArgument("bad_session", f"the session blob is {SESSION_SIZE} bytes")
+        check_godh(godh_cert)
+        check_session(session)
         if spec.launch_without_secret:
             # The launcher cannot see an owner's consent in a client-driven launch: fail closed.
             raise InvalidArgument("no_secret_two_phase", "a two-phase launch always needs a secret")

@@ -47,11 +47,18 @@ from sevlaunch.firmware.status import FirmwareError, StatusCode
 from sevlaunch.sev.amd_cert import AMDCertificate, AMDKeyUsage, parse_ask_ark
 from sevlaunch.sev.cert import CERT_SIZE, Algorithm, SEVCertificate, Usage
 from sevlaunch.sev.errors import MalformedInput, Reason, Unsupported, VerificationFailed
-from sevlaunch.sev.measurement import compute_measure
+from sevlaunch.sev.measurement import MEASURE_SIZE, compute_measure
 from sevlaunch.sev.policy import GuestPolicy, PolicyFlags
 from sevlaunch.sev.report import AttestationReport
 from sevlaunch.sev.secret import SecretHeader, open_secret
-from sevlaunch.sev.session import SESSION_BLOB_SIZE, SessionBlob, TransportKeys, unwrap_session
+from sevlaunch.sev.session import (
+    SESSION_BLOB_SIZE,
+    TEK_SIZE,
+    TIK_SIZE,
+    SessionBlob,
+    TransportKeys,
+    unwrap_session,
+)
 from sevlaunch.sev.types import ChipId, LaunchDigest, MNonce
 
 STATE_FORMAT: Final = 1
@@ -59,6 +66,7 @@ CHIP_ID_SIZE: Final = 64
 VMSA_SIZE: Final = 4096
 SECRET_HEADER_SIZE: Final = 52
 MNONCE_SIZE: Final = 16
+LAUNCH_DIGEST_SIZE: Final = 32  # SHA-256
 ATTESTATION_MIN_API: Final = (0, 23)  # 55766: ATTESTATION is defined from API 0.23
 ROOT_RSA_BITS: Final = 4096  # Rome and later: RSA-4096 ARK/ASK, RSA-PSS with SHA-384
 
@@ -238,6 +246,68 @@ def _unb64(text: str) -> bytes:
     return base64.b64decode(text, validate=True)
 
 
+# -- typed reading of state.json: well-formed JSON with wrong types or ranges is a damaged state too ----
+
+U32_MAX: Final = 2**32 - 1
+U64_MAX: Final = 2**64 - 1
+
+
+def _bad(what: str) -> EmulatorStateError:
+    return EmulatorStateError(f"{STATE_FILE}: {what}")
+
+
+def _obj(value: object, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _bad(f"{what} is not an object")
+    return value
+
+
+def _list(value: object, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise _bad(f"{what} is not a list")
+    return value
+
+
+def _int(value: object, what: str, lo: int = 0, hi: int = U64_MAX) -> int:
+    # bool is an int in Python, not in the state's schema.
+    if type(value) is not int or not lo <= value <= hi:
+        raise _bad(f"{what} is not an integer in {lo}..{hi}")
+    return value
+
+
+def _bool(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise _bad(f"{what} is not a boolean")
+    return value
+
+
+def _str(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise _bad(f"{what} is not a string")
+    return value
+
+
+def _hex(value: object, what: str, size: int) -> bytes:
+    try:
+        data = bytes.fromhex(_str(value, what))
+    except ValueError:
+        raise _bad(f"{what} is not hex") from None
+    if len(data) != size:
+        raise _bad(f"{what} is {len(data)} bytes, not {size}")
+    return data
+
+
+def _opt_hex(value: object, what: str, size: int) -> bytes | None:
+    return None if value is None else _hex(value, what, size)
+
+
+def _b64_field(value: object, what: str) -> bytes:
+    try:
+        return _unb64(_str(value, what))
+    except ValueError:
+        raise _bad(f"{what} is not base64") from None
+
+
 # -- persistent chip state -------------------------------------------------------------------------
 
 
@@ -273,9 +343,11 @@ class _KeyedCert:
     def from_json(cls, data: dict[str, Any] | None) -> _KeyedCert | None:
         if data is None:
             return None
-        cert = _unb64(data["cert"])
+        data = _obj(data, "a platform key")
+        cert = _b64_field(data["cert"], "a platform certificate")
         if len(cert) != CERT_SIZE:
             raise EmulatorStateError(f"a platform certificate in {STATE_FILE} is {len(cert)} bytes")
+        # `key` is checked where it is used (`private_key`): a bad one fails the commands that sign.
         return cls(cert=cert, key=data["key"])
 
 
@@ -323,25 +395,43 @@ class _Guest:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> _Guest:
-        def opt(name: str) -> bytes | None:
-            value = data[name]
-            return bytes.fromhex(value) if value is not None else None
-
+    def from_json(cls, data: object, config: ChipConfig) -> _Guest:
+        """A guest entry, checked for types and ranges (a damaged one is an `EmulatorStateError`)."""
+        doc = _obj(data, "a guest")
+        handle = _int(doc["handle"], "a guest handle", 1, U32_MAX)
+        what = f"guest {handle}"
+        regions = []
+        for r in _list(doc["regions"], f"{what} regions"):
+            r = _list(r, f"a region of {what}")
+            if len(r) != 3:
+                raise _bad(f"a region of {what} is not [gpa, offset, length]")
+            regions.append(
+                (
+                    _int(r[0], f"a region gpa of {what}"),
+                    _int(r[1], f"a region offset of {what}"),
+                    _int(r[2], f"a region length of {what}"),
+                )
+            )
+        secrets_ = []
+        for e in _list(doc["secrets"], f"{what} secrets"):
+            e = _list(e, f"a secret of {what}")
+            if len(e) != 2:
+                raise _bad(f"a secret of {what} is not [gpa, data]")
+            secrets_.append((_int(e[0], f"a secret gpa of {what}"), _b64_field(e[1], f"a secret of {what}")))
         return cls(
-            handle=data["handle"],
-            asid=data["asid"],
-            policy=data["policy"],
-            gstate=GuestState(data["gstate"]),
-            tek=bytes.fromhex(data["tek"]),
-            tik=bytes.fromhex(data["tik"]),
-            log_len=data["log_len"],
-            vmsa_count=data["vmsa_count"],
-            regions=[(r[0], r[1], r[2]) for r in data["regions"]],
-            secrets=[(s[0], _unb64(s[1])) for s in data["secrets"]],
-            launch_digest=opt("launch_digest"),
-            measure=opt("measure"),
-            mnonce=opt("mnonce"),
+            handle=handle,
+            asid=_int(doc["asid"], f"{what} ASID", 1, config.max_guests + config.max_es_guests),
+            policy=_int(doc["policy"], f"{what} policy", 0, U32_MAX),
+            gstate=GuestState(_int(doc["gstate"], f"{what} gstate", 0, max(GuestState))),
+            tek=_hex(doc["tek"], f"{what} TEK", TEK_SIZE),
+            tik=_hex(doc["tik"], f"{what} TIK", TIK_SIZE),
+            log_len=_int(doc["log_len"], f"{what} log length"),
+            vmsa_count=_int(doc["vmsa_count"], f"{what} VMSA count"),
+            regions=regions,
+            secrets=secrets_,
+            launch_digest=_opt_hex(doc["launch_digest"], f"{what} launch digest", LAUNCH_DIGEST_SIZE),
+            measure=_opt_hex(doc["measure"], f"{what} measure", MEASURE_SIZE),
+            mnonce=_opt_hex(doc["mnonce"], f"{what} mnonce", MNONCE_SIZE),
         )
 
 
@@ -382,21 +472,43 @@ class _Chip:
 
     @classmethod
     def from_json(cls, raw: bytes) -> _Chip:
-        doc = json.loads(raw)
+        """The chip of a `state.json`, checked for types and ranges: a damaged one (also well-formed JSON
+        with a wrong type, a negative ASID, a duplicate handle) is an `EmulatorStateError` here, not a
+        raw exception in some later command."""
+        doc = _obj(json.loads(raw), STATE_FILE)
         if doc.get("format") != STATE_FORMAT:
             raise EmulatorStateError(f"{STATE_FILE} has format {doc.get('format')!r}, not {STATE_FORMAT}")
-        guests = [_Guest.from_json(g) for g in doc["guests"]]
+        config_doc = _obj(doc["config"], "config")
+        for name, value in config_doc.items():
+            if name == "generation":
+                _str(value, "config generation")
+            else:
+                _int(value, f"config {name}", 0, U32_MAX)
+        config = ChipConfig(**config_doc)
+        guests: dict[int, _Guest] = {}
+        asids: set[int] = set()
+        for entry in _list(doc["guests"], "guests"):
+            guest = _Guest.from_json(entry, config)
+            if guest.handle in guests or guest.asid in asids:
+                raise _bad(f"guest {guest.handle} or its ASID {guest.asid} appears twice")
+            guests[guest.handle] = guest
+            asids.add(guest.asid)
+        next_handle = _int(doc["next_handle"], "next_handle", 1, U32_MAX + 1)
+        if guests and next_handle <= max(guests):
+            raise _bad(f"next_handle {next_handle} is not above every guest handle")
         return cls(
-            config=ChipConfig(**doc["config"]),
-            chip_id=bytes.fromhex(doc["chip_id"]),
-            platform_state=PlatformState(doc["platform_state"]),
-            owned_externally=doc["owned_externally"],
+            config=config,
+            chip_id=_hex(doc["chip_id"], "chip_id", CHIP_ID_SIZE),
+            platform_state=PlatformState(
+                _int(doc["platform_state"], "platform_state", PlatformState.UNINIT, PlatformState.INIT)
+            ),
+            owned_externally=_bool(doc["owned_externally"], "owned_externally"),
             oca=_KeyedCert.from_json(doc["oca"]),
             pek=_KeyedCert.from_json(doc["pek"]),
             pdh=_KeyedCert.from_json(doc["pdh"]),
-            next_handle=doc["next_handle"],
-            commands=doc["commands"],
-            guests={g.handle: g for g in guests},
+            next_handle=next_handle,
+            commands=_int(doc["commands"], "commands"),
+            guests=guests,
         )
 
 

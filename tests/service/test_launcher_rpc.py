@@ -253,3 +253,46 @@ def test_externally_resumed_guest_is_destroyed(env_factory: Callable[..., Env]) 
     info = env.stub().GetLaunch(launcher_pb2.GetLaunchRequest(launch_id=prepared.launch_id))
     assert (info.state, info.reason) == (launcher_pb2.PHASE_FAILED, "resumed_without_secret")
     assert env.firmware.platform_status().guest_count == 0
+
+
+def _bad_godhs(good: SEVCertificate) -> dict[str, bytes]:
+    """GODHs of the right length that are no usable GODH: each must be refused before anything is defined."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from sevlaunch.sev.cert import PUBKEY_OFFSET, Algorithm, Usage
+
+    def cert(usage: Usage, algorithm: Algorithm, curve: ec.EllipticCurve) -> bytes:
+        key = ec.generate_private_key(curve).public_key()
+        return SEVCertificate.for_ec_key(
+            usage=usage, algorithm=algorithm, public_key=key, api_major=0, api_minor=0
+        ).to_bytes()
+
+    raw = bytearray(good.to_bytes())
+    raw[PUBKEY_OFFSET + 4] ^= 1  # qx changed: (almost surely) no longer a point on P-384
+    return {
+        "zeroed": bytes(0x824),
+        "ones": b"\xff" * 0x824,
+        "pek_usage": cert(Usage.PEK, Algorithm.ECDH_SHA256, ec.SECP384R1()),
+        "ecdsa_algorithm": cert(Usage.PDH, Algorithm.ECDSA_SHA384, ec.SECP384R1()),
+        "p256_key": cert(Usage.PDH, Algorithm.ECDH_SHA256, ec.SECP256R1()),
+        "off_curve": bytes(raw),
+    }
+
+
+def test_unusable_godh_is_refused_before_anything_is_defined(env_factory: Callable[..., Env]) -> None:
+    env = env_factory()
+    s = env.session()
+    guest = launcher_pb2.GuestSpec(name="g", memory_mib=256, vcpus=1, firmware_path=OVMF, policy=3)
+    for label, godh in _bad_godhs(s.godh).items():
+        code, reason = _code(
+            lambda g=godh: env.stub().PrepareLaunch(
+                launcher_pb2.PrepareLaunchRequest(spec=guest, godh_cert=g, session=s.blob.to_bytes())
+            )
+        )
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "bad_godh"), label
+        assert env.core.hv.list_domains() == [] and env.firmware.platform_status().guest_count == 0, label
+        listed = env.stub().ListLaunches(launcher_pb2.ListLaunchesRequest())
+        assert list(listed.launches) == [], label
+    # The real GODH still works afterwards (the refusals left no admission or name behind).
+    prepared, _ = env.prepare()
+    assert prepared.launch_id

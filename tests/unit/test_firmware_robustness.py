@@ -284,3 +284,91 @@ def test_launch_update_data_outside_the_address_space_is_refused(
     assert info.value.status is expected
     assert fw.guest_info(handle)["state"] == "LUPDATE"
     fw.decommission(handle)
+
+
+@pytest.fixture(scope="module")
+def guest_template(root: EmulatedRoot, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A chip with one measured guest (every guest field set) to copy per test."""
+    from sevlaunch.sev.cert import SEVCertificate
+    from sevlaunch.sev.session import create_session
+
+    path = tmp_path_factory.mktemp("robust-guest") / "chip"
+    fw = EmulatedFirmware(path, root=root)
+    pdh, _ = fw.pdh_cert_export()
+    s = create_session(SEVCertificate.from_bytes(pdh), 0x3)
+    handle = fw.launch_start(s.godh.to_bytes(), s.blob.to_bytes(), 0x3)
+    fw.launch_update_data(handle, 0x1000, bytes(32))
+    fw.launch_measure(handle)
+    return path
+
+
+def _guest(d: dict[str, Any]) -> dict[str, Any]:
+    guest = d["guests"][0]
+    assert isinstance(guest, dict)
+    return guest
+
+
+# Well-formed JSON with the wrong types or out-of-range values: each must be refused when the state is
+# read, as an EmulatorStateError, not surface later as a raw TypeError/ValueError (INTERNAL over gRPC).
+WRONG_TYPES: dict[str, Callable[[dict[str, Any]], None]] = {
+    "next-handle-string": lambda d: d.update(next_handle="x"),
+    "next-handle-float": lambda d: d.update(next_handle=2.5),
+    "next-handle-bool": lambda d: d.update(next_handle=True),
+    "next-handle-negative": lambda d: d.update(next_handle=-1),
+    "next-handle-not-above-guests": lambda d: d.update(next_handle=_guest(d)["handle"]),
+    "commands-string": lambda d: d.update(commands="7"),
+    "owned-externally-string": lambda d: d.update(owned_externally="no"),
+    "chip-id-short": lambda d: d.update(chip_id="00"),
+    "config-api-float": lambda d: d["config"].update(api_major=1.5),
+    "config-generation-int": lambda d: d["config"].update(generation=5),
+    "config-not-object": lambda d: d.update(config=[1]),
+    "guests-not-list": lambda d: d.update(guests={"1": _guest(d)}),
+    "guest-is-list": lambda d: d.update(guests=[list(_guest(d).values())]),
+    "guest-is-null": lambda d: d.update(guests=[None]),
+    "guest-duplicate": lambda d: d.update(guests=[_guest(d), dict(_guest(d))]),
+    "guest-handle-string": lambda d: _guest(d).update(handle="1"),
+    "guest-handle-zero": lambda d: _guest(d).update(handle=0),
+    "guest-asid-negative": lambda d: _guest(d).update(asid=-1),
+    "guest-asid-zero": lambda d: _guest(d).update(asid=0),
+    "guest-asid-beyond-pool": lambda d: _guest(d).update(asid=10_000),
+    "guest-asid-string": lambda d: _guest(d).update(asid="1"),
+    "guest-policy-negative": lambda d: _guest(d).update(policy=-1),
+    "guest-policy-u64": lambda d: _guest(d).update(policy=2**40),
+    "guest-gstate-bool": lambda d: _guest(d).update(gstate=True),
+    "guest-tek-short": lambda d: _guest(d).update(tek="00"),
+    "guest-tik-int": lambda d: _guest(d).update(tik=5),
+    "guest-log-len-negative": lambda d: _guest(d).update(log_len=-1),
+    "guest-vmsa-count-string": lambda d: _guest(d).update(vmsa_count="0"),
+    "guest-region-strings": lambda d: _guest(d).update(regions=[["a", "b", "c"]]),
+    "guest-region-short": lambda d: _guest(d).update(regions=[[1]]),
+    "guest-region-negative": lambda d: _guest(d).update(regions=[[0x1000, -1, 32]]),
+    "guest-secret-not-pair": lambda d: _guest(d).update(secrets=[["AAAA"]]),
+    "guest-secret-gpa-string": lambda d: _guest(d).update(secrets=[["0", "AAAA"]]),
+    "guest-digest-short": lambda d: _guest(d).update(launch_digest="00"),
+    "guest-measure-int": lambda d: _guest(d).update(measure=3),
+    "guest-mnonce-short": lambda d: _guest(d).update(mnonce="0011"),
+    "keyed-cert-not-object": lambda d: d.update(pdh=["cert"]),
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(WRONG_TYPES))
+def test_a_state_file_with_wrong_field_types_is_a_typed_error(
+    guest_template: Path, tmp_path: Path, corruption: str
+) -> None:
+    chip = _copy(guest_template, tmp_path)
+    fw = EmulatedFirmware(chip)
+    _edit_state(chip, WRONG_TYPES[corruption])
+    with pytest.raises(EmulatorStateError) as info:
+        EmulatedFirmware(chip)
+    assert _is_hwerror(info.value) and isinstance(info.value, ValueError)
+    # A running emulator reading the same state refuses every command the same way.
+    for command in (fw.platform_status, fw.pdh_cert_export, fw.get_id, lambda: fw.launch_measure(1)):
+        with pytest.raises(EmulatorStateError):
+            command()
+
+
+def test_the_guest_template_state_still_loads(guest_template: Path, tmp_path: Path) -> None:
+    chip = _copy(guest_template, tmp_path)
+    _edit_state(chip, lambda d: None)  # a JSON round trip changes nothing that matters
+    fw = EmulatedFirmware(chip)
+    assert fw.platform_status().guest_count == 1

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from launcher_svc.core.domain_xml import parse_domain_xml
 from launcher_svc.core.launcher import Launcher, LauncherConfig
@@ -30,6 +31,7 @@ from launcher_svc.core.ports import (
 from launcher_svc.core.spec import GuestSpec, SevMode
 from launcher_svc.core.state import LaunchStore, Phase
 from sevlaunch.errors import DeadlineExceeded, FailedPrecondition
+from sevlaunch.sev.cert import Algorithm, SEVCertificate, Usage
 
 T = TypeVar("T")
 
@@ -37,6 +39,14 @@ OVMF = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 SECRET_GPA = 0x80C000
 HEADER = b"\x11" * 52
 PAYLOAD = b"\x22" * 64
+# A GODH that passes the launcher's checks (the fake hypervisor never unwraps the session).
+GODH = SEVCertificate.for_ec_key(
+    usage=Usage.PDH,
+    algorithm=Algorithm.ECDH_SHA256,
+    public_key=ec.generate_private_key(ec.SECP384R1()).public_key(),
+    api_major=0,
+    api_minor=24,
+).to_bytes()
 
 pytestmark = pytest.mark.skipif(not OVMF.is_file(), reason="Debian's ovmf package is a test dependency")
 
@@ -206,7 +216,7 @@ def test_start_slower_than_its_deadline_leaves_no_paused_domain(tmp_path: Path) 
 
     async def body(core: Launcher) -> None:
         with pytest.raises(DeadlineExceeded) as err:
-            await core.prepare(_spec(), godh_cert=b"\x01" * 0x824, session=b"\x02" * 128, requested_by="c")
+            await core.prepare(_spec(), godh_cert=GODH, session=b"\x02" * 128, requested_by="c")
         assert err.value.reason == "phase_deadline"
         (rec,) = core.store.records(include_terminal=True)
         assert (rec.state, rec.failed_phase) == (Phase.FAILED, Phase.STARTED_PAUSED)
@@ -288,7 +298,7 @@ def test_a_call_outliving_the_cleanup_grace_is_destroyed_when_it_ends(tmp_path: 
 
     async def body(core: Launcher) -> None:
         with pytest.raises(DeadlineExceeded):
-            await core.prepare(_spec(), godh_cert=b"\x01" * 0x824, session=b"\x02" * 128, requested_by="c")
+            await core.prepare(_spec(), godh_cert=GODH, session=b"\x02" * 128, requested_by="c")
         await asyncio.sleep(1.5)
         _assert_nothing_left(hv)
 
@@ -304,9 +314,7 @@ def test_complete_launch_after_the_deadline_is_refused_even_before_the_timer_run
     core = _core(tmp_path, hv, phase_timeouts={Phase.SECRET_INJECTED: 0.2})
 
     async def body(core: Launcher) -> None:
-        rec, _ = await core.prepare(
-            _spec(), godh_cert=b"\x01" * 0x824, session=b"\x02" * 128, requested_by="c"
-        )
+        rec, _ = await core.prepare(_spec(), godh_cert=GODH, session=b"\x02" * 128, requested_by="c")
         # A busy event loop: the deadline passes and the expiry timer has not had its turn yet, so
         # CompleteLaunch takes the launch's lock first.
         time.sleep(0.3)
@@ -330,9 +338,7 @@ def test_complete_launch_before_the_deadline_runs(tmp_path: Path) -> None:
     core = _core(tmp_path, hv, phase_timeouts={Phase.SECRET_INJECTED: 5})
 
     async def body(core: Launcher) -> None:
-        rec, _ = await core.prepare(
-            _spec(), godh_cert=b"\x01" * 0x824, session=b"\x02" * 128, requested_by="c"
-        )
+        rec, _ = await core.prepare(_spec(), godh_cert=GODH, session=b"\x02" * 128, requested_by="c")
         done = await core.complete(rec.launch_id, header=HEADER, payload=PAYLOAD, requested_by="c")
         assert done.state is Phase.RUNNING
         assert hv.injected == [(rec.domain_name, HEADER, PAYLOAD, SECRET_GPA)]
@@ -416,9 +422,7 @@ def test_complete_launch_cancelled_during_inject_fails_closed(tmp_path: Path) ->
     core = _core(tmp_path, hv, phase_timeouts={Phase.SECRET_INJECTED: 2})
 
     async def body(core: Launcher) -> None:
-        rec, _ = await core.prepare(
-            _spec(), godh_cert=b"\x01" * 0x824, session=b"\x02" * 128, requested_by="c"
-        )
+        rec, _ = await core.prepare(_spec(), godh_cert=GODH, session=b"\x02" * 128, requested_by="c")
         hv.delays["inject_secret"] = 0.5
         call = asyncio.create_task(
             core.complete(rec.launch_id, header=HEADER, payload=PAYLOAD, requested_by="c")
@@ -445,9 +449,7 @@ def test_complete_launch_cancelled_during_resume_leaves_no_paused_domain(tmp_pat
     core = _core(tmp_path, hv, phase_timeouts={Phase.SECRET_INJECTED: 5})
 
     async def body(core: Launcher) -> None:
-        rec, _ = await core.prepare(
-            _spec(), godh_cert=b"\x01" * 0x824, session=b"\x02" * 128, requested_by="c"
-        )
+        rec, _ = await core.prepare(_spec(), godh_cert=GODH, session=b"\x02" * 128, requested_by="c")
         hv.delays["resume"] = 0.5
         call = asyncio.create_task(
             core.complete(rec.launch_id, header=HEADER, payload=PAYLOAD, requested_by="c")
@@ -473,9 +475,7 @@ def test_complete_launch_cancelled_in_the_deadline_path_still_fails_closed(tmp_p
     core = _core(tmp_path, hv, phase_timeouts={Phase.SECRET_INJECTED: 0.2})
 
     async def body(core: Launcher) -> None:
-        rec, _ = await core.prepare(
-            _spec(), godh_cert=b"\x01" * 0x824, session=b"\x02" * 128, requested_by="c"
-        )
+        rec, _ = await core.prepare(_spec(), godh_cert=GODH, session=b"\x02" * 128, requested_by="c")
         time.sleep(0.3)  # deadline passed, the expiry timer has not run yet
         hv.delays["destroy"] = 0.5
         call = asyncio.create_task(
@@ -551,9 +551,7 @@ def test_stop_fails_every_launch_closed_even_if_one_reaches_running_meanwhile(tm
         await core.start()
         # First in line: a two-phase launch whose CompleteLaunch is under way (it holds the launch's
         # lock), so stop's abort waits for it and finds it RUNNING.
-        done, _ = await core.prepare(
-            _spec(), godh_cert=b"\x01" * 0x824, session=b"\x02" * 128, requested_by="c"
-        )
+        done, _ = await core.prepare(_spec(), godh_cert=GODH, session=b"\x02" * 128, requested_by="c")
         hv.delays["inject_secret"] = 0.3
         completing = asyncio.create_task(
             core.complete(done.launch_id, header=HEADER, payload=PAYLOAD, requested_by="c")
