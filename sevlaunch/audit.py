@@ -23,6 +23,10 @@ from typing import Any
 
 GENESIS = "0" * 64
 AUDIT_MAC_LABEL = b"sevlaunch-owner/v1/audit-mac"
+#: The most records one GetAuditLog or ListSessions reply holds (owner.proto): a larger `limit` is
+#: refused (bad_limit), so a reply stays far below the clients' 4 MiB receive limit; callers page with
+#: `after_seq`.
+MAX_PAGE = 1000
 _FIELDS = frozenset({"event", "prev", "seq", "time"})
 
 

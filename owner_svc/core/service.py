@@ -36,6 +36,7 @@ from owner_svc.core.model import (
 )
 from owner_svc.core.ports import Sealer, SealError, Store
 from owner_svc.core.refset import ReferenceValueSet
+from sevlaunch.audit import MAX_PAGE
 from sevlaunch.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -637,14 +638,18 @@ class OwnerCore:
     def list_sessions(self, workload_id: str, limit: int) -> Sequence[SessionRecord]:
         if workload_id:
             check_workload_id(workload_id)
-        if not 0 <= limit <= 10000:
-            raise InvalidArgument("bad_limit", "limit must be 0..10000")
+        # At most MAX_PAGE a reply (owner.proto): refused, not clamped, so a caller never mistakes a
+        # short page for the end.
+        if not 0 <= limit <= MAX_PAGE:
+            raise InvalidArgument("bad_limit", f"limit must be 0..{MAX_PAGE}")
         return self.store.list_sessions(workload_id, limit or 100)
 
     def audit_log(self, after_seq: int, limit: int) -> Sequence[AuditRecord]:
-        if after_seq < 0 or not 0 <= limit <= 10000:
-            raise InvalidArgument("bad_limit", "after must be >= 0 and limit 0..10000")
-        return self.store.audit_records(after_seq, limit or 1000)
+        if after_seq < 0 or not 0 <= limit <= MAX_PAGE:
+            raise InvalidArgument(
+                "bad_limit", f"after must be >= 0 and limit 0..{MAX_PAGE}; page with after_seq"
+            )
+        return self.store.audit_records(after_seq, limit or MAX_PAGE)
 
     def revoke_session(self, caller: str, session_id: str) -> None:
         check_session_id(session_id)

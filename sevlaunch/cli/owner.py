@@ -41,7 +41,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from sevlaunch.audit import AuditChainBroken, ChainEntry, audit_mac_key, verify_chain
+from sevlaunch.audit import MAX_PAGE, AuditChainBroken, ChainEntry, audit_mac_key, verify_chain
 from sevlaunch.cli import CommandError
 from sevlaunch.cli._common import add_client_args, call_service, read_bytes
 from sevlaunch.dsn import redact_params, scrub
@@ -103,7 +103,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     show = client(audit, "show", "print audit records as JSON lines", _audit_show)
     show.add_argument("--after", type=int, default=0)
-    show.add_argument("--limit", type=int, default=1000)
+    show.add_argument(
+        "--limit", type=int, default=0, help="print at most N records (default 0: all, fetched page by page)"
+    )
     verify = audit.add_parser("verify", help="check the audit log's hash chain in the owner's database")
     verify.add_argument(
         "--db",
@@ -192,11 +194,23 @@ def _session_revoke(stub: owner_pb2_grpc.OwnerServiceStub, args: argparse.Namesp
 
 
 def _audit_show(stub: owner_pb2_grpc.OwnerServiceStub, args: argparse.Namespace) -> int:
-    reply = stub.GetAuditLog(
-        owner_pb2.GetAuditLogRequest(after_seq=args.after, limit=args.limit), timeout=args.timeout
-    )
-    for r in reply.records:
-        print(json_format.MessageToJson(r, preserving_proto_field_name=True, indent=None))
+    """Prints the records after `--after`, all of them or `--limit`, asking for pages of at most
+    MAX_PAGE (the server refuses more) and following after_seq until a short page."""
+    if args.after < 0 or args.limit < 0:
+        raise CommandError("--after and --limit must not be negative")
+    after, left = args.after, args.limit or None
+    while left is None or left > 0:
+        page = MAX_PAGE if left is None else min(MAX_PAGE, left)
+        reply = stub.GetAuditLog(
+            owner_pb2.GetAuditLogRequest(after_seq=after, limit=page), timeout=args.timeout
+        )
+        for r in reply.records:
+            print(json_format.MessageToJson(r, preserving_proto_field_name=True, indent=None))
+        if len(reply.records) < page:
+            break
+        after = reply.records[-1].seq
+        if left is not None:
+            left -= len(reply.records)
     return 0
 
 

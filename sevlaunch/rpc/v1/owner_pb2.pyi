@@ -695,7 +695,9 @@ class ListSessionsRequest(_message.Message):
     workload_id: _builtins.str
     """empty = all"""
     limit: _builtins.int
-    """0 = 100"""
+    """The newest `limit` sessions. 0 = 100; at most 1000 (the maximum page size): a larger limit is
+    INVALID_ARGUMENT "bad_limit".
+    """
     def __init__(
         self,
         *,
@@ -788,13 +790,19 @@ Global___AuditRecord: _TypeAlias = AuditRecord  # noqa: Y015
 
 @_typing.final
 class GetAuditLogRequest(_message.Message):
+    """One page of the audit log: records with seq > after_seq, in seq order. To read the whole log, ask
+    again with after_seq = the last seq received until a page comes back shorter than the limit.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AFTER_SEQ_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     after_seq: _builtins.int
     limit: _builtins.int
-    """0 = 1000"""
+    """0 = 1000; at most 1000 (the maximum page size, which keeps a reply far below the clients' 4 MiB
+    receive limit): a larger limit is INVALID_ARGUMENT "bad_limit", not clamped.
+    """
     def __init__(
         self,
         *,
