@@ -4,6 +4,7 @@ label cardinality, and each service's role table against its proto."""
 from __future__ import annotations
 
 import asyncio
+import time
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator
@@ -77,6 +78,19 @@ def _drain(channel: grpc.Channel, method: str, payload: bytes, timeout: float = 
     return list(call)
 
 
+def _samples_eventually(
+    url: str, expected: tuple[str, dict[str, str], float], within: float = 5.0
+) -> list[tuple[str, dict[str, str], float]]:
+    """The client sees a stream's status as the server sends it, a moment before the server's
+    interceptor has counted it: scrape until the sample is there or `within` seconds have passed."""
+    deadline = time.monotonic() + within
+    while True:
+        samples = _samples(url)
+        if expected in samples or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.05)
+
+
 def _samples(url: str) -> list[tuple[str, dict[str, str], float]]:
     text = urllib.request.urlopen(url, timeout=5).read().decode()
     return [
@@ -108,12 +122,8 @@ def test_an_error_mid_stream_ends_the_stream_with_its_status(
     assert info.metadata["request_id"]
     if code is grpc.StatusCode.INTERNAL:
         assert "TIK" not in info.message
-    samples = _samples(running.metrics_url)
-    assert (
-        "sevlaunch_rpc_requests_total",
-        {"method": f"/{SERVICE}/Stream", "code": code.name},
-        1.0,
-    ) in samples
+    expected = ("sevlaunch_rpc_requests_total", {"method": f"/{SERVICE}/Stream", "code": code.name}, 1.0)
+    assert expected in _samples_eventually(running.metrics_url, expected)
 
 
 def test_an_error_before_the_first_item_is_typed(serve: Any, tls_dir: Path) -> None:
