@@ -33,7 +33,6 @@ from sevlaunch.firmware.kds import KDSServer
 from sevlaunch.refvalues import (
     DigestConfig,
     KeyType,
-    LaunchMode,
     ReferenceDigest,
     generate_private_key,
     make_manifest,
@@ -45,6 +44,7 @@ from sevlaunch.rpc.v1 import common_pb2, owner_pb2, owner_pb2_grpc
 from sevlaunch.sev.digest import launch_digest
 from sevlaunch.sev.policy import PolicyFlags
 from sevlaunch.sev.secret import SecretEntry
+from sevlaunch.sev.technology import Technology
 
 FIRMWARE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 ROOT_NAME = "emulated"
@@ -142,8 +142,8 @@ class World:
             firmware_name="OVMF",
             firmware_version="bench",
             digests=[
-                ReferenceDigest(bytes(launch_digest(image, mode="sev")), DigestConfig(LaunchMode.SEV)),
-                ReferenceDigest(hashlib.sha256(TINY_IMAGE).digest(), DigestConfig(LaunchMode.SEV)),
+                ReferenceDigest(bytes(launch_digest(image, mode="sev")), DigestConfig(Technology.SEV)),
+                ReferenceDigest(hashlib.sha256(TINY_IMAGE).digest(), DigestConfig(Technology.SEV)),
             ],
             valid_days=1,
         )

@@ -22,12 +22,13 @@ from bench.owner_bench import inprocess_core
 from launcher_svc.adapters.emulated import EmulatedHypervisor
 from launcher_svc.core.launcher import Launcher, LauncherConfig
 from launcher_svc.core.ports import OwnerSession, ReleasedSecret
-from launcher_svc.core.spec import PathPolicy, SevMode, create_spec
+from launcher_svc.core.spec import PathPolicy, create_spec
 from launcher_svc.core.state import LaunchStore, Phase
 from owner_svc.core.service import ChainInput, OwnerCore
 from sevlaunch.firmware.emulator import EmulatedFirmware, EmulatedRoot
 from sevlaunch.rpc import secure_channel
 from sevlaunch.rpc.v1 import common_pb2, launcher_pb2, launcher_pb2_grpc, platform_pb2, platform_pb2_grpc
+from sevlaunch.sev.technology import Technology
 
 PHASES = (
     "CHAIN_FETCHED",
@@ -168,7 +169,7 @@ class InProcLauncher:
     async def launch(self) -> tuple[float, dict[str, float]]:
         spec = create_spec(
             name=f"p{next(self._names)}", memory_mib=256, vcpus=1, firmware_path=str(self.world.firmware),
-            mode=SevMode.SEV, policy=POLICY, paths=self.launcher.config.paths,
+            mode=Technology.SEV, policy=POLICY, paths=self.launcher.config.paths,
         )  # fmt: skip
         phases: dict[str, float] = {}
         t = time.perf_counter()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from launcher_svc.core.launcher import LaunchObserver
-from launcher_svc.core.state import LaunchMode, Phase
+from launcher_svc.core.state import LaunchFlow, Phase
 
 PHASE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -53,7 +53,7 @@ class LauncherMetrics(LaunchObserver):
     def phase_done(self, phase: Phase, seconds: float) -> None:
         self.phase_seconds.labels(phase.value).observe(seconds)
 
-    def launch_finished(self, mode: LaunchMode, outcome: str, failed_phase: Phase | None) -> None:
+    def launch_finished(self, mode: LaunchFlow, outcome: str, failed_phase: Phase | None) -> None:
         self.launches.labels(mode.value, outcome, failed_phase.value if failed_phase else "").inc()
 
     def domain_destroyed(self, path: str) -> None:

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from sevlaunch.sev.errors import MalformedInput, Reason, VerificationFailed
+from sevlaunch.sev.technology import Technology
 
 PAYLOAD_TYPE = "application/vnd.sevlaunch.refvalues+json"
 SCHEMA = "sevlaunch.refvalues/v1"
@@ -43,11 +44,6 @@ MAX_DIGESTS = 4096
 
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
-
-
-class LaunchMode(StrEnum):
-    SEV = "sev"
-    SEV_ES = "sev-es"
 
 
 class KeyType(StrEnum):
@@ -267,14 +263,14 @@ class DigestConfig:
     vCPU's VMSA is measured.
     """
 
-    mode: LaunchMode
+    mode: Technology
     vcpus: int | None = None
     vcpu_type: str | None = None
     vmsa_layout: str | None = None
     kernel_hashes: KernelHashes | None = None
 
     def __post_init__(self) -> None:
-        if self.mode is LaunchMode.SEV_ES:
+        if self.mode is Technology.SEV_ES:
             if self.vcpus is None or not 1 <= self.vcpus <= 512:
                 raise MalformedInput(Reason.BAD_FIELD, "an SEV-ES digest needs vcpus in 1..512")
             if not self.vcpu_type or not self.vmsa_layout:
@@ -284,7 +280,7 @@ class DigestConfig:
 
     def to_obj(self) -> dict[str, Any]:
         obj: dict[str, Any] = {"mode": self.mode.value}
-        if self.mode is LaunchMode.SEV_ES:
+        if self.mode is Technology.SEV_ES:
             obj.update(vcpus=self.vcpus, vcpu_type=self.vcpu_type, vmsa_layout=self.vmsa_layout)
         if self.kernel_hashes is not None:
             kh = self.kernel_hashes
@@ -297,7 +293,7 @@ class DigestConfig:
             obj, "config", required={"mode"}, optional={"vcpus", "vcpu_type", "vmsa_layout", "kernel_hashes"}
         )
         try:
-            mode = LaunchMode(o["mode"])
+            mode = Technology(o["mode"])
         except ValueError:
             raise MalformedInput(Reason.BAD_FIELD, "config mode must be 'sev' or 'sev-es'") from None
         kh = None

@@ -12,12 +12,13 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from launcher_svc.core.launcher import Launcher, LaunchEvent
-from launcher_svc.core.spec import DiskFormat, DiskSpec, GuestSpec, SevMode, create_spec
-from launcher_svc.core.state import LaunchMode, LaunchRecord, Phase
+from launcher_svc.core.spec import DiskFormat, DiskSpec, GuestSpec, create_spec
+from launcher_svc.core.state import LaunchFlow, LaunchRecord, Phase
 from sevlaunch.errors import InvalidArgument
 from sevlaunch.rpc import AuthzPolicy, current_caller, method_rules
 from sevlaunch.rpc.v1 import launcher_pb2, launcher_pb2_grpc
 from sevlaunch.sev.policy import PolicyFlags
+from sevlaunch.sev.technology import Technology
 
 SERVICE_NAME = "sevlaunch.v1.LauncherService"
 
@@ -36,7 +37,7 @@ AUTHZ = AuthzPolicy(
     )
 )
 
-_MODES = {launcher_pb2.SEV_MODE_SEV: SevMode.SEV, launcher_pb2.SEV_MODE_SEV_ES: SevMode.SEV_ES}
+_MODES = {launcher_pb2.SEV_MODE_SEV: Technology.SEV, launcher_pb2.SEV_MODE_SEV_ES: Technology.SEV_ES}
 _FORMATS = {
     launcher_pb2.DISK_FORMAT_UNSPECIFIED: DiskFormat.RAW,
     launcher_pb2.DISK_FORMAT_RAW: DiskFormat.RAW,
@@ -80,7 +81,7 @@ def info_pb(rec: LaunchRecord) -> launcher_pb2.LaunchInfo:
         launch_id=rec.launch_id,
         mode=(
             launcher_pb2.LAUNCH_MODE_ORCHESTRATED
-            if rec.mode is LaunchMode.ORCHESTRATED
+            if rec.mode is LaunchFlow.ORCHESTRATED
             else launcher_pb2.LAUNCH_MODE_TWO_PHASE
         ),
         state=phase_pb(rec.state),  # type: ignore[arg-type]
@@ -93,7 +94,7 @@ def info_pb(rec: LaunchRecord) -> launcher_pb2.LaunchInfo:
         owner_endpoint=rec.owner_endpoint,
         workload_id=rec.workload_id,
         sev_mode=launcher_pb2.SEV_MODE_SEV_ES
-        if rec.spec.mode is SevMode.SEV_ES
+        if rec.spec.mode is Technology.SEV_ES
         else launcher_pb2.SEV_MODE_SEV,
         policy=rec.spec.policy,
         vcpus=rec.spec.vcpus,
@@ -116,7 +117,7 @@ class LauncherServicer(launcher_pb2_grpc.LauncherServiceServicer):
 
     def spec_from_pb(self, spec: launcher_pb2.GuestSpec) -> GuestSpec:
         if spec.mode == launcher_pb2.SEV_MODE_UNSPECIFIED:
-            mode = SevMode.SEV_ES if spec.policy & PolicyFlags.ES else SevMode.SEV
+            mode = Technology.SEV_ES if spec.policy & PolicyFlags.ES else Technology.SEV
         elif spec.mode in _MODES:
             mode = _MODES[spec.mode]
         else:
@@ -132,7 +133,7 @@ class LauncherServicer(launcher_pb2_grpc.LauncherServiceServicer):
             reason = exc.strerror or type(exc).__name__
             raise InvalidArgument("bad_path", f"a path cannot be checked: {reason}") from None
 
-    def _create_spec(self, spec: launcher_pb2.GuestSpec, mode: SevMode) -> GuestSpec:
+    def _create_spec(self, spec: launcher_pb2.GuestSpec, mode: Technology) -> GuestSpec:
         return create_spec(
             name=spec.name,
             memory_mib=spec.memory_mib,

@@ -42,10 +42,10 @@ from launcher_svc.core.ports import (
     PlatformPort,
     ReleasedSecret,
 )
-from launcher_svc.core.spec import GuestSpec, PathPolicy, SevMode, validate_endpoint, validate_workload
+from launcher_svc.core.spec import GuestSpec, PathPolicy, validate_endpoint, validate_workload
 from launcher_svc.core.state import (
     PRE_RUNNING,
-    LaunchMode,
+    LaunchFlow,
     LaunchRecord,
     LaunchStore,
     Phase,
@@ -64,6 +64,7 @@ from sevlaunch.sev.cert import Algorithm, Curve, ECKey, SEVCertificate, Usage
 from sevlaunch.sev.errors import SevError
 from sevlaunch.sev.ovmf import OVMF
 from sevlaunch.sev.session import SessionBlob
+from sevlaunch.sev.technology import Technology
 
 log = logging.getLogger("launcher_svc")
 
@@ -127,7 +128,7 @@ class LaunchObserver:
 
     def phase_done(self, phase: Phase, seconds: float) -> None: ...
 
-    def launch_finished(self, mode: LaunchMode, outcome: str, failed_phase: Phase | None) -> None: ...
+    def launch_finished(self, mode: LaunchFlow, outcome: str, failed_phase: Phase | None) -> None: ...
 
     def domain_destroyed(self, path: str) -> None: ...
 
@@ -170,7 +171,7 @@ class _Preflight:
 
 @dataclass
 class _Active:
-    mode: SevMode
+    mode: Technology
     started: bool = False
     task: asyncio.Task[None] | None = None
     timer: asyncio.TimerHandle | None = None
@@ -300,7 +301,7 @@ class Launcher:
         return await asyncio.wait_for(asyncio.shield(fut), timeout)
 
     def _pin_vcpu_type(self, spec: GuestSpec) -> GuestSpec:
-        if spec.vcpu_type is None and spec.mode is SevMode.SEV_ES:
+        if spec.vcpu_type is None and spec.mode is Technology.SEV_ES:
             return dataclasses.replace(spec, vcpu_type=self.config.vcpu_type)
         return spec
 
@@ -317,7 +318,7 @@ class Launcher:
         if spec.kernel_path is not None and ovmf.hashes_table is None:
             # Without a hashes table the kernel would run unmeasured (PROTOCOL.md section 7).
             raise FailedPrecondition("no_hashes_table", "a kernel needs an OVMF with a kernel hashes table")
-        if spec.mode is SevMode.SEV_ES and ovmf.sev_es_reset_eip is None:
+        if spec.mode is Technology.SEV_ES and ovmf.sev_es_reset_eip is None:
             raise FailedPrecondition("no_sev_es_reset_block", "the OVMF cannot boot SEV-ES guests")
         if ovmf.secret_area is not None:
             return _Preflight(secret_gpa=None, secret_area_size=ovmf.secret_area[1])
@@ -339,10 +340,10 @@ class Launcher:
                 raise ResourceExhausted("too_many_launches", f"{len(self._active)} launches in flight")
             caps = await self._hv(launch_id, self.hv.sev_capabilities, timeout=self.config.phase_timeout)
             domains = await self._hv(launch_id, self.hv.list_domains, timeout=self.config.phase_timeout)
-            es = spec.mode is SevMode.SEV_ES
+            es = spec.mode is Technology.SEV_ES
             used = sum(1 for d in domains if d.sev and d.active and d.sev_es == es)
             reserved = sum(
-                1 for a in self._active.values() if not a.started and (a.mode is SevMode.SEV_ES) == es
+                1 for a in self._active.values() if not a.started and (a.mode is Technology.SEV_ES) == es
             )
             limit = caps.max_es_guests if es else caps.max_guests
             if used + reserved >= limit:
@@ -358,7 +359,7 @@ class Launcher:
             active.timer.cancel()
         self.observer.in_flight(len(self._active))
 
-    def _new_record(self, spec: GuestSpec, mode: LaunchMode, requested_by: str, **extra: str) -> LaunchRecord:
+    def _new_record(self, spec: GuestSpec, mode: LaunchFlow, requested_by: str, **extra: str) -> LaunchRecord:
         launch_id = uuid.uuid4().hex
         now = time.time()
         return LaunchRecord(
@@ -597,7 +598,7 @@ class Launcher:
         pre = await asyncio.to_thread(self._preflight, spec)
         rec = self._new_record(
             spec,
-            LaunchMode.ORCHESTRATED,
+            LaunchFlow.ORCHESTRATED,
             requested_by,
             owner_endpoint=owner_endpoint,
             workload_id=workload_id,
@@ -743,7 +744,7 @@ class Launcher:
             raise InvalidArgument("no_secret_two_phase", "a two-phase launch always needs a secret")
         spec = self._pin_vcpu_type(spec)
         pre = await asyncio.to_thread(self._preflight, spec)
-        rec = self._new_record(spec, LaunchMode.TWO_PHASE, requested_by)
+        rec = self._new_record(spec, LaunchFlow.TWO_PHASE, requested_by)
         await self._admit(spec, rec.launch_id)
         async with self._lock(rec.launch_id):
             try:
@@ -804,7 +805,7 @@ class Launcher:
         self.owned(launch_id, requested_by)
         async with self._lock(launch_id):
             rec = self.store.get(launch_id)
-            if rec.mode is not LaunchMode.TWO_PHASE or rec.state is not Phase.MEASURED:
+            if rec.mode is not LaunchFlow.TWO_PHASE or rec.state is not Phase.MEASURED:
                 raise FailedPrecondition(
                     "launch_not_waiting", f"launch is {rec.state.value}, not waiting for a secret"
                 )

@@ -16,6 +16,7 @@ from pathlib import Path
 from sevlaunch.errors import InvalidArgument
 from sevlaunch.sev.errors import MalformedInput, Unsupported
 from sevlaunch.sev.policy import GuestPolicy
+from sevlaunch.sev.technology import Technology
 from sevlaunch.sev.vmsa import vcpu_signature
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
@@ -34,11 +35,6 @@ MAX_NETWORKS = 8
 MAX_FIRMWARE_BYTES = 64 << 20
 MAX_KERNEL_BYTES = 256 << 20
 MAX_INITRD_BYTES = 1 << 30
-
-
-class SevMode(StrEnum):
-    SEV = "sev"
-    SEV_ES = "sev-es"
 
 
 class DiskFormat(StrEnum):
@@ -62,7 +58,7 @@ class GuestSpec:
     memory_mib: int
     vcpus: int
     firmware_path: str
-    mode: SevMode
+    mode: Technology
     policy: int
     kernel_path: str | None = None
     initrd_path: str | None = None
@@ -106,7 +102,7 @@ class GuestSpec:
             memory_mib=int(str(data["memory_mib"])),
             vcpus=int(str(data["vcpus"])),
             firmware_path=str(data["firmware_path"]),
-            mode=SevMode(str(data["mode"])),
+            mode=Technology(str(data["mode"])),
             policy=int(str(data["policy"])),
             kernel_path=_opt_str(data.get("kernel_path")),
             initrd_path=_opt_str(data.get("initrd_path")),
@@ -193,7 +189,7 @@ def create_spec(
     memory_mib: int,
     vcpus: int,
     firmware_path: str,
-    mode: SevMode,
+    mode: Technology,
     policy: int,
     paths: PathPolicy,
     kernel_path: str | None = None,
@@ -216,7 +212,7 @@ def create_spec(
         raise InvalidArgument("bad_policy", str(exc)) from None
     # The ES bit and the mode must agree: the firmware enforces the policy, QEMU picks SEV-ES from the
     # policy too, and a mismatch would launch something else than what the owner attests.
-    if guest_policy.requires_es != (mode is SevMode.SEV_ES):
+    if guest_policy.requires_es != (mode is Technology.SEV_ES):
         raise InvalidArgument(
             "policy_mode_mismatch", f"policy {policy:#06x} does not agree with mode {mode.value}"
         )

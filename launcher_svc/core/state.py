@@ -37,7 +37,7 @@ class Phase(StrEnum):
     DESTROYED = "DESTROYED"  # destroyed on request
 
 
-class LaunchMode(StrEnum):
+class LaunchFlow(StrEnum):
     ORCHESTRATED = "orchestrated"
     TWO_PHASE = "two-phase"
 
@@ -71,17 +71,17 @@ def _chain(order: tuple[Phase, ...]) -> set[tuple[Phase, Phase]]:
     return set(itertools.pairwise(order))
 
 
-TRANSITIONS: dict[LaunchMode, frozenset[tuple[Phase, Phase]]] = {
+TRANSITIONS: dict[LaunchFlow, frozenset[tuple[Phase, Phase]]] = {
     # SECRET_RELEASED -> RUNNING is the waived-secret path; `may_resume` additionally checks the waiver.
-    LaunchMode.ORCHESTRATED: frozenset(
+    LaunchFlow.ORCHESTRATED: frozenset(
         _chain(_ORCHESTRATED_ORDER) | {(Phase.SECRET_RELEASED, Phase.RUNNING)}
     ),
-    LaunchMode.TWO_PHASE: frozenset(_chain(_TWO_PHASE_ORDER)),
+    LaunchFlow.TWO_PHASE: frozenset(_chain(_TWO_PHASE_ORDER)),
 }
 
 
-def next_phase(mode: LaunchMode, current: Phase) -> Phase:
-    order = _ORCHESTRATED_ORDER if mode is LaunchMode.ORCHESTRATED else _TWO_PHASE_ORDER
+def next_phase(mode: LaunchFlow, current: Phase) -> Phase:
+    order = _ORCHESTRATED_ORDER if mode is LaunchFlow.ORCHESTRATED else _TWO_PHASE_ORDER
     idx = order.index(current)
     return order[idx + 1]
 
@@ -89,7 +89,7 @@ def next_phase(mode: LaunchMode, current: Phase) -> Phase:
 @dataclass(frozen=True)
 class LaunchRecord:
     launch_id: str
-    mode: LaunchMode
+    mode: LaunchFlow
     state: Phase
     spec: GuestSpec
     domain_name: str
@@ -118,7 +118,7 @@ def may_resume(record: LaunchRecord) -> bool:
     if record.state is Phase.SECRET_INJECTED:
         return True
     return (
-        record.mode is LaunchMode.ORCHESTRATED
+        record.mode is LaunchFlow.ORCHESTRATED
         and record.state is Phase.SECRET_RELEASED
         and record.secret_waived
         and record.spec.launch_without_secret
@@ -224,7 +224,7 @@ class LaunchStore:
         spec_raw = json.loads(str(row[3]))
         return LaunchRecord(
             launch_id=str(row[0]),
-            mode=LaunchMode(str(row[1])),
+            mode=LaunchFlow(str(row[1])),
             state=Phase(str(row[2])),
             spec=GuestSpec.from_json_dict(spec_raw),
             domain_name=str(row[4]),

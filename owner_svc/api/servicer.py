@@ -24,10 +24,11 @@ from owner_svc.core.model import (
 )
 from owner_svc.core.service import ChainInput, OwnerCore
 from sevlaunch.errors import InvalidArgument
-from sevlaunch.refvalues import LaunchMode, VerifiedManifest
+from sevlaunch.refvalues import VerifiedManifest
 from sevlaunch.rpc import current_caller
 from sevlaunch.rpc.v1 import common_pb2, owner_pb2, owner_pb2_grpc
 from sevlaunch.sev.policy import GuestPolicy
+from sevlaunch.sev.technology import Technology
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -35,8 +36,8 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 MAX_SEQ = 2**63 - 1
 
 _MODE_TO_PROTO = {
-    LaunchMode.SEV: owner_pb2.REFERENCE_MODE_SEV,
-    LaunchMode.SEV_ES: owner_pb2.REFERENCE_MODE_SEV_ES,
+    Technology.SEV: owner_pb2.REFERENCE_MODE_SEV,
+    Technology.SEV_ES: owner_pb2.REFERENCE_MODE_SEV_ES,
 }
 _MODE_FROM_PROTO = {v: k for k, v in _MODE_TO_PROTO.items()}
 _KERNEL_TO_PROTO = {

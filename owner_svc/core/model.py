@@ -14,9 +14,9 @@ from enum import StrEnum
 from typing import Any
 
 from sevlaunch.errors import InvalidArgument
-from sevlaunch.refvalues import LaunchMode
 from sevlaunch.sev.errors import MalformedInput
 from sevlaunch.sev.policy import GuestPolicy
+from sevlaunch.sev.technology import Technology
 from sevlaunch.sev.vmsa import VMSALayout
 
 #: PROTOCOL.md §6: OVMF's secret area is 3072 bytes unless the firmware image says otherwise.
@@ -99,7 +99,7 @@ class RefSelector:
     """
 
     firmware_name: str
-    modes: tuple[LaunchMode, ...]
+    modes: tuple[Technology, ...]
     version_min: str = ""
     version_max: str = ""
     sev_es_vcpus: tuple[int, ...] = ()
@@ -114,7 +114,7 @@ class RefSelector:
             raise InvalidArgument("bad_selector", "a reference value selector needs a firmware name")
         if not self.modes:
             raise InvalidArgument("bad_selector", "a reference value selector needs at least one mode")
-        if LaunchMode.SEV_ES in self.modes and not self.sev_es_vcpus:
+        if Technology.SEV_ES in self.modes and not self.sev_es_vcpus:
             raise InvalidArgument("bad_selector", "an SEV-ES selector needs its allowed vCPU counts")
         if any(isinstance(n, bool) or not 1 <= n <= 512 for n in self.sev_es_vcpus):
             raise InvalidArgument("bad_selector", "SEV-ES vCPU counts are 1..512")
@@ -122,7 +122,7 @@ class RefSelector:
             raise InvalidArgument("bad_selector", "version bounds are at most 128 characters")
         if not isinstance(self.kernel_hashes, KernelHashesRule):
             raise InvalidArgument("bad_selector", "kernel_hashes is forbidden, required or any")
-        if (self.vcpu_type or self.vmsa_layout) and LaunchMode.SEV_ES not in self.modes:
+        if (self.vcpu_type or self.vmsa_layout) and Technology.SEV_ES not in self.modes:
             raise InvalidArgument("bad_selector", "vcpu_type and vmsa_layout pins need the SEV-ES mode")
         if self.vcpu_type and not VCPU_TYPE_RE.fullmatch(self.vcpu_type):
             raise InvalidArgument("bad_selector", "vcpu_type is a CPU model name such as 'EPYC-Milan'")
@@ -147,7 +147,7 @@ class RefSelector:
     def from_obj(cls, o: dict[str, Any]) -> RefSelector:
         return cls(
             firmware_name=o["firmware_name"],
-            modes=tuple(LaunchMode(m) for m in o["modes"]),
+            modes=tuple(Technology(m) for m in o["modes"]),
             version_min=o.get("version_min", ""),
             version_max=o.get("version_max", ""),
             sev_es_vcpus=tuple(o.get("sev_es_vcpus", ())),

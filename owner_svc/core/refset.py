@@ -16,7 +16,6 @@ from datetime import datetime
 from owner_svc.core.model import KernelHashesRule, RefSelector, Workload
 from sevlaunch.refvalues import (
     DigestConfig,
-    LaunchMode,
     PublisherKey,
     VerifiedManifest,
     verify_manifest,
@@ -24,6 +23,7 @@ from sevlaunch.refvalues import (
 )
 from sevlaunch.sev.errors import SevError
 from sevlaunch.sev.policy import GuestPolicy
+from sevlaunch.sev.technology import Technology
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class ReferenceValueSet:
 
     def accepted(self, workload: Workload, policy: GuestPolicy, now: datetime) -> list[AcceptedDigest]:
         """Every launch digest the workload accepts now for a launch under `policy` (deduplicated)."""
-        mode = LaunchMode.SEV_ES if policy.requires_es else LaunchMode.SEV
+        mode = Technology.SEV_ES if policy.requires_es else Technology.SEV
         out: dict[bytes, AcceptedDigest] = {}
         for vm in sorted(self.in_force(now), key=lambda v: v.id):
             for selector in workload.selectors:
@@ -111,7 +111,7 @@ class ReferenceValueSet:
         return list(out.values())
 
 
-def _manifest_selected(vm: VerifiedManifest, selector: RefSelector, mode: LaunchMode) -> bool:
+def _manifest_selected(vm: VerifiedManifest, selector: RefSelector, mode: Technology) -> bool:
     m = vm.manifest
     return (
         mode in selector.modes
@@ -127,7 +127,7 @@ def _config_selected(cfg: DigestConfig, selector: RefSelector) -> bool:
         return False
     if selector.kernel_hashes is KernelHashesRule.REQUIRED and not has_kernel:
         return False
-    if cfg.mode is LaunchMode.SEV_ES:
+    if cfg.mode is Technology.SEV_ES:
         if cfg.vcpus not in selector.sev_es_vcpus:
             return False
         if selector.vcpu_type and cfg.vcpu_type != selector.vcpu_type:

@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "owner": ("owner", "administer an owner service; verify its audit log"),
     "refvalues": ("refvalues", "make, sign and verify reference value manifests"),
     "keygen": ("keygen", "make a reference value signing key pair (KEY and KEY.pub)"),
+    "snp": ("snp", "SEV-SNP attestation reports, VCEK URLs and ID blocks (offline)"),
     "launch": ("launch", "launch an attested SEV/SEV-ES guest through a launcher"),
     "demo": ("demo", "attested launch on the embedded defaults, then a tampered launch refused"),
 }

@@ -12,7 +12,8 @@ from typing import Any
 
 from sevlaunch.cli import CommandError
 from sevlaunch.cli._common import parse_b64, parse_hex, parse_int, read_bytes
-from sevlaunch.sev.digest import LaunchMode, launch_digest
+from sevlaunch.sev.digest import launch_digest
+from sevlaunch.sev.technology import Technology
 from sevlaunch.sev.types import LaunchDigest, MNonce
 from sevlaunch.sev.vmsa import VCPU_TYPES, VMSALayout, vcpu_signature
 
@@ -25,7 +26,7 @@ def _add_digest_options(parser: argparse.ArgumentParser, *, mode_required: bool)
     group = parser.add_argument_group("launch digest")
     group.add_argument(
         "--mode",
-        choices=[m.value for m in LaunchMode],
+        choices=[m.value for m in Technology],
         required=mode_required,
         help="guest type" + ("" if mode_required else " (default: sev-es when the policy has ES, else sev)"),
     )
@@ -69,13 +70,13 @@ def _vcpu_sig(args: argparse.Namespace) -> int | None:
     return None
 
 
-def _compute_digest(args: argparse.Namespace, mode: LaunchMode) -> LaunchDigest:
+def _compute_digest(args: argparse.Namespace, mode: Technology) -> LaunchDigest:
     if args.firmware is None:
         raise CommandError("--firmware is required to compute a launch digest")
     if args.kernel is None and (args.initrd is not None or args.cmdline is not None):
         raise CommandError("--initrd and --cmdline need --kernel")
     vcpu_sig = _vcpu_sig(args)
-    if mode is LaunchMode.sev_es:
+    if mode is Technology.SEV_ES:
         if vcpu_sig is None:
             raise CommandError(
                 "sev-es needs --vcpu-type, --vcpu-sig or --vcpu-family/--vcpu-model/--vcpu-stepping"
@@ -95,7 +96,7 @@ def _compute_digest(args: argparse.Namespace, mode: LaunchMode) -> LaunchDigest:
 
 
 def _run_digest(args: argparse.Namespace) -> int:
-    print(_compute_digest(args, LaunchMode(args.mode)).hex())
+    print(_compute_digest(args, Technology(args.mode)).hex())
     return 0
 
 
@@ -127,8 +128,8 @@ def _run_build(args: argparse.Namespace) -> int:
         digest = LaunchDigest(parse_hex(args.launch_digest, what="--launch-digest", length=32))
     else:
         # QEMU sets the ES policy bit exactly for SEV-ES guests: a digest of the other kind cannot match.
-        policy_mode = LaunchMode.sev_es if args.policy & PolicyFlags.ES else LaunchMode.sev
-        if args.mode is not None and LaunchMode(args.mode) is not policy_mode:
+        policy_mode = Technology.SEV_ES if args.policy & PolicyFlags.ES else Technology.SEV
+        if args.mode is not None and Technology(args.mode) is not policy_mode:
             raise CommandError(f"--mode {args.mode} contradicts policy {args.policy:#x} (ES bit)")
         digest = _compute_digest(args, policy_mode)
 

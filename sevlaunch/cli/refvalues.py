@@ -24,7 +24,6 @@ from sevlaunch.cli._common import read_bytes
 from sevlaunch.refvalues import (
     DigestConfig,
     KernelHashes,
-    LaunchMode,
     Manifest,
     PublisherKey,
     ReferenceDigest,
@@ -35,6 +34,7 @@ from sevlaunch.refvalues import (
     verify_manifest,
 )
 from sevlaunch.sev.digest import launch_digest
+from sevlaunch.sev.technology import Technology
 from sevlaunch.sev.vmsa import VMSALayout, vcpu_signature
 
 
@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     make.add_argument(
         "--mode",
         action="append",
-        choices=[m.value for m in LaunchMode],
+        choices=[m.value for m in Technology],
         help="launch mode (repeatable; default sev)",
     )
     make.add_argument("--vcpus", action="append", type=int, help="SEV-ES vCPU count (repeatable)")
@@ -101,10 +101,10 @@ def _digests(args: argparse.Namespace, image: bytes) -> list[ReferenceDigest]:
             cmdline=hashlib.sha256((cmdline or "").encode() + b"\x00").hexdigest(),
         )
     out: list[ReferenceDigest] = []
-    for mode in dict.fromkeys(args.mode or [LaunchMode.SEV.value]):
-        if mode == LaunchMode.SEV.value:
+    for mode in dict.fromkeys(args.mode or [Technology.SEV.value]):
+        if mode == Technology.SEV.value:
             ld = launch_digest(image, mode="sev", kernel=kernel, initrd=initrd, cmdline=cmdline)
-            out.append(ReferenceDigest(bytes(ld), DigestConfig(LaunchMode.SEV, kernel_hashes=hashes)))
+            out.append(ReferenceDigest(bytes(ld), DigestConfig(Technology.SEV, kernel_hashes=hashes)))
             continue
         if not args.vcpus or not args.vcpu_type:
             raise CommandError("--mode sev-es needs --vcpus and --vcpu-type")
@@ -122,7 +122,7 @@ def _digests(args: argparse.Namespace, image: bytes) -> list[ReferenceDigest]:
                     cmdline=cmdline,
                 )
                 cfg = DigestConfig(
-                    LaunchMode.SEV_ES,
+                    Technology.SEV_ES,
                     vcpus=n,
                     vcpu_type=args.vcpu_type,
                     vmsa_layout=layout,

@@ -39,7 +39,6 @@ from sevlaunch.firmware.kds import KDSServer
 from sevlaunch.refvalues import (
     DigestConfig,
     KeyType,
-    LaunchMode,
     ReferenceDigest,
     generate_private_key,
     make_manifest,
@@ -59,6 +58,7 @@ from sevlaunch.rpc.v1 import (
 from sevlaunch.sev.digest import launch_digest
 from sevlaunch.sev.policy import PolicyFlags
 from sevlaunch.sev.secret import SecretEntry
+from sevlaunch.sev.technology import Technology
 
 DEFAULT_FIRMWARE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 #: The name the owner gives the emulated AMD root; the workload allows launches on chips under it.
@@ -301,7 +301,7 @@ class DemoEnvironment:
             publisher="sevlaunch-demo",
             firmware_name="OVMF",
             firmware_version=firmware_version(self.firmware),
-            digests=[ReferenceDigest(self.reference_digest, DigestConfig(LaunchMode.SEV))],
+            digests=[ReferenceDigest(self.reference_digest, DigestConfig(Technology.SEV))],
             valid_days=1,
             firmware_sha256=hashlib.sha256(image).hexdigest(),
         )

@@ -16,19 +16,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Literal
 
 from sevlaunch.sev.errors import MalformedInput, Reason, Unsupported
 from sevlaunch.sev.kernel_hashes import PADDED_TABLE_LENGTH, build_hashes_table
 from sevlaunch.sev.ovmf import OVMF
+from sevlaunch.sev.technology import Technology
 from sevlaunch.sev.types import LaunchDigest
 from sevlaunch.sev.vmsa import VMSA_SIZE, VMSALayout, build_vmsa
-
-
-class LaunchMode(StrEnum):
-    sev = "sev"
-    sev_es = "sev-es"
 
 
 @dataclass(frozen=True)
@@ -58,9 +53,9 @@ class LaunchUpdate:
             raise ValueError(f"unknown launch update kind {self.kind!r}")
 
 
-def _mode(mode: LaunchMode | str) -> LaunchMode:
+def _mode(mode: Technology | str) -> Technology:
     try:
-        return LaunchMode(mode)
+        return Technology(mode)
     except ValueError:
         raise MalformedInput(Reason.BAD_FIELD, f"unknown launch mode {mode!r} (sev or sev-es)") from None
 
@@ -68,7 +63,7 @@ def _mode(mode: LaunchMode | str) -> LaunchMode:
 def launch_updates(
     ovmf: bytes,
     *,
-    mode: LaunchMode | Literal["sev", "sev-es"],
+    mode: Technology | Literal["sev", "sev-es"],
     vcpus: int = 1,
     vcpu_sig: int | None = None,
     layout: VMSALayout = VMSALayout.init2,
@@ -100,7 +95,7 @@ def launch_updates(
             )
         updates.append(LaunchUpdate("data", base, build_hashes_table(kernel, initrd, cmdline)))
 
-    if launch_mode is LaunchMode.sev_es:
+    if launch_mode is Technology.SEV_ES:
         if vcpu_sig is None:
             raise TypeError("SEV-ES needs the vCPU signature (vcpu_sig)")
         if vcpus < 1:
@@ -130,7 +125,7 @@ def digest_updates(updates: Sequence[LaunchUpdate]) -> LaunchDigest:
 def launch_digest(
     ovmf: bytes,
     *,
-    mode: LaunchMode | Literal["sev", "sev-es"],
+    mode: Technology | Literal["sev", "sev-es"],
     vcpus: int = 1,
     vcpu_sig: int | None = None,
     layout: VMSALayout = VMSALayout.init2,

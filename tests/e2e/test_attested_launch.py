@@ -37,7 +37,6 @@ from sevlaunch.firmware import EmulatedFirmware, EmulatedRoot
 from sevlaunch.refvalues import (
     DigestConfig,
     KeyType,
-    LaunchMode,
     ReferenceDigest,
     generate_private_key,
     make_manifest,
@@ -48,6 +47,7 @@ from sevlaunch.rpc import RpcServer, secure_channel_sync
 from sevlaunch.rpc.v1 import common_pb2, launcher_pb2, launcher_pb2_grpc, owner_pb2, owner_pb2_grpc
 from sevlaunch.sev.digest import launch_digest
 from sevlaunch.sev.secret import DISK_PASSPHRASE_GUID, SecretTable
+from sevlaunch.sev.technology import Technology
 from sevlaunch.sev.vmsa import VMSALayout, vcpu_signature
 
 T = TypeVar("T")
@@ -91,10 +91,10 @@ def manifest_envelope(publisher: tuple[Any, Path]) -> bytes:
     key, _ = publisher
     image = OVMF.read_bytes()
     digests = [
-        ReferenceDigest(bytes(launch_digest(image, mode="sev")), DigestConfig(LaunchMode.SEV)),
+        ReferenceDigest(bytes(launch_digest(image, mode="sev")), DigestConfig(Technology.SEV)),
         ReferenceDigest(
             bytes(launch_digest(image, mode="sev-es", vcpus=4, vcpu_sig=vcpu_signature(VCPU_TYPE))),
-            DigestConfig(LaunchMode.SEV_ES, vcpus=4, vcpu_type=VCPU_TYPE, vmsa_layout=VMSALayout.init2.value),
+            DigestConfig(Technology.SEV_ES, vcpus=4, vcpu_type=VCPU_TYPE, vmsa_layout=VMSALayout.init2.value),
         ),
     ]
     manifest = make_manifest(

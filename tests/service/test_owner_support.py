@@ -22,7 +22,6 @@ from sevlaunch.firmware.emulator import ChipConfig, EmulatedFirmware, EmulatedRo
 from sevlaunch.refvalues import (
     DigestConfig,
     KeyType,
-    LaunchMode,
     ReferenceDigest,
     generate_private_key,
     make_manifest,
@@ -34,6 +33,7 @@ from sevlaunch.rpc.v1 import common_pb2, owner_pb2, owner_pb2_grpc
 from sevlaunch.sev.cert import CERT_SIZE
 from sevlaunch.sev.digest import launch_digest, launch_updates
 from sevlaunch.sev.ovmf import OVMF
+from sevlaunch.sev.technology import Technology
 from sevlaunch.sev.vmsa import VMSALayout, vcpu_signature
 
 VECTORS = Path(__file__).resolve().parent.parent / "vectors"
@@ -97,12 +97,12 @@ class Publisher:
 
 def reference_digests(image: bytes = OVMF_IMAGE) -> list[ReferenceDigest]:
     sig = vcpu_signature(VCPU_TYPE)
-    out = [ReferenceDigest(bytes(launch_digest(image, mode="sev")), DigestConfig(LaunchMode.SEV))]
+    out = [ReferenceDigest(bytes(launch_digest(image, mode="sev")), DigestConfig(Technology.SEV))]
     for n in (1, 2):
         ld = launch_digest(image, mode="sev-es", vcpus=n, vcpu_sig=sig, layout=VMSALayout.init2)
         out.append(
             ReferenceDigest(
-                bytes(ld), DigestConfig(LaunchMode.SEV_ES, vcpus=n, vcpu_type=VCPU_TYPE, vmsa_layout="init2")
+                bytes(ld), DigestConfig(Technology.SEV_ES, vcpus=n, vcpu_type=VCPU_TYPE, vmsa_layout="init2")
             )
         )
     return out

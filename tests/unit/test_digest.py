@@ -13,11 +13,12 @@ import pytest
 from sevsnpmeasure import guest
 from sevsnpmeasure.vcpu_types import CPU_SIGS, cpu_sig
 
-from sevlaunch.sev.digest import LaunchMode, LaunchUpdate, digest_updates, launch_digest, launch_updates
+from sevlaunch.sev.digest import LaunchUpdate, digest_updates, launch_digest, launch_updates
 from sevlaunch.sev.errors import MalformedInput, Reason, Unsupported
 from sevlaunch.sev.kernel_hashes import build_hashes_table
 from sevlaunch.sev.measurement import LaunchMeasurement, compute_measure
 from sevlaunch.sev.ovmf import SEV_ES_RESET_BLOCK_GUID, SEV_HASH_TABLE_GUID, FooterEntry, FooterTable
+from sevlaunch.sev.technology import Technology
 from sevlaunch.sev.types import MNonce
 from sevlaunch.sev.vmsa import VMSA, VMSALayout, vcpu_signature
 
@@ -94,7 +95,7 @@ def _sevctl_measure(case: dict[str, Any], digest: bytes, mnonce: MNonce) -> str:
 def test_sevctl_build_firmware() -> None:
     case = KAT_BY_ID["sevctl-measurement-build-firmware"]
     inputs = case["inputs"]
-    digest = launch_digest((VECTORS / inputs["firmware_file"]).read_bytes(), mode=LaunchMode.sev)
+    digest = launch_digest((VECTORS / inputs["firmware_file"]).read_bytes(), mode=Technology.SEV)
     assert digest.hex() == case["derived"]["launch_digest_hex"]
     mnonce = LaunchMeasurement.from_b64(case["expected"]["launch_measure_blob_b64"]).mnonce
     assert mnonce == base64.b64decode(inputs["nonce_b64"])
@@ -202,7 +203,7 @@ def test_kernel_hashes_match_sev_snp_measure(
     sig = vcpu_signature("EPYC-Rome")
     ours = launch_digest(
         image,
-        mode=LaunchMode(mode),
+        mode=Technology(mode),
         vcpus=vcpus,
         vcpu_sig=sig,
         kernel=kernel,
@@ -224,7 +225,7 @@ def test_kernel_with_debian_image_is_refused_like_sev_snp_measure(tmp_path: Path
     path = _need(CODE_4M)
     (tmp_path / "vmlinuz").write_bytes(b"kernel")
     with pytest.raises(Unsupported) as exc:
-        launch_digest(path.read_bytes(), mode=LaunchMode(mode), vcpu_sig=1, kernel=b"kernel")
+        launch_digest(path.read_bytes(), mode=Technology(mode), vcpu_sig=1, kernel=b"kernel")
     assert exc.value.reason is Reason.NO_HASHES_TABLE
     with pytest.raises(RuntimeError, match="doesn't support kernel"):
         if mode == "sev":

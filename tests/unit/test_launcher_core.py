@@ -28,10 +28,11 @@ from launcher_svc.core.ports import (
     ReleasedSecret,
     SevCapabilities,
 )
-from launcher_svc.core.spec import GuestSpec, SevMode
+from launcher_svc.core.spec import GuestSpec
 from launcher_svc.core.state import LaunchStore, Phase
 from sevlaunch.errors import DeadlineExceeded, FailedPrecondition
 from sevlaunch.sev.cert import Algorithm, SEVCertificate, Usage
+from sevlaunch.sev.technology import Technology
 
 T = TypeVar("T")
 
@@ -155,7 +156,7 @@ def _spec(*, without_secret: bool = False) -> GuestSpec:
         memory_mib=256,
         vcpus=1,
         firmware_path=str(OVMF),
-        mode=SevMode.SEV,
+        mode=Technology.SEV,
         policy=0x3,
         launch_without_secret=without_secret,
     )

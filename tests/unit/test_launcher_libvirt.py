@@ -13,8 +13,9 @@ import pytest
 from launcher_svc.adapters.libvirt_backend import LibvirtHypervisor, check_cpu_model
 from launcher_svc.core.domain_xml import SevLaunchParams, build_domain_xml
 from launcher_svc.core.ports import DomainState, LifecycleKind
-from launcher_svc.core.spec import GuestSpec, SevMode
+from launcher_svc.core.spec import GuestSpec
 from sevlaunch.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from sevlaunch.sev.technology import Technology
 
 LAUNCH_ID = "fedcba9876543210fedcba9876543210"
 
@@ -34,7 +35,7 @@ def _xml(es: bool = False, vcpu_type: str | None = None) -> str:
         memory_mib=256,
         vcpus=2,
         firmware_path="/usr/share/OVMF/OVMF_CODE_4M.fd",
-        mode=SevMode.SEV_ES if es else SevMode.SEV,
+        mode=Technology.SEV_ES if es else Technology.SEV,
         policy=0x7 if es else 0x3,
         vcpu_type=vcpu_type,
     )

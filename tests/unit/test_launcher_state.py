@@ -7,16 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from launcher_svc.core.spec import DiskSpec, PathPolicy, SevMode, create_spec, validate_endpoint
+from launcher_svc.core.spec import DiskSpec, PathPolicy, create_spec, validate_endpoint
 from launcher_svc.core.state import (
     TRANSITIONS,
-    LaunchMode,
+    LaunchFlow,
     LaunchRecord,
     LaunchStore,
     Phase,
     may_resume,
 )
 from sevlaunch.errors import FailedPrecondition, InvalidArgument, NotFound
+from sevlaunch.sev.technology import Technology
 
 OVMF = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 
@@ -35,7 +36,7 @@ def _spec(images: Path, **kw: object) -> object:
         memory_mib=512,
         vcpus=1,
         firmware_path=str(images / "fw.fd"),
-        mode=SevMode.SEV,
+        mode=Technology.SEV,
         policy=3,
         paths=PathPolicy((str(images),)),
     )
@@ -43,7 +44,7 @@ def _spec(images: Path, **kw: object) -> object:
     return create_spec(**args)  # type: ignore[arg-type]
 
 
-def _record(images: Path, mode: LaunchMode = LaunchMode.ORCHESTRATED, **kw: object) -> LaunchRecord:
+def _record(images: Path, mode: LaunchFlow = LaunchFlow.ORCHESTRATED, **kw: object) -> LaunchRecord:
     now = time.time()
     return LaunchRecord(
         launch_id="a" * 32,
@@ -113,7 +114,7 @@ def test_a_stale_copy_cannot_advance(images: Path, tmp_path: Path) -> None:
 
 
 def test_two_phase_order_skips_the_owner_phases() -> None:
-    two = TRANSITIONS[LaunchMode.TWO_PHASE]
+    two = TRANSITIONS[LaunchFlow.TWO_PHASE]
     assert (Phase.MEASURED, Phase.SECRET_INJECTED) in two
     assert (Phase.SECRET_RELEASED, Phase.RUNNING) not in two
     assert not any(b is Phase.RUNNING and a is not Phase.SECRET_INJECTED for a, b in two)

@@ -20,8 +20,9 @@ from launcher_svc.core.domain_xml import (
     libvirt_cpu_model,
     parse_domain_xml,
 )
-from launcher_svc.core.spec import DiskFormat, DiskSpec, GuestSpec, SevMode
+from launcher_svc.core.spec import DiskFormat, DiskSpec, GuestSpec
 from sevlaunch.errors import InvalidArgument
+from sevlaunch.sev.technology import Technology
 from sevlaunch.sev.vmsa import VCPU_TYPES, vcpu_signature
 
 GODH = bytes(range(256)) * 8 + b"\x00" * 36  # 0x824 bytes
@@ -35,7 +36,7 @@ def _spec(**kw: object) -> GuestSpec:
         memory_mib=512,
         vcpus=1,
         firmware_path="/usr/share/OVMF/OVMF_CODE_4M.fd",
-        mode=SevMode.SEV,
+        mode=Technology.SEV,
         policy=0x3,
     )
     base.update(kw)
@@ -44,8 +45,8 @@ def _spec(**kw: object) -> GuestSpec:
 
 CASES = {
     "sev": _spec(),
-    "sev-es": _spec(vcpus=4, mode=SevMode.SEV_ES, policy=0x7, vcpu_type="EPYC-v4"),
-    "sev-es-genoa": _spec(vcpus=2, mode=SevMode.SEV_ES, policy=0x7, vcpu_type="EPYC-Genoa-v1"),
+    "sev-es": _spec(vcpus=4, mode=Technology.SEV_ES, policy=0x7, vcpu_type="EPYC-v4"),
+    "sev-es-genoa": _spec(vcpus=2, mode=Technology.SEV_ES, policy=0x7, vcpu_type="EPYC-Genoa-v1"),
     "sev-milan": _spec(vcpu_type="EPYC-Milan"),
     "kernel": _spec(
         kernel_path="/var/lib/libvirt/images/vmlinuz",

@@ -29,7 +29,6 @@ from sevlaunch.refvalues import (
     Envelope,
     KernelHashes,
     KeyType,
-    LaunchMode,
     Manifest,
     PublisherKey,
     ReferenceDigest,
@@ -41,6 +40,7 @@ from sevlaunch.refvalues import (
 from sevlaunch.rpc.v1 import owner_pb2
 from sevlaunch.sev.errors import MalformedInput
 from sevlaunch.sev.policy import GuestPolicy
+from sevlaunch.sev.technology import Technology
 
 SEV, SEV_ES = GuestPolicy(0x3), GuestPolicy(0x7)
 KH = KernelHashes("11" * 32, "22" * 32, "33" * 32)
@@ -51,13 +51,13 @@ def _d(n: int) -> bytes:
 
 
 DIGESTS = [
-    ReferenceDigest(_d(1), DigestConfig(LaunchMode.SEV)),
-    ReferenceDigest(_d(2), DigestConfig(LaunchMode.SEV, kernel_hashes=KH)),
-    ReferenceDigest(_d(3), DigestConfig(LaunchMode.SEV_ES, 1, "EPYC-Milan", "init2")),
-    ReferenceDigest(_d(4), DigestConfig(LaunchMode.SEV_ES, 1, "EPYC-Rome", "init2")),
-    ReferenceDigest(_d(5), DigestConfig(LaunchMode.SEV_ES, 1, "EPYC-Milan", "legacy")),
-    ReferenceDigest(_d(6), DigestConfig(LaunchMode.SEV_ES, 1, "EPYC-Milan", "init2", kernel_hashes=KH)),
-    ReferenceDigest(_d(7), DigestConfig(LaunchMode.SEV_ES, 2, "EPYC-Milan", "init2")),
+    ReferenceDigest(_d(1), DigestConfig(Technology.SEV)),
+    ReferenceDigest(_d(2), DigestConfig(Technology.SEV, kernel_hashes=KH)),
+    ReferenceDigest(_d(3), DigestConfig(Technology.SEV_ES, 1, "EPYC-Milan", "init2")),
+    ReferenceDigest(_d(4), DigestConfig(Technology.SEV_ES, 1, "EPYC-Rome", "init2")),
+    ReferenceDigest(_d(5), DigestConfig(Technology.SEV_ES, 1, "EPYC-Milan", "legacy")),
+    ReferenceDigest(_d(6), DigestConfig(Technology.SEV_ES, 1, "EPYC-Milan", "init2", kernel_hashes=KH)),
+    ReferenceDigest(_d(7), DigestConfig(Technology.SEV_ES, 2, "EPYC-Milan", "init2")),
 ]
 
 
@@ -75,7 +75,7 @@ def refset() -> ReferenceValueSet:
 
 def _workload(**selector: Any) -> Workload:
     sel = RefSelector(
-        firmware_name="OVMF", modes=(LaunchMode.SEV, LaunchMode.SEV_ES), sev_es_vcpus=(1,), **selector
+        firmware_name="OVMF", modes=(Technology.SEV, Technology.SEV_ES), sev_es_vcpus=(1,), **selector
     )
     return Workload(workload_id="w", allowed_policies=(3, 7), generations=("milan",), selectors=(sel,))
 
@@ -111,11 +111,11 @@ def test_sev_es_vcpu_type_and_vmsa_layout_pins(refset: ReferenceValueSet) -> Non
 
 def test_selector_validation_and_stored_rows_without_the_new_fields() -> None:
     with pytest.raises(InvalidArgument, match="SEV-ES"):
-        RefSelector(firmware_name="OVMF", modes=(LaunchMode.SEV,), vcpu_type="EPYC-Milan")
+        RefSelector(firmware_name="OVMF", modes=(Technology.SEV,), vcpu_type="EPYC-Milan")
     with pytest.raises(InvalidArgument, match="vmsa_layout"):
-        RefSelector(firmware_name="OVMF", modes=(LaunchMode.SEV_ES,), sev_es_vcpus=(1,), vmsa_layout="new")
+        RefSelector(firmware_name="OVMF", modes=(Technology.SEV_ES,), sev_es_vcpus=(1,), vmsa_layout="new")
     with pytest.raises(InvalidArgument):
-        RefSelector(firmware_name="OVMF", modes=(LaunchMode.SEV,), kernel_hashes="any")  # type: ignore[arg-type]
+        RefSelector(firmware_name="OVMF", modes=(Technology.SEV,), kernel_hashes="any")  # type: ignore[arg-type]
     # A workload row stored before these fields existed reads with the safe defaults.
     old = json.loads(_workload().to_json())
     for key in ("allow_launch_without_secret", "allow_pre_0_17"):

@@ -24,7 +24,7 @@ from owner_svc.core.ports import SealError
 from sevlaunch.audit import AuditChainBroken
 from sevlaunch.cli import main as cli_main
 from sevlaunch.errors import InvalidArgument
-from sevlaunch.refvalues import LaunchMode
+from sevlaunch.sev.technology import Technology
 
 
 def _store(tmp_path: Path) -> tuple[SQLiteStore, KeyEncryptionKey, Path]:
@@ -219,7 +219,7 @@ def test_recomputed_chain_fails_the_mac(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_workload_validation_refuses_empty_allow_lists() -> None:
-    sel = (RefSelector("OVMF", (LaunchMode.SEV,)),)
+    sel = (RefSelector("OVMF", (Technology.SEV,)),)
     Workload("w", (3,), ("milan",), sel)
     for kwargs in (
         dict(allowed_policies=()),
@@ -238,13 +238,13 @@ def test_workload_validation_refuses_empty_allow_lists() -> None:
             Workload(**args)  # type: ignore[arg-type]
     Workload("w", (0x2,), ("milan",), sel, allow_debug=True)
     with pytest.raises(InvalidArgument):
-        RefSelector("OVMF", (LaunchMode.SEV_ES,))  # SEV-ES needs its vCPU counts
+        RefSelector("OVMF", (Technology.SEV_ES,))  # SEV-ES needs its vCPU counts
     with pytest.raises(InvalidArgument):
         FirmwareMinimum(256, 0, 0)
     w = Workload(
         "w",
         (3, 7),
         ("milan", "emulated"),
-        (RefSelector("OVMF", (LaunchMode.SEV, LaunchMode.SEV_ES), sev_es_vcpus=(1, 4)),),
+        (RefSelector("OVMF", (Technology.SEV, Technology.SEV_ES), sev_es_vcpus=(1, 4)),),
     )
     assert Workload.from_json(w.to_json()) == w

@@ -16,7 +16,6 @@ from sevlaunch.refvalues import (
     DigestConfig,
     Envelope,
     KeyType,
-    LaunchMode,
     Manifest,
     PublisherKey,
     ReferenceDigest,
@@ -32,6 +31,7 @@ from sevlaunch.refvalues import (
 )
 from sevlaunch.sev.digest import launch_digest
 from sevlaunch.sev.errors import MalformedInput, Reason, VerificationFailed
+from sevlaunch.sev.technology import Technology
 
 VECTORS = Path(__file__).resolve().parent.parent / "vectors"
 OVMF = VECTORS / "measurement" / "ovmf_AmdSev_suffix.bin"
@@ -44,10 +44,10 @@ def _manifest(**kw: object) -> Manifest:
         firmware_name="OVMF",
         firmware_version="2024.05",
         digests=[
-            ReferenceDigest(b"\x11" * 32, DigestConfig(LaunchMode.SEV)),
+            ReferenceDigest(b"\x11" * 32, DigestConfig(Technology.SEV)),
             ReferenceDigest(
                 b"\x22" * 32,
-                DigestConfig(LaunchMode.SEV_ES, vcpus=4, vcpu_type="EPYC-Milan", vmsa_layout="init2"),
+                DigestConfig(Technology.SEV_ES, vcpus=4, vcpu_type="EPYC-Milan", vmsa_layout="init2"),
             ),
         ],
         valid_days=30,

@@ -1,0 +1,9 @@
+"""Placeholder: filled in by the SEV-SNP work."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    del sub
