@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from sevlaunch.sev.errors import MalformedInput, Reason, VerificationFailed
-from sevlaunch.sev.technology import Technology
+from sevlaunch.sev.technology import PRE_LAUNCH, Technology
 
 PAYLOAD_TYPE = "application/vnd.sevlaunch.refvalues+json"
 SCHEMA = "sevlaunch.refvalues/v1"
@@ -292,10 +292,9 @@ class DigestConfig:
         o = _object(
             obj, "config", required={"mode"}, optional={"vcpus", "vcpu_type", "vmsa_layout", "kernel_hashes"}
         )
-        try:
-            mode = Technology(o["mode"])
-        except ValueError:
-            raise MalformedInput(Reason.BAD_FIELD, "config mode must be 'sev' or 'sev-es'") from None
+        if not isinstance(o["mode"], str) or o["mode"] not in PRE_LAUNCH:
+            raise MalformedInput(Reason.BAD_FIELD, "config mode must be 'sev' or 'sev-es'")
+        mode = Technology(o["mode"])
         kh = None
         if "kernel_hashes" in o:
             k = _object(o["kernel_hashes"], "kernel_hashes", required={"kernel", "initrd", "cmdline"})

@@ -34,7 +34,7 @@ from sevlaunch.refvalues import (
     verify_manifest,
 )
 from sevlaunch.sev.digest import launch_digest
-from sevlaunch.sev.technology import Technology
+from sevlaunch.sev.technology import PRE_LAUNCH, Technology
 from sevlaunch.sev.vmsa import VMSALayout, vcpu_signature
 
 
@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     make.add_argument(
         "--mode",
         action="append",
-        choices=[m.value for m in Technology],
+        choices=[m.value for m in Technology if m in PRE_LAUNCH],
         help="launch mode (repeatable; default sev)",
     )
     make.add_argument("--vcpus", action="append", type=int, help="SEV-ES vCPU count (repeatable)")

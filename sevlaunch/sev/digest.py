@@ -21,7 +21,7 @@ from typing import Literal
 from sevlaunch.sev.errors import MalformedInput, Reason, Unsupported
 from sevlaunch.sev.kernel_hashes import PADDED_TABLE_LENGTH, build_hashes_table
 from sevlaunch.sev.ovmf import OVMF
-from sevlaunch.sev.technology import Technology
+from sevlaunch.sev.technology import PRE_LAUNCH, Technology
 from sevlaunch.sev.types import LaunchDigest
 from sevlaunch.sev.vmsa import VMSA_SIZE, VMSALayout, build_vmsa
 
@@ -55,9 +55,13 @@ class LaunchUpdate:
 
 def _mode(mode: Technology | str) -> Technology:
     try:
-        return Technology(mode)
+        tech = Technology(mode)
     except ValueError:
-        raise MalformedInput(Reason.BAD_FIELD, f"unknown launch mode {mode!r} (sev or sev-es)") from None
+        tech = None
+    if tech not in PRE_LAUNCH:
+        raise MalformedInput(Reason.BAD_FIELD, f"unknown launch mode {mode!r} (sev or sev-es)")
+    assert tech is not None
+    return tech
 
 
 def launch_updates(

@@ -12,3 +12,8 @@ class Technology(StrEnum):
     SEV = "sev"
     SEV_ES = "sev-es"
     SEV_SNP = "sev-snp"
+
+
+#: The 2017 design's technologies: measured before launch, secret injected with LAUNCH_SECRET. Code that
+#: handles only these refuses SEV-SNP explicitly instead of treating it as one of them.
+PRE_LAUNCH = frozenset({Technology.SEV, Technology.SEV_ES})
