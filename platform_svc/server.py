@@ -17,8 +17,9 @@ from pathlib import Path
 
 from platform_svc.adapters.firmware import AsyncFirmware, FirmwareMetrics
 from platform_svc.adapters.kds import DEFAULT_KDS_URL, CEKDiskCache, KDSClient, KDSMetrics
+from platform_svc.adapters.metrics import PrometheusPlatformMetrics
 from platform_svc.api.servicer import AUTHZ, SERVICE_NAME, PlatformServicer
-from platform_svc.core.service import CEKSources, ChainMetrics, PlatformCore
+from platform_svc.core.service import CEKSources, PlatformCore
 from sevlaunch.firmware import DevSev, EmulatedFirmware, Firmware
 from sevlaunch.rpc import RpcServer
 from sevlaunch.rpc.entry import (
@@ -100,7 +101,8 @@ async def create_server(
     else:  # pragma: no cover - kds_url defaults to AMD's for real chips
         sources = CEKSources(file_cek=file_cek, cache=cache)
 
-    core = PlatformCore(fw, roots, sources, ChainMetrics(registry), chain_max_age=cfg.chain_max_age)
+    metrics = PrometheusPlatformMetrics(registry)
+    core = PlatformCore(fw, roots, sources, metrics, chain_max_age=cfg.chain_max_age)
     platform_pb2_grpc.add_PlatformServiceServicer_to_server(PlatformServicer(core), server.grpc_server)
     return server, core, fw
 

@@ -1,4 +1,4 @@
-"""Fixtures shared by every test suite: mTLS material from `sevlaunch dev-certs`.
+"""Fixtures shared by every test suite: mTLS material from `sevlaunch dev-certs` and one emulated AMD root.
 
 Add fixtures here with care: the owner, launcher and platform suites all load this file.
 """
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sevlaunch.cli.devcerts import DEFAULT_IDENTITIES, write_dev_certs
+from sevlaunch.firmware.emulator import EmulatedRoot
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -38,3 +39,11 @@ def foreign_tls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tls-foreign")
     write_dev_certs(out, identities=DEFAULT_IDENTITIES)
     return out
+
+
+@pytest.fixture(scope="session")
+def emulated_root() -> EmulatedRoot:
+    """The session's emulated AMD root (ARK and ASK). Generating its two RSA-4096 keys takes seconds, so
+    every chip of every suite shares this one; make another only where a test needs a second, different
+    root (a chip that must not chain to this one)."""
+    return EmulatedRoot.generate()

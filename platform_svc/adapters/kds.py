@@ -22,6 +22,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter
 
+from platform_svc.core.reasons import PlatformReason
 from sevlaunch.errors import FailedPrecondition, Unavailable
 from sevlaunch.sev.cert import CERT_SIZE
 
@@ -141,12 +142,14 @@ class KDSClient:
             if reply.status == 200:
                 if len(reply.body) != CERT_SIZE:
                     self.metrics.fetches.labels("bad_response").inc()
-                    raise Unavailable("kds_bad_response", f"KDS returned {len(reply.body)} bytes, not a CEK")
+                    raise Unavailable(
+                        PlatformReason.KDS_BAD_RESPONSE, f"KDS returned {len(reply.body)} bytes, not a CEK"
+                    )
                 self.metrics.fetches.labels("ok").inc()
                 return reply.body
             if reply.status == 404:
                 self.metrics.fetches.labels("not_found").inc()
-                raise FailedPrecondition("cek_not_found", "the KDS does not know this chip id")
+                raise FailedPrecondition(PlatformReason.CEK_NOT_FOUND, "the KDS does not know this chip id")
             if reply.status in (429, 503):
                 last = "rate_limited"
                 wait = reply.retry_after
@@ -162,7 +165,7 @@ class KDSClient:
             await asyncio.sleep(min(self.backoff * 2 ** (attempt - 1), max(0.0, deadline - loop.time())))
         self.metrics.fetches.labels(last).inc()
         raise Unavailable(
-            "kds_unavailable",
+            PlatformReason.KDS_UNAVAILABLE,
             f"the AMD KDS did not provide the CEK ({last}) and no cached CEK exists",
             metadata={"kds_outcome": last},
         )

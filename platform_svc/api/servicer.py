@@ -8,7 +8,7 @@ import grpc.aio
 
 from platform_svc.core.chain import PlatformChain
 from platform_svc.core.service import PlatformCore
-from sevlaunch.firmware.interface import FLAG_CONFIG_ES, FLAG_OWNED_EXTERNALLY, PlatformState
+from sevlaunch.firmware.interface import PlatformState
 from sevlaunch.rpc import AuthzPolicy, method_rules
 from sevlaunch.rpc.v1 import common_pb2, platform_pb2, platform_pb2_grpc
 
@@ -64,8 +64,6 @@ class PlatformServicer(platform_pb2_grpc.PlatformServiceServicer):
         self, request: platform_pb2.GetPlatformStatusRequest, context: Context
     ) -> platform_pb2.GetPlatformStatusResponse:
         st = await self.core.status()
-        flags = FLAG_OWNED_EXTERNALLY if st.owned_externally else 0
-        flags |= FLAG_CONFIG_ES if st.es_enabled else 0
         version = common_pb2.FirmwareVersion(
             api_major=st.api_major, api_minor=st.api_minor, build_id=st.build
         )
@@ -75,7 +73,7 @@ class PlatformServicer(platform_pb2_grpc.PlatformServiceServicer):
             owned_externally=st.owned_externally,
             es_supported=st.es_enabled,
             guest_count=st.guest_count,
-            flags=flags,
+            flags=st.flags,
         )
 
     async def GetIdentifier(

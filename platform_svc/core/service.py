@@ -1,6 +1,7 @@
 """The platform service's logic, over two ports: the firmware (async) and the CEK sources.
 
-The servicer (api/) translates protobuf to these calls and back; this module knows nothing of gRPC.
+The servicer (api/) translates protobuf to these calls and back; this module knows nothing of gRPC, and
+counts through the `PlatformMetrics` port.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter
-
 from platform_svc.core.chain import PlatformChain, check_signed_cek, split_exported_chain
+from platform_svc.core.metrics import PlatformMetrics
+from platform_svc.core.reasons import PlatformReason
 from platform_svc.core.singleflight import SingleFlightCache
 from sevlaunch.errors import FailedPrecondition, InvalidArgument
 from sevlaunch.firmware.interface import PlatformStatus
@@ -52,25 +53,13 @@ class CEKSources:
     fetch_name: str = "kds"
 
 
-class ChainMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.hits = Counter(
-            "sevlaunch_chain_cache_hits", "GetCertificateChain served without a firmware export",
-            registry=registry,
-        )
-        self.misses = Counter(
-            "sevlaunch_chain_cache_misses", "GetCertificateChain calls that caused a firmware export",
-            registry=registry,
-        )
-
-
 class PlatformCore:
     def __init__(
         self,
         firmware: FirmwarePort,
         roots: Sequence[TrustedRoot],
         cek_sources: CEKSources,
-        metrics: ChainMetrics,
+        metrics: PlatformMetrics,
         *,
         chain_max_age: float | None = None,
     ) -> None:
@@ -96,7 +85,7 @@ class PlatformCore:
 
     async def chain(self) -> PlatformChain:
         value, exported = await self._chain.get(self._export_chain)
-        (self._metrics.misses if exported else self._metrics.hits).inc()
+        self._metrics.chain_served(exported=exported)
         return value
 
     async def _export_chain(self) -> PlatformChain:
@@ -133,7 +122,9 @@ class PlatformCore:
                         src.cache.discard(chip_hex)
             if result is None:
                 if src.fetch is None:
-                    raise FailedPrecondition("no_cek_source", "no CEK file, cached CEK or KDS is configured")
+                    raise FailedPrecondition(
+                        PlatformReason.NO_CEK_SOURCE, "no CEK file, cached CEK or KDS is configured"
+                    )
                 fetched = await src.fetch(chip_hex)
                 check_signed_cek(exported_cek, fetched)
                 if src.cache is not None:
@@ -168,10 +159,14 @@ class PlatformCore:
         # Validate before the firmware sees anything: a bad request must change nothing.
         for name, data, usage in (("pek_cert", pek, Usage.PEK), ("oca_cert", oca, Usage.OCA)):
             if len(data) != CERT_SIZE:
-                raise InvalidArgument("bad_length", f"{name} must be {CERT_SIZE} bytes, got {len(data)}")
+                raise InvalidArgument(
+                    PlatformReason.BAD_LENGTH, f"{name} must be {CERT_SIZE} bytes, got {len(data)}"
+                )
             cert = SEVCertificate.from_bytes(data)
             if cert.usage is not usage:
-                raise InvalidArgument("wrong_usage", f"{name} has usage {cert.usage.name}, not {usage.name}")
+                raise InvalidArgument(
+                    PlatformReason.WRONG_USAGE, f"{name} has usage {cert.usage.name}, not {usage.name}"
+                )
         try:
             await self._fw.pek_cert_import(pek, oca)
         finally:
@@ -179,7 +174,7 @@ class PlatformCore:
 
     async def factory_reset(self, confirm: bool) -> None:
         if not confirm:
-            raise InvalidArgument("confirmation_required", "FactoryReset needs confirm=true")
+            raise InvalidArgument(PlatformReason.CONFIRMATION_REQUIRED, "FactoryReset needs confirm=true")
         try:
             await self._fw.factory_reset()
         finally:

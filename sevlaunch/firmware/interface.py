@@ -60,6 +60,13 @@ class PlatformStatus:
     def api_version(self) -> tuple[int, int]:
         return (self.api_major, self.api_minor)
 
+    @property
+    def flags(self) -> int:
+        """The flags word as PLATFORM_STATUS reports it (Linux's u32 view, see FLAG_*)."""
+        return (FLAG_OWNED_EXTERNALLY if self.owned_externally else 0) | (
+            FLAG_CONFIG_ES if self.es_enabled else 0
+        )
+
     @classmethod
     def from_bytes(cls, data: bytes) -> PlatformStatus:
         if len(data) != PLATFORM_STATUS_SIZE:
@@ -82,11 +89,8 @@ class PlatformStatus:
         )
 
     def to_bytes(self) -> bytes:
-        flags = (FLAG_OWNED_EXTERNALLY if self.owned_externally else 0) | (
-            FLAG_CONFIG_ES if self.es_enabled else 0
-        )
         return _STATUS.pack(
-            self.api_major, self.api_minor, int(self.state), flags, self.build, self.guest_count
+            self.api_major, self.api_minor, int(self.state), self.flags, self.build, self.guest_count
         )
 
 

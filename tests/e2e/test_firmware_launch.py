@@ -29,17 +29,8 @@ pytestmark = pytest.mark.skipif(not OVMF_PATH.exists(), reason="Debian package `
 
 
 @pytest.fixture(scope="module")
-def root(request: pytest.FixtureRequest) -> EmulatedRoot:
-    cached: EmulatedRoot | None = getattr(request.config, "_sevlaunch_emulated_root", None)
-    if cached is None:
-        cached = EmulatedRoot.generate()
-        setattr(request.config, "_sevlaunch_emulated_root", cached)  # noqa: B010
-    return cached
-
-
-@pytest.fixture(scope="module")
-def chip(root: EmulatedRoot, tmp_path_factory: pytest.TempPathFactory) -> EmulatedFirmware:
-    return EmulatedFirmware(tmp_path_factory.mktemp("psp") / "chip", root=root)
+def chip(emulated_root: EmulatedRoot, tmp_path_factory: pytest.TempPathFactory) -> EmulatedFirmware:
+    return EmulatedFirmware(tmp_path_factory.mktemp("psp") / "chip", root=emulated_root)
 
 
 @pytest.fixture(scope="module")

@@ -15,21 +15,10 @@ from sevlaunch.sev.errors import Reason, VerificationFailed
 
 
 @pytest.fixture(scope="module")
-def root(request: pytest.FixtureRequest) -> EmulatedRoot:
-    # RSA-4096 key generation is slow: one emulated AMD root per test session, kept on the config
-    # object (a session-scoped fixture in tests/conftest.py would be the tidier home).
-    cached: EmulatedRoot | None = getattr(request.config, "_sevlaunch_emulated_root", None)
-    if cached is None:
-        cached = EmulatedRoot.generate()
-        setattr(request.config, "_sevlaunch_emulated_root", cached)  # noqa: B010
-    return cached
-
-
-@pytest.fixture(scope="module")
-def root_dir(root: EmulatedRoot, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def root_dir(emulated_root: EmulatedRoot, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory holding an emulated root, so `init --root` skips the RSA-4096 key generation."""
     out = tmp_path_factory.mktemp("root")
-    root.save(out)
+    emulated_root.save(out)
     return out
 
 

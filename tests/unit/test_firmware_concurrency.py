@@ -11,8 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from sevlaunch.firmware import (
     ChipConfig,
     EmulatedFirmware,
@@ -29,17 +27,6 @@ from sevlaunch.sev.session import create_session
 
 POLICY = 0x0003
 CTX = multiprocessing.get_context("fork")
-
-
-@pytest.fixture(scope="module")
-def root(request: pytest.FixtureRequest) -> EmulatedRoot:
-    # RSA-4096 key generation is slow: one emulated AMD root per test session, kept on the config
-    # object (a session-scoped fixture in tests/conftest.py would be the tidier home).
-    cached: EmulatedRoot | None = getattr(request.config, "_sevlaunch_emulated_root", None)
-    if cached is None:
-        cached = EmulatedRoot.generate()
-        setattr(request.config, "_sevlaunch_emulated_root", cached)  # noqa: B010
-    return cached
 
 
 def launch_once(fw: EmulatedFirmware, rng: random.Random) -> int:
@@ -111,9 +98,9 @@ def hammer(state_dir: str, seed: int, target: int, results: Any) -> None:
         results.put(("error", seed, repr(exc), 0, 0))
 
 
-def test_two_processes_hammering_one_chip(root: EmulatedRoot, tmp_path: Path) -> None:
+def test_two_processes_hammering_one_chip(emulated_root: EmulatedRoot, tmp_path: Path) -> None:
     state = tmp_path / "chip"
-    fw = EmulatedFirmware(state, config=ChipConfig(max_guests=4, max_es_guests=2), root=root)
+    fw = EmulatedFirmware(state, config=ChipConfig(max_guests=4, max_es_guests=2), root=emulated_root)
     fw.pdh_cert_export()
     results = CTX.Queue()
     workers = [CTX.Process(target=hammer, args=(str(state), seed, 150, results)) for seed in (1, 2)]
@@ -187,8 +174,8 @@ def chain_fingerprints(fw: EmulatedFirmware) -> list[str]:
     ]
 
 
-def test_kill_mid_state_write_keeps_the_old_state(root: EmulatedRoot, tmp_path: Path) -> None:
-    fw = EmulatedFirmware(tmp_path / "chip", root=root)
+def test_kill_mid_state_write_keeps_the_old_state(emulated_root: EmulatedRoot, tmp_path: Path) -> None:
+    fw = EmulatedFirmware(tmp_path / "chip", root=emulated_root)
     before = chain_fingerprints(fw)
     run_and_expect_kill(crash_during_state_rename, str(fw.state_dir))
     assert list(fw.state_dir.glob(".state.json.*.tmp"))  # the crashed command's residue
@@ -199,8 +186,8 @@ def test_kill_mid_state_write_keeps_the_old_state(root: EmulatedRoot, tmp_path: 
     assert launch_once(fw, random.Random(5)) > 0
 
 
-def test_kill_mid_launch_update_leaves_the_digest_clean(root: EmulatedRoot, tmp_path: Path) -> None:
-    fw = EmulatedFirmware(tmp_path / "chip", root=root)
+def test_kill_mid_launch_update_leaves_the_digest_clean(emulated_root: EmulatedRoot, tmp_path: Path) -> None:
+    fw = EmulatedFirmware(tmp_path / "chip", root=emulated_root)
     pdh, _ = fw.pdh_cert_export()
     session = create_session(SEVCertificate.from_bytes(pdh), POLICY)
     handle = fw.launch_start(session.godh.to_bytes(), session.blob.to_bytes(), POLICY)
@@ -230,8 +217,11 @@ def busy_loop(state_dir: str, seed: int) -> None:
         fw.pdh_gen()
 
 
-def test_random_sigkill_leaves_a_chip_that_loads_and_works(root: EmulatedRoot, tmp_path: Path) -> None:
-    fw = EmulatedFirmware(tmp_path / "chip", config=ChipConfig(max_guests=3, max_es_guests=1), root=root)
+def test_random_sigkill_leaves_a_chip_that_loads_and_works(
+    emulated_root: EmulatedRoot, tmp_path: Path
+) -> None:
+    config = ChipConfig(max_guests=3, max_es_guests=1)
+    fw = EmulatedFirmware(tmp_path / "chip", config=config, root=emulated_root)
     fw.pdh_cert_export()
     rng = random.Random(7)
     for round_no in range(4):

@@ -1,6 +1,6 @@
 """EmulatedFirmware: the platform state machine, key changes, guest launches and their status codes.
 
-One emulated AMD root (two RSA-4096 keys) per module; every test gets its own chip in its own directory.
+The session's emulated AMD root (tests/conftest.py); every test gets its own chip in its own directory.
 """
 
 from __future__ import annotations
@@ -38,25 +38,14 @@ ES_POLICY = 0x0007
 SECRET_GPA = 0x80_0000
 
 
-@pytest.fixture(scope="module")
-def root(request: pytest.FixtureRequest) -> EmulatedRoot:
-    # RSA-4096 key generation is slow: one emulated AMD root per test session, kept on the config
-    # object (a session-scoped fixture in tests/conftest.py would be the tidier home).
-    cached: EmulatedRoot | None = getattr(request.config, "_sevlaunch_emulated_root", None)
-    if cached is None:
-        cached = EmulatedRoot.generate()
-        setattr(request.config, "_sevlaunch_emulated_root", cached)  # noqa: B010
-    return cached
-
-
 @pytest.fixture
-def make_chip(root: EmulatedRoot, tmp_path: Path) -> Callable[..., EmulatedFirmware]:
+def make_chip(emulated_root: EmulatedRoot, tmp_path: Path) -> Callable[..., EmulatedFirmware]:
     count = 0
 
     def make(**config: object) -> EmulatedFirmware:
         nonlocal count
         count += 1
-        return EmulatedFirmware(tmp_path / f"chip{count}", config=ChipConfig(**config), root=root)  # type: ignore[arg-type]
+        return EmulatedFirmware(tmp_path / f"chip{count}", config=ChipConfig(**config), root=emulated_root)  # type: ignore[arg-type]
 
     return make
 
@@ -102,7 +91,7 @@ def measured(fw: EmulatedFirmware, data: bytes = bytes(range(256)) * 4) -> tuple
 # -- the chip and its keys -----------------------------------------------------------------------------
 
 
-def test_fresh_chip(chip: EmulatedFirmware, root: EmulatedRoot) -> None:
+def test_fresh_chip(chip: EmulatedFirmware, emulated_root: EmulatedRoot) -> None:
     assert isinstance(chip, LaunchFirmware)
     status = chip.platform_status()
     assert status.state is PlatformState.UNINIT
@@ -110,8 +99,8 @@ def test_fresh_chip(chip: EmulatedFirmware, root: EmulatedRoot) -> None:
     assert status.es_enabled and not status.owned_externally and status.guest_count == 0
     assert chip.config.generation == "emulated"
     assert len(chip.get_id()) == 64
-    assert chip.ask_ark() == root.ask_ark()
-    assert (chip.state_dir / "ask_ark.cert").read_bytes() == root.ask_ark()
+    assert chip.ask_ark() == emulated_root.ask_ark()
+    assert (chip.state_dir / "ask_ark.cert").read_bytes() == emulated_root.ask_ark()
 
 
 def test_key_files_are_private(chip: EmulatedFirmware) -> None:
@@ -122,7 +111,9 @@ def test_key_files_are_private(chip: EmulatedFirmware) -> None:
     assert "BEGIN PRIVATE KEY" in (chip.state_dir / "state.json").read_text()
 
 
-def test_exported_chain_is_signed_as_on_real_chips(chip: EmulatedFirmware, root: EmulatedRoot) -> None:
+def test_exported_chain_is_signed_as_on_real_chips(
+    chip: EmulatedFirmware, emulated_root: EmulatedRoot
+) -> None:
     c = certs(chip)
     assert chip.platform_status().state is PlatformState.INIT  # PDH_CERT_EXPORT INITs, like Linux
     assert [c[k].usage for k in ("pdh", "pek", "oca", "cek")] == [Usage.PDH, Usage.PEK, Usage.OCA, Usage.CEK]
@@ -133,10 +124,10 @@ def test_exported_chain_is_signed_as_on_real_chips(chip: EmulatedFirmware, root:
     # PDH_CERT_EXPORT gives the CEK without the ASK signature ...
     assert c["cek"].sig1.is_empty and c["cek"].sig2.is_empty
     with pytest.raises(VerificationFailed):
-        c["cek"].verify_signed_by(root.ask)
+        c["cek"].verify_signed_by(emulated_root.ask)
     # ... the KDS serves it signed, freshly each time: other bytes, same key.
     kds1, kds2 = SEVCertificate.from_bytes(chip.kds_cek()), SEVCertificate.from_bytes(chip.kds_cek())
-    kds1.verify_signed_by(root.ask)
+    kds1.verify_signed_by(emulated_root.ask)
     assert kds1.to_bytes() != kds2.to_bytes()
     assert kds1.public_key_bytes() == kds2.public_key_bytes() == c["cek"].public_key_bytes()
     ask, ark = parse_ask_ark(chip.ask_ark())
@@ -520,7 +511,7 @@ def test_opening_rules(chip: EmulatedFirmware, tmp_path: Path) -> None:
         ChipConfig(max_guests=0, max_es_guests=0)
 
 
-def test_no_secret_in_reprs_or_errors(chip: EmulatedFirmware, root: EmulatedRoot) -> None:
+def test_no_secret_in_reprs_or_errors(chip: EmulatedFirmware, emulated_root: EmulatedRoot) -> None:
     handle, session, raw = measured(chip)
     header, payload = package_secret(TransportKeys.generate(), raw[:32], b"z" * 16)
     err = expect(
@@ -529,5 +520,41 @@ def test_no_secret_in_reprs_or_errors(chip: EmulatedFirmware, root: EmulatedRoot
     state = (chip.state_dir / "state.json").read_text()
     tik_hex = session.keys.tik.hex()
     assert tik_hex in state  # the firmware keeps it (0600 file) ...
-    for text in (str(err), repr(err), repr(chip), repr(root)):  # ... but never shows it
+    for text in (str(err), repr(err), repr(chip), repr(emulated_root)):  # ... but never shows it
         assert tik_hex not in text and "PRIVATE KEY" not in text
+
+
+#: What `sevlaunch.firmware.emulator` defined when it was one module; the package keeps every name.
+SINGLE_MODULE_NAMES = (
+    "ARK_CERT ARK_KEY ASK_ARK_CERT ASK_CERT ASK_KEY ATTESTATION_MIN_API CEK_CERT CEK_KEY CHIP_ID_SIZE "
+    "GUESTS_DIR LAUNCH_DIGEST_SIZE MNONCE_SIZE ROOT_RSA_BITS SECRET_HEADER_SIZE STATE_COMMAND STATE_FILE "
+    "STATE_FORMAT U32_MAX U64_MAX VMSA_SIZE ChipConfig EmulatedFirmware EmulatedRoot EmulatorStateError "
+    "GuestState"
+).split()
+
+
+def test_the_emulator_package_keeps_the_single_modules_names() -> None:
+    import sevlaunch.firmware as firmware
+    import sevlaunch.firmware.emulator as emulator
+
+    assert sorted(emulator.__all__) == sorted(SINGLE_MODULE_NAMES)
+    for name in SINGLE_MODULE_NAMES:
+        assert getattr(emulator, name) is not None, name
+    # The values the old module held, now taken from the protocol library where it defines them.
+    assert (emulator.STATE_FILE, emulator.ASK_ARK_CERT, emulator.STATE_COMMAND) == (
+        "state.json", "ask_ark.cert", "EMULATOR_STATE"
+    )
+    assert (emulator.VMSA_SIZE, emulator.SECRET_HEADER_SIZE, emulator.MNONCE_SIZE) == (4096, 52, 16)
+    assert (emulator.LAUNCH_DIGEST_SIZE, emulator.CHIP_ID_SIZE, emulator.ROOT_RSA_BITS) == (32, 64, 4096)
+    assert firmware.EmulatedFirmware is emulator.EmulatedFirmware
+    assert issubclass(emulator.EmulatorStateError, firmware.FirmwareError)
+    assert issubclass(emulator.EmulatorStateError, ValueError)
+
+
+def test_every_emulator_module_reads_in_one_sitting() -> None:
+    package = Path(__file__).parents[2] / "sevlaunch" / "firmware" / "emulator"
+    files = package.rglob("*.py")
+    sizes = {p.relative_to(package).as_posix(): len(p.read_text().splitlines()) for p in files}
+    modules = {"layout.py", "root.py", "codec.py", "chip.py", "commands/platform.py", "commands/sev.py"}
+    assert modules <= set(sizes)
+    assert max(sizes.values()) <= 600, sizes

@@ -30,15 +30,10 @@ from sevlaunch.rpc import map_exception
 
 
 @pytest.fixture(scope="module")
-def root() -> EmulatedRoot:
-    return EmulatedRoot.generate()
-
-
-@pytest.fixture(scope="module")
-def template(root: EmulatedRoot, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def template(emulated_root: EmulatedRoot, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An initialised chip (OCA, PEK, PDH) to copy per test."""
     path = tmp_path_factory.mktemp("robust") / "chip"
-    EmulatedFirmware(path, root=root).pdh_cert_export()
+    EmulatedFirmware(path, root=emulated_root).pdh_cert_export()
     return path
 
 
@@ -172,12 +167,14 @@ def _open_and_report(path: str, queue: Any) -> None:
     queue.put(EmulatedFirmware(path).chip_id_hex())
 
 
-def test_processes_opening_one_fresh_directory_create_one_chip(root: EmulatedRoot, tmp_path: Path) -> None:
+def test_processes_opening_one_fresh_directory_create_one_chip(
+    emulated_root: EmulatedRoot, tmp_path: Path
+) -> None:
     """The initialisation race: every opener waits on the chip lock and finds the one chip made."""
     # The root is handed over as files, so no child spends seconds generating RSA-4096 keys.
     chip = tmp_path / "fresh"
     chip.mkdir()
-    root.save(chip)
+    emulated_root.save(chip)
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_open_and_report, args=(str(chip), queue)) for _ in range(6)]
@@ -287,13 +284,13 @@ def test_launch_update_data_outside_the_address_space_is_refused(
 
 
 @pytest.fixture(scope="module")
-def guest_template(root: EmulatedRoot, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def guest_template(emulated_root: EmulatedRoot, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A chip with one measured guest (every guest field set) to copy per test."""
     from sevlaunch.sev.cert import SEVCertificate
     from sevlaunch.sev.session import create_session
 
     path = tmp_path_factory.mktemp("robust-guest") / "chip"
-    fw = EmulatedFirmware(path, root=root)
+    fw = EmulatedFirmware(path, root=emulated_root)
     pdh, _ = fw.pdh_cert_export()
     s = create_session(SEVCertificate.from_bytes(pdh), 0x3)
     handle = fw.launch_start(s.godh.to_bytes(), s.blob.to_bytes(), 0x3)

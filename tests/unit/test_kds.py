@@ -16,20 +16,9 @@ from sevlaunch.sev.cert import SEVCertificate, Usage
 
 
 @pytest.fixture(scope="module")
-def root(request: pytest.FixtureRequest) -> EmulatedRoot:
-    # RSA-4096 key generation is slow: one emulated AMD root per test session, kept on the config
-    # object (a session-scoped fixture in tests/conftest.py would be the tidier home).
-    cached: EmulatedRoot | None = getattr(request.config, "_sevlaunch_emulated_root", None)
-    if cached is None:
-        cached = EmulatedRoot.generate()
-        setattr(request.config, "_sevlaunch_emulated_root", cached)  # noqa: B010
-    return cached
-
-
-@pytest.fixture(scope="module")
-def chips(root: EmulatedRoot, tmp_path_factory: pytest.TempPathFactory) -> list[EmulatedFirmware]:
+def chips(emulated_root: EmulatedRoot, tmp_path_factory: pytest.TempPathFactory) -> list[EmulatedFirmware]:
     base = tmp_path_factory.mktemp("kds")
-    return [EmulatedFirmware(base / f"chip{i}", root=root) for i in range(2)]
+    return [EmulatedFirmware(base / f"chip{i}", root=emulated_root) for i in range(2)]
 
 
 def get(url: str) -> tuple[int, bytes]:
@@ -40,14 +29,14 @@ def get(url: str) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def test_serves_each_chips_ask_signed_cek(chips: list[EmulatedFirmware], root: EmulatedRoot) -> None:
+def test_serves_each_chips_ask_signed_cek(chips: list[EmulatedFirmware], emulated_root: EmulatedRoot) -> None:
     with KDSServer([chips[0], chips[1].state_dir]) as kds:
         for chip in chips:
             status, body = get(f"{kds.url}/cek/id/{chip.get_id().hex()}")
             assert status == 200
             cek = SEVCertificate.from_bytes(body)
             assert cek.usage is Usage.CEK
-            cek.verify_signed_by(root.ask)
+            cek.verify_signed_by(emulated_root.ask)
             _, chain = chip.pdh_cert_export()
             exported = SEVCertificate.from_bytes(chain[2 * 0x824 :])
             assert cek.public_key_bytes() == exported.public_key_bytes()

@@ -8,6 +8,16 @@ Roles (by client certificate CN, deny by default): `launcher` and `client` may c
 Errors: see common.proto. Firmware refusals carry ErrorInfo metadata `firmware_status` (the spec's name)
 and `firmware_status_code`; e.g. FactoryReset while guests run is FAILED_PRECONDITION with
 firmware_status INVALID_PLATFORM_STATE.
+
+Refusal reasons of this service (ErrorInfo reason), besides the protocol library's (common.proto) and
+"firmware_error" (platform_svc.core.reasons.PlatformReason; a test keeps this list and it in step):
+  no_cek_source          FAILED_PRECONDITION  GetCertificateChain: no CEK file, cached CEK or KDS configured
+  cek_not_found          FAILED_PRECONDITION  GetCertificateChain: the KDS does not know this chip id
+  kds_unavailable        UNAVAILABLE          GetCertificateChain: no CEK from the KDS in time, none cached
+  kds_bad_response       UNAVAILABLE          GetCertificateChain: the KDS answered with something not a CEK
+  bad_length             INVALID_ARGUMENT     ImportPEKCertificate: a certificate is not 0x824 bytes
+  wrong_usage            INVALID_ARGUMENT     ImportPEKCertificate: pek_cert is not a PEK or oca_cert not an OCA
+  confirmation_required  INVALID_ARGUMENT     FactoryReset without confirm=true
 """
 
 from collections import abc as _abc
