@@ -28,7 +28,7 @@ import grpc.aio
 
 from sevlaunch.errors import InvalidArgument, PermissionDenied
 from sevlaunch.rpc.authz import AuthzPolicy, identity_from_auth_context
-from sevlaunch.rpc.errors import map_exception
+from sevlaunch.rpc.errors import STATUS_DETAILS_KEY, MappedError, map_exception
 from sevlaunch.rpc.metrics import RpcMetrics
 
 log = logging.getLogger("sevlaunch.rpc")
@@ -73,6 +73,36 @@ class UndecodableRequest(InvalidArgument):
 
 
 Deserializer = Callable[[bytes], Any] | None
+
+
+class ServicerAbort(Exception):
+    """A servicer aborted the call itself, without an ErrorInfo (the standard health service does)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self.code = code
+        self.details = details
+        super().__init__(f"{code.name}: {details}")
+
+    def mapped(self, request_id: str) -> MappedError:
+        return MappedError(
+            self.code, self.details or self.code.name, self.code.name.lower(), {"request_id": request_id}
+        )
+
+
+class _TypedContext:
+    """The servicer context a behaviour sees: `abort` without an ErrorInfo becomes `ServicerAbort`, so
+    that the shell sends that status typed, like every other refusal."""
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._context = context
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> None:
+        if any(key == STATUS_DETAILS_KEY for key, _ in trailing_metadata or ()):
+            await self._context.abort(code, details, trailing_metadata)
+        raise ServicerAbort(code, details)
 
 
 # grpc-stubs make ServerInterceptor generic; the runtime class is not subscriptable.
@@ -166,7 +196,11 @@ class ShellInterceptor(_Interceptor):
     async def _fail(
         self, caller: Caller, exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        mapped = map_exception(exc, caller.request_id)
+        if isinstance(exc, ServicerAbort):
+            # A status the servicer chose (logged by _done like any other), now with its ErrorInfo.
+            mapped = exc.mapped(caller.request_id)
+        else:
+            mapped = map_exception(exc, caller.request_id)
         if isinstance(exc, UndecodableRequest):
             log.warning(
                 "rpc request undecodable",
@@ -179,6 +213,19 @@ class ShellInterceptor(_Interceptor):
                 exc_info=exc,
                 extra={"method": caller.method, "identity": caller.identity, "request_id": caller.request_id},
             )
+        status = mapped.to_status()
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+    async def _typed_set_status(self, caller: Caller, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """A servicer that ends a call with `context.set_code(...)` instead of raising (the standard
+        health service answers an unknown service name NOT_FOUND that way) gets its status sent with an
+        ErrorInfo too: same code and message, reason the code's name."""
+        code = _status_code(context.code())
+        if code is None or code is grpc.StatusCode.OK:
+            return
+        details = context.details()
+        message = details.decode("utf-8", "replace") if isinstance(details, bytes) else str(details or "")
+        mapped = MappedError(code, message or code.name, code.name.lower(), {"request_id": caller.request_id})
         status = mapped.to_status()
         await context.abort(status.code, status.details, status.trailing_metadata)
 
@@ -207,7 +254,9 @@ class ShellInterceptor(_Interceptor):
             start = time.perf_counter()
             try:
                 request = self._request(method, decode, raw, streaming=streaming)
-                return await behavior(request, context)
+                result = await behavior(request, _TypedContext(context))
+                await self._typed_set_status(caller, context)
+                return result
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:
@@ -225,8 +274,9 @@ class ShellInterceptor(_Interceptor):
             start = time.perf_counter()
             try:
                 request = self._request(method, decode, raw, streaming=streaming)
-                async for item in behavior(request, context):
+                async for item in behavior(request, _TypedContext(context)):
                     yield item
+                await self._typed_set_status(caller, context)
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:
@@ -235,6 +285,12 @@ class ShellInterceptor(_Interceptor):
                 self._done(caller, start, context)
 
         return wrapped
+
+
+def _status_code(code: object) -> grpc.StatusCode | None:
+    if code is None or isinstance(code, grpc.StatusCode):
+        return code
+    return next((member for member in grpc.StatusCode if member.value[0] == code), None)
 
 
 def _code_name(code: object) -> str:

@@ -238,3 +238,13 @@ def test_identity_from_certificate_refuses_odd_subjects(tls_dir: Path, tmp_path:
     garbage = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
     assert identity_from_certificate(garbage) is None
     assert identity_from_certificate(b"not a pem") is None
+
+
+def test_a_status_a_standard_servicer_aborts_with_is_typed_too(shell: Any, tls_dir: Path) -> None:
+    """The health service aborts NOT_FOUND for a name it does not serve: same code, now with ErrorInfo."""
+    unknown = health_pb2.HealthCheckRequest(service="no.such.Service").SerializeToString()
+    with secure_channel_sync(shell.address, tls_dir, "nobody") as ch, pytest.raises(grpc.RpcError) as err:
+        _raw(ch, "/grpc.health.v1.Health/Check", unknown)
+    info = error_info(err.value)
+    assert (info.code, info.domain, info.reason) == (grpc.StatusCode.NOT_FOUND, "sevlaunch", "not_found")
+    assert info.metadata["request_id"]
