@@ -11,7 +11,9 @@ import argparse
 from typing import Any
 
 from sevlaunch.cli import CommandError
-from sevlaunch.cli._common import parse_b64, parse_hex, parse_int, read_bytes
+from sevlaunch.cli._common import parse_b64, parse_hex, read_bytes
+from sevlaunch.cli.bounds import int_in
+from sevlaunch.limits import MAX_VCPU_FAMILY, MAX_VCPU_MODEL, MAX_VCPU_STEPPING, MAX_VCPUS, U8_MAX, U32_MAX
 from sevlaunch.sev.digest import launch_digest
 from sevlaunch.sev.technology import Technology
 from sevlaunch.sev.types import LaunchDigest, MNonce
@@ -34,16 +36,29 @@ def _add_digest_options(parser: argparse.ArgumentParser, *, mode_required: bool)
     group.add_argument("--kernel", metavar="FILE", help="kernel booted with kernel-hashes=on")
     group.add_argument("--initrd", metavar="FILE", help="initrd (with --kernel)")
     group.add_argument("--cmdline", metavar="STRING", help="kernel command line (with --kernel)")
-    group.add_argument("--vcpus", metavar="N", type=int, default=1, help="vCPU count (SEV-ES; default 1)")
+    group.add_argument(
+        "--vcpus",
+        metavar="N",
+        type=int_in(1, MAX_VCPUS, hex_ok=False),
+        default=1,
+        help=f"vCPU count (SEV-ES; default 1, at most {MAX_VCPUS})",
+    )
     vcpu = group.add_mutually_exclusive_group()
     vcpu.add_argument("--vcpu-type", metavar="NAME", choices=list(VCPU_TYPES), help="QEMU CPU model (SEV-ES)")
     vcpu.add_argument(
-        "--vcpu-sig", metavar="N", type=parse_int, help="CPUID(1).EAX of the guest vCPU (SEV-ES)"
+        "--vcpu-sig", metavar="N", type=int_in(0, U32_MAX), help="CPUID(1).EAX of the guest vCPU (SEV-ES)"
     )
-    vcpu.add_argument("--vcpu-family", metavar="N", type=parse_int, help="vCPU family (SEV-ES)")
-    group.add_argument("--vcpu-model", metavar="N", type=parse_int, help="vCPU model (with --vcpu-family)")
+    vcpu.add_argument(
+        "--vcpu-family", metavar="N", type=int_in(0, MAX_VCPU_FAMILY), help="vCPU family (SEV-ES)"
+    )
     group.add_argument(
-        "--vcpu-stepping", metavar="N", type=parse_int, help="vCPU stepping (with --vcpu-family)"
+        "--vcpu-model", metavar="N", type=int_in(0, MAX_VCPU_MODEL), help="vCPU model (with --vcpu-family)"
+    )
+    group.add_argument(
+        "--vcpu-stepping",
+        metavar="N",
+        type=int_in(0, MAX_VCPU_STEPPING),
+        help="vCPU stepping (with --vcpu-family)",
     )
     group.add_argument(
         "--vmsa-layout",
@@ -160,10 +175,10 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     build = commands.add_parser(
         "build", help="print the expected launch measurement (measure||mnonce, base64)"
     )
-    build.add_argument("--api-major", type=parse_int, required=True, metavar="N")
-    build.add_argument("--api-minor", type=parse_int, required=True, metavar="N")
-    build.add_argument("--build-id", type=parse_int, required=True, metavar="N")
-    build.add_argument("--policy", type=parse_int, required=True, metavar="N")
+    build.add_argument("--api-major", type=int_in(0, U8_MAX), required=True, metavar="N")
+    build.add_argument("--api-minor", type=int_in(0, U8_MAX), required=True, metavar="N")
+    build.add_argument("--build-id", type=int_in(0, U8_MAX), required=True, metavar="N")
+    build.add_argument("--policy", type=int_in(0, U32_MAX), required=True, metavar="N")
     build.add_argument("--tik", required=True, metavar="FILE", help="the 16-byte TIK of the session")
     nonce = build.add_mutually_exclusive_group(required=True)
     nonce.add_argument("--nonce", metavar="HEX", help="the firmware's mnonce (16 bytes)")

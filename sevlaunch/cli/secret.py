@@ -21,6 +21,8 @@ from typing import Any
 
 from sevlaunch.cli import CommandError
 from sevlaunch.cli._common import parse_b64, read_bytes
+from sevlaunch.cli.bounds import int_in
+from sevlaunch.limits import MAX_SECRET_AREA_SIZE, U8_MAX
 from sevlaunch.sev.measurement import LaunchMeasurement
 from sevlaunch.sev.secret import DEFAULT_SECRET_AREA_SIZE, SecretEntry, SecretTable, package_secret
 from sevlaunch.sev.session import TransportKeys
@@ -53,13 +55,19 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--payload-out", metavar="FILE", required=True, help="where to write the encrypted table"
     )
     build.add_argument("--base64", action="store_true", help="write both outputs as base64 text")
-    build.add_argument("--api-major", type=int, help="the platform's firmware API major")
-    build.add_argument("--api-minor", type=int, help="the platform's firmware API minor")
+    # One byte each in PLATFORM_STATUS: a wider value would silently pick the wrong MAC rule.
+    build.add_argument(
+        "--api-major", type=int_in(0, U8_MAX, hex_ok=False), help="the platform's firmware API major"
+    )
+    build.add_argument(
+        "--api-minor", type=int_in(0, U8_MAX, hex_ok=False), help="the platform's firmware API minor"
+    )
     build.add_argument(
         "--max-size",
-        type=int,
+        type=int_in(1, MAX_SECRET_AREA_SIZE, hex_ok=False),
         default=DEFAULT_SECRET_AREA_SIZE,
-        help=f"size of the guest's secret area in bytes (default {DEFAULT_SECRET_AREA_SIZE}, OVMF's)",
+        help=f"size of the guest's secret area in bytes (default {DEFAULT_SECRET_AREA_SIZE}, OVMF's;"
+        f" at most {MAX_SECRET_AREA_SIZE})",
     )
     build.add_argument(
         "--iv", metavar="B64", help="a fixed 16-byte IV, for reproducible tests (default: random)"

@@ -4,6 +4,17 @@ The structures mirror include/uapi/linux/psp-sev.h byte for byte (all `__attribu
 `_pack_ = 1` here); tests/unit/test_devsev.py checks every size and offset against that header.
 Launch commands are not reachable here: on a real host QEMU issues them through KVM
 (`KVM_MEMORY_ENCRYPT_OP`), so `DevSev` only implements the `Firmware` protocol.
+
+What the kernel driver (drivers/crypto/ccp/sev-dev.c, `sev_ioctl`) adds to the firmware's own statuses:
+* EPERM on a descriptor opened without write access, for FACTORY_RESET, PEK_GEN, PDH_GEN, PEK_CSR and
+  PEK_CERT_IMPORT always, and for PDH_CERT_EXPORT whenever the platform is not yet in INIT (the driver
+  would have to INIT it first, which kernels that leave the PSP uninitialised at boot do on demand):
+  `DeviceNotWritable`, never a bare OSError.
+* ENOTSUPP (524, a kernel-internal errno that reaches user space as is) for GET_ID and GET_ID2 on
+  firmware older than API 0.16: `Unsupported(API_TOO_OLD)`. EINVAL for a command number the kernel does
+  not know (GET_ID2 before Linux 5.3), where GET_ID is the fallback.
+* Variable-length outputs (GET_ID2's chip id) come back as INVALID_LENGTH with the length the firmware
+  wants written into the request; the call is repeated once with a buffer that large.
 """
 
 from __future__ import annotations
@@ -13,14 +24,32 @@ import errno
 import fcntl
 import os
 from types import TracebackType
-from typing import Final
+from typing import Any, Final
 
+from sevlaunch.errors import FailedPrecondition
 from sevlaunch.firmware.interface import PLATFORM_STATUS_SIZE, PlatformStatus
 from sevlaunch.firmware.status import FirmwareError, StatusCode
+from sevlaunch.sev.errors import Reason, Unsupported
 from sevlaunch.sev.types import ChipId
 
 SEV_CERT_SIZE: Final = 0x824  # one SEV certificate (55766 appendix C)
 CHIP_ID_SIZE: Final = 64
+#: The most GET_ID2 may ask for: the ID is 64 bytes per socket today; anything near a page is nonsense.
+MAX_CHIP_ID_SIZE: Final = 4096
+#: Linux's ENOTSUPP (include/linux/errno.h): not in Python's errno module, user space sees the number.
+ENOTSUPP: Final = 524
+
+
+class DeviceNotWritable(FailedPrecondition):
+    """The kernel refused a command because the `/dev/sev` descriptor is not open for writing."""
+
+    def __init__(self, command: str, path: str) -> None:
+        super().__init__(
+            "sev_device_read_only",
+            f"{command} needs {path} opened for writing and the kernel refused it (EPERM): give the "
+            "service write access to the device",
+            metadata={"command": command},
+        )
 
 
 class SevCmd:
@@ -114,16 +143,19 @@ _COMMAND_NAMES: Final = {
 class DevSev:
     """The platform commands of a real AMD SEV host through `/dev/sev`.
 
-    The node is opened read-write when possible (PEK_GEN, PDH_GEN, PEK_CERT_IMPORT and FACTORY_RESET
-    need a writable descriptor; the kernel refuses them with EPERM otherwise), read-only as a fallback.
+    The node is opened read-write when possible, read-only as a fallback (`writable` says which): with
+    a read-only descriptor PLATFORM_STATUS and GET_ID work, PDH_CERT_EXPORT only once the platform is in
+    INIT, and every other command raises `DeviceNotWritable` (module docstring).
     """
 
     def __init__(self, path: str = "/dev/sev") -> None:
         self.path = path
         try:
             self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            self.writable = True
         except PermissionError:
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            self.writable = False
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -146,15 +178,26 @@ class DevSev:
         if self._fd < 0:
             raise RuntimeError("DevSev is closed")
         arg = sev_issue_cmd(cmd=cmd, data=ctypes.addressof(data) if data is not None else 0, error=0)
+        name = _COMMAND_NAMES.get(cmd, str(cmd))
         try:
-            fcntl.ioctl(self._fd, SEV_ISSUE_CMD, arg, True)
+            self._ioctl(self._fd, SEV_ISSUE_CMD, arg, True)
         except OSError as exc:
             # The kernel copies the firmware status back even when the ioctl fails (-EIO).
             if arg.error:
-                raise FirmwareError(arg.error, _COMMAND_NAMES.get(cmd, str(cmd))) from exc
+                raise FirmwareError(arg.error, name) from exc
+            if exc.errno == errno.EPERM:
+                raise DeviceNotWritable(name, self.path) from None
+            if exc.errno == ENOTSUPP:
+                raise Unsupported(
+                    Reason.API_TOO_OLD, f"{name}: the kernel refused it for firmware before SEV API 0.16"
+                ) from None
             raise
         if arg.error:
-            raise FirmwareError(arg.error, _COMMAND_NAMES.get(cmd, str(cmd)))
+            raise FirmwareError(arg.error, name)
+
+    def _ioctl(self, fd: int, request: int, arg: Any, mutate: bool) -> Any:
+        """The system call; a seam where the unit tests put a scripted kernel."""
+        return fcntl.ioctl(fd, request, arg, mutate)
 
     # -- Firmware protocol -------------------------------------------------------------------------
 
@@ -202,7 +245,10 @@ class DevSev:
         return pdh.raw[: data.pdh_cert_len], chain.raw[: data.cert_chain_len]
 
     def get_id(self) -> ChipId:
-        """GET_ID2 (Linux 5.3+), falling back to the deprecated fixed-size GET_ID on older kernels."""
+        """GET_ID2 (Linux 5.3+), falling back to the deprecated fixed-size GET_ID on older kernels.
+
+        The ID's length is the firmware's to say: 64 bytes today, but a firmware wanting more answers
+        INVALID_LENGTH with the length it needs, and the call is repeated once with that buffer."""
         buf = ctypes.create_string_buffer(CHIP_ID_SIZE)
         id2 = sev_user_data_get_id2(address=ctypes.addressof(buf), length=CHIP_ID_SIZE)
         try:
@@ -210,17 +256,22 @@ class DevSev:
         except FirmwareError as exc:
             if exc.status != StatusCode.INVALID_LENGTH:
                 raise
-            # The firmware reports the ID length it needs; retry with a buffer that large.
-            buf = ctypes.create_string_buffer(id2.length)
-            id2 = sev_user_data_get_id2(address=ctypes.addressof(buf), length=len(buf))
+            wanted = int(id2.length)
+            if not len(buf) < wanted <= MAX_CHIP_ID_SIZE:
+                raise FirmwareError(
+                    StatusCode.INVALID_LENGTH, "GET_ID2", f"the firmware asked for a {wanted}-byte buffer"
+                ) from None
+            buf = ctypes.create_string_buffer(wanted)
+            id2 = sev_user_data_get_id2(address=ctypes.addressof(buf), length=wanted)
             self._issue(SevCmd.GET_ID2, id2)
         except OSError as exc:
-            if exc.errno not in (errno.EINVAL, errno.ENOTTY, errno.EOPNOTSUPP):
+            # EINVAL: a kernel without GET_ID2; ENOTTY: not a SEV device at all (GET_ID fails too).
+            if exc.errno not in (errno.EINVAL, errno.ENOTTY):
                 raise
             legacy = sev_user_data_get_id()
             self._issue(SevCmd.GET_ID, legacy)
             return ChipId(bytes(legacy.socket1))
-        return ChipId(buf.raw[: id2.length])
+        return ChipId(buf.raw[: min(int(id2.length), len(buf))])
 
     # -- launch commands: not on /dev/sev -----------------------------------------------------------
 

@@ -1,15 +1,23 @@
 """Deny-by-default authorisation of RPCs by the caller's certificate identity.
 
 A caller's identity is the subject CN of its client certificate (verified by the TLS handshake against
-the folder's CA). Each identity has roles (by default exactly one role, its own name); each RPC, named by
+the folder's CA), read from the certificate itself: a subject with no CN or with several CNs has no
+identity (gRPC's `x509_common_name` property shows only one of several, so `CN=owner-admin,
+CN=platform-admin` would pass for whichever comes first), and SANs never name a caller.
+
+Each identity has roles (by default exactly one role, its own name); each RPC, named by
 its full method path `/package.Service/Method`, lists the roles allowed to call it. An RPC missing from
 the table is refused for everyone, so a method added to a proto is closed until someone opens it.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 #: Role every authenticated caller has; for the health and reflection services only.
 ANY_AUTHENTICATED = "*"
@@ -51,13 +59,32 @@ class AuthzPolicy:
         return AuthzPolicy({**STANDARD_METHODS, **self.rules}, self.identity_roles)
 
 
+#: The auth context property holding the verified peer's leaf certificate (PEM).
+PEER_CERT_PROPERTY = "x509_pem_cert"
+
+
 def identity_from_auth_context(auth_context: Mapping[str, Iterable[bytes]]) -> str | None:
-    """The verified peer's subject CN, or None (no TLS, no certificate, several or undecodable CNs)."""
-    values = list(auth_context.get("x509_common_name", ()))
+    """The verified peer's identity, or None: no TLS or no certificate, an unparsable certificate, a
+    subject without exactly one CN, or a CN that is empty, not text or holds control characters."""
+    values = list(auth_context.get(PEER_CERT_PROPERTY, ()))
     if len(values) != 1:
         return None
+    return identity_from_certificate(bytes(values[0]))
+
+
+@functools.lru_cache(maxsize=512)
+def identity_from_certificate(pem: bytes) -> str | None:
+    """The one subject CN of a PEM certificate; None unless there is exactly one usable CN.
+
+    Cached by the certificate's bytes: the same few client certificates call again and again."""
     try:
-        name = values[0].decode("utf-8")
-    except UnicodeDecodeError:
+        cert = x509.load_pem_x509_certificate(pem)
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except ValueError:
         return None
-    return name or None
+    if len(names) != 1:
+        return None
+    name = names[0].value
+    if not isinstance(name, str) or not name or not name.isprintable():
+        return None
+    return name

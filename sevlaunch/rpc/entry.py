@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from sevlaunch.rpc.flags import parse_args_with_env
 from sevlaunch.rpc.logs import configure_logging
 from sevlaunch.rpc.server import DEFAULT_GRACE_SECONDS
+from sevlaunch.rpc.stderr import json_stderr
 from sevlaunch.rpc.tls import TLSMaterialError
 
 log = logging.getLogger("sevlaunch.rpc")
@@ -110,14 +111,16 @@ def server_main(
     run: Callable[[argparse.Namespace], Coroutine[Any, Any, None]],
 ) -> int:
     """Parses the flags (and their SEVLAUNCH_ variables), sets up JSON logging and runs `run(args)`.
-    A configuration, TLS or bind problem is logged as "cannot start" and gives exit status 1."""
-    args = parse_args_with_env(parser, argv)
-    configure_logging(args.log_level)
-    try:
-        asyncio.run(run(args))
-    except (StartupError, TLSMaterialError, OSError, ValueError) as exc:
-        log.error("cannot start", extra={"error": str(exc)})
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    A configuration, TLS or bind problem is logged as "cannot start" and gives exit status 1. While it
+    runs, whatever reaches stderr outside Python's logging (the gRPC core's own lines) is JSON too."""
+    with json_stderr():
+        args = parse_args_with_env(parser, argv)  # a usage error is JSON too (logger "stderr")
+        configure_logging(args.log_level)
+        try:
+            asyncio.run(run(args))
+        except (StartupError, TLSMaterialError, OSError, ValueError) as exc:
+            log.error("cannot start", extra={"error": str(exc)})
+            return 1
+        except KeyboardInterrupt:
+            return 130
     return 0

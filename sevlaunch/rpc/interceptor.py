@@ -1,7 +1,14 @@
-"""The one server interceptor: request id, authorisation, error → status mapping, metrics, access log.
+"""The one server interceptor: request id, authorisation, decoding, error → status mapping, metrics, logs.
 
 grpc.aio interceptors see only the method name before the call; the peer's certificate is on the
 servicer context, so the interceptor wraps each handler's behaviour and does its work inside the call.
+
+Authorise before parsing: the wrapped handlers are registered with no request deserializer, so gRPC
+hands the raw bytes over untouched, and the shell decodes them with the servicer's deserializer only
+after the caller passed authorisation. Bytes that do not decode are the caller's fault: INVALID_ARGUMENT
+with an ErrorInfo (`undecodable_request`), counted, logged as one line without a traceback. (Left to
+gRPC, a failing deserializer is UNKNOWN with the Python exception text and a logged traceback, for any
+caller holding a certificate of the CA, before anyone asked who it is.)
 """
 
 from __future__ import annotations
@@ -19,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
-from sevlaunch.errors import PermissionDenied
+from sevlaunch.errors import InvalidArgument, PermissionDenied
 from sevlaunch.rpc.authz import AuthzPolicy, identity_from_auth_context
-from sevlaunch.rpc.errors import map_exception
+from sevlaunch.rpc.errors import STATUS_DETAILS_KEY, MappedError, map_exception
 from sevlaunch.rpc.metrics import RpcMetrics
 
 log = logging.getLogger("sevlaunch.rpc")
@@ -58,6 +65,46 @@ def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return uuid.uuid4().hex
 
 
+class UndecodableRequest(InvalidArgument):
+    """The request bytes are not a message of the RPC's request type."""
+
+    def __init__(self, method: str) -> None:
+        super().__init__("undecodable_request", f"the request is not a valid message for {method}")
+
+
+Deserializer = Callable[[bytes], Any] | None
+
+
+class ServicerAbort(Exception):
+    """A servicer aborted the call itself, without an ErrorInfo (the standard health service does)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self.code = code
+        self.details = details
+        super().__init__(f"{code.name}: {details}")
+
+    def mapped(self, request_id: str) -> MappedError:
+        return MappedError(
+            self.code, self.details or self.code.name, self.code.name.lower(), {"request_id": request_id}
+        )
+
+
+class _TypedContext:
+    """The servicer context a behaviour sees: `abort` without an ErrorInfo becomes `ServicerAbort`, so
+    that the shell sends that status typed, like every other refusal."""
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._context = context
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> None:
+        if any(key == STATUS_DETAILS_KEY for key, _ in trailing_metadata or ()):
+            await self._context.abort(code, details, trailing_metadata)
+        raise ServicerAbort(code, details)
+
+
 # grpc-stubs make ServerInterceptor generic; the runtime class is not subscriptable.
 if TYPE_CHECKING:
     _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
@@ -79,31 +126,57 @@ class ShellInterceptor(_Interceptor):
         if handler is None:
             return handler  # unknown method: grpc answers UNIMPLEMENTED
         method = handler_call_details.method
+        decode = handler.request_deserializer
+        # request_deserializer=None: gRPC passes the raw bytes; the wrapper decodes them after authz.
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary(method, handler.unary_unary, decode, streaming=False),
+                request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.stream_unary),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary(method, handler.stream_unary, decode, streaming=True),
+                request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_stream(method, handler.unary_stream, decode, streaming=False),
+                request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
-                self._wrap_stream(method, handler.stream_stream),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_stream(method, handler.stream_stream, decode, streaming=True),
+                request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+    def _decode(self, method: str, decode: Deserializer, raw: Any) -> Any:
+        if decode is None:
+            return raw
+        try:
+            return decode(raw)
+        except Exception:
+            # Whatever the parser raised (DecodeError, a recursion limit, ...) says only "not a message";
+            # its text is not passed on and no traceback is logged: the caller controls these bytes.
+            self._metrics.undecodable.labels(method).inc()
+            raise UndecodableRequest(method) from None
+
+    def _request(self, method: str, decode: Deserializer, raw: Any, *, streaming: bool) -> Any:
+        """The request for the behaviour: one decoded message, or an async iterator decoding lazily."""
+        if not streaming:
+            return self._decode(method, decode, raw)
+        if decode is None:
+            return raw
+
+        async def messages() -> AsyncIterator[Any]:
+            async for item in raw:
+                yield self._decode(method, decode, item)
+
+        return messages()
 
     async def _enter(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
         request_id = _request_id(context)
@@ -123,14 +196,36 @@ class ShellInterceptor(_Interceptor):
     async def _fail(
         self, caller: Caller, exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        mapped = map_exception(exc, caller.request_id)
-        if mapped.code is grpc.StatusCode.INTERNAL:
+        if isinstance(exc, ServicerAbort):
+            # A status the servicer chose (logged by _done like any other), now with its ErrorInfo.
+            mapped = exc.mapped(caller.request_id)
+        else:
+            mapped = map_exception(exc, caller.request_id)
+        if isinstance(exc, UndecodableRequest):
+            log.warning(
+                "rpc request undecodable",
+                extra={"method": caller.method, "identity": caller.identity, "request_id": caller.request_id},
+            )
+        elif mapped.code is grpc.StatusCode.INTERNAL:
             # The one place the unknown error is recorded in full; the caller only gets the request id.
             log.error(
                 "rpc failed",
                 exc_info=exc,
                 extra={"method": caller.method, "identity": caller.identity, "request_id": caller.request_id},
             )
+        status = mapped.to_status()
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+    async def _typed_set_status(self, caller: Caller, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """A servicer that ends a call with `context.set_code(...)` instead of raising (the standard
+        health service answers an unknown service name NOT_FOUND that way) gets its status sent with an
+        ErrorInfo too: same code and message, reason the code's name."""
+        code = _status_code(context.code())
+        if code is None or code is grpc.StatusCode.OK:
+            return
+        details = context.details()
+        message = details.decode("utf-8", "replace") if isinstance(details, bytes) else str(details or "")
+        mapped = MappedError(code, message or code.name, code.name.lower(), {"request_id": caller.request_id})
         status = mapped.to_status()
         await context.abort(status.code, status.details, status.trailing_metadata)
 
@@ -152,13 +247,16 @@ class ShellInterceptor(_Interceptor):
         )
 
     def _wrap_unary(
-        self, method: str, behavior: Callable[..., Any]
+        self, method: str, behavior: Callable[..., Any], decode: Deserializer, *, streaming: bool
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def wrapped(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             caller = await self._enter(method, context)
             start = time.perf_counter()
             try:
-                return await behavior(request, context)
+                request = self._request(method, decode, raw, streaming=streaming)
+                result = await behavior(request, _TypedContext(context))
+                await self._typed_set_status(caller, context)
+                return result
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:
@@ -169,14 +267,16 @@ class ShellInterceptor(_Interceptor):
         return wrapped
 
     def _wrap_stream(
-        self, method: str, behavior: Callable[..., Any]
+        self, method: str, behavior: Callable[..., Any], decode: Deserializer, *, streaming: bool
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        async def wrapped(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             caller = await self._enter(method, context)
             start = time.perf_counter()
             try:
-                async for item in behavior(request, context):
+                request = self._request(method, decode, raw, streaming=streaming)
+                async for item in behavior(request, _TypedContext(context)):
                     yield item
+                await self._typed_set_status(caller, context)
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:
@@ -185,6 +285,12 @@ class ShellInterceptor(_Interceptor):
                 self._done(caller, start, context)
 
         return wrapped
+
+
+def _status_code(code: object) -> grpc.StatusCode | None:
+    if code is None or isinstance(code, grpc.StatusCode):
+        return code
+    return next((member for member in grpc.StatusCode if member.value[0] == code), None)
 
 
 def _code_name(code: object) -> str:

@@ -41,3 +41,5 @@ def configure_logging(level: str | int = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level if isinstance(level, int) else level.upper())
+    # Python warnings are printed raw by default (file:line and a source line): log them as records.
+    logging.captureWarnings(True)

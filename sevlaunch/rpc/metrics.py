@@ -38,6 +38,12 @@ class RpcMetrics:
             ["method"],
             registry=self.registry,
         )
+        self.undecodable = Counter(
+            "sevlaunch_rpc_undecodable_requests",
+            "Requests of authorised callers whose bytes are not a message of the RPC's type, by full method",
+            ["method"],
+            registry=self.registry,
+        )
 
 
 @dataclass

@@ -34,7 +34,24 @@ def load_identity(tls_dir: str | Path, identity: str) -> tuple[bytes, bytes, byt
     return _read(base / "ca.pem"), _read(base / f"{identity}.key"), _read(base / f"{identity}.pem")
 
 
+#: A CA private key in a service's TLS folder lets anyone who can read that folder mint any identity.
+CA_KEY_NAMES = ("ca.key",)
+
+
+def refuse_ca_key(tls_dir: str | Path) -> None:
+    """TLSMaterialError when the folder holds the CA's private key (as older `dev-certs` left it)."""
+    for name in CA_KEY_NAMES:
+        path = Path(tls_dir) / name
+        if path.exists():
+            raise TLSMaterialError(
+                f"{path}: the CA's private key must not be in a service's TLS folder (whoever reads it "
+                "can mint any identity); move it to a folder of its own, e.g. `sevlaunch dev-certs --out "
+                f"{tls_dir} --ca-dir DIR` moves it there"
+            )
+
+
 def server_credentials(tls_dir: str | Path, identity: str) -> grpc.ServerCredentials:
+    refuse_ca_key(tls_dir)
     ca, key, cert = load_identity(tls_dir, identity)
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
 

@@ -25,6 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from launcher_svc.adapters.grpc_clients import OwnerClient, PlatformClient, _Diagnosis, split_endpoint
 from launcher_svc.server import build_parser, config_from_args
+from sevlaunch.cli.devcerts import default_ca_dir
 from sevlaunch.errors import PermissionDenied, Unavailable
 from sevlaunch.rpc.tls import server_credentials
 from sevlaunch.rpc.v1 import (
@@ -200,7 +201,7 @@ def test_platform_identity_is_checked_too(tls_dir: Path) -> None:
 def _issue_production_cert(tls_dir: Path, out: Path, name: str, dns: str) -> None:
     """A server certificate from the deployment's CA for a Kubernetes-style service name only (no
     localhost, no sevlaunch.internal name), as a production CA would issue it."""
-    ca_key = serialization.load_pem_private_key((tls_dir / "ca.key").read_bytes(), None)
+    ca_key = serialization.load_pem_private_key((default_ca_dir(tls_dir) / "ca.key").read_bytes(), None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     ca = x509.load_pem_x509_certificate((tls_dir / "ca.pem").read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())

@@ -1,0 +1,24 @@
+"""argparse types for numeric options with a range, so that an out-of-range value is refused while the
+command line is parsed, before any work, with the option's name and its range."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+
+def int_in(low: int, high: int, *, hex_ok: bool = True) -> Callable[[str], int]:
+    """An argparse `type=` accepting an integer in [low, high]: decimal, or 0x-prefixed hex with
+    `hex_ok`. argparse prefixes the message with the option ("argument --vcpus: ...")."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 0) if hex_ok else int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be at least {low} and at most {high}, got {text}")
+        return value
+
+    parse.__name__ = f"integer {low}..{high}"  # argparse names the type in some messages
+    return parse
