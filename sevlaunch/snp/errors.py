@@ -38,3 +38,4 @@ class SnpReason(StrEnum):
     BAD_SIGNING_KEY = "bad_signing_key"
     ID_BLOCK_SIGNATURE = "id_block_signature"
     ID_KEY_SIGNATURE = "id_key_signature"
+    ID_BLOCK_MISMATCH = "id_block_mismatch"
