@@ -191,17 +191,18 @@ def _oracle(
     cmdline: str | None = None,
 ) -> bytes:
     sig = CPU_SIGS[vcpu_type] if vcpu_type else 0
-    return oracle.snp_calc_launch_digest(
+    digest: bytes = oracle.snp_calc_launch_digest(
         vcpus,
         sig,
         str(ovmf),
-        str(kernel) if kernel else None,  # type: ignore[arg-type]
-        str(initrd) if initrd else None,  # type: ignore[arg-type]
-        cmdline,  # type: ignore[arg-type]
+        str(kernel) if kernel else None,
+        str(initrd) if initrd else None,
+        cmdline,
         features,
         "",
         VMMType[vmm],
     )
+    return digest
 
 
 def _ours(
