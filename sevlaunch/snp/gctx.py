@@ -22,7 +22,7 @@ import hashlib
 import hmac
 import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import NewType
 
@@ -136,18 +136,24 @@ class PageInfo:
 class LaunchUpdate:
     """One SNP_LAUNCH_UPDATE of `length` bytes of pages starting at guest physical address `gpa`.
 
-    NORMAL and VMSA updates carry their plaintext in `data` (`length` is then `len(data)`); the other
-    types carry none (`data` None): the firmware fills or checks those pages itself and measures zeros.
-    A VMSA update is one page at `VMSA_GPA`.
+    NORMAL and VMSA updates carry their plaintext in `data`; the other types carry none (`data` None):
+    the firmware fills or checks those pages itself and measures zeros. `length` defaults to
+    `len(data)`, or one page without data. A VMSA update is one page at `VMSA_GPA`.
     """
 
     page_type: PageType
     gpa: int
-    data: bytes | None = None
-    length: int = PAGE_SIZE
+    data: bytes | None = field(default=None, repr=False)
+    length: int = 0
 
     def __post_init__(self) -> None:
-        page_type = PageType(self.page_type)
+        try:
+            page_type = PageType(self.page_type)
+        except ValueError:
+            raise MalformedInput(SnpReason.BAD_LAUNCH_UPDATE, f"page type {self.page_type!r}") from None
+        object.__setattr__(self, "page_type", page_type)
+        if not self.length:
+            object.__setattr__(self, "length", PAGE_SIZE if self.data is None else len(self.data))
         if page_type.has_contents:
             if self.data is None or len(self.data) != self.length:
                 raise MalformedInput(
