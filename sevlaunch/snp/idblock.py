@@ -168,8 +168,10 @@ class AmdSignature:
 
 
 def _b64decode(text: str | bytes, what: str, reason: SnpReason) -> bytes:
+    # Whitespace around or inside (a file's newline, a wrapped XML element) is layout, not data.
+    compact = "".join(text.split()) if isinstance(text, str) else b"".join(text.split())
     try:
-        return base64.b64decode(text, validate=True)
+        return base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
         raise MalformedInput(reason, f"{what} is not base64") from None
 
