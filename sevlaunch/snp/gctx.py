@@ -215,7 +215,7 @@ def digest_updates(updates: Iterable[LaunchUpdate], *, seed: bytes = ZERO_DIGEST
     4 MiB firmware image is ~900 pages.
     """
     _check_seed(seed)
-    sha384 = hashlib.sha384
+    sha384, pack, join = hashlib.sha384, _TAIL.pack, b"".join
     zeros = bytes(DIGEST_SIZE)
     digest = bytes(seed)
     for update in updates:
@@ -224,8 +224,8 @@ def digest_updates(updates: Iterable[LaunchUpdate], *, seed: bytes = ZERO_DIGEST
         for index in range(update.page_count):
             at = index * PAGE_SIZE
             contents = zeros if view is None else sha384(view[at : at + PAGE_SIZE]).digest()
-            tail = _TAIL.pack(PAGE_INFO_SIZE, page_type, 0, 0, 0, 0, update.gpa + at)
-            digest = sha384(digest + contents + tail).digest()
+            tail = pack(PAGE_INFO_SIZE, page_type, 0, 0, 0, 0, update.gpa + at)
+            digest = sha384(join((digest, contents, tail))).digest()
     return SnpLaunchDigest(digest)
 
 
