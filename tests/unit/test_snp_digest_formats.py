@@ -334,3 +334,13 @@ def test_vmsa_refusals() -> None:
     snp_vmsa_pages(vcpus=1, ap_eip=None, vcpu_sig=sig, guest_features=1, vmm_type=VmmType.QEMU)
     snp_vmsa_pages(vcpus=2, ap_eip=0x1000, vcpu_sig=None, guest_features=1, vmm_type=VmmType.GCE)
     assert VmmType.parse("EC2") is VmmType.EC2 and VmmType.parse("qemu") is VmmType.QEMU
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=16))
+def test_section_descriptor_fuzz(data: bytes) -> None:
+    try:
+        section = MetadataSection.from_bytes(data)
+    except (MalformedInput, Unsupported):
+        return
+    assert section.to_bytes() == data

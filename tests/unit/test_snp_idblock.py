@@ -407,3 +407,13 @@ def test_signature_parser_fuzz(rs: bytes, tail: bytes) -> None:
     key = AmdPublicKey.from_cryptography(_key(KEY_PAIRS[0][0]).public_key())
     with pytest.raises(VerificationFailed):
         signature.verify(key, b"message", reason=SnpReason.ID_BLOCK_SIGNATURE, what="test")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=200), st.binary(max_size=200)))
+def test_base64_forms_fuzz(text: str | bytes) -> None:
+    for parse in (IdBlock.from_b64, IdAuth.from_b64):
+        try:
+            parse(text)
+        except MalformedInput:
+            pass
