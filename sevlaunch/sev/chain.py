@@ -118,7 +118,7 @@ class LinkResult:
 
     link: str
     ok: bool
-    reason: Reason | None = None
+    reason: StrEnum | None = None
     detail: str = ""
 
 
