@@ -49,6 +49,10 @@ class Reason(StrEnum):
     UNKNOWN_VCPU_TYPE = "unknown_vcpu_type"
     POLICY_NOT_ALLOWED = "policy_not_allowed"
     API_TOO_OLD = "api_too_old"
+    # The running kernel lacks an interface (e.g. /dev/sev's SNP commands before Linux 6.11), or a device
+    # node was opened read-only for a command that needs it writable.
+    KERNEL_UNSUPPORTED = "kernel_unsupported"
+    DEVICE_NOT_WRITABLE = "device_not_writable"
     # The firmware refused a command; the exact status code is on FirmwareError.status
     FIRMWARE_STATUS = "firmware_status"
 
