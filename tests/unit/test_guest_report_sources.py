@@ -346,3 +346,19 @@ def test_sev_guest_arguments_are_checked() -> None:
     with pytest.raises(RuntimeError):
         device.report(REPORT_DATA, 0)
     assert repr(device) == "DevSevGuest(path='/dev/null')"
+
+
+class StuckEntries(FakeConfigfs):
+    """An entry that cannot be removed (EBUSY), to see which error the caller gets."""
+
+    def remove(self, name: str) -> None:
+        raise OSError(errno.EBUSY, "Device or resource busy")
+
+
+def test_configfs_cleanup_failure_never_hides_the_first_error(report_root: Path) -> None:
+    with pytest.raises(GuestInterfaceUnavailable):
+        ConfigfsTsmSource(StuckEntries(report_root, provider="tdx_guest")).get_report(REPORT_DATA, 0)
+    # Without an earlier error, the stuck entry is reported.
+    with pytest.raises(OSError) as exc:
+        ConfigfsTsmSource(StuckEntries(report_root)).get_report(REPORT_DATA, 0)
+    assert exc.value.errno == errno.EBUSY
