@@ -6,9 +6,10 @@ numbers and enum values, and whole structures filled with sample values. Nothing
 from the header: each Python value is compared with what the compiler made of the header.
 
 Headers: the machine's `linux-libc-dev` (`<linux/psp-sev.h>`, `<linux/sev-guest.h>`; bookworm's 6.1 has
-no SNP host commands, so its psp-sev.h is checked for the SEV structures only unless it has them) and the
-upstream copies in tests/vectors/kernel/ (see the README there). `./run` installs gcc and the headers; a
-machine without them fails these tests rather than skipping them.
+no SNP host commands, so its psp-sev.h is checked for the SEV structures only unless it has them) and a
+current one, Debian unstable's `linux-libc-dev` unpacked into .cache/linux-uapi by
+`scripts/fetch-uapi-headers`. `./run` installs gcc and the headers and fetches the current ones; a machine
+without them fails these tests rather than skipping them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from sevlaunch.firmware.devsev_snp import SnpConfig, SnpPlatformState, SnpPlatfo
 from sevlaunch.firmware.status import StatusCode
 from sevlaunch.guest import devsevguest
 
-VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "kernel"
+# The include root (its linux/ holds the headers): -I on linux/ itself would shadow <stddef.h>.
+NEWER = Path(__file__).resolve().parents[2] / ".cache" / "linux-uapi" / "usr" / "include"
 INSTALLED = Path("/usr/include/linux")
 
 SEV_STRUCTS: list[type[ctypes.Structure]] = [
@@ -264,9 +266,10 @@ def _compile_and_run(source: str, workdir: Path, include: Path | None) -> Layout
         str(workdir / "layout.c"),
     ]
     if include is not None:
-        # The upstream copies are kernel-tree sources: `make headers_install` (scripts/headers_install.sh)
-        # rewrites their `__packed` to the attribute, which this define does the same way.
-        command[1:1] = ["-I", str(include), "-D__packed=__attribute__((packed))"]
+        assert (include / "linux" / "psp-sev.h").is_file(), (
+            f"{include} has no current kernel headers: run scripts/fetch-uapi-headers (./run test does)"
+        )
+        command[1:1] = ["-I", str(include)]
     built = subprocess.run(command, capture_output=True, text=True, check=False)
     assert built.returncode == 0, f"compiling against the header failed:\n{built.stderr}"
     ran = subprocess.run([str(workdir / "layout")], capture_output=True, text=True, check=True)
@@ -297,14 +300,14 @@ def _installed_psp_has_snp() -> bool:
 
 
 @pytest.fixture(scope="module")
-def host_upstream(tmp_path_factory: pytest.TempPathFactory) -> Layout:
+def host_current(tmp_path_factory: pytest.TempPathFactory) -> Layout:
     source = _program(
-        '"psp-sev.h"',
+        '"linux/psp-sev.h"',
         SEV_STRUCTS + SNP_STRUCTS,
         ["SEV_ISSUE_CMD", *SNP_COMMANDS, *KERNEL_STATUS_NAMES],
         HOST_SAMPLES_C,
     )
-    return _compile_and_run(source, tmp_path_factory.mktemp("host-upstream"), VECTORS)
+    return _compile_and_run(source, tmp_path_factory.mktemp("host-current"), NEWER)
 
 
 @pytest.fixture(scope="module")
@@ -327,13 +330,13 @@ GUEST_CONSTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["installed", "upstream"])
+@pytest.fixture(scope="module", params=["installed", "current"])
 def guest(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Layout:
     if request.param == "installed":
         _installed("sev-guest.h")
         header, include = "<linux/sev-guest.h>", None
     else:
-        header, include = '"sev-guest.h"', VECTORS
+        header, include = '"linux/sev-guest.h"', NEWER
     source = _program(header, GUEST_STRUCTS, GUEST_CONSTS, GUEST_SAMPLES_C)
     return _compile_and_run(source, tmp_path_factory.mktemp(f"guest-{request.param}"), include)
 
@@ -352,9 +355,9 @@ def _assert_layout(layout: Layout, structs: list[type[ctypes.Structure]]) -> Non
                 assert bytes(value) == layout.bits[(name, member)], (name, member)
 
 
-def test_every_header_member_was_checked(host_upstream: Layout, guest: Layout) -> None:
+def test_every_header_member_was_checked(host_current: Layout, guest: Layout) -> None:
     # Guards the generator itself: every struct and member produced a line.
-    for layout, structs in ((host_upstream, SEV_STRUCTS + SNP_STRUCTS), (guest, GUEST_STRUCTS)):
+    for layout, structs in ((host_current, SEV_STRUCTS + SNP_STRUCTS), (guest, GUEST_STRUCTS)):
         for struct_type in structs:
             assert struct_type.__name__ in layout.sizes
             for member, width in _leaves(struct_type):
@@ -362,8 +365,8 @@ def test_every_header_member_was_checked(host_upstream: Layout, guest: Layout) -
                 assert (struct_type.__name__, member) in table
 
 
-def test_host_structures_match_upstream_header(host_upstream: Layout) -> None:
-    _assert_layout(host_upstream, SEV_STRUCTS + SNP_STRUCTS)
+def test_host_structures_match_current_header(host_current: Layout) -> None:
+    _assert_layout(host_current, SEV_STRUCTS + SNP_STRUCTS)
 
 
 def test_host_structures_match_installed_header(host_installed: Layout) -> None:
@@ -375,42 +378,42 @@ def test_guest_structures_match_header(guest: Layout) -> None:
     _assert_layout(guest, GUEST_STRUCTS)
 
 
-def test_ioctl_numbers_and_command_ids(host_upstream: Layout, guest: Layout) -> None:
-    assert host_upstream.consts["SEV_ISSUE_CMD"] == devsev.SEV_ISSUE_CMD
+def test_ioctl_numbers_and_command_ids(host_current: Layout, guest: Layout) -> None:
+    assert host_current.consts["SEV_ISSUE_CMD"] == devsev.SEV_ISSUE_CMD
     for name, value in SNP_COMMANDS.items():
-        assert host_upstream.consts[name] == value, name
+        assert host_current.consts[name] == value, name
     assert guest.consts["SNP_GET_REPORT"] == devsevguest.SNP_GET_REPORT
     assert guest.consts["SNP_GET_EXT_REPORT"] == devsevguest.SNP_GET_EXT_REPORT
     assert guest.consts["SNP_GUEST_VMM_ERR_INVALID_LEN"] == devsevguest.VMM_ERR_INVALID_LEN
     assert guest.consts["SNP_GUEST_VMM_ERR_BUSY"] == devsevguest.VMM_ERR_BUSY
 
 
-def test_snp_status_codes_match_upstream_enum(host_upstream: Layout) -> None:
+def test_snp_status_codes_match_current_enum(host_current: Layout) -> None:
     for name, code in KERNEL_STATUS_NAMES.items():
-        assert host_upstream.consts[name] == int(code), name
+        assert host_current.consts[name] == int(code), name
 
 
 @pytest.mark.parametrize("index", range(len(STATUS_SAMPLES)))
-def test_snp_status_decodes_what_c_packed(host_upstream: Layout, index: int) -> None:
-    raw = host_upstream.samples[f"status{index}"]
+def test_snp_status_decodes_what_c_packed(host_current: Layout, index: int) -> None:
+    raw = host_current.samples[f"status{index}"]
     assert SnpPlatformStatus.from_bytes(raw) == STATUS_SAMPLES[index]
     assert STATUS_SAMPLES[index].to_bytes() == raw
 
 
 @pytest.mark.parametrize("index", range(len(CONFIG_SAMPLES)))
-def test_snp_config_encodes_as_c_packs(host_upstream: Layout, index: int) -> None:
-    raw = host_upstream.samples[f"config{index}"]
+def test_snp_config_encodes_as_c_packs(host_current: Layout, index: int) -> None:
+    raw = host_current.samples[f"config{index}"]
     assert CONFIG_SAMPLES[index].to_bytes() == raw
     assert SnpConfig.from_bytes(raw) == CONFIG_SAMPLES[index]
 
 
-def test_vlek_load_encodes_as_c_packs(host_upstream: Layout) -> None:
+def test_vlek_load_encodes_as_c_packs(host_current: Layout) -> None:
     value = devsev_snp.sev_user_data_snp_vlek_load(
         len=ctypes.sizeof(devsev_snp.sev_user_data_snp_vlek_load),
         vlek_wrapped_version=devsev_snp.VLEK_WRAPPED_VERSION,
         vlek_wrapped_address=0x1122334455667788,
     )
-    assert bytes(value) == host_upstream.samples["vlek_load"]
+    assert bytes(value) == host_current.samples["vlek_load"]
 
 
 def test_guest_request_union_decodes_what_c_packed(guest: Layout) -> None:
