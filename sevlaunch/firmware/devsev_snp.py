@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final, Self
 
-from sevlaunch.firmware.devsev import SEV_ISSUE_CMD, DevSev, sev_issue_cmd
+from sevlaunch.firmware.devsev import SEV_ISSUE_CMD, DeviceNotWritable, DevSev, sev_issue_cmd
 from sevlaunch.firmware.status import FirmwareError
 from sevlaunch.linux_ioctl import IoctlFn, system_ioctl
 from sevlaunch.sev.errors import MalformedInput, Reason, Unsupported
@@ -115,14 +115,6 @@ class SnpUnsupported(Unsupported):
     def __init__(self, command: str, detail: str) -> None:
         self.command = command
         super().__init__(Reason.KERNEL_UNSUPPORTED, f"{command}: {detail}")
-
-
-class DeviceNotWritable(Unsupported, PermissionError):
-    """The command needs the device node opened read-write and it is open read-only (the kernel's EPERM)."""
-
-    def __init__(self, command: str, path: str) -> None:
-        self.command = command
-        super().__init__(Reason.DEVICE_NOT_WRITABLE, f"{command} needs {path} opened for writing")
 
 
 def _exact(raw: bytes, size: int, what: str) -> None:
@@ -250,7 +242,7 @@ class DevSevSnp(DevSev):
 
     def __init__(self, path: str = "/dev/sev", *, ioctl: IoctlFn = system_ioctl) -> None:
         super().__init__(path)
-        self._ioctl = ioctl
+        self._snp_ioctl = ioctl
 
     def __repr__(self) -> str:
         return f"DevSevSnp(path={self.path!r})"
@@ -264,7 +256,7 @@ class DevSevSnp(DevSev):
             raise RuntimeError("DevSevSnp is closed")
         arg = sev_issue_cmd(cmd=cmd, data=ctypes.addressof(data) if data is not None else 0, error=0)
         try:
-            self._ioctl(self._fd, SEV_ISSUE_CMD, arg, True)
+            self._snp_ioctl(self._fd, SEV_ISSUE_CMD, arg, True)
         except OSError as exc:
             if arg.error and arg.error != NO_FIRMWARE_CALL:
                 raise FirmwareError(arg.error, name) from exc

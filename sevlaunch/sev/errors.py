@@ -52,7 +52,6 @@ class Reason(StrEnum):
     # The running kernel lacks an interface (e.g. /dev/sev's SNP commands before Linux 6.11), or a device
     # node was opened read-only for a command that needs it writable.
     KERNEL_UNSUPPORTED = "kernel_unsupported"
-    DEVICE_NOT_WRITABLE = "device_not_writable"
     # A guest's report request that the hypervisor refused (GHCB VMM error) or that another writer of the
     # same configfs-tsm entry spoiled.
     HYPERVISOR_REFUSED = "hypervisor_refused"

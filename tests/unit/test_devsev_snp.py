@@ -30,7 +30,7 @@ from sevlaunch.firmware.devsev_snp import (
     SnpUnsupported,
     sev_user_data_snp_vlek_load,
 )
-from sevlaunch.sev.errors import MalformedInput, Reason, SevError, Unsupported
+from sevlaunch.sev.errors import MalformedInput, Reason, SevError
 
 STATUS = SnpPlatformStatus(
     api_major=1,
@@ -180,8 +180,9 @@ def test_read_only_descriptor_is_a_typed_permission_error(psp: FakePsp) -> None:
         ):
             with pytest.raises(DeviceNotWritable) as exc:
                 command()
-            assert isinstance(exc.value, PermissionError) and isinstance(exc.value, Unsupported)
-            assert exc.value.reason == Reason.DEVICE_NOT_WRITABLE and "/dev/null" in str(exc.value)
+            # The same typed refusal as the SEV commands' (FAILED_PRECONDITION over gRPC), naming the device.
+            assert exc.value.code_name == "FAILED_PRECONDITION"
+            assert exc.value.reason == "sev_device_read_only" and "/dev/null" in str(exc.value)
 
 
 @pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOTTY, errno.EOPNOTSUPP])
