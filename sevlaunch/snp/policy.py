@@ -103,7 +103,11 @@ class SnpGuestPolicy:
         return [name for name, flag in POLICY_FLAG_NAMES.items() if flag in self.flags]
 
     def as_json(self) -> dict[str, object]:
-        return {"raw": f"{self.to_int():#x}", "abi": f"{self.abi_major}.{self.abi_minor}", "flags": self.flag_names()}
+        return {
+            "raw": f"{self.to_int():#x}",
+            "abi": f"{self.abi_major}.{self.abi_minor}",
+            "flags": self.flag_names(),
+        }
 
 
 class PlatformInfo(IntFlag):

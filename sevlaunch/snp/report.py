@@ -165,13 +165,17 @@ class AttestationReport:
         cpuid = (self.cpuid_fam_id, self.cpuid_mod_id, self.cpuid_step)
         if self.version >= _CPUID_VERSION:
             if any(not isinstance(v, int) or not 0 <= v <= 0xFF for v in cpuid):
-                raise MalformedInput(SnpReason.BAD_REPORT, "cpuid_fam_id/mod_id/step: a v3+ report needs 3 bytes")
+                raise MalformedInput(
+                    SnpReason.BAD_REPORT, "cpuid_fam_id/mod_id/step: a v3+ report needs 3 bytes"
+                )
         elif cpuid != (None, None, None):
             raise MalformedInput(SnpReason.BAD_REPORT, f"cpuid_fam_id: a v{self.version} report has no CPUID")
         vectors = (self.launch_mit_vector, self.current_mit_vector)
         if self.version >= _MIT_VECTOR_VERSION:
             if any(not isinstance(v, int) or not 0 <= v < 1 << 64 for v in vectors):
-                raise MalformedInput(SnpReason.BAD_REPORT, "launch/current_mit_vector: a v4+ report needs two u64")
+                raise MalformedInput(
+                    SnpReason.BAD_REPORT, "launch/current_mit_vector: a v4+ report needs two u64"
+                )
         elif vectors != (None, None):
             raise MalformedInput(
                 SnpReason.BAD_REPORT, f"launch_mit_vector: a v{self.version} report has no mitigation vectors"
@@ -189,7 +193,8 @@ class AttestationReport:
         data = bytes(data)
         if len(data) != REPORT_SIZE:
             raise MalformedInput(
-                SnpReason.BAD_REPORT, f"report_size: {len(data)} bytes, an ATTESTATION_REPORT is {REPORT_SIZE}"
+                SnpReason.BAD_REPORT,
+                f"report_size: {len(data)} bytes, an ATTESTATION_REPORT is {REPORT_SIZE}",
             )
         (
             version, guest_svn, policy, family_id, image_id, vmpl, signature_algo, current_tcb, platform_info,
@@ -280,7 +285,8 @@ class AttestationReport:
             self.signature_algo, self.current_tcb, self.platform_info, flags, bytes(4),
             self.report_data, self.measurement, self.host_data, self.id_key_digest, self.author_key_digest,
             self.report_id, self.report_id_ma,
-            self.reported_tcb, self.cpuid_fam_id or 0, self.cpuid_mod_id or 0, self.cpuid_step or 0, bytes(21),
+            self.reported_tcb, self.cpuid_fam_id or 0, self.cpuid_mod_id or 0, self.cpuid_step or 0,
+            bytes(21),
             self.chip_id, self.committed_tcb,
             self.current_build, self.current_minor, self.current_major, bytes(1),
             self.committed_build, self.committed_minor, self.committed_major, bytes(1),
@@ -319,7 +325,8 @@ class AttestationReport:
         """Raises VerificationFailed unless the VCEK/VLEK `public_key` signed bytes 0x000-0x29F."""
         if self.signature_algo != SIGNATURE_ALGO_ECDSA_P384_SHA384:
             raise Unsupported(
-                SnpReason.UNSUPPORTED_SIGNATURE_ALGO, f"signature_algo: {self.signature_algo} (only 1, ECDSA P-384)"
+                SnpReason.UNSUPPORTED_SIGNATURE_ALGO,
+                f"signature_algo: {self.signature_algo} (only 1, ECDSA P-384)",
             )
         if self.signing_key is SigningKey.NONE:
             raise VerificationFailed(SnpReason.BAD_REPORT_SIGNATURE, "signing_key: the report is not signed")
@@ -335,7 +342,8 @@ class AttestationReport:
             )
         except InvalidSignature:
             raise VerificationFailed(
-                SnpReason.BAD_REPORT_SIGNATURE, "report_signature: bytes 0x000-0x29F are not signed by this key"
+                SnpReason.BAD_REPORT_SIGNATURE,
+                "report_signature: bytes 0x000-0x29F are not signed by this key",
             ) from None
 
     # ------------------------------------------------------------------------------ decoded views
@@ -349,7 +357,8 @@ class AttestationReport:
             if cpuid_product is None:
                 raise Unsupported(
                     SnpReason.UNKNOWN_PRODUCT,
-                    f"cpuid_fam_id/cpuid_mod_id: {self.cpuid_fam_id:#x}/{self.cpuid_mod_id:#x} is no known product",
+                    f"cpuid_fam_id/cpuid_mod_id: {self.cpuid_fam_id:#x}/{self.cpuid_mod_id:#x} "
+                    "is no known product",
                 )
         if cpuid_product is not None and hint is not None and hint is not cpuid_product:
             raise VerificationFailed(
@@ -359,7 +368,8 @@ class AttestationReport:
         product = cpuid_product or hint
         if product is None:
             raise Unsupported(
-                SnpReason.UNKNOWN_PRODUCT, f"product: a v{self.version} report without CPUID needs the product given"
+                SnpReason.UNKNOWN_PRODUCT,
+                f"product: a v{self.version} report without CPUID needs the product given",
             )
         return product
 

@@ -41,7 +41,9 @@ class Product(StrEnum):
         try:
             return cls(value.strip().lower())
         except ValueError:
-            raise Unsupported(SnpReason.UNKNOWN_PRODUCT, f"product {value!r} is none of milan, genoa, turin") from None
+            raise Unsupported(
+                SnpReason.UNKNOWN_PRODUCT, f"product {value!r} is none of milan, genoa, turin"
+            ) from None
 
 
 # (family, first model, last model) -> product. Family 19h: Milan models 00h-0Fh, Genoa 10h-1Fh and the
@@ -160,13 +162,18 @@ class TcbVersion:
         if unknown or missing:
             raise MalformedInput(
                 SnpReason.BAD_APPRAISAL_POLICY,
-                f"{field}: unknown {sorted(unknown)} / missing {sorted(missing)} components for {product.value}",
+                f"{field}: unknown {sorted(unknown)} / missing {sorted(missing)} "
+                f"components for {product.value}",
             )
         values = {name: data[name] for name in names if name in data}
         for name, value in values.items():
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= SPL_MAX:
-                raise MalformedInput(SnpReason.BAD_APPRAISAL_POLICY, f"{field}.{name}: {value!r} is not 0..255")
+                raise MalformedInput(
+                    SnpReason.BAD_APPRAISAL_POLICY, f"{field}.{name}: {value!r} is not 0..255"
+                )
         tcb = cls(product, **values)
         if "raw" in data and data["raw"] != tcb.raw:
-            raise MalformedInput(SnpReason.BAD_APPRAISAL_POLICY, f"{field}.raw: disagrees with its components")
+            raise MalformedInput(
+                SnpReason.BAD_APPRAISAL_POLICY, f"{field}.raw: disagrees with its components"
+            )
         return tcb

@@ -2,9 +2,10 @@
 (signs VLEKs), PEM.
 
 Sources (tests/vectors/snp/README.md, "roots/"): the ARK and ASK from virtee/sev
-`src/certs/snp/builtin/<product>/`, the ASVK from google/go-sev-guest `verify/trust/ask_ark_<product>_vlek.pem`;
-byte-identical across virtee/sev, go-sev-guest and trustee. The trust anchor is not these files but the
-SHA-256 of each ARK's SubjectPublicKeyInfo pinned in `sevlaunch.snp.certs`.
+`src/certs/snp/builtin/<product>/`, the ASVK from google/go-sev-guest
+`verify/trust/ask_ark_<product>_vlek.pem`; byte-identical across virtee/sev, go-sev-guest and trustee.
+The trust anchor is not these files but the SHA-256 of each ARK's SubjectPublicKeyInfo pinned in
+`sevlaunch.snp.certs`.
 
 This module only hands out bytes: parsing and trust decisions live in `sevlaunch.snp.certs`.
 """
