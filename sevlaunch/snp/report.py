@@ -412,7 +412,9 @@ class AttestationReport:
             elif isinstance(value, SigningKey):
                 out[f.name] = value.name.lower()
             elif f.name in ("signature_r", "signature_s"):
-                out[f.name] = _le(value).hex()
+                out[f.name] = (
+                    f"{value:096x}"  # the integer, big-endian hex (the field stores it little-endian)
+                )
             else:
                 out[f.name] = value
         if product is not None:
