@@ -162,6 +162,15 @@ class AttestationReport:
                 value = getattr(self, name)
                 if not isinstance(value, int) or not 0 <= value < 1 << bits:
                     raise MalformedInput(SnpReason.BAD_REPORT, f"{name}: {value!r} is not a u{bits}")
+        # A field the version has but the caller left None is zero, as the firmware writes "not reported".
+        if self.version >= _CPUID_VERSION:
+            for name in ("cpuid_fam_id", "cpuid_mod_id", "cpuid_step"):
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, 0)
+        if self.version >= _MIT_VECTOR_VERSION:
+            for name in ("launch_mit_vector", "current_mit_vector"):
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, 0)
         cpuid = (self.cpuid_fam_id, self.cpuid_mod_id, self.cpuid_step)
         if self.version >= _CPUID_VERSION:
             if any(not isinstance(v, int) or not 0 <= v <= 0xFF for v in cpuid):
