@@ -121,12 +121,27 @@ def load_certificate(data: bytes, *, what: str = "certificate") -> x509.Certific
             cert = certs[0]
         else:
             cert = x509.load_der_x509_certificate(data)
-        cert.serial_number  # noqa: B018 - parse the serial now, under the filter, not at first use
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        _parse_fully(cert)
+    except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
         if isinstance(exc, MalformedInput):
             raise
         raise MalformedInput(SnpReason.BAD_CERTIFICATE, f"{what}: not an X.509 certificate") from None
     return cert
+
+
+def _parse_fully(cert: x509.Certificate) -> None:
+    """`cryptography` decodes fields lazily: touch every one we use, so a malformed certificate fails
+    here, as MalformedInput, and never later in the middle of a trust decision."""
+    cert.serial_number  # noqa: B018 - under the serial-0 filter, not at first use elsewhere
+    cert.subject.rfc4514_string()
+    cert.issuer.rfc4514_string()
+    cert.not_valid_before_utc  # noqa: B018
+    cert.not_valid_after_utc  # noqa: B018
+    cert.signature_algorithm_oid  # noqa: B018
+    cert.signature_hash_algorithm  # noqa: B018
+    cert.public_key()
+    for _ext in cert.extensions:
+        pass
 
 
 def load_certificates(data: bytes, *, what: str = "chain") -> list[x509.Certificate]:
@@ -136,7 +151,9 @@ def load_certificates(data: bytes, *, what: str = "chain") -> list[x509.Certific
         return [load_certificate(data, what=what)]
     try:
         certs = x509.load_pem_x509_certificates(data)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
+        for cert in certs:
+            _parse_fully(cert)
+    except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion):
         raise MalformedInput(SnpReason.BAD_CERTIFICATE, f"{what}: not PEM certificates") from None
     return certs
 
@@ -145,10 +162,19 @@ def load_crl(data: bytes, *, what: str = "crl") -> x509.CertificateRevocationLis
     """An AMD CRL, DER (as KDS serves it) or PEM."""
     try:
         if data.lstrip().startswith(b"-----BEGIN"):
-            return x509.load_pem_x509_crl(data)
-        return x509.load_der_x509_crl(data)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
+            crl = x509.load_pem_x509_crl(data)
+        else:
+            crl = x509.load_der_x509_crl(data)
+        crl.issuer.rfc4514_string()  # decoded lazily: touch what we use (see _parse_fully)
+        crl.last_update_utc  # noqa: B018
+        crl.next_update_utc  # noqa: B018
+        crl.signature_algorithm_oid  # noqa: B018
+        crl.signature_hash_algorithm  # noqa: B018
+        for revoked in crl:
+            revoked.serial_number  # noqa: B018
+    except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion):
         raise MalformedInput(SnpReason.BAD_CRL, f"{what}: not an X.509 CRL") from None
+    return crl
 
 
 def serial_number(cert: x509.Certificate) -> int:

@@ -92,7 +92,10 @@ def test_forged_chain_is_refused_by_key_not_name() -> None:
     assert chain[1].subject == real.subject  # the forger copied AMD's names exactly...
     with pytest.raises(VerificationFailed) as caught:
         verify_vek_chain(
-            load_certificate((forged / "vcek.der").read_bytes()), Product.MILAN, at=datetime(2026, 1, 15), chain=chain
+            load_certificate((forged / "vcek.der").read_bytes()),
+            Product.MILAN,
+            at=datetime(2026, 1, 15),
+            chain=chain,
         )
     assert caught.value.reason is SnpReason.UNTRUSTED_ARK and "ark_pin" in caught.value.detail
 

@@ -189,7 +189,9 @@ def test_version_dependent_bytes() -> None:
             AttestationReport.from_bytes(bytes(bad))
 
 
-@pytest.mark.parametrize(("flags", "fragment"), [(0x20, "reserved bits"), (2 << 2, "signing_key"), (6 << 2, "signing_key")])
+@pytest.mark.parametrize(
+    ("flags", "fragment"), [(0x20, "reserved bits"), (2 << 2, "signing_key"), (6 << 2, "signing_key")]
+)
 def test_flags_reserved_values_refused(flags: int, fragment: str) -> None:
     data = bytearray(raw("virtee-sev-milan"))
     data[0x48:0x4C] = flags.to_bytes(4, "little")
@@ -253,7 +255,13 @@ def test_repr_and_json_have_every_field() -> None:
     report = AttestationReport.from_bytes(raw("trustee-milan-vlek"))
     data = report.as_json(Product.MILAN)
     assert data["signing_key"] == "vlek" and data["cpuid_mod_id"] == 1
-    assert data["reported_tcb_decoded"] == {"bootloader": 4, "tee": 0, "snp": 24, "microcode": 217, "raw": report.reported_tcb}
+    assert data["reported_tcb_decoded"] == {
+        "bootloader": 4,
+        "tee": 0,
+        "snp": 24,
+        "microcode": 217,
+        "raw": report.reported_tcb,
+    }
     assert {f.name for f in dataclasses.fields(report) if f.init} <= set(data)
 
 
@@ -283,7 +291,10 @@ def test_truncated_and_oversized_real_reports(name: str, length: int) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.sampled_from(REAL), st.lists(st.tuples(st.integers(0, REPORT_SIZE - 1), st.integers(1, 255)), max_size=8))
+@given(
+    st.sampled_from(REAL),
+    st.lists(st.tuples(st.integers(0, REPORT_SIZE - 1), st.integers(1, 255)), max_size=8),
+)
 def test_mutated_real_reports_parse_exactly_or_refuse(name: str, edits: list[tuple[int, int]]) -> None:
     data = bytearray(raw(name))
     for offset, mask in edits:
