@@ -473,6 +473,16 @@ def _revocation(
                 )
 
 
+def _signed_by_any(cert: x509.Certificate, issuers: Iterable[x509.Certificate]) -> bool:
+    for issuer in issuers:
+        try:
+            verify_signed_by(cert, issuer, link="probe")
+        except VerificationFailed:
+            continue
+        return True
+    return False
+
+
 def verify_vek_chain(
     vek: x509.Certificate,
     product: Product,
@@ -515,11 +525,11 @@ def verify_vek_chain(
             verify_signed_by(cert, root.ark, link="ark->intermediate")
         check_validity(given_arks[0], at, link="ark_validity")
     else:
-        root = roots[0]
+        named = [r for r in roots if any(c.subject == vek.issuer for c in r.intermediates)]
+        root = named[0] if named else roots[0]
+        if len(named) > 1:  # an extra root that copies AMD's names: the issuer is the one whose key signed
+            root = next((r for r in named if _signed_by_any(vek, r.intermediates)), root)
         intermediates = root.intermediates
-        if len(roots) > 1:  # a VEK of an extra root: pick the root whose intermediate names its issuer
-            root = next((r for r in roots if any(c.subject == vek.issuer for c in r.intermediates)), root)
-            intermediates = root.intermediates
     want = CertKind.ASK if kind is CertKind.VCEK else CertKind.ASVK
     issuer = next((c for c in intermediates if c.subject == vek.issuer), None)
     if issuer is None or role(issuer, product) is not want:

@@ -181,3 +181,12 @@ def test_masked_or_wrong_size_chip_id_refused() -> None:
     vlek = AttestationReport.from_bytes((SNP / "reports/trustee-milan-vlek/report.bin").read_bytes())
     with pytest.raises(SevError):
         report_vcek_url(vlek)
+
+
+def test_policy_flags_must_be_flags() -> None:
+    with pytest.raises(MalformedInput, match=r"policy\.flags"):
+        SnpGuestPolicy(flags=PolicyFlag(1 << 30))
+    with pytest.raises(MalformedInput, match=r"policy\.flags"):
+        SnpGuestPolicy(flags=PolicyFlag(0x1F))  # ABI bits are abi_minor/abi_major, not flags
+    with pytest.raises(MalformedInput, match="abi_major"):
+        SnpGuestPolicy(abi_major=256)
