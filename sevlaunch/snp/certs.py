@@ -68,6 +68,16 @@ PSS_SHA384 = padding.PSS(mgf=padding.MGF1(_SHA384), salt_length=PSS_SALT_LENGTH)
 HWID_SIZES = (8, 64)
 _ISO = "%Y-%m-%dT%H:%M:%SZ"
 
+# What `cryptography` raises on a malformed certificate or CRL, at load or at first use of a field.
+_X509_ERRORS = (
+    ValueError,
+    TypeError,
+    UnsupportedAlgorithm,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+)
+
 _SERIAL_WARNING = r"Parsed a serial number which wasn't positive"
 _SERIAL_FILTER_MODULE = rf"{__name__.replace('.', '[.]')}\Z"
 
@@ -122,7 +132,7 @@ def load_certificate(data: bytes, *, what: str = "certificate") -> x509.Certific
         else:
             cert = x509.load_der_x509_certificate(data)
         _parse_fully(cert)
-    except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
+    except _X509_ERRORS as exc:
         if isinstance(exc, MalformedInput):
             raise
         raise MalformedInput(SnpReason.BAD_CERTIFICATE, f"{what}: not an X.509 certificate") from None
@@ -153,7 +163,7 @@ def load_certificates(data: bytes, *, what: str = "chain") -> list[x509.Certific
         certs = x509.load_pem_x509_certificates(data)
         for cert in certs:
             _parse_fully(cert)
-    except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion):
+    except _X509_ERRORS:
         raise MalformedInput(SnpReason.BAD_CERTIFICATE, f"{what}: not PEM certificates") from None
     return certs
 
@@ -172,7 +182,7 @@ def load_crl(data: bytes, *, what: str = "crl") -> x509.CertificateRevocationLis
         crl.signature_hash_algorithm  # noqa: B018
         for revoked in crl:
             revoked.serial_number  # noqa: B018
-    except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion):
+    except _X509_ERRORS:
         raise MalformedInput(SnpReason.BAD_CRL, f"{what}: not an X.509 CRL") from None
     return crl
 
