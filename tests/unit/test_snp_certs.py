@@ -366,3 +366,19 @@ def test_random_extension_values(milan: EmulatedSnpRoot, oid: str, value: bytes)
 
 PUBLIC = ec.derive_private_key(7, ec.SECP384R1()).public_key()
 SIGNER = ec.derive_private_key(11, ec.SECP384R1())
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(offset=st.integers(0, 10_000), mask=st.integers(1, 255))
+def test_mutated_crl(milan: EmulatedSnpRoot, offset: int, mask: int) -> None:
+    vcek = milan.issue_vcek(PUBLIC, CHIP, MILAN_TCB, not_before=START)
+    original = milan.crl([5, 6], last_update=START).public_bytes(serialization.Encoding.DER)
+    der = bytearray(original)
+    der[offset % len(der)] ^= mask
+    try:
+        crl = load_crl(bytes(der))
+        verify_vek_chain(vcek, Product.MILAN, at=NOW, extra_roots=[milan.trusted_root()], crls=[crl])
+    except SevError:
+        return
+    # Accepted: then what the ARK signed is untouched, and no new serial slipped in unsigned.
+    assert crl.tbs_certlist_bytes == load_crl(original).tbs_certlist_bytes
