@@ -56,7 +56,11 @@ class KernelHashes:
     ) -> KernelHashes:
         """Hashes what QEMU hands the guest over fw_cfg: the kernel file, the initrd file (nothing when
         absent), and the command line with its terminating NUL (just the NUL when absent)."""
-        raw_cmdline = cmdline.encode() if isinstance(cmdline, str) else (cmdline or b"")
+        try:
+            raw_cmdline = cmdline.encode() if isinstance(cmdline, str) else (cmdline or b"")
+        except UnicodeEncodeError:
+            # A lone surrogate (from a mis-decoded file name, say) has no UTF-8 form QEMU could pass on.
+            raise MalformedInput(Reason.BAD_ENCODING, "kernel command line is not valid Unicode") from None
         if b"\x00" in raw_cmdline:
             raise MalformedInput(Reason.BAD_FIELD, "kernel command line contains a NUL byte")
         return cls(
