@@ -37,11 +37,12 @@ import libvirt
 from launcher_svc.adapters.libvirt_backend import LibvirtHypervisor, libvirt_error
 from launcher_svc.core.domain_xml import parse_domain_xml
 from launcher_svc.core.ports import DomainInfo, LaunchSecurityInfo, SevCapabilities
+from launcher_svc.core.preflight import FirmwareImage, SecretArea
+from launcher_svc.core.reasons import FIRMWARE_PREFIX, LaunchReason
 from sevlaunch.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServiceError
 from sevlaunch.firmware import EmulatedFirmware, FirmwareError, StatusCode
 from sevlaunch.sev.digest import launch_updates
 from sevlaunch.sev.errors import SevError
-from sevlaunch.sev.ovmf import OVMF
 from sevlaunch.sev.policy import PolicyFlags
 from sevlaunch.sev.vmsa import VMSALayout, vcpu_signature
 
@@ -61,8 +62,8 @@ def firmware_error(exc: FirmwareError) -> ServiceError:
     name = exc.status.name if isinstance(exc.status, StatusCode) else f"0x{int(exc.status):02x}"
     meta = {"firmware_status": name, "command": exc.command}
     if exc.status == StatusCode.RESOURCE_LIMIT:
-        return ResourceExhausted("firmware_resource_limit", exc.detail, metadata=meta)
-    return FailedPrecondition(f"firmware_{name.lower()}", exc.detail, metadata=meta)
+        return ResourceExhausted(LaunchReason.FIRMWARE_RESOURCE_LIMIT, exc.detail, metadata=meta)
+    return FailedPrecondition(f"{FIRMWARE_PREFIX}{name.lower()}", exc.detail, metadata=meta)
 
 
 @dataclass
@@ -197,24 +198,29 @@ class EmulatedHypervisor(LibvirtHypervisor):
             with open(path, "rb") as fh:
                 data = fh.read(MAX_IMAGE + 1)
         except OSError:
-            raise FailedPrecondition("image_unreadable", f"{what} cannot be read") from None
+            raise FailedPrecondition(LaunchReason.IMAGE_UNREADABLE, f"{what} cannot be read") from None
         if len(data) > MAX_IMAGE:
-            raise InvalidArgument("too_large", f"{what} is too large")
+            raise InvalidArgument(LaunchReason.TOO_LARGE, f"{what} is too large")
         return data
 
-    def start_paused(self, name: str) -> None:
+    def start_paused(self, name: str, firmware: FirmwareImage) -> None:
         with self._mutex:
             dom = self._load(name)
             if dom is None:
-                raise NotFound("domain_not_found", f"domain {name}")
+                raise NotFound(LaunchReason.DOMAIN_NOT_FOUND, f"domain {name}")
             vdom = self._lookup(name)
             # Like QEMU, take the launch parameters from the domain's XML as libvirt holds it.
             parsed = parse_domain_xml(vdom.XMLDesc(0))
             if not parsed.sev:
-                raise FailedPrecondition("not_sev", "the domain has no SEV launch security")
-            firmware_image = self._read(parsed.loader, "firmware")
-            if firmware_image is None:
-                raise FailedPrecondition("no_firmware", "the domain names no firmware")
+                raise FailedPrecondition(LaunchReason.NOT_SEV, "the domain has no SEV launch security")
+            if parsed.loader is None:
+                raise FailedPrecondition(LaunchReason.NO_FIRMWARE, "the domain names no firmware")
+            if parsed.loader != firmware.path:
+                raise FailedPrecondition(
+                    LaunchReason.NO_FIRMWARE, "the domain's firmware is not the image the launch checked"
+                )
+            # The image preflight read (the launch's one read of it), not the file again.
+            firmware_image = firmware.data
             kernel = initrd = None
             cmdline: str | None = None
             if parsed.kernel is not None and parsed.kernel_hashes:
@@ -270,7 +276,7 @@ class EmulatedHypervisor(LibvirtHypervisor):
         with self._mutex:
             dom = self._load(name)
             if dom is None or dom.handle is None or not dom.measurement:
-                raise FailedPrecondition("not_measured", "the domain has no launch measurement")
+                raise FailedPrecondition(LaunchReason.NOT_MEASURED, "the domain has no launch measurement")
             status = self.firmware.platform_status()
             info = self.firmware.guest_info(dom.handle)
             return LaunchSecurityInfo(
@@ -281,21 +287,14 @@ class EmulatedHypervisor(LibvirtHypervisor):
                 policy=int(info["policy"]),
             )
 
-    def inject_secret(self, name: str, header: bytes, payload: bytes, gpa: int | None) -> None:
+    def inject_secret(self, name: str, header: bytes, payload: bytes, area: SecretArea) -> None:
         with self._mutex:
             dom = self._load(name)
             if dom is None or dom.handle is None:
-                raise FailedPrecondition("not_started", "the domain has no firmware guest context")
-            if gpa is None:
-                # QEMU's default: the secret area the OVMF footer declares.
-                parsed = parse_domain_xml(dom.xml)
-                image = self._read(parsed.loader, "firmware")
-                area = OVMF.from_bytes(image or b"").secret_area
-                if area is None:
-                    raise FailedPrecondition("no_secret_area", "the OVMF declares no secret area")
-                gpa = area[0]
+                raise FailedPrecondition(LaunchReason.NOT_STARTED, "the domain has no firmware guest context")
+            # A declared area is where QEMU would find it by itself; preflight found it already.
             try:
-                self._fw("LAUNCH_SECRET", self.firmware.launch_secret, dom.handle, header, payload, gpa)
+                self._fw("LAUNCH_SECRET", self.firmware.launch_secret, dom.handle, header, payload, area.gpa)
             except FirmwareError as exc:
                 raise firmware_error(exc) from None
 
@@ -303,7 +302,7 @@ class EmulatedHypervisor(LibvirtHypervisor):
         with self._mutex:
             dom = self._load(name)
             if dom is None or dom.handle is None:
-                raise FailedPrecondition("not_started", "the domain has no firmware guest context")
+                raise FailedPrecondition(LaunchReason.NOT_STARTED, "the domain has no firmware guest context")
             try:
                 self._fw("LAUNCH_FINISH", self.firmware.launch_finish, dom.handle)
             except FirmwareError as exc:

@@ -32,7 +32,8 @@ import grpc.aio
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from launcher_svc.core.ports import OwnerSession, ReleasedSecret
+from launcher_svc.core.ports import OwnerSession, PlatformChain, ReleasedSecret
+from launcher_svc.core.reasons import peer_reason
 from sevlaunch.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -56,12 +57,12 @@ DIAGNOSIS_TIMEOUT = 3.0
 
 def remote_error(exc: grpc.RpcError, who: str) -> ServiceError:
     info = error_info(exc)
-    reason = info.reason or f"{who}_error"
+    reason = info.reason or peer_reason(who, "error")
     detail = f"{who}: {info.message}"[:512]
     if info.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-        return Unavailable(f"{who}_unavailable", detail)
+        return Unavailable(peer_reason(who, "unavailable"), detail)
     if info.code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceeded(f"{who}_deadline", detail)
+        return DeadlineExceeded(peer_reason(who, "deadline"), detail)
     if info.code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
         return PermissionDenied(reason, detail)
     if info.code is grpc.StatusCode.NOT_FOUND:
@@ -187,7 +188,9 @@ class _IdentityChannel:
                     "server refused: not the expected identity",
                     extra={"endpoint": self.endpoint, "expected": self.expected, "error": why},
                 )
-                return PermissionDenied(f"{self.who}_not_authenticated", f"{self.who}: {why}"[:512])
+                return PermissionDenied(
+                    peer_reason(self.who, "not_authenticated"), f"{self.who}: {why}"[:512]
+                )
         return remote_error(exc, self.who)
 
     async def close(self) -> None:
@@ -214,12 +217,13 @@ class PlatformClient:
         )
         self._stub = platform_pb2_grpc.PlatformServiceStub(self._conn.channel)
 
-    async def certificate_chain(self) -> object:
+    async def certificate_chain(self) -> PlatformChain:
         try:
             reply = await self._stub.GetCertificateChain(platform_pb2.GetCertificateChainRequest())
         except grpc.RpcError as exc:
             raise await self._conn.error(exc) from None
-        return reply.platform.chain
+        c = reply.platform.chain
+        return PlatformChain(c.pdh_cert, c.pek_cert, c.oca_cert, c.cek_cert, c.ask_cert, c.ark_cert)
 
     async def close(self) -> None:
         await self._conn.close()
@@ -250,14 +254,20 @@ class OwnerClient:
             return conn, owner_pb2_grpc.OwnerServiceStub(conn.channel)  # an aio channel: the async stub
 
     async def open_session(
-        self, endpoint: str, *, workload_id: str, chain: object, policy: int
+        self, endpoint: str, *, workload_id: str, chain: PlatformChain, policy: int
     ) -> OwnerSession:
-        if not isinstance(chain, common_pb2.CertificateChain):
-            raise TypeError("the chain comes from PlatformClient")
         conn, stub = await self._conn(endpoint)
+        chain_pb = common_pb2.CertificateChain(
+            pdh_cert=chain.pdh_cert,
+            pek_cert=chain.pek_cert,
+            oca_cert=chain.oca_cert,
+            cek_cert=chain.cek_cert,
+            ask_cert=chain.ask_cert,
+            ark_cert=chain.ark_cert,
+        )
         try:
             reply = await stub.OpenSession(
-                owner_pb2.OpenSessionRequest(workload_id=workload_id, chain=chain, policy=policy)
+                owner_pb2.OpenSessionRequest(workload_id=workload_id, chain=chain_pb, policy=policy)
             )
         except grpc.RpcError as exc:
             raise await conn.error(exc) from None
