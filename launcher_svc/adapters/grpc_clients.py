@@ -53,6 +53,27 @@ log = logging.getLogger("launcher_svc")
 MAX_OWNER_CHANNELS = 64
 # The diagnosis of a failed connection (below) waits at most this long.
 DIAGNOSIS_TIMEOUT = 3.0
+# Reconnect backoff: gRPC's default starts at 1 s and grows by 1.6x up to 120 s, so after a long peer
+# outage the channel would keep failing fast for up to two minutes after the peer is back. A launch is
+# worth a connection attempt a second: capped here, and a channel that failed to connect is replaced
+# (see `_IdentityChannel.error`), so the next launch after an outage does not wait for the backoff at all.
+INITIAL_RECONNECT_BACKOFF_MS = 100
+MAX_RECONNECT_BACKOFF_MS = 1000
+# How long a replaced channel keeps serving the calls still in flight on it before it is closed.
+REPLACED_CHANNEL_GRACE = 30.0
+
+
+def channel_options(expected: str) -> list[tuple[str, str | int]]:
+    return [
+        # The override is both the SNI and the name gRPC checks the certificate against, instead of the
+        # endpoint's host (module docstring).
+        ("grpc.ssl_target_name_override", expected),
+        ("grpc.initial_reconnect_backoff_ms", INITIAL_RECONNECT_BACKOFF_MS),
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+        # Channels otherwise share connections (and their backoff) through a process-wide pool: the
+        # replacement of a channel that failed to connect must really start afresh.
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
 
 
 def remote_error(exc: grpc.RpcError, who: str) -> ServiceError:
@@ -173,15 +194,30 @@ class _IdentityChannel:
         self.endpoint = endpoint
         self.expected = expected
         self.who = who
+        self._credentials = credentials
         self._diagnosis = diagnosis
-        # The override is both the SNI and the name gRPC checks the certificate against, instead of the
-        # endpoint's host (module docstring).
-        self.channel = grpc.aio.secure_channel(
-            endpoint, credentials, options=[("grpc.ssl_target_name_override", expected)]
+        self._retiring: set[asyncio.Task[None]] = set()
+        self.channel = self._open()
+
+    def _open(self) -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(
+            self.endpoint, self._credentials, options=channel_options(self.expected)
         )
+
+    def _replace_if_disconnected(self) -> None:
+        """A channel that could not connect sits in backoff and fails calls fast until its next attempt:
+        replace it, so that the next call connects at once. A channel still connected (the peer itself
+        answered UNAVAILABLE, say its store is down) is kept. The old one finishes its calls in flight."""
+        if self.channel.get_state(try_to_connect=False) is grpc.ChannelConnectivity.READY:
+            return
+        old, self.channel = self.channel, self._open()
+        task = asyncio.ensure_future(old.close(REPLACED_CHANNEL_GRACE))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def error(self, exc: grpc.RpcError) -> ServiceError:
         if exc.code() is grpc.StatusCode.UNAVAILABLE:
+            self._replace_if_disconnected()
             why = await self._diagnosis.refusal(self.endpoint, self.expected)
             if why is not None:
                 log.warning(
@@ -195,6 +231,8 @@ class _IdentityChannel:
 
     async def close(self) -> None:
         await self.channel.close(None)
+        for task in list(self._retiring):
+            task.cancel()
 
 
 class PlatformClient:
@@ -215,11 +253,11 @@ class PlatformClient:
             server_name(platform_identity),
             "platform",
         )
-        self._stub = platform_pb2_grpc.PlatformServiceStub(self._conn.channel)
 
     async def certificate_chain(self) -> PlatformChain:
+        stub = platform_pb2_grpc.PlatformServiceStub(self._conn.channel)  # the channel may be replaced
         try:
-            reply = await self._stub.GetCertificateChain(platform_pb2.GetCertificateChainRequest())
+            reply = await stub.GetCertificateChain(platform_pb2.GetCertificateChainRequest())
         except grpc.RpcError as exc:
             raise await self._conn.error(exc) from None
         c = reply.platform.chain
