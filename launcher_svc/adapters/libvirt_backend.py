@@ -70,10 +70,21 @@ def ensure_event_loop() -> None:
         _event_loop_started = True
 
 
+# libvirt's message when the QEMU binary or the host cannot do SEV (VIR_ERR_CONFIG_UNSUPPORTED).
+_SEV_UNSUPPORTED = "SEV launch security is not supported"
+
+
 def libvirt_error(exc: libvirt.libvirtError, what: str) -> ServiceError:
     code = exc.get_error_code()
     message = exc.get_error_message() or str(exc)
     detail = f"{what}: {message}"
+    if code == libvirt.VIR_ERR_OPERATION_UNSUPPORTED or (
+        code == libvirt.VIR_ERR_CONFIG_UNSUPPORTED and _SEV_UNSUPPORTED in message
+    ):
+        # libvirt 9.0 reports a launch-security call on a domain without SEV as OPERATION_UNSUPPORTED,
+        # and SEV asked of a QEMU or host without it as CONFIG_UNSUPPORTED with this message: the host
+        # or domain cannot do SEV, which is neither the caller's XML nor a hypervisor fault.
+        return FailedPrecondition(LaunchReason.SEV_UNSUPPORTED, detail)
     if code == libvirt.VIR_ERR_NO_SUPPORT:
         return FailedPrecondition(LaunchReason.HYPERVISOR_UNSUPPORTED, detail)
     if code == libvirt.VIR_ERR_NO_DOMAIN:
