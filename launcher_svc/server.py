@@ -20,7 +20,7 @@ from pathlib import Path
 
 from launcher_svc.adapters.grpc_clients import OwnerClient, PlatformClient
 from launcher_svc.adapters.prometheus import LauncherMetrics
-from launcher_svc.adapters.sqlite_store import LaunchStore
+from launcher_svc.adapters.sqlite_store import open_launch_store
 from launcher_svc.api.servicer import AUTHZ, SERVICE_NAME, LauncherServicer
 from launcher_svc.core.launcher import Launcher, LauncherConfig
 from launcher_svc.core.ports import Hypervisor
@@ -108,7 +108,7 @@ async def create_server(
     metrics = LauncherMetrics(server.metrics.registry)
     hv = hypervisor if hypervisor is not None else open_hypervisor(cfg, metrics=metrics)
     cfg.db.parent.mkdir(parents=True, exist_ok=True)
-    store = LaunchStore(str(cfg.db))
+    store = open_launch_store(str(cfg.db))
     platform = (
         PlatformClient(cfg.platform, cfg.tls_dir, cfg.identity, platform_identity=cfg.platform_identity)
         if cfg.platform

@@ -1,17 +1,22 @@
 """The launch store in SQLite: `LaunchRecord`s, one row each, committed before every write returns
 (WAL, synchronous FULL).
 
-A file that is not a readable launch database is `CorruptLaunchStore` (one line naming the file), never
-a traceback: the server sets such a file aside and starts on a fresh one (README, "launcher_svc").
+A file that is not a sound launch database (not SQLite, damaged pages, rows that do not decode) is
+`CorruptLaunchStore`, never a traceback. `open_launch_store` sets such a file aside, renamed with a
+timestamp, and starts on a fresh one; the reconciler then treats the host as after a lost database
+(README, "launcher_svc"). Any other failure to open is `LaunchStoreUnusable`: one line, and no start.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sqlite3
 import threading
 import time
 from dataclasses import replace
+from datetime import UTC, datetime
 
 from launcher_svc.core.reasons import LaunchReason
 from launcher_svc.core.spec import GuestSpec
@@ -25,7 +30,25 @@ from launcher_svc.core.state import (
     finished,
 )
 from sevlaunch.errors import NotFound
-from sevlaunch.files import create_private_sqlite
+from sevlaunch.files import SQLITE_COMPANIONS, create_private_sqlite
+
+log = logging.getLogger("launcher_svc")
+
+# SQLite's primary result codes for a damaged file and for a file that is no database.
+_SQLITE_CORRUPT = 11
+_SQLITE_NOTADB = 26
+
+
+class LaunchStoreUnusable(ValueError):
+    """The launch database cannot be used; the message is one line naming the file and what to do."""
+
+
+class CorruptLaunchStore(LaunchStoreUnusable):
+    def __init__(self, path: str, why: str) -> None:
+        self.path = path
+        self.why = why
+        super().__init__(f"the launch database {path} is corrupt: {why}")
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS launches (
@@ -72,12 +95,41 @@ class SqliteLaunchStore:
     FULL), so a launcher killed at any point restarts knowing which domains it may have left behind."""
 
     def __init__(self, path: str) -> None:
+        """Opens (or creates) the database and checks it is sound; raises `CorruptLaunchStore` if it is
+        not, `LaunchStoreUnusable` if it cannot be opened at all, OSError for the file itself."""
         self._lock = threading.Lock()
+        self.path = path
         create_private_sqlite(path)  # 0600, and so its -wal/-shm: launch records name owners and sessions
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise LaunchStoreUnusable(f"cannot open the launch database {path}: {exc}") from None
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            self._check()
+        except sqlite3.Error as exc:
+            self._db.close()
+            code, text = getattr(exc, "sqlite_errorcode", None), str(exc)
+            if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB) or "malformed" in text or "no such column" in text:
+                raise CorruptLaunchStore(path, text) from None
+            raise LaunchStoreUnusable(f"cannot use the launch database {path}: {text}") from None
+        except CorruptLaunchStore:
+            self._db.close()
+            raise
+
+    def _check(self) -> None:
+        """SQLite's own check of the file, then every row must decode into a record."""
+        (verdict,) = self._db.execute("PRAGMA quick_check(1)").fetchone()
+        if verdict != "ok":
+            raise CorruptLaunchStore(self.path, f"integrity check: {str(verdict)[:200]}")
+        rows = self._db.execute(f"SELECT {_COLUMNS} FROM launches").fetchall()  # noqa: S608 - constants
+        for row in rows:
+            try:
+                self._record(row)
+            except (ValueError, KeyError, TypeError, AssertionError) as exc:
+                raise CorruptLaunchStore(self.path, f"a launch record does not decode ({exc})") from None
 
     def close(self) -> None:
         with self._lock:
@@ -204,3 +256,39 @@ class SqliteLaunchStore:
 
 #: The name the rest of the code knows the launcher's store by.
 LaunchStore = SqliteLaunchStore
+
+
+def set_aside(path: str, now: float | None = None) -> str:
+    """Renames a database (and its -wal/-shm/-journal) to `<path>.corrupt-<UTC time>`; returns the name."""
+    stamp = datetime.fromtimestamp(time.time() if now is None else now, UTC).strftime("%Y%m%dT%H%M%SZ")
+    target = f"{path}.corrupt-{stamp}"
+    n = 1
+    while os.path.lexists(target):
+        n += 1
+        target = f"{path}.corrupt-{stamp}-{n}"
+    for suffix in ("", *SQLITE_COMPANIONS):
+        if os.path.lexists(path + suffix):
+            os.rename(path + suffix, target + suffix)
+    return target
+
+
+def open_launch_store(path: str) -> SqliteLaunchStore:
+    """The launch store at `path`. A corrupt database is set aside (renamed with a timestamp, kept for a
+    post-mortem) and a fresh one started: the launches it held are unknown from then on, and the
+    reconciler destroys the paused SEV domains of this launcher that no record owns, as after a lost
+    database. A database that cannot be set aside stops the start with one line saying what to do."""
+    try:
+        return SqliteLaunchStore(path)
+    except CorruptLaunchStore as exc:
+        try:
+            moved = set_aside(path)
+        except OSError as err:
+            raise LaunchStoreUnusable(
+                f"the launch database {path} is corrupt ({exc.why}) and cannot be set aside ({err.strerror});"
+                f" move it away (mv {path} {path}.corrupt) and start again"
+            ) from None
+        log.warning(
+            "launch database corrupt: set aside, starting on a fresh one",
+            extra={"db": path, "error": exc.why, "moved_to": moved},
+        )
+    return SqliteLaunchStore(path)

@@ -2,7 +2,8 @@
 
 The reconciler runs at start and periodically: it fails every launch left in flight by an earlier
 launcher process (or stuck past its deadline here), and destroys SEV domains of ours that no advancing
-launch owns. It never resumes anything.
+launch owns, except a running one that no record knows at all (after a lost or corrupt database): that
+one is left alone and logged. It never resumes anything.
 
 Lifecycle events catch what happens behind the launcher's back: a guest resumed before it got its secret,
 or a domain that stopped mid-launch, fails its launch closed at once.
@@ -119,7 +120,13 @@ class Reconciler:
             owner = m.store.by_domain(dom.name)
             if owner is not None and (owner.state is Phase.RUNNING or owner.launch_id in m.active):
                 continue
-            # Ours, and its launch is over or unknown: nothing may keep it (paused or not).
+            if owner is None and dom.state is DomainState.RUNNING:
+                # Ours, but no record says how it came to run (a lost or set-aside database): it may be
+                # a tenant's guest that got its secret. The reconciler never resumes and never guesses
+                # about a running guest; it says so, and an operator decides.
+                log.warning("running SEV domain with no launch record left alone", extra={"domain": dom.name})
+                continue
+            # Ours, and its launch is over, or unknown and the guest never ran: nothing may keep it.
             if await asyncio.to_thread(m.hv.destroy, dom.name):
                 destroyed += 1
                 m.metrics.domain_destroyed(DestroyPath.RECONCILER)
