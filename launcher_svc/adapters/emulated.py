@@ -72,9 +72,12 @@ class _Domain:
 
     name: str
     xml: str
-    run_state: str  # "defined" | "paused" | "running"
+    run_state: str  # "defined" | "starting" | "paused" | "running"
     handle: int | None = None
     measurement: bytes = b""
+    # While "starting": the chip's guest handles just before this domain's LAUNCH_START, so that a
+    # process killed before it could record its handle can tell its guest from the others at restart.
+    handles_before: tuple[int, ...] | None = None
 
     def to_json(self) -> str:
         return json.dumps(
@@ -84,6 +87,7 @@ class _Domain:
                 "run_state": self.run_state,
                 "handle": self.handle,
                 "measurement": base64.b64encode(self.measurement).decode(),
+                "handles_before": None if self.handles_before is None else list(self.handles_before),
             }
         )
 
@@ -96,6 +100,9 @@ class _Domain:
             run_state=str(data["run_state"]),
             handle=None if data.get("handle") is None else int(data["handle"]),
             measurement=base64.b64decode(data.get("measurement", "")),
+            handles_before=(
+                None if data.get("handles_before") is None else tuple(int(h) for h in data["handles_before"])
+            ),
         )
 
 
@@ -110,9 +117,12 @@ class EmulatedHypervisor(LibvirtHypervisor):
         vcpu_type: str = "EPYC-v4",
         vmsa_layout: VMSALayout = VMSALayout.init2,
         firmware_observer: FirmwareObserver | None = None,
+        checkpoint: Callable[[str], None] | None = None,
     ) -> None:
         self.firmware = firmware
         self._observe = firmware_observer
+        # Told "after <COMMAND>" as each firmware command returns (tests kill the process there).
+        self._checkpoint = checkpoint
         # Absolute: libvirt reads `test://chip/...` as a host named "chip", not a relative path.
         self.domains_dir = Path(domains_dir).resolve()
         self.domains_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -148,9 +158,11 @@ class EmulatedHypervisor(LibvirtHypervisor):
             return None
 
     def _restore(self) -> None:
-        """Re-creates the persisted domains in the fresh test driver, in the state they were left in."""
-        for path in sorted(self.domains_dir.glob("*.json")):
-            dom = _Domain.from_json(path.read_text())
+        """Re-creates the persisted domains in the fresh test driver, in the state they were left in,
+        after accounting for the chip's guests (`_adopt`)."""
+        domains = [_Domain.from_json(p.read_text()) for p in sorted(self.domains_dir.glob("*.json"))]
+        self._adopt(domains)
+        for dom in domains:
             try:
                 vdom = self._conn.defineXML(dom.xml)
                 if dom.run_state in ("paused", "running"):
@@ -160,6 +172,28 @@ class EmulatedHypervisor(LibvirtHypervisor):
             except libvirt.libvirtError as exc:
                 raise libvirt_error(exc, f"restore {dom.name}") from None
 
+    def _adopt(self, domains: list[_Domain]) -> None:
+        """A process killed between LAUNCH_START and recording its handle left a guest on the chip
+        (LUPDATE, holding an ASID) that no domain names. Like QEMU's guest, it belongs to the domain
+        that was starting: that domain takes the guest that appeared on the chip after its snapshot and
+        that no other domain holds, and comes back paused, so that the reconciler destroys it (and its
+        guest) like any other paused domain no advancing launch owns."""
+        held = {d.handle for d in domains if d.handle is not None}
+        on_chip = set(self.firmware.guest_handles())
+        for dom in domains:
+            if dom.run_state != "starting":
+                continue
+            before = set(dom.handles_before or ())
+            # Handles only grow, so the first new one is the one this domain's LAUNCH_START made.
+            new = sorted(on_chip - before - held)
+            if new:
+                dom.handle, dom.run_state = new[0], "paused"
+                held.add(new[0])
+            else:
+                dom.run_state = "defined"  # killed before LAUNCH_START: nothing on the chip
+            dom.handles_before = None
+            self._save(dom)
+
     # -- the SEV parts QEMU would play ----------------------------------------------------------
 
     def _fw(self, command: str, fn: Callable[..., T], *args: object) -> T:
@@ -168,7 +202,7 @@ class EmulatedHypervisor(LibvirtHypervisor):
         start = time.perf_counter()
         status = StatusCode.SUCCESS.name
         try:
-            return fn(*args)
+            result = fn(*args)
         except FirmwareError as exc:
             status = exc.status.name if isinstance(exc.status, StatusCode) else f"0x{int(exc.status):02x}"
             raise
@@ -178,6 +212,9 @@ class EmulatedHypervisor(LibvirtHypervisor):
         finally:
             if self._observe is not None:
                 self._observe(command, status, time.perf_counter() - start)
+        if self._checkpoint is not None:
+            self._checkpoint(f"after {command}")
+        return result
 
     def sev_capabilities(self) -> SevCapabilities:
         cfg = self.firmware.config
@@ -243,12 +280,25 @@ class EmulatedHypervisor(LibvirtHypervisor):
                 )
             except SevError as exc:
                 raise FailedPrecondition(exc.reason.value, exc.detail) from None
+            # Before LAUNCH_START, what the chip holds: a crash before the handle below is recorded still
+            # leaves a way to find this domain's guest and DECOMMISSION it (`_adopt`).
+            dom.run_state, dom.handles_before = "starting", tuple(self.firmware.guest_handles())
+            self._save(dom)
             try:
-                handle = self._fw(
-                    "LAUNCH_START", self.firmware.launch_start, parsed.dh_cert, parsed.session, parsed.policy
-                )
+                try:
+                    handle = self._fw(
+                        "LAUNCH_START",
+                        self.firmware.launch_start,
+                        parsed.dh_cert,
+                        parsed.session,
+                        parsed.policy,
+                    )
+                except FirmwareError:
+                    dom.run_state, dom.handles_before = "defined", None  # refused: no guest was made
+                    self._save(dom)
+                    raise
                 # Persist the handle at once: from here on a crash must leave a way to DECOMMISSION.
-                dom.handle, dom.run_state = handle, "paused"
+                dom.handle, dom.run_state, dom.handles_before = handle, "paused", None
                 self._save(dom)
                 for update in updates:
                     if update.kind == "data":
