@@ -196,7 +196,7 @@ class _IdentityChannel:
         self.who = who
         self._credentials = credentials
         self._diagnosis = diagnosis
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring: dict[asyncio.Task[None], grpc.aio.Channel] = {}
         self.channel = self._open()
 
     def _open(self) -> grpc.aio.Channel:
@@ -212,8 +212,8 @@ class _IdentityChannel:
             return
         old, self.channel = self.channel, self._open()
         task = asyncio.ensure_future(old.close(REPLACED_CHANNEL_GRACE))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._retiring[task] = old
+        task.add_done_callback(lambda t: self._retiring.pop(t, None))
 
     async def error(self, exc: grpc.RpcError) -> ServiceError:
         if exc.code() is grpc.StatusCode.UNAVAILABLE:
@@ -231,8 +231,9 @@ class _IdentityChannel:
 
     async def close(self) -> None:
         await self.channel.close(None)
-        for task in list(self._retiring):
+        for task, old in list(self._retiring.items()):
             task.cancel()
+            await old.close(None)
 
 
 class PlatformClient:

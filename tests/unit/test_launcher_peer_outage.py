@@ -96,3 +96,34 @@ def test_reconnect_backoff_is_capped_at_a_second() -> None:
     # A channel made after an outage must not share a backed-off connection with the one it replaces.
     assert options["grpc.use_local_subchannel_pool"] == 1
     assert options["grpc.ssl_target_name_override"] == "owner.sevlaunch.internal"
+
+
+class _OwnerStoreDown(owner_pb2_grpc.OwnerServiceServicer):
+    async def OpenSession(self, request: Any, context: Any) -> owner_pb2.OpenSessionResponse:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "store_unavailable")
+        raise AssertionError("unreachable")
+
+
+def test_a_connected_peer_answering_unavailable_keeps_its_channel(tls_dir: Path) -> None:
+    # Only a channel that could not connect is replaced: an owner that answers UNAVAILABLE itself (its
+    # store is down) keeps the connection, and the other launches' calls on it go on.
+    async def main() -> None:
+        server = grpc.aio.server()
+        owner_pb2_grpc.add_OwnerServiceServicer_to_server(_OwnerStoreDown(), server)
+        port = server.add_secure_port("127.0.0.1:0", server_credentials(tls_dir, "owner"))
+        await server.start()
+        endpoint = f"127.0.0.1:{port}"
+        owners = OwnerClient(tls_dir, "launcher")
+        try:
+            with pytest.raises(Unavailable):
+                await owners.open_session(endpoint, workload_id="w", chain=CHAIN, policy=3)
+            conn, _ = await owners._conn(endpoint)
+            first = conn.channel
+            with pytest.raises(Unavailable):
+                await owners.open_session(endpoint, workload_id="w", chain=CHAIN, policy=3)
+            assert conn.channel is first
+        finally:
+            await owners.close()
+            await server.stop(None)
+
+    asyncio.run(main())
