@@ -20,10 +20,11 @@ from bench._world import (
 )
 from bench.owner_bench import inprocess_core
 from launcher_svc.adapters.emulated import EmulatedHypervisor
+from launcher_svc.adapters.sqlite_store import LaunchStore
 from launcher_svc.core.launcher import Launcher, LauncherConfig
-from launcher_svc.core.ports import OwnerSession, ReleasedSecret
+from launcher_svc.core.ports import OwnerSession, PlatformChain, ReleasedSecret
 from launcher_svc.core.spec import PathPolicy, create_spec
-from launcher_svc.core.state import LaunchStore, Phase
+from launcher_svc.core.state import Phase
 from owner_svc.core.service import ChainInput, OwnerCore
 from sevlaunch.firmware.emulator import EmulatedFirmware, EmulatedRoot
 from sevlaunch.rpc import secure_channel
@@ -110,9 +111,10 @@ class InProcPlatform:
     """platform_svc's warm path: the chain it exported once and serves from its cache."""
 
     def __init__(self, chain: common_pb2.CertificateChain) -> None:
-        self.chain = chain
+        c = chain
+        self.chain = PlatformChain(c.pdh_cert, c.pek_cert, c.oca_cert, c.cek_cert, c.ask_cert, c.ark_cert)
 
-    async def certificate_chain(self) -> object:
+    async def certificate_chain(self) -> PlatformChain:
         return self.chain
 
 
@@ -123,9 +125,8 @@ class InProcOwner:
         self.core = core
 
     async def open_session(
-        self, endpoint: str, *, workload_id: str, chain: object, policy: int
+        self, endpoint: str, *, workload_id: str, chain: PlatformChain, policy: int
     ) -> OwnerSession:
-        assert isinstance(chain, common_pb2.CertificateChain)
         c = chain
         chain_in = ChainInput(c.pdh_cert, c.pek_cert, c.oca_cert, c.cek_cert, c.ask_cert, c.ark_cert)
         s = await asyncio.to_thread(self.core.open_session, "launcher", workload_id, chain_in, policy)

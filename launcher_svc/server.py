@@ -19,12 +19,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from launcher_svc.adapters.grpc_clients import OwnerClient, PlatformClient
+from launcher_svc.adapters.prometheus import LauncherMetrics
+from launcher_svc.adapters.sqlite_store import open_launch_store
 from launcher_svc.api.servicer import AUTHZ, SERVICE_NAME, LauncherServicer
 from launcher_svc.core.launcher import Launcher, LauncherConfig
 from launcher_svc.core.ports import Hypervisor
 from launcher_svc.core.spec import PathPolicy, validate_vcpu_type
-from launcher_svc.core.state import LaunchStore, Phase
-from launcher_svc.metrics import LauncherMetrics
+from launcher_svc.core.state import Phase
 from sevlaunch.errors import InvalidArgument
 from sevlaunch.rpc import RpcServer
 from sevlaunch.rpc.entry import add_server_flags, rpc_server_options, server_main, server_options
@@ -107,7 +108,7 @@ async def create_server(
     metrics = LauncherMetrics(server.metrics.registry)
     hv = hypervisor if hypervisor is not None else open_hypervisor(cfg, metrics=metrics)
     cfg.db.parent.mkdir(parents=True, exist_ok=True)
-    store = LaunchStore(str(cfg.db))
+    store = open_launch_store(str(cfg.db))
     platform = (
         PlatformClient(cfg.platform, cfg.tls_dir, cfg.identity, platform_identity=cfg.platform_identity)
         if cfg.platform
@@ -121,7 +122,7 @@ async def create_server(
         owners=owners,
         # One vCPU model setting: the emulated backend's default is the model SEV-ES guests are pinned to.
         config=replace(cfg.launcher, vcpu_type=cfg.vcpu_type),
-        observer=metrics,
+        metrics=metrics,
     )
     await core.start()
     launcher_pb2_grpc.add_LauncherServiceServicer_to_server(LauncherServicer(core), server.grpc_server)

@@ -37,11 +37,12 @@ import libvirt
 from launcher_svc.adapters.libvirt_backend import LibvirtHypervisor, libvirt_error
 from launcher_svc.core.domain_xml import parse_domain_xml
 from launcher_svc.core.ports import DomainInfo, LaunchSecurityInfo, SevCapabilities
+from launcher_svc.core.preflight import FirmwareImage, SecretArea
+from launcher_svc.core.reasons import FIRMWARE_PREFIX, LaunchReason
 from sevlaunch.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServiceError
 from sevlaunch.firmware import EmulatedFirmware, FirmwareError, StatusCode
 from sevlaunch.sev.digest import launch_updates
 from sevlaunch.sev.errors import SevError
-from sevlaunch.sev.ovmf import OVMF
 from sevlaunch.sev.policy import PolicyFlags
 from sevlaunch.sev.vmsa import VMSALayout, vcpu_signature
 
@@ -61,8 +62,8 @@ def firmware_error(exc: FirmwareError) -> ServiceError:
     name = exc.status.name if isinstance(exc.status, StatusCode) else f"0x{int(exc.status):02x}"
     meta = {"firmware_status": name, "command": exc.command}
     if exc.status == StatusCode.RESOURCE_LIMIT:
-        return ResourceExhausted("firmware_resource_limit", exc.detail, metadata=meta)
-    return FailedPrecondition(f"firmware_{name.lower()}", exc.detail, metadata=meta)
+        return ResourceExhausted(LaunchReason.FIRMWARE_RESOURCE_LIMIT, exc.detail, metadata=meta)
+    return FailedPrecondition(f"{FIRMWARE_PREFIX}{name.lower()}", exc.detail, metadata=meta)
 
 
 @dataclass
@@ -71,9 +72,12 @@ class _Domain:
 
     name: str
     xml: str
-    run_state: str  # "defined" | "paused" | "running"
+    run_state: str  # "defined" | "starting" | "paused" | "running"
     handle: int | None = None
     measurement: bytes = b""
+    # While "starting": the chip's guest handles just before this domain's LAUNCH_START, so that a
+    # process killed before it could record its handle can tell its guest from the others at restart.
+    handles_before: tuple[int, ...] | None = None
 
     def to_json(self) -> str:
         return json.dumps(
@@ -83,6 +87,7 @@ class _Domain:
                 "run_state": self.run_state,
                 "handle": self.handle,
                 "measurement": base64.b64encode(self.measurement).decode(),
+                "handles_before": None if self.handles_before is None else list(self.handles_before),
             }
         )
 
@@ -95,6 +100,9 @@ class _Domain:
             run_state=str(data["run_state"]),
             handle=None if data.get("handle") is None else int(data["handle"]),
             measurement=base64.b64decode(data.get("measurement", "")),
+            handles_before=(
+                None if data.get("handles_before") is None else tuple(int(h) for h in data["handles_before"])
+            ),
         )
 
 
@@ -109,9 +117,12 @@ class EmulatedHypervisor(LibvirtHypervisor):
         vcpu_type: str = "EPYC-v4",
         vmsa_layout: VMSALayout = VMSALayout.init2,
         firmware_observer: FirmwareObserver | None = None,
+        checkpoint: Callable[[str], None] | None = None,
     ) -> None:
         self.firmware = firmware
         self._observe = firmware_observer
+        # Told "after <COMMAND>" as each firmware command returns (tests kill the process there).
+        self._checkpoint = checkpoint
         # Absolute: libvirt reads `test://chip/...` as a host named "chip", not a relative path.
         self.domains_dir = Path(domains_dir).resolve()
         self.domains_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -147,9 +158,11 @@ class EmulatedHypervisor(LibvirtHypervisor):
             return None
 
     def _restore(self) -> None:
-        """Re-creates the persisted domains in the fresh test driver, in the state they were left in."""
-        for path in sorted(self.domains_dir.glob("*.json")):
-            dom = _Domain.from_json(path.read_text())
+        """Re-creates the persisted domains in the fresh test driver, in the state they were left in,
+        after accounting for the chip's guests (`_adopt`)."""
+        domains = [_Domain.from_json(p.read_text()) for p in sorted(self.domains_dir.glob("*.json"))]
+        self._adopt(domains)
+        for dom in domains:
             try:
                 vdom = self._conn.defineXML(dom.xml)
                 if dom.run_state in ("paused", "running"):
@@ -159,6 +172,28 @@ class EmulatedHypervisor(LibvirtHypervisor):
             except libvirt.libvirtError as exc:
                 raise libvirt_error(exc, f"restore {dom.name}") from None
 
+    def _adopt(self, domains: list[_Domain]) -> None:
+        """A process killed between LAUNCH_START and recording its handle left a guest on the chip
+        (LUPDATE, holding an ASID) that no domain names. Like QEMU's guest, it belongs to the domain
+        that was starting: that domain takes the guest that appeared on the chip after its snapshot and
+        that no other domain holds, and comes back paused, so that the reconciler destroys it (and its
+        guest) like any other paused domain no advancing launch owns."""
+        held = {d.handle for d in domains if d.handle is not None}
+        on_chip = set(self.firmware.guest_handles())
+        for dom in domains:
+            if dom.run_state != "starting":
+                continue
+            before = set(dom.handles_before or ())
+            # Handles only grow, so the first new one is the one this domain's LAUNCH_START made.
+            new = sorted(on_chip - before - held)
+            if new:
+                dom.handle, dom.run_state = new[0], "paused"
+                held.add(new[0])
+            else:
+                dom.run_state = "defined"  # killed before LAUNCH_START: nothing on the chip
+            dom.handles_before = None
+            self._save(dom)
+
     # -- the SEV parts QEMU would play ----------------------------------------------------------
 
     def _fw(self, command: str, fn: Callable[..., T], *args: object) -> T:
@@ -167,7 +202,7 @@ class EmulatedHypervisor(LibvirtHypervisor):
         start = time.perf_counter()
         status = StatusCode.SUCCESS.name
         try:
-            return fn(*args)
+            result = fn(*args)
         except FirmwareError as exc:
             status = exc.status.name if isinstance(exc.status, StatusCode) else f"0x{int(exc.status):02x}"
             raise
@@ -177,6 +212,9 @@ class EmulatedHypervisor(LibvirtHypervisor):
         finally:
             if self._observe is not None:
                 self._observe(command, status, time.perf_counter() - start)
+        if self._checkpoint is not None:
+            self._checkpoint(f"after {command}")
+        return result
 
     def sev_capabilities(self) -> SevCapabilities:
         cfg = self.firmware.config
@@ -197,24 +235,29 @@ class EmulatedHypervisor(LibvirtHypervisor):
             with open(path, "rb") as fh:
                 data = fh.read(MAX_IMAGE + 1)
         except OSError:
-            raise FailedPrecondition("image_unreadable", f"{what} cannot be read") from None
+            raise FailedPrecondition(LaunchReason.IMAGE_UNREADABLE, f"{what} cannot be read") from None
         if len(data) > MAX_IMAGE:
-            raise InvalidArgument("too_large", f"{what} is too large")
+            raise InvalidArgument(LaunchReason.TOO_LARGE, f"{what} is too large")
         return data
 
-    def start_paused(self, name: str) -> None:
+    def start_paused(self, name: str, firmware: FirmwareImage) -> None:
         with self._mutex:
             dom = self._load(name)
             if dom is None:
-                raise NotFound("domain_not_found", f"domain {name}")
+                raise NotFound(LaunchReason.DOMAIN_NOT_FOUND, f"domain {name}")
             vdom = self._lookup(name)
             # Like QEMU, take the launch parameters from the domain's XML as libvirt holds it.
             parsed = parse_domain_xml(vdom.XMLDesc(0))
             if not parsed.sev:
-                raise FailedPrecondition("not_sev", "the domain has no SEV launch security")
-            firmware_image = self._read(parsed.loader, "firmware")
-            if firmware_image is None:
-                raise FailedPrecondition("no_firmware", "the domain names no firmware")
+                raise FailedPrecondition(LaunchReason.NOT_SEV, "the domain has no SEV launch security")
+            if parsed.loader is None:
+                raise FailedPrecondition(LaunchReason.NO_FIRMWARE, "the domain names no firmware")
+            if parsed.loader != firmware.path:
+                raise FailedPrecondition(
+                    LaunchReason.NO_FIRMWARE, "the domain's firmware is not the image the launch checked"
+                )
+            # The image preflight read (the launch's one read of it), not the file again.
+            firmware_image = firmware.data
             kernel = initrd = None
             cmdline: str | None = None
             if parsed.kernel is not None and parsed.kernel_hashes:
@@ -237,12 +280,25 @@ class EmulatedHypervisor(LibvirtHypervisor):
                 )
             except SevError as exc:
                 raise FailedPrecondition(exc.reason.value, exc.detail) from None
+            # Before LAUNCH_START, what the chip holds: a crash before the handle below is recorded still
+            # leaves a way to find this domain's guest and DECOMMISSION it (`_adopt`).
+            dom.run_state, dom.handles_before = "starting", tuple(self.firmware.guest_handles())
+            self._save(dom)
             try:
-                handle = self._fw(
-                    "LAUNCH_START", self.firmware.launch_start, parsed.dh_cert, parsed.session, parsed.policy
-                )
+                try:
+                    handle = self._fw(
+                        "LAUNCH_START",
+                        self.firmware.launch_start,
+                        parsed.dh_cert,
+                        parsed.session,
+                        parsed.policy,
+                    )
+                except FirmwareError:
+                    dom.run_state, dom.handles_before = "defined", None  # refused: no guest was made
+                    self._save(dom)
+                    raise
                 # Persist the handle at once: from here on a crash must leave a way to DECOMMISSION.
-                dom.handle, dom.run_state = handle, "paused"
+                dom.handle, dom.run_state, dom.handles_before = handle, "paused", None
                 self._save(dom)
                 for update in updates:
                     if update.kind == "data":
@@ -270,7 +326,7 @@ class EmulatedHypervisor(LibvirtHypervisor):
         with self._mutex:
             dom = self._load(name)
             if dom is None or dom.handle is None or not dom.measurement:
-                raise FailedPrecondition("not_measured", "the domain has no launch measurement")
+                raise FailedPrecondition(LaunchReason.NOT_MEASURED, "the domain has no launch measurement")
             status = self.firmware.platform_status()
             info = self.firmware.guest_info(dom.handle)
             return LaunchSecurityInfo(
@@ -281,21 +337,14 @@ class EmulatedHypervisor(LibvirtHypervisor):
                 policy=int(info["policy"]),
             )
 
-    def inject_secret(self, name: str, header: bytes, payload: bytes, gpa: int | None) -> None:
+    def inject_secret(self, name: str, header: bytes, payload: bytes, area: SecretArea) -> None:
         with self._mutex:
             dom = self._load(name)
             if dom is None or dom.handle is None:
-                raise FailedPrecondition("not_started", "the domain has no firmware guest context")
-            if gpa is None:
-                # QEMU's default: the secret area the OVMF footer declares.
-                parsed = parse_domain_xml(dom.xml)
-                image = self._read(parsed.loader, "firmware")
-                area = OVMF.from_bytes(image or b"").secret_area
-                if area is None:
-                    raise FailedPrecondition("no_secret_area", "the OVMF declares no secret area")
-                gpa = area[0]
+                raise FailedPrecondition(LaunchReason.NOT_STARTED, "the domain has no firmware guest context")
+            # A declared area is where QEMU would find it by itself; preflight found it already.
             try:
-                self._fw("LAUNCH_SECRET", self.firmware.launch_secret, dom.handle, header, payload, gpa)
+                self._fw("LAUNCH_SECRET", self.firmware.launch_secret, dom.handle, header, payload, area.gpa)
             except FirmwareError as exc:
                 raise firmware_error(exc) from None
 
@@ -303,7 +352,7 @@ class EmulatedHypervisor(LibvirtHypervisor):
         with self._mutex:
             dom = self._load(name)
             if dom is None or dom.handle is None:
-                raise FailedPrecondition("not_started", "the domain has no firmware guest context")
+                raise FailedPrecondition(LaunchReason.NOT_STARTED, "the domain has no firmware guest context")
             try:
                 self._fw("LAUNCH_FINISH", self.firmware.launch_finish, dom.handle)
             except FirmwareError as exc:

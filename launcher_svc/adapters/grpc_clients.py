@@ -32,7 +32,8 @@ import grpc.aio
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from launcher_svc.core.ports import OwnerSession, ReleasedSecret
+from launcher_svc.core.ports import OwnerSession, PlatformChain, ReleasedSecret
+from launcher_svc.core.reasons import peer_reason
 from sevlaunch.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -52,16 +53,37 @@ log = logging.getLogger("launcher_svc")
 MAX_OWNER_CHANNELS = 64
 # The diagnosis of a failed connection (below) waits at most this long.
 DIAGNOSIS_TIMEOUT = 3.0
+# Reconnect backoff: gRPC's default starts at 1 s and grows by 1.6x up to 120 s, so after a long peer
+# outage the channel would keep failing fast for up to two minutes after the peer is back. A launch is
+# worth a connection attempt a second: capped here, and a channel that failed to connect is replaced
+# (see `_IdentityChannel.error`), so the next launch after an outage does not wait for the backoff at all.
+INITIAL_RECONNECT_BACKOFF_MS = 100
+MAX_RECONNECT_BACKOFF_MS = 1000
+# How long a replaced channel keeps serving the calls still in flight on it before it is closed.
+REPLACED_CHANNEL_GRACE = 30.0
+
+
+def channel_options(expected: str) -> list[tuple[str, str | int]]:
+    return [
+        # The override is both the SNI and the name gRPC checks the certificate against, instead of the
+        # endpoint's host (module docstring).
+        ("grpc.ssl_target_name_override", expected),
+        ("grpc.initial_reconnect_backoff_ms", INITIAL_RECONNECT_BACKOFF_MS),
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+        # Channels otherwise share connections (and their backoff) through a process-wide pool: the
+        # replacement of a channel that failed to connect must really start afresh.
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
 
 
 def remote_error(exc: grpc.RpcError, who: str) -> ServiceError:
     info = error_info(exc)
-    reason = info.reason or f"{who}_error"
+    reason = info.reason or peer_reason(who, "error")
     detail = f"{who}: {info.message}"[:512]
     if info.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-        return Unavailable(f"{who}_unavailable", detail)
+        return Unavailable(peer_reason(who, "unavailable"), detail)
     if info.code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceeded(f"{who}_deadline", detail)
+        return DeadlineExceeded(peer_reason(who, "deadline"), detail)
     if info.code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
         return PermissionDenied(reason, detail)
     if info.code is grpc.StatusCode.NOT_FOUND:
@@ -172,26 +194,46 @@ class _IdentityChannel:
         self.endpoint = endpoint
         self.expected = expected
         self.who = who
+        self._credentials = credentials
         self._diagnosis = diagnosis
-        # The override is both the SNI and the name gRPC checks the certificate against, instead of the
-        # endpoint's host (module docstring).
-        self.channel = grpc.aio.secure_channel(
-            endpoint, credentials, options=[("grpc.ssl_target_name_override", expected)]
+        self._retiring: dict[asyncio.Task[None], grpc.aio.Channel] = {}
+        self.channel = self._open()
+
+    def _open(self) -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(
+            self.endpoint, self._credentials, options=channel_options(self.expected)
         )
+
+    def _replace_if_disconnected(self) -> None:
+        """A channel that could not connect sits in backoff and fails calls fast until its next attempt:
+        replace it, so that the next call connects at once. A channel still connected (the peer itself
+        answered UNAVAILABLE, say its store is down) is kept. The old one finishes its calls in flight."""
+        if self.channel.get_state(try_to_connect=False) is grpc.ChannelConnectivity.READY:
+            return
+        old, self.channel = self.channel, self._open()
+        task = asyncio.ensure_future(old.close(REPLACED_CHANNEL_GRACE))
+        self._retiring[task] = old
+        task.add_done_callback(lambda t: self._retiring.pop(t, None))
 
     async def error(self, exc: grpc.RpcError) -> ServiceError:
         if exc.code() is grpc.StatusCode.UNAVAILABLE:
+            self._replace_if_disconnected()
             why = await self._diagnosis.refusal(self.endpoint, self.expected)
             if why is not None:
                 log.warning(
                     "server refused: not the expected identity",
                     extra={"endpoint": self.endpoint, "expected": self.expected, "error": why},
                 )
-                return PermissionDenied(f"{self.who}_not_authenticated", f"{self.who}: {why}"[:512])
+                return PermissionDenied(
+                    peer_reason(self.who, "not_authenticated"), f"{self.who}: {why}"[:512]
+                )
         return remote_error(exc, self.who)
 
     async def close(self) -> None:
         await self.channel.close(None)
+        for task, old in list(self._retiring.items()):
+            task.cancel()
+            await old.close(None)
 
 
 class PlatformClient:
@@ -212,14 +254,15 @@ class PlatformClient:
             server_name(platform_identity),
             "platform",
         )
-        self._stub = platform_pb2_grpc.PlatformServiceStub(self._conn.channel)
 
-    async def certificate_chain(self) -> object:
+    async def certificate_chain(self) -> PlatformChain:
+        stub = platform_pb2_grpc.PlatformServiceStub(self._conn.channel)  # the channel may be replaced
         try:
-            reply = await self._stub.GetCertificateChain(platform_pb2.GetCertificateChainRequest())
+            reply = await stub.GetCertificateChain(platform_pb2.GetCertificateChainRequest())
         except grpc.RpcError as exc:
             raise await self._conn.error(exc) from None
-        return reply.platform.chain
+        c = reply.platform.chain
+        return PlatformChain(c.pdh_cert, c.pek_cert, c.oca_cert, c.cek_cert, c.ask_cert, c.ark_cert)
 
     async def close(self) -> None:
         await self._conn.close()
@@ -250,14 +293,20 @@ class OwnerClient:
             return conn, owner_pb2_grpc.OwnerServiceStub(conn.channel)  # an aio channel: the async stub
 
     async def open_session(
-        self, endpoint: str, *, workload_id: str, chain: object, policy: int
+        self, endpoint: str, *, workload_id: str, chain: PlatformChain, policy: int
     ) -> OwnerSession:
-        if not isinstance(chain, common_pb2.CertificateChain):
-            raise TypeError("the chain comes from PlatformClient")
         conn, stub = await self._conn(endpoint)
+        chain_pb = common_pb2.CertificateChain(
+            pdh_cert=chain.pdh_cert,
+            pek_cert=chain.pek_cert,
+            oca_cert=chain.oca_cert,
+            cek_cert=chain.cek_cert,
+            ask_cert=chain.ask_cert,
+            ark_cert=chain.ark_cert,
+        )
         try:
             reply = await stub.OpenSession(
-                owner_pb2.OpenSessionRequest(workload_id=workload_id, chain=chain, policy=policy)
+                owner_pb2.OpenSessionRequest(workload_id=workload_id, chain=chain_pb, policy=policy)
             )
         except grpc.RpcError as exc:
             raise await conn.error(exc) from None

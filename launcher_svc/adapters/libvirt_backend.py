@@ -29,6 +29,8 @@ from launcher_svc.core.ports import (
     LifecycleKind,
     SevCapabilities,
 )
+from launcher_svc.core.preflight import FirmwareImage, SecretArea
+from launcher_svc.core.reasons import LaunchReason
 from sevlaunch.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -68,23 +70,34 @@ def ensure_event_loop() -> None:
         _event_loop_started = True
 
 
+# libvirt's message when the QEMU binary or the host cannot do SEV (VIR_ERR_CONFIG_UNSUPPORTED).
+_SEV_UNSUPPORTED = "SEV launch security is not supported"
+
+
 def libvirt_error(exc: libvirt.libvirtError, what: str) -> ServiceError:
     code = exc.get_error_code()
     message = exc.get_error_message() or str(exc)
     detail = f"{what}: {message}"
+    if code == libvirt.VIR_ERR_OPERATION_UNSUPPORTED or (
+        code == libvirt.VIR_ERR_CONFIG_UNSUPPORTED and _SEV_UNSUPPORTED in message
+    ):
+        # libvirt 9.0 reports a launch-security call on a domain without SEV as OPERATION_UNSUPPORTED,
+        # and SEV asked of a QEMU or host without it as CONFIG_UNSUPPORTED with this message: the host
+        # or domain cannot do SEV, which is neither the caller's XML nor a hypervisor fault.
+        return FailedPrecondition(LaunchReason.SEV_UNSUPPORTED, detail)
     if code == libvirt.VIR_ERR_NO_SUPPORT:
-        return FailedPrecondition("hypervisor_unsupported", detail)
+        return FailedPrecondition(LaunchReason.HYPERVISOR_UNSUPPORTED, detail)
     if code == libvirt.VIR_ERR_NO_DOMAIN:
-        return NotFound("domain_not_found", detail)
+        return NotFound(LaunchReason.DOMAIN_NOT_FOUND, detail)
     if code in (libvirt.VIR_ERR_XML_ERROR, libvirt.VIR_ERR_XML_DETAIL, libvirt.VIR_ERR_CONFIG_UNSUPPORTED):
-        return InvalidArgument("domain_xml_rejected", detail)
+        return InvalidArgument(LaunchReason.DOMAIN_XML_REJECTED, detail)
     if code in (
         libvirt.VIR_ERR_OPERATION_INVALID,
         libvirt.VIR_ERR_INVALID_ARG,
         libvirt.VIR_ERR_OPERATION_FAILED,
     ):
-        return FailedPrecondition("hypervisor_refused", detail)
-    return Unavailable("hypervisor_error", detail)
+        return FailedPrecondition(LaunchReason.HYPERVISOR_REFUSED, detail)
+    return Unavailable(LaunchReason.HYPERVISOR_ERROR, detail)
 
 
 _LIFECYCLE = {
@@ -119,7 +132,9 @@ def check_cpu_model(domcaps_xml: str, model: str) -> None:
     try:
         root = ET.fromstring(domcaps_xml)  # noqa: S314 - from the local libvirt daemon
     except ET.ParseError:
-        raise FailedPrecondition("hypervisor_refused", "libvirt's domain capabilities do not parse") from None
+        raise FailedPrecondition(
+            LaunchReason.HYPERVISOR_REFUSED, "libvirt's domain capabilities do not parse"
+        ) from None
     models = {
         (el.text or "").strip(): el.get("usable", "unknown")
         for el in root.findall("cpu/mode[@name='custom']/model")
@@ -129,13 +144,13 @@ def check_cpu_model(domcaps_xml: str, model: str) -> None:
     )
     if model not in models:
         raise FailedPrecondition(
-            "unsupported_vcpu_type",
+            LaunchReason.UNSUPPORTED_VCPU_TYPE,
             f"libvirt on this host does not know the CPU model {model}; of the SEV-ES vCPU types it offers"
             f" {', '.join(offered) or 'none'}",
         )
     if models[model] == "no":
         raise FailedPrecondition(
-            "unsupported_vcpu_type",
+            LaunchReason.UNSUPPORTED_VCPU_TYPE,
             f"this host cannot run the CPU model {model} (libvirt lists it as not usable); it offers"
             f" {', '.join(offered) or 'none'}",
         )
@@ -189,7 +204,9 @@ class LibvirtHypervisor:
         root = ET.fromstring(caps_xml)  # noqa: S314 - from the local libvirt daemon
         sev = root.find("features/sev")
         if sev is None or sev.get("supported") != "yes":
-            raise FailedPrecondition("sev_unsupported", "this host's hypervisor does not offer SEV")
+            raise FailedPrecondition(
+                LaunchReason.SEV_UNSUPPORTED, "this host's hypervisor does not offer SEV"
+            )
         cbitpos, reduced = _int(sev, "cbitpos"), _int(sev, "reducedPhysBits")
         max_guests, max_es = _int(sev, "maxGuests"), _int(sev, "maxESGuests")
         if max_guests is None or max_es is None:
@@ -200,7 +217,9 @@ class LibvirtHypervisor:
             max_guests = int(info.get("max-guests", 0))
             max_es = int(info.get("max-es-guests", 0))
         if cbitpos is None or reduced is None:
-            raise FailedPrecondition("sev_unsupported", "the hypervisor reports no cbitpos/reducedPhysBits")
+            raise FailedPrecondition(
+                LaunchReason.SEV_UNSUPPORTED, "the hypervisor reports no cbitpos/reducedPhysBits"
+            )
         return SevCapabilities(cbitpos, reduced, max_guests, max_es)
 
     def _domain_capabilities(self) -> str | None:
@@ -232,7 +251,7 @@ class LibvirtHypervisor:
         try:
             parsed = parse_domain_xml(xml)
         except (ValueError, ET.ParseError):
-            raise InvalidArgument("domain_xml_rejected", "the domain XML does not parse") from None
+            raise InvalidArgument(LaunchReason.DOMAIN_XML_REJECTED, "the domain XML does not parse") from None
         name = parsed.domain_name
         if parsed.cpu_model is not None:
             # A pinned model this libvirt cannot provide: refused before anything is defined.
@@ -240,14 +259,16 @@ class LibvirtHypervisor:
             if domcaps is not None:
                 check_cpu_model(domcaps, parsed.cpu_model)
         if self._find(name) is not None:
-            raise AlreadyExists("domain_exists", f"a domain named {name} exists")
+            raise AlreadyExists(LaunchReason.DOMAIN_EXISTS, f"a domain named {name} exists")
         try:
             dom = self._conn.defineXML(xml)
         except libvirt.libvirtError as exc:
             raise libvirt_error(exc, "define") from None
         return str(dom.UUIDString())
 
-    def start_paused(self, name: str) -> None:
+    def start_paused(self, name: str, firmware: FirmwareImage) -> None:
+        # QEMU reads the loader the domain XML names; `firmware` is what preflight checked of it.
+        del firmware
         dom = self._lookup(name)
         try:
             dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
@@ -270,17 +291,18 @@ class LibvirtHypervisor:
             )
         except (KeyError, ValueError, TypeError):
             raise FailedPrecondition(
-                "bad_measurement", "libvirt returned incomplete launch security info"
+                LaunchReason.BAD_MEASUREMENT, "libvirt returned incomplete launch security info"
             ) from None
 
-    def inject_secret(self, name: str, header: bytes, payload: bytes, gpa: int | None) -> None:
+    def inject_secret(self, name: str, header: bytes, payload: bytes, area: SecretArea) -> None:
         dom = self._lookup(name)
         params: dict[str, Any] = {
             libvirt.VIR_DOMAIN_LAUNCH_SECURITY_SEV_SECRET_HEADER: base64.b64encode(header).decode(),
             libvirt.VIR_DOMAIN_LAUNCH_SECURITY_SEV_SECRET: base64.b64encode(payload).decode(),
         }
-        if gpa is not None:
-            params[libvirt.VIR_DOMAIN_LAUNCH_SECURITY_SEV_SECRET_SET_ADDRESS] = gpa
+        if not area.declared:
+            # QEMU finds a declared area by itself; any other address must be given.
+            params[libvirt.VIR_DOMAIN_LAUNCH_SECURITY_SEV_SECRET_SET_ADDRESS] = area.gpa
         try:
             dom.setLaunchSecurityState(params, 0)
         except libvirt.libvirtError as exc:

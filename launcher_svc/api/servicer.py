@@ -11,7 +11,9 @@ import grpc.aio
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from launcher_svc.core.launcher import Launcher, LaunchEvent
+from launcher_svc.core.config import LaunchEvent
+from launcher_svc.core.launcher import Launcher
+from launcher_svc.core.reasons import LaunchReason
 from launcher_svc.core.spec import DiskFormat, DiskSpec, GuestSpec, create_spec
 from launcher_svc.core.state import LaunchFlow, LaunchRecord, Phase
 from sevlaunch.errors import InvalidArgument
@@ -20,7 +22,7 @@ from sevlaunch.rpc.v1 import launcher_pb2, launcher_pb2_grpc
 from sevlaunch.sev.policy import PolicyFlags
 from sevlaunch.sev.technology import Technology
 
-SERVICE_NAME = "sevlaunch.v1.LauncherService"
+SERVICE_NAME = launcher_pb2.DESCRIPTOR.services_by_name["LauncherService"].full_name
 
 AUTHZ = AuthzPolicy(
     method_rules(
@@ -45,10 +47,10 @@ _FORMATS = {
 }
 
 
-def phase_pb(phase: Phase | None) -> int:
+def phase_pb(phase: Phase | None) -> launcher_pb2.Phase.ValueType:
     if phase is None:
-        return int(launcher_pb2.PHASE_UNSPECIFIED)
-    return int(launcher_pb2.Phase.Value(f"PHASE_{phase.value}"))
+        return launcher_pb2.PHASE_UNSPECIFIED
+    return launcher_pb2.Phase.Value(f"PHASE_{phase.value}")
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -66,9 +68,9 @@ def _duration(seconds: float) -> Duration:
 def event_pb(ev: LaunchEvent) -> launcher_pb2.LaunchEvent:
     return launcher_pb2.LaunchEvent(
         launch_id=ev.launch_id,
-        phase=phase_pb(ev.phase),  # type: ignore[arg-type]
+        phase=phase_pb(ev.phase),
         duration=_duration(ev.duration),
-        failed_phase=phase_pb(ev.failed_phase),  # type: ignore[arg-type]
+        failed_phase=phase_pb(ev.failed_phase),
         reason=ev.reason,
         detail=ev.detail,
         domain_name=ev.domain_name,
@@ -84,8 +86,8 @@ def info_pb(rec: LaunchRecord) -> launcher_pb2.LaunchInfo:
             if rec.mode is LaunchFlow.ORCHESTRATED
             else launcher_pb2.LAUNCH_MODE_TWO_PHASE
         ),
-        state=phase_pb(rec.state),  # type: ignore[arg-type]
-        failed_phase=phase_pb(rec.failed_phase),  # type: ignore[arg-type]
+        state=phase_pb(rec.state),
+        failed_phase=phase_pb(rec.failed_phase),
         reason=rec.reason,
         detail=rec.detail,
         guest_name=rec.spec.name,
@@ -107,7 +109,7 @@ def info_pb(rec: LaunchRecord) -> launcher_pb2.LaunchInfo:
 
 def _launch_id(value: str) -> str:
     if not (len(value) == 32 and all(c in "0123456789abcdef" for c in value)):
-        raise InvalidArgument("bad_launch_id", "launch ids are 32 lower-hex characters")
+        raise InvalidArgument(LaunchReason.BAD_LAUNCH_ID, "launch ids are 32 lower-hex characters")
     return value
 
 
@@ -121,17 +123,17 @@ class LauncherServicer(launcher_pb2_grpc.LauncherServiceServicer):
         elif spec.mode in _MODES:
             mode = _MODES[spec.mode]
         else:
-            raise InvalidArgument("bad_mode", "unknown SEV mode")
+            raise InvalidArgument(LaunchReason.BAD_MODE, "unknown SEV mode")
         for disk in spec.disks:
             if disk.format not in _FORMATS:
-                raise InvalidArgument("bad_disk_format", "unknown disk format")
+                raise InvalidArgument(LaunchReason.BAD_DISK_FORMAT, "unknown disk format")
         try:
             return self._create_spec(spec, mode)
         except OSError as exc:
             # The path checks stat the caller's paths: a name too long for the file system, a
             # directory the launcher may not search, ... are the caller's bad paths, not our errors.
             reason = exc.strerror or type(exc).__name__
-            raise InvalidArgument("bad_path", f"a path cannot be checked: {reason}") from None
+            raise InvalidArgument(LaunchReason.BAD_PATH, f"a path cannot be checked: {reason}") from None
 
     def _create_spec(self, spec: launcher_pb2.GuestSpec, mode: Technology) -> GuestSpec:
         return create_spec(
@@ -196,9 +198,10 @@ class LauncherServicer(launcher_pb2_grpc.LauncherServiceServicer):
     async def AbortLaunch(
         self, request: launcher_pb2.AbortLaunchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> launcher_pb2.LaunchInfo:
-        launch_id = _launch_id(request.launch_id)
-        self.core.owned(launch_id, current_caller().identity)
-        return info_pb(await self.core.abort(launch_id))
+        rec = await self.core.abort_owned(
+            _launch_id(request.launch_id), requested_by=current_caller().identity
+        )
+        return info_pb(rec)
 
     async def GetLaunch(
         self, request: launcher_pb2.GetLaunchRequest, context: grpc.aio.ServicerContext[Any, Any]

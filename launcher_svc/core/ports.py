@@ -5,8 +5,9 @@
 * `PlatformPort`: the host's platform_svc (certificate chain).
 * `OwnerPort`: the guest owner's owner_svc (session, secret), reached at an endpoint the request names.
 
-The chain is opaque to the core (it forwards it to the owner); the secret is `ReleasedSecret`, whose
-repr hides its bytes so that it cannot end up in a log by accident.
+The chain is `PlatformChain`, forwarded to the owner as the platform sent it (the owner verifies it);
+the secret is `ReleasedSecret`, whose repr hides its bytes so that it cannot end up in a log by accident.
+The hypervisor gets the launch's `FirmwareImage` and `SecretArea` as preflight found them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
+
+from launcher_svc.core.preflight import FirmwareImage, SecretArea
 
 
 @dataclass(frozen=True)
@@ -79,14 +82,15 @@ class Hypervisor(Protocol):
         """Defines (persistently) a domain; returns its UUID. libvirt's parser validates the XML."""
         ...
 
-    def start_paused(self, name: str) -> None:
-        """Starts the domain paused: LAUNCH_START, LAUNCH_UPDATE_*, LAUNCH_MEASURE happen here."""
+    def start_paused(self, name: str, firmware: FirmwareImage) -> None:
+        """Starts the domain paused: LAUNCH_START, LAUNCH_UPDATE_*, LAUNCH_MEASURE happen here.
+        `firmware` is the image the domain's loader names, as preflight read it."""
         ...
 
     def launch_security_info(self, name: str) -> LaunchSecurityInfo: ...
 
-    def inject_secret(self, name: str, header: bytes, payload: bytes, gpa: int | None) -> None:
-        """LAUNCH_SECRET; `gpa` None lets QEMU use the OVMF's declared secret area."""
+    def inject_secret(self, name: str, header: bytes, payload: bytes, area: SecretArea) -> None:
+        """LAUNCH_SECRET into `area` (QEMU finds a declared area by itself)."""
         ...
 
     def resume(self, name: str) -> None:
@@ -104,10 +108,21 @@ class Hypervisor(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class PlatformChain:
+    """platform_svc's certificate chain (common.proto `CertificateChain`), forwarded to the owner as sent:
+    the owner verifies it, the launcher only carries it."""
+
+    pdh_cert: bytes
+    pek_cert: bytes
+    oca_cert: bytes
+    cek_cert: bytes
+    ask_cert: bytes
+    ark_cert: bytes
+
+
 class PlatformPort(Protocol):
-    async def certificate_chain(self) -> object:
-        """The platform's certificates, opaque to the core (forwarded to the owner as they are)."""
-        ...
+    async def certificate_chain(self) -> PlatformChain: ...
 
 
 @dataclass(frozen=True)
@@ -131,7 +146,7 @@ class ReleasedSecret:
 
 class OwnerPort(Protocol):
     async def open_session(
-        self, endpoint: str, *, workload_id: str, chain: object, policy: int
+        self, endpoint: str, *, workload_id: str, chain: PlatformChain, policy: int
     ) -> OwnerSession: ...
 
     async def release_secret(

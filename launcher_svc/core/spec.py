@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from launcher_svc.core.reasons import LaunchReason
 from sevlaunch.errors import InvalidArgument
 from sevlaunch.sev.errors import MalformedInput, Unsupported
 from sevlaunch.sev.policy import GuestPolicy
@@ -96,7 +97,8 @@ class GuestSpec:
     def from_json_dict(cls, data: dict[str, object]) -> GuestSpec:
         """Re-reads a spec this launcher validated and stored earlier (the database is trusted)."""
         disks_raw = data.get("disks") or []
-        assert isinstance(disks_raw, list)
+        networks_raw = data.get("networks") or []
+        assert isinstance(disks_raw, list) and isinstance(networks_raw, list)
         return cls(
             name=str(data["name"]),
             memory_mib=int(str(data["memory_mib"])),
@@ -111,7 +113,7 @@ class GuestSpec:
                 DiskSpec(str(d["path"]), str(d["target"]), DiskFormat(str(d["format"])), bool(d["readonly"]))
                 for d in disks_raw
             ),
-            networks=tuple(str(n) for n in (data.get("networks") or [])),  # type: ignore[attr-defined]
+            networks=tuple(str(n) for n in networks_raw),
             launch_without_secret=bool(data.get("launch_without_secret", False)),
             vcpu_type=_opt_str(data.get("vcpu_type")),
         )
@@ -129,9 +131,9 @@ class PathPolicy:
 
     def check(self, value: str, *, what: str, max_bytes: int | None, must_exist: bool = True) -> str:
         if not value or "\x00" in value or len(value) > 4096:
-            raise InvalidArgument("bad_path", f"{what}: empty or invalid path")
+            raise InvalidArgument(LaunchReason.BAD_PATH, f"{what}: empty or invalid path")
         if not value.startswith("/") or os.path.normpath(value) != value:
-            raise InvalidArgument("bad_path", f"{what}: must be an absolute, normalised path")
+            raise InvalidArgument(LaunchReason.BAD_PATH, f"{what}: must be an absolute, normalised path")
         resolved = os.path.realpath(value)
         for root in self.allowed_dirs:
             root_real = os.path.realpath(root)
@@ -139,23 +141,27 @@ class PathPolicy:
                 break
         else:
             raise InvalidArgument(
-                "path_not_allowed", f"{what}: {value} is outside the allowed image directories"
+                LaunchReason.PATH_NOT_ALLOWED, f"{what}: {value} is outside the allowed image directories"
             )
         if must_exist:
             p = Path(resolved)
             if not p.is_file():
-                raise InvalidArgument("bad_path", f"{what}: {value} is not a regular file")
+                raise InvalidArgument(LaunchReason.BAD_PATH, f"{what}: {value} is not a regular file")
             size = p.stat().st_size
             if max_bytes is not None and size > max_bytes:
-                raise InvalidArgument("too_large", f"{what}: {size} bytes exceeds the limit of {max_bytes}")
+                raise InvalidArgument(
+                    LaunchReason.TOO_LARGE, f"{what}: {size} bytes exceeds the limit of {max_bytes}"
+                )
             if size == 0:
-                raise InvalidArgument("bad_path", f"{what}: {value} is empty")
+                raise InvalidArgument(LaunchReason.BAD_PATH, f"{what}: {value} is empty")
         return value
 
 
 def validate_name(name: str) -> str:
     if not NAME_RE.fullmatch(name):
-        raise InvalidArgument("bad_name", "name must be 1-48 characters of A-Z a-z 0-9 _ . - (not leading)")
+        raise InvalidArgument(
+            LaunchReason.BAD_NAME, "name must be 1-48 characters of A-Z a-z 0-9 _ . - (not leading)"
+        )
     return name
 
 
@@ -164,22 +170,24 @@ def validate_vcpu_type(name: str) -> str:
     try:
         vcpu_signature(name)
     except Unsupported:
-        raise InvalidArgument("bad_vcpu_type", f"unknown vCPU type {name[:64]!r}") from None
+        raise InvalidArgument(LaunchReason.BAD_VCPU_TYPE, f"unknown vCPU type {name[:64]!r}") from None
     return name
 
 
 def validate_endpoint(endpoint: str) -> str:
     if not ENDPOINT_RE.fullmatch(endpoint):
-        raise InvalidArgument("bad_endpoint", "owner endpoint must be HOST:PORT")
+        raise InvalidArgument(LaunchReason.BAD_ENDPOINT, "owner endpoint must be HOST:PORT")
     port = int(endpoint.rsplit(":", 1)[1])
     if not 0 < port < 65536:
-        raise InvalidArgument("bad_endpoint", "owner endpoint port out of range")
+        raise InvalidArgument(LaunchReason.BAD_ENDPOINT, "owner endpoint port out of range")
     return endpoint
 
 
 def validate_workload(workload: str) -> str:
     if not WORKLOAD_RE.fullmatch(workload):
-        raise InvalidArgument("bad_workload", "workload id must be 1-128 characters of A-Z a-z 0-9 _ . : / -")
+        raise InvalidArgument(
+            LaunchReason.BAD_WORKLOAD, "workload id must be 1-128 characters of A-Z a-z 0-9 _ . : / -"
+        )
     return workload
 
 
@@ -203,44 +211,48 @@ def create_spec(
     """Validates every field of a guest request; raises `InvalidArgument` with the first problem."""
     validate_name(name)
     if not MIN_MEMORY_MIB <= memory_mib <= MAX_MEMORY_MIB:
-        raise InvalidArgument("bad_memory", f"memory must be {MIN_MEMORY_MIB}..{MAX_MEMORY_MIB} MiB")
+        raise InvalidArgument(
+            LaunchReason.BAD_MEMORY, f"memory must be {MIN_MEMORY_MIB}..{MAX_MEMORY_MIB} MiB"
+        )
     if not 1 <= vcpus <= MAX_VCPUS:
-        raise InvalidArgument("bad_vcpus", f"vcpus must be 1..{MAX_VCPUS}")
+        raise InvalidArgument(LaunchReason.BAD_VCPUS, f"vcpus must be 1..{MAX_VCPUS}")
     try:
         guest_policy = GuestPolicy(policy)
     except MalformedInput as exc:
-        raise InvalidArgument("bad_policy", str(exc)) from None
+        raise InvalidArgument(LaunchReason.BAD_POLICY, str(exc)) from None
     # The ES bit and the mode must agree: the firmware enforces the policy, QEMU picks SEV-ES from the
     # policy too, and a mismatch would launch something else than what the owner attests.
     if guest_policy.requires_es != (mode is Technology.SEV_ES):
         raise InvalidArgument(
-            "policy_mode_mismatch", f"policy {policy:#06x} does not agree with mode {mode.value}"
+            LaunchReason.POLICY_MODE_MISMATCH, f"policy {policy:#06x} does not agree with mode {mode.value}"
         )
     paths.check(firmware_path, what="firmware", max_bytes=MAX_FIRMWARE_BYTES)
     if kernel_path is not None:
         paths.check(kernel_path, what="kernel", max_bytes=MAX_KERNEL_BYTES)
     elif initrd_path is not None or cmdline is not None:
-        raise InvalidArgument("bad_kernel", "initrd and cmdline need a kernel")
+        raise InvalidArgument(LaunchReason.BAD_KERNEL, "initrd and cmdline need a kernel")
     if initrd_path is not None:
         paths.check(initrd_path, what="initrd", max_bytes=MAX_INITRD_BYTES)
     if cmdline is not None:
         if len(cmdline) > MAX_CMDLINE or not cmdline.isprintable():
             raise InvalidArgument(
-                "bad_cmdline", f"cmdline must be printable and at most {MAX_CMDLINE} characters"
+                LaunchReason.BAD_CMDLINE, f"cmdline must be printable and at most {MAX_CMDLINE} characters"
             )
     if len(disks) > MAX_DISKS:
-        raise InvalidArgument("bad_disks", f"at most {MAX_DISKS} disks")
+        raise InvalidArgument(LaunchReason.BAD_DISKS, f"at most {MAX_DISKS} disks")
     targets: set[str] = set()
     for disk in disks:
         if not DISK_TARGET_RE.fullmatch(disk.target) or disk.target in targets:
-            raise InvalidArgument("bad_disk_target", "disk targets must be distinct vda..vdz")
+            raise InvalidArgument(LaunchReason.BAD_DISK_TARGET, "disk targets must be distinct vda..vdz")
         targets.add(disk.target)
         paths.check(disk.path, what=f"disk {disk.target}", max_bytes=None)
     if len(networks) > MAX_NETWORKS:
-        raise InvalidArgument("bad_networks", f"at most {MAX_NETWORKS} networks")
+        raise InvalidArgument(LaunchReason.BAD_NETWORKS, f"at most {MAX_NETWORKS} networks")
     for net in networks:
         if not NETWORK_RE.fullmatch(net):
-            raise InvalidArgument("bad_network", "network names must be 1-64 characters of A-Z a-z 0-9 _ . -")
+            raise InvalidArgument(
+                LaunchReason.BAD_NETWORK, "network names must be 1-64 characters of A-Z a-z 0-9 _ . -"
+            )
     if vcpu_type is not None:
         validate_vcpu_type(vcpu_type)
     return GuestSpec(

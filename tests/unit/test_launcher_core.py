@@ -1,153 +1,39 @@
-"""The launch core against a fake hypervisor, platform and owner (fakes, not mocks: they keep state the
-way libvirt and the firmware would). What these pin down is the fail-closed contract: whatever path a
-launch takes that does not end in RUNNING, no domain and no firmware guest context is left behind, and
-a guest runs without a secret only with both the spec's request and the owner's explicit consent."""
+"""The launch core against a fake hypervisor, platform and owner (tests/fakes: they keep state the way
+libvirt and the firmware would) on a fake clock, so that deadlines pass when the test says so. What these
+pin down is the fail-closed contract: whatever path a launch takes that does not end in RUNNING, no
+domain and no firmware guest context is left behind, and a guest runs without a secret only with both
+the spec's request and the owner's explicit consent."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
+from fakes.clock import FakeClock
+from fakes.hypervisor import FakeHypervisor
+from fakes.peers import GODH, FakeOwner, FakePlatform
 
-from launcher_svc.core.domain_xml import parse_domain_xml
+from launcher_svc.adapters.sqlite_store import LaunchStore
 from launcher_svc.core.launcher import Launcher, LauncherConfig
-from launcher_svc.core.ports import (
-    DomainInfo,
-    DomainState,
-    LaunchSecurityInfo,
-    LifecycleHandler,
-    OwnerSession,
-    ReleasedSecret,
-    SevCapabilities,
-)
+from launcher_svc.core.ports import DomainState, PlatformChain, PlatformPort, ReleasedSecret
 from launcher_svc.core.spec import GuestSpec
-from launcher_svc.core.state import LaunchStore, Phase
-from sevlaunch.errors import DeadlineExceeded, FailedPrecondition
-from sevlaunch.sev.cert import Algorithm, SEVCertificate, Usage
+from launcher_svc.core.state import Phase
+from sevlaunch.errors import DeadlineExceeded
 from sevlaunch.sev.technology import Technology
 
 T = TypeVar("T")
 
-OVMF = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+# The last 4 KiB of an OvmfPkgX64 build: an SEV footer, and (like Debian's image) no secret area, so
+# the configured secret address is the one used.
+OVMF = Path(__file__).resolve().parents[1] / "vectors" / "measurement" / "ovmf_OvmfX64_suffix.bin"
 SECRET_GPA = 0x80C000
 HEADER = b"\x11" * 52
 PAYLOAD = b"\x22" * 64
-# A GODH that passes the launcher's checks (the fake hypervisor never unwraps the session).
-GODH = SEVCertificate.for_ec_key(
-    usage=Usage.PDH,
-    algorithm=Algorithm.ECDH_SHA256,
-    public_key=ec.generate_private_key(ec.SECP384R1()).public_key(),
-    api_major=0,
-    api_minor=24,
-).to_bytes()
-
-pytestmark = pytest.mark.skipif(not OVMF.is_file(), reason="Debian's ovmf package is a test dependency")
-
-
-class FakeHypervisor:
-    """Domains and firmware guest contexts in memory. `delays` makes a call block its worker thread,
-    the way a real libvirt call can: once started it runs to its end, whatever the caller does."""
-
-    def __init__(self, delays: dict[str, float] | None = None) -> None:
-        self.delays = delays or {}
-        self.lock = threading.Lock()
-        self.domains: dict[str, DomainState] = {}
-        self.xml: dict[str, str] = {}
-        self.contexts: set[str] = set()  # names holding an ASID and a firmware guest context
-        self.injected: list[tuple[str, bytes, bytes, int | None]] = []
-        self.calls: list[str] = []
-
-    def _delay(self, what: str) -> None:
-        self.calls.append(what)
-        if what in self.delays:
-            time.sleep(self.delays[what])
-
-    def sev_capabilities(self) -> SevCapabilities:
-        return SevCapabilities(cbitpos=51, reduced_phys_bits=1, max_guests=16, max_es_guests=16)
-
-    def define(self, xml: str) -> str:
-        self._delay("define")
-        name = parse_domain_xml(xml).domain_name
-        with self.lock:
-            self.domains[name] = DomainState.SHUTOFF
-            self.xml[name] = xml
-        return str(uuid.uuid4())
-
-    def start_paused(self, name: str) -> None:
-        with self.lock:
-            if name not in self.domains:
-                raise FailedPrecondition("domain_not_found", name)
-        # LAUNCH_START happens first: from here on the guest holds a firmware context...
-        self._delay("start_paused")
-        with self.lock:
-            # ...and the call finishes what it started, as QEMU would.
-            self.contexts.add(name)
-            self.domains[name] = DomainState.PAUSED
-            self.xml.setdefault(name, "")
-
-    def launch_security_info(self, name: str) -> LaunchSecurityInfo:
-        self._delay("launch_security_info")
-        policy = parse_domain_xml(self.xml[name]).policy
-        return LaunchSecurityInfo(b"\x33" * 48, api_major=0, api_minor=24, build_id=1, policy=policy)
-
-    def inject_secret(self, name: str, header: bytes, payload: bytes, gpa: int | None) -> None:
-        self._delay("inject_secret")
-        self.injected.append((name, header, payload, gpa))
-
-    def resume(self, name: str) -> None:
-        self._delay("resume")
-        with self.lock:
-            self.domains[name] = DomainState.RUNNING
-
-    def destroy(self, name: str) -> bool:
-        self._delay("destroy")
-        with self.lock:
-            existed = self.domains.pop(name, None) is not None
-            self.contexts.discard(name)
-            self.xml.pop(name, None)
-        return existed
-
-    def list_domains(self) -> list[DomainInfo]:
-        with self.lock:
-            return [
-                DomainInfo(name, name, state, sev=True, sev_es=False, launch_id=None)
-                for name, state in self.domains.items()
-            ]
-
-    def set_lifecycle_handler(self, handler: LifecycleHandler | None) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class FakePlatform:
-    async def certificate_chain(self) -> object:
-        return "chain"
-
-
-@dataclass
-class FakeOwner:
-    secret: ReleasedSecret
-
-    async def open_session(
-        self, endpoint: str, *, workload_id: str, chain: object, policy: int
-    ) -> OwnerSession:
-        return OwnerSession("s-1", b"\x01" * 0x824, b"\x02" * 128, policy)
-
-    async def release_secret(self, endpoint: str, **kwargs: Any) -> ReleasedSecret:
-        return self.secret
-
-    async def close(self) -> None:
-        pass
+SESSION = b"\x02" * 128
 
 
 def _spec(*, without_secret: bool = False) -> GuestSpec:
@@ -167,21 +53,31 @@ def _core(
     hv: FakeHypervisor,
     *,
     owner: FakeOwner | None = None,
+    platform: PlatformPort | None = None,
     phase_timeouts: dict[Phase, float] | None = None,
     secret_gpa: int | None = SECRET_GPA,
+    cleanup_grace: float = 5.0,
+    clock: FakeClock | None = None,
 ) -> Launcher:
     return Launcher(
         hypervisor=hv,
         store=LaunchStore(str(tmp_path / "launcher.db")),
-        platform=FakePlatform(),
+        platform=platform or FakePlatform(),
         owners=owner or FakeOwner(ReleasedSecret(header=HEADER, payload=PAYLOAD)),
         config=LauncherConfig(
             secret_gpa=secret_gpa,
             reconcile_interval=0,
             phase_timeouts=phase_timeouts or {},
-            cleanup_grace=5.0,
+            cleanup_grace=cleanup_grace,
         ),
+        clock=clock or FakeClock(),
     )
+
+
+def _clock(core: Launcher) -> FakeClock:
+    clock = core.machine.clock
+    assert isinstance(clock, FakeClock)
+    return clock
 
 
 def _run(core: Launcher, body: Callable[[Launcher], Awaitable[T]]) -> T:
@@ -193,6 +89,14 @@ def _run(core: Launcher, body: Callable[[Launcher], Awaitable[T]]) -> T:
             await core.stop()
 
     return asyncio.run(main())
+
+
+async def until(condition: Callable[[], bool], what: str = "condition") -> None:
+    """Waits (in real time, briefly: worker threads run outside the fake clock) for `condition`."""
+    limit = time.monotonic() + 5
+    while not condition():
+        assert time.monotonic() < limit, f"timed out waiting for {what}"
+        await asyncio.sleep(0.002)
 
 
 async def _orchestrated(core: Launcher, spec: GuestSpec) -> list[Any]:
@@ -207,61 +111,94 @@ def _assert_nothing_left(hv: FakeHypervisor) -> None:
     assert hv.contexts == set()
 
 
+async def tick_until(clock: FakeClock, condition: Callable[[], bool], step: float = 0.05) -> float:
+    """Lets time flow on `clock` in small steps until `condition`; returns the clock time it took."""
+    began = clock.monotonic()
+    limit = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < limit, "timed out letting the clock run"
+        clock.advance(step)
+        await asyncio.sleep(0.005)
+    return clock.monotonic() - began
+
+
+async def _still_waiting(task: asyncio.Future[Any]) -> None:
+    """`task` is blocked (on a hypervisor call the test holds), not done."""
+    for _ in range(20):
+        await asyncio.sleep(0.001)
+    assert not task.done()
+
+
 # ---------------------------------------------------------------------------------------------------
 # a hypervisor call still running when its phase gives up
 
 
 def test_start_slower_than_its_deadline_leaves_no_paused_domain(tmp_path: Path) -> None:
-    hv = FakeHypervisor({"start_paused": 1.0})
+    hv = FakeHypervisor()
+    hv.hold("start_paused")
     core = _core(tmp_path, hv, phase_timeouts={Phase.STARTED_PAUSED: 0.2})
 
     async def body(core: Launcher) -> None:
+        call = asyncio.ensure_future(core.prepare(_spec(), godh_cert=GODH, session=SESSION, requested_by="c"))
+        await until(lambda: "start_paused" in hv.calls)
+        _clock(core).advance(0.2)  # the phase's deadline passes while the start runs on in its thread
+        await _still_waiting(call)  # fail-closed waits for the start before it destroys
+        hv.let_go("start_paused")
         with pytest.raises(DeadlineExceeded) as err:
-            await core.prepare(_spec(), godh_cert=GODH, session=b"\x02" * 128, requested_by="c")
+            await call
         assert err.value.reason == "phase_deadline"
         (rec,) = core.store.records(include_terminal=True)
         assert (rec.state, rec.failed_phase) == (Phase.FAILED, Phase.STARTED_PAUSED)
-        await asyncio.sleep(1.2)  # long enough for the start to have finished in its thread
+        assert "start_paused" in hv.ended  # the start has finished in its thread
         _assert_nothing_left(hv)
 
     _run(core, body)
 
 
 def test_orchestrated_start_slower_than_its_deadline_leaves_no_paused_domain(tmp_path: Path) -> None:
-    hv = FakeHypervisor({"start_paused": 1.0})
+    hv = FakeHypervisor()
+    hv.hold("start_paused")
     core = _core(tmp_path, hv, phase_timeouts={Phase.STARTED_PAUSED: 0.2})
 
     async def body(core: Launcher) -> None:
-        events = await _orchestrated(core, _spec())
+        collect = asyncio.ensure_future(_orchestrated(core, _spec()))
+        await until(lambda: "start_paused" in hv.calls)
+        _clock(core).advance(0.2)
+        await _still_waiting(collect)
+        hv.let_go("start_paused")
+        events = await collect
         assert (events[-1].phase, events[-1].failed_phase, events[-1].reason) == (
             Phase.FAILED,
             Phase.STARTED_PAUSED,
             "phase_deadline",
         )
-        await asyncio.sleep(1.2)
+        assert "start_paused" in hv.ended
         _assert_nothing_left(hv)
 
     _run(core, body)
 
 
 def test_abort_during_a_slow_start_leaves_no_paused_domain(tmp_path: Path) -> None:
-    hv = FakeHypervisor({"start_paused": 1.0})
+    hv = FakeHypervisor()
+    hv.hold("start_paused")
     core = _core(tmp_path, hv)
 
     async def body(core: Launcher) -> None:
         rec, events = await core.launch(
             _spec(), owner_endpoint="owner:50053", workload_id="w", requested_by="client"
         )
-        while "start_paused" not in hv.calls:
-            await asyncio.sleep(0.01)
-        aborted = await core.abort(rec.launch_id)
+        await until(lambda: "start_paused" in hv.calls)
+        aborting = asyncio.ensure_future(core.abort(rec.launch_id))
+        await _still_waiting(aborting)
+        hv.let_go("start_paused")
+        aborted = await aborting
         assert (aborted.state, aborted.failed_phase, aborted.reason) == (
             Phase.FAILED,
             Phase.STARTED_PAUSED,
             "aborted",
         )
         assert [e.phase for e in [e async for e in events]][-1] is Phase.FAILED
-        await asyncio.sleep(1.2)
+        assert "start_paused" in hv.ended
         _assert_nothing_left(hv)
 
     _run(core, body)
@@ -269,7 +206,8 @@ def test_abort_during_a_slow_start_leaves_no_paused_domain(tmp_path: Path) -> No
 
 def test_stop_during_a_slow_start_leaves_no_paused_domain(tmp_path: Path) -> None:
     # SIGTERM: the server stops the core, which aborts every launch in flight.
-    hv = FakeHypervisor({"start_paused": 1.0})
+    hv = FakeHypervisor()
+    hv.hold("start_paused")
     core = _core(tmp_path, hv)
 
     async def main() -> None:
@@ -277,30 +215,34 @@ def test_stop_during_a_slow_start_leaves_no_paused_domain(tmp_path: Path) -> Non
         rec, _events = await core.launch(
             _spec(), owner_endpoint="owner:50053", workload_id="w", requested_by="client"
         )
-        while "start_paused" not in hv.calls:
-            await asyncio.sleep(0.01)
-        await core.stop()
+        await until(lambda: "start_paused" in hv.calls)
+        stopping = asyncio.ensure_future(core.stop())
+        await _still_waiting(stopping)
+        hv.let_go("start_paused")
+        await stopping
         assert core.store.get(rec.launch_id).reason == "launcher_stopping"
-        await asyncio.sleep(1.2)
+        assert "start_paused" in hv.ended
         _assert_nothing_left(hv)
 
     asyncio.run(main())
 
 
 def test_a_call_outliving_the_cleanup_grace_is_destroyed_when_it_ends(tmp_path: Path) -> None:
-    hv = FakeHypervisor({"start_paused": 1.0})
-    core = _core(tmp_path, hv, phase_timeouts={Phase.STARTED_PAUSED: 0.1})
-    core.config = LauncherConfig(
-        secret_gpa=SECRET_GPA,
-        reconcile_interval=0,
-        phase_timeouts={Phase.STARTED_PAUSED: 0.1},
-        cleanup_grace=0.2,
-    )
+    hv = FakeHypervisor()
+    hv.hold("start_paused")
+    core = _core(tmp_path, hv, phase_timeouts={Phase.STARTED_PAUSED: 0.1}, cleanup_grace=0.2)
 
     async def body(core: Launcher) -> None:
+        call = asyncio.ensure_future(core.prepare(_spec(), godh_cert=GODH, session=SESSION, requested_by="c"))
+        await until(lambda: "start_paused" in hv.calls)
+        # The phase deadline, then the cleanup grace, pass with the start still in its thread.
+        await tick_until(_clock(core), call.done)
         with pytest.raises(DeadlineExceeded):
-            await core.prepare(_spec(), godh_cert=GODH, session=b"\x02" * 128, requested_by="c")
-        await asyncio.sleep(1.5)
+            await call
+        assert "start_paused" not in hv.ended
+        hv.let_go("start_paused")  # the start ends, after fail-closed gave up waiting for it
+        await until(lambda: "start_paused" in hv.ended)
+        await core.settle()
         _assert_nothing_left(hv)
 
     _run(core, body)
@@ -315,14 +257,36 @@ def test_complete_launch_after_the_deadline_is_refused_even_before_the_timer_run
     core = _core(tmp_path, hv, phase_timeouts={Phase.SECRET_INJECTED: 0.2})
 
     async def body(core: Launcher) -> None:
-        rec, _ = await core.prepare(_spec(), godh_cert=GODH, session=b"\x02" * 128, requested_by="c")
+        rec, _ = await core.prepare(_spec(), godh_cert=GODH, session=SESSION, requested_by="c")
         # A busy event loop: the deadline passes and the expiry timer has not had its turn yet, so
         # CompleteLaunch takes the launch's lock first.
-        time.sleep(0.3)
+        _clock(core).jump(0.3)
         with pytest.raises(DeadlineExceeded) as err:
             await core.complete(rec.launch_id, header=HEADER, payload=PAYLOAD, requested_by="c")
         assert err.value.reason == "deadline_exceeded"
         assert hv.injected == [] and "resume" not in hv.calls
+        failed = core.store.get(rec.launch_id)
+        assert (failed.state, failed.failed_phase, failed.reason) == (
+            Phase.FAILED,
+            Phase.SECRET_INJECTED,
+            "deadline_exceeded",
+        )
+        _assert_nothing_left(hv)
+
+    _run(core, body)
+
+
+def test_the_expiry_timer_fails_a_waiting_launch_closed(tmp_path: Path) -> None:
+    hv = FakeHypervisor()
+    core = _core(tmp_path, hv, phase_timeouts={Phase.SECRET_INJECTED: 0.2})
+
+    async def body(core: Launcher) -> None:
+        rec, _ = await core.prepare(_spec(), godh_cert=GODH, session=SESSION, requested_by="c")
+        _clock(core).advance(0.15)
+        await core.settle()
+        assert core.store.get(rec.launch_id).state is Phase.MEASURED
+        _clock(core).advance(0.1)
+        await core.settle()
         failed = core.store.get(rec.launch_id)
         assert (failed.state, failed.failed_phase, failed.reason) == (
             Phase.FAILED,
@@ -339,10 +303,13 @@ def test_complete_launch_before_the_deadline_runs(tmp_path: Path) -> None:
     core = _core(tmp_path, hv, phase_timeouts={Phase.SECRET_INJECTED: 5})
 
     async def body(core: Launcher) -> None:
-        rec, _ = await core.prepare(_spec(), godh_cert=GODH, session=b"\x02" * 128, requested_by="c")
+        rec, _ = await core.prepare(_spec(), godh_cert=GODH, session=SESSION, requested_by="c")
         done = await core.complete(rec.launch_id, header=HEADER, payload=PAYLOAD, requested_by="c")
         assert done.state is Phase.RUNNING
         assert hv.injected == [(rec.domain_name, HEADER, PAYLOAD, SECRET_GPA)]
+        # The hypervisor got the image preflight read, not a path to read again.
+        (image,) = hv.firmware_seen
+        assert image.path == str(OVMF) and image.data == OVMF.read_bytes()
 
     _run(core, body)
 
@@ -423,23 +390,25 @@ def test_complete_launch_cancelled_during_inject_fails_closed(tmp_path: Path) ->
     core = _core(tmp_path, hv, phase_timeouts={Phase.SECRET_INJECTED: 2})
 
     async def body(core: Launcher) -> None:
-        rec, _ = await core.prepare(_spec(), godh_cert=GODH, session=b"\x02" * 128, requested_by="c")
-        hv.delays["inject_secret"] = 0.5
+        rec, _ = await core.prepare(_spec(), godh_cert=GODH, session=SESSION, requested_by="c")
+        hv.hold("inject_secret")
         call = asyncio.create_task(
             core.complete(rec.launch_id, header=HEADER, payload=PAYLOAD, requested_by="c")
         )
-        while "inject_secret" not in hv.calls:
-            await asyncio.sleep(0.01)
+        await until(lambda: "inject_secret" in hv.calls)
         call.cancel()
+        await _still_waiting(call)  # fail-closed waits for the inject in its thread
+        hv.let_go("inject_secret")
         with pytest.raises(asyncio.CancelledError):
             await call
         # Fail-closed ran before the cancellation reached the caller: no waiting for the deadline.
         failed = core.store.get(rec.launch_id)
         assert (failed.state, failed.failed_phase) == (Phase.FAILED, Phase.SECRET_INJECTED)
-        assert rec.launch_id not in core._active
+        assert rec.launch_id not in core.active
         assert "resume" not in hv.calls
         _assert_nothing_left(hv)
-        await asyncio.sleep(0.6)  # well past the inject's end in its thread
+        await core.settle()  # past the inject's end in its thread
+        assert "inject_secret" in hv.ended
         _assert_nothing_left(hv)
 
     _run(core, body)
@@ -450,20 +419,22 @@ def test_complete_launch_cancelled_during_resume_leaves_no_paused_domain(tmp_pat
     core = _core(tmp_path, hv, phase_timeouts={Phase.SECRET_INJECTED: 5})
 
     async def body(core: Launcher) -> None:
-        rec, _ = await core.prepare(_spec(), godh_cert=GODH, session=b"\x02" * 128, requested_by="c")
-        hv.delays["resume"] = 0.5
+        rec, _ = await core.prepare(_spec(), godh_cert=GODH, session=SESSION, requested_by="c")
+        hv.hold("resume")
         call = asyncio.create_task(
             core.complete(rec.launch_id, header=HEADER, payload=PAYLOAD, requested_by="c")
         )
-        while "resume" not in hv.calls:
-            await asyncio.sleep(0.01)
+        await until(lambda: "resume" in hv.calls)
         call.cancel()
+        await _still_waiting(call)
+        hv.let_go("resume")
         with pytest.raises(asyncio.CancelledError):
             await call
         # The resume ran to its end in its thread; fail-closed waited for it, then destroyed.
         failed = core.store.get(rec.launch_id)
         assert (failed.state, failed.failed_phase) == (Phase.FAILED, Phase.RUNNING)
-        assert rec.launch_id not in core._active
+        assert rec.launch_id not in core.active
+        assert "resume" in hv.ended
         _assert_nothing_left(hv)
 
     _run(core, body)
@@ -476,25 +447,25 @@ def test_complete_launch_cancelled_in_the_deadline_path_still_fails_closed(tmp_p
     core = _core(tmp_path, hv, phase_timeouts={Phase.SECRET_INJECTED: 0.2})
 
     async def body(core: Launcher) -> None:
-        rec, _ = await core.prepare(_spec(), godh_cert=GODH, session=b"\x02" * 128, requested_by="c")
-        time.sleep(0.3)  # deadline passed, the expiry timer has not run yet
-        hv.delays["destroy"] = 0.5
+        rec, _ = await core.prepare(_spec(), godh_cert=GODH, session=SESSION, requested_by="c")
+        _clock(core).jump(0.3)  # deadline passed, the expiry timer has not run yet
+        hv.hold("destroy")
         call = asyncio.create_task(
             core.complete(rec.launch_id, header=HEADER, payload=PAYLOAD, requested_by="c")
         )
-        while "destroy" not in hv.calls:
-            await asyncio.sleep(0.01)
+        await until(lambda: "destroy" in hv.calls)
         call.cancel()
         with pytest.raises((asyncio.CancelledError, DeadlineExceeded)):
             await call
-        await asyncio.sleep(0.7)
+        hv.let_go("destroy")
+        await core.settle()
         failed = core.store.get(rec.launch_id)
         assert (failed.state, failed.failed_phase, failed.reason) == (
             Phase.FAILED,
             Phase.SECRET_INJECTED,
             "deadline_exceeded",
         )
-        assert rec.launch_id not in core._active
+        assert rec.launch_id not in core.active
         assert hv.injected == []
         _assert_nothing_left(hv)
 
@@ -505,7 +476,8 @@ def test_complete_launch_cancelled_in_the_deadline_path_still_fails_closed(tmp_p
 def test_launch_stream_cancelled_mid_launch_never_leaves_a_paused_domain(tmp_path: Path, then: str) -> None:
     # The stream only reads the launch's events: a client that goes away does not stop the launch,
     # which ends RUNNING or fails closed, never paused.
-    hv = FakeHypervisor({"launch_security_info": 0.3})
+    hv = FakeHypervisor()
+    hv.hold("launch_security_info")
     reply = ReleasedSecret(header=HEADER, payload=PAYLOAD) if then == "running" else ReleasedSecret()
     core = _core(tmp_path, hv, owner=FakeOwner(reply))
 
@@ -519,17 +491,14 @@ def test_launch_stream_cancelled_mid_launch_never_leaves_a_paused_domain(tmp_pat
                 pass
 
         reader = asyncio.create_task(consume())
-        while "launch_security_info" not in hv.calls:
-            await asyncio.sleep(0.01)
+        await until(lambda: "launch_security_info" in hv.calls)
         reader.cancel()
         with pytest.raises(asyncio.CancelledError):
             await reader
-        deadline = time.monotonic() + 5
-        while core.store.get(rec.launch_id).state not in (Phase.RUNNING, Phase.FAILED):
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
+        hv.let_go("launch_security_info")
+        await until(lambda: core.store.get(rec.launch_id).state in (Phase.RUNNING, Phase.FAILED))
         final = core.store.get(rec.launch_id)
-        assert rec.launch_id not in core._active
+        assert rec.launch_id not in core.active
         if then == "running":
             assert final.state is Phase.RUNNING
             assert list(hv.domains.values()) == [DomainState.RUNNING]
@@ -552,31 +521,34 @@ def test_stop_fails_every_launch_closed_even_if_one_reaches_running_meanwhile(tm
         await core.start()
         # First in line: a two-phase launch whose CompleteLaunch is under way (it holds the launch's
         # lock), so stop's abort waits for it and finds it RUNNING.
-        done, _ = await core.prepare(_spec(), godh_cert=GODH, session=b"\x02" * 128, requested_by="c")
-        hv.delays["inject_secret"] = 0.3
+        done, _ = await core.prepare(_spec(), godh_cert=GODH, session=SESSION, requested_by="c")
+        hv.hold("inject_secret")
         completing = asyncio.create_task(
             core.complete(done.launch_id, header=HEADER, payload=PAYLOAD, requested_by="c")
         )
-        while "inject_secret" not in hv.calls:
-            await asyncio.sleep(0.01)
+        await until(lambda: "inject_secret" in hv.calls)
         # Then two orchestrated launches stuck in a slow start.
-        hv.delays["start_paused"] = 0.5
+        hv.hold("start_paused")
         recs = []
         for _ in range(2):
             rec, _events = await core.launch(
                 _spec(), owner_endpoint="owner:50053", workload_id="w", requested_by="client"
             )
             recs.append(rec)
-        while hv.calls.count("start_paused") < 3:  # the two-phase launch started once too
-            await asyncio.sleep(0.01)
-        await core.stop()  # must not raise launch_running
+        await until(lambda: hv.calls.count("start_paused") >= 3)  # the two-phase launch started once too
+        stopping = asyncio.ensure_future(core.stop())  # must not raise launch_running
+        await _still_waiting(stopping)
+        hv.let_go("inject_secret")
+        hv.let_go("start_paused")
+        await stopping
         assert (await completing).state is Phase.RUNNING
         assert core.store.get(done.launch_id).state is Phase.RUNNING
         for rec in recs:
             stopped = core.store.get(rec.launch_id)
             assert (stopped.state, stopped.reason) == (Phase.FAILED, "launcher_stopping")
-        assert core._active == {}
-        await asyncio.sleep(0.6)
+        assert core.active == {}
+        await until(lambda: hv.ended.count("start_paused") >= 3)
+        await core.settle()
         assert hv.domains == {done.domain_name: DomainState.RUNNING}
         assert hv.contexts == {done.domain_name}
 
@@ -587,9 +559,9 @@ def test_stop_aborts_launches_concurrently_within_one_budget(tmp_path: Path) -> 
     # Each launch is stuck in a start that outlives the cleanup grace: one abort takes about a grace,
     # so aborting them one after another would take about n graces. (Four: the starts and the
     # destroys share the default executor, six workers on a two-CPU machine.)
-    hv = FakeHypervisor({"start_paused": 3.0})
-    core = _core(tmp_path, hv)
-    core.config = LauncherConfig(secret_gpa=SECRET_GPA, reconcile_interval=0, cleanup_grace=0.5)
+    hv = FakeHypervisor()
+    hv.hold("start_paused")
+    core = _core(tmp_path, hv, cleanup_grace=0.5)
 
     async def main() -> None:
         await core.start()
@@ -599,16 +571,17 @@ def test_stop_aborts_launches_concurrently_within_one_budget(tmp_path: Path) -> 
                 _spec(), owner_endpoint="owner:50053", workload_id="w", requested_by="client"
             )
             recs.append(rec)
-        while hv.calls.count("start_paused") < 4:
-            await asyncio.sleep(0.01)
-        began = time.monotonic()
-        await core.stop()
-        took = time.monotonic() - began
+        await until(lambda: hv.calls.count("start_paused") >= 4)
+        stopping = asyncio.ensure_future(core.stop())
+        took = await tick_until(_clock(core), stopping.done, step=0.02)
+        await stopping
         assert took <= core.config.shutdown_budget + 0.5
         assert took < 1.5  # four sequential aborts: about 2 s
         for rec in recs:
             assert core.store.get(rec.launch_id).reason == "launcher_stopping"
-        await asyncio.sleep(3.2)  # the starts end; the late destroys (or the reconciler) clean up
+        hv.let_go("start_paused")  # the starts end; the late destroys (or the reconciler) clean up
+        await until(lambda: hv.ended.count("start_paused") >= 4)
+        await core.settle()
         _assert_nothing_left(hv)
 
     asyncio.run(main())
@@ -621,25 +594,24 @@ class _CancellingPlatform:
     def __init__(self) -> None:
         self.victim: asyncio.Task[None] | None = None
 
-    async def certificate_chain(self) -> object:
+    async def certificate_chain(self) -> PlatformChain:
         assert self.victim is not None
         self.victim.cancel()
-        return "chain"
+        return PlatformChain(b"", b"", b"", b"", b"", b"")
 
 
 def test_a_cancellation_landing_as_a_phase_ends_is_not_lost(tmp_path: Path) -> None:
     # asyncio.wait_for (before Python 3.12) returns the result instead of raising when the awaited work
     # is done by the time the cancellation is delivered: the abort must still stop the launch.
     hv = FakeHypervisor()
-    core = _core(tmp_path, hv)
     platform = _CancellingPlatform()
-    core.platform = platform
+    core = _core(tmp_path, hv, platform=platform)
 
     async def body(core: Launcher) -> None:
         rec, events = await core.launch(
             _spec(), owner_endpoint="owner:50053", workload_id="w", requested_by="client"
         )
-        platform.victim = core._active[rec.launch_id].task
+        platform.victim = core.active[rec.launch_id].task
         last = [e async for e in events][-1]
         assert (last.phase, last.failed_phase, last.reason) == (Phase.FAILED, Phase.CHAIN_FETCHED, "aborted")
         assert "define" not in hv.calls and "resume" not in hv.calls

@@ -8,16 +8,19 @@ import threading
 import time
 from pathlib import Path
 
+import libvirt
 import pytest
 
-from launcher_svc.adapters.libvirt_backend import LibvirtHypervisor, check_cpu_model
+from launcher_svc.adapters.libvirt_backend import LibvirtHypervisor, check_cpu_model, libvirt_error
 from launcher_svc.core.domain_xml import SevLaunchParams, build_domain_xml
 from launcher_svc.core.ports import DomainState, LifecycleKind
+from launcher_svc.core.preflight import SecretArea, read_firmware
 from launcher_svc.core.spec import GuestSpec
 from sevlaunch.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from sevlaunch.sev.technology import Technology
 
 LAUNCH_ID = "fedcba9876543210fedcba9876543210"
+OVMF = Path(__file__).resolve().parents[1] / "vectors" / "measurement" / "ovmf_OvmfX64_suffix.bin"
 
 
 @pytest.fixture
@@ -34,7 +37,7 @@ def _xml(es: bool = False, vcpu_type: str | None = None) -> str:
         name="g",
         memory_mib=256,
         vcpus=2,
-        firmware_path="/usr/share/OVMF/OVMF_CODE_4M.fd",
+        firmware_path=str(OVMF),
         mode=Technology.SEV_ES if es else Technology.SEV,
         policy=0x7 if es else 0x3,
         vcpu_type=vcpu_type,
@@ -70,7 +73,7 @@ def test_define_list_resume_destroy_with_events(hv: LibvirtHypervisor) -> None:
         hv.define(_xml())
     # The test driver has no START_PAUSED: a typed refusal, and nothing started.
     with pytest.raises(FailedPrecondition) as err:
-        hv.start_paused("sl-fedcba987654-g")
+        hv.start_paused("sl-fedcba987654-g", read_firmware(str(OVMF)))
     assert err.value.reason in ("hypervisor_unsupported", "hypervisor_refused")
     assert hv.list_domains()[0].state is DomainState.SHUTOFF
     # Start and pause the way the emulated backend does, then resume through the backend.
@@ -97,7 +100,9 @@ def test_sev_calls_the_test_driver_lacks_fail_closed(hv: LibvirtHypervisor) -> N
     with pytest.raises(FailedPrecondition):
         hv.launch_security_info("sl-fedcba987654-g")
     with pytest.raises(FailedPrecondition) as inj:
-        hv.inject_secret("sl-fedcba987654-g", b"\x00" * 52, b"\x00" * 32, 0x80C000)
+        hv.inject_secret(
+            "sl-fedcba987654-g", b"\x00" * 52, b"\x00" * 32, SecretArea(0x80C000, 3072, declared=False)
+        )
     assert inj.value.reason == "hypervisor_unsupported"
 
 
@@ -203,3 +208,40 @@ def test_without_domain_capabilities_define_is_left_to_libvirt(hv: LibvirtHyperv
     # The test driver has none: the check cannot run, and libvirt's own define and start decide.
     hv.define(_xml(es=True, vcpu_type="EPYC-v4"))
     assert len(hv.list_domains()) == 1
+
+
+def _libvirt_error(code: int, message: str) -> libvirt.libvirtError:
+    """A libvirtError as libvirt-python raises it: (code, domain, message, level, ...)."""
+    exc = libvirt.libvirtError(message)
+    exc.err = (code, libvirt.VIR_FROM_QEMU, message, libvirt.VIR_ERR_ERROR, "", "", "", 0, 0)
+    return exc
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        # VIR_ERR_OPERATION_UNSUPPORTED (84): setLaunchSecurityState on a domain without SEV.
+        (
+            libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
+            "Operation not supported: launch security type 0 is not supported",
+        ),
+        # VIR_ERR_CONFIG_UNSUPPORTED (67): SEV asked of a QEMU or host that cannot do it.
+        (
+            libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
+            "unsupported configuration: SEV launch security is not supported with this QEMU binary",
+        ),
+    ],
+    ids=["VIR_ERR_OPERATION_UNSUPPORTED-84", "VIR_ERR_CONFIG_UNSUPPORTED-67"],
+)
+def test_a_host_without_sev_is_sev_unsupported_not_a_generic_refusal(code: int, message: str) -> None:
+    assert (libvirt.VIR_ERR_OPERATION_UNSUPPORTED, libvirt.VIR_ERR_CONFIG_UNSUPPORTED) == (84, 67)
+    err = libvirt_error(_libvirt_error(code, message), "inject secret")
+    assert (type(err), err.reason) == (FailedPrecondition, "sev_unsupported")
+    assert message in err.detail
+
+
+def test_other_config_errors_stay_the_callers_xml() -> None:
+    err = libvirt_error(
+        _libvirt_error(libvirt.VIR_ERR_CONFIG_UNSUPPORTED, "unsupported configuration: 2 IOMMUs"), "define"
+    )
+    assert (type(err), err.reason) == (InvalidArgument, "domain_xml_rejected")

@@ -24,12 +24,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from launcher_svc.adapters.grpc_clients import OwnerClient, PlatformClient, _Diagnosis, split_endpoint
+from launcher_svc.core.ports import PlatformChain
 from launcher_svc.server import build_parser, config_from_args
 from sevlaunch.cli.devcerts import default_ca_dir
 from sevlaunch.errors import PermissionDenied, Unavailable
 from sevlaunch.rpc.tls import server_credentials
 from sevlaunch.rpc.v1 import (
-    common_pb2,
     owner_pb2,
     owner_pb2_grpc,
     platform_pb2,
@@ -70,7 +70,9 @@ async def _serve(tls_dir: Path, identity: str) -> AsyncIterator[tuple[str, _Owne
 
 
 async def _open(client: OwnerClient, endpoint: str) -> Any:
-    return await client.open_session(endpoint, workload_id="w", chain=common_pb2.CertificateChain(), policy=3)
+    return await client.open_session(
+        endpoint, workload_id="w", chain=PlatformChain(b"", b"", b"", b"", b"", b""), policy=3
+    )
 
 
 def _run(main: Callable[[], Any]) -> None:

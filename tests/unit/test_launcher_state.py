@@ -7,19 +7,20 @@ from pathlib import Path
 
 import pytest
 
+from launcher_svc.adapters.sqlite_store import LaunchStore
 from launcher_svc.core.spec import DiskSpec, PathPolicy, create_spec, validate_endpoint
 from launcher_svc.core.state import (
     TRANSITIONS,
     LaunchFlow,
     LaunchRecord,
-    LaunchStore,
     Phase,
+    PhaseChange,
     may_resume,
 )
 from sevlaunch.errors import FailedPrecondition, InvalidArgument, NotFound
 from sevlaunch.sev.technology import Technology
 
-OVMF = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+OVMF = Path(__file__).resolve().parents[1] / "vectors" / "measurement" / "ovmf_OvmfX64_suffix.bin"
 
 
 @pytest.fixture
@@ -65,8 +66,8 @@ def test_store_walks_the_orchestrated_order_and_survives_reopen(images: Path, tm
     rec = _record(images)
     store.insert(rec)
     for phase in (Phase.CHAIN_FETCHED, Phase.SESSION_OPENED, Phase.DEFINED, Phase.STARTED_PAUSED):
-        rec = store.advance(rec, phase)
-    rec = store.advance(rec, Phase.MEASURED, measurement=b"\x01" * 48)
+        rec = store.advance(rec, PhaseChange(phase))
+    rec = store.advance(rec, PhaseChange(Phase.MEASURED, measurement=b"\x01" * 48))
     store.close()
     again = LaunchStore(str(db))
     (back,) = again.in_flight()
@@ -79,9 +80,9 @@ def test_illegal_transitions_and_resume_without_secret_are_refused(images: Path,
     rec = _record(images)
     store.insert(rec)
     with pytest.raises(RuntimeError, match="illegal"):
-        store.advance(rec, Phase.RUNNING)
+        store.advance(rec, PhaseChange(Phase.RUNNING))
     with pytest.raises(RuntimeError, match="illegal"):
-        store.advance(rec, Phase.SECRET_INJECTED)
+        store.advance(rec, PhaseChange(Phase.SECRET_INJECTED))
     for phase in (
         Phase.CHAIN_FETCHED,
         Phase.SESSION_OPENED,
@@ -90,16 +91,16 @@ def test_illegal_transitions_and_resume_without_secret_are_refused(images: Path,
         Phase.MEASURED,
         Phase.SECRET_RELEASED,
     ):
-        rec = store.advance(rec, phase)
+        rec = store.advance(rec, PhaseChange(phase))
     assert not may_resume(rec)
     # The waived path needs both the spec's request and the owner's consent.
     with pytest.raises(RuntimeError, match="without an injected secret"):
-        store.advance(rec, Phase.RUNNING)
+        store.advance(rec, PhaseChange(Phase.RUNNING))
     with pytest.raises(RuntimeError, match="without an injected secret"):
-        store.advance(rec, Phase.RUNNING, secret_waived=True)  # the spec did not ask for it
-    rec = store.advance(rec, Phase.SECRET_INJECTED)
+        store.advance(rec, PhaseChange(Phase.RUNNING, secret_waived=True))  # the spec did not ask for it
+    rec = store.advance(rec, PhaseChange(Phase.SECRET_INJECTED))
     assert may_resume(rec)
-    assert store.advance(rec, Phase.RUNNING).state is Phase.RUNNING
+    assert store.advance(rec, PhaseChange(Phase.RUNNING)).state is Phase.RUNNING
 
 
 def test_a_stale_copy_cannot_advance(images: Path, tmp_path: Path) -> None:
@@ -108,7 +109,7 @@ def test_a_stale_copy_cannot_advance(images: Path, tmp_path: Path) -> None:
     store.insert(rec)
     store.finish(rec, Phase.FAILED, failed_phase=Phase.CHAIN_FETCHED, reason="aborted", detail="")
     with pytest.raises(FailedPrecondition):
-        store.advance(rec, Phase.CHAIN_FETCHED)
+        store.advance(rec, PhaseChange(Phase.CHAIN_FETCHED))
     with pytest.raises(NotFound):
         store.get("b" * 32)
 
@@ -149,7 +150,7 @@ def test_paths_are_resolved_before_the_directory_check(images: Path) -> None:
     with pytest.raises(InvalidArgument) as err:
         _spec(images, firmware_path=str(images / "link.fd"))
     assert err.value.reason == "path_not_allowed"
-    assert _spec(images, firmware_path=OVMF, paths=PathPolicy(("/usr/share/OVMF",)))
+    assert _spec(images, firmware_path=str(OVMF), paths=PathPolicy((str(OVMF.parent),)))
 
 
 @pytest.mark.parametrize("endpoint", ["owner:50053", "10.0.0.1:1", "[::1]:50053"])

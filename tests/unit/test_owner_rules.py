@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from launcher_svc.core.state import LaunchStore
+from launcher_svc.adapters.sqlite_store import LaunchStore
 from owner_svc.adapters.refvalues_http import RefValuesPoller
 from owner_svc.adapters.sqlite import SQLiteStore
 from owner_svc.api.servicer import workload_from_proto, workload_to_proto

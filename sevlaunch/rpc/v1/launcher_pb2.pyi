@@ -286,6 +286,97 @@ Global___LaunchRequest: _TypeAlias = LaunchRequest  # noqa: Y015
 
 @_typing.final
 class LaunchEvent(_message.Message):
+    """Reasons: the machine-readable `reason` of a FAILED LaunchEvent and of LaunchInfo, and the
+    google.rpc.ErrorInfo reason of a refused call (launcher_svc.core.reasons.LaunchReason; a test keeps this
+    list and the enum equal). Besides these, a reason may be firmware_<status> (the emulated hypervisor's
+    firmware refused a launch command with that status, e.g. firmware_bad_measurement), a reason of
+    sevlaunch.sev.errors.Reason (a SEV structure was malformed), or the owner's or platform's own reason,
+    passed through unchanged (e.g. measurement_mismatch).
+
+    The request (INVALID_ARGUMENT unless noted):
+      bad_name - the guest name is not 1-48 characters of A-Z a-z 0-9 _ . -
+      bad_memory - memory_mib out of range
+      bad_vcpus - vcpus out of range
+      bad_policy - the guest policy has reserved bits set
+      policy_mode_mismatch - the policy's ES bit does not agree with the mode
+      bad_mode - an unknown SevMode
+      bad_kernel - an initrd or a cmdline without a kernel
+      bad_cmdline - the cmdline is too long or not printable
+      bad_disks - too many disks
+      bad_disk_target - disk targets must be distinct vda..vdz
+      bad_disk_format - an unknown DiskFormat
+      bad_networks - too many networks
+      bad_network - a bad libvirt network name
+      bad_vcpu_type - a vCPU type the VMSA builder does not know
+      bad_endpoint - the owner endpoint is not HOST:PORT
+      bad_workload - a bad workload id
+      bad_launch_id - launch ids are 32 lower-hex characters
+      bad_path - a path that is not absolute and normalised, missing, empty or unreadable
+      path_not_allowed - a path outside the launcher's --image-dir directories
+      too_large - an image over its size limit
+      bad_godh - the GODH is not a usable PDH certificate (ECDH, P-384)
+      bad_session - the session blob does not parse (FAILED_PRECONDITION when the owner sent it)
+      bad_secret_header - the secret header is not 52 bytes (also an owner's empty reply)
+      bad_secret_payload - the secret payload is empty or not a multiple of 16 bytes
+      secret_too_large - the secret does not fit the secret area
+      no_secret_two_phase - launch_without_secret in a two-phase launch
+    The firmware image (FAILED_PRECONDITION unless noted):
+      bad_firmware - the image is no OVMF with an SEV footer (INVALID_ARGUMENT)
+      no_hashes_table - a kernel with an OVMF that declares no kernel hashes table
+      no_sev_es_reset_block - SEV-ES with an OVMF that cannot boot SEV-ES guests
+      no_secret_area - the OVMF declares no secret area and no --secret-gpa is configured
+      image_unreadable - the emulated hypervisor cannot read a kernel or initrd
+      no_firmware - the domain names no firmware, or not the image the launch checked
+    Admission and the launcher's state:
+      not_configured - an orchestrated launch on a launcher without --platform
+      launcher_stopping - the launcher is shutting down
+      too_many_launches - --max-concurrent launches are in flight (RESOURCE_EXHAUSTED)
+      no_free_asid - no guest ASID is free for this mode (RESOURCE_EXHAUSTED)
+      launch_not_found - no such launch for this caller (NOT_FOUND)
+      launch_not_waiting - CompleteLaunch for a launch not waiting for its secret here
+      launch_running - AbortLaunch of a running guest (use DestroyGuest)
+      launch_state_changed - the launch was moved (aborted, expired) while a step ran
+    Deadlines, aborts and the reconciler:
+      phase_deadline - a phase did not finish within its --phase-timeout (DEADLINE_EXCEEDED)
+      deadline_exceeded - no CompleteLaunch before complete_by, or a hypervisor call timed out
+      aborted - AbortLaunch, or a cancelled launch
+      destroyed_by_request - DestroyGuest
+      resumed_without_secret - the guest was resumed behind the launcher's back before its secret
+      domain_stopped - the domain stopped or crashed mid-launch
+      launcher_restarted - the launcher restarted during the launch; the reconciler failed it
+      not_advancing - the launch stopped advancing; the reconciler failed it
+    The owner's answers (FAILED_PRECONDITION):
+      policy_mismatch - the session or the started guest has another policy than the spec's
+      bad_owner_reply - the owner sent a secret and agreed to run without one
+      no_secret_not_requested - the owner waived the secret but the spec did not ask to run without one
+      no_secret_injected - refusing to resume a guest without an injected secret
+    The hypervisor:
+      bad_measurement - the hypervisor returned no or a malformed launch measurement
+      sev_unsupported - the host or this domain cannot do SEV (libvirt's OPERATION_UNSUPPORTED,
+        CONFIG_UNSUPPORTED "SEV launch security is not supported", no SEV in the domain capabilities)
+      hypervisor_unsupported - libvirt's driver lacks the call
+      hypervisor_refused - libvirt refused the call (invalid operation or argument, operation failed)
+      hypervisor_error - libvirt failed otherwise (UNAVAILABLE)
+      domain_xml_rejected - libvirt rejected the domain XML (INVALID_ARGUMENT)
+      domain_exists - a domain of that name exists (ALREADY_EXISTS)
+      domain_not_found - the domain is gone (NOT_FOUND)
+      unsupported_vcpu_type - libvirt on this host cannot pin the vCPU model
+      not_sev - the domain has no SEV launch security
+      not_started - the domain has no firmware guest context
+      not_measured - the domain has no launch measurement
+      firmware_resource_limit - the firmware has no free ASID (RESOURCE_EXHAUSTED)
+    The peers:
+      owner_unavailable - the owner cannot be reached (UNAVAILABLE)
+      owner_deadline - the owner did not answer in time (DEADLINE_EXCEEDED)
+      owner_error - the owner failed without a reason of its own
+      owner_not_authenticated - the owner's certificate is not valid for --owner-identity (PERMISSION_DENIED)
+      platform_unavailable - platform_svc cannot be reached (UNAVAILABLE)
+      platform_deadline - platform_svc did not answer in time (DEADLINE_EXCEEDED)
+      platform_error - platform_svc failed without a reason of its own
+      platform_not_authenticated - platform_svc's certificate is not valid for --platform-identity
+      internal - an unexpected error (INTERNAL; logged)
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     LAUNCH_ID_FIELD_NUMBER: _builtins.int
@@ -302,7 +393,7 @@ class LaunchEvent(_message.Message):
     failed_phase: Global___Phase.ValueType
     """with PHASE_FAILED: the phase that was being attempted"""
     reason: _builtins.str
-    """with PHASE_FAILED: machine-readable reason"""
+    """with PHASE_FAILED: machine-readable reason (above)"""
     detail: _builtins.str
     """with PHASE_FAILED: human-readable, never secret"""
     domain_name: _builtins.str
@@ -555,6 +646,7 @@ class LaunchInfo(_message.Message):
     state: Global___Phase.ValueType
     failed_phase: Global___Phase.ValueType
     reason: _builtins.str
+    """with PHASE_FAILED or PHASE_DESTROYED: one of the reasons above LaunchEvent"""
     detail: _builtins.str
     guest_name: _builtins.str
     domain_name: _builtins.str

@@ -1,17 +1,18 @@
-"""The launcher's Prometheus metrics, in the server's registry. Labels are phases, outcomes, modes,
-destroy paths and firmware command/status names only: never launch ids, names or anything secret."""
+"""The launcher's Prometheus metrics (the core's `LaunchMetrics`), in the server's registry. Labels are
+phases, outcomes, modes, destroy paths and firmware command/status names only: never launch ids, names
+or anything secret."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from launcher_svc.core.launcher import LaunchObserver
+from launcher_svc.core.metrics import DestroyPath, Outcome
 from launcher_svc.core.state import LaunchFlow, Phase
 
 PHASE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
-class LauncherMetrics(LaunchObserver):
+class LauncherMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.launches = Counter(
             "sevlaunch_launcher_launches",
@@ -53,11 +54,11 @@ class LauncherMetrics(LaunchObserver):
     def phase_done(self, phase: Phase, seconds: float) -> None:
         self.phase_seconds.labels(phase.value).observe(seconds)
 
-    def launch_finished(self, mode: LaunchFlow, outcome: str, failed_phase: Phase | None) -> None:
-        self.launches.labels(mode.value, outcome, failed_phase.value if failed_phase else "").inc()
+    def launch_finished(self, flow: LaunchFlow, outcome: Outcome, failed_phase: Phase | None) -> None:
+        self.launches.labels(flow.value, outcome.value, failed_phase.value if failed_phase else "").inc()
 
-    def domain_destroyed(self, path: str) -> None:
-        self.destroyed.labels(path).inc()
+    def domain_destroyed(self, path: DestroyPath) -> None:
+        self.destroyed.labels(path.value).inc()
 
     def in_flight(self, count: int) -> None:
         self.in_flight_gauge.set(count)
