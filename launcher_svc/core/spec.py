@@ -14,6 +14,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from launcher_svc.core.reasons import LaunchReason
+from sevlaunch import limits
 from sevlaunch.errors import InvalidArgument
 from sevlaunch.sev.errors import MalformedInput, Unsupported
 from sevlaunch.sev.policy import GuestPolicy
@@ -26,9 +27,10 @@ NETWORK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 WORKLOAD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$")
 ENDPOINT_RE = re.compile(r"^(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:]{2,45}\]):[0-9]{1,5}$")
 
-MIN_MEMORY_MIB = 64
-MAX_MEMORY_MIB = 1 << 20  # 1 TiB
-MAX_VCPUS = 64
+# One set of limits for the service and the CLI (sevlaunch.limits); re-exported under the old names.
+MIN_MEMORY_MIB = limits.MIN_MEMORY_MIB
+MAX_MEMORY_MIB = limits.MAX_MEMORY_MIB
+MAX_VCPUS = limits.MAX_VCPUS
 MAX_CMDLINE = 2048  # what the kernel accepts on x86 by default
 MAX_DISKS = 16
 MAX_NETWORKS = 8
