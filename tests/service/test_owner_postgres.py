@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import owner_support
 import pg_fixture
 import psycopg
 import pytest
-import test_owner_support as support
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_owner_support import SEV_POLICY, Publisher, emulator_chain, launch, provision, secret_area
+from owner_support import SEV_POLICY, Publisher, emulator_chain, launch, provision, secret_area
 
 from owner_svc.adapters import postgres as pg_adapter
 from owner_svc.adapters import sqlite as sqlite_adapter
@@ -43,23 +43,21 @@ from owner_svc.adapters.sqlite import SQLiteStore
 from owner_svc.adapters.store import StoreConfigError, open_store
 from owner_svc.core.audit import verify_records
 from owner_svc.core.model import AuditEvent, SessionRecord, SessionState
+from owner_svc.core.ports import SchemaError, StoreIntegrityError
 from owner_svc.core.refset import ReferenceValueSet
 from owner_svc.core.service import OwnerCore
 from sevlaunch import dsn as sevlaunch_dsn
 from sevlaunch.audit import AuditChainBroken
 from sevlaunch.cli import main as cli_main
-from sevlaunch.cli.owner import verify_audit_db
+from sevlaunch.ownerdb import verify_audit_db
 from sevlaunch.refvalues import KeyType, PublisherKey, generate_private_key
 from sevlaunch.rpc import error_info, secure_channel_sync
 from sevlaunch.rpc.v1 import owner_pb2, owner_pb2_grpc
+from sevlaunch.sev.errors import VerificationFailed
 
-# Shared fixtures, registered in this module by name.
-postgres_server = pg_fixture.postgres_server
-pg_dsn = pg_fixture.pg_dsn
-emu = support.emu
-emu_root = support.emu_root
-emu_root_file = support.emu_root_file
-publisher = support.publisher
+# The owner fixtures (an emulated chip and its root, a publisher, owners on port 0, PostgreSQL).
+pytest_plugins = ["owner_support", "pg_fixture"]
+
 
 MAC_KEY = b"m" * 32
 
@@ -85,6 +83,11 @@ class Backend:
     @property
     def schema_version(self) -> int:
         return sqlite_adapter.SCHEMA_VERSION if self.name == "sqlite" else pg_adapter.SCHEMA_VERSION
+
+    @property
+    def driver_error(self) -> type[Exception]:
+        """What raw SQL run outside the store raises (the driver's own exceptions, not the store's)."""
+        return sqlite3.DatabaseError if self.name == "sqlite" else psycopg.Error
 
     def raw(self, sql: str) -> None:
         """Runs `sql` in its own transaction, outside the store (an operator or an attacker with access)."""
@@ -168,7 +171,7 @@ def test_migrations_are_versioned_and_idempotent(backend: Backend) -> None:
         backend.raw(f"UPDATE {table}")
     else:
         backend.raw("PRAGMA user_version = 99")
-    with pytest.raises(Exception, match="newer than this code"):
+    with pytest.raises(SchemaError, match="newer than this code"):
         backend.open()
 
 
@@ -182,7 +185,7 @@ def test_workloads_and_sealed_secrets(backend: Backend) -> None:
     store.put_secret("w", b"\x00other\xff", _event("put_secret"))
     assert store.get_secret("w") == b"\x00other\xff"
     # A secret needs its workload; the failed write leaves no audit record either (one transaction).
-    with pytest.raises(Exception):  # noqa: B017 - sqlite3.IntegrityError / psycopg ForeignKeyViolation
+    with pytest.raises(StoreIntegrityError):  # no driver exception crosses the store port
         store.put_secret("nope", b"x", _event("put_secret"))
     assert store.get_secret("nope") is None
     assert _verify(store) == 4
@@ -202,7 +205,7 @@ def test_sessions_round_trip_and_listing(backend: Backend) -> None:
     assert [s.session_id for s in store.list_sessions("", 10)] == ["c" * 32, "b" * 32, "a" * 32]
     assert [s.session_id for s in store.list_sessions("w1", 10)] == ["c" * 32, "a" * 32]
     assert [s.session_id for s in store.list_sessions("", 1)] == ["c" * 32]
-    with pytest.raises(Exception):  # noqa: B017 - a duplicate id: IntegrityError / UniqueViolation
+    with pytest.raises(StoreIntegrityError):  # a duplicate id
         store.insert_session(records[0], _event("open_session"))
     assert _verify(store) == 3
 
@@ -291,7 +294,7 @@ def test_reference_values_follow_the_store_across_replicas(
     assert a.reference_values_in_force() == b.reference_values_in_force() == []
 
     first, new = a.import_reference_values(
-        "admin", publisher.envelope(digests=support.reference_digests()), "t"
+        "admin", publisher.envelope(digests=owner_support.reference_digests()), "t"
     )
     assert new
     assert [vm.id for vm in b.reference_values_in_force()] == [first.id]
@@ -309,7 +312,7 @@ def test_reference_values_follow_the_store_across_replicas(
     revoking, _ = a.import_reference_values(
         "admin",
         publisher.envelope(
-            digests=support.reference_digests(b"\0" * 4096 + support.OVMF_IMAGE),
+            digests=owner_support.reference_digests(b"\0" * 4096 + owner_support.OVMF_IMAGE),
             version="2024.06",
             revokes=(first.id,),
         ),
@@ -317,13 +320,13 @@ def test_reference_values_follow_the_store_across_replicas(
     )
     assert [vm.id for vm in b.reference_values_in_force()] == [revoking.id]
     # And an import of the revoked manifest through B is refused as revoked.
-    with pytest.raises(Exception, match="revoked"):
+    with pytest.raises(VerificationFailed, match="revoked"):
         b.import_reference_values("admin", first.envelope, "t")
 
     # A row written straight into the store (signed by a key this owner does not trust) is not trusted.
-    rogue = support.Publisher(generate_private_key(KeyType.ED25519), publisher.pub_file)
+    rogue = owner_support.Publisher(generate_private_key(KeyType.ED25519), publisher.pub_file)
     forged = rogue.envelope(
-        digests=support.reference_digests(b"\1" * 4096 + support.OVMF_IMAGE), version="2024.07"
+        digests=owner_support.reference_digests(b"\1" * 4096 + owner_support.OVMF_IMAGE), version="2024.07"
     )
     hex_env = forged.hex()
     backend.raw(
@@ -370,12 +373,12 @@ def test_revocations_cannot_be_undone_through_the_database(backend: Backend, pub
     keys = [PublisherKey.from_pem(publisher.pub_file.read_bytes())]
     a, b = _core(backend.open(), keys), _core(backend.open(), keys)
     first, _ = a.import_reference_values(
-        "admin", publisher.envelope(digests=support.reference_digests()), "t"
+        "admin", publisher.envelope(digests=owner_support.reference_digests()), "t"
     )
     revoking, _ = a.import_reference_values(
         "admin",
         publisher.envelope(
-            digests=support.reference_digests(b"\0" * 4096 + support.OVMF_IMAGE),
+            digests=owner_support.reference_digests(b"\0" * 4096 + owner_support.OVMF_IMAGE),
             version="2024.06",
             revokes=(first.id,),
         ),
@@ -392,7 +395,7 @@ def test_revocations_cannot_be_undone_through_the_database(backend: Backend, pub
     if backend.name == "postgres":
         undo += ["TRUNCATE revoked_manifests", "TRUNCATE manifests CASCADE"]
     for sql in undo:
-        with pytest.raises(Exception, match="append-only"):
+        with pytest.raises(backend.driver_error, match="append-only"):
             backend.raw(sql)
     backend.raw("UPDATE refvalues_generation SET generation = generation + 1")
     assert [vm.id for vm in b.reference_values_in_force()] == [revoking.id]
@@ -404,7 +407,7 @@ def test_revocations_cannot_be_undone_through_the_database(backend: Backend, pub
     backend.raw("DELETE FROM revoked_manifests")
     backend.raw("UPDATE refvalues_generation SET generation = generation + 1")
     assert a.reference_values_in_force() == b.reference_values_in_force() == []
-    with pytest.raises(Exception, match="revoked"):
+    with pytest.raises(VerificationFailed, match="revoked"):
         b.import_reference_values("admin", first.envelope, "t")
 
 
@@ -423,10 +426,10 @@ def test_audit_chain_is_append_only_and_verifies(backend: Backend) -> None:
     with pytest.raises(AuditChainBroken, match="MAC"):
         _verify(store, mac_key=b"another key" * 3)
     for sql in ("UPDATE audit SET mac = '' WHERE seq = 2", "DELETE FROM audit WHERE seq = 5"):
-        with pytest.raises(Exception, match="append-only"):
+        with pytest.raises(backend.driver_error, match="append-only"):
             backend.raw(sql)
     if backend.name == "postgres":
-        with pytest.raises(Exception, match="append-only"):
+        with pytest.raises(backend.driver_error, match="append-only"):
             backend.raw("TRUNCATE audit")
     assert _verify(store) == 5
 
@@ -667,7 +670,7 @@ def _audit_of(dsn: str, tmp_path: Path) -> list[Any]:
         store.close()
 
 
-def _open(replica: Replica, emu: Any) -> tuple[owner_pb2.OpenSessionResponse, support.Launch]:
+def _open(replica: Replica, emu: Any) -> tuple[owner_pb2.OpenSessionResponse, owner_support.Launch]:
     opened = replica.stub().OpenSession(
         owner_pb2.OpenSessionRequest(workload_id="web", chain=emulator_chain(emu), policy=SEV_POLICY)
     )
@@ -711,17 +714,17 @@ def test_reference_values_imported_or_revoked_on_one_replica_count_on_the_other(
     # B opens no new one.
     opened, run = _open(b, emu)
     revoking = publisher.envelope(
-        digests=support.reference_digests(b"\0" * 4096 + support.OVMF_IMAGE),
+        digests=owner_support.reference_digests(b"\0" * 4096 + owner_support.OVMF_IMAGE),
         version="2023.01",
         revokes=(first[0].manifest_id,),
     )
     a.admin.ImportReferenceValues(owner_pb2.ImportReferenceValuesRequest(envelope=revoking))
-    err = support.rpc_error(
+    err = owner_support.rpc_error(
         lambda: b.stub().ReleaseSecret(run.release_request(opened.session_id, SEV_POLICY))
     )
     assert (err.code, err.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "no_reference_values")
     emu.decommission(run.handle)
-    err = support.rpc_error(
+    err = owner_support.rpc_error(
         lambda: b.stub().OpenSession(
             owner_pb2.OpenSessionRequest(workload_id="web", chain=emulator_chain(emu), policy=SEV_POLICY)
         )
@@ -733,7 +736,7 @@ def test_reference_values_imported_or_revoked_on_one_replica_count_on_the_other(
     # New reference values imported on B serve a session opened on A.
     b.admin.ImportReferenceValues(
         owner_pb2.ImportReferenceValuesRequest(
-            envelope=publisher.envelope(digests=support.reference_digests(), version="2024.06")
+            envelope=publisher.envelope(digests=owner_support.reference_digests(), version="2024.06")
         )
     )
     opened, run = _open(a, emu)
