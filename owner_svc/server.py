@@ -23,11 +23,11 @@ from owner_svc.adapters.kek import KEKFileError, KeyEncryptionKey
 from owner_svc.adapters.metrics import PrometheusOwnerMetrics
 from owner_svc.adapters.refvalues_http import RefValuesPoller
 from owner_svc.adapters.store import OwnerStore, open_store
-from owner_svc.api.servicer import OwnerServicer
+from owner_svc.api.servicer import AUTHZ, SERVICE_NAME, OwnerServicer
 from owner_svc.core.refset import ReferenceValueSet
 from owner_svc.core.service import AMD_GENERATIONS, DEFAULT_SESSION_TTL, OwnerCore
 from sevlaunch.refvalues import PublisherKey
-from sevlaunch.rpc import AuthzPolicy, RpcServer, method_rules
+from sevlaunch.rpc import RpcServer
 from sevlaunch.rpc.entry import (
     StartupError,
     add_server_flags,
@@ -43,30 +43,9 @@ from sevlaunch.sev.errors import SevError
 
 log = logging.getLogger("owner_svc")
 
-SERVICE_NAME = "sevlaunch.v1.OwnerService"
 DEFAULT_LISTEN = "0.0.0.0:50053"
 DEFAULT_METRICS_LISTEN = "0.0.0.0:9103"
 DEFAULT_REFVALUES_INTERVAL = 300.0
-
-LAUNCH_ROLES = ("launcher", "client")
-ADMIN_ROLES = ("owner-admin",)
-AUTHZ = AuthzPolicy(
-    method_rules(
-        SERVICE_NAME,
-        {
-            "OpenSession": LAUNCH_ROLES,
-            "ReleaseSecret": LAUNCH_ROLES,
-            "PutWorkload": ADMIN_ROLES,
-            "GetWorkload": ADMIN_ROLES,
-            "PutSecret": ADMIN_ROLES,
-            "ImportReferenceValues": ADMIN_ROLES,
-            "ListReferenceValues": ADMIN_ROLES,
-            "ListSessions": ADMIN_ROLES,
-            "GetAuditLog": ADMIN_ROLES,
-            "RevokeSession": ADMIN_ROLES,
-        },
-    )
-)
 
 
 class ConfigError(StartupError):
