@@ -23,18 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sevlaunch.audit import AuditChainBroken, ChainEntry, audit_mac_key, verify_chain
+from sevlaunch.audit import AuditChainBroken, ChainEntry, Checkpoint, audit_mac_key, verify_chain
 from sevlaunch.dsn import redact_params, scrub
 
 KEK_SIZE = 32
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 _URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
-#: The audit table's columns in the order `ChainEntry` takes them, and the head row's.
+#: The audit table's columns in the order `ChainEntry` takes them.
 AUDIT_COLUMNS = "seq, canonical, prev_hash, hash, mac"
-HEAD_COLUMNS = "seq, hash"
-# Constants, never input: the f-strings cannot inject anything.
-SELECT_HEAD = f"SELECT {HEAD_COLUMNS} FROM audit_head WHERE id = 1"  # noqa: S608
+# Constants, never input: the f-string cannot inject anything. The head row is read whole: a database
+# from before heads were MACed has no `mac` column there (schema 4 and older).
+SELECT_HEAD = "SELECT * FROM audit_head WHERE id = 1"
 SELECT_CHAIN = f"SELECT {AUDIT_COLUMNS} FROM audit ORDER BY seq"  # noqa: S608
 
 
@@ -148,31 +148,57 @@ def parse_location(url_or_path: str | os.PathLike[str]) -> DbLocation:
 # --------------------------------------------------------------------------------- verification
 
 
-def verify_rows(head: Any, rows: Iterable[Any], *, mac_key: bytes | None) -> int:
-    """Checks the chain of `rows` (SELECT_CHAIN's) against the `head` row (SELECT_HEAD's, None when
-    absent); returns the record count or raises AuditChainBroken. A head at seq 0 means no record yet."""
+@dataclass(frozen=True)
+class _Check:
+    mac_key: bytes | None
+    checkpoints: tuple[Checkpoint, ...]
+
+
+def verify_rows(
+    head: dict[str, Any] | None,
+    rows: Iterable[Any],
+    *,
+    mac_key: bytes | None,
+    checkpoints: Iterable[Checkpoint] = (),
+) -> int:
+    """Checks the chain of `rows` (SELECT_CHAIN's) against the `head` row (column name -> value, None
+    when absent), the head's MAC and the checkpoints' when `mac_key` is given; returns the record count
+    or raises AuditChainBroken. A head at seq 0 means no record yet."""
     return verify_chain(
         (ChainEntry(*row) for row in rows),
-        head=None if head is None else (int(head[0]), head[1]),
+        head=None if head is None else (int(head["seq"]), head["hash"]),
         mac_key=mac_key,
+        head_mac=None if head is None or "mac" not in head else str(head["mac"]),
+        checkpoints=checkpoints,
     )
 
 
-def verify_audit_db(db: str | os.PathLike[str], kek: bytes | None = None) -> int:
-    """Checks the audit chain of an owner database (a SQLite file or a postgresql:// URL), with the
-    record MACs when the KEK is given; returns the record count or raises AuditDatabaseError."""
+def verify_audit_db(
+    db: str | os.PathLike[str], kek: bytes | None = None, *, checkpoints: Iterable[Checkpoint] = ()
+) -> int:
+    """Checks the audit chain of an owner database (a SQLite file or a postgresql:// URL): links, hashes
+    and the head; with the KEK also every record's MAC and the head's; and that each checkpoint (a head
+    the owner logged earlier) is still in the log. Returns the record count or raises
+    AuditDatabaseError."""
     try:
         location = parse_location(db)
     except DatabaseLocationError as exc:
         raise AuditDatabaseError(str(exc)) from None
-    mac_key = audit_mac_key(kek) if kek is not None else None
+    check = _Check(audit_mac_key(kek) if kek is not None else None, tuple(checkpoints))
     if location.dsn is not None:
-        return _verify_postgres(location.dsn, mac_key)
+        return _verify_postgres(location.dsn, check)
     assert location.path is not None
-    return _verify_sqlite(location.path, mac_key)
+    return _verify_sqlite(location.path, check)
 
 
-def _verify_sqlite(path: Path, mac_key: bytes | None) -> int:
+def _head(cursor: Any) -> dict[str, Any] | None:
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    return {d[0]: value for d, value in zip(cursor.description, row, strict=True)}
+
+
+def _verify_sqlite(path: Path, check: _Check) -> int:
     if not path.is_file():
         raise AuditDatabaseError(f"{path} is not a file")
     # Read-only, so verifying can never change what it verifies; one read transaction, so the records
@@ -183,8 +209,9 @@ def _verify_sqlite(path: Path, mac_key: bytes | None) -> int:
         raise AuditDatabaseError(f"{path}: {exc}") from None
     try:
         conn.execute("BEGIN")
-        head = conn.execute(SELECT_HEAD).fetchone()
-        return verify_rows(head, conn.execute(SELECT_CHAIN), mac_key=mac_key)
+        head = _head(conn.execute(SELECT_HEAD))
+        rows = conn.execute(SELECT_CHAIN)
+        return verify_rows(head, rows, mac_key=check.mac_key, checkpoints=check.checkpoints)
     except AuditChainBroken as exc:
         raise AuditDatabaseError(str(exc)) from None
     except sqlite3.Error as exc:
@@ -193,7 +220,7 @@ def _verify_sqlite(path: Path, mac_key: bytes | None) -> int:
         conn.close()
 
 
-def _verify_postgres(dsn: str, mac_key: bytes | None) -> int:
+def _verify_postgres(dsn: str, check: _Check) -> int:
     """One read-only REPEATABLE READ transaction (a snapshot: records and head agree even while replicas
     append), records streamed by a server-side cursor. Errors name the server without the DSN's secrets."""
     try:
@@ -215,11 +242,13 @@ def _verify_postgres(dsn: str, mac_key: bytes | None) -> int:
         with psycopg.connect(dsn, autocommit=True, application_name="sevlaunch-audit-verify") as conn:
             with conn.transaction():
                 conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                head = conn.execute(SELECT_HEAD).fetchone()
+                head = _head(conn.execute(SELECT_HEAD))
                 with conn.cursor(name="sevlaunch_audit_verify") as cur:
                     cur.itersize = 2000
                     cur.execute(SELECT_CHAIN)
-                    return verify_rows(head, _iterate(cur), mac_key=mac_key)
+                    return verify_rows(
+                        head, _iterate(cur), mac_key=check.mac_key, checkpoints=check.checkpoints
+                    )
     except AuditChainBroken as exc:
         raise AuditDatabaseError(str(exc)) from None
     except psycopg.Error as exc:

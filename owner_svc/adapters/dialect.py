@@ -56,6 +56,7 @@ class Dialect:
         return text if self.placeholder == "?" else text.replace("?", self.placeholder)
 
     def render(self, step: str | AppendOnly) -> list[str]:
+        """The statements of a migration step."""
         if isinstance(step, AppendOnly):
             return self._append_only(step.table)
         return [step.format(blob=self.blob, real=self.real, int64=self.int64)]

@@ -81,6 +81,7 @@ class PostgresDatabase:
         min_connections: int = 1,
         max_connections: int = 16,
         connect_timeout: float = 10.0,
+        wait_timeout: float = 5.0,
     ) -> None:
         self.shown = redact_dsn(dsn)
         params = conninfo.conninfo_to_dict(dsn)
@@ -102,10 +103,17 @@ class PostgresDatabase:
             kwargs={"autocommit": True},
             # A connection broken while idle (server restart, failover) is replaced before use.
             check=ConnectionPool.check_connection,
-            timeout=connect_timeout,
+            # Reconnection attempts back off (1, 2, 4 s ...) only this long; then a new request starts a
+            # fresh attempt at once, so the owner serves again within a request of the server's return
+            # however long it was gone.
+            reconnect_timeout=5.0,
+            # How long a call waits for a connection: while the server is gone, UNAVAILABLE after this.
+            timeout=wait_timeout,
             name="sevlaunch-owner",
             open=False,
         )
+        #: Fault injection for tests: called in every write transaction just before its COMMIT.
+        self.before_commit: Callable[[], None] | None = None
         try:
             self._pool.open(wait=True, timeout=connect_timeout)
         except PoolTimeout:
@@ -134,6 +142,8 @@ class PostgresDatabase:
         try:
             with self._pool.connection() as conn, conn.transaction():
                 yield _Tx(conn)
+                if self.before_commit is not None:
+                    self.before_commit()
         except (psycopg.Error, PoolTimeout) as exc:
             raise self.translate(exc) from None
 
@@ -149,6 +159,10 @@ class PostgresDatabase:
                     yield _Tx(conn)
         except (psycopg.Error, PoolTimeout) as exc:
             raise self.translate(exc) from None
+
+    def check(self) -> None:
+        with self.read() as tx:
+            tx.execute("SELECT 1")
 
     def close(self) -> None:
         self._pool.close()

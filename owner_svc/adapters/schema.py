@@ -9,10 +9,19 @@ show tampering by anyone else.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from owner_svc.adapters.dialect import AppendOnly
 from sevlaunch.audit import GENESIS
 
-Step = str | AppendOnly
+
+@dataclass(frozen=True)
+class MacHead:
+    """A migration step the store runs with its audit key: MACs the head row as it stands (the baseline
+    a database from before heads were MACed starts from). Without a key it leaves the MAC empty."""
+
+
+Step = str | AppendOnly | MacHead
 
 MIGRATIONS: tuple[tuple[Step, ...], ...] = (
     (
@@ -90,6 +99,9 @@ MIGRATIONS: tuple[tuple[Step, ...], ...] = (
         "ON CONFLICT (id) DO NOTHING",
         "CREATE INDEX IF NOT EXISTS sessions_by_created ON sessions(created_at)",
     ),
+    # 5: the head is authenticated (`sevlaunch.audit.make_head_mac`), so whoever can write the database
+    # but lacks the KEK cannot move it back over a cut tail.
+    ("ALTER TABLE audit_head ADD COLUMN mac TEXT NOT NULL DEFAULT ''", MacHead()),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -119,6 +119,13 @@ class SQLiteDatabase:
             self._connections.append(conn)
         return conn
 
+    def check(self) -> None:
+        with self.read() as tx:
+            rows = tx.execute("PRAGMA quick_check").fetchall()
+        problems = [str(r[0]) for r in rows if str(r[0]) != "ok"]
+        if problems:
+            raise StoreCorrupt(f"the database fails SQLite's integrity check: {problems[0]}")
+
     def limit_pages(self, pages: int | None = None) -> int:
         """Caps the file at `pages` pages (None: at its size now) on every connection, as a full disk
         would: writes that need a new page fail with SQLITE_FULL. For fault tests; returns the cap."""

@@ -8,23 +8,44 @@ A `Database` (sqlite.py, postgres.py) gives transactions and raises only the cor
   write lock, or PostgreSQL's row lock and READ COMMITTED re-check, lets exactly one caller win.
 * "Read the head, append the next record" runs under the head row's lock (SQLite: BEGIN IMMEDIATE;
   PostgreSQL: SELECT ... FOR UPDATE), taken last by every writer: the chain never forks, no deadlock.
+* The head carries a MAC under the audit key. Each append checks it, and that the head has not moved
+  back below the highest this process has seen; `check_integrity` (at start) checks the database, the
+  head and the chain's tail. A damaged log is `StoreCorrupt`: the owner appends nothing more to it.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol
 
 from owner_svc.adapters.dialect import Dialect, Tx
 from owner_svc.adapters.rows import audit_record_from_row, session_from_row
-from owner_svc.adapters.schema import MIGRATIONS, SCHEMA_VERSION, SESSION_COLUMNS
+from owner_svc.adapters.schema import MIGRATIONS, SCHEMA_VERSION, SESSION_COLUMNS, MacHead
 from owner_svc.core.audit import canonical_record
 from owner_svc.core.model import AuditEvent, AuditRecord, SessionRecord, SessionState
 from owner_svc.core.ports import SchemaError, StoreCorrupt
-from sevlaunch.audit import record_hash, record_mac
+from sevlaunch.audit import (
+    AuditChainBroken,
+    ChainEntry,
+    Checkpoint,
+    head_mac_ok,
+    make_head_mac,
+    record_hash,
+    record_mac,
+    verify_chain,
+)
 from sevlaunch.ownerdb import AUDIT_COLUMNS
+
+#: How many of the newest records the check at start verifies against the head.
+DEFAULT_TAIL = 1000
+RECOVERY = (
+    "the owner will not serve on it. Stop every replica, keep this database for inspection, and restore "
+    "the newest backup that `sevlaunch owner audit verify --db DB --kek-file KEK --checkpoint SEQ:HASH` "
+    "(the last checkpoint the owner logged) passes"
+)
 
 # Column lists are constants, never input: the f-strings below cannot inject anything.
 _SELECT_SESSIONS = f"SELECT {SESSION_COLUMNS} FROM sessions"  # noqa: S608
@@ -45,6 +66,17 @@ class Database(Protocol):
 
     def close(self) -> None: ...
 
+    def check(self) -> None:
+        """The database's own consistency check (SQLite: quick_check); raises StoreCorrupt."""
+        ...
+
+
+class AuditLogDamaged(StoreCorrupt):
+    """The audit log does not verify against its MACed head: cut, rolled back or edited."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"the audit log is damaged: {what}; {RECOVERY}")
+
 
 class SqlStore:
     def __init__(
@@ -54,6 +86,10 @@ class SqlStore:
         self._d = db.dialect
         self._audit_mac_key = audit_mac_key
         self._clock = clock
+        # The highest head this process wrote or verified: the head never goes below it.
+        self._highest_seq = 0
+        self._seen_lock = threading.Lock()
+        self._local = threading.local()
         try:
             self.migrate()
         except BaseException:
@@ -90,6 +126,9 @@ class SqlStore:
                 raise SchemaError(f"database schema {version} is newer than this code's {SCHEMA_VERSION}")
             for target in range(version, SCHEMA_VERSION):
                 for step in MIGRATIONS[target]:
+                    if isinstance(step, MacHead):
+                        self._mac_head(tx)
+                        continue
                     for statement in self._d.render(step):
                         tx.execute(statement)
             if version < SCHEMA_VERSION:
@@ -97,23 +136,96 @@ class SqlStore:
 
     # ---------------------------------------------------------------------------- audit log
 
-    def _append_audit(self, tx: Tx, event: AuditEvent) -> None:
-        lock = self._d.lock_row
-        row = tx.execute(f"SELECT seq, hash FROM audit_head WHERE id = 1{lock}").fetchone()  # noqa: S608
+    @contextmanager
+    def _write(self) -> Iterator[Tx]:
+        """`db.write()`, noting the head an append in it reached once (and only if) it committed."""
+        self._local.appended = 0
+        with self.db.write() as tx:
+            yield tx
+        if self._local.appended:
+            self._saw(self._local.appended)
+
+    def _saw(self, seq: int) -> None:
+        with self._seen_lock:
+            self._highest_seq = max(self._highest_seq, seq)
+
+    def _read_head(self, tx: Tx, *, lock: bool = False) -> tuple[int, str, str]:
+        suffix = self._d.lock_row if lock else ""
+        row = tx.execute(f"SELECT seq, hash, mac FROM audit_head WHERE id = 1{suffix}").fetchone()  # noqa: S608
         if row is None:
-            raise StoreCorrupt("the audit head row is missing: the audit table was tampered with")
-        seq, prev = int(row[0]) + 1, str(row[1])
+            raise AuditLogDamaged("the audit head row is missing")
+        return int(row[0]), str(row[1]), str(row[2])
+
+    def _check_head(self, seq: int, digest: str, mac: str) -> None:
+        if self._audit_mac_key is not None and not head_mac_ok(self._audit_mac_key, seq, digest, mac):
+            raise AuditLogDamaged(
+                f"the head (record {seq}) carries no valid MAC: it was moved or rewritten without the KEK"
+            )
+        if seq < self._highest_seq:
+            raise AuditLogDamaged(f"the head moved back from record {self._highest_seq} to {seq}")
+
+    def _mac_head(self, tx: Tx) -> None:
+        if self._audit_mac_key is None:
+            return
+        seq, digest, _ = self._read_head(tx, lock=True)
+        mac = make_head_mac(self._audit_mac_key, seq, digest)
+        tx.execute(self._q("UPDATE audit_head SET mac = ? WHERE id = 1"), (mac,))
+
+    def _append_audit(self, tx: Tx, event: AuditEvent) -> None:
+        head_seq, prev, head_mac = self._read_head(tx, lock=True)
+        self._check_head(head_seq, prev, head_mac)
+        seq = head_seq + 1
         canonical = canonical_record(seq, self._clock(), event, prev)
         digest = record_hash(canonical)
-        mac = record_mac(self._audit_mac_key, digest) if self._audit_mac_key is not None else ""
+        key = self._audit_mac_key
         tx.execute(
             self._q("INSERT INTO audit (seq, canonical, prev_hash, hash, mac) VALUES (?, ?, ?, ?, ?)"),
-            (seq, canonical, prev, digest, mac),
+            (seq, canonical, prev, digest, record_mac(key, digest) if key is not None else ""),
         )
-        tx.execute(self._q("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1"), (seq, digest))
+        tx.execute(
+            self._q("UPDATE audit_head SET seq = ?, hash = ?, mac = ? WHERE id = 1"),
+            (seq, digest, make_head_mac(key, seq, digest) if key is not None else ""),
+        )
+        self._local.appended = seq
+
+    def audit_checkpoint(self) -> Checkpoint:
+        """The head as it stands, its MAC checked: what the owner logs so it can be checked later."""
+        with self.db.read() as tx:
+            seq, digest, mac = self._read_head(tx)
+        self._check_head(seq, digest, mac)
+        self._saw(seq)
+        return Checkpoint(seq, digest, mac)
+
+    def check_integrity(self, tail: int = DEFAULT_TAIL) -> Checkpoint:
+        """At start: the database's own check, the head's MAC, and the newest `tail` records (links,
+        hashes, MACs) up to the head; returns the head. Raises StoreCorrupt (AuditLogDamaged)."""
+        self.db.check()
+        with self.db.read(snapshot=True) as tx:
+            seq, digest, mac = self._read_head(tx)
+            newest = tx.execute("SELECT max(seq) FROM audit").fetchone()
+            first = max(0, seq - tail)
+            rows = tx.execute(
+                self._q(f"SELECT {AUDIT_COLUMNS} FROM audit WHERE seq >= ? ORDER BY seq"),  # noqa: S608
+                (max(1, first),),
+            ).fetchall()
+        self._check_head(seq, digest, mac)
+        if (newest[0] or 0) != seq:
+            raise AuditLogDamaged(f"the head says {seq} records, the newest record is {newest[0] or 0}")
+        entries = [ChainEntry(int(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4])) for r in rows]
+        after = None
+        if first >= 1:
+            if not entries or entries[0].seq != first:
+                raise AuditLogDamaged(f"record {first} is missing")
+            after = (first, entries.pop(0).hash)
+        try:
+            verify_chain(entries, head=(seq, digest), mac_key=self._audit_mac_key, after=after)
+        except AuditChainBroken as exc:
+            raise AuditLogDamaged(str(exc)) from None
+        self._saw(seq)
+        return Checkpoint(seq, digest, mac)
 
     def append_audit(self, event: AuditEvent) -> None:
-        with self.db.write() as tx:
+        with self._write() as tx:
             self._append_audit(tx, event)
 
     def audit_records(self, after_seq: int, limit: int) -> Sequence[AuditRecord]:
@@ -138,7 +250,7 @@ class SqlStore:
     # ---------------------------------------------------------------------------- workloads
 
     def put_workload(self, workload_id: str, config_json: str, event: AuditEvent) -> None:
-        with self.db.write() as tx:
+        with self._write() as tx:
             tx.execute(
                 self._q(
                     "INSERT INTO workloads (workload_id, config_json, updated_at) VALUES (?, ?, ?) "
@@ -154,7 +266,7 @@ class SqlStore:
         return None if row is None else str(row[0])
 
     def put_secret(self, workload_id: str, sealed: bytes, event: AuditEvent) -> None:
-        with self.db.write() as tx:
+        with self._write() as tx:
             tx.execute(
                 self._q(
                     "INSERT INTO secrets (workload_id, sealed, updated_at) VALUES (?, ?, ?) "
@@ -172,7 +284,7 @@ class SqlStore:
     # ----------------------------------------------------------------------------- sessions
 
     def insert_session(self, record: SessionRecord, event: AuditEvent) -> None:
-        with self.db.write() as tx:
+        with self._write() as tx:
             tx.execute(
                 self._q(_INSERT_SESSION),
                 (
@@ -210,7 +322,7 @@ class SqlStore:
         reason: str,
         event: AuditEvent,
     ) -> bool:
-        with self.db.write() as tx:
+        with self._write() as tx:
             # The WHERE clause is the whole guarantee: only an OPEN (and, for a release, unexpired)
             # session moves. Concurrent updaters of the row wait for the first (SQLite's write lock,
             # PostgreSQL's row lock) and then match nothing. Expiry is compared with `now` always; a
@@ -255,7 +367,7 @@ class SqlStore:
         *,
         revokes: Sequence[str] = (),
     ) -> None:
-        with self.db.write() as tx:
+        with self._write() as tx:
             tx.execute(
                 self._q(
                     "INSERT INTO manifests (manifest_id, envelope, source, imported_at) "
@@ -273,7 +385,7 @@ class SqlStore:
         return [(str(r[0]), bytes(r[1]), str(r[2])) for r in rows]
 
     def add_revocations(self, manifest_ids: Sequence[str], by: str) -> None:
-        with self.db.write() as tx:
+        with self._write() as tx:
             self._insert_revocations(tx, manifest_ids, by)
             self._bump_generation(tx)
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from owner_svc.adapters.sqlite import SQLiteStore
 from owner_svc.core.ports import Store, StoreError
+from sevlaunch.audit import Checkpoint
 from sevlaunch.errors import ServiceError
 from sevlaunch.ownerdb import DatabaseLocationError, is_postgres_url, parse_location
 from sevlaunch.rpc.entry import StartupError
@@ -30,7 +31,9 @@ class StoreConfigError(StartupError):
 
 
 class OwnerStore(Store, Protocol):
-    """A `Store` the server also closes at stop."""
+    """A `Store` the server also checks at start and closes at stop."""
+
+    def check_integrity(self, tail: int = ...) -> Checkpoint: ...
 
     def close(self) -> None: ...
 

@@ -5,10 +5,12 @@ decisions so each reads in one sitting; the same rules hold: validate first, aud
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
+from owner_svc.core.metrics import Metrics
 from owner_svc.core.model import (
     AuditEvent,
     AuditRecord,
@@ -25,12 +27,14 @@ from owner_svc.core.model import (
 from owner_svc.core.ports import Sealer, Store
 from owner_svc.core.reasons import Reason
 from owner_svc.core.refset import ReferenceValueSet
-from sevlaunch.audit import MAX_PAGE
+from sevlaunch.audit import MAX_PAGE, Checkpoint
 from sevlaunch.errors import FailedPrecondition, InvalidArgument, NotFound
 from sevlaunch.refvalues import VerifiedManifest
 from sevlaunch.sev import secret as sev_secret
 from sevlaunch.sev.errors import MalformedInput, Unsupported, VerificationFailed
 from sevlaunch.sev.policy import GuestPolicy
+
+log = logging.getLogger("owner_svc.core")
 
 #: Audit sequence numbers are signed 64-bit integers in SQLite and PostgreSQL.
 MAX_SEQ = 2**63 - 1
@@ -59,6 +63,7 @@ class OwnerAdmin:
     sealer: Sealer
     refvalues: ReferenceValueSet
     clock: Callable[[], float]
+    metrics: Metrics
 
     def sync_reference_values(self) -> None:
         raise NotImplementedError
@@ -199,6 +204,22 @@ class OwnerAdmin:
                 f"after_seq must be 0..{MAX_SEQ} and limit 0..{MAX_PAGE}; page with after_seq",
             )
         return self.store.audit_records(after_seq, limit or MAX_PAGE)
+
+    def audit_checkpoint(self) -> Checkpoint:
+        """Writes the audit head, MACed, where the database cannot reach it: a log line and a metric.
+        Whoever later doubts the database checks it with `sevlaunch owner audit verify --checkpoint`."""
+        checkpoint = self.store.audit_checkpoint()
+        self.metrics.audit_checkpoint(checkpoint.seq, checkpoint.hash, checkpoint.mac)
+        log.info(
+            "audit checkpoint",
+            extra={
+                "seq": checkpoint.seq,
+                "hash": checkpoint.hash,
+                "mac": checkpoint.mac,
+                "checkpoint": str(checkpoint),
+            },
+        )
+        return checkpoint
 
     def revoke_session(self, caller: str, session_id: str) -> None:
         check_session_id(session_id)

@@ -18,6 +18,10 @@ class Metrics(Protocol):
 
     def observe(self, step: str, seconds: float) -> None: ...
 
+    def audit_checkpoint(self, seq: int, digest: str, mac: str) -> None:
+        """The newest audit checkpoint, exported so it is kept outside the database."""
+        ...
+
 
 class NullMetrics:
     """For a core built without metrics (tests, benchmarks)."""
@@ -35,4 +39,7 @@ class NullMetrics:
         pass
 
     def observe(self, step: str, seconds: float) -> None:
+        pass
+
+    def audit_checkpoint(self, seq: int, digest: str, mac: str) -> None:
         pass

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from owner_svc.core.model import AuditEvent, AuditRecord, SessionRecord, SessionState
 from owner_svc.core.reasons import Reason
+from sevlaunch.audit import Checkpoint
 from sevlaunch.errors import Aborted, ServiceError, Unavailable
 
 
@@ -134,3 +135,8 @@ class Store(Protocol):
     def append_audit(self, event: AuditEvent) -> None: ...
 
     def audit_records(self, after_seq: int, limit: int) -> Sequence[AuditRecord]: ...
+
+    def audit_checkpoint(self) -> Checkpoint:
+        """The audit head (seq, hash, MAC), its MAC checked; raises StoreCorrupt when it does not verify
+        or moved back."""
+        ...

@@ -7,7 +7,7 @@
     sevlaunch owner sessions [--workload-id W] ...
     sevlaunch owner audit show [--after N] ...
     sevlaunch owner session revoke --session-id S ...
-    sevlaunch owner audit verify --db owner.db | postgresql://... [--kek-file kek]
+    sevlaunch owner audit verify --db owner.db | postgresql://... [--kek-file kek] [--checkpoint SEQ:HASH]
 
 `workload.json` is the `Workload` message of owner.proto in protobuf's JSON form, e.g.
 {"workload_id": "web", "allowed_policies": [3], "generations": ["milan"],
@@ -24,9 +24,12 @@ replicas append) and needs no service: each record stores the
 exact JSON text that was hashed (`{"event", "prev", "seq", "time"}`), hash = SHA-256(text), and
 `prev` = the previous record's hash (64 zeros for the first); the `audit_head` row holds the last
 (seq, hash), so a truncated tail shows. With the KEK it also checks each record's MAC,
-HMAC-SHA256(HMAC-SHA256(KEK, "sevlaunch-owner/v1/audit-mac"), hash), which whoever can only write the
-database cannot forge. The check is `sevlaunch.ownerdb` over `sevlaunch.audit`, the code the owner
-service writes the chain with.
+HMAC-SHA256(HMAC-SHA256(KEK, "sevlaunch-owner/v1/audit-mac"), hash), and the head's, which whoever can
+only write the database cannot forge. A head the owner wrote earlier keeps a valid MAC, so a log rolled
+back whole is caught only against a checkpoint kept elsewhere: `--checkpoint SEQ:HASH` from the owner's
+"audit checkpoint" log lines (or its `sevlaunch_owner_audit_checkpoint` metric) must still be in the
+log. The check is `sevlaunch.ownerdb` over `sevlaunch.audit`, the code the owner service writes the
+chain with.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from sevlaunch.audit import MAX_PAGE
+from sevlaunch.audit import MAX_PAGE, Checkpoint
 from sevlaunch.cli import CommandError
 from sevlaunch.cli._common import add_client_args, call_service, read_bytes
 from sevlaunch.ownerdb import AuditDatabaseError, KEKFileError, load_kek, verify_audit_db
@@ -109,7 +112,17 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         required=True,
         help="the owner's store: a SQLite file, or a postgresql:// URL (as the owner's)",
     )
-    verify.add_argument("--kek-file", help="also check each record's MAC (proves the owner wrote it)")
+    verify.add_argument(
+        "--kek-file", help="also check each record's MAC and the head's (proves the owner wrote them)"
+    )
+    verify.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="SEQ:HASH",
+        help="a checkpoint the owner logged (`audit checkpoint`): the log must still hold that record "
+        "with that hash, so a log cut or rolled back below it fails (repeatable; SEQ:HASH:MAC also)",
+    )
     verify.set_defaults(func=_audit_verify)
 
 
@@ -216,9 +229,14 @@ def _audit_show(stub: owner_pb2_grpc.OwnerServiceStub, args: argparse.Namespace)
 
 def _audit_verify(args: argparse.Namespace) -> int:
     try:
+        checkpoints = [Checkpoint.parse(text) for text in args.checkpoint]
+    except ValueError as exc:
+        raise CommandError(f"--checkpoint: {exc}") from None
+    try:
         kek = load_kek(args.kek_file) if args.kek_file else None
-        count = verify_audit_db(args.db, kek)
+        count = verify_audit_db(args.db, kek, checkpoints=checkpoints)
     except (KEKFileError, AuditDatabaseError) as exc:
         raise CommandError(str(exc)) from None
-    print(f"audit log intact: {count} records{', MACs verified' if kek else ''}", file=sys.stdout)
+    held = f", {len(checkpoints)} checkpoint(s) held" if checkpoints else ""
+    print(f"audit log intact: {count} records{', MACs verified' if kek else ''}{held}", file=sys.stdout)
     return 0
