@@ -31,6 +31,7 @@ from typing import Any
 GENESIS = "0" * 64
 AUDIT_MAC_LABEL = b"sevlaunch-owner/v1/audit-mac"
 HEAD_MAC_LABEL = "sevlaunch-owner/v1/audit-head"
+WORKLOAD_MAC_LABEL = "sevlaunch-owner/v1/workload"
 #: The most records one GetAuditLog or ListSessions reply holds (owner.proto): a larger `limit` is
 #: refused (bad_limit), so a reply stays far below the clients' 4 MiB receive limit; callers page with
 #: `after_seq`.
@@ -93,6 +94,17 @@ def audit_mac_key(kek: bytes) -> bytes:
 
 def record_mac(key: bytes, digest: str) -> str:
     return hmac.new(key, digest.encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def workload_mac(key: bytes, workload_id: str, config_json: str) -> str:
+    """The MAC of a stored workload configuration (its id and JSON text), under the audit key with a
+    label of its own: a database writer without the KEK cannot widen what a workload allows."""
+    message = f"{WORKLOAD_MAC_LABEL}\n{workload_id}\n{config_json}".encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def workload_mac_ok(key: bytes, workload_id: str, config_json: str, mac: object) -> bool:
+    return _same(mac, workload_mac(key, workload_id, config_json))
 
 
 def make_head_mac(key: bytes, seq: int, digest: str) -> str:

@@ -21,7 +21,12 @@ class MacHead:
     a database from before heads were MACed starts from). Without a key it leaves the MAC empty."""
 
 
-Step = str | AppendOnly | MacHead
+@dataclass(frozen=True)
+class MacWorkloads:
+    """A migration step the store runs with its audit key: MACs every workload row as it stands."""
+
+
+Step = str | AppendOnly | MacHead | MacWorkloads
 
 MIGRATIONS: tuple[tuple[Step, ...], ...] = (
     (
@@ -102,6 +107,9 @@ MIGRATIONS: tuple[tuple[Step, ...], ...] = (
     # 5: the head is authenticated (`sevlaunch.audit.make_head_mac`), so whoever can write the database
     # but lacks the KEK cannot move it back over a cut tail.
     ("ALTER TABLE audit_head ADD COLUMN mac TEXT NOT NULL DEFAULT ''", MacHead()),
+    # 6: so is each workload's configuration (`sevlaunch.audit.workload_mac`): editing a row to allow a
+    # debug policy or another generation would otherwise open the secret to whoever can write the rows.
+    ("ALTER TABLE workloads ADD COLUMN mac TEXT NOT NULL DEFAULT ''", MacWorkloads()),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from owner_svc.adapters.dialect import Dialect, Tx
 from owner_svc.adapters.rows import audit_record_from_row, session_from_row
-from owner_svc.adapters.schema import MIGRATIONS, SCHEMA_VERSION, SESSION_COLUMNS, MacHead
+from owner_svc.adapters.schema import MIGRATIONS, SCHEMA_VERSION, SESSION_COLUMNS, MacHead, MacWorkloads
 from owner_svc.core.audit import canonical_record
 from owner_svc.core.model import AuditEvent, AuditRecord, SessionRecord, SessionState
 from owner_svc.core.ports import SchemaError, StoreCorrupt
@@ -36,6 +36,8 @@ from sevlaunch.audit import (
     record_hash,
     record_mac,
     verify_chain,
+    workload_mac,
+    workload_mac_ok,
 )
 from sevlaunch.ownerdb import AUDIT_COLUMNS
 
@@ -129,6 +131,9 @@ class SqlStore:
                     if isinstance(step, MacHead):
                         self._mac_head(tx)
                         continue
+                    if isinstance(step, MacWorkloads):
+                        self._mac_workloads(tx)
+                        continue
                     for statement in self._d.render(step):
                         tx.execute(statement)
             if version < SCHEMA_VERSION:
@@ -170,6 +175,17 @@ class SqlStore:
         seq, digest, _ = self._read_head(tx, lock=True)
         mac = make_head_mac(self._audit_mac_key, seq, digest)
         tx.execute(self._q("UPDATE audit_head SET mac = ? WHERE id = 1"), (mac,))
+
+    def _mac_workloads(self, tx: Tx) -> None:
+        if self._audit_mac_key is None:
+            return
+        for workload_id, config_json in tx.execute(
+            "SELECT workload_id, config_json FROM workloads"
+        ).fetchall():
+            tx.execute(
+                self._q("UPDATE workloads SET mac = ? WHERE workload_id = ?"),
+                (workload_mac(self._audit_mac_key, str(workload_id), str(config_json)), workload_id),
+            )
 
     def _append_audit(self, tx: Tx, event: AuditEvent) -> None:
         head_seq, prev, head_mac = self._read_head(tx, lock=True)
@@ -250,20 +266,32 @@ class SqlStore:
     # ---------------------------------------------------------------------------- workloads
 
     def put_workload(self, workload_id: str, config_json: str, event: AuditEvent) -> None:
+        key = self._audit_mac_key
+        mac = workload_mac(key, workload_id, config_json) if key is not None else ""
         with self._write() as tx:
             tx.execute(
                 self._q(
-                    "INSERT INTO workloads (workload_id, config_json, updated_at) VALUES (?, ?, ?) "
+                    "INSERT INTO workloads (workload_id, config_json, updated_at, mac) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT (workload_id) DO UPDATE SET config_json = excluded.config_json, "
-                    "updated_at = excluded.updated_at"
+                    "updated_at = excluded.updated_at, mac = excluded.mac"
                 ),
-                (workload_id, config_json, self._clock()),
+                (workload_id, config_json, self._clock(), mac),
             )
             self._append_audit(tx, event)
 
     def get_workload(self, workload_id: str) -> str | None:
-        row = self._one("SELECT config_json FROM workloads WHERE workload_id = ?", (workload_id,))
-        return None if row is None else str(row[0])
+        """The workload's configuration; StoreCorrupt when its MAC shows it was written without the KEK."""
+        row = self._one("SELECT config_json, mac FROM workloads WHERE workload_id = ?", (workload_id,))
+        if row is None:
+            return None
+        config_json = str(row[0])
+        key = self._audit_mac_key
+        if key is not None and not workload_mac_ok(key, workload_id, config_json, row[1]):
+            raise StoreCorrupt(
+                f"workload {workload_id!r} was changed outside the owner (its MAC does not verify): "
+                "put it again with `sevlaunch owner workload put` once the database is trusted"
+            )
+        return config_json
 
     def put_secret(self, workload_id: str, sealed: bytes, event: AuditEvent) -> None:
         with self._write() as tx:

@@ -1,5 +1,6 @@
 """Issue 12 item 1: the audit head is MACed, checked at owner start, on every append and by
 `sevlaunch owner audit verify`; checkpoints kept outside the database catch a rollback of the whole log.
+Workload rows carry a MAC too.
 
 The attacker here can write the owner's database (drop triggers, delete rows, move the head) but does
 not hold the KEK.
@@ -16,6 +17,7 @@ from owner_svc.adapters.kek import KeyEncryptionKey
 from owner_svc.adapters.sqlite import SQLiteStore
 from owner_svc.adapters.sqlstore import AuditLogDamaged
 from owner_svc.core.model import AuditEvent
+from owner_svc.core.ports import StoreCorrupt
 from owner_svc.server import ConfigError, OwnerConfig, build_app
 from sevlaunch.audit import GENESIS, Checkpoint
 from sevlaunch.cli import main as cli_main
@@ -166,22 +168,41 @@ def test_an_empty_log_has_a_maced_head_and_blanking_it_is_caught(
         SQLiteStore(db, audit_mac_key=KeyEncryptionKey.from_file(kek_file).audit_key).check_integrity()
 
 
-def test_a_database_from_before_maced_heads_is_upgraded(tmp_path: Path) -> None:
-    """Schema 4 had no head MAC: the migration MACs the head as it stands (nothing older can be
-    checked), and from then on the head is checked like any other."""
-    store, db, kek_file = _owner_db(tmp_path, records=4)
+def test_a_database_from_before_maced_heads_and_workloads_is_upgraded(tmp_path: Path) -> None:
+    """Schema 4 had no head or workload MACs: the migrations MAC them as they stand (nothing older can
+    be checked), and from then on they are checked like any other."""
+    store, db, kek_file = _owner_db(tmp_path, records=3)
+    store.put_workload("web", '{"v": 1}', _event(3))
     store.close()
     conn = sqlite3.connect(db)
     conn.execute("ALTER TABLE audit_head DROP COLUMN mac")
+    conn.execute("ALTER TABLE workloads DROP COLUMN mac")
     conn.execute("PRAGMA user_version = 4")
     conn.commit()
     conn.close()
     assert verify_audit_db(db, load_kek(kek_file)) == 4  # no head MAC to check in schema 4
     upgraded = SQLiteStore(db, audit_mac_key=KeyEncryptionKey.from_file(kek_file).audit_key)
     assert upgraded.check_integrity().seq == 4
+    assert upgraded.get_workload("web") == '{"v": 1}'
     upgraded.append_audit(_event(4))
     upgraded.close()
     assert _verify(db, kek_file) == 0
+
+
+def test_workload_widened_in_the_database_without_the_kek_is_refused(tmp_path: Path) -> None:
+    """Editing a workload row to allow a debug policy (the guest's memory open to the host) would make the
+    owner release the secret to such a launch: the row's MAC shows the edit, and nothing is decided on it."""
+    store, db, _ = _owner_db(tmp_path, records=0)
+    store.put_workload("web", '{"allowed_policies": [3]}', _event(0))
+    conn = sqlite3.connect(db)
+    conn.execute("""UPDATE workloads SET config_json = '{"allowed_policies": [3, 2], "allow_debug": true}'""")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreCorrupt, match="'web' was changed outside the owner"):
+        store.get_workload("web")
+    store.put_workload("web", '{"allowed_policies": [3]}', _event(1))  # the owner's own write heals it
+    assert store.get_workload("web") == '{"allowed_policies": [3]}'
+    store.close()
 
 
 def test_an_edited_record_in_the_tail_stops_the_owner_at_start(tmp_path: Path, tls_dir: Path) -> None:
