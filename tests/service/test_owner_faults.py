@@ -5,6 +5,7 @@ go to the log and the metrics at an interval and on shutdown."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -18,7 +19,17 @@ from typing import Any
 
 import grpc
 import pytest
-from owner_support import SEV_POLICY, Publisher, emulator_chain, launch, provision, secret_area, workload_msg
+from owner_support import (
+    EXTRA_SECRET,
+    PASSPHRASE,
+    SEV_POLICY,
+    Publisher,
+    emulator_chain,
+    launch,
+    provision,
+    secret_area,
+    workload_msg,
+)
 
 from owner_svc.adapters.kek import KeyEncryptionKey
 from owner_svc.adapters.sqlite import SQLiteStore
@@ -103,6 +114,11 @@ def test_full_disk_is_store_unavailable_and_releases_nothing_without_its_audit_r
     audit = _releases(db)
     assert all(audit[o.session_id] == ["allowed"] for o, _ in pending)
     assert verify_audit_db(db, load_kek(h.config.kek_file)) > 0
+    # Whatever the full disk cut short, no secret byte reached a file (the database and its WAL).
+    written = b"".join(p.read_bytes() for p in db.parent.iterdir() if p.name.startswith("owner.db"))
+    for needle in (PASSPHRASE, EXTRA_SECRET):
+        assert needle not in written and needle.hex().encode() not in written.lower()
+        assert base64.b64encode(needle) not in written
 
 
 def test_audit_checkpoints_go_to_the_log_and_metrics_at_an_interval_and_on_shutdown(
