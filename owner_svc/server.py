@@ -23,11 +23,15 @@ from owner_svc.adapters.kek import KEKFileError, KeyEncryptionKey
 from owner_svc.adapters.metrics import PrometheusOwnerMetrics
 from owner_svc.adapters.refvalues_http import RefValuesPoller
 from owner_svc.adapters.store import OwnerStore, open_store
-from owner_svc.api.servicer import OwnerServicer
+from owner_svc.api.servicer import AUTHZ, SERVICE_NAME, OwnerServicer
+from owner_svc.core.ports import StoreError
 from owner_svc.core.refset import ReferenceValueSet
 from owner_svc.core.service import AMD_GENERATIONS, DEFAULT_SESSION_TTL, OwnerCore
+from sevlaunch.dsn import redact_dsn
+from sevlaunch.errors import ServiceError
+from sevlaunch.ownerdb import is_postgres_url
 from sevlaunch.refvalues import PublisherKey
-from sevlaunch.rpc import AuthzPolicy, RpcServer, method_rules
+from sevlaunch.rpc import RpcServer
 from sevlaunch.rpc.entry import (
     StartupError,
     add_server_flags,
@@ -43,30 +47,10 @@ from sevlaunch.sev.errors import SevError
 
 log = logging.getLogger("owner_svc")
 
-SERVICE_NAME = "sevlaunch.v1.OwnerService"
 DEFAULT_LISTEN = "0.0.0.0:50053"
 DEFAULT_METRICS_LISTEN = "0.0.0.0:9103"
 DEFAULT_REFVALUES_INTERVAL = 300.0
-
-LAUNCH_ROLES = ("launcher", "client")
-ADMIN_ROLES = ("owner-admin",)
-AUTHZ = AuthzPolicy(
-    method_rules(
-        SERVICE_NAME,
-        {
-            "OpenSession": LAUNCH_ROLES,
-            "ReleaseSecret": LAUNCH_ROLES,
-            "PutWorkload": ADMIN_ROLES,
-            "GetWorkload": ADMIN_ROLES,
-            "PutSecret": ADMIN_ROLES,
-            "ImportReferenceValues": ADMIN_ROLES,
-            "ListReferenceValues": ADMIN_ROLES,
-            "ListSessions": ADMIN_ROLES,
-            "GetAuditLog": ADMIN_ROLES,
-            "RevokeSession": ADMIN_ROLES,
-        },
-    )
-)
+DEFAULT_CHECKPOINT_INTERVAL = 300.0
 
 
 class ConfigError(StartupError):
@@ -89,6 +73,7 @@ class OwnerConfig:
     metrics_listen: str | None = None
     health_listen: str | None = None
     grace: float = DEFAULT_GRACE_SECONDS
+    checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL
 
 
 @dataclass
@@ -97,12 +82,27 @@ class OwnerApp:
     core: OwnerCore
     store: OwnerStore
     poller: RefValuesPoller | None
+    checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
         await self.rpc.start()
+        loop = asyncio.get_running_loop()
         if self.poller is not None:
-            self._tasks.append(asyncio.get_running_loop().create_task(self.poller.run()))
+            self._tasks.append(loop.create_task(self.poller.run()))
+        self._tasks.append(loop.create_task(self._checkpoints()))
+
+    async def _checkpoints(self) -> None:
+        while True:
+            await asyncio.sleep(self.checkpoint_interval)
+            await self.checkpoint()
+
+    async def checkpoint(self) -> None:
+        """Logs and exports the audit checkpoint; a store fault is logged, never fatal to the loop."""
+        try:
+            await asyncio.to_thread(self.core.audit_checkpoint)
+        except StoreError as exc:
+            log.error("audit checkpoint failed", extra={"error": str(exc)})
 
     async def stop(self, grace: float | None = None) -> None:
         for task in self._tasks:
@@ -110,6 +110,8 @@ class OwnerApp:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.rpc.stop(grace)
+        # The last head this owner wrote, outside the database, after the last call it served.
+        await self.checkpoint()
         self.store.close()
 
 
@@ -159,6 +161,17 @@ def build_app(config: OwnerConfig) -> OwnerApp:
         # Not fatal (reference values can come later with a restart), but nothing will be released.
         log.warning("no --publisher-key given: no reference value will be trusted, every release refused")
     store = open_store(config.db, audit_mac_key=kek.audit_key)
+    try:
+        # The database and the audit log's tail against its MACed head: on a damaged log the owner
+        # would append to something that no longer proves anything, so it does not serve at all.
+        head = store.check_integrity()
+    except StoreError as exc:
+        store.close()
+        raise ConfigError(f"--db {_shown(config.db)}: {_message(exc)}") from None
+    log.info(
+        "audit log checked",
+        extra={"seq": head.seq, "hash": head.hash, "mac": head.mac, "checkpoint": str(head)},
+    )
     refset = ReferenceValueSet(publishers)
     try:
         rpc = RpcServer(service_name=SERVICE_NAME, authz=AUTHZ, **rpc_server_options(config))
@@ -186,7 +199,18 @@ def build_app(config: OwnerConfig) -> OwnerApp:
         poller = RefValuesPoller(
             config.refvalues_urls, interval=config.refvalues_interval, importer=import_polled
         )
-    return OwnerApp(rpc=rpc, core=core, store=store, poller=poller)
+    return OwnerApp(
+        rpc=rpc, core=core, store=store, poller=poller, checkpoint_interval=config.checkpoint_interval
+    )
+
+
+def _shown(db: str | Path) -> str:
+    """`--db` for a message: a file as given, a PostgreSQL URL without its secrets."""
+    return redact_dsn(db) if isinstance(db, str) and is_postgres_url(db) else str(db)
+
+
+def _message(exc: StoreError) -> str:
+    return exc.detail if isinstance(exc, ServiceError) else str(exc)
 
 
 def _list(value: object) -> list[str]:
@@ -233,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--refvalues-interval", type=float, default=DEFAULT_REFVALUES_INTERVAL, help="seconds between polls"
     )
     p.add_argument("--session-ttl", type=float, default=DEFAULT_SESSION_TTL, help="session lifetime, seconds")
+    p.add_argument(
+        "--audit-checkpoint-interval",
+        type=float,
+        default=DEFAULT_CHECKPOINT_INTERVAL,
+        help="seconds between audit checkpoints (seq, head hash, MAC) in the log and metrics",
+    )
     return p
 
 
@@ -247,7 +277,10 @@ def config_from_args(args: argparse.Namespace) -> OwnerConfig:
         refvalues_urls=_list(args.refvalues_url),
         refvalues_interval=args.refvalues_interval,
         session_ttl=args.session_ttl,
+        checkpoint_interval=args.audit_checkpoint_interval,
     )
+    if not 1 <= config.checkpoint_interval <= 86400:
+        raise ConfigError("--audit-checkpoint-interval must be 1..86400 seconds")
     if not 1 <= config.session_ttl <= 86400:
         raise ConfigError("--session-ttl must be 1..86400 seconds")
     if config.refvalues_interval <= 0:

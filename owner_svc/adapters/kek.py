@@ -7,11 +7,7 @@ its row, so a ciphertext copied to another row (another session, another workloa
 
 from __future__ import annotations
 
-import base64
-import binascii
-import os
 import secrets
-import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -19,14 +15,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from owner_svc.core.ports import SealError
 from sevlaunch.audit import audit_mac_key
+from sevlaunch.ownerdb import KEK_SIZE, KEKFileError, load_kek
 
-KEK_SIZE = 32
+__all__ = ["KEK_SIZE", "KEKFileError", "KeyEncryptionKey"]
+
 _NONCE_SIZE = 12
 _VERSION = b"\x01"
-
-
-class KEKFileError(Exception):
-    """The KEK file is missing, malformed or too open. The message names the file, never its bytes."""
 
 
 class KeyEncryptionKey:
@@ -58,35 +52,6 @@ class KeyEncryptionKey:
 
     @classmethod
     def from_file(cls, path: str | Path, *, create: bool = False) -> KeyEncryptionKey:
-        """Reads the KEK (32 raw bytes, or their base64 on one line); with `create`, makes one (0600)
-        when the file does not exist. A file readable by group or others is refused."""
-        p = Path(path)
-        if not p.exists():
-            if not create:
-                raise KEKFileError(f"KEK file {p} does not exist (use --create-kek to make one)")
-            key = secrets.token_bytes(KEK_SIZE)
-            try:
-                fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:  # created meanwhile by another process: use that one
-                return cls.from_file(p)
-            try:
-                os.write(fd, base64.b64encode(key) + b"\n")
-            finally:
-                os.close(fd)
-            return cls(key)
-        try:
-            mode = p.stat().st_mode
-            data = p.read_bytes()
-        except OSError as exc:
-            raise KEKFileError(f"cannot read KEK file {p}: {exc.strerror}") from None
-        if stat.S_IMODE(mode) & 0o077:
-            raise KEKFileError(f"KEK file {p} is readable by group or others (chmod 600 it)")
-        if len(data) == KEK_SIZE:
-            return cls(data)
-        try:
-            key = base64.b64decode(data.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            key = b""
-        if len(key) != KEK_SIZE:
-            raise KEKFileError(f"KEK file {p} must hold 32 bytes (raw or base64)")
-        return cls(key)
+        """Reads the KEK file (`sevlaunch.ownerdb.load_kek`: 32 raw bytes or their base64, 0600); with
+        `create`, makes one when the file does not exist. Raises KEKFileError."""
+        return cls(load_kek(path, create=create))

@@ -6,7 +6,7 @@ never session ids, workloads, identities or anything secret.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -36,6 +36,14 @@ class PrometheusOwnerMetrics:
             buckets=_BUCKETS,
             registry=registry,
         )
+        # One series at a time: the value is the head's seq, the labels its hash and MAC (neither is
+        # secret: the MAC proves the owner wrote this head, it opens nothing).
+        self.checkpoint = Gauge(
+            "sevlaunch_owner_audit_checkpoint",
+            "The newest audit checkpoint: the head's seq, with its hash and MAC as labels",
+            ["hash", "mac"],
+            registry=registry,
+        )
 
     def session_opened(self) -> None:
         self.sessions_opened.inc()
@@ -51,3 +59,7 @@ class PrometheusOwnerMetrics:
 
     def observe(self, step: str, seconds: float) -> None:
         self.verification.labels(step).observe(seconds)
+
+    def audit_checkpoint(self, seq: int, digest: str, mac: str) -> None:
+        self.checkpoint.clear()
+        self.checkpoint.labels(digest, mac).set(seq)

@@ -7,8 +7,6 @@ verification never stalls the event loop. Errors propagate to the shell's interc
 from __future__ import annotations
 
 import asyncio
-import time
-from datetime import UTC, datetime
 from typing import Any
 
 import grpc.aio
@@ -18,22 +16,39 @@ from owner_svc.core.model import (
     FirmwareMinimum,
     KernelHashesRule,
     RefSelector,
-    SessionRecord,
-    SessionState,
+    SessionStatus,
     Workload,
 )
-from owner_svc.core.service import ChainInput, OwnerCore
+from owner_svc.core.reasons import Reason
+from owner_svc.core.service import ChainInput, OwnerCore, SessionView, WorkloadSummary
 from sevlaunch.errors import InvalidArgument
 from sevlaunch.refvalues import VerifiedManifest
-from sevlaunch.rpc import current_caller
+from sevlaunch.rpc import AuthzPolicy, current_caller, method_rules
 from sevlaunch.rpc.v1 import common_pb2, owner_pb2, owner_pb2_grpc
-from sevlaunch.sev.policy import GuestPolicy
 from sevlaunch.sev.technology import Technology
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
-#: Audit sequence numbers are signed 64-bit integers in SQLite and PostgreSQL.
-MAX_SEQ = 2**63 - 1
+SERVICE_NAME = owner_pb2.DESCRIPTOR.services_by_name["OwnerService"].full_name
+LAUNCH_ROLES = ("launcher", "client")
+ADMIN_ROLES = ("owner-admin",)
+AUTHZ = AuthzPolicy(
+    method_rules(
+        SERVICE_NAME,
+        {
+            "OpenSession": LAUNCH_ROLES,
+            "ReleaseSecret": LAUNCH_ROLES,
+            "PutWorkload": ADMIN_ROLES,
+            "GetWorkload": ADMIN_ROLES,
+            "PutSecret": ADMIN_ROLES,
+            "ImportReferenceValues": ADMIN_ROLES,
+            "ListReferenceValues": ADMIN_ROLES,
+            "ListSessions": ADMIN_ROLES,
+            "GetAuditLog": ADMIN_ROLES,
+            "RevokeSession": ADMIN_ROLES,
+        },
+    )
+)
 
 _MODE_TO_PROTO = {
     Technology.SEV: owner_pb2.REFERENCE_MODE_SEV,
@@ -49,11 +64,12 @@ _KERNEL_TO_PROTO = {
 _KERNEL_FROM_PROTO = {owner_pb2.KERNEL_HASHES_UNSPECIFIED: KernelHashesRule.FORBIDDEN} | {
     v: k for k, v in _KERNEL_TO_PROTO.items()
 }
-_STATE_TO_PROTO = {
-    SessionState.OPEN: owner_pb2.OWNER_SESSION_STATE_OPEN,
-    SessionState.RELEASED: owner_pb2.OWNER_SESSION_STATE_RELEASED,
-    SessionState.REFUSED: owner_pb2.OWNER_SESSION_STATE_REFUSED,
-    SessionState.REVOKED: owner_pb2.OWNER_SESSION_STATE_REVOKED,
+_STATUS_TO_PROTO = {
+    SessionStatus.OPEN: owner_pb2.OWNER_SESSION_STATE_OPEN,
+    SessionStatus.EXPIRED: owner_pb2.OWNER_SESSION_STATE_EXPIRED,
+    SessionStatus.RELEASED: owner_pb2.OWNER_SESSION_STATE_RELEASED,
+    SessionStatus.REFUSED: owner_pb2.OWNER_SESSION_STATE_REFUSED,
+    SessionStatus.REVOKED: owner_pb2.OWNER_SESSION_STATE_REVOKED,
 }
 
 
@@ -63,10 +79,10 @@ def workload_from_proto(msg: owner_pb2.Workload) -> Workload:
         try:
             modes = tuple(_MODE_FROM_PROTO[m] for m in s.modes)
         except KeyError:
-            raise InvalidArgument("bad_selector", "selector mode must be SEV or SEV_ES") from None
+            raise InvalidArgument(Reason.BAD_SELECTOR, "selector mode must be SEV or SEV_ES") from None
         kernel = _KERNEL_FROM_PROTO.get(s.kernel_hashes)
         if kernel is None:
-            raise InvalidArgument("bad_selector", "kernel_hashes must be FORBIDDEN, REQUIRED or ANY")
+            raise InvalidArgument(Reason.BAD_SELECTOR, "kernel_hashes must be FORBIDDEN, REQUIRED or ANY")
         selectors.append(
             RefSelector(
                 firmware_name=s.firmware_name,
@@ -139,10 +155,8 @@ def manifest_summary(vm: VerifiedManifest) -> owner_pb2.ManifestSummary:
     )
 
 
-def session_info(s: SessionRecord, now: float) -> owner_pb2.SessionInfo:
-    state = _STATE_TO_PROTO[s.state]
-    if s.state is SessionState.OPEN and now >= s.expires_at:
-        state = owner_pb2.OWNER_SESSION_STATE_EXPIRED
+def session_info(view: SessionView) -> owner_pb2.SessionInfo:
+    s = view.record
     return owner_pb2.SessionInfo(
         session_id=s.session_id,
         workload_id=s.workload_id,
@@ -150,7 +164,7 @@ def session_info(s: SessionRecord, now: float) -> owner_pb2.SessionInfo:
         policy=s.policy,
         generation=s.generation,
         cek_fingerprint=s.cek_fingerprint,
-        state=state,
+        state=_STATUS_TO_PROTO[view.status],
         created_at_unix=int(s.created_at),
         expires_at_unix=int(s.expires_at),
         matched_digest=s.matched_digest,
@@ -185,7 +199,7 @@ class OwnerServicer(owner_pb2_grpc.OwnerServiceServicer):
     ) -> owner_pb2.ReleaseSecretResponse:
         caller = current_caller().identity
         if not request.HasField("firmware"):
-            raise InvalidArgument("bad_firmware_version", "firmware version is required")
+            raise InvalidArgument(Reason.BAD_FIRMWARE_VERSION, "firmware version is required")
         fw = request.firmware
         released = await asyncio.to_thread(
             self.core.release_secret,
@@ -210,7 +224,7 @@ class OwnerServicer(owner_pb2_grpc.OwnerServiceServicer):
     ) -> owner_pb2.PutWorkloadResponse:
         caller = current_caller().identity
         if not request.HasField("workload"):
-            raise InvalidArgument("bad_workload", "workload is required")
+            raise InvalidArgument(Reason.BAD_WORKLOAD, "workload is required")
         workload = workload_from_proto(request.workload)
         await asyncio.to_thread(self.core.put_workload, caller, workload)
         return owner_pb2.PutWorkloadResponse()
@@ -218,20 +232,13 @@ class OwnerServicer(owner_pb2_grpc.OwnerServiceServicer):
     async def GetWorkload(
         self, request: owner_pb2.GetWorkloadRequest, context: Ctx
     ) -> owner_pb2.GetWorkloadResponse:
-        def get() -> owner_pb2.GetWorkloadResponse:
-            w = self.core.get_workload(request.workload_id)
-            self.core.sync_reference_values()
-            now = datetime.now(UTC)
-            sev = self.core.refvalues.accepted(w, GuestPolicy(0x3), now)
-            sev_es = self.core.refvalues.accepted(w, GuestPolicy(0x7), now)
-            return owner_pb2.GetWorkloadResponse(
-                workload=workload_to_proto(w),
-                has_secret=self.core.store.get_secret(w.workload_id) is not None,
-                accepted_digests_sev=len(sev),
-                accepted_digests_sev_es=len(sev_es),
-            )
-
-        return await asyncio.to_thread(get)
+        summary: WorkloadSummary = await asyncio.to_thread(self.core.workload_summary, request.workload_id)
+        return owner_pb2.GetWorkloadResponse(
+            workload=workload_to_proto(summary.workload),
+            has_secret=summary.has_secret,
+            accepted_digests_sev=summary.accepted_sev,
+            accepted_digests_sev_es=summary.accepted_sev_es,
+        )
 
     async def PutSecret(
         self, request: owner_pb2.PutSecretRequest, context: Ctx
@@ -246,7 +253,7 @@ class OwnerServicer(owner_pb2_grpc.OwnerServiceServicer):
     ) -> owner_pb2.ImportReferenceValuesResponse:
         caller = current_caller().identity
         if not request.envelope:
-            raise InvalidArgument("bad_envelope", "envelope is required")
+            raise InvalidArgument(Reason.BAD_ENVELOPE, "envelope is required")
         vm, new = await asyncio.to_thread(
             self.core.import_reference_values, caller, request.envelope, f"rpc:{caller}"
         )
@@ -264,16 +271,11 @@ class OwnerServicer(owner_pb2_grpc.OwnerServiceServicer):
         self, request: owner_pb2.ListSessionsRequest, context: Ctx
     ) -> owner_pb2.ListSessionsResponse:
         sessions = await asyncio.to_thread(self.core.list_sessions, request.workload_id, request.limit)
-        now = time.time()
-        return owner_pb2.ListSessionsResponse(sessions=[session_info(s, now) for s in sessions])
+        return owner_pb2.ListSessionsResponse(sessions=[session_info(v) for v in sessions])
 
     async def GetAuditLog(
         self, request: owner_pb2.GetAuditLogRequest, context: Ctx
     ) -> owner_pb2.GetAuditLogResponse:
-        # seq is a signed 64-bit column in both stores; a larger uint64 would not even bind (SQLite:
-        # OverflowError), so it is refused here like any other out-of-range bound.
-        if request.after_seq > MAX_SEQ:
-            raise InvalidArgument("bad_limit", f"after_seq must be at most {MAX_SEQ}")
         records = await asyncio.to_thread(self.core.audit_log, request.after_seq, request.limit)
         return owner_pb2.GetAuditLogResponse(
             records=[

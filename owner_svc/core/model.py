@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from owner_svc.core.reasons import Reason
 from sevlaunch.errors import InvalidArgument
 from sevlaunch.sev.errors import MalformedInput
 from sevlaunch.sev.policy import GuestPolicy
@@ -31,13 +32,15 @@ MAX_SECRET_ENTRIES = 64
 
 def check_workload_id(value: str) -> str:
     if not isinstance(value, str) or not WORKLOAD_ID_RE.fullmatch(value):
-        raise InvalidArgument("bad_workload_id", "workload id must match [A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+        raise InvalidArgument(
+            Reason.BAD_WORKLOAD_ID, "workload id must match [A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
+        )
     return value
 
 
 def check_session_id(value: str) -> str:
     if not isinstance(value, str) or not SESSION_ID_RE.fullmatch(value):
-        raise InvalidArgument("bad_session_id", "session id must be 32 lower-hex characters")
+        raise InvalidArgument(Reason.BAD_SESSION_ID, "session id must be 32 lower-hex characters")
     return value
 
 
@@ -45,14 +48,14 @@ def check_guid(value: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
     except (ValueError, TypeError, AttributeError):
-        raise InvalidArgument("bad_guid", "secret entry GUID is not a GUID") from None
+        raise InvalidArgument(Reason.BAD_GUID, "secret entry GUID is not a GUID") from None
 
 
 def check_policy(value: int, what: str = "policy") -> GuestPolicy:
     try:
         return GuestPolicy(value)
     except (MalformedInput, TypeError) as exc:
-        raise InvalidArgument("bad_policy", f"{what}: {exc}") from None
+        raise InvalidArgument(Reason.BAD_POLICY, f"{what}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ class FirmwareMinimum:
         for name in ("api_major", "api_minor", "build_id"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 255:
-                raise InvalidArgument("bad_firmware_minimum", f"{name} must be 0..255")
+                raise InvalidArgument(Reason.BAD_FIRMWARE_MINIMUM, f"{name} must be 0..255")
 
     def api_ok(self, api_major: int, api_minor: int) -> bool:
         return (api_major, api_minor) >= (self.api_major, self.api_minor)
@@ -111,21 +114,21 @@ class RefSelector:
 
     def __post_init__(self) -> None:
         if not self.firmware_name or len(self.firmware_name) > 256:
-            raise InvalidArgument("bad_selector", "a reference value selector needs a firmware name")
+            raise InvalidArgument(Reason.BAD_SELECTOR, "a reference value selector needs a firmware name")
         if not self.modes:
-            raise InvalidArgument("bad_selector", "a reference value selector needs at least one mode")
+            raise InvalidArgument(Reason.BAD_SELECTOR, "a reference value selector needs at least one mode")
         if Technology.SEV_ES in self.modes and not self.sev_es_vcpus:
-            raise InvalidArgument("bad_selector", "an SEV-ES selector needs its allowed vCPU counts")
+            raise InvalidArgument(Reason.BAD_SELECTOR, "an SEV-ES selector needs its allowed vCPU counts")
         if any(isinstance(n, bool) or not 1 <= n <= 512 for n in self.sev_es_vcpus):
-            raise InvalidArgument("bad_selector", "SEV-ES vCPU counts are 1..512")
+            raise InvalidArgument(Reason.BAD_SELECTOR, "SEV-ES vCPU counts are 1..512")
         if len(self.version_min) > 128 or len(self.version_max) > 128:
-            raise InvalidArgument("bad_selector", "version bounds are at most 128 characters")
+            raise InvalidArgument(Reason.BAD_SELECTOR, "version bounds are at most 128 characters")
         if not isinstance(self.kernel_hashes, KernelHashesRule):
-            raise InvalidArgument("bad_selector", "kernel_hashes is forbidden, required or any")
+            raise InvalidArgument(Reason.BAD_SELECTOR, "kernel_hashes is forbidden, required or any")
         if (self.vcpu_type or self.vmsa_layout) and Technology.SEV_ES not in self.modes:
-            raise InvalidArgument("bad_selector", "vcpu_type and vmsa_layout pins need the SEV-ES mode")
+            raise InvalidArgument(Reason.BAD_SELECTOR, "vcpu_type and vmsa_layout pins need the SEV-ES mode")
         if self.vcpu_type and not VCPU_TYPE_RE.fullmatch(self.vcpu_type):
-            raise InvalidArgument("bad_selector", "vcpu_type is a CPU model name such as 'EPYC-Milan'")
+            raise InvalidArgument(Reason.BAD_SELECTOR, "vcpu_type is a CPU model name such as 'EPYC-Milan'")
         if self.vmsa_layout and self.vmsa_layout not in {v.value for v in VMSALayout}:
             raise InvalidArgument(
                 "bad_selector", f"vmsa_layout is one of {', '.join(v.value for v in VMSALayout)}"
@@ -180,7 +183,7 @@ class Workload:
         check_workload_id(self.workload_id)
         for flag in ("allow_debug", "allow_key_sharing", "allow_launch_without_secret", "allow_pre_0_17"):
             if not isinstance(getattr(self, flag), bool):
-                raise InvalidArgument("bad_workload", f"{flag} must be true or false")
+                raise InvalidArgument(Reason.BAD_WORKLOAD, f"{flag} must be true or false")
         if not self.allowed_policies:
             raise InvalidArgument(
                 "bad_workload", "allowed_policies is empty: no launch could ever be allowed"
@@ -190,22 +193,26 @@ class Workload:
             # A debug or key-sharing policy in the list is refused unless the owner said so explicitly,
             # so a typo (0x0 for 0x3) cannot silently open the guest's memory to the host.
             if policy.allows_debug and not self.allow_debug:
-                raise InvalidArgument("bad_workload", f"policy {p:#x} allows debugging; set allow_debug")
+                raise InvalidArgument(Reason.BAD_WORKLOAD, f"policy {p:#x} allows debugging; set allow_debug")
             if policy.allows_key_sharing and not self.allow_key_sharing:
                 raise InvalidArgument(
                     "bad_workload", f"policy {p:#x} allows key sharing; set allow_key_sharing"
                 )
         if not self.generations:
-            raise InvalidArgument("bad_workload", "generations is empty: no platform could ever be trusted")
+            raise InvalidArgument(
+                Reason.BAD_WORKLOAD, "generations is empty: no platform could ever be trusted"
+            )
         for g in self.generations:
             if not isinstance(g, str) or not KNOWN_GENERATION_RE.fullmatch(g):
                 raise InvalidArgument(
                     "bad_workload", "a generation is a lower-case root name such as 'milan'"
                 )
         if not self.selectors:
-            raise InvalidArgument("bad_workload", "a workload needs at least one reference value selector")
+            raise InvalidArgument(
+                Reason.BAD_WORKLOAD, "a workload needs at least one reference value selector"
+            )
         if isinstance(self.secret_area_size, bool) or not 52 <= self.secret_area_size <= MAX_SECRET_AREA_SIZE:
-            raise InvalidArgument("bad_workload", f"secret_area_size must be 52..{MAX_SECRET_AREA_SIZE}")
+            raise InvalidArgument(Reason.BAD_WORKLOAD, f"secret_area_size must be 52..{MAX_SECRET_AREA_SIZE}")
 
     def to_json(self) -> str:
         return json.dumps(
@@ -262,6 +269,16 @@ class SessionState(StrEnum):
     REVOKED = "revoked"
 
 
+class SessionStatus(StrEnum):
+    """A session's state as shown at a given time: a stored OPEN session past its expiry is EXPIRED."""
+
+    OPEN = "open"
+    EXPIRED = "expired"
+    RELEASED = "released"
+    REFUSED = "refused"
+    REVOKED = "revoked"
+
+
 @dataclass(frozen=True)
 class SessionRecord:
     """A stored session. `sealed_keys` is TEK‖TIK sealed under the KEK; the record never holds them clear."""
@@ -281,6 +298,11 @@ class SessionRecord:
     finished_at: float | None = None
     matched_digest: str = ""
     reason: str = ""
+
+    def status(self, now: float) -> SessionStatus:
+        if self.state is SessionState.OPEN and now >= self.expires_at:
+            return SessionStatus.EXPIRED
+        return SessionStatus(self.state.value)
 
 
 @dataclass(frozen=True)
@@ -306,3 +328,13 @@ class AuditRecord:
     prev_hash: str
     hash: str
     mac: str
+
+
+def keys_aad(session_id: str) -> bytes:
+    """The AAD sealing a session's TEK‖TIK: the sealed keys open only in their own row."""
+    return f"sevlaunch-owner/v1/session-keys/{session_id}".encode()
+
+
+def secret_aad(workload_id: str) -> bytes:
+    """The AAD sealing a workload's secret table."""
+    return f"sevlaunch-owner/v1/secret/{workload_id}".encode()

@@ -1,7 +1,10 @@
-"""What the core needs from the outside world: a store and a sealer (encryption at rest).
+"""What the core needs from the outside world: a store and a sealer (encryption at rest), and the
+store's own error types.
 
-The core seals TEK/TIK and secrets before they reach a store, so no store adapter (SQLite today,
-PostgreSQL for replicas) can forget to: a store only ever sees ciphertext bound to its row by the AAD.
+The core seals TEK/TIK and secrets before they reach a store, so no store adapter (SQLite, or PostgreSQL
+for replicas) can forget to: a store only ever sees ciphertext bound to its row by the AAD. A store raises
+only the `StoreError`s below, never its driver's exceptions, so the core and the tests need not know
+which database is behind the port.
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from owner_svc.core.model import AuditEvent, AuditRecord, SessionRecord, SessionState
+from owner_svc.core.reasons import Reason
+from sevlaunch.audit import Checkpoint
+from sevlaunch.errors import Aborted, ServiceError, Unavailable
 
 
 class Sealer(Protocol):
@@ -22,6 +28,43 @@ class Sealer(Protocol):
 
 class SealError(Exception):
     """Sealed data does not open: wrong key, edited ciphertext, or moved to another row."""
+
+
+class StoreError(Exception):
+    """Base of what a store raises. Messages name tables and conditions, never row contents."""
+
+
+class StoreIntegrityError(StoreError):
+    """A write broke a rule of the schema (a duplicate key, a missing workload, an append-only table);
+    the transaction was rolled back whole."""
+
+
+class StoreConflict(StoreError, Aborted):
+    """A concurrent transaction won (serialisation failure, deadlock, a lock held too long): nothing was
+    written, the call may be retried."""
+
+    def __init__(self, detail: str) -> None:
+        Aborted.__init__(self, Reason.STORE_CONFLICT, detail)
+
+
+class StoreUnavailable(StoreError, Unavailable):
+    """The store cannot be reached or cannot write (server down, connection lost, disk full, I/O error):
+    nothing was written, or the outcome of a lost COMMIT is unknown; the call may be retried."""
+
+    def __init__(self, detail: str) -> None:
+        Unavailable.__init__(self, Reason.STORE_UNAVAILABLE, detail)
+
+
+class StoreCorrupt(StoreError, ServiceError):
+    """The database is damaged: not a database, a failed integrity check, or a missing or edited audit
+    head. Serving on it would append to a log that no longer proves anything."""
+
+    def __init__(self, detail: str) -> None:
+        ServiceError.__init__(self, Reason.STORE_CORRUPT, detail)
+
+
+class SchemaError(StoreError):
+    """The database was written by a newer version of the owner service."""
 
 
 class Store(Protocol):
@@ -92,3 +135,8 @@ class Store(Protocol):
     def append_audit(self, event: AuditEvent) -> None: ...
 
     def audit_records(self, after_seq: int, limit: int) -> Sequence[AuditRecord]: ...
+
+    def audit_checkpoint(self) -> Checkpoint:
+        """The audit head (seq, hash, MAC), its MAC checked; raises StoreCorrupt when it does not verify
+        or moved back."""
+        ...

@@ -1,4 +1,4 @@
-"""The guest owner's decisions: open a launch session, release a secret, administer workloads.
+"""The guest owner's decisions: open a launch session, release a secret (administration: `admin.py`).
 
 Pure logic over the `Store` and `Sealer` ports: no gRPC, no files. Every input from the host side is
 hostile. The order in each call is fixed: first parse and validate (a malformed request raises
@@ -20,23 +20,24 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import NoReturn, Protocol
+from typing import NoReturn
 
+from owner_svc.core.admin import OwnerAdmin, SessionView, WorkloadSummary
+from owner_svc.core.metrics import Metrics, NullMetrics
 from owner_svc.core.model import (
     AuditEvent,
-    AuditRecord,
-    SecretEntry,
     SessionRecord,
     SessionState,
     Workload,
-    check_guid,
     check_policy,
     check_session_id,
     check_workload_id,
+    keys_aad,
+    secret_aad,
 )
 from owner_svc.core.ports import Sealer, SealError, Store
+from owner_svc.core.reasons import Reason
 from owner_svc.core.refset import ReferenceValueSet
-from sevlaunch.audit import MAX_PAGE
 from sevlaunch.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -47,7 +48,7 @@ from sevlaunch.errors import (
 from sevlaunch.refvalues import VerifiedManifest
 from sevlaunch.sev import secret as sev_secret
 from sevlaunch.sev.chain import CertificateChain, Generation, TrustedRoot, verify_chain
-from sevlaunch.sev.errors import MalformedInput, SevError, Unsupported, VerificationFailed
+from sevlaunch.sev.errors import SevError, Unsupported, VerificationFailed
 from sevlaunch.sev.measurement import LaunchMeasurement, verify_measurement
 from sevlaunch.sev.policy import GuestPolicy
 from sevlaunch.sev.session import TransportKeys, create_session
@@ -61,36 +62,15 @@ AMD_GENERATIONS = frozenset(g.value for g in Generation)
 #: From API 0.17 the measurement covers the API version and build (PROTOCOL.md; `compute_measure`).
 MEASURED_VERSION_API = (0, 17)
 
-
-class Metrics(Protocol):
-    """Counters and timings the core reports. Labels are reason names only: never ids or secrets."""
-
-    def session_opened(self) -> None: ...
-
-    def session_refused(self, reason: str) -> None: ...
-
-    def secret_released(self) -> None: ...
-
-    def release_refused(self, reason: str) -> None: ...
-
-    def observe(self, step: str, seconds: float) -> None: ...
-
-
-class NullMetrics:
-    def session_opened(self) -> None:
-        pass
-
-    def session_refused(self, reason: str) -> None:
-        pass
-
-    def secret_released(self) -> None:
-        pass
-
-    def release_refused(self, reason: str) -> None:
-        pass
-
-    def observe(self, step: str, seconds: float) -> None:
-        pass
+__all__ = [
+    "ChainInput",
+    "Metrics",
+    "OpenedSession",
+    "OwnerCore",
+    "PackagedSecret",
+    "SessionView",
+    "WorkloadSummary",
+]
 
 
 @dataclass(frozen=True)
@@ -116,7 +96,7 @@ class OpenedSession:
 
 
 @dataclass(frozen=True)
-class ReleasedSecret:
+class PackagedSecret:
     """A successful release. With `no_secret` (the workload consents to launching without a secret and
     has none), `header` and `payload` are empty: the measurement matched, nothing is to be injected."""
 
@@ -128,20 +108,12 @@ class ReleasedSecret:
 
     def __repr__(self) -> str:
         return (
-            f"ReleasedSecret(matched_digest={self.matched_digest.hex()}, manifest_id={self.manifest_id}, "
+            f"PackagedSecret(matched_digest={self.matched_digest.hex()}, manifest_id={self.manifest_id}, "
             f"no_secret={self.no_secret})"
         )
 
 
-def keys_aad(session_id: str) -> bytes:
-    return f"sevlaunch-owner/v1/session-keys/{session_id}".encode()
-
-
-def secret_aad(workload_id: str) -> bytes:
-    return f"sevlaunch-owner/v1/secret/{workload_id}".encode()
-
-
-class OwnerCore:
+class OwnerCore(OwnerAdmin):
     def __init__(
         self,
         store: Store,
@@ -175,9 +147,6 @@ class OwnerCore:
         self._refvalues_generation: int | None = None
         self._refvalues_lock = threading.Lock()
         self._refvalues_failed: set[str] = set()
-
-    def _now_dt(self) -> datetime:
-        return datetime.fromtimestamp(self.clock(), UTC)
 
     # ------------------------------------------------------------------------- reference values
 
@@ -245,7 +214,7 @@ class OwnerCore:
         # 2. Decide.
         workload = self._workload_or_none(workload_id)
         if workload is None:
-            raise refuse(NotFound("unknown_workload", f"no workload {workload_id!r}"))
+            raise refuse(NotFound(Reason.UNKNOWN_WORKLOAD, f"no workload {workload_id!r}"))
         started = time.perf_counter()
         try:
             verified = verify_chain(chain, extra_roots=self.extra_roots)
@@ -262,7 +231,7 @@ class OwnerCore:
             if not minimum.api_ok(cert.api_major, cert.api_minor):
                 raise refuse(
                     PermissionDenied(
-                        "firmware_too_old",
+                        Reason.FIRMWARE_TOO_OLD,
                         f"{name} says API {cert.api_major}.{cert.api_minor}, the workload needs at least "
                         f"{minimum.api_major}.{minimum.api_minor}",
                     )
@@ -275,11 +244,11 @@ class OwnerCore:
             # Fail before the host spends a launch that could never be verified.
             raise refuse(
                 FailedPrecondition(
-                    "no_reference_values", "no trusted reference value in force matches this workload"
+                    Reason.NO_REFERENCE_VALUES, "no trusted reference value in force matches this workload"
                 )
             )
         if self.store.get_secret(workload_id) is None and not workload.allow_launch_without_secret:
-            raise refuse(FailedPrecondition("no_secret", "the workload has no secret to release"))
+            raise refuse(FailedPrecondition(Reason.NO_SECRET, "the workload has no secret to release"))
 
         # 3. Make the session: fresh GODH, TEK and TIK, wrapped for this PDH only.
         launch = create_session(chain.pdh, guest_policy)
@@ -333,42 +302,42 @@ class OwnerCore:
         api_minor: int,
         build_id: int,
         policy: int,
-    ) -> ReleasedSecret:
+    ) -> PackagedSecret:
         # 1. Parse.
         check_session_id(session_id)
         measurement = LaunchMeasurement.from_bytes(measurement_blob)
         for name, value in (("api_major", api_major), ("api_minor", api_minor), ("build_id", build_id)):
             if not 0 <= value <= 255:
-                raise InvalidArgument("bad_firmware_version", f"{name} must be 0..255")
+                raise InvalidArgument(Reason.BAD_FIRMWARE_VERSION, f"{name} must be 0..255")
         check_policy(policy, "reported policy")
 
         # 2. Decide.
         event = AuditEvent(actor=caller, action="release_secret", outcome="refused", session_id=session_id)
         session = self.store.get_session(session_id)
         if session is None:
-            self._refuse_release(event, NotFound("unknown_session", "no such session"))
+            self._refuse_release(event, NotFound(Reason.UNKNOWN_SESSION, "no such session"))
         event = replace(event, workload_id=session.workload_id, cek_fingerprint=session.cek_fingerprint)
         if session.caller != caller:
             # Bound to whoever opened it: another identity with the right role still cannot use it.
             self._refuse_release(
-                event, PermissionDenied("wrong_caller", "the session was opened by another caller")
+                event, PermissionDenied(Reason.WRONG_CALLER, "the session was opened by another caller")
             )
         if session.state is not SessionState.OPEN:
             reason = {
-                SessionState.RELEASED: "session_already_used",
-                SessionState.REFUSED: "session_refused",
-                SessionState.REVOKED: "session_revoked",
+                SessionState.RELEASED: Reason.SESSION_ALREADY_USED,
+                SessionState.REFUSED: Reason.SESSION_REFUSED,
+                SessionState.REVOKED: Reason.SESSION_REVOKED,
             }[session.state]
             self._refuse_release(event, FailedPrecondition(reason, f"the session is {session.state.value}"))
         now = self.clock()
         if now >= session.expires_at:
-            self._burn(session, event, FailedPrecondition("session_expired", "the session has expired"))
+            self._burn(session, event, FailedPrecondition(Reason.SESSION_EXPIRED, "the session has expired"))
         if policy != session.policy:
             self._burn(
                 session,
                 event,
                 PermissionDenied(
-                    "policy_mismatch",
+                    Reason.POLICY_MISMATCH,
                     f"reported policy {policy:#x} differs from the session's {session.policy:#x}",
                 ),
             )
@@ -376,7 +345,7 @@ class OwnerCore:
         workload = self._workload_or_none(session.workload_id)
         if workload is None:
             self._burn(
-                session, event, FailedPrecondition("unknown_workload", "the workload no longer exists")
+                session, event, FailedPrecondition(Reason.UNKNOWN_WORKLOAD, "the workload no longer exists")
             )
         # The workload's admission rules as they are now, not as they were at open: an admin who
         # tightened the workload (a generation dropped after a CVE, a policy withdrawn) stops the
@@ -394,7 +363,7 @@ class OwnerCore:
                 session,
                 event,
                 PermissionDenied(
-                    "firmware_too_old",
+                    Reason.FIRMWARE_TOO_OLD,
                     f"firmware API {api_major}.{api_minor} predates 0.17: its version and build are not "
                     "measured (the workload does not allow pre-0.17 firmware)",
                 ),
@@ -406,7 +375,7 @@ class OwnerCore:
                 session,
                 event,
                 PermissionDenied(
-                    "firmware_too_old",
+                    Reason.FIRMWARE_TOO_OLD,
                     f"firmware {api_major}.{api_minor} build {build_id} is below the minimum",
                 ),
             )
@@ -417,7 +386,7 @@ class OwnerCore:
                 session,
                 event,
                 FailedPrecondition(
-                    "no_reference_values", "no trusted reference value in force matches this workload"
+                    Reason.NO_REFERENCE_VALUES, "no trusted reference value in force matches this workload"
                 ),
             )
         keys = self._open_keys(session)
@@ -437,7 +406,7 @@ class OwnerCore:
                 session,
                 event,
                 PermissionDenied(
-                    "measurement_mismatch",
+                    Reason.MEASUREMENT_MISMATCH,
                     f"the measurement matches none of the {len(accepted)} accepted launch digest(s)",
                 ),
                 cause=exc,
@@ -468,14 +437,14 @@ class OwnerCore:
         )
         if not won:
             self._refuse_release(
-                event, FailedPrecondition("session_already_used", "the session was already used")
+                event, FailedPrecondition(Reason.SESSION_ALREADY_USED, "the session was already used")
             )
         self.metrics.secret_released()
         log.info(
             "secret released",
             extra={"workload": session.workload_id, "caller": caller, "no_secret": table is None},
         )
-        return ReleasedSecret(header_bytes, payload, bytes(matched), manifest_id, no_secret=table is None)
+        return PackagedSecret(header_bytes, payload, bytes(matched), manifest_id, no_secret=table is None)
 
     def _refuse_release(self, event: AuditEvent, exc: ServiceError) -> NoReturn:
         self.store.append_audit(replace(event, reason=exc.reason, detail=exc.detail))
@@ -519,7 +488,7 @@ class OwnerCore:
         if sealed is None:
             if workload.allow_launch_without_secret:
                 return None
-            self._burn(session, event, FailedPrecondition("no_secret", "the workload has no secret"))
+            self._burn(session, event, FailedPrecondition(Reason.NO_SECRET, "the workload has no secret"))
         try:
             table = sev_secret.SecretTable.from_bytes(
                 self.sealer.open(sealed, secret_aad(session.workload_id))
@@ -530,150 +499,10 @@ class OwnerCore:
         try:
             table.require_fits(workload.secret_area_size)
         except Unsupported as exc:
-            self._burn(session, event, FailedPrecondition("secret_too_large", exc.detail))
+            self._burn(session, event, FailedPrecondition(Reason.SECRET_TOO_LARGE, exc.detail))
         return table
 
     # ------------------------------------------------------------------------------------ admin
-
-    def _workload_or_none(self, workload_id: str) -> Workload | None:
-        text = self.store.get_workload(workload_id)
-        return None if text is None else Workload.from_json(text)
-
-    def get_workload(self, workload_id: str) -> Workload:
-        check_workload_id(workload_id)
-        workload = self._workload_or_none(workload_id)
-        if workload is None:
-            raise NotFound("unknown_workload", f"no workload {workload_id!r}")
-        return workload
-
-    def put_workload(self, caller: str, workload: Workload) -> None:
-        # `workload` validated itself on construction; a secret already stored must still fit.
-        sealed = self.store.get_secret(workload.workload_id)
-        if sealed is not None:
-            table = sev_secret.SecretTable.from_bytes(
-                self.sealer.open(sealed, secret_aad(workload.workload_id))
-            )
-            try:
-                table.require_fits(workload.secret_area_size)
-            except Unsupported as exc:
-                raise InvalidArgument("secret_too_large", exc.detail) from None
-        self.store.put_workload(
-            workload.workload_id,
-            workload.to_json(),
-            AuditEvent(
-                actor=caller,
-                action="put_workload",
-                outcome="allowed",
-                workload_id=workload.workload_id,
-                detail=f"policies {[hex(p) for p in workload.allowed_policies]}, "
-                f"generations {list(workload.generations)}",
-            ),
-        )
-
-    def put_secret(self, caller: str, workload_id: str, entries: Sequence[tuple[str, bytes]]) -> int:
-        """Replaces the workload's secret table; returns its padded size. Never audits the bytes."""
-        check_workload_id(workload_id)
-        if not entries:
-            raise InvalidArgument("bad_secret", "a secret table needs at least one entry")
-        if len(entries) > 64:
-            raise InvalidArgument("bad_secret", "at most 64 secret entries")
-        parsed = []
-        for guid, data in entries:
-            if not data:
-                raise InvalidArgument("bad_secret", "a secret entry cannot be empty")
-            parsed.append(SecretEntry(check_guid(guid), data))
-        try:
-            table = sev_secret.SecretTable.of([sev_secret.SecretEntry(e.guid, e.data) for e in parsed])
-        except MalformedInput as exc:
-            raise InvalidArgument("bad_secret", exc.detail) from None
-        workload = self.get_workload(workload_id)
-        try:
-            table.require_fits(workload.secret_area_size)
-        except Unsupported as exc:
-            raise InvalidArgument("secret_too_large", exc.detail) from None
-        plain = table.to_bytes()
-        self.store.put_secret(
-            workload_id,
-            self.sealer.seal(plain, secret_aad(workload_id)),
-            AuditEvent(
-                actor=caller,
-                action="put_secret",
-                outcome="allowed",
-                workload_id=workload_id,
-                detail=f"{len(parsed)} entries: {', '.join(str(e.guid) for e in parsed)}",
-            ),
-        )
-        return len(plain)
-
-    def import_reference_values(
-        self, caller: str, envelope: bytes, source: str
-    ) -> tuple[VerifiedManifest, bool]:
-        """Verifies and stores a manifest envelope. Returns (manifest, newly imported)."""
-        event = AuditEvent(actor=caller, action="import_reference_values", outcome="refused", detail=source)
-        self.sync_reference_values()  # revocations and manifests another replica stored count here too
-        try:
-            vm = self.refvalues.verify(envelope, self._now_dt())
-        except VerificationFailed as exc:
-            self.store.append_audit(replace(event, reason=exc.reason.value, detail=f"{source}: {exc.detail}"))
-            raise
-        if self.refvalues.contains(vm.id):
-            return vm, False
-        self.store.put_manifest(
-            vm.id,
-            envelope,
-            source,
-            replace(
-                event,
-                outcome="allowed",
-                digest=vm.id,
-                detail=f"{source}: {vm.manifest.publisher} {vm.manifest.firmware_name} "
-                f"{vm.manifest.firmware_version}, {len(vm.manifest.digests)} digests",
-            ),
-            revokes=vm.manifest.revokes,
-        )
-        # In force here at once; the generation it bumped makes the next call reload (a no-op change).
-        self.refvalues.admit(vm)
-        return vm, True
-
-    def list_sessions(self, workload_id: str, limit: int) -> Sequence[SessionRecord]:
-        if workload_id:
-            check_workload_id(workload_id)
-        # At most MAX_PAGE a reply (owner.proto): refused, not clamped, so a caller never mistakes a
-        # short page for the end.
-        if not 0 <= limit <= MAX_PAGE:
-            raise InvalidArgument("bad_limit", f"limit must be 0..{MAX_PAGE}")
-        return self.store.list_sessions(workload_id, limit or 100)
-
-    def audit_log(self, after_seq: int, limit: int) -> Sequence[AuditRecord]:
-        if after_seq < 0 or not 0 <= limit <= MAX_PAGE:
-            raise InvalidArgument(
-                "bad_limit", f"after must be >= 0 and limit 0..{MAX_PAGE}; page with after_seq"
-            )
-        return self.store.audit_records(after_seq, limit or MAX_PAGE)
-
-    def revoke_session(self, caller: str, session_id: str) -> None:
-        check_session_id(session_id)
-        session = self.store.get_session(session_id)
-        if session is None:
-            raise NotFound("unknown_session", "no such session")
-        event = AuditEvent(
-            actor=caller,
-            action="revoke_session",
-            outcome="allowed",
-            session_id=session_id,
-            workload_id=session.workload_id,
-            cek_fingerprint=session.cek_fingerprint,
-        )
-        if not self.store.finish_session(
-            session_id,
-            to_state=SessionState.REVOKED,
-            now=self.clock(),
-            require_unexpired=False,
-            matched_digest="",
-            reason="revoked",
-            event=event,
-        ):
-            raise FailedPrecondition("session_not_open", "the session is no longer open")
 
 
 def _generation_of(generation: Generation | None, root_name: str) -> str:
@@ -689,19 +518,20 @@ def _generation_of(generation: Generation | None, root_name: str) -> str:
 def _generation_refusal(workload: Workload, generation: str) -> ServiceError | None:
     if generation not in workload.generations:
         return PermissionDenied(
-            "generation_not_allowed", f"platform generation {generation!r} is not allowed for this workload"
+            Reason.GENERATION_NOT_ALLOWED,
+            f"platform generation {generation!r} is not allowed for this workload",
         )
     return None
 
 
 def _policy_refusal(workload: Workload, policy: int, guest_policy: GuestPolicy) -> ServiceError | None:
     if policy not in workload.allowed_policies:
-        return PermissionDenied("policy_not_allowed", f"policy {policy:#x} is not allowed")
+        return PermissionDenied(Reason.POLICY_NOT_ALLOWED, f"policy {policy:#x} is not allowed")
     # Checked at every use, not only at PutWorkload: defence against an edited workload row.
     if guest_policy.allows_debug and not workload.allow_debug:
-        return PermissionDenied("policy_not_allowed", "the policy allows debugging")
+        return PermissionDenied(Reason.POLICY_NOT_ALLOWED, "the policy allows debugging")
     if guest_policy.allows_key_sharing and not workload.allow_key_sharing:
-        return PermissionDenied("policy_not_allowed", "the policy allows key sharing")
+        return PermissionDenied(Reason.POLICY_NOT_ALLOWED, "the policy allows key sharing")
     return None
 
 

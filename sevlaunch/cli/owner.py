@@ -7,7 +7,7 @@
     sevlaunch owner sessions [--workload-id W] ...
     sevlaunch owner audit show [--after N] ...
     sevlaunch owner session revoke --session-id S ...
-    sevlaunch owner audit verify --db owner.db | postgresql://... [--kek-file kek]
+    sevlaunch owner audit verify --db owner.db | postgresql://... [--kek-file kek] [--checkpoint SEQ:HASH]
 
 `workload.json` is the `Workload` message of owner.proto in protobuf's JSON form, e.g.
 {"workload_id": "web", "allowed_policies": [3], "generations": ["milan"],
@@ -24,27 +24,27 @@ replicas append) and needs no service: each record stores the
 exact JSON text that was hashed (`{"event", "prev", "seq", "time"}`), hash = SHA-256(text), and
 `prev` = the previous record's hash (64 zeros for the first); the `audit_head` row holds the last
 (seq, hash), so a truncated tail shows. With the KEK it also checks each record's MAC,
-HMAC-SHA256(HMAC-SHA256(KEK, "sevlaunch-owner/v1/audit-mac"), hash), which whoever can only write the
-database cannot forge. The check is `sevlaunch.audit`, the code the owner service writes the chain with.
+HMAC-SHA256(HMAC-SHA256(KEK, "sevlaunch-owner/v1/audit-mac"), hash), and the head's, which whoever can
+only write the database cannot forge. A head the owner wrote earlier keeps a valid MAC, so a log rolled
+back whole is caught only against a checkpoint kept elsewhere: `--checkpoint SEQ:HASH` from the owner's
+"audit checkpoint" log lines (or its `sevlaunch_owner_audit_checkpoint` metric) must still be in the
+log. The check is `sevlaunch.ownerdb` over `sevlaunch.audit`, the code the owner service writes the
+chain with.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
-import sqlite3
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from google.protobuf import json_format
 
-from sevlaunch.audit import MAX_PAGE, AuditChainBroken, ChainEntry, audit_mac_key, verify_chain
+from sevlaunch.audit import MAX_PAGE, Checkpoint
 from sevlaunch.cli import CommandError
 from sevlaunch.cli._common import add_client_args, call_service, read_bytes
-from sevlaunch.dsn import redact_params, scrub
+from sevlaunch.ownerdb import AuditDatabaseError, KEKFileError, load_kek, verify_audit_db
 from sevlaunch.rpc.v1 import owner_pb2, owner_pb2_grpc
 from sevlaunch.sev.secret import DISK_PASSPHRASE_GUID
 
@@ -112,7 +112,17 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         required=True,
         help="the owner's store: a SQLite file, or a postgresql:// URL (as the owner's)",
     )
-    verify.add_argument("--kek-file", help="also check each record's MAC (proves the owner wrote it)")
+    verify.add_argument(
+        "--kek-file", help="also check each record's MAC and the head's (proves the owner wrote them)"
+    )
+    verify.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="SEQ:HASH",
+        help="a checkpoint the owner logged (`audit checkpoint`): the log must still hold that record "
+        "with that hash, so a log cut or rolled back below it fails (repeatable; SEQ:HASH:MAC also)",
+    )
     verify.set_defaults(func=_audit_verify)
 
 
@@ -217,99 +227,16 @@ def _audit_show(stub: owner_pb2_grpc.OwnerServiceStub, args: argparse.Namespace)
 # ------------------------------------------------------------------------------ audit verify
 
 
-def read_kek(path: str) -> bytes:
-    """The owner's KEK file: 32 raw bytes, or base64 of them on one line (as `--kek-file` takes it)."""
-    data = read_bytes(path)
-    if len(data) == 32:
-        return data
-    try:
-        key = base64.b64decode(data.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        key = b""
-    if len(key) != 32:
-        raise CommandError(f"KEK file {path} must hold 32 bytes (raw or base64)")
-    return key
-
-
-POSTGRES_SCHEMES = ("postgresql://", "postgres://")
-
-
-def verify_audit_db(db: str, kek: bytes | None = None) -> int:
-    """Checks the audit chain of an owner database (a SQLite file or a postgresql:// URL); returns the
-    record count or raises CommandError."""
-    mac_key = audit_mac_key(kek) if kek is not None else None
-    if db.strip().lower().startswith(POSTGRES_SCHEMES):
-        return _verify_audit_postgres(db.strip(), mac_key)
-    if db.lower().startswith("sqlite:"):
-        path = db[len("sqlite:") :]
-        db = path[2:] if path.startswith("///") else path
-    if not Path(db).is_file():
-        raise CommandError(f"{db} is not a file")
-    # Read-only, so verifying can never change what it verifies; one read transaction, so the records
-    # and the head are one snapshot even while the owner appends.
-    conn = sqlite3.connect(f"{Path(db).resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
-    try:
-        conn.execute("BEGIN")
-        head = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
-        rows = conn.execute("SELECT seq, canonical, prev_hash, hash, mac FROM audit ORDER BY seq")
-        return verify_chain(
-            (ChainEntry(*row) for row in rows),
-            head=None if head is None else (head[0], head[1]),
-            mac_key=mac_key,
-        )
-    except AuditChainBroken as exc:
-        raise CommandError(str(exc)) from None
-    except sqlite3.Error as exc:
-        raise CommandError(f"{db}: {exc}") from None
-    finally:
-        conn.close()
-
-
-def _verify_audit_postgres(dsn: str, mac_key: bytes | None) -> int:
-    """The same check over the owner's PostgreSQL tables: one read-only REPEATABLE READ transaction (a
-    snapshot: records and head agree even while replicas append), records streamed by a server-side
-    cursor. Errors name the server without the DSN's password."""
-    try:
-        import psycopg
-        from psycopg import conninfo
-    except ImportError:
-        raise CommandError(
-            "--db is a PostgreSQL URL but psycopg is not installed: install sevlaunch[postgres]"
-        ) from None
-    try:
-        params = conninfo.conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        raise CommandError("--db: not a valid PostgreSQL URL") from None  # psycopg's text quotes the DSN
-    shown = redact_params(params)  # only keys known to hold no secret; password, sslpassword... masked
-    given = dsn
-
-    def clean(exc: Exception) -> str:
-        return scrub((str(exc).strip().splitlines() or [type(exc).__name__])[0], given)
-
-    if "connect_timeout" not in params:
-        dsn = conninfo.make_conninfo(dsn, connect_timeout=10)
-    try:
-        with psycopg.connect(dsn, autocommit=True, application_name="sevlaunch-audit-verify") as conn:
-            with conn.transaction():
-                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                head = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
-                with conn.cursor(name="sevlaunch_audit_verify") as cur:
-                    cur.itersize = 2000
-                    cur.execute("SELECT seq, canonical, prev_hash, hash, mac FROM audit ORDER BY seq")
-                    return verify_chain(
-                        (ChainEntry(*row) for row in cur),
-                        # The PostgreSQL store seeds the head at seq 0 (no record yet, GENESIS hash).
-                        head=None if head is None else (int(head[0]), head[1]),
-                        mac_key=mac_key,
-                    )
-    except AuditChainBroken as exc:
-        raise CommandError(str(exc)) from None
-    except psycopg.Error as exc:
-        raise CommandError(f"PostgreSQL ({shown}): {clean(exc)}") from None
-
-
 def _audit_verify(args: argparse.Namespace) -> int:
-    kek = read_kek(args.kek_file) if args.kek_file else None
-    count = verify_audit_db(args.db, kek)
-    print(f"audit log intact: {count} records{', MACs verified' if kek else ''}", file=sys.stdout)
+    try:
+        checkpoints = [Checkpoint.parse(text) for text in args.checkpoint]
+    except ValueError as exc:
+        raise CommandError(f"--checkpoint: {exc}") from None
+    try:
+        kek = load_kek(args.kek_file) if args.kek_file else None
+        count = verify_audit_db(args.db, kek, checkpoints=checkpoints)
+    except (KEKFileError, AuditDatabaseError) as exc:
+        raise CommandError(str(exc)) from None
+    held = f", {len(checkpoints)} checkpoint(s) held" if checkpoints else ""
+    print(f"audit log intact: {count} records{', MACs verified' if kek else ''}{held}", file=sys.stdout)
     return 0

@@ -24,9 +24,7 @@ from typing import Any
 import grpc
 
 from sevlaunch.audit import AuditChainBroken, ChainEntry, canonical_record, verify_chain
-from sevlaunch.cli import CommandError
 from sevlaunch.cli.devcerts import write_dev_certs
-from sevlaunch.cli.owner import read_kek, verify_audit_db
 from sevlaunch.demo.services import (
     ServiceProcess,
     signals_deferred,
@@ -36,6 +34,7 @@ from sevlaunch.demo.services import (
 )
 from sevlaunch.firmware.emulator import ASK_ARK_CERT, ChipConfig, EmulatedFirmware
 from sevlaunch.firmware.kds import KDSServer
+from sevlaunch.ownerdb import AuditDatabaseError, KEKFileError, load_kek, verify_audit_db
 from sevlaunch.refvalues import (
     DigestConfig,
     KeyType,
@@ -545,10 +544,10 @@ class DemoEnvironment:
             chain_problem = "the audit log is empty"
         db_records, db_problem = 0, ""
         try:
-            db_records = verify_audit_db(str(self.owner_db), read_kek(str(self.owner_kek)))
+            db_records = verify_audit_db(self.owner_db, load_kek(self.owner_kek))
             if db_records != len(records):
                 db_problem = f"the database holds {db_records} records, GetAuditLog returned {len(records)}"
-        except CommandError as exc:
+        except (AuditDatabaseError, KEKFileError) as exc:
             db_problem = str(exc)
         return AuditResult(tuple(records), chain_problem, db_records, db_problem)
 

@@ -91,6 +91,10 @@ class PostgresServer:
             "--no-sync",
             "--no-instructions",
         )
+        self._pg_start()
+        self.start_seconds = time.monotonic() - started
+
+    def _pg_start(self) -> None:
         options = " ".join(
             [
                 "-c listen_addresses=''",
@@ -106,7 +110,17 @@ class PostgresServer:
         self._run(
             "pg_ctl", "start", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", options
         )
-        self.start_seconds = time.monotonic() - started
+
+    def halt(self) -> None:
+        """Stops the server as an outage would, keeping its data: a fast shutdown, so every open
+        transaction is rolled back and every connection dropped. (Not `immediate`: with the durability
+        settings above off, a crash could lose commits a client already saw, which is a property of
+        this test server, not of the code under test.)"""
+        self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "fast", "-w", "-t", "60")
+
+    def resume(self) -> None:
+        """Starts the halted server again on the same data and socket."""
+        self._pg_start()
 
     def stop(self) -> None:
         try:

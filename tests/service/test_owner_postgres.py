@@ -1,4 +1,5 @@
-"""The owner's store on a real PostgreSQL server (pg_fixture.py), and two owner replicas sharing it.
+"""The owner's store on a real PostgreSQL server (pg_fixture.py); two owner replicas sharing it are
+test_owner_replicas.py.
 
 1. The store contract, run against both adapters (SQLite and PostgreSQL): migrations, rows, the
    one-release-per-session conditional update, manifests and the reference value generation, the
@@ -6,19 +7,11 @@
    two owner cores over two store instances keeping their reference values in step with the store.
 2. PostgreSQL specifics: replicas migrating together, `open_store` choosing the adapter, broken
    connections replaced.
-3. Two `sevlaunch-owner` processes over mTLS on one database: reference values imported or revoked on
-   A count on B without a restart; open on A and release on B; 50 concurrent releases across both yield
-   one secret; the audit chain verifies after concurrent activity; SIGKILL of one replica mid-way leaves
-   the other serving and the chain intact; `sevlaunch owner audit verify --db postgresql://...`.
 """
 
 from __future__ import annotations
 
-import json
-import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,13 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
+import owner_support
 import pg_fixture
 import psycopg
 import pytest
-import test_owner_support as support
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_owner_support import SEV_POLICY, Publisher, emulator_chain, launch, provision, secret_area
+from owner_support import Publisher
 
 from owner_svc.adapters import postgres as pg_adapter
 from owner_svc.adapters import sqlite as sqlite_adapter
@@ -43,23 +34,17 @@ from owner_svc.adapters.sqlite import SQLiteStore
 from owner_svc.adapters.store import StoreConfigError, open_store
 from owner_svc.core.audit import verify_records
 from owner_svc.core.model import AuditEvent, SessionRecord, SessionState
+from owner_svc.core.ports import SchemaError, StoreIntegrityError
 from owner_svc.core.refset import ReferenceValueSet
 from owner_svc.core.service import OwnerCore
 from sevlaunch import dsn as sevlaunch_dsn
 from sevlaunch.audit import AuditChainBroken
-from sevlaunch.cli import main as cli_main
-from sevlaunch.cli.owner import verify_audit_db
 from sevlaunch.refvalues import KeyType, PublisherKey, generate_private_key
-from sevlaunch.rpc import error_info, secure_channel_sync
-from sevlaunch.rpc.v1 import owner_pb2, owner_pb2_grpc
+from sevlaunch.sev.errors import VerificationFailed
 
-# Shared fixtures, registered in this module by name.
-postgres_server = pg_fixture.postgres_server
-pg_dsn = pg_fixture.pg_dsn
-emu = support.emu
-emu_root = support.emu_root
-emu_root_file = support.emu_root_file
-publisher = support.publisher
+# The owner fixtures (an emulated chip and its root, a publisher, owners on port 0, PostgreSQL).
+pytest_plugins = ["owner_support", "pg_fixture"]
+
 
 MAC_KEY = b"m" * 32
 
@@ -85,6 +70,11 @@ class Backend:
     @property
     def schema_version(self) -> int:
         return sqlite_adapter.SCHEMA_VERSION if self.name == "sqlite" else pg_adapter.SCHEMA_VERSION
+
+    @property
+    def driver_error(self) -> type[Exception]:
+        """What raw SQL run outside the store raises (the driver's own exceptions, not the store's)."""
+        return sqlite3.DatabaseError if self.name == "sqlite" else psycopg.Error
 
     def raw(self, sql: str) -> None:
         """Runs `sql` in its own transaction, outside the store (an operator or an attacker with access)."""
@@ -168,7 +158,7 @@ def test_migrations_are_versioned_and_idempotent(backend: Backend) -> None:
         backend.raw(f"UPDATE {table}")
     else:
         backend.raw("PRAGMA user_version = 99")
-    with pytest.raises(Exception, match="newer than this code"):
+    with pytest.raises(SchemaError, match="newer than this code"):
         backend.open()
 
 
@@ -182,7 +172,7 @@ def test_workloads_and_sealed_secrets(backend: Backend) -> None:
     store.put_secret("w", b"\x00other\xff", _event("put_secret"))
     assert store.get_secret("w") == b"\x00other\xff"
     # A secret needs its workload; the failed write leaves no audit record either (one transaction).
-    with pytest.raises(Exception):  # noqa: B017 - sqlite3.IntegrityError / psycopg ForeignKeyViolation
+    with pytest.raises(StoreIntegrityError):  # no driver exception crosses the store port
         store.put_secret("nope", b"x", _event("put_secret"))
     assert store.get_secret("nope") is None
     assert _verify(store) == 4
@@ -202,7 +192,7 @@ def test_sessions_round_trip_and_listing(backend: Backend) -> None:
     assert [s.session_id for s in store.list_sessions("", 10)] == ["c" * 32, "b" * 32, "a" * 32]
     assert [s.session_id for s in store.list_sessions("w1", 10)] == ["c" * 32, "a" * 32]
     assert [s.session_id for s in store.list_sessions("", 1)] == ["c" * 32]
-    with pytest.raises(Exception):  # noqa: B017 - a duplicate id: IntegrityError / UniqueViolation
+    with pytest.raises(StoreIntegrityError):  # a duplicate id
         store.insert_session(records[0], _event("open_session"))
     assert _verify(store) == 3
 
@@ -291,7 +281,7 @@ def test_reference_values_follow_the_store_across_replicas(
     assert a.reference_values_in_force() == b.reference_values_in_force() == []
 
     first, new = a.import_reference_values(
-        "admin", publisher.envelope(digests=support.reference_digests()), "t"
+        "admin", publisher.envelope(digests=owner_support.reference_digests()), "t"
     )
     assert new
     assert [vm.id for vm in b.reference_values_in_force()] == [first.id]
@@ -309,7 +299,7 @@ def test_reference_values_follow_the_store_across_replicas(
     revoking, _ = a.import_reference_values(
         "admin",
         publisher.envelope(
-            digests=support.reference_digests(b"\0" * 4096 + support.OVMF_IMAGE),
+            digests=owner_support.reference_digests(b"\0" * 4096 + owner_support.OVMF_IMAGE),
             version="2024.06",
             revokes=(first.id,),
         ),
@@ -317,13 +307,13 @@ def test_reference_values_follow_the_store_across_replicas(
     )
     assert [vm.id for vm in b.reference_values_in_force()] == [revoking.id]
     # And an import of the revoked manifest through B is refused as revoked.
-    with pytest.raises(Exception, match="revoked"):
+    with pytest.raises(VerificationFailed, match="revoked"):
         b.import_reference_values("admin", first.envelope, "t")
 
     # A row written straight into the store (signed by a key this owner does not trust) is not trusted.
-    rogue = support.Publisher(generate_private_key(KeyType.ED25519), publisher.pub_file)
+    rogue = owner_support.Publisher(generate_private_key(KeyType.ED25519), publisher.pub_file)
     forged = rogue.envelope(
-        digests=support.reference_digests(b"\1" * 4096 + support.OVMF_IMAGE), version="2024.07"
+        digests=owner_support.reference_digests(b"\1" * 4096 + owner_support.OVMF_IMAGE), version="2024.07"
     )
     hex_env = forged.hex()
     backend.raw(
@@ -370,12 +360,12 @@ def test_revocations_cannot_be_undone_through_the_database(backend: Backend, pub
     keys = [PublisherKey.from_pem(publisher.pub_file.read_bytes())]
     a, b = _core(backend.open(), keys), _core(backend.open(), keys)
     first, _ = a.import_reference_values(
-        "admin", publisher.envelope(digests=support.reference_digests()), "t"
+        "admin", publisher.envelope(digests=owner_support.reference_digests()), "t"
     )
     revoking, _ = a.import_reference_values(
         "admin",
         publisher.envelope(
-            digests=support.reference_digests(b"\0" * 4096 + support.OVMF_IMAGE),
+            digests=owner_support.reference_digests(b"\0" * 4096 + owner_support.OVMF_IMAGE),
             version="2024.06",
             revokes=(first.id,),
         ),
@@ -392,7 +382,7 @@ def test_revocations_cannot_be_undone_through_the_database(backend: Backend, pub
     if backend.name == "postgres":
         undo += ["TRUNCATE revoked_manifests", "TRUNCATE manifests CASCADE"]
     for sql in undo:
-        with pytest.raises(Exception, match="append-only"):
+        with pytest.raises(backend.driver_error, match="append-only"):
             backend.raw(sql)
     backend.raw("UPDATE refvalues_generation SET generation = generation + 1")
     assert [vm.id for vm in b.reference_values_in_force()] == [revoking.id]
@@ -404,7 +394,7 @@ def test_revocations_cannot_be_undone_through_the_database(backend: Backend, pub
     backend.raw("DELETE FROM revoked_manifests")
     backend.raw("UPDATE refvalues_generation SET generation = generation + 1")
     assert a.reference_values_in_force() == b.reference_values_in_force() == []
-    with pytest.raises(Exception, match="revoked"):
+    with pytest.raises(VerificationFailed, match="revoked"):
         b.import_reference_values("admin", first.envelope, "t")
 
 
@@ -423,10 +413,10 @@ def test_audit_chain_is_append_only_and_verifies(backend: Backend) -> None:
     with pytest.raises(AuditChainBroken, match="MAC"):
         _verify(store, mac_key=b"another key" * 3)
     for sql in ("UPDATE audit SET mac = '' WHERE seq = 2", "DELETE FROM audit WHERE seq = 5"):
-        with pytest.raises(Exception, match="append-only"):
+        with pytest.raises(backend.driver_error, match="append-only"):
             backend.raw(sql)
     if backend.name == "postgres":
-        with pytest.raises(Exception, match="append-only"):
+        with pytest.raises(backend.driver_error, match="append-only"):
             backend.raw("TRUNCATE audit")
     assert _verify(store) == 5
 
@@ -554,338 +544,3 @@ def test_broken_connections_are_replaced(postgres_server: pg_fixture.PostgresSer
         assert _verify(store) == 2
     finally:
         store.close()
-
-
-# ---------------------------------------------------------------- two owner replicas, one database
-
-
-@dataclass
-class Replica:
-    name: str
-    proc: subprocess.Popen[bytes]
-    address: str
-    tls_dir: Path
-    log: Path
-
-    def stub(self, identity: str = "launcher") -> owner_pb2_grpc.OwnerServiceStub:
-        return owner_pb2_grpc.OwnerServiceStub(secure_channel_sync(self.address, self.tls_dir, identity))
-
-    @property
-    def admin(self) -> owner_pb2_grpc.OwnerServiceStub:
-        return self.stub("owner-admin")
-
-
-def _start_replica(
-    name: str, dsn: str, tmp_path: Path, tls_dir: Path, emu_root_file: Path, pub: Path
-) -> Replica:
-    log = tmp_path / f"owner-{name}.log"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "owner_svc.server",
-            "--listen",
-            "127.0.0.1:0",
-            "--tls-dir",
-            str(tls_dir),
-            "--db",
-            dsn,
-            "--kek-file",
-            str(tmp_path / "kek"),
-            "--trust-root",
-            f"emulated={emu_root_file}",
-            "--publisher-key",
-            str(pub),
-            "--metrics-listen",
-            "",
-            "--health-listen",
-            "",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=open(log, "ab"),
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"owner {name} exited: {log.read_text()}")
-        for line in log.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if entry.get("msg", entry.get("message")) == "server started":
-                replica = Replica(name, proc, f"localhost:{entry['port']}", tls_dir, log)
-                _wait_serving(replica)
-                return replica
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"owner {name} did not start: {log.read_text()}")
-
-
-def _wait_serving(replica: Replica) -> None:
-    with secure_channel_sync(replica.address, replica.tls_dir, "client") as ch:
-        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
-        assert reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
-@pytest.fixture
-def replicas(
-    pg_dsn: str, tmp_path: Path, tls_dir: Path, emu_root_file: Path, publisher: Publisher
-) -> Iterator[tuple[Replica, Replica]]:
-    """Two owner processes on one database and one KEK (the replicas of a Deployment), both started, then
-    provisioned through A only: reference values, workload and secret. B learns the reference values
-    from the store (its generation moved), without a restart."""
-    KeyEncryptionKey.from_file(tmp_path / "kek", create=True)
-    started: list[Replica] = []
-    try:
-        for name in ("a", "b"):
-            started.append(_start_replica(name, pg_dsn, tmp_path, tls_dir, emu_root_file, publisher.pub_file))
-        a, b = started
-        provision(a, publisher)  # type: ignore[arg-type]
-        yield a, b
-    finally:
-        for r in started:
-            if r.proc.poll() is None:
-                r.proc.terminate()
-                try:
-                    r.proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    r.proc.kill()
-                    r.proc.wait()
-
-
-def _audit_of(dsn: str, tmp_path: Path) -> list[Any]:
-    """Verifies the whole chain (links, head, MACs with the replicas' KEK); returns the records."""
-    kek = KeyEncryptionKey.from_file(tmp_path / "kek")
-    store = PostgresStore(dsn, audit_mac_key=None)
-    try:
-        count = verify_records(store.iter_audit(), head=store.audit_head(), mac_key=kek.audit_key)
-        records = list(store.iter_audit())
-        assert len(records) == count
-        return records
-    finally:
-        store.close()
-
-
-def _open(replica: Replica, emu: Any) -> tuple[owner_pb2.OpenSessionResponse, support.Launch]:
-    opened = replica.stub().OpenSession(
-        owner_pb2.OpenSessionRequest(workload_id="web", chain=emulator_chain(emu), policy=SEV_POLICY)
-    )
-    return opened, launch(emu, opened)
-
-
-def test_open_on_one_replica_release_on_the_other(
-    replicas: tuple[Replica, Replica], emu: Any, pg_dsn: str, tmp_path: Path
-) -> None:
-    a, b = replicas
-    opened, run = _open(a, emu)
-    released = b.stub().ReleaseSecret(run.release_request(opened.session_id, SEV_POLICY))
-    # B opened TEK/TIK sealed by A (one KEK): the firmware accepts the packaged secret.
-    base, _ = secret_area()
-    emu.launch_secret(run.handle, released.secret_header, released.secret_payload, base)
-    emu.decommission(run.handle)
-    with pytest.raises(grpc.RpcError) as info:
-        a.stub().ReleaseSecret(run.release_request(opened.session_id, SEV_POLICY))
-    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert error_info(info.value).reason == "session_already_used"
-    sessions = b.admin.ListSessions(owner_pb2.ListSessionsRequest(workload_id="web"))
-    assert [s.session_id for s in sessions.sessions] == [opened.session_id]
-    _audit_of(pg_dsn, tmp_path)
-
-
-def test_reference_values_imported_or_revoked_on_one_replica_count_on_the_other(
-    replicas: tuple[Replica, Replica], emu: Any, publisher: Publisher, pg_dsn: str, tmp_path: Path
-) -> None:
-    a, b = replicas
-    first = a.admin.ListReferenceValues(owner_pb2.ListReferenceValuesRequest()).manifests
-    assert [
-        m.manifest_id for m in b.admin.ListReferenceValues(owner_pb2.ListReferenceValuesRequest()).manifests
-    ] == [m.manifest_id for m in first]
-    # Imported on A (by the fixture, after B started): B opens and releases without a restart.
-    opened, run = _open(b, emu)
-    released = b.stub().ReleaseSecret(run.release_request(opened.session_id, SEV_POLICY))
-    assert released.manifest_id == first[0].manifest_id
-    emu.decommission(run.handle)
-
-    # A revocation imported on A stops B at once: a session B opened before is refused (and spent), and
-    # B opens no new one.
-    opened, run = _open(b, emu)
-    revoking = publisher.envelope(
-        digests=support.reference_digests(b"\0" * 4096 + support.OVMF_IMAGE),
-        version="2023.01",
-        revokes=(first[0].manifest_id,),
-    )
-    a.admin.ImportReferenceValues(owner_pb2.ImportReferenceValuesRequest(envelope=revoking))
-    err = support.rpc_error(
-        lambda: b.stub().ReleaseSecret(run.release_request(opened.session_id, SEV_POLICY))
-    )
-    assert (err.code, err.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "no_reference_values")
-    emu.decommission(run.handle)
-    err = support.rpc_error(
-        lambda: b.stub().OpenSession(
-            owner_pb2.OpenSessionRequest(workload_id="web", chain=emulator_chain(emu), policy=SEV_POLICY)
-        )
-    )
-    assert (err.code, err.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "no_reference_values")
-    in_force_b = b.admin.ListReferenceValues(owner_pb2.ListReferenceValuesRequest()).manifests
-    assert first[0].manifest_id not in {m.manifest_id for m in in_force_b}
-
-    # New reference values imported on B serve a session opened on A.
-    b.admin.ImportReferenceValues(
-        owner_pb2.ImportReferenceValuesRequest(
-            envelope=publisher.envelope(digests=support.reference_digests(), version="2024.06")
-        )
-    )
-    opened, run = _open(a, emu)
-    b.stub().ReleaseSecret(run.release_request(opened.session_id, SEV_POLICY))
-    emu.decommission(run.handle)
-    records = _audit_of(pg_dsn, tmp_path)
-    imports = [r.event for r in records if r.event.action == "import_reference_values"]
-    assert [e.outcome for e in imports] == ["allowed"] * 3  # each manifest stored once, by one replica
-
-
-def test_audit_verify_command_reads_postgresql(
-    replicas: tuple[Replica, Replica],
-    emu: Any,
-    pg_dsn: str,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    postgres_server: pg_fixture.PostgresServer,
-) -> None:
-    """`sevlaunch owner audit verify --db postgresql://...`: the same verifier as for a SQLite file, the
-    MACs checked with the replicas' KEK, in one read-only snapshot."""
-    a, b = replicas
-    opened, run = _open(a, emu)
-    b.stub().ReleaseSecret(run.release_request(opened.session_id, SEV_POLICY))
-    emu.decommission(run.handle)
-    count = len(_audit_of(pg_dsn, tmp_path))
-    assert verify_audit_db(pg_dsn) == count
-    capsys.readouterr()
-    kek_args = ["--kek-file", str(tmp_path / "kek")]
-    assert cli_main(["owner", "audit", "verify", "--db", pg_dsn, *kek_args]) == 0
-    assert capsys.readouterr().out.strip() == f"audit log intact: {count} records, MACs verified"
-
-    # Another KEK: the MACs do not verify.
-    (tmp_path / "other.kek").write_bytes(b"o" * 32)
-    (tmp_path / "other.kek").chmod(0o600)
-    assert (
-        cli_main(["owner", "audit", "verify", "--db", pg_dsn, "--kek-file", str(tmp_path / "other.kek")]) == 2
-    )
-    assert "MAC does not verify" in capsys.readouterr().err
-    # A superuser edits a record (triggers off): the hash shows it; then a cut tail shows against the head.
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute("ALTER TABLE audit DISABLE TRIGGER USER")
-        original = conn.execute("SELECT canonical FROM audit WHERE seq = 2").fetchone()
-        assert original is not None
-        conn.execute("UPDATE audit SET canonical = replace(canonical, 'allowed', 'refused') WHERE seq = 2")
-        assert cli_main(["owner", "audit", "verify", "--db", pg_dsn]) == 2
-        assert "audit record 2: content does not match its hash" in capsys.readouterr().err
-        conn.execute("UPDATE audit SET canonical = %s WHERE seq = 2", (original[0],))
-        assert cli_main(["owner", "audit", "verify", "--db", pg_dsn, *kek_args]) == 0
-        conn.execute("DELETE FROM audit WHERE seq = (SELECT max(seq) FROM audit)")
-        capsys.readouterr()
-        assert cli_main(["owner", "audit", "verify", "--db", pg_dsn]) == 2
-        assert "truncated or edited" in capsys.readouterr().err
-    # The command only reads: the rows it verified are still there, nothing was added.
-    with psycopg.connect(pg_dsn) as conn:
-        assert conn.execute("SELECT count(*) FROM audit").fetchone() == (count - 1,)
-
-    # An empty database on the PostgreSQL store (head at seq 0) verifies as 0 records; an unreachable
-    # server is one line naming it without the password.
-    fresh = postgres_server.new_database()
-    PostgresStore(fresh, audit_mac_key=None).close()
-    assert verify_audit_db(fresh) == 0
-    capsys.readouterr()
-    nowhere = f"postgresql://u:s3cret@/db?host={tmp_path}/none&connect_timeout=2&sslpassword=k3ypass"
-    assert cli_main(["owner", "audit", "verify", "--db", nowhere]) == 2
-    err_text = capsys.readouterr().err
-    assert "PostgreSQL (" in err_text and "s3cret" not in err_text and "k3ypass" not in err_text
-    assert "dbname=db" in err_text and "user=u" in err_text
-
-
-def test_concurrent_releases_across_replicas_yield_one_secret(
-    replicas: tuple[Replica, Replica], emu: Any, pg_dsn: str, tmp_path: Path
-) -> None:
-    a, b = replicas
-    opened, run = _open(b, emu)
-    request = run.release_request(opened.session_id, SEV_POLICY)
-    stubs = [a.stub(), b.stub()]
-    barrier = threading.Barrier(50)
-
-    def release(i: int) -> Any:
-        barrier.wait()
-        try:
-            return stubs[i % 2].ReleaseSecret(request, timeout=60)
-        except grpc.RpcError as exc:
-            return exc
-
-    # Meanwhile, other sessions open on both replicas: more audit appends racing the releases.
-    with ThreadPoolExecutor(max_workers=60) as pool:
-        results = list(pool.map(release, range(50)))
-        others = list(pool.map(lambda r: _open(r, emu), [a, b] * 4))
-    wins = [r for r in results if isinstance(r, owner_pb2.ReleaseSecretResponse)]
-    losses = [r for r in results if isinstance(r, grpc.RpcError)]
-    assert len(wins) == 1 and len(losses) == 49
-    assert {(e.code(), error_info(e).reason) for e in losses} == {
-        (grpc.StatusCode.FAILED_PRECONDITION, "session_already_used")
-    }
-    base, _ = secret_area()
-    emu.launch_secret(run.handle, wins[0].secret_header, wins[0].secret_payload, base)
-    emu.decommission(run.handle)
-
-    records = _audit_of(pg_dsn, tmp_path)
-    releases = [r.event for r in records if r.event.action == "release_secret"]
-    assert [e.outcome for e in releases].count("allowed") == 1
-    assert [e.reason for e in releases if e.outcome == "refused"] == ["session_already_used"] * 49
-    opens = [r for r in records if r.event.action == "open_session" and r.event.outcome == "allowed"]
-    assert len(opens) == 1 + len(others)
-    for _, other in others:
-        emu.decommission(other.handle)
-
-
-def test_sigkill_of_one_replica_leaves_the_other_serving(
-    replicas: tuple[Replica, Replica], emu: Any, pg_dsn: str, tmp_path: Path
-) -> None:
-    a, b = replicas
-    before = [_open(a, emu) for _ in range(3)]  # opened on A, to be released on B after A dies
-    stop = threading.Event()
-    outcomes: dict[str, list[str]] = {"a": [], "b": []}
-
-    def hammer(replica: Replica) -> None:
-        # Audited refusals on both replicas (unknown sessions), racing the kill.
-        stub = replica.stub()
-        n = 0
-        while not stop.is_set():
-            n += 1
-            try:
-                stub.ReleaseSecret(before[0][1].release_request(f"{n % 10:032x}", SEV_POLICY), timeout=5)
-            except grpc.RpcError as exc:
-                outcomes[replica.name].append(exc.code().name)
-
-    threads = [threading.Thread(target=hammer, args=(r,)) for r in (a, b, a, b)]
-    for t in threads:
-        t.start()
-    time.sleep(0.5)
-    a.proc.send_signal(signal.SIGKILL)
-    a.proc.wait(timeout=10)
-    time.sleep(0.5)
-    count_b = len(outcomes["b"])
-    time.sleep(0.5)
-    stop.set()
-    for t in threads:
-        t.join(timeout=30)
-    assert "NOT_FOUND" in outcomes["a"] and set(outcomes["a"]) <= {"NOT_FOUND", "UNAVAILABLE", "CANCELLED"}
-    assert set(outcomes["b"]) == {"NOT_FOUND"} and len(outcomes["b"]) > count_b  # B kept going
-
-    # B serves A's sessions (the store is shared) and opens new ones.
-    base, _ = secret_area()
-    for opened, run in before:
-        released = b.stub().ReleaseSecret(run.release_request(opened.session_id, SEV_POLICY))
-        emu.launch_secret(run.handle, released.secret_header, released.secret_payload, base)
-        emu.decommission(run.handle)
-    opened, run = _open(b, emu)
-    b.stub().ReleaseSecret(run.release_request(opened.session_id, SEV_POLICY))
-    emu.decommission(run.handle)
-    # Whatever A was writing when it died was rolled back whole: the chain has no gap and no fork.
-    records = _audit_of(pg_dsn, tmp_path)
-    assert sum(1 for r in records if r.event.action == "release_secret" and r.event.outcome == "allowed") == 4

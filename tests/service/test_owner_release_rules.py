@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import owner_support
 import pytest
-import test_owner_support as support
-from test_owner_support import (
+from owner_support import (
     DISK_GUID,
     SEV_ES_POLICY,
     SEV_POLICY,
@@ -40,11 +40,8 @@ from sevlaunch.rpc.v1 import owner_pb2
 from sevlaunch.sev import roots as amd_roots
 from sevlaunch.sev.chain import Generation, TrustedRoot, load_roots_file
 
-emu = support.emu
-emu_root = support.emu_root
-emu_root_file = support.emu_root_file
-make_owner = support.make_owner
-publisher = support.publisher
+# The owner fixtures (an emulated chip and its root, a publisher, owners on port 0).
+pytest_plugins = ["owner_support"]
 
 
 def open_req(chain: Any, policy: int = SEV_POLICY, workload_id: str = "web") -> owner_pb2.OpenSessionRequest:
@@ -228,7 +225,7 @@ def test_polling_loop_picks_up_new_manifests_and_drops_bad_ones(
 
     _wait_for(lambda: in_force() == ["2024.05"])
     served["body"] = publisher.envelope(
-        digests=reference_digests(b"\0" * 4096 + support.OVMF_IMAGE), version="2024.08"
+        digests=reference_digests(b"\0" * 4096 + owner_support.OVMF_IMAGE), version="2024.08"
     )
     _wait_for(lambda: sorted(in_force()) == ["2024.05", "2024.08"])
 
@@ -304,7 +301,7 @@ def test_launch_without_secret_needs_the_workloads_consent(
 
     # Consent still needs the measurement to match: a tampered image is refused as ever.
     opened = launcher.OpenSession(open_req(chain, workload_id="bare"))
-    tampered = bytearray(support.OVMF_IMAGE)
+    tampered = bytearray(owner_support.OVMF_IMAGE)
     tampered[100] ^= 0xFF
     run = launch(emu, opened, image=bytes(tampered))
     try:

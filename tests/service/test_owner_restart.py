@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import test_owner_support as support
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_owner_support import (
+from owner_support import (
     SEV_POLICY,
     Publisher,
     emulator_chain,
@@ -30,11 +29,9 @@ from sevlaunch.cli import main as cli_main
 from sevlaunch.rpc import secure_channel_sync
 from sevlaunch.rpc.v1 import owner_pb2, owner_pb2_grpc
 
-# The shared fixtures, registered in this module by name.
-emu = support.emu
-emu_root = support.emu_root
-emu_root_file = support.emu_root_file
-publisher = support.publisher
+# The owner fixtures (an emulated chip and its root, a publisher, owners on port 0).
+pytest_plugins = ["owner_support"]
+
 
 OWNER = Path(sys.executable).with_name("sevlaunch-owner")
 

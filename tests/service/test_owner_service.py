@@ -13,9 +13,8 @@ from typing import Any
 
 import grpc
 import pytest
-import test_owner_support as support
 from cryptography.hazmat.primitives.asymmetric import ec
-from test_owner_support import (
+from owner_support import (
     DISK_GUID,
     EXTRA_GUID,
     EXTRA_SECRET,
@@ -40,12 +39,8 @@ from sevlaunch.rpc.v1 import owner_pb2
 from sevlaunch.sev import session as sev_session
 from sevlaunch.sev.secret import SecretTable
 
-# The shared fixtures, registered in this module by name.
-emu = support.emu
-emu_root = support.emu_root
-emu_root_file = support.emu_root_file
-make_owner = support.make_owner
-publisher = support.publisher
+# The owner fixtures (an emulated chip and its root, a publisher, owners on port 0).
+pytest_plugins = ["owner_support"]
 
 
 def open_req(chain: Any, policy: int = SEV_POLICY, workload_id: str = "web") -> owner_pb2.OpenSessionRequest:

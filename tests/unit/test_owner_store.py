@@ -73,7 +73,7 @@ def test_migrations_are_versioned_and_idempotent(tmp_path: Path) -> None:
     store.close()
     again = SQLiteStore(tmp_path / "owner.db", audit_mac_key=None)
     assert again.schema_version() == SCHEMA_VERSION
-    assert again._conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert again.db.connection().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def test_conditional_finish_lets_exactly_one_thread_win(tmp_path: Path) -> None:

@@ -8,15 +8,25 @@ ReleaseSecret; `owner-admin` may call the admin RPCs (PutWorkload, GetWorkload, 
 ImportReferenceValues, ListReferenceValues, ListSessions, GetAuditLog, RevokeSession).
 A session is bound to the identity that opened it: only that identity may release it.
 
-Errors: see common.proto. A malformed field is INVALID_ARGUMENT and changes nothing. A refusal on the
-merits carries a typed ErrorInfo reason:
+Errors: see common.proto. Every error carries a typed ErrorInfo reason. A malformed field is
+INVALID_ARGUMENT and changes nothing:
+  INVALID_ARGUMENT    bad_workload_id, bad_session_id, bad_guid, bad_policy, bad_firmware_version,
+                      bad_firmware_minimum, bad_selector, bad_workload, bad_secret, secret_too_large,
+                      bad_envelope, bad_limit; malformed certificates, measurements and manifests
+                      carry the protocol's reasons (truncated, bad_length, ...)
+A refusal on the merits:
   NOT_FOUND           unknown_workload, unknown_session
   PERMISSION_DENIED   untrusted_root, bad_signature, wrong_usage, ... (chain; metadata `link`),
                       generation_not_allowed, firmware_too_old, policy_not_allowed, policy_mismatch,
                       measurement_mismatch, wrong_caller; for manifests bad_signature,
                       missing_signature, wrong_signer, expired, revoked
   FAILED_PRECONDITION no_reference_values, no_secret, session_expired, session_already_used,
-                      session_refused, session_revoked, secret_too_large, session_not_open
+                      session_refused, session_revoked, secret_too_large, session_not_open,
+                      unknown_workload (the workload was deleted after OpenSession)
+The owner's store (nothing was released without its audit record; retry):
+  UNAVAILABLE         store_unavailable (database down or unreachable, connection lost, disk full)
+  ABORTED             store_conflict (a concurrent transaction won)
+  INTERNAL            store_corrupt (the database or its audit log is damaged)
 Every decision (allowed or refused) is appended to the hash-chained audit log.
 """
 

@@ -252,12 +252,14 @@ def make_owner(
         refvalues_urls: tuple[str, ...] = (),
         refvalues_interval: float = 3600,
         start_poller: bool = False,
+        db: str | None = None,
+        checkpoint_interval: float = 300.0,
     ) -> OwnerHarness:
         base = tmp_path / subdir
         base.mkdir(exist_ok=True)
         config = OwnerConfig(
             tls_dir=tls_dir,
-            db=base / "owner.db",
+            db=db if db is not None else base / "owner.db",
             kek_file=base / "kek",
             create_kek=True,
             listen="127.0.0.1:0",
@@ -267,6 +269,7 @@ def make_owner(
             session_ttl=session_ttl,
             refvalues_urls=refvalues_urls,
             refvalues_interval=refvalues_interval,
+            checkpoint_interval=checkpoint_interval,
         )
         holder: dict[str, OwnerApp] = {}
 
@@ -274,7 +277,7 @@ def make_owner(
             app = build_app(config)
             holder["app"] = app
             if start_poller:
-                await app.start()  # the server and, with --refvalues-url, the polling loop
+                await app.start()  # the server, the checkpoints and, with --refvalues-url, the poller
             return app.rpc
 
         running = serve(factory)

@@ -1,0 +1,450 @@
+"""The owner's store (`owner_svc.core.ports.Store`) over SQL, written once for SQLite and PostgreSQL.
+
+A `Database` (sqlite.py, postgres.py) gives transactions and raises only the core's `StoreError`s; its
+`Dialect` renders the schema and these queries. Guarantees, for both:
+* Every decision's write and its audit record are one transaction: nothing is stored without its record,
+  and no record is kept for a write that was rolled back.
+* A session leaves OPEN by one conditional UPDATE (`WHERE state = 'open' AND expires_at > now`): SQLite's
+  write lock, or PostgreSQL's row lock and READ COMMITTED re-check, lets exactly one caller win.
+* "Read the head, append the next record" runs under the head row's lock (SQLite: BEGIN IMMEDIATE;
+  PostgreSQL: SELECT ... FOR UPDATE), taken last by every writer: the chain never forks, no deadlock.
+* The head carries a MAC under the audit key. Each append checks it, and that the head has not moved
+  back below the highest this process has seen; `check_integrity` (at start) checks the database, the
+  head and the chain's tail. A damaged log is `StoreCorrupt`: the owner appends nothing more to it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Protocol
+
+from owner_svc.adapters.dialect import Dialect, Tx
+from owner_svc.adapters.rows import audit_record_from_row, session_from_row
+from owner_svc.adapters.schema import MIGRATIONS, SCHEMA_VERSION, SESSION_COLUMNS, MacHead, MacWorkloads
+from owner_svc.core.audit import canonical_record
+from owner_svc.core.model import AuditEvent, AuditRecord, SessionRecord, SessionState
+from owner_svc.core.ports import SchemaError, StoreCorrupt
+from sevlaunch.audit import (
+    AuditChainBroken,
+    ChainEntry,
+    Checkpoint,
+    head_mac_ok,
+    make_head_mac,
+    record_hash,
+    record_mac,
+    verify_chain,
+    workload_mac,
+    workload_mac_ok,
+)
+from sevlaunch.ownerdb import AUDIT_COLUMNS
+
+#: How many of the newest records the check at start verifies against the head.
+DEFAULT_TAIL = 1000
+RECOVERY = (
+    "the owner will not serve on it. Stop every replica, keep this database for inspection, and restore "
+    "the newest backup that `sevlaunch owner audit verify --db DB --kek-file KEK --checkpoint SEQ:HASH` "
+    "(the last checkpoint the owner logged) passes"
+)
+
+# Column lists are constants, never input: the f-strings below cannot inject anything.
+_SELECT_SESSIONS = f"SELECT {SESSION_COLUMNS} FROM sessions"  # noqa: S608
+_INSERT_SESSION = f"INSERT INTO sessions ({SESSION_COLUMNS}) VALUES ({', '.join('?' * 15)})"  # noqa: S608
+_SELECT_AUDIT = f"SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > ? ORDER BY seq LIMIT ?"  # noqa: S608
+
+
+class Database(Protocol):
+    dialect: Dialect
+
+    def write(self) -> AbstractContextManager[Tx]:
+        """One write transaction: committed on exit, rolled back whole on any exception."""
+        ...
+
+    def read(self, *, snapshot: bool = False) -> AbstractContextManager[Tx]:
+        """Reads; with `snapshot`, all in one consistent snapshot."""
+        ...
+
+    def close(self) -> None: ...
+
+    def check(self) -> None:
+        """The database's own consistency check (SQLite: quick_check); raises StoreCorrupt."""
+        ...
+
+
+class AuditLogDamaged(StoreCorrupt):
+    """The audit log does not verify against its MACed head: cut, rolled back or edited."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"the audit log is damaged: {what}; {RECOVERY}")
+
+
+class SqlStore:
+    def __init__(
+        self, db: Database, *, audit_mac_key: bytes | None, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.db = db
+        self._d = db.dialect
+        self._audit_mac_key = audit_mac_key
+        self._clock = clock
+        # The highest head this process wrote or verified: the head never goes below it.
+        self._highest_seq = 0
+        self._seen_lock = threading.Lock()
+        self._local = threading.local()
+        try:
+            self.migrate()
+        except BaseException:
+            db.close()
+            raise
+
+    def _q(self, sql: str) -> str:
+        return self._d.sql(sql)
+
+    def _one(self, sql: str, params: Sequence[object] = ()) -> Any:
+        with self.db.read() as tx:
+            return tx.execute(self._q(sql), params).fetchone()
+
+    def _all(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
+        with self.db.read() as tx:
+            return tx.execute(self._q(sql), params).fetchall()
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ------------------------------------------------------------------------------- schema
+
+    def schema_version(self) -> int:
+        row = self._one(self._d.version_query)
+        return 0 if row is None else int(row[0])
+
+    def migrate(self) -> None:
+        with self.db.write() as tx:
+            for statement in self._d.migration_preamble:
+                tx.execute(statement)
+            row = tx.execute(self._d.version_query).fetchone()
+            version = 0 if row is None else int(row[0])
+            if version > SCHEMA_VERSION:
+                raise SchemaError(f"database schema {version} is newer than this code's {SCHEMA_VERSION}")
+            for target in range(version, SCHEMA_VERSION):
+                for step in MIGRATIONS[target]:
+                    if isinstance(step, MacHead):
+                        self._mac_head(tx)
+                        continue
+                    if isinstance(step, MacWorkloads):
+                        self._mac_workloads(tx)
+                        continue
+                    for statement in self._d.render(step):
+                        tx.execute(statement)
+            if version < SCHEMA_VERSION:
+                tx.execute(self._d.set_version(SCHEMA_VERSION))
+
+    # ---------------------------------------------------------------------------- audit log
+
+    @contextmanager
+    def _write(self) -> Iterator[Tx]:
+        """`db.write()`, noting the head an append in it reached once (and only if) it committed."""
+        self._local.appended = 0
+        with self.db.write() as tx:
+            yield tx
+        if self._local.appended:
+            self._saw(self._local.appended)
+
+    def _saw(self, seq: int) -> None:
+        with self._seen_lock:
+            self._highest_seq = max(self._highest_seq, seq)
+
+    def _read_head(self, tx: Tx, *, lock: bool = False) -> tuple[int, str, str]:
+        suffix = self._d.lock_row if lock else ""
+        row = tx.execute(f"SELECT seq, hash, mac FROM audit_head WHERE id = 1{suffix}").fetchone()  # noqa: S608
+        if row is None:
+            raise AuditLogDamaged("the audit head row is missing")
+        return int(row[0]), str(row[1]), str(row[2])
+
+    def _check_head(self, seq: int, digest: str, mac: str) -> None:
+        if self._audit_mac_key is not None and not head_mac_ok(self._audit_mac_key, seq, digest, mac):
+            raise AuditLogDamaged(
+                f"the head (record {seq}) carries no valid MAC: it was moved or rewritten without the KEK"
+            )
+        if seq < self._highest_seq:
+            raise AuditLogDamaged(f"the head moved back from record {self._highest_seq} to {seq}")
+
+    def _mac_head(self, tx: Tx) -> None:
+        if self._audit_mac_key is None:
+            return
+        seq, digest, _ = self._read_head(tx, lock=True)
+        mac = make_head_mac(self._audit_mac_key, seq, digest)
+        tx.execute(self._q("UPDATE audit_head SET mac = ? WHERE id = 1"), (mac,))
+
+    def _mac_workloads(self, tx: Tx) -> None:
+        if self._audit_mac_key is None:
+            return
+        for workload_id, config_json in tx.execute(
+            "SELECT workload_id, config_json FROM workloads"
+        ).fetchall():
+            tx.execute(
+                self._q("UPDATE workloads SET mac = ? WHERE workload_id = ?"),
+                (workload_mac(self._audit_mac_key, str(workload_id), str(config_json)), workload_id),
+            )
+
+    def _append_audit(self, tx: Tx, event: AuditEvent) -> None:
+        head_seq, prev, head_mac = self._read_head(tx, lock=True)
+        self._check_head(head_seq, prev, head_mac)
+        seq = head_seq + 1
+        canonical = canonical_record(seq, self._clock(), event, prev)
+        digest = record_hash(canonical)
+        key = self._audit_mac_key
+        tx.execute(
+            self._q("INSERT INTO audit (seq, canonical, prev_hash, hash, mac) VALUES (?, ?, ?, ?, ?)"),
+            (seq, canonical, prev, digest, record_mac(key, digest) if key is not None else ""),
+        )
+        tx.execute(
+            self._q("UPDATE audit_head SET seq = ?, hash = ?, mac = ? WHERE id = 1"),
+            (seq, digest, make_head_mac(key, seq, digest) if key is not None else ""),
+        )
+        self._local.appended = seq
+
+    def audit_checkpoint(self) -> Checkpoint:
+        """The head as it stands, its MAC checked: what the owner logs so it can be checked later."""
+        with self.db.read() as tx:
+            seq, digest, mac = self._read_head(tx)
+        self._check_head(seq, digest, mac)
+        self._saw(seq)
+        return Checkpoint(seq, digest, mac)
+
+    def check_integrity(self, tail: int = DEFAULT_TAIL) -> Checkpoint:
+        """At start: the database's own check, the head's MAC, and the newest `tail` records (links,
+        hashes, MACs) up to the head; returns the head. Raises StoreCorrupt (AuditLogDamaged)."""
+        self.db.check()
+        with self.db.read(snapshot=True) as tx:
+            seq, digest, mac = self._read_head(tx)
+            newest = tx.execute("SELECT max(seq) FROM audit").fetchone()
+            first = max(0, seq - tail)
+            rows = tx.execute(
+                self._q(f"SELECT {AUDIT_COLUMNS} FROM audit WHERE seq >= ? ORDER BY seq"),  # noqa: S608
+                (max(1, first),),
+            ).fetchall()
+        self._check_head(seq, digest, mac)
+        if (newest[0] or 0) != seq:
+            raise AuditLogDamaged(f"the head says {seq} records, the newest record is {newest[0] or 0}")
+        entries = [ChainEntry(int(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4])) for r in rows]
+        after = None
+        if first >= 1:
+            if not entries or entries[0].seq != first:
+                raise AuditLogDamaged(f"record {first} is missing")
+            after = (first, entries.pop(0).hash)
+        try:
+            verify_chain(entries, head=(seq, digest), mac_key=self._audit_mac_key, after=after)
+        except AuditChainBroken as exc:
+            raise AuditLogDamaged(str(exc)) from None
+        self._saw(seq)
+        return Checkpoint(seq, digest, mac)
+
+    def append_audit(self, event: AuditEvent) -> None:
+        with self._write() as tx:
+            self._append_audit(tx, event)
+
+    def audit_records(self, after_seq: int, limit: int) -> Sequence[AuditRecord]:
+        return [audit_record_from_row(r) for r in self._all(_SELECT_AUDIT, (after_seq, limit))]
+
+    def audit_head(self) -> tuple[int, str] | None:
+        """(last seq, its hash), or None before the first record."""
+        row = self._one("SELECT seq, hash FROM audit_head WHERE id = 1")
+        if row is None or int(row[0]) == 0:
+            return None
+        return int(row[0]), str(row[1])
+
+    def iter_audit(self, batch: int = 1000) -> Iterator[AuditRecord]:
+        after = 0
+        while True:
+            records = self.audit_records(after, batch)
+            yield from records
+            if len(records) < batch:
+                return
+            after = records[-1].seq
+
+    # ---------------------------------------------------------------------------- workloads
+
+    def put_workload(self, workload_id: str, config_json: str, event: AuditEvent) -> None:
+        key = self._audit_mac_key
+        mac = workload_mac(key, workload_id, config_json) if key is not None else ""
+        with self._write() as tx:
+            tx.execute(
+                self._q(
+                    "INSERT INTO workloads (workload_id, config_json, updated_at, mac) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (workload_id) DO UPDATE SET config_json = excluded.config_json, "
+                    "updated_at = excluded.updated_at, mac = excluded.mac"
+                ),
+                (workload_id, config_json, self._clock(), mac),
+            )
+            self._append_audit(tx, event)
+
+    def get_workload(self, workload_id: str) -> str | None:
+        """The workload's configuration; StoreCorrupt when its MAC shows it was written without the KEK."""
+        row = self._one("SELECT config_json, mac FROM workloads WHERE workload_id = ?", (workload_id,))
+        if row is None:
+            return None
+        config_json = str(row[0])
+        key = self._audit_mac_key
+        if key is not None and not workload_mac_ok(key, workload_id, config_json, row[1]):
+            raise StoreCorrupt(
+                f"workload {workload_id!r} was changed outside the owner (its MAC does not verify): "
+                "put it again with `sevlaunch owner workload put` once the database is trusted"
+            )
+        return config_json
+
+    def put_secret(self, workload_id: str, sealed: bytes, event: AuditEvent) -> None:
+        with self._write() as tx:
+            tx.execute(
+                self._q(
+                    "INSERT INTO secrets (workload_id, sealed, updated_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT (workload_id) DO UPDATE SET sealed = excluded.sealed, "
+                    "updated_at = excluded.updated_at"
+                ),
+                (workload_id, sealed, self._clock()),
+            )
+            self._append_audit(tx, event)
+
+    def get_secret(self, workload_id: str) -> bytes | None:
+        row = self._one("SELECT sealed FROM secrets WHERE workload_id = ?", (workload_id,))
+        return None if row is None else bytes(row[0])
+
+    # ----------------------------------------------------------------------------- sessions
+
+    def insert_session(self, record: SessionRecord, event: AuditEvent) -> None:
+        with self._write() as tx:
+            tx.execute(
+                self._q(_INSERT_SESSION),
+                (
+                    record.session_id,
+                    record.workload_id,
+                    record.caller,
+                    record.policy,
+                    record.generation,
+                    record.cek_fingerprint,
+                    record.godh_cert,
+                    record.session_blob,
+                    record.sealed_keys,
+                    record.created_at,
+                    record.expires_at,
+                    record.state.value,
+                    record.finished_at,
+                    record.matched_digest,
+                    record.reason,
+                ),
+            )
+            self._append_audit(tx, event)
+
+    def get_session(self, session_id: str) -> SessionRecord | None:
+        row = self._one(_SELECT_SESSIONS + " WHERE session_id = ?", (session_id,))
+        return None if row is None else session_from_row(row)
+
+    def finish_session(
+        self,
+        session_id: str,
+        *,
+        to_state: SessionState,
+        now: float,
+        require_unexpired: bool,
+        matched_digest: str,
+        reason: str,
+        event: AuditEvent,
+    ) -> bool:
+        with self._write() as tx:
+            # The WHERE clause is the whole guarantee: only an OPEN (and, for a release, unexpired)
+            # session moves. Concurrent updaters of the row wait for the first (SQLite's write lock,
+            # PostgreSQL's row lock) and then match nothing. Expiry is compared with `now` always; a
+            # non-release passes -inf so any expiry qualifies.
+            moved = tx.execute(
+                self._q(
+                    "UPDATE sessions SET state = ?, finished_at = ?, matched_digest = ?, reason = ? "
+                    "WHERE session_id = ? AND state = 'open' AND expires_at > ?"
+                ),
+                (
+                    to_state.value,
+                    now,
+                    matched_digest,
+                    reason,
+                    session_id,
+                    now if require_unexpired else float("-inf"),
+                ),
+            ).rowcount
+            if moved != 1:
+                return False
+            self._append_audit(tx, event)
+        return True
+
+    def list_sessions(self, workload_id: str, limit: int) -> Sequence[SessionRecord]:
+        if workload_id:
+            rows = self._all(
+                _SELECT_SESSIONS + " WHERE workload_id = ? ORDER BY created_at DESC LIMIT ?",
+                (workload_id, limit),
+            )
+        else:
+            rows = self._all(_SELECT_SESSIONS + " ORDER BY created_at DESC LIMIT ?", (limit,))
+        return [session_from_row(r) for r in rows]
+
+    # ---------------------------------------------------------------------------- manifests
+
+    def put_manifest(
+        self,
+        manifest_id: str,
+        envelope: bytes,
+        source: str,
+        event: AuditEvent,
+        *,
+        revokes: Sequence[str] = (),
+    ) -> None:
+        with self._write() as tx:
+            tx.execute(
+                self._q(
+                    "INSERT INTO manifests (manifest_id, envelope, source, imported_at) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (manifest_id) DO NOTHING"
+                ),
+                (manifest_id, envelope, source, self._clock()),
+            )
+            self._insert_revocations(tx, revokes, manifest_id)
+            # Lock order: the generation row, then the audit head (taken last by every writer).
+            self._bump_generation(tx)
+            self._append_audit(tx, event)
+
+    def list_manifests(self) -> Sequence[tuple[str, bytes, str]]:
+        rows = self._all("SELECT manifest_id, envelope, source FROM manifests ORDER BY imported_at")
+        return [(str(r[0]), bytes(r[1]), str(r[2])) for r in rows]
+
+    def add_revocations(self, manifest_ids: Sequence[str], by: str) -> None:
+        with self._write() as tx:
+            self._insert_revocations(tx, manifest_ids, by)
+            self._bump_generation(tx)
+
+    def _insert_revocations(self, tx: Tx, manifest_ids: Sequence[str], by: str) -> None:
+        if not manifest_ids:
+            return
+        # Sorted: two transactions inserting overlapping lists take the key locks in one order.
+        tx.executemany(
+            self._q(
+                "INSERT INTO revoked_manifests (manifest_id, revoked_by, revoked_at) "
+                "VALUES (?, ?, ?) ON CONFLICT (manifest_id) DO NOTHING"
+            ),
+            [(mid, by, self._clock()) for mid in sorted(set(manifest_ids))],
+        )
+
+    @staticmethod
+    def _bump_generation(tx: Tx) -> None:
+        tx.execute("UPDATE refvalues_generation SET generation = generation + 1 WHERE id = 1")
+
+    def revoked_manifests(self) -> set[str]:
+        return {str(r[0]) for r in self._all("SELECT manifest_id FROM revoked_manifests")}
+
+    def refvalues_generation(self) -> int:
+        row = self._one("SELECT generation FROM refvalues_generation WHERE id = 1")
+        return 0 if row is None else int(row[0])
+
+    def load_refvalues(self) -> tuple[int, Sequence[tuple[str, bytes]], set[str]]:
+        # One snapshot: the generation returned is exactly that of the rows read with it (a write
+        # landing meanwhile shows as a newer generation next time).
+        with self.db.read(snapshot=True) as tx:
+            row = tx.execute("SELECT generation FROM refvalues_generation WHERE id = 1").fetchone()
+            rows = tx.execute("SELECT manifest_id, envelope FROM manifests ORDER BY imported_at").fetchall()
+            revoked = {str(r[0]) for r in tx.execute("SELECT manifest_id FROM revoked_manifests").fetchall()}
+        return (0 if row is None else int(row[0])), [(str(r[0]), bytes(r[1])) for r in rows], revoked

@@ -1,0 +1,45 @@
+"""What the core reports about its decisions, as a small protocol: the Prometheus adapter lives in
+`owner_svc.adapters.metrics`, so the core imports no metrics library. Labels are reason and step names
+from a fixed vocabulary, never ids, identities or secrets."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Metrics(Protocol):
+    def session_opened(self) -> None: ...
+
+    def session_refused(self, reason: str) -> None: ...
+
+    def secret_released(self) -> None: ...
+
+    def release_refused(self, reason: str) -> None: ...
+
+    def observe(self, step: str, seconds: float) -> None: ...
+
+    def audit_checkpoint(self, seq: int, digest: str, mac: str) -> None:
+        """The newest audit checkpoint, exported so it is kept outside the database."""
+        ...
+
+
+class NullMetrics:
+    """For a core built without metrics (tests, benchmarks)."""
+
+    def session_opened(self) -> None:
+        pass
+
+    def session_refused(self, reason: str) -> None:
+        pass
+
+    def secret_released(self) -> None:
+        pass
+
+    def release_refused(self, reason: str) -> None:
+        pass
+
+    def observe(self, step: str, seconds: float) -> None:
+        pass
+
+    def audit_checkpoint(self, seq: int, digest: str, mac: str) -> None:
+        pass
