@@ -1,6 +1,6 @@
 """The server shell shared by the three services, and the client helpers.
 
-See docs/ARCHITECTURE.md, section "sevlaunch.rpc (server shell)". The generated stubs live in
+See docs/CONTRACTS.md, section "sevlaunch.rpc (server shell)". The generated stubs live in
 `sevlaunch.rpc.v1`.
 """
 
