@@ -111,24 +111,26 @@ class RefSelector:
 
     def __post_init__(self) -> None:
         if not self.firmware_name or len(self.firmware_name) > 256:
-            raise InvalidArgument("bad_selector", "a reference value selector needs a firmware name")
+            raise InvalidArgument("bad_selector", "a reference value selector needs a firmware name", metadata={"field": "firmware_name"})
         if not self.modes:
-            raise InvalidArgument("bad_selector", "a reference value selector needs at least one mode")
+            raise InvalidArgument("bad_selector", "a reference value selector needs at least one mode", metadata={"field": "modes"})
         if Technology.SEV_ES in self.modes and not self.sev_es_vcpus:
-            raise InvalidArgument("bad_selector", "an SEV-ES selector needs its allowed vCPU counts")
+            raise InvalidArgument("bad_selector", "an SEV-ES selector needs its allowed vCPU counts", metadata={"field": "sev_es_vcpus"})
         if any(isinstance(n, bool) or not 1 <= n <= 512 for n in self.sev_es_vcpus):
-            raise InvalidArgument("bad_selector", "SEV-ES vCPU counts are 1..512")
+            raise InvalidArgument("bad_selector", "SEV-ES vCPU counts are 1..512", metadata={"field": "sev_es_vcpus"})
         if len(self.version_min) > 128 or len(self.version_max) > 128:
-            raise InvalidArgument("bad_selector", "version bounds are at most 128 characters")
+            raise InvalidArgument("bad_selector", "version bounds are at most 128 characters", metadata={"field": "version_min/version_max"})
         if not isinstance(self.kernel_hashes, KernelHashesRule):
-            raise InvalidArgument("bad_selector", "kernel_hashes is forbidden, required or any")
+            raise InvalidArgument("bad_selector", "kernel_hashes is forbidden, required or any", metadata={"field": "kernel_hashes"})
         if (self.vcpu_type or self.vmsa_layout) and Technology.SEV_ES not in self.modes:
-            raise InvalidArgument("bad_selector", "vcpu_type and vmsa_layout pins need the SEV-ES mode")
+            raise InvalidArgument("bad_selector", "vcpu_type and vmsa_layout pins need the SEV-ES mode", metadata={"field": "modes"})
         if self.vcpu_type and not VCPU_TYPE_RE.fullmatch(self.vcpu_type):
-            raise InvalidArgument("bad_selector", "vcpu_type is a CPU model name such as 'EPYC-Milan'")
+            raise InvalidArgument("bad_selector", "vcpu_type is a CPU model name such as 'EPYC-Milan'", metadata={"field": "vcpu_type"})
         if self.vmsa_layout and self.vmsa_layout not in {v.value for v in VMSALayout}:
             raise InvalidArgument(
-                "bad_selector", f"vmsa_layout is one of {', '.join(v.value for v in VMSALayout)}"
+                "bad_selector",
+                f"vmsa_layout is one of {', '.join(v.value for v in VMSALayout)}",
+                metadata={"field": "vmsa_layout"},
             )
 
     def to_obj(self) -> dict[str, Any]:

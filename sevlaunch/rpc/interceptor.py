@@ -189,7 +189,7 @@ class ShellInterceptor(_Interceptor):
             log.warning(
                 "rpc denied", extra={"method": method, "identity": identity, "request_id": request_id}
             )
-            mapped_status = _denied_status(method, request_id)
+            mapped_status = _denied_status(method, request_id, identity, self._authz.rules.get(method))
             await context.abort(mapped_status.code, mapped_status.details, mapped_status.trailing_metadata)
         return caller
 
@@ -303,6 +303,18 @@ def _code_name(code: object) -> str:
     return str(code)
 
 
-def _denied_status(method: str, request_id: str) -> grpc.Status:
-    refusal = PermissionDenied("caller_not_authorized", f"this identity may not call {method}")
+def _denied_status(
+    method: str, request_id: str, identity: str | None, allowed: frozenset[str] | None
+) -> grpc.Status:
+    """PERMISSION_DENIED naming what to change: the identity the caller presented ("" when its
+    certificate has no usable CN) and the roles that may call the method (none: a method nobody may
+    call). The roles are the proto's documented role tables, so naming them discloses nothing new."""
+    who = repr(identity) if identity else "a certificate without exactly one usable CN"
+    roles = sorted(allowed or ())
+    refusal = PermissionDenied(
+        "caller_not_authorized",
+        f"{who} may not call {method}"
+        + (f"; the roles allowed are {', '.join(roles)}" if roles else "; no role may call it"),
+        metadata={"identity": identity or "", "allowed_roles": ",".join(roles)},
+    )
     return map_exception(refusal, request_id).to_status()

@@ -97,14 +97,14 @@ def test_cli_chain_out_verifies_with_sevlaunch_verify(
     assert emulated_chip.chip_id_hex() in printed and '"state"' in printed
     ca = emulated_chip.state_dir / "ask_ark.cert"
     assert cli_main(["verify", "--chain", str(out), "--ca", str(ca)]) == 0
-    # A caller without a role gets a refusal, printed as a one-line error (exit status 2).
-    assert cli_main(["platform", "id", *common, "--identity", "owner"]) == 2
+    # A caller without a role gets a refusal, printed as a one-line error (exit status 1).
+    assert cli_main(["platform", "id", *common, "--identity", "owner"]) == 1
     assert "PERMISSION_DENIED" in capsys.readouterr().err
     # The CLI checks whom it reached: a platform is not accepted where an owner is expected (the
     # handshake fails; every dev server certificate is valid for localhost, only the identity differs).
-    assert cli_main(["platform", "id", *common, "--server-identity", "owner", "--timeout", "3"]) == 2
+    assert cli_main(["platform", "id", *common, "--server-identity", "owner", "--timeout", "3"]) == 1
     assert "UNAVAILABLE" in capsys.readouterr().err
-    assert cli_main(["platform", "id", *common, "--server-identity", "bad name!"]) == 2
+    assert cli_main(["platform", "id", *common, "--server-identity", "bad name!"]) == 1
     assert "neither an identity name nor a DNS name" in capsys.readouterr().err
 
 
