@@ -150,10 +150,11 @@ def _destroy(stub: Stub, args: argparse.Namespace) -> int:
 
 
 def _prepare(stub: Stub, args: argparse.Namespace) -> int:
+    spec = guest_spec(args)  # usage errors first, before any file is read
     godh = maybe_base64(read_bytes(args.godh), what="--godh")
     session = maybe_base64(read_bytes(args.session), what="--session")
     reply = stub.PrepareLaunch(
-        launcher_pb2.PrepareLaunchRequest(spec=guest_spec(args), godh_cert=godh, session=session),
+        launcher_pb2.PrepareLaunchRequest(spec=spec, godh_cert=godh, session=session),
         timeout=args.timeout,
     )
     data = dict(message_dict(reply))

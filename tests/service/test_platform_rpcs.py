@@ -103,7 +103,9 @@ def test_cli_chain_out_verifies_with_sevlaunch_verify(
     # The CLI checks whom it reached: a platform is not accepted where an owner is expected (the
     # handshake fails; every dev server certificate is valid for localhost, only the identity differs).
     assert cli_main(["platform", "id", *common, "--server-identity", "owner", "--timeout", "3"]) == 1
-    assert "UNAVAILABLE" in capsys.readouterr().err
+    assert "this endpoint is not the owner service; check the address, or see --server-identity" in (
+        capsys.readouterr().err
+    )
     assert cli_main(["platform", "id", *common, "--server-identity", "bad name!"]) == 1
     assert "neither an identity name nor a DNS name" in capsys.readouterr().err
 
