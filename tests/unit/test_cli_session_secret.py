@@ -91,7 +91,8 @@ def test_session_refuses_bad_policy_and_bad_usage(tmp_path: Path, capsys: pytest
     args[1] = str(MILAN / "pek.cert")  # a PEK in the PDH slot
     assert main(["session", *args, "--policy", "3", "--out", str(tmp_path / "o")]) == 1
     _assert_one_line_error(capsys, "PDH")
-    assert main(["session", "--pdh", str(MILAN / "pdh.cert"), "--policy", "3", "--out", str(tmp_path)]) == 2  # usage
+    # A missing --pek/--oca/--cek is a usage error: exit status 2.
+    assert main(["session", "--pdh", str(MILAN / "pdh.cert"), "--policy", "3", "--out", str(tmp_path)]) == 2
     _assert_one_line_error(capsys, "--pek")
 
 
