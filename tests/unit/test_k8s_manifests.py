@@ -463,7 +463,7 @@ def test_only_the_launcher_mounts_the_libvirt_socket(tree: str) -> None:
         assert hostpaths == {}
 
 
-def test_dev_runs_the_emulator_with_one_chip_shared_in_the_pod() -> None:
+def test_dev_runs_the_emulator_with_one_chip_shared_in_the_pod() -> None:  # and kept across restarts
     docs = rendered("overlays/dev")
     spec = pod_spec(one(docs, "DaemonSet", "sevlaunch-host"))
     platform, launcher = container(docs, "platform"), container(docs, "launcher")
@@ -475,7 +475,10 @@ def test_dev_runs_the_emulator_with_one_chip_shared_in_the_pod() -> None:
     assert "SEVLAUNCH_DEV_SEV" not in env(platform)
     assert "SEVLAUNCH_LIBVIRT_URI" not in env(launcher)
     (_, volume_p), (_, volume_l) = volume_at(spec, platform, state), volume_at(spec, launcher, state)
-    assert volume_p is volume_l and "emptyDir" in volume_p
+    # One chip shared by both containers, kept across pod restarts on its own volume claim.
+    assert volume_p is volume_l and "emptyDir" not in volume_p
+    claim = one(docs, "PersistentVolumeClaim", volume_p["persistentVolumeClaim"]["claimName"])
+    assert claim["metadata"]["namespace"] == HOST_NS and claim["spec"]["accessModes"] == ["ReadWriteOnce"]
     # The owner trusts the emulated root in dev, and only there.
     assert env(container(docs, "owner"))["SEVLAUNCH_TRUST_ROOT"].startswith("/etc/sevlaunch/trust/")
     for tree in ("base", "overlays/production", "overlays/production-postgresql"):
@@ -774,3 +777,30 @@ def test_build_context_ignores_are_the_same_for_podman_and_docker() -> None:
     entries = {line for line in ignore.splitlines() if line and not line.startswith("#")}
     assert {".git", ".venv", "*.egg-info"} <= entries
     assert not {"sevlaunch", "platform_svc", "launcher_svc", "owner_svc", "pyproject.toml"} & entries
+
+
+RECOMMENDED_LABELS = ("name", "instance", "version", "component", "part-of", "managed-by")
+
+
+@pytest.mark.parametrize("tree", TREES)
+def test_workloads_carry_the_recommended_labels_priority_and_budgets(tree: str) -> None:
+    docs = rendered(tree)
+    for workload in workloads(docs):
+        for labels in (workload["metadata"]["labels"], workload["spec"]["template"]["metadata"]["labels"]):
+            assert {f"app.kubernetes.io/{k}" for k in RECOMMENDED_LABELS} <= set(labels), workload["kind"]
+        name = workload["metadata"]["labels"]["app.kubernetes.io/name"]
+        budgets = [
+            b
+            for b in find(docs, "PodDisruptionBudget")
+            if b["metadata"]["namespace"] == workload["metadata"]["namespace"]
+            and selects(b["spec"]["selector"], workload["spec"]["template"]["metadata"]["labels"])
+        ]
+        assert len(budgets) == 1, name
+        budget = budgets[0]["spec"]
+        replicas = workload["spec"].get("replicas", 1)
+        # A budget never blocks a drain for ever: with one replica it must allow one pod down.
+        assert budget.get("maxUnavailable") == 1 or (
+            replicas > 1 and budget.get("minAvailable", 0) < replicas
+        )
+    host = one(docs, "DaemonSet", "sevlaunch-host")
+    assert pod_spec(host)["priorityClassName"] == "system-node-critical"
