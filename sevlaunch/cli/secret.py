@@ -1,4 +1,4 @@
-"""`sevlaunch secret build`: packages a secret table for LAUNCH_SECRET (PROTOCOL.md §6).
+"""`sevlaunch secret build`: packages a secret table (OVMF's SEV secret table) for LAUNCH_SECRET.
 
     sevlaunch secret build --tek tek.bin --tik tik.bin --launch-measure-blob B64 \\
         --secret 736869e5-84f0-4973-92ec-06879ce3da0b:passphrase.txt [--secret GUID:FILE ...] \\
