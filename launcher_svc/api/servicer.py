@@ -17,7 +17,7 @@ from launcher_svc.core.reasons import LaunchReason
 from launcher_svc.core.spec import DiskFormat, DiskSpec, GuestSpec, create_spec
 from launcher_svc.core.state import LaunchFlow, LaunchRecord, Phase
 from sevlaunch.errors import InvalidArgument
-from sevlaunch.rpc import AuthzPolicy, current_caller, method_rules
+from sevlaunch.rpc import REFUSED, AuthzPolicy, current_caller, mark_outcome, method_rules
 from sevlaunch.rpc.v1 import launcher_pb2, launcher_pb2_grpc
 from sevlaunch.sev.policy import PolicyFlags
 from sevlaunch.sev.technology import Technology
@@ -164,6 +164,8 @@ class LauncherServicer(launcher_pb2_grpc.LauncherServiceServicer):
             requested_by=current_caller().identity,
         )
         async for event in events:
+            if event.phase is Phase.FAILED:
+                mark_outcome(REFUSED)  # the status stays OK: the failure rides in the stream
             yield event_pb(event)
 
     async def PrepareLaunch(

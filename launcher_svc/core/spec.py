@@ -143,8 +143,12 @@ class PathPolicy:
                 break
         else:
             raise InvalidArgument(
-                LaunchReason.PATH_NOT_ALLOWED, f"{what}: {value} is outside the allowed image directories"
-            )
+                LaunchReason.PATH_NOT_ALLOWED,
+                f"{what}: {value} is outside the allowed image directories",
+                # What to change: the file's place, or the launcher's --image-dir.
+                metadata={"field": what, "allowed_dirs": ":".join(self.allowed_dirs),
+                          "server_option": "--image-dir"},
+            )  # fmt: skip
         if must_exist:
             p = Path(resolved)
             if not p.is_file():

@@ -76,7 +76,7 @@ def _emit(text: str, out: str | None) -> None:
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser(
         "platform",
-        help="query a platform service (status, chip id, certificate chain)",
+        help="query and administer a platform service (status, id, chain; sevctl verbs)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -90,3 +90,6 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         add_client_args(a, service="platform", identity="client")
         a.add_argument("--out", help="write the result to this file")
         a.set_defaults(func=_run, action=fn)
+    from sevlaunch.cli.platform_admin import register_actions  # rotate, generate, provision, reset; --json
+
+    register_actions(actions)

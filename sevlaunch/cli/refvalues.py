@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sevlaunch.cli import CommandError
+from sevlaunch.cli import UsageError
 from sevlaunch.cli._common import read_bytes
 from sevlaunch.refvalues import (
     DigestConfig,
@@ -89,7 +89,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 def _digests(args: argparse.Namespace, image: bytes) -> list[ReferenceDigest]:
     if args.kernel is None and (args.initrd is not None or args.cmdline is not None):
-        raise CommandError("--initrd and --cmdline need --kernel")
+        raise UsageError("--initrd and --cmdline need --kernel")
     kernel = read_bytes(args.kernel) if args.kernel else None
     initrd = read_bytes(args.initrd) if args.initrd else None
     cmdline = args.cmdline
@@ -107,7 +107,7 @@ def _digests(args: argparse.Namespace, image: bytes) -> list[ReferenceDigest]:
             out.append(ReferenceDigest(bytes(ld), DigestConfig(Technology.SEV, kernel_hashes=hashes)))
             continue
         if not args.vcpus or not args.vcpu_type:
-            raise CommandError("--mode sev-es needs --vcpus and --vcpu-type")
+            raise UsageError("--mode sev-es needs --vcpus and --vcpu-type")
         sig = vcpu_signature(args.vcpu_type)
         for layout in dict.fromkeys(args.vmsa_layout or [VMSALayout.init2.value]):
             for n in dict.fromkeys(args.vcpus):

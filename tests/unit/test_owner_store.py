@@ -161,13 +161,13 @@ def test_audit_chain_detects_edits_deletions_and_truncation(
     conn.execute("UPDATE audit SET canonical = replace(canonical, 'untrusted_root', 'allowed') WHERE seq = 3")
     conn.commit()
     capsys.readouterr()
-    assert cli_main(["owner", "audit", "verify", "--db", str(db)]) == 2
+    assert cli_main(["owner", "audit", "verify", "--db", str(db)]) == 1
     assert "audit record 3" in capsys.readouterr().err
     conn.execute("UPDATE audit SET canonical = ? WHERE seq = 3", (original,))
     # Deleting a record in the middle.
     conn.execute("DELETE FROM audit WHERE seq = 2")
     conn.commit()
-    assert cli_main(["owner", "audit", "verify", "--db", str(db)]) == 2
+    assert cli_main(["owner", "audit", "verify", "--db", str(db)]) == 1
     assert "audit record 2 is missing" in capsys.readouterr().err
     conn.close()
 
@@ -182,7 +182,7 @@ def test_audit_chain_detects_edits_deletions_and_truncation(
     conn.execute("DELETE FROM audit WHERE seq = 5")
     conn.commit()
     conn.close()
-    assert cli_main(["owner", "audit", "verify", "--db", str(other / "owner.db")]) == 2
+    assert cli_main(["owner", "audit", "verify", "--db", str(other / "owner.db")]) == 1
     store3 = SQLiteStore(other / "owner.db", audit_mac_key=None)
     with pytest.raises(AuditChainBroken):
         verify_records(store3.iter_audit(), head=store3.audit_head())
@@ -214,7 +214,7 @@ def test_recomputed_chain_fails_the_mac(tmp_path: Path, capsys: pytest.CaptureFi
     conn.commit()
     conn.close()
     assert cli_main(["owner", "audit", "verify", "--db", str(db)]) == 0  # the plain chain is consistent...
-    assert cli_main(["owner", "audit", "verify", "--db", str(db), "--kek-file", str(kek_file)]) == 2
+    assert cli_main(["owner", "audit", "verify", "--db", str(db), "--kek-file", str(kek_file)]) == 1
     assert "MAC does not verify" in capsys.readouterr().err  # ...but the owner did not write it
 
 
