@@ -25,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -190,8 +192,11 @@ class _IdentityChannel:
         diagnosis: _Diagnosis,
         expected: str,
         who: str,
+        interceptors: Sequence[Any] = (),
     ) -> None:
         self.endpoint = endpoint
+        # Carry the current launch id to the peer (its logs and audit records) and count client metrics.
+        self._interceptors = list(interceptors)
         self.expected = expected
         self.who = who
         self._credentials = credentials
@@ -201,7 +206,10 @@ class _IdentityChannel:
 
     def _open(self) -> grpc.aio.Channel:
         return grpc.aio.secure_channel(
-            self.endpoint, self._credentials, options=channel_options(self.expected)
+            self.endpoint,
+            self._credentials,
+            options=channel_options(self.expected),
+            interceptors=self._interceptors or None,
         )
 
     def _replace_if_disconnected(self) -> None:
@@ -246,6 +254,7 @@ class PlatformClient:
         identity: str = "launcher",
         *,
         platform_identity: str = "platform",
+        interceptors: Sequence[Any] = (),
     ) -> None:
         self._conn = _IdentityChannel(
             endpoint,
@@ -253,6 +262,7 @@ class PlatformClient:
             _Diagnosis(tls_dir, identity),
             server_name(platform_identity),
             "platform",
+            interceptors,
         )
 
     async def certificate_chain(self) -> PlatformChain:
@@ -273,8 +283,14 @@ class OwnerClient:
     valid for `owner_identity`'s name, whoever named the endpoint."""
 
     def __init__(
-        self, tls_dir: str | Path, identity: str = "launcher", *, owner_identity: str = "owner"
+        self,
+        tls_dir: str | Path,
+        identity: str = "launcher",
+        *,
+        owner_identity: str = "owner",
+        interceptors: Sequence[Any] = (),
     ) -> None:
+        self._interceptors = list(interceptors)
         self._credentials = channel_credentials(tls_dir, identity)
         self._diagnosis = _Diagnosis(tls_dir, identity)
         self._expected = server_name(owner_identity)
@@ -288,7 +304,9 @@ class OwnerClient:
                 if len(self._channels) >= MAX_OWNER_CHANNELS:
                     _, oldest = self._channels.popitem()
                     await oldest.close()
-                conn = _IdentityChannel(endpoint, self._credentials, self._diagnosis, self._expected, "owner")
+                conn = _IdentityChannel(
+                    endpoint, self._credentials, self._diagnosis, self._expected, "owner", self._interceptors
+                )
                 self._channels[endpoint] = conn
             return conn, owner_pb2_grpc.OwnerServiceStub(conn.channel)  # an aio channel: the async stub
 

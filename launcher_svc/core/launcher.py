@@ -17,7 +17,7 @@ from launcher_svc.core.reasons import LaunchReason
 from launcher_svc.core.reconciler import Reconciler
 from launcher_svc.core.spec import GuestSpec
 from launcher_svc.core.state import PRE_RUNNING, LaunchRecord, LaunchStore, Phase
-from launcher_svc.core.steps import ABORTED, STOPPING, Active, Checkpoint, StepMachine, Why
+from launcher_svc.core.steps import ABORTED, STOPPING, Active, Checkpoint, LaunchScope, StepMachine, Why
 from launcher_svc.core.two_phase import TwoPhaseFlow
 from sevlaunch.errors import FailedPrecondition, NotFound
 
@@ -38,6 +38,7 @@ class Launcher:
         metrics: LaunchMetrics | None = None,
         clock: Clock | None = None,
         checkpoint: Checkpoint | None = None,
+        launch_scope: LaunchScope | None = None,
     ) -> None:
         self.machine = StepMachine(
             hypervisor=hypervisor,
@@ -46,6 +47,7 @@ class Launcher:
             clock=clock or SystemClock(),
             metrics=metrics or NoMetrics(),
             checkpoint=checkpoint,
+            launch_scope=launch_scope,
         )
         self.orchestrated = OrchestratedFlow(self.machine, platform, owners)
         self.two_phase = TwoPhaseFlow(self.machine)

@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -98,6 +99,10 @@ class Stepped(Generic[R]):
     seconds: float
 
 
+#: Makes the context a launch's work runs in (sevlaunch.rpc.launch_id_scope in the server).
+LaunchScope = Callable[[str], AbstractContextManager[object]]
+
+
 class StepMachine:
     def __init__(
         self,
@@ -108,6 +113,7 @@ class StepMachine:
         clock: Clock,
         metrics: LaunchMetrics,
         checkpoint: Checkpoint | None = None,
+        launch_scope: LaunchScope | None = None,
     ) -> None:
         self.hv = hypervisor
         self.store = store
@@ -115,6 +121,7 @@ class StepMachine:
         self.clock = clock
         self.metrics = metrics
         self._checkpoint = checkpoint
+        self._launch_scope = launch_scope
         # A launch whose record names another incarnation is not driven by this process: orphaned.
         self.incarnation = uuid.uuid4().hex
         self.active: dict[str, Active] = {}
@@ -123,6 +130,15 @@ class StepMachine:
         self.closing = False
         self._attempting: dict[str, Phase] = {}
         self.background: set[asyncio.Future[Any]] = set()
+
+    def scope(self, launch_id: str) -> AbstractContextManager[object]:
+        """The launch's context: with the server's scope, log lines and calls to the platform and owner
+        in it carry the launch id (the core knows only this callable, not gRPC)."""
+        return self._launch_scope(launch_id) if self._launch_scope is not None else nullcontext()
+
+    async def in_scope(self, launch_id: str, work: Awaitable[R]) -> R:
+        with self.scope(launch_id):
+            return await work
 
     def checkpoint(self, name: str) -> None:
         if self._checkpoint is not None:

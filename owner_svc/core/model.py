@@ -322,6 +322,10 @@ class AuditEvent:
     reason: str = ""
     digest: str = ""
     detail: str = ""
+    # The launcher's launch id for this decision (x-sevlaunch-launch-id), so one launch's records can be
+    # found beside the launcher's and platform's log lines. Left out of the canonical text when empty,
+    # so records written before it existed keep their hashes.
+    launch_id: str = ""
 
 
 @dataclass(frozen=True)

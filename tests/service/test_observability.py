@@ -5,7 +5,6 @@ series, `sevlaunch_build_info`, the conventional gRPC labels, a refused launch c
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 import urllib.request
@@ -93,7 +92,6 @@ def test_a_refused_launch_is_counted_as_refused(env: DemoEnvironment) -> None:
     assert owner[("sevlaunch_owner_release_refusals_total", (("reason", "measurement_mismatch"),))] == 1
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus)")
 @pytest.mark.parametrize("name", list(SERVICES))
 def test_promtool_check_metrics(env: DemoEnvironment, name: str) -> None:
     text = _scrape(env.metrics_urls()[name])
