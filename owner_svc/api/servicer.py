@@ -297,6 +297,7 @@ class OwnerServicer(owner_pb2_grpc.OwnerServiceServicer):
                     reason=r.event.reason,
                     digest=r.event.digest,
                     detail=r.event.detail,
+                    launch_id=r.event.launch_id,
                     prev_hash=r.prev_hash,
                     hash=r.hash,
                 )

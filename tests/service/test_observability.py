@@ -28,6 +28,9 @@ SERVICES = {
 }
 
 
+LAUNCHES: dict[str, str] = {}  # name -> the launcher's launch id, filled by the env fixture
+
+
 @pytest.fixture(scope="module")
 def env() -> Iterator[DemoEnvironment]:
     with DemoEnvironment() as demo:
@@ -37,6 +40,7 @@ def env() -> Iterator[DemoEnvironment]:
         good = demo.launch("good", demo.firmware)
         refused = demo.launch("tampered", demo.tampered_firmware)
         assert good.outcome == "running" and refused.reason == "measurement_mismatch"
+        LAUNCHES.update(good=good.launch_id, tampered=refused.launch_id)
         yield demo
 
 
@@ -121,3 +125,46 @@ def test_launch_id_from_the_client_reaches_the_service_log(env: DemoEnvironment)
         time.sleep(0.1)
     assert [line["method"] for line in tagged] == ["/sevlaunch.v1.PlatformService/GetIdentifier"]
     assert all("launch_id" not in line for line in later[-1:])
+
+
+def _tagged_rpcs(log: Path, launch_id: str) -> list[str]:
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    return [
+        str(line["method"])
+        for line in lines
+        if line.get("message") == "rpc" and line.get("launch_id") == launch_id
+    ]
+
+
+def _tagged_lines(log: Path, launch_id: str) -> list[dict[str, object]]:
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("launch_id") == launch_id]
+
+
+@pytest.mark.parametrize("name", ["good", "tampered"])
+def test_one_launch_id_in_all_three_logs_and_the_owner_audit(env: DemoEnvironment, name: str) -> None:
+    """The launcher's id for a launch tags the launcher's own call, the platform's and owner's calls it
+    made for that launch, and the owner's audit records of the session and the release decision."""
+    launch_id = LAUNCHES[name]
+    assert launch_id
+    expected = {
+        "launcher": {"/sevlaunch.v1.LauncherService/GetLaunch"},  # the demo reads the launch back by id
+        "platform": {"/sevlaunch.v1.PlatformService/GetCertificateChain"},
+        "owner": {"/sevlaunch.v1.OwnerService/OpenSession", "/sevlaunch.v1.OwnerService/ReleaseSecret"},
+    }
+    deadline = time.monotonic() + 10
+    while True:
+        seen = {svc: set(_tagged_rpcs(env.logs_dir / f"{svc}.log", launch_id)) for svc in expected}
+        if all(expected[svc] <= seen[svc] for svc in expected) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    for svc in ("platform", "owner"):
+        assert expected[svc] <= seen[svc], (svc, seen[svc])
+    # The launcher's own lines about the launch carry it too (its phase log lines, the GetLaunch call).
+    assert _tagged_lines(env.logs_dir / "launcher.log", launch_id)
+    # The audit records carry it, and the chain still verifies with them.
+    audit = env.audit()
+    assert audit.ok, audit.problem
+    tagged = {(r.action, r.outcome) for r in env.owner_audit_events() if r.launch_id == launch_id}
+    outcome = "allowed" if name == "good" else "refused"
+    assert ("open_session", "allowed") in tagged and ("release_secret", outcome) in tagged, tagged
