@@ -61,9 +61,12 @@ _DEPTH = {
 
 
 class ReferenceMismatch(VerificationFailed):
+    """`tcb_kind` (reported, committed, launch) is set on TCB_TOO_LOW: which of the report's TCBs fell short."""
+
     reason: RefReason
 
-    def __init__(self, reason: RefReason, detail: str) -> None:
+    def __init__(self, reason: RefReason, detail: str, *, tcb_kind: str | None = None) -> None:
+        self.tcb_kind = tcb_kind
         super().__init__(reason, detail)
 
 
@@ -130,7 +133,7 @@ def check_min_tcb(floor: TcbVersion, tcbs: Mapping[str, TcbVersion], *, source: 
     for kind, tcb in tcbs.items():
         if short := tcb.shortfall(floor):
             raise ReferenceMismatch(
-                RefReason.TCB_TOO_LOW, f"{kind}_tcb: {', '.join(short)} (minimum of {source})"
+                RefReason.TCB_TOO_LOW, f"{kind}_tcb: {', '.join(short)} (minimum of {source})", tcb_kind=kind
             )
 
 
