@@ -61,7 +61,7 @@ _DEPTH = {
 
 
 class ReferenceMismatch(VerificationFailed):
-    """`tcb_kind` (reported, committed, launch) is set on TCB_TOO_LOW: which of the report's TCBs fell short."""
+    """On TCB_TOO_LOW, `tcb_kind` (reported, committed, launch) says which TCB fell short."""
 
     reason: RefReason
 
