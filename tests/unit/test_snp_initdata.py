@@ -153,7 +153,14 @@ def test_endpoint_forms() -> None:
     assert (v6.grpc_target, v6.server_name) == ("[::1]:50070", "::1")
     with pytest.raises(MalformedInput):
         Endpoint.parse("https://999.1.1.1:1")  # all-digit last label: a bad address, no name
-    for bad in ("https://[zz::1]:1", "https://[127.0.0.1]:1", "https://1.2.3:1", "https://01.2.3.4:1"):
+    for bad in (
+        "https://[0:0::1]:1",
+        "https://[::1]:1/",
+        "https://[zz::1]:1",
+        "https://[127.0.0.1]:1",
+        "https://1.2.3:1",
+        "https://01.2.3.4:1",
+    ):
         with pytest.raises(MalformedInput):
             Endpoint.parse(bad)
 
