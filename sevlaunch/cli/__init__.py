@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("launch", "launch an attested SEV/SEV-ES guest through a launcher"),
     "launches": ("launches", "list, inspect, abort and destroy a launcher's launches; the two-phase steps"),
     "demo": ("demo", "attested launch on the embedded defaults, then a tampered launch refused"),
+    "guest": ("guest", "inside an SEV-SNP guest: attest to the owner and receive the secret"),
     "completion": ("completion", "print a shell completion script (bash, zsh, tcsh)"),
 }
 
