@@ -118,7 +118,7 @@ class LinkResult:
 
     link: str
     ok: bool
-    reason: Reason | None = None
+    reason: StrEnum | None = None  # a Reason; StrEnum since SevError carries any reason enum
     detail: str = ""
 
 

@@ -56,7 +56,7 @@ class Reason(StrEnum):
 class SevError(Exception):
     """Base of every typed error of sevlaunch. `str()` is safe to log: it holds no secret."""
 
-    def __init__(self, reason: Reason, detail: str = "") -> None:
+    def __init__(self, reason: StrEnum, detail: str = "") -> None:
         self.reason = reason
         self.detail = detail
         super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
@@ -69,7 +69,7 @@ class MalformedInput(SevError, ValueError):
 class VerificationFailed(SevError):
     """Well-formed data that fails a trust check. `link` names the failing chain link, e.g. 'ASK->CEK'."""
 
-    def __init__(self, reason: Reason, detail: str = "", *, link: str | None = None) -> None:
+    def __init__(self, reason: StrEnum, detail: str = "", *, link: str | None = None) -> None:
         self.link = link
         super().__init__(reason, f"{link}: {detail}" if link else detail)
 

@@ -12,7 +12,38 @@ from enum import StrEnum
 
 class SnpReason(StrEnum):
     # --- reports, certificates and appraisal
-    BAD_REPORT = "bad_report"
+    # Malformed input (MalformedInput)
+    BAD_REPORT = "bad_report"  # size, version, reserved bytes, flags of an ATTESTATION_REPORT
+    BAD_CERTIFICATE = "bad_certificate"  # not X.509, or a VCEK/VLEK extension that does not decode
+    BAD_CRL = "bad_crl"
+    BAD_GUEST_POLICY = "bad_guest_policy"  # must-be-one bit 17 clear, or a reserved bit set
+    BAD_APPRAISAL_POLICY = "bad_appraisal_policy"  # the appraisal policy document itself
+    # Trust checks (VerificationFailed)
+    BAD_REPORT_SIGNATURE = "bad_report_signature"
+    BAD_CERT_SIGNATURE = "bad_cert_signature"
+    UNTRUSTED_ARK = "untrusted_ark"  # the ARK is neither a pinned AMD root nor a root the caller passed
+    WRONG_ISSUER = "wrong_issuer"  # a VCEK under an ASVK, a VLEK under an ASK, another product's key
+    CERT_NOT_VALID = "cert_not_valid"  # outside notBefore..notAfter at the time asked
+    CERT_REVOKED = "cert_revoked"
+    SIGNING_KEY_MISMATCH = "signing_key_mismatch"  # report says VCEK, certificate is a VLEK (or the reverse)
+    PRODUCT_MISMATCH = "product_mismatch"
+    TCB_MISMATCH = "tcb_mismatch"  # VCEK/VLEK TCB extensions differ from the report's REPORTED_TCB
+    CHIP_ID_MISMATCH = "chip_id_mismatch"  # VCEK hwID differs from the report's CHIP_ID
+    # Appraisal refusals (VerificationFailed; the detail names the field)
+    VERSION_REFUSED = "version_refused"
+    SIGNING_KEY_REFUSED = "signing_key_refused"
+    VMPL_REFUSED = "vmpl_refused"
+    GUEST_POLICY_REFUSED = "guest_policy_refused"
+    PLATFORM_INFO_REFUSED = "platform_info_refused"
+    TCB_TOO_LOW = "tcb_too_low"
+    TCB_ORDER = "tcb_order"  # reported <= committed <= current does not hold
+    PROVISIONAL_FIRMWARE = "provisional_firmware"
+    CHIP_ID_REFUSED = "chip_id_refused"
+    GUEST_SVN_TOO_LOW = "guest_svn_too_low"
+    FIELD_MISMATCH = "field_mismatch"  # measurement, host_data, report_data, key digests, family/image id
+    # Unsupported
+    UNKNOWN_PRODUCT = "unknown_product"  # CPUID of no known product, or a v2 report without a product
+    UNSUPPORTED_SIGNATURE_ALGO = "unsupported_signature_algo"
 
     # --- launch digest and ID block
     BAD_ID_BLOCK = "bad_id_block"
