@@ -314,6 +314,9 @@ def report(r: dict[str, Any], s: dict[str, Any], m: dict[str, str], command: str
         f"{dg['hashlib_mb_s']:.0f} MB/s; ratio {dg['ratio']:.2f}.",
         f"- The digest the command computes (read + `launch_digest`) alone: ratio {dg['core_ratio']:.2f}.",
         f"- vs sev-snp-measure's `sev_calc_launch_digest` in-process: ratio {dg['snp_inproc_ratio']:.2f}.",
+        f"- SEV-SNP launch digest of the same image (`sevlaunch.snp`, 4 vCPUs): "
+        f"{dg['snp_launch_digest_mb_s']:.0f} MB/s; hashlib.sha384 of its bytes: "
+        f"{dg['sha384_mb_s']:.0f} MB/s; ratio {dg['snp_launch_digest_ratio']:.2f}.",
         f"- As commands (wall, interpreter start included, median): `python -m sevlaunch measurement digest`"
         f" {dg['cli_wall_ms']:.0f} ms, `sev-snp-measure --mode sev` "
         + (f"{dg['snp_cli_wall_ms']:.0f} ms." if dg["snp_cli_wall_ms"] is not None else "not installed."),

@@ -1,18 +1,21 @@
 """`sevlaunch measurement digest|build`: expected launch digests and launch measurements.
 
-`digest` prints what sev-snp-measure prints for `--mode sev|seves --output-format hex` (with the init2
-VMSA layout); `build` prints the 48-byte measure‖mnonce blob in base64, as QEMU and libvirt show it,
-like `sevctl measurement build`.
+`digest` prints what sev-snp-measure prints for `--mode sev|seves|snp|snp:ovmf-hash|snp:svsm` (with the
+init2 VMSA layout for SEV-ES) and accepts its spellings (`--ovmf`, `--append`); `build` prints the
+48-byte measure‖mnonce blob in base64, as QEMU and libvirt show it, like `sevctl measurement build`.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+from pathlib import Path
 from typing import Any
 
 from sevlaunch.cli import CommandError
 from sevlaunch.cli._common import parse_b64, parse_hex, parse_int, read_bytes
 from sevlaunch.sev.digest import launch_digest
+from sevlaunch.sev.errors import SevError
 from sevlaunch.sev.technology import Technology
 from sevlaunch.sev.types import LaunchDigest, MNonce
 from sevlaunch.sev.vmsa import VCPU_TYPES, VMSALayout, vcpu_signature
@@ -22,18 +25,18 @@ _MNONCE = 16
 _TIK = 16
 
 
-def _add_digest_options(parser: argparse.ArgumentParser, *, mode_required: bool) -> None:
+def _add_digest_options(parser: argparse.ArgumentParser, *, mode_required: bool, snp: bool = False) -> None:
     group = parser.add_argument_group("launch digest")
     group.add_argument(
         "--mode",
-        choices=[m.value for m in Technology],
+        choices=[m.value for m in Technology] + (list(_SNP_MODES) if snp else []),
         required=mode_required,
         help="guest type" + ("" if mode_required else " (default: sev-es when the policy has ES, else sev)"),
     )
-    group.add_argument("--firmware", metavar="OVMF", help="the OVMF code image QEMU loads")
+    group.add_argument("--firmware", "--ovmf", metavar="OVMF", help="the OVMF code image QEMU loads")
     group.add_argument("--kernel", metavar="FILE", help="kernel booted with kernel-hashes=on")
     group.add_argument("--initrd", metavar="FILE", help="initrd (with --kernel)")
-    group.add_argument("--cmdline", metavar="STRING", help="kernel command line (with --kernel)")
+    group.add_argument("--cmdline", "--append", metavar="STRING", help="kernel command line (with --kernel)")
     group.add_argument("--vcpus", metavar="N", type=int, default=1, help="vCPU count (SEV-ES; default 1)")
     vcpu = group.add_mutually_exclusive_group()
     vcpu.add_argument("--vcpu-type", metavar="NAME", choices=list(VCPU_TYPES), help="QEMU CPU model (SEV-ES)")
@@ -50,6 +53,123 @@ def _add_digest_options(parser: argparse.ArgumentParser, *, mode_required: bool)
         choices=[v.value for v in VMSALayout],
         default=VMSALayout.init2.value,
         help="init2: KVM with KVM_SEV_INIT2 (MXCSR/FCW set); legacy: older KVM (default: init2)",
+    )
+
+
+# sev-snp-measure's spellings; `sev-snp` (the Technology value) is `snp`.
+_SNP_MODES = ("snp", "snp:ovmf-hash", "snp:svsm")
+_SNP_ONLY = ("guest_features", "vmm_type", "snp_ovmf_hash", "svsm", "vars_size", "vars_file")
+
+
+def _vmm_type(value: str) -> Any:
+    from sevlaunch.snp.vmsa import VmmType
+
+    try:
+        return VmmType.parse(value)
+    except SevError:
+        raise argparse.ArgumentTypeError(f"unknown VMM type {value!r} (qemu, ec2 or gce)") from None
+
+
+def _add_snp_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("SEV-SNP (--mode snp, sev-snp, snp:ovmf-hash, snp:svsm)")
+    group.add_argument(
+        "--guest-features",
+        metavar="N",
+        type=parse_int,
+        help="the VMSA's SEV features, bit 0 (SNPActive) set (default 0x1; 0x21 adds DebugSwap)",
+    )
+    group.add_argument(
+        "--vmm-type",
+        metavar="VMM",
+        type=_vmm_type,
+        help="who creates the VMSAs: qemu (default), ec2 or gce",
+    )
+    group.add_argument(
+        "--snp-ovmf-hash",
+        metavar="HEX",
+        help="the firmware's precomputed digest (from --mode snp:ovmf-hash); the image is then read only "
+        "for its metadata",
+    )
+    group.add_argument("--svsm", metavar="FILE", help="the COCONUT-SVSM image (snp:svsm)")
+    vars_group = group.add_mutually_exclusive_group()
+    vars_group.add_argument(
+        "--vars-size", metavar="N", type=parse_int, help="OVMF variable store size (snp:svsm)"
+    )
+    vars_group.add_argument(
+        "--vars-file", metavar="FILE", help="the OVMF variable store, for its size (snp:svsm)"
+    )
+    parser.add_argument(
+        "--output-format",
+        choices=("hex", "base64"),
+        default="hex",
+        help="how to print the digest (default hex)",
+    )
+
+
+def _vars_size(args: argparse.Namespace) -> int:
+    if args.vars_file is not None:
+        try:
+            return Path(args.vars_file).stat().st_size
+        except OSError as exc:
+            raise CommandError(f"cannot read {args.vars_file}: {exc.strerror}") from None
+    if args.vars_size is None:
+        raise CommandError("snp:svsm needs --vars-size or --vars-file")
+    return int(args.vars_size)
+
+
+def _compute_snp_digest(args: argparse.Namespace) -> bytes:
+    # Here, not at the top: the SEV modes never load the SNP code.
+    from sevlaunch.snp.launch_digest import launch_digest as snp_launch_digest
+    from sevlaunch.snp.launch_digest import ovmf_hash, svsm_launch_digest
+    from sevlaunch.snp.vmsa import DEFAULT_GUEST_FEATURES, VmmType
+
+    if args.firmware is None:
+        raise CommandError("--firmware is required to compute a launch digest")
+    if args.kernel is None and (args.initrd is not None or args.cmdline is not None):
+        raise CommandError("--initrd and --cmdline need --kernel")
+    if args.svsm is not None and args.mode != "snp:svsm":
+        raise CommandError("--svsm needs --mode snp:svsm")
+    if (args.vars_size is not None or args.vars_file is not None) and args.mode != "snp:svsm":
+        raise CommandError("--vars-size and --vars-file need --mode snp:svsm")
+    if args.mode == "snp:ovmf-hash":
+        if args.kernel is not None or args.snp_ovmf_hash is not None:
+            raise CommandError("snp:ovmf-hash hashes the firmware alone: no --kernel, no --snp-ovmf-hash")
+        return ovmf_hash(read_bytes(args.firmware))
+    vmm_type = VmmType.QEMU if args.vmm_type is None else args.vmm_type
+    vcpu_sig = _vcpu_sig(args)
+    if vcpu_sig is None and vmm_type is VmmType.QEMU:
+        raise CommandError(
+            f"--mode {args.mode} needs --vcpu-type, --vcpu-sig or --vcpu-family/--vcpu-model/--vcpu-stepping"
+        )
+    if args.mode == "snp:svsm":
+        if args.svsm is None:
+            raise CommandError("snp:svsm needs --svsm")
+        if vmm_type is not VmmType.QEMU:
+            raise CommandError("snp:svsm is measured for QEMU only")
+        if args.kernel is not None or args.snp_ovmf_hash is not None:
+            raise CommandError("snp:svsm takes no --kernel and no --snp-ovmf-hash")
+        if vcpu_sig is None:
+            raise CommandError("snp:svsm needs the vCPU type")
+        return svsm_launch_digest(
+            read_bytes(args.firmware),
+            read_bytes(args.svsm),
+            vars_size=_vars_size(args),
+            vcpus=args.vcpus,
+            vcpu_sig=vcpu_sig,
+        )
+    seed = None
+    if args.snp_ovmf_hash is not None:
+        seed = parse_hex(args.snp_ovmf_hash, what="--snp-ovmf-hash", length=48)
+    return snp_launch_digest(
+        read_bytes(args.firmware),
+        vcpus=args.vcpus,
+        vcpu_sig=vcpu_sig,
+        guest_features=DEFAULT_GUEST_FEATURES if args.guest_features is None else args.guest_features,
+        vmm_type=vmm_type,
+        kernel=None if args.kernel is None else read_bytes(args.kernel),
+        initrd=None if args.initrd is None else read_bytes(args.initrd),
+        cmdline=args.cmdline,
+        ovmf_hash=seed,
     )
 
 
@@ -96,7 +216,14 @@ def _compute_digest(args: argparse.Namespace, mode: Technology) -> LaunchDigest:
 
 
 def _run_digest(args: argparse.Namespace) -> int:
-    print(_compute_digest(args, Technology(args.mode)).hex())
+    if args.mode in _SNP_MODES or args.mode == Technology.SEV_SNP:
+        digest: bytes = _compute_snp_digest(args)
+    else:
+        given = [f"--{n.replace('_', '-')}" for n in _SNP_ONLY if getattr(args, n) is not None]
+        if given:
+            raise CommandError(f"{', '.join(given)} only apply to the SNP modes")
+        digest = _compute_digest(args, Technology(args.mode))
+    print(base64.b64encode(digest).decode("ascii") if args.output_format == "base64" else digest.hex())
     return 0
 
 
@@ -154,7 +281,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     digest = commands.add_parser(
         "digest", help="print the expected launch digest (hex) for a firmware and guest configuration"
     )
-    _add_digest_options(digest, mode_required=True)
+    _add_digest_options(digest, mode_required=True, snp=True)
+    _add_snp_options(digest)
     digest.set_defaults(func=_run_digest)
 
     build = commands.add_parser(
