@@ -12,7 +12,7 @@ from sevlaunch.sev.errors import Reason, SevError
 
 
 class StatusCode(IntEnum):
-    """SEV firmware status codes (55766 section 4.4; PROTOCOL.md section 9)."""
+    """SEV firmware status codes (55766 section 4.4; PROTOCOL.md section 9), then SEV-SNP's (56860)."""
 
     SUCCESS = 0x00
     INVALID_PLATFORM_STATE = 0x01
@@ -39,6 +39,21 @@ class StatusCode(IntEnum):
     INVALID_PARAM = 0x16
     RESOURCE_LIMIT = 0x17
     SECURE_DATA_INVALID = 0x18
+    # SEV-SNP firmware (ABI publication 56860, "Status Codes"); 0x1E is not assigned.
+    INVALID_PAGE_SIZE = 0x19
+    INVALID_PAGE_STATE = 0x1A
+    INVALID_MDATA_ENTRY = 0x1B
+    INVALID_PAGE_OWNER = 0x1C
+    AEAD_OFLOW = 0x1D
+    RING_BUFFER_EXIT = 0x1F
+    RMP_INIT_REQUIRED = 0x20
+    BAD_SVN = 0x21
+    BAD_VERSION = 0x22
+    SHUTDOWN_REQUIRED = 0x23
+    UPDATE_FAILED = 0x24
+    RESTORE_REQUIRED = 0x25
+    RMP_INITIALIZATION_FAILED = 0x26
+    INVALID_KEY = 0x27
 
 
 def to_status(value: int) -> StatusCode | int:

@@ -49,6 +49,14 @@ class Reason(StrEnum):
     UNKNOWN_VCPU_TYPE = "unknown_vcpu_type"
     POLICY_NOT_ALLOWED = "policy_not_allowed"
     API_TOO_OLD = "api_too_old"
+    # The running kernel lacks an interface (e.g. /dev/sev's SNP commands before Linux 6.11), or a device
+    # node was opened read-only for a command that needs it writable.
+    KERNEL_UNSUPPORTED = "kernel_unsupported"
+    DEVICE_NOT_WRITABLE = "device_not_writable"
+    # A guest's report request that the hypervisor refused (GHCB VMM error) or that another writer of the
+    # same configfs-tsm entry spoiled.
+    HYPERVISOR_REFUSED = "hypervisor_refused"
+    CONCURRENT_WRITER = "concurrent_writer"
     # The firmware refused a command; the exact status code is on FirmwareError.status
     FIRMWARE_STATUS = "firmware_status"
 
