@@ -96,7 +96,9 @@ class SnpPlatformCommands(ChipBase):
         # so a chip gets its SNP root on first SNP use, or from `snp_root=` at construction.
         if self._snp_root is None:
             if not has_snp_root(self.state_dir):
-                given = self._snp_root_given or EmulatedSnpRoot.generate(self.config.snp_product)
+                given = self._snp_root_given or EmulatedSnpRoot.generate(
+                    self.config.snp_product, not_before=_start_of_day()
+                )
                 if given.product is not self.config.snp_product:
                     raise ValueError(f"an SNP root of {given.product.value} for a {self.config.product} chip")
                 save_snp_root(self.state_dir, given)
