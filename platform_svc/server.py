@@ -152,6 +152,7 @@ def _snp_core(
         cache=VekDiskCache(cfg.vcek_cache_dir) if cfg.vcek_cache_dir is not None else None,
         provisioned=provisioned,
         kds_timeout=cfg.kds_timeout,
+        fetch_name="emulator" if isinstance(fetcher, EmulatorVekFetcher) else "kds",
     )
     tables: CertTableStore | None = None
     if cfg.snp_cert_table is not None:

@@ -129,6 +129,7 @@ class VekSources:
     cache: VekCache | None = None
     provisioned: ProvisionedVeks | None = None
     kds_timeout: float = 10.0
+    fetch_name: str = "kds"  # the `source` of a fetched chain: "kds", or "emulator" for the chip itself
 
 
 def _der(cert: x509.Certificate) -> bytes:
@@ -315,7 +316,7 @@ class SnpCore:
         if cache is not None:
             cache.store_chain(status.product, pem)
             cache.store_vcek(status.product, status.hwid, status.reported.raw, _der(verified.certificate))
-        return self._chain_of(verified, chain, status, "kds")
+        return self._chain_of(verified, chain, status, self._sources.fetch_name)
 
     # -- the certificate table --------------------------------------------------------------------------
 

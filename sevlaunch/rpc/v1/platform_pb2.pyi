@@ -569,7 +569,7 @@ class GetVekChainResponse(_message.Message):
     product: Global___SnpProduct.ValueType
     hwid: _builtins.str
     source: _builtins.str
-    """"kds", "kds-cache", "file" """
+    """"kds", "kds-cache", "file", "emulator" (an emulated chip without a KDS)"""
     @_builtins.property
     def tcb(self) -> Global___SnpTcb:
         """the reported TCB the VEK was issued for"""
