@@ -68,6 +68,16 @@ PSS_SHA384 = padding.PSS(mgf=padding.MGF1(_SHA384), salt_length=PSS_SALT_LENGTH)
 HWID_SIZES = (8, 64)
 _ISO = "%Y-%m-%dT%H:%M:%SZ"
 
+# What `cryptography` raises on a malformed certificate or CRL, at load or at first use of a field.
+_X509_ERRORS = (
+    ValueError,
+    TypeError,
+    UnsupportedAlgorithm,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+)
+
 _SERIAL_WARNING = r"Parsed a serial number which wasn't positive"
 _SERIAL_FILTER_MODULE = rf"{__name__.replace('.', '[.]')}\Z"
 
@@ -122,7 +132,7 @@ def load_certificate(data: bytes, *, what: str = "certificate") -> x509.Certific
         else:
             cert = x509.load_der_x509_certificate(data)
         _parse_fully(cert)
-    except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
+    except _X509_ERRORS as exc:
         if isinstance(exc, MalformedInput):
             raise
         raise MalformedInput(SnpReason.BAD_CERTIFICATE, f"{what}: not an X.509 certificate") from None
@@ -153,7 +163,7 @@ def load_certificates(data: bytes, *, what: str = "chain") -> list[x509.Certific
         certs = x509.load_pem_x509_certificates(data)
         for cert in certs:
             _parse_fully(cert)
-    except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion):
+    except _X509_ERRORS:
         raise MalformedInput(SnpReason.BAD_CERTIFICATE, f"{what}: not PEM certificates") from None
     return certs
 
@@ -172,7 +182,7 @@ def load_crl(data: bytes, *, what: str = "crl") -> x509.CertificateRevocationLis
         crl.signature_hash_algorithm  # noqa: B018
         for revoked in crl:
             revoked.serial_number  # noqa: B018
-    except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion):
+    except _X509_ERRORS:
         raise MalformedInput(SnpReason.BAD_CRL, f"{what}: not an X.509 CRL") from None
     return crl
 
@@ -473,6 +483,16 @@ def _revocation(
                 )
 
 
+def _signed_by_any(cert: x509.Certificate, issuers: Iterable[x509.Certificate]) -> bool:
+    for issuer in issuers:
+        try:
+            verify_signed_by(cert, issuer, link="probe")
+        except VerificationFailed:
+            continue
+        return True
+    return False
+
+
 def verify_vek_chain(
     vek: x509.Certificate,
     product: Product,
@@ -515,11 +535,11 @@ def verify_vek_chain(
             verify_signed_by(cert, root.ark, link="ark->intermediate")
         check_validity(given_arks[0], at, link="ark_validity")
     else:
-        root = roots[0]
+        named = [r for r in roots if any(c.subject == vek.issuer for c in r.intermediates)]
+        root = named[0] if named else roots[0]
+        if len(named) > 1:  # an extra root that copies AMD's names: the issuer is the one whose key signed
+            root = next((r for r in named if _signed_by_any(vek, r.intermediates)), root)
         intermediates = root.intermediates
-        if len(roots) > 1:  # a VEK of an extra root: pick the root whose intermediate names its issuer
-            root = next((r for r in roots if any(c.subject == vek.issuer for c in r.intermediates)), root)
-            intermediates = root.intermediates
     want = CertKind.ASK if kind is CertKind.VCEK else CertKind.ASVK
     issuer = next((c for c in intermediates if c.subject == vek.issuer), None)
     if issuer is None or role(issuer, product) is not want:

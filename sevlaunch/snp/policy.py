@@ -53,7 +53,10 @@ class SnpGuestPolicy:
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value <= 0xFF:
                 raise MalformedInput(SnpReason.BAD_GUEST_POLICY, f"policy.{name}: {value!r} is not a byte")
-        object.__setattr__(self, "flags", PolicyFlag(self.flags) | PolicyFlag.RESERVED_MBO)
+        flags = int(self.flags)
+        if flags & ~(DEFINED_POLICY_BITS & ~0xFFFF):
+            raise MalformedInput(SnpReason.BAD_GUEST_POLICY, f"policy.flags: {flags:#x} has bits of no flag")
+        object.__setattr__(self, "flags", PolicyFlag(flags) | PolicyFlag.RESERVED_MBO)
 
     @classmethod
     def from_int(cls, value: int) -> SnpGuestPolicy:

@@ -68,6 +68,8 @@ class SigningKey(IntEnum):
     NONE = 7
 
 
+_SIGNING_KEY_VALUES = frozenset(k.value for k in SigningKey)
+
 _BYTE_FIELDS = {
     "family_id": 16,
     "image_id": 16,
@@ -220,7 +222,7 @@ class AttestationReport:
         if flags & ~_FLAGS_DEFINED:
             raise MalformedInput(SnpReason.BAD_REPORT, f"flags (0x048): reserved bits set ({flags:#x})")
         signing_key = (flags >> _SIGNING_KEY_SHIFT) & _SIGNING_KEY_MASK
-        if signing_key not in SigningKey._value2member_map_:
+        if signing_key not in _SIGNING_KEY_VALUES:
             raise MalformedInput(SnpReason.BAD_REPORT, f"signing_key: {signing_key} is reserved")
         reserved = [(0x04C, reserved_04c), (0x18B, reserved_18b), (0x1EB, reserved_1eb)]
         reserved += [(0x1EF, reserved_1ef), (0x208, reserved_208)]

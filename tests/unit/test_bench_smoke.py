@@ -23,7 +23,13 @@ def test_bench_sev_json_keys() -> None:
         check=True,
     )
     data = json.loads(out.stdout)
-    assert set(data) == {"chain_verify", "session_create", "launch_digest", "secret_package"}
+    assert set(data) == {
+        "chain_verify",
+        "session_create",
+        "launch_digest",
+        "secret_package",
+        "snp_report_verify",
+    }
     for entry in data.values():
         assert set(entry) == {"ops_per_s", "floor_ops_per_s", "ratio"}
         assert all(isinstance(v, int | float) and v > 0 for v in entry.values())

@@ -144,6 +144,32 @@ def test_emulated_root_is_trusted_only_when_passed(milan: EmulatedSnpRoot) -> No
         verify_vek_chain(vcek, Product.GENOA, at=NOW, chain=chain, extra_roots=[root])
 
 
+def test_extra_root_with_amds_exact_names_is_told_apart_by_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An emulator that copies AMD's subject names exactly: with no chain given, AMD's ASK and the copy both
+    # carry the VCEK's issuer name; the key decides, and the copy counts only when passed explicitly.
+    from sevlaunch.snp import issue
+
+    amd_subject = amd_root(Product.MILAN).ark.subject
+
+    def amd_name(cn: str) -> x509.Name:
+        return x509.Name(
+            [
+                x509.NameAttribute(x509.NameOID.COMMON_NAME, cn) if a.oid == x509.NameOID.COMMON_NAME else a
+                for a in amd_subject
+            ]
+        )
+
+    monkeypatch.setattr(issue, "_name", amd_name)
+    copy = EmulatedSnpRoot.generate(Product.MILAN, key_size=2048, not_before=START)
+    vcek = copy.issue_vcek(p384().public_key(), CHIP, MILAN_TCB, not_before=START)
+    assert vcek.issuer in {c.subject for c in amd_root(Product.MILAN).intermediates}  # a perfect copy
+    with pytest.raises(VerificationFailed) as caught:
+        verify_vek_chain(vcek, Product.MILAN, at=NOW)
+    assert caught.value.reason is SnpReason.BAD_CERT_SIGNATURE
+    verified = verify_vek_chain(vcek, Product.MILAN, at=NOW, extra_roots=[copy.trusted_root()])
+    assert verified.root.startswith("emulated")
+
+
 def test_vlek_chain(milan: EmulatedSnpRoot) -> None:
     vlek = milan.issue_vlek(p384().public_key(), MILAN_TCB, "cloud.example", not_before=START)
     verified = verify_vek_chain(vlek, Product.MILAN, at=NOW, extra_roots=[milan.trusted_root()])
@@ -340,3 +366,19 @@ def test_random_extension_values(milan: EmulatedSnpRoot, oid: str, value: bytes)
 
 PUBLIC = ec.derive_private_key(7, ec.SECP384R1()).public_key()
 SIGNER = ec.derive_private_key(11, ec.SECP384R1())
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(offset=st.integers(0, 10_000), mask=st.integers(1, 255))
+def test_mutated_crl(milan: EmulatedSnpRoot, offset: int, mask: int) -> None:
+    vcek = milan.issue_vcek(PUBLIC, CHIP, MILAN_TCB, not_before=START)
+    original = milan.crl([5, 6], last_update=START).public_bytes(serialization.Encoding.DER)
+    der = bytearray(original)
+    der[offset % len(der)] ^= mask
+    try:
+        crl = load_crl(bytes(der))
+        verify_vek_chain(vcek, Product.MILAN, at=NOW, extra_roots=[milan.trusted_root()], crls=[crl])
+    except SevError:
+        return
+    # Accepted: then what the ARK signed is untouched, and no new serial slipped in unsigned.
+    assert crl.tbs_certlist_bytes == load_crl(original).tbs_certlist_bytes

@@ -181,3 +181,32 @@ def test_masked_or_wrong_size_chip_id_refused() -> None:
     vlek = AttestationReport.from_bytes((SNP / "reports/trustee-milan-vlek/report.bin").read_bytes())
     with pytest.raises(SevError):
         report_vcek_url(vlek)
+
+
+def test_policy_flags_must_be_flags() -> None:
+    with pytest.raises(MalformedInput, match=r"policy\.flags"):
+        SnpGuestPolicy(flags=PolicyFlag(1 << 30))
+    with pytest.raises(MalformedInput, match=r"policy\.flags"):
+        SnpGuestPolicy(flags=PolicyFlag(0x1F))  # ABI bits are abi_minor/abi_major, not flags
+    with pytest.raises(MalformedInput, match="abi_major"):
+        SnpGuestPolicy(abi_major=256)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["bootloader", "tee", "snp", "microcode", "fmc", "raw", "x"]),
+        st.integers(-2, 300) | st.booleans() | st.none() | st.text(max_size=3),
+        max_size=7,
+    )
+    | st.lists(st.integers(), max_size=3)
+    | st.none(),
+    st.sampled_from(list(Product)),
+)
+def test_tcb_from_json_never_crashes(data: object, product: Product) -> None:
+    try:
+        tcb = TcbVersion.from_json(data, product, field="min")
+    except MalformedInput as exc:
+        assert exc.detail.startswith("min")
+        return
+    assert isinstance(data, dict) and tcb.components() == {k: data.get(k, 0) for k in tcb.components()}
