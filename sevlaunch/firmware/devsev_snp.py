@@ -255,6 +255,9 @@ class DevSevSnp(DevSev):
     def __repr__(self) -> str:
         return f"DevSevSnp(path={self.path!r})"
 
+    def fileno(self) -> int:
+        return self._fd
+
     def _issue_snp(self, cmd: int, data: ctypes.Structure | None) -> None:
         name = _COMMAND_NAMES[cmd]
         if self._fd < 0:
@@ -290,7 +293,8 @@ class DevSevSnp(DevSev):
         self._issue_snp(SnpCmd.SET_CONFIG, config.to_struct())
 
     def snp_vlek_load(self, wrapped_hashstick: bytes) -> None:
-        """Loads a VLEK: `wrapped_hashstick` is the 432-byte blob AMD's KDS wraps for this chip."""
+        """Loads a VLEK: `wrapped_hashstick` is the 432-byte blob AMD's KDS wraps for this chip (the firmware
+        unwraps it with a chip key, so the blob itself is not secret)."""
         _exact(wrapped_hashstick, WRAPPED_VLEK_HASHSTICK_SIZE, "wrapped VLEK hashstick")
         hashstick = sev_user_data_snp_wrapped_vlek_hashstick.from_buffer_copy(wrapped_hashstick)
         load = sev_user_data_snp_vlek_load(
@@ -298,8 +302,4 @@ class DevSevSnp(DevSev):
             vlek_wrapped_version=VLEK_WRAPPED_VERSION,
             vlek_wrapped_address=ctypes.addressof(hashstick),
         )
-        try:
-            self._issue_snp(SnpCmd.VLEK_LOAD, load)
-        finally:
-            # The hashstick is key material: do not leave it in a buffer the garbage collector frees lazily.
-            ctypes.memset(ctypes.addressof(hashstick), 0, ctypes.sizeof(hashstick))
+        self._issue_snp(SnpCmd.VLEK_LOAD, load)

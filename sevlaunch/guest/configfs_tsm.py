@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import sys
 from pathlib import Path
 from typing import Final
 
@@ -111,11 +112,16 @@ class ConfigfsTsmSource:
         except FileNotFoundError as exc:
             raise GuestInterfaceUnavailable(f"configfs-tsm entry lacks an attribute: {exc.filename}") from exc
         finally:
-            try:
-                self.tree.remove(name)
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
+            self._remove(name, failing=sys.exc_info()[1] is not None)
+
+    def _remove(self, name: str, *, failing: bool) -> None:
+        try:
+            self.tree.remove(name)
+        except OSError as exc:
+            # A leftover entry is worth an error of its own, but not at the price of hiding the one that
+            # is already on its way out.
+            if exc.errno != errno.ENOENT and not failing:
+                raise
 
     def _check_provider(self, name: str, vmpl: int) -> None:
         provider = self.tree.read(name, "provider").decode(errors="replace").strip()

@@ -44,7 +44,8 @@ KERNEL_NAMES = {
 
 
 def test_status_codes_have_the_spec_values() -> None:
-    # PROTOCOL.md section 9 lists the codes 0x00..0x18 in order; SEV-SNP (56860) continues at 0x19, 0x1E unused.
+    # PROTOCOL.md section 9 lists the codes 0x00..0x18 in order; SEV-SNP (56860) continues at 0x19,
+    # leaving 0x1E unassigned.
     assert [int(c) for c in StatusCode] == [*range(0x1E), *range(0x1F, 0x28)]
     assert int(StatusCode.RESOURCE_LIMIT) == 0x17 and int(StatusCode.BAD_MEASUREMENT) == 0x0B
 
