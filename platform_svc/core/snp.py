@@ -202,15 +202,17 @@ class SnpCore:
         kind = CertKind.VLEK if (vlek is True or (vlek is None and has_vlek)) else CertKind.VCEK
         key = (status.hwid, status.reported.raw, kind.value)
         flight = self._flights.setdefault(key, SingleFlightCache())
-        budget = self._sources.kds_timeout if timeout is None else min(timeout, self._sources.kds_timeout)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(budget, 0.0)
+        # The shared fetch has the service's own KDS budget, not its first caller's deadline: a caller
+        # with little time left gives up alone and the fetch goes on for the others (and the cache).
+        deadline = asyncio.get_running_loop().time() + self._sources.kds_timeout
 
         async def compute() -> VekChain:
             return await self._compute(status, kind, deadline)
 
         try:
-            chain, fetched = await asyncio.wait_for(asyncio.shield(flight.get(compute)), max(budget, 0.0))
+            chain, fetched = await asyncio.wait_for(
+                asyncio.shield(flight.get(compute)), None if timeout is None else max(timeout, 0.0)
+            )
         except TimeoutError:
             raise Unavailable(
                 PlatformReason.KDS_UNAVAILABLE,

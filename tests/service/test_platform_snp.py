@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from sevlaunch.cli import main as cli_main
 from sevlaunch.firmware.emulator import EmulatedFirmware, EmulatedRoot
@@ -306,3 +307,49 @@ def test_set_config_and_roles(start_platform: Any, tls_dir: Path, snp_chip: Emul
     assert reply.tcb.raw == lower.raw and reply.source == "emulator"
     _verify(snp_chip, _guest_report(snp_chip), reply)
     assert cli_main(["platform", "snp-status", "--endpoint", running.address, "--tls-dir", str(tls_dir)]) == 0
+
+
+def test_a_loaded_and_provisioned_vlek_is_served(
+    start_platform: Any, tls_dir: Path, snp_chip: EmulatedFirmware, tmp_path: Path
+) -> None:
+    running, _ = start_platform(firmware=snp_chip, emulator=snp_chip.state_dir)
+    with _stub(running.address, tls_dir) as ch:
+        with pytest.raises(grpc.RpcError) as none:
+            platform_pb2_grpc.PlatformServiceStub(ch).GetVekChain(
+                pb.GetVekChainRequest(kind=pb.VEK_KIND_VLEK), timeout=10
+            )
+    assert error_info(none.value).reason == "no_vlek"
+    snp_chip.snp_vlek_load(snp_chip.snp_vlek_hashstick("example-cloud"))
+    provisioned = tmp_path / "vlek"
+    provisioned.mkdir()
+    (provisioned / "vlek.der").write_bytes(snp_chip.snp_vlek_der())
+    asvk, ark = x509.load_pem_x509_certificates(snp_chip.snp_cert_chain_pem(vlek=True))
+    (provisioned / "asvk.pem").write_bytes(asvk.public_bytes(serialization.Encoding.PEM))
+    (provisioned / "ark.pem").write_bytes(ark.public_bytes(serialization.Encoding.PEM))
+    with_vlek, _ = start_platform(firmware=snp_chip, emulator=snp_chip.state_dir, vcek_dir=provisioned)
+    reply = _vek_chain(with_vlek.address, tls_dir)  # AUTO: the VLEK, since one is loaded and provisioned
+    assert reply.kind == pb.VEK_KIND_VLEK and reply.source == "file"
+    report = _guest_report(snp_chip)  # KEY_SEL 0: the firmware signs with the loaded VLEK
+    _verify(snp_chip, report, reply)
+    with _stub(with_vlek.address, tls_dir) as ch:
+        vcek = platform_pb2_grpc.PlatformServiceStub(ch).GetVekChain(
+            pb.GetVekChainRequest(kind=pb.VEK_KIND_VCEK), timeout=10
+        )
+    assert vcek.kind == pb.VEK_KIND_VCEK and vcek.source == "emulator"
+
+
+def test_a_caller_whose_deadline_ends_before_the_retry_after_leaves_the_fetch_to_finish(
+    start_platform: Any, tls_dir: Path, snp_chip: EmulatedFirmware, kds: KDSServer
+) -> None:
+    running, _ = start_platform(
+        firmware=snp_chip, emulator=snp_chip.state_dir, kds_url=kds.url, kds_timeout=10
+    )
+    kds.throttle(1, retry_after=2)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        _vek_chain(running.address, tls_dir, timeout=1)
+    assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert time.monotonic() - started < 1.8
+    time.sleep(1.5)  # the shared fetch waits out the Retry-After and completes without a caller
+    reply = _vek_chain(running.address, tls_dir, timeout=5)
+    assert reply.source == "kds" and kds.count("vcek") == 1 and kds.count("rate_limited") == 1
