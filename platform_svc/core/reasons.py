@@ -17,7 +17,7 @@ class PlatformReason(StrEnum):
     KDS_UNAVAILABLE = "kds_unavailable"  # nothing from the KDS within the deadline, none cached
     KDS_BAD_RESPONSE = "kds_bad_response"  # the KDS answered with something that is not a CEK / this VCEK
     # SEV-SNP: GetSnpStatus, GetVekChain, the certificate table, SNP admin.
-    SNP_UNSUPPORTED = "snp_unsupported"  # the firmware backend has no SEV-SNP
+    SNP_UNSUPPORTED = "snp_unsupported"  # the backend has no SEV-SNP (or no certificate table store)
     NO_VEK_SOURCE = "no_vek_source"  # no provisioned VCEK for the reported TCB, none cached, no KDS
     VCEK_NOT_FOUND = "vcek_not_found"  # the KDS knows no VCEK for this chip and TCB
     NO_VLEK = "no_vlek"  # a VLEK was asked for; none is loaded or none provisioned

@@ -18,7 +18,8 @@ Refusal reasons of this service (ErrorInfo reason), besides the protocol library
                                               (deadline, 429 with a Retry-After past it, down), none cached
   kds_bad_response       UNAVAILABLE          GetCertificateChain, GetVekChain: the KDS answered with something
                                               that is not a CEK / not this chip's VCEK at its TCB
-  snp_unsupported        FAILED_PRECONDITION  SNP RPCs: the firmware backend has no SEV-SNP
+  snp_unsupported        FAILED_PRECONDITION  SNP RPCs: the firmware backend has no SEV-SNP; the cert table
+                                              RPCs: no table store (--snp-cert-table) on a real host
   no_vek_source          FAILED_PRECONDITION  GetVekChain: no provisioned VCEK for the reported TCB, none
                                               cached, no KDS configured
   vcek_not_found         FAILED_PRECONDITION  GetVekChain: the KDS knows no VCEK for this chip and TCB
