@@ -20,7 +20,7 @@ from owner_svc.core.model import (
     SessionState,
     Workload,
 )
-from owner_svc.core.ports import SealError
+from owner_svc.core.ports import SealError, StoreUnavailable
 from sevlaunch.audit import AuditChainBroken
 from sevlaunch.cli import main as cli_main
 from sevlaunch.errors import InvalidArgument
@@ -248,3 +248,33 @@ def test_workload_validation_refuses_empty_allow_lists() -> None:
         (RefSelector("OVMF", (Technology.SEV, Technology.SEV_ES), sev_es_vcpus=(1, 4)),),
     )
     assert Workload.from_json(w.to_json()) == w
+
+
+def test_close_waits_for_a_write_under_way_and_later_calls_are_unavailable(tmp_path: Path) -> None:
+    """A release finishing while the owner shuts down once closed the thread's SQLite connection under it
+    (a segfault in the sqlite3 module); close() now waits for it, and a call after close is typed."""
+    store, _, _ = _store(tmp_path)
+    store.insert_session(_session("s1"), AuditEvent("launcher", "open_session", "allowed"))
+    inside, finish = threading.Event(), threading.Event()
+    done: list[str] = []
+
+    def slow_writer() -> None:
+        with store.db.write() as tx:
+            inside.set()
+            finish.wait(10)
+            tx.execute("SELECT count(*) FROM sessions")
+        done.append("written")
+
+    writer = threading.Thread(target=slow_writer)
+    writer.start()
+    assert inside.wait(10)
+    closer = threading.Thread(target=store.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive(), "close() must wait for the write under way"
+    finish.set()
+    writer.join(10)
+    closer.join(10)
+    assert done == ["written"] and not closer.is_alive()
+    with pytest.raises(StoreUnavailable, match="closed"):
+        store.get_session("s1")
