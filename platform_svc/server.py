@@ -139,7 +139,7 @@ def _snp_core(
     fetcher: VekFetcher | None = None
     if kds_url is not None:
         fetcher = KDSClient(
-            kds_url, KDSMetrics(registry, prefix="sevlaunch_snp_kds"),
+            kds_url, KDSMetrics(registry, snp=True),
             timeout=cfg.kds_timeout, max_attempts=cfg.kds_attempts,
         )  # fmt: skip
     elif emulator is not None:

@@ -35,15 +35,29 @@ DEFAULT_KDS_URL = "https://kdsintf.amd.com"
 _HEX_RE = re.compile(r"^[0-9a-f]{16,256}$")
 
 
+_KDS_OUTCOMES_HELP = (
+    "lookups, by outcome (ok, cache_hit, timeout, unavailable, rate_limited, not_found, http_error, "
+    "bad_response)"
+)
+
+
 class KDSMetrics:
-    def __init__(self, registry: CollectorRegistry, *, prefix: str = "sevlaunch_kds") -> None:
-        self.fetches = Counter(
-            f"{prefix}_fetches",
-            "KDS lookups, by outcome (ok, cache_hit, timeout, unavailable, rate_limited, not_found, "
-            "http_error, bad_response)",
-            ["outcome"],
-            registry=registry,
-        )
+    """The SEV CEK lookups (`sevlaunch_kds_fetches_total`) or, with `snp=True`, the SEV-SNP VCEK and
+    chain lookups (`sevlaunch_snp_kds_fetches_total`). Literal names, so dashboards and alert rules can
+    be checked against the code."""
+
+    def __init__(self, registry: CollectorRegistry, *, snp: bool = False) -> None:
+        if snp:
+            self.fetches = Counter(
+                "sevlaunch_snp_kds_fetches",
+                f"SEV-SNP KDS {_KDS_OUTCOMES_HELP}",
+                ["outcome"],
+                registry=registry,
+            )
+        else:
+            self.fetches = Counter(
+                "sevlaunch_kds_fetches", f"KDS {_KDS_OUTCOMES_HELP}", ["outcome"], registry=registry
+            )
 
 
 class CEKDiskCache:

@@ -47,9 +47,9 @@ def parse_hex(value: str, *, what: str, length: int | None = None) -> bytes:
     try:
         raw = bytes.fromhex(value)
     except ValueError:
-        raise CommandError(f"{what} is not hex") from None
+        raise UsageError(f"{what} is not hex") from None
     if length is not None and len(raw) != length:
-        raise CommandError(f"{what} must be {length} bytes, got {len(raw)}")
+        raise UsageError(f"{what} must be {length} bytes, got {len(raw)}")
     return raw
 
 
@@ -57,7 +57,7 @@ def parse_b64(value: str, *, what: str) -> bytes:
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise CommandError(f"{what} is not base64") from None
+        raise UsageError(f"{what} is not base64") from None
 
 
 def parse_int(value: str) -> int:

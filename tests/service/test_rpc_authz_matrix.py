@@ -53,6 +53,14 @@ ROLES: dict[str, dict[str, frozenset[str]]] = {
         "GetPEKCSR": PLATFORM_ADMINS,
         "ImportPEKCertificate": PLATFORM_ADMINS,
         "FactoryReset": PLATFORM_ADMINS,
+        # SEV-SNP (README, platform_svc): the readers' views; committing, configuring and installing the
+        # guests' certificate table are admin calls.
+        "GetSnpStatus": PLATFORM_READERS,
+        "GetVekChain": PLATFORM_READERS,
+        "GetSnpCertTable": PLATFORM_READERS,
+        "InstallSnpCertTable": PLATFORM_ADMINS,
+        "CommitSnp": PLATFORM_ADMINS,
+        "SetSnpConfig": PLATFORM_ADMINS,
     },
     "sevlaunch.v1.OwnerService": {
         "OpenSession": OWNER_LAUNCH,
