@@ -32,8 +32,16 @@ import grpc.aio
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from launcher_svc.core.ports import OwnerSession, PlatformChain, ReleasedSecret
-from launcher_svc.core.reasons import peer_reason
+from launcher_svc.core.ports import (
+    AttestationVerdict,
+    OwnerSession,
+    PlatformChain,
+    ReleasedSecret,
+    SnpAuthorization,
+    SnpLaunchConfig,
+    SnpPlatformEvidence,
+)
+from launcher_svc.core.reasons import LaunchReason, peer_reason
 from sevlaunch.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -264,6 +272,13 @@ class PlatformClient:
         c = reply.platform.chain
         return PlatformChain(c.pdh_cert, c.pek_cert, c.oca_cert, c.cek_cert, c.ask_cert, c.ark_cert)
 
+    async def snp_evidence(self) -> SnpPlatformEvidence:
+        # platform.proto has no SNP RPCs yet (GetSnpStatus, GetVcekChain: see the launcher's
+        # `PlatformPort`); until they land an SNP launch through the real platform fails here, typed.
+        raise FailedPrecondition(
+            LaunchReason.SNP_UNSUPPORTED, "this platform_svc offers no SEV-SNP status or VCEK chain"
+        )
+
     async def close(self) -> None:
         await self._conn.close()
 
@@ -341,6 +356,24 @@ class OwnerClient:
         # core also needs the spec's own `launch_without_secret` before it resumes without injecting.
         return ReleasedSecret(
             header=reply.secret_header, payload=reply.secret_payload, no_secret=reply.no_secret
+        )
+
+    async def authorize_snp_launch(
+        self,
+        endpoint: str,
+        *,
+        workload_id: str,
+        platform: SnpPlatformEvidence,
+        config: SnpLaunchConfig,
+    ) -> SnpAuthorization:
+        # owner.proto has no AuthorizeLaunch yet (see the launcher's `OwnerPort`): typed, not a crash.
+        raise FailedPrecondition(
+            LaunchReason.SNP_UNSUPPORTED, "this owner_svc offers no SEV-SNP launch authorisation"
+        )
+
+    async def snp_attestation(self, endpoint: str, *, authorization_id: str) -> AttestationVerdict:
+        raise FailedPrecondition(
+            LaunchReason.SNP_UNSUPPORTED, "this owner_svc offers no SEV-SNP attestation status"
         )
 
     async def close(self) -> None:
