@@ -22,7 +22,9 @@ from typing import Any
 from sevlaunch.cli import CommandError
 from sevlaunch.cli._common import parse_int
 from sevlaunch.firmware.emulator import ASK_ARK_CERT, STATE_FILE, ChipConfig, EmulatedFirmware, EmulatedRoot
-from sevlaunch.firmware.emulator.snp_keys import SNP_ROOT_PEM
+from sevlaunch.firmware.emulator.layout import EmulatorStateError
+from sevlaunch.firmware.emulator.snp_keys import SNP_ROOT_PEM, has_snp_root, load_snp_root
+from sevlaunch.snp.certs import common_name
 from sevlaunch.snp.tcb import Product, TcbVersion
 
 
@@ -106,18 +108,28 @@ def _init(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise CommandError(str(exc)) from None
-    root = None
+    root = snp_root = None
     if args.root:
         try:
             root = EmulatedRoot.load(args.root)
         except FileNotFoundError:
             raise CommandError(f"no emulated AMD root in {args.root}") from None
-    firmware = EmulatedFirmware(state, config=config, root=root)
+        if has_snp_root(Path(args.root)):
+            try:
+                snp_root = load_snp_root(Path(args.root), config.snp_product)
+            except EmulatorStateError as exc:
+                raise CommandError(f"the SNP root in {args.root}: {exc}") from None
+            if snp_root.product is not config.snp_product or common_name(snp_root.ark) != (
+                f"ARK-{config.snp_product.kds_name}"
+            ):
+                snp_root = None  # another product's root: this chip gets its own
+    firmware = EmulatedFirmware(state, config=config, root=root, snp_root=snp_root)
     print(f"emulated chip created in {state}")
     print(f"chip id:   {firmware.chip_id_hex()}")
     print(f"root:      {state / ASK_ARK_CERT} (emulated ASK||ARK; trusted only if you pass it explicitly)")
-    print(f"snp root:  {state / SNP_ROOT_PEM} (emulated {config.product} ARK/ASK/ASVK; likewise)")
-    firmware.snp_root_pem()  # the SNP root is made now rather than on the first SNP command
+    print(
+        f"snp root:  {state / SNP_ROOT_PEM} (emulated {config.product} ARK/ASK/ASVK, made on first SNP use)"
+    )
     _print_status(firmware)
     return 0
 

@@ -318,3 +318,11 @@ def test_emulator_cli_update_and_commit(tmp_path: Path, capsys: pytest.CaptureFi
     assert "reported tcb:   fmc=4" in capsys.readouterr().out
     assert cli_main(["emulator", "update", "--state", str(state), "--tcb", "snp=1"]) != 0  # BAD_SVN
     assert cli_main(["emulator", "update", "--state", str(state), "--tcb", "nope=1"]) != 0
+
+
+def test_a_pre_snp_chip_keeps_one_chip_secret_from_its_first_read(chip: EmulatedFirmware) -> None:
+    _damage(chip, lambda d: d.update(snp=None))
+    fresh = EmulatedFirmware(chip.state_dir, create=False)
+    first = fresh.snp_tcb_status()  # a read-only command is the first to touch SNP
+    assert EmulatedFirmware(chip.state_dir, create=False).snp_vcek_der() == fresh.snp_vcek_der()
+    assert json.loads((chip.state_dir / STATE_FILE).read_text())["snp"]["reported_tcb"] == first.reported.raw

@@ -29,6 +29,7 @@ from sevlaunch.firmware.emulator.layout import (
 )
 from sevlaunch.firmware.emulator.root import EmulatedRoot, load_ec, pem
 from sevlaunch.firmware.emulator.snp_keys import save_snp_root
+from sevlaunch.firmware.emulator.snp_state import CHIP_SECRET_SIZE, SnpPlatform
 from sevlaunch.firmware.interface import PlatformState
 from sevlaunch.firmware.state import atomic_write, chip_lock, remove_stale_temporaries
 from sevlaunch.firmware.status import FirmwareError, StatusCode
@@ -102,6 +103,7 @@ class ChipBase:
             oca=None,
             pek=None,
             pdh=None,
+            snp=SnpPlatform.new(config.snp_product, secrets.token_bytes(CHIP_SECRET_SIZE)),
         )
         self._save(chip)
 

@@ -84,11 +84,12 @@ class SnpPlatformCommands(ChipBase):
         return self.config.snp_product
 
     def _snp(self, chip: Chip) -> SnpPlatform:
-        """The chip's SNP state, created on first use for a chip made before the emulator spoke SNP (the
-        caller saves it with the command's other changes)."""
+        """The chip's SNP state. A chip made before the emulator spoke SNP gets it on first use, saved at
+        once (under the command's lock): its chip secret must never differ between two commands."""
         self._ensure_snp_root()
         if chip.snp is None:
             chip.snp = SnpPlatform.new(chip.config.snp_product, secrets.token_bytes(CHIP_SECRET_SIZE))
+            self._save(chip)
         return chip.snp
 
     def _ensure_snp_root(self) -> EmulatedSnpRoot:
@@ -125,10 +126,7 @@ class SnpPlatformCommands(ChipBase):
     def snp_platform_status(self) -> SnpPlatformStatus:
         """SNP_PLATFORM_STATUS (56860 section 8.3), in the kernel's `sev_user_data_snp_status` form."""
         with self._command() as chip:
-            fresh = chip.snp is None
             snp = self._snp(chip)
-            if fresh:
-                self._save(chip)
             return SnpPlatformStatus(
                 api_major=snp.current_version[0],
                 api_minor=snp.current_version[1],
