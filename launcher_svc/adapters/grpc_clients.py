@@ -40,6 +40,7 @@ from launcher_svc.core.ports import (
     SnpAuthorization,
     SnpLaunchConfig,
     SnpPlatformEvidence,
+    SnpPlatformStatus,
 )
 from launcher_svc.core.reasons import LaunchReason, peer_reason
 from sevlaunch.errors import (
@@ -244,6 +245,14 @@ class _IdentityChannel:
             await old.close(None)
 
 
+_SNP_PRODUCTS = {
+    platform_pb2.SNP_PRODUCT_MILAN: "Milan",
+    platform_pb2.SNP_PRODUCT_GENOA: "Genoa",
+    platform_pb2.SNP_PRODUCT_TURIN: "Turin",
+}
+_VEK_KINDS = {platform_pb2.VEK_KIND_VCEK: "vcek", platform_pb2.VEK_KIND_VLEK: "vlek"}
+
+
 class PlatformClient:
     """platform_svc at `endpoint`, which must hold a certificate valid for `platform_identity`'s name."""
 
@@ -273,10 +282,38 @@ class PlatformClient:
         return PlatformChain(c.pdh_cert, c.pek_cert, c.oca_cert, c.cek_cert, c.ask_cert, c.ark_cert)
 
     async def snp_evidence(self) -> SnpPlatformEvidence:
-        # platform.proto has no SNP RPCs yet (GetSnpStatus, GetVcekChain: see the launcher's
-        # `PlatformPort`); until they land an SNP launch through the real platform fails here, typed.
-        raise FailedPrecondition(
-            LaunchReason.SNP_UNSUPPORTED, "this platform_svc offers no SEV-SNP status or VCEK chain"
+        """GetSnpStatus, then GetVekChain (the VCEK, or the VLEK when one is loaded): carried to the
+        owner as the platform sent them; the owner verifies the chain and the TCBs."""
+        stub = platform_pb2_grpc.PlatformServiceStub(self._conn.channel)
+        try:
+            status = await stub.GetSnpStatus(platform_pb2.GetSnpStatusRequest())
+            chain = await stub.GetVekChain(platform_pb2.GetVekChainRequest(kind=platform_pb2.VEK_KIND_AUTO))
+        except grpc.RpcError as exc:
+            raise await self._conn.error(exc) from None
+        product = _SNP_PRODUCTS.get(status.product)
+        kind = _VEK_KINDS.get(chain.kind)
+        if product is None or kind is None:
+            raise FailedPrecondition(
+                LaunchReason.SNP_UNSUPPORTED, "platform_svc reports no SEV-SNP product or VEK kind"
+            )
+        return SnpPlatformEvidence(
+            status=SnpPlatformStatus(
+                product=product,
+                api_major=status.api_major,
+                api_minor=status.api_minor,
+                build_id=status.build_id,
+                current_tcb=status.current_tcb.raw,
+                reported_tcb=status.reported_tcb.raw,
+                committed_tcb=status.committed_tcb.raw if status.HasField("committed_tcb") else None,
+                mask_chip_id=status.mask_chip_id,
+                guest_count=status.guest_count,
+                hwid=status.hwid,
+            ),
+            vek_type=kind,
+            vek_der=chain.vek_cert,
+            ask_der=chain.ask_cert,
+            ark_der=chain.ark_cert,
+            vek_tcb=chain.tcb.raw,
         )
 
     async def close(self) -> None:

@@ -146,8 +146,8 @@ class PlatformChain:
 
 @dataclass(frozen=True)
 class SnpPlatformStatus:
-    """platform_svc's SNP platform status (SNP_PLATFORM_STATUS and the committed TCB). TCB versions are
-    the firmware's raw u64s: their layout depends on the product."""
+    """platform.proto `GetSnpStatusResponse`, as the launcher forwards it. TCB versions are the
+    firmware's raw u64s: their layout depends on the product."""
 
     product: str  # "Milan", "Genoa", "Turin": which VCEK layout and which pinned ARK apply
     api_major: int
@@ -155,28 +155,31 @@ class SnpPlatformStatus:
     build_id: int
     current_tcb: int
     reported_tcb: int
-    committed_tcb: int
+    committed_tcb: int | None  # None when the platform cannot tell
     mask_chip_id: bool
     guest_count: int
+    hwid: str  # lower hex, as the KDS addresses the chip
 
 
 @dataclass(frozen=True)
 class SnpPlatformEvidence:
-    """The SNP status and the VEK chain for the reported TCB, forwarded to the owner as sent: the owner
-    verifies it (chain to its pinned ARK, TCB floors); the launcher only carries it."""
+    """The SNP status and the VEK chain of the reported TCB (`GetVekChainResponse`), forwarded to the
+    owner as sent: the owner verifies it (chain to its pinned ARK, TCB floors); the launcher only
+    carries it."""
 
     status: SnpPlatformStatus
-    vek_der: bytes  # the VCEK (or the VLEK) for the reported TCB, DER
     vek_type: str  # "vcek" | "vlek"
-    chain_pem: bytes  # ASK (or ASVK for a VLEK), then ARK
-    crl_der: bytes = b""
+    vek_der: bytes  # the VCEK (or the VLEK) of the reported TCB
+    ask_der: bytes  # the ASK (or the ASVK for a VLEK)
+    ark_der: bytes
+    vek_tcb: int  # the reported TCB the VEK was issued for (raw u64)
 
 
 class PlatformPort(Protocol):
     async def certificate_chain(self) -> PlatformChain: ...
 
     async def snp_evidence(self) -> SnpPlatformEvidence:
-        """platform.proto `GetSnpStatus` and `GetVcekChain`: the status and the chain of one TCB."""
+        """platform.proto `GetSnpStatus` and `GetVekChain`: the status and the chain of its TCB."""
         ...
 
 

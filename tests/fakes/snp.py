@@ -38,10 +38,13 @@ EVIDENCE = SnpPlatformEvidence(
         committed_tcb=0x1B00_0000_0000_0004,
         mask_chip_id=False,
         guest_count=0,
+        hwid="ab" * 64,
     ),
-    vek_der=b"vcek-der",
     vek_type="vcek",
-    chain_pem=b"ask-ark-pem",
+    vek_der=b"vcek-der",
+    ask_der=b"ask-der",
+    ark_der=b"ark-der",
+    vek_tcb=0x1B00_0000_0000_0004,
 )
 
 
