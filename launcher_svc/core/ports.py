@@ -19,6 +19,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from launcher_svc.core.preflight import FirmwareImage, SecretArea
+from sevlaunch.sev.kernel_hashes import KernelHashes
 
 
 @dataclass(frozen=True)
@@ -214,10 +215,9 @@ class SnpLaunchConfig:
     guest_features: int
     vmm_type: str  # "QEMU"
     policy: int  # the 64-bit guest policy the spec asks for
-    kernel_hashes: bool
-    kernel_sha256: str = ""  # with kernel_hashes: the hashes QEMU puts in the table (hex; "" for none)
-    initrd_sha256: str = ""
-    cmdline_sha256: str = ""
+    # With a kernel: the table QEMU measures through the OVMF's SNP_KERNEL_HASHES page (the SHA-256 of
+    # the kernel, the initrd and the command line); None without one.
+    kernel_hashes: KernelHashes | None = None
 
 
 @dataclass(frozen=True)

@@ -104,20 +104,15 @@ def check_authorization(auth: SnpAuthorization, spec: GuestSpec) -> None:
 def launch_config(spec: GuestSpec, pre: Preflight) -> SnpLaunchConfig:
     """What the owner is asked to authorise. Reads (and hashes) the kernel and initrd, once."""
     assert spec.vcpu_type is not None and spec.guest_features is not None  # pinned before
-    kernel = initrd = cmdline = ""
+    hashes = None
     if spec.kernel_path is not None:
         with open(spec.kernel_path, "rb") as fh:
-            kernel_bytes = fh.read()
-        initrd_bytes = None
+            kernel = fh.read()
+        initrd = None
         if spec.initrd_path is not None:
             with open(spec.initrd_path, "rb") as fh:
-                initrd_bytes = fh.read()
-        hashes = KernelHashes.compute(kernel_bytes, initrd_bytes, spec.cmdline)
-        kernel, initrd, cmdline = (
-            hashes.kernel_hash.hex(),
-            hashes.initrd_hash.hex(),
-            hashes.cmdline_hash.hex(),
-        )
+                initrd = fh.read()
+        hashes = KernelHashes.compute(kernel, initrd, spec.cmdline)
     return SnpLaunchConfig(
         firmware_sha256=pre.firmware.sha256,
         vcpus=spec.vcpus,
@@ -125,10 +120,7 @@ def launch_config(spec: GuestSpec, pre: Preflight) -> SnpLaunchConfig:
         guest_features=spec.guest_features,
         vmm_type=SNP_VMM_TYPE,
         policy=spec.policy,
-        kernel_hashes=spec.has_kernel,
-        kernel_sha256=kernel,
-        initrd_sha256=initrd,
-        cmdline_sha256=cmdline,
+        kernel_hashes=hashes,
     )
 
 

@@ -30,6 +30,7 @@ from launcher_svc.core.ports import (
 from launcher_svc.core.spec import GuestSpec
 from launcher_svc.core.state import LaunchRecord, Phase
 from sevlaunch.firmware import EmulatedFirmware
+from sevlaunch.sev.kernel_hashes import KernelHashes
 from sevlaunch.sev.technology import Technology
 from sevlaunch.sev.vmsa import vcpu_signature
 from sevlaunch.snp.idblock import IdAuth
@@ -37,6 +38,8 @@ from sevlaunch.snp.launch_digest import launch_digest
 from sevlaunch.snp.report import AttestationReport
 
 OVMF_2M = Path("/usr/share/OVMF/OVMF_CODE.fd")
+# The last 4 KiB of an AmdSevX64 build: SEV metadata with an SNP_KERNEL_HASHES page.
+AMDSEV = Path(__file__).resolve().parents[1] / "vectors" / "snp" / "measurement" / "ovmf_AmdSev_suffix.bin"
 VCPU_TYPE = "EPYC-Genoa"
 REPORT_DATA = bytes(range(64))
 
@@ -103,10 +106,15 @@ def chip(tmp_path: Path, emulated_root: Any, emulated_snp_root: Any) -> Emulated
 
 
 def _launch(
-    tmp_path: Path, chip: EmulatedFirmware, image: Path, vcpus: int = 2
+    tmp_path: Path,
+    chip: EmulatedFirmware,
+    image: Path,
+    vcpus: int = 2,
+    digest: bytes | None = None,
+    **spec_kw: Any,
 ) -> tuple[LaunchRecord, list[Any], EmulatedHypervisor, AttestingOwner]:
     hv = EmulatedHypervisor(chip, tmp_path / "domains")
-    owner = AttestingOwner(authorization(_expected_digest(vcpus)), hv=hv)
+    owner = AttestingOwner(authorization(digest or _expected_digest(vcpus)), hv=hv)
     core = Launcher(
         hypervisor=hv,
         store=LaunchStore(str(tmp_path / "launcher.db")),
@@ -122,6 +130,7 @@ def _launch(
         mode=Technology.SEV_SNP,
         policy=SNP_POLICY,
         vcpu_type=VCPU_TYPE,
+        **spec_kw,
     )
 
     async def main() -> tuple[LaunchRecord, list[Any]]:
@@ -209,3 +218,39 @@ def test_an_snp_domain_survives_a_backend_restart_as_an_snp_domain(
         assert chip.snp_guest_handles() == []
     finally:
         again.close()
+
+
+def test_a_kernel_boot_is_measured_through_the_kernel_hashes_page(
+    tmp_path: Path, chip: EmulatedFirmware
+) -> None:
+    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd.img"
+    kernel.write_bytes(b"\x7fkernel" * 5000)
+    initrd.write_bytes(b"initrd" * 3000)
+    cmdline = "console=ttyS0 root=/dev/vda1"
+    image = AMDSEV.read_bytes()
+    digest = bytes(
+        launch_digest(
+            image,
+            vcpus=1,
+            vcpu_sig=vcpu_signature(VCPU_TYPE),
+            kernel=kernel.read_bytes(),
+            initrd=initrd.read_bytes(),
+            cmdline=cmdline,
+        )
+    )
+    assert digest != bytes(launch_digest(image, vcpus=1, vcpu_sig=vcpu_signature(VCPU_TYPE)))
+    rec, events, hv, owner = _launch(
+        tmp_path,
+        chip,
+        AMDSEV,
+        vcpus=1,
+        digest=digest,
+        kernel_path=str(kernel),
+        initrd_path=str(initrd),
+        cmdline=cmdline,
+    )
+    assert rec.state is Phase.RUNNING, events[-1]
+    (config,) = owner.configs
+    assert config.kernel_hashes == KernelHashes.compute(kernel.read_bytes(), initrd.read_bytes(), cmdline)
+    assert hv.snp_launch_digest(rec.domain_name) == digest == owner.reports[0].measurement
+    assert hv.destroy(rec.domain_name)

@@ -113,7 +113,7 @@ def test_an_snp_launch_goes_through_its_phases_with_the_owners_authorisation(tmp
         1,
         "QEMU",
     )
-    assert config.policy == SNP_POLICY and not config.kernel_hashes
+    assert config.policy == SNP_POLICY and config.kernel_hashes is None
     assert config.firmware_sha256 == hashlib.sha256(OVMF_2M.read_bytes()).hexdigest()
     # The domain carries the authorisation, byte for byte.
     ls = ET.fromstring(hv.xml[rec.domain_name]).find("launchSecurity")
