@@ -20,6 +20,7 @@ from fakes.snp import EVIDENCE, SNP_POLICY, FakeSnpOwner, FakeSnpPlatform, autho
 from test_launcher_core import tick_until, until
 
 from launcher_svc.adapters.sqlite_store import LaunchStore
+from launcher_svc.core.domain_xml import SnpLaunchParams, build_domain_xml
 from launcher_svc.core.launcher import Launcher, LauncherConfig
 from launcher_svc.core.ports import AttestationState, AttestationVerdict, SnpAuthorization
 from launcher_svc.core.reasons import LaunchReason
@@ -444,3 +445,40 @@ def test_a_database_of_an_earlier_launcher_gains_the_snp_columns(tmp_path: Path)
     store.close()
     again = LaunchStore(str(path)).get("c" * 32)
     assert (again.authorization_id, again.attested, again.mode) == ("auth-9", True, LaunchFlow.SNP)
+
+
+def test_a_restarted_launcher_destroys_the_snp_guest_it_was_waiting_for(tmp_path: Path) -> None:
+    # A launcher killed while its guest attested: the next one cannot know whether the owner released
+    # the secret, never marks it RUNNING by guessing, and fails it closed.
+    hv = FakeHypervisor()
+    first = _core(tmp_path, hv, FakeSnpOwner(authorization(DIGEST)))
+    rec = replace(_record(), incarnation="an-earlier-launcher", domain_name="sl-aaaaaaaaaaaa-snp")
+    first.store.insert(rec)
+    hv.define(_snp_domain(rec))
+    hv.start_snp(rec.domain_name, None)  # type: ignore[arg-type]
+    assert hv.list_domains()[0].snp
+    first.store.close()
+
+    core = _core(tmp_path, hv, FakeSnpOwner(authorization(DIGEST)))
+
+    async def main() -> None:
+        await core.start()
+        try:
+            await core.reconcile()
+        finally:
+            await core.stop()
+
+    asyncio.run(main())
+    after = core.store.get(rec.launch_id)
+    assert (after.state, after.failed_phase, after.reason) == (
+        Phase.FAILED,
+        Phase.RUNNING,
+        "launcher_restarted",
+    )
+    _nothing_left(hv)
+
+
+def _snp_domain(rec: LaunchRecord) -> str:
+    return build_domain_xml(
+        rec.spec, launch_id=rec.launch_id, domain_name=rec.domain_name, sev=SnpLaunchParams(51, 1, SNP_POLICY)
+    )
