@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "snp": ("snp", "SEV-SNP attestation reports, VCEK URLs and ID blocks (offline)"),
     "launch": ("launch", "launch an attested SEV/SEV-ES guest through a launcher"),
     "demo": ("demo", "attested launch on the embedded defaults, then a tampered launch refused"),
+    "guest": ("guest", "inside an SEV-SNP guest: attest to the owner and receive the secret"),
 }
 
 # Modules under sevlaunch.cli, each registering one sub-command.

@@ -29,7 +29,10 @@ report. The challenge's single use and lifetime are the owner store's; this modu
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -270,8 +273,64 @@ def _product(
     return product
 
 
+class VekCache:
+    """Chains already verified, so that the owner's hot path verifies one ECDSA signature per report.
+
+    Keyed by the exact certificate bytes, the product and the pins of the extra roots trusted, so a
+    different chain or a change of trusted roots is a miss; an entry is used only while its VEK is still
+    valid at the time asked, and the cache is bounded (least recently used out). Thread-safe.
+    """
+
+    def __init__(self, max_entries: int = 256) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be positive")
+        self._max = max_entries
+        self._entries: OrderedDict[bytes, VerifiedVek] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(evidence: Evidence, product: Product, rules: AttestationRules) -> bytes:
+        digest = hashlib.sha256(product.value.encode())
+        for blob in (evidence.vek, *evidence.chain):
+            digest.update(len(blob).to_bytes(4, "big") + blob)
+        for root in rules.extra_roots:
+            digest.update(bytes.fromhex(root.pin))
+        return digest.digest()
+
+    def get(self, key: bytes, now: datetime) -> VerifiedVek | None:
+        with self._lock:
+            vek = self._entries.get(key)
+            if vek is not None:
+                self._entries.move_to_end(key)
+        if vek is None:
+            return None
+        try:
+            vek.check_validity(now)
+        except VerificationFailed:
+            with self._lock:
+                self._entries.pop(key, None)
+            return None
+        return vek
+
+    def put(self, key: bytes, vek: VerifiedVek) -> None:
+        with self._lock:
+            self._entries[key] = vek
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._max:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+
 def verify_evidence(
-    evidence: Evidence, expected: Expected, rules: AttestationRules, *, now: datetime
+    evidence: Evidence,
+    expected: Expected,
+    rules: AttestationRules,
+    *,
+    now: datetime,
+    cache: VekCache | None = None,
 ) -> tuple[AttestationReport, Product, VerifiedVek]:
     """Steps 1-3: the report is authentic, signed by a VEK that chains to a trusted root."""
     try:
@@ -286,10 +345,17 @@ def verify_evidence(
     except MalformedInput as exc:
         raise AttestationRefused(AttestReason.MALFORMED_CERTIFICATES, exc.detail, cause=exc) from None
     product = _product(report, vek_cert, expected, rules)
-    try:
-        vek = verify_vek_chain(vek_cert, product, at=now, chain=chain, extra_roots=rules.extra_roots)
-    except (VerificationFailed, MalformedInput, Unsupported) as exc:
-        raise _refused(exc, AttestReason.FORGED_CHAIN) from None
+    key = VekCache.key(evidence, product, rules) if cache is not None else b""
+    vek_or_none = cache.get(key, now) if cache is not None else None
+    if vek_or_none is None:
+        try:
+            vek = verify_vek_chain(vek_cert, product, at=now, chain=chain, extra_roots=rules.extra_roots)
+        except (VerificationFailed, MalformedInput, Unsupported) as exc:
+            raise _refused(exc, AttestReason.FORGED_CHAIN) from None
+        if cache is not None:
+            cache.put(key, vek)
+    else:
+        vek = vek_or_none
     if vek.kind is CertKind.VLEK and not rules.allow_vlek:
         raise AttestationRefused(
             AttestReason.VLEK_NOT_ALLOWED, "signing_key: a VLEK, and the rules allow VCEKs only"
@@ -360,9 +426,11 @@ def attest(
     manifests: Iterable[VerifiedManifest] | Sequence[VerifiedManifest],
     *,
     now: datetime,
+    cache: VekCache | None = None,
 ) -> AttestationVerdict:
-    """The full decision (module docstring). Returns the verdict or raises AttestationRefused."""
-    report, product, vek = verify_evidence(evidence, expected, rules, now=now)
+    """The full decision (module docstring). Returns the verdict or raises AttestationRefused. With a
+    `cache`, a VEK chain verified before (same bytes, same trusted roots, still valid) is not re-verified."""
+    report, product, vek = verify_evidence(evidence, expected, rules, now=now, cache=cache)
     tcbs = _appraise(report, product, expected, rules)
     facts = ReportFacts.from_report(report, product, vcpus=expected.vcpus)
     try:

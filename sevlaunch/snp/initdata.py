@@ -105,9 +105,13 @@ class Endpoint:
             raise _bad("endpoint: needs an explicit port 1..65535")
         if not _valid_host(host):
             raise _bad("endpoint: the host is not a DNS name, an IPv4 address or a bracketed IPv6 address")
+        if host.startswith("["):
+            host = f"[{ipaddress.IPv6Address(host[1:-1]).compressed}]"
         endpoint = cls(host.lower(), int(port))
         if endpoint.url != url:
-            raise _bad("endpoint: not in canonical form (lower-case host, no trailing slash)")
+            raise _bad(
+                "endpoint: not in canonical form (lower-case host, compressed IPv6, no trailing slash)"
+            )
         return endpoint
 
     @property

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sevlaunch.refvalues import (
     DigestConfig,
@@ -411,3 +413,55 @@ def test_no_reference_values(world: World) -> None:
 def test_reasons_are_distinct_strings() -> None:
     values = [r.value for r in AttestReason]
     assert len(values) == len(set(values)) and all(v == v.lower() for v in values)
+
+
+def test_vek_cache(world: World, other_root: EmulatedSnpRoot) -> None:
+    from sevlaunch.snp.attest import VekCache
+
+    cache = VekCache(max_entries=2)
+    evidence = world.evidence()
+    first = attest(evidence, world.expected(), world.rules(), world.manifests, now=NOW, cache=cache)
+    again = attest(evidence, world.expected(), world.rules(), world.manifests, now=NOW, cache=cache)
+    assert len(cache) == 1 and first.root == again.root
+    # A cached chain is not a pass for another chain, other trusted roots, or a later time.
+    forged = other_root.issue_vcek(world.vcek_key.public_key(), CHIP, TCB, not_before=START).public_bytes(DER)
+    with pytest.raises(AttestationRefused) as err:
+        attest(
+            world.evidence(vek=forged), world.expected(), world.rules(), world.manifests, now=NOW, cache=cache
+        )
+    assert err.value.reason is AttestReason.FORGED_CHAIN
+    with pytest.raises(AttestationRefused) as err:
+        attest(evidence, world.expected(), world.rules(extra_roots=()), world.manifests, now=NOW, cache=cache)
+    assert err.value.reason is AttestReason.FORGED_CHAIN
+    # A cached VEK still needs its report's signature: a forged report is refused on a hit.
+    forger = ec.generate_private_key(ec.SECP384R1())
+    with pytest.raises(AttestationRefused) as err:
+        attest(
+            world.evidence(key=forger), world.expected(), world.rules(), world.manifests, now=NOW, cache=cache
+        )
+    assert err.value.reason is AttestReason.FORGED_CHAIN
+    later = NOW + timedelta(days=20 * 365)
+    assert cache.get(VekCache.key(evidence, Product.GENOA, world.rules()), later) is None
+    assert len(cache) == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(offset=st.integers(0, 0x4A0 - 1), mask=st.integers(1, 255))
+def test_any_flipped_report_byte_is_a_typed_refusal(world: World, offset: int, mask: int) -> None:
+    raw = bytearray(world.evidence().report)
+    raw[offset] ^= mask
+    with pytest.raises(AttestationRefused):
+        attest(
+            Evidence(bytes(raw), world.vcek, (world.root.chain_pem(),)),
+            world.expected(),
+            world.rules(),
+            world.manifests,
+            now=NOW,
+        )
+
+
+@settings(max_examples=100, deadline=None)
+@given(table=st.binary(max_size=300))
+def test_any_certificate_table_is_a_typed_answer(world: World, table: bytes) -> None:
+    with pytest.raises(AttestationRefused):
+        Evidence.from_cert_table(world.evidence().report, table)

@@ -11,6 +11,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sevlaunch.sev.errors import MalformedInput
 from sevlaunch.snp.initdata import (
@@ -151,6 +153,35 @@ def test_endpoint_forms() -> None:
     assert (v6.grpc_target, v6.server_name) == ("[::1]:50070", "::1")
     with pytest.raises(MalformedInput):
         Endpoint.parse("https://999.1.1.1:1")  # all-digit last label: a bad address, no name
-    for bad in ("https://[zz::1]:1", "https://[127.0.0.1]:1", "https://1.2.3:1", "https://01.2.3.4:1"):
+    for bad in (
+        "https://[0:0::1]:1",
+        "https://[::1]:1/",
+        "https://[zz::1]:1",
+        "https://[127.0.0.1]:1",
+        "https://1.2.3:1",
+        "https://01.2.3.4:1",
+    ):
         with pytest.raises(MalformedInput):
             Endpoint.parse(bad)
+
+
+@settings(max_examples=200, deadline=None)
+@given(offset=st.integers(0, 10_000), replacement=st.binary(min_size=1, max_size=3))
+def test_mutated_init_data_parses_to_itself_or_is_refused(offset: int, replacement: bytes) -> None:
+    raw = _canon(_doc())
+    at = offset % len(raw)
+    mutated = raw[:at] + replacement + raw[at + 1 :]
+    try:
+        parsed = InitData.parse(mutated)
+    except MalformedInput:
+        return
+    # Whatever parses is canonical: its HOST_DATA is the digest of exactly the bytes read.
+    assert parsed.to_bytes() in (mutated, mutated[:-1])
+    assert parsed.host_data == hashlib.sha256(parsed.to_bytes()).digest()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=400))
+def test_random_bytes_are_refused(raw: bytes) -> None:
+    with pytest.raises(MalformedInput):
+        InitData.parse(raw)
