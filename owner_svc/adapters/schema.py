@@ -139,6 +139,7 @@ MIGRATIONS: tuple[tuple[Step, ...], ...] = (
             author_key_digest TEXT NOT NULL,
             id_key_version {int64} NOT NULL,
             init_data {blob} NOT NULL,
+            vek_cert {blob} NOT NULL,
             created_at {real} NOT NULL,
             expires_at {real} NOT NULL,
             state TEXT NOT NULL,
@@ -160,7 +161,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 SNP_AUTHORIZATION_COLUMNS = (
     "authorization_id, workload_id, caller, product, policy, vcpus, launch_digest, manifest_id, host_data, "
-    "id_key_digest, author_key_digest, id_key_version, init_data, created_at, expires_at, state, "
+    "id_key_digest, author_key_digest, id_key_version, init_data, vek_cert, created_at, expires_at, state, "
     "finished_at, reason"
 )
 SNP_KEY_COLUMNS = "workload_id, kind, version, public_digest, sealed, created_at, retired_at, source"

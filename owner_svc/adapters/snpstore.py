@@ -27,7 +27,7 @@ from owner_svc.core.snp_ports import ChallengeSpend
 _SELECT_AUTH = f"SELECT {SNP_AUTHORIZATION_COLUMNS} FROM snp_authorizations"  # noqa: S608
 _INSERT_AUTH = (
     f"INSERT INTO snp_authorizations ({SNP_AUTHORIZATION_COLUMNS}) "  # noqa: S608
-    f"VALUES ({', '.join('?' * 18)})"
+    f"VALUES ({', '.join('?' * 19)})"
 )
 _SELECT_KEYS = f"SELECT {SNP_KEY_COLUMNS} FROM snp_keys WHERE workload_id = ? AND kind = ? ORDER BY version"  # noqa: S608
 
@@ -47,11 +47,12 @@ def _authorization(row: Sequence[Any]) -> SnpAuthorization:
         author_key_digest=str(row[10]),
         id_key_version=int(row[11]),
         init_data=bytes(row[12]),
-        created_at=float(row[13]),
-        expires_at=float(row[14]),
-        state=AuthorizationState(row[15]),
-        finished_at=None if row[16] is None else float(row[16]),
-        reason=str(row[17]),
+        vek_cert=bytes(row[13]),
+        created_at=float(row[14]),
+        expires_at=float(row[15]),
+        state=AuthorizationState(row[16]),
+        finished_at=None if row[17] is None else float(row[17]),
+        reason=str(row[18]),
     )
 
 
@@ -133,6 +134,7 @@ class SnpSqlStore:
                     record.author_key_digest,
                     record.id_key_version,
                     record.init_data,
+                    record.vek_cert,
                     record.created_at,
                     record.expires_at,
                     record.state.value,

@@ -45,6 +45,8 @@ class Reason(StrEnum):
     AUTHOR_KEY_MISMATCH = "author_key_mismatch"
     HOST_DATA_MISMATCH = "host_data_mismatch"
     REPORT_DATA_MISMATCH = "report_data_mismatch"
+    MALFORMED_REPORT = "malformed_report"
+    MALFORMED_CERTIFICATES = "malformed_certificates"
     # FAILED_PRECONDITION
     NO_REFERENCE_VALUES = "no_reference_values"
     NO_SECRET = "no_secret"
@@ -60,7 +62,7 @@ class Reason(StrEnum):
     AUTHORIZATION_EXPIRED = "authorization_expired"
     AUTHORIZATION_REVOKED = "authorization_revoked"
     ALREADY_RELEASED = "already_released"
-    CHALLENGE_REUSED = "challenge_reused"
+    CHALLENGE_USED = "challenge_used"
     CHALLENGE_EXPIRED = "challenge_expired"
     TOO_MANY_CHALLENGES = "too_many_challenges"
     # RESOURCE_EXHAUSTED: the guest port's rate limits.

@@ -28,6 +28,7 @@ from datetime import UTC, datetime, timedelta
 from typing import NoReturn
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from owner_svc.core.metrics import Metrics
 from owner_svc.core.model import AuditEvent, Workload, check_workload_id, secret_aad
@@ -91,14 +92,12 @@ MAX_CERT_TABLE_BYTES = 64 * 1024
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _VCPU_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 
-#: The library's attestation reasons, as the owner's. Malformed evidence is the caller's fault
-#: (INVALID_ARGUMENT); every other reason is a refusal on the merits (PERMISSION_DENIED).
-_MALFORMED = {
-    AttestReason.MALFORMED_REPORT: Reason.BAD_REPORT,
-    AttestReason.MALFORMED_CERTIFICATES: Reason.BAD_CERTIFICATES,
-    AttestReason.BAD_GUEST_KEY: Reason.BAD_GUEST_KEY,
-}
+#: The library's attestation reasons, as the owner's: refusals on the merits (PERMISSION_DENIED), a report
+#: or certificates that do not parse included (only a wrong size is INVALID_ARGUMENT, before any lookup).
 _ATTEST_REASONS: Mapping[AttestReason, Reason] = {
+    AttestReason.MALFORMED_REPORT: Reason.MALFORMED_REPORT,
+    AttestReason.MALFORMED_CERTIFICATES: Reason.MALFORMED_CERTIFICATES,
+    AttestReason.BAD_GUEST_KEY: Reason.BAD_GUEST_KEY,
     AttestReason.WRONG_PRODUCT: Reason.WRONG_PRODUCT,
     AttestReason.FORGED_CHAIN: Reason.FORGED_CHAIN,
     AttestReason.VLEK_NOT_ALLOWED: Reason.VLEK_NOT_ALLOWED,
@@ -413,6 +412,7 @@ class OwnerSnp(OwnerSnpKeys):
             author_key_digest="" if author_key is None else id_auth.author_key_digest.hex(),
             id_key_version=id_key.record.version,
             init_data=init_bytes,
+            vek_cert=vek[0].public_bytes(serialization.Encoding.DER),
             created_at=now,
             expires_at=now + settings.authorization_ttl,
         )
@@ -580,22 +580,24 @@ class OwnerSnp(OwnerSnpKeys):
             raise InvalidArgument(Reason.BAD_GUEST_KEY, exc.detail) from None
         if len(report) != REPORT_SIZE:
             raise InvalidArgument(Reason.BAD_REPORT, f"a report is {REPORT_SIZE} bytes")
-        if bool(cert_table) == bool(vek) or len(cert_table) > MAX_CERT_TABLE_BYTES:
+        if (cert_table and vek) or len(cert_table) > MAX_CERT_TABLE_BYTES:
             raise InvalidArgument(
                 Reason.BAD_CERTIFICATES, "give the VCEK/VLEK (and its chain) or a certificate table, not both"
             )
-        try:
-            evidence = (
-                Evidence.from_cert_table(report, cert_table)
-                if cert_table
-                else Evidence(report, vek, tuple(chain))
-            )
-        except AttestationRefused as exc:
-            raise InvalidArgument(Reason.BAD_CERTIFICATES, exc.detail) from None
         settings = self._settings()
 
         # 2. Decide: the authorisation, the challenge, then the report.
         auth = self._authorization(authorization_id)
+        try:
+            # Without certificates: the VCEK/VLEK the platform was authorised with (its chain is checked
+            # again below like any other).
+            evidence = (
+                Evidence.from_cert_table(report, cert_table)
+                if cert_table
+                else Evidence(report, vek or auth.vek_cert, tuple(chain))
+            )
+        except AttestationRefused as exc:
+            raise InvalidArgument(Reason.BAD_CERTIFICATES, exc.detail) from None
         event = AuditEvent(
             actor=f"guest:{peer}",
             action="attest_snp",
@@ -761,16 +763,13 @@ def _state_refusal(auth: SnpAuthorization, now: float) -> ServiceError | None:
 
 def _challenge_refusal(spend: ChallengeSpend) -> ServiceError:
     if spend is ChallengeSpend.REUSED:
-        return FailedPrecondition(Reason.CHALLENGE_REUSED, "the challenge was used already (a replay?)")
+        return FailedPrecondition(Reason.CHALLENGE_USED, "the challenge was used already (a replay?)")
     if spend is ChallengeSpend.EXPIRED:
         return FailedPrecondition(Reason.CHALLENGE_EXPIRED, "the challenge has expired; ask for another")
     return NotFound(Reason.UNKNOWN_CHALLENGE, "no such challenge for this authorisation")
 
 
 def _attestation_error(exc: AttestationRefused) -> ServiceError:
-    malformed = _MALFORMED.get(exc.reason)
-    if malformed is not None:
-        return InvalidArgument(malformed, exc.detail)
     reason = _ATTEST_REASONS.get(exc.reason, Reason.MEASUREMENT_MISMATCH)
     if reason is Reason.NO_REFERENCE_VALUES:
         return FailedPrecondition(reason, exc.detail)

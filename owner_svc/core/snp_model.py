@@ -258,6 +258,7 @@ class SnpAuthorization:
     author_key_digest: str  # "" without an author key
     id_key_version: int
     init_data: bytes
+    vek_cert: bytes  # DER: the VCEK/VLEK the platform was authorised with, for an Attest without one
     created_at: float
     expires_at: float
     state: AuthorizationState = AuthorizationState.AUTHORIZED

@@ -84,6 +84,26 @@ class OwnerServiceStub:
                 request_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSessionRequest.SerializeToString,
                 response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSessionResponse.FromString,
                 _registered_method=True)
+        self.AuthorizeSnpLaunch = channel.unary_unary(
+                '/sevlaunch.v1.OwnerService/AuthorizeSnpLaunch',
+                request_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.AuthorizeSnpLaunchRequest.SerializeToString,
+                response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.AuthorizeSnpLaunchResponse.FromString,
+                _registered_method=True)
+        self.RotateSnpKey = channel.unary_unary(
+                '/sevlaunch.v1.OwnerService/RotateSnpKey',
+                request_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RotateSnpKeyRequest.SerializeToString,
+                response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RotateSnpKeyResponse.FromString,
+                _registered_method=True)
+        self.ListSnpKeys = channel.unary_unary(
+                '/sevlaunch.v1.OwnerService/ListSnpKeys',
+                request_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpKeysRequest.SerializeToString,
+                response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpKeysResponse.FromString,
+                _registered_method=True)
+        self.ListSnpAuthorizations = channel.unary_unary(
+                '/sevlaunch.v1.OwnerService/ListSnpAuthorizations',
+                request_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpAuthorizationsRequest.SerializeToString,
+                response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpAuthorizationsResponse.FromString,
+                _registered_method=True)
 
 
 class OwnerServiceServicer:
@@ -156,6 +176,39 @@ class OwnerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AuthorizeSnpLaunch(self, request, context):
+        """SEV-SNP (roles launcher, client). Authorises one SNP launch of a workload on a platform: verifies the
+        platform's VCEK/VLEK chain to the product's pinned AMD root (or a root trusted explicitly with
+        --snp-trust-root), its TCBs against the workload's floors and the provisional-firmware rule, the launch
+        configuration against the workload's rules, and picks the launch digest the signed reference values
+        give for exactly that configuration. Returns what libvirt's <launchSecurity type='sev-snp'> takes.
+        The authorisation is single use (one secret release) and expires; the guest then attests on the
+        guest port with the authorisation id from its init data.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateSnpKey(self, request, context):
+        """Admin. A new version of a workload's ID or author key (ECDSA P-384): generated, or the PEM given.
+        Older versions are retired, never deleted: launches they signed still attest until done or expired.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSnpKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSnpAuthorizations(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OwnerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -208,6 +261,26 @@ def add_OwnerServiceServicer_to_server(servicer, server):
                     servicer.RevokeSession,
                     request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSessionRequest.FromString,
                     response_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSessionResponse.SerializeToString,
+            ),
+            'AuthorizeSnpLaunch': grpc.unary_unary_rpc_method_handler(
+                    servicer.AuthorizeSnpLaunch,
+                    request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.AuthorizeSnpLaunchRequest.FromString,
+                    response_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.AuthorizeSnpLaunchResponse.SerializeToString,
+            ),
+            'RotateSnpKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateSnpKey,
+                    request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RotateSnpKeyRequest.FromString,
+                    response_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RotateSnpKeyResponse.SerializeToString,
+            ),
+            'ListSnpKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSnpKeys,
+                    request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpKeysRequest.FromString,
+                    response_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpKeysResponse.SerializeToString,
+            ),
+            'ListSnpAuthorizations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSnpAuthorizations,
+                    request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpAuthorizationsRequest.FromString,
+                    response_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpAuthorizationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -480,6 +553,114 @@ class OwnerService:
             '/sevlaunch.v1.OwnerService/RevokeSession',
             sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSessionRequest.SerializeToString,
             sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuthorizeSnpLaunch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sevlaunch.v1.OwnerService/AuthorizeSnpLaunch',
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.AuthorizeSnpLaunchRequest.SerializeToString,
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.AuthorizeSnpLaunchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateSnpKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sevlaunch.v1.OwnerService/RotateSnpKey',
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RotateSnpKeyRequest.SerializeToString,
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RotateSnpKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSnpKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sevlaunch.v1.OwnerService/ListSnpKeys',
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpKeysRequest.SerializeToString,
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSnpAuthorizations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sevlaunch.v1.OwnerService/ListSnpAuthorizations',
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpAuthorizationsRequest.SerializeToString,
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpAuthorizationsResponse.FromString,
             options,
             channel_credentials,
             insecure,
