@@ -407,7 +407,7 @@ def _reason(err: grpc.RpcError) -> str:
 def _metrics(owner: SnpOwner) -> str:
     import urllib.request
 
-    with urllib.request.urlopen(owner.running.metrics_url, timeout=5) as reply:  # noqa: S310 - 127.0.0.1
+    with urllib.request.urlopen(owner.running.metrics_url, timeout=5) as reply:
         return str(reply.read().decode())
 
 
