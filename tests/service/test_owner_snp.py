@@ -534,3 +534,57 @@ def test_vcpu_counts_each_with_its_digest(make_snp_owner: Any, publisher: Publis
     two = _authorize(owner, chip)
     assert one.authorized.launch_digest == other and two.authorized.launch_digest == DIGEST
     assert VCPUS == 2
+
+
+def test_no_secret_or_private_key_bytes_in_any_file_log_metric_or_audit_record(
+    make_snp_owner: Any, publisher: Publisher, chip: Chip, caplog: pytest.LogCaptureFixture
+) -> None:
+    import base64
+    import logging
+
+    from cryptography.hazmat.primitives import serialization
+
+    id_key = ec.generate_private_key(ec.SECP384R1())
+    pem = id_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    der = id_key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    scalar = id_key.private_numbers().private_value.to_bytes(48, "big")
+    with caplog.at_level(logging.DEBUG):
+        owner = make_snp_owner()
+        provision_snp(owner, publisher)
+        rotated = owner.admin.RotateSnpKey(
+            owner_pb2.RotateSnpKeyRequest(
+                workload_id="snp-web", kind=owner_pb2.SNP_KEY_KIND_ID, private_key_pem=pem
+            )
+        ).key
+        assert rotated.version == 1 and rotated.source == "imported"
+        assert rotated.public_digest == key_digest(id_key).hex()
+        guest = _authorize(owner, chip)
+        assert guest.id_auth.id_key_digest == key_digest(id_key)
+        stub = owner.guest_stub()
+        c = stub.GetChallenge(
+            guest_pb2.GetChallengeRequest(authorization_id=guest.authorized.authorization_id)
+        ).challenge
+        reply = stub.Attest(guest.attest_request(c, guest.signed(c)))
+        assert _open(guest, reply, c).get(uuid.UUID(DISK_GUID)) == PASSPHRASE + b"\0"
+        # A refused one too (its detail must not leak either).
+        err = rpc_error(
+            lambda: stub.GetChallenge(
+                guest_pb2.GetChallengeRequest(authorization_id=guest.authorized.authorization_id)
+            )
+        )
+        assert err.reason == "already_released"
+        audit = b"\n".join(r.SerializeToString() for r in owner.audit())
+        metrics = _metrics(owner).encode()
+    base = owner.config.kek_file.parent
+    files = b"".join(p.read_bytes() for p in base.iterdir() if p.is_file() and p.name != "kek")
+    logs = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records).encode()
+    kek = owner.config.kek_file.read_bytes()
+    for where, blob in (("files", files), ("logs", logs), ("metrics", metrics), ("audit", audit)):
+        for needle in (PASSPHRASE, EXTRA_SECRET, der, scalar, pem, kek):
+            for form in (needle, needle.hex().encode(), base64.b64encode(needle)):
+                assert form not in blob and form.lower() not in blob.lower(), f"{where} holds secret bytes"
+    assert b"PRIVATE KEY" not in files + logs + audit
