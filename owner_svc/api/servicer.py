@@ -57,6 +57,7 @@ AUTHZ = AuthzPolicy(
             "GetAuditLog": ADMIN_ROLES,
             "RevokeSession": ADMIN_ROLES,
             "AuthorizeSnpLaunch": LAUNCH_ROLES,
+            "GetSnpAttestation": LAUNCH_ROLES,
             "RotateSnpKey": ADMIN_ROLES,
             "ListSnpKeys": ADMIN_ROLES,
             "ListSnpAuthorizations": ADMIN_ROLES,
@@ -368,4 +369,13 @@ class OwnerServicer(owner_pb2_grpc.OwnerServiceServicer):
         now = self.core.clock()
         return owner_pb2.ListSnpAuthorizationsResponse(
             authorizations=[authorization_to_proto(a, now) for a in records]
+        )
+
+    async def GetSnpAttestation(
+        self, request: owner_pb2.GetSnpAttestationRequest, context: Ctx
+    ) -> owner_pb2.GetSnpAttestationResponse:
+        caller = current_caller().identity
+        record = await asyncio.to_thread(self.core.snp_authorization_of, caller, request.authorization_id)
+        return owner_pb2.GetSnpAttestationResponse(
+            authorization=authorization_to_proto(record, self.core.clock())
         )

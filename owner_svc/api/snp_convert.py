@@ -24,6 +24,7 @@ _STATE_TO_PROTO = {
     AuthorizationState.AUTHORIZED: owner_pb2.SNP_AUTHORIZATION_STATE_AUTHORIZED,
     AuthorizationState.RELEASED: owner_pb2.SNP_AUTHORIZATION_STATE_RELEASED,
     AuthorizationState.REVOKED: owner_pb2.SNP_AUTHORIZATION_STATE_REVOKED,
+    AuthorizationState.REFUSED: owner_pb2.SNP_AUTHORIZATION_STATE_REFUSED,
 }
 
 
@@ -127,6 +128,7 @@ def config_from_proto(msg: owner_pb2.SnpLaunchConfig) -> SnpLaunchConfig:
         vmm_type=msg.vmm_type,
         kernel_hashes=kh,
         policy=msg.policy,
+        firmware_sha256=msg.firmware_sha256,
     )
 
 
@@ -175,4 +177,5 @@ def authorization_to_proto(a: SnpAuthorization, now: float) -> owner_pb2.SnpAuth
         state=state,
         created_at_unix=int(a.created_at),
         expires_at_unix=int(a.expires_at),
+        reason=a.reason,
     )

@@ -61,6 +61,7 @@ class Reason(StrEnum):
     NO_DIGEST_FOR_CONFIG = "no_digest_for_config"
     AUTHORIZATION_EXPIRED = "authorization_expired"
     AUTHORIZATION_REVOKED = "authorization_revoked"
+    AUTHORIZATION_REFUSED = "authorization_refused"
     ALREADY_RELEASED = "already_released"
     CHALLENGE_USED = "challenge_used"
     CHALLENGE_EXPIRED = "challenge_expired"

@@ -64,7 +64,9 @@ from sevlaunch.snp.attest import (
     AttestReason,
     Evidence,
     Expected,
+    VekCache,
     attest,
+    verify_evidence,
 )
 from sevlaunch.snp.certs import CertKind, TrustedRoot, load_certificates, verify_vek_chain
 from sevlaunch.snp.certs import vek_extensions as read_vek_extensions
@@ -72,6 +74,7 @@ from sevlaunch.snp.challenge import (
     CHALLENGE_SIZE,
     DEFAULT_CHALLENGE_TTL,
     IssuedChallenge,
+    check_report_data,
     parse_guest_public_key,
 )
 from sevlaunch.snp.errors import SnpReason
@@ -184,6 +187,9 @@ class SnpLaunchConfig:
     vmm_type: str
     kernel_hashes: KernelHashes | None = None
     policy: int = 0  # 0: the workload's first allowed policy
+    #: SHA-256 (hex) of the image the launcher loads, "" if not given: a manifest naming another image's
+    #: hash is then not used (one naming none still is; the firmware checks the digest in any case).
+    firmware_sha256: str = ""
 
     def check(self) -> None:
         bad = [
@@ -200,6 +206,8 @@ class SnpLaunchConfig:
                 f"launch config: vcpus 1..{SNP_MAX_VCPUS}, guest_features a u64 with bit 0 set, vmm_type "
                 f"one of {', '.join(SNP_VMM_TYPES)} (QEMU needs a vcpu_type), policy a u64",
             )
+        if self.firmware_sha256 and not _HEX64.fullmatch(self.firmware_sha256):
+            raise InvalidArgument(Reason.BAD_LAUNCH_CONFIG, "firmware_sha256: SHA-256, lower-case hex")
         kh = self.kernel_hashes
         if kh is not None and not all(_HEX64.fullmatch(h) for h in (kh.kernel, kh.initrd, kh.cmdline)):
             raise InvalidArgument(Reason.BAD_LAUNCH_CONFIG, "kernel hashes: three SHA-256, lower-case hex")
@@ -260,6 +268,14 @@ class OwnerSnp(OwnerSnpKeys):
 
     def sync_reference_values(self) -> None:
         raise NotImplementedError
+
+    @property
+    def _vek_cache(self) -> VekCache:
+        # Verified VCEK chains by their exact bytes: the hot path then checks one report signature.
+        cache: VekCache | None = self.__dict__.get("_snp_vek_cache")
+        if cache is None:
+            cache = self.__dict__.setdefault("_snp_vek_cache", VekCache())
+        return cache
 
     def _settings(self) -> SnpSettings:
         if self.snp is None:
@@ -470,7 +486,11 @@ class OwnerSnp(OwnerSnpKeys):
         now: datetime,
         refuse: Callable[[ServiceError], NoReturn],
     ) -> SnpMatch:
-        manifests = self._snp_manifests(workload, now)
+        manifests = [
+            vm
+            for vm in self._snp_manifests(workload, now)
+            if not config.firmware_sha256 or vm.manifest.firmware_sha256 in (None, config.firmware_sha256)
+        ]
         if not manifests:
             refuse(
                 FailedPrecondition(Reason.NO_REFERENCE_VALUES, "no SEV-SNP reference values in force for it")
@@ -644,18 +664,21 @@ class OwnerSnp(OwnerSnpKeys):
             allow_provisional_firmware=rules.allow_provisional_firmware,
             extra_roots=settings.extra_roots,
         )
+        manifests = self._snp_manifests(workload, now_dt)
         try:
             verdict = attest(
-                evidence, expected, attestation_rules, self._snp_manifests(workload, now_dt), now=now_dt
+                evidence, expected, attestation_rules, manifests, now=now_dt, cache=self._vek_cache
             )
         except AttestationRefused as exc:
-            self._refuse_attestation(event, _attestation_error(exc))
+            bound = self._bound_to_launch(evidence, expected, attestation_rules, now_dt)
+            self._refuse_attestation(event, _attestation_error(exc), burn=auth if bound else None)
         event = replace(event, digest=verdict.report.measurement.hex(), cek_fingerprint=_chip(verdict))
+        # From here on the report is this launch's own: a refusal abandons the launch.
         self._check_workload_pins(event, rules, verdict, auth)
 
         # 3. Seal the secret to the guest's key, then claim the authorisation: only the caller whose
         # conditional update wins has its sealed secret returned.
-        plain = self._snp_secret(event, workload)
+        plain = self._snp_secret(event, workload, auth)
         wrapped = (
             None
             if plain is None
@@ -691,11 +714,11 @@ class OwnerSnp(OwnerSnpKeys):
         report = verdict.report
         if rules.family_id is not None and not hmac.compare_digest(rules.family_id, report.family_id):
             self._refuse_attestation(
-                event, PermissionDenied(Reason.FAMILY_ID_MISMATCH, "family_id: not the workload's")
+                event, PermissionDenied(Reason.FAMILY_ID_MISMATCH, "family_id: not the workload's"), burn=auth
             )
         if rules.image_id is not None and not hmac.compare_digest(rules.image_id, report.image_id):
             self._refuse_attestation(
-                event, PermissionDenied(Reason.IMAGE_ID_MISMATCH, "image_id: not the workload's")
+                event, PermissionDenied(Reason.IMAGE_ID_MISMATCH, "image_id: not the workload's"), burn=auth
             )
         if report.guest_svn < rules.min_guest_svn:
             self._refuse_attestation(
@@ -704,16 +727,19 @@ class OwnerSnp(OwnerSnpKeys):
                     Reason.GUEST_SVN_TOO_LOW,
                     f"guest_svn: {report.guest_svn} < {rules.min_guest_svn} (workload)",
                 ),
+                burn=auth,
             )
         # The key that signed this authorisation's ID block must still be one of the workload's (any
         # version: a rotation keeps the older ones until their launches are done).
         known = self.known_snp_key_digests(auth.workload_id, SnpKeyKind.ID)
         if report.id_key_digest.hex() not in known:
             self._refuse_attestation(
-                event, PermissionDenied(Reason.ID_KEY_MISMATCH, "id_key_digest: not this workload's")
+                event,
+                PermissionDenied(Reason.ID_KEY_MISMATCH, "id_key_digest: not this workload's"),
+                burn=auth,
             )
 
-    def _snp_secret(self, event: AuditEvent, workload: Workload) -> bytes | None:
+    def _snp_secret(self, event: AuditEvent, workload: Workload, auth: SnpAuthorization) -> bytes | None:
         """The workload's secret table bytes (what an SEV guest finds in its secret area; the SNP guest
         parses them with the same `SecretTable`), or None when it has none and consents to that."""
         sealed = self.store.get_secret(workload.workload_id)
@@ -721,7 +747,7 @@ class OwnerSnp(OwnerSnpKeys):
             if workload.allow_launch_without_secret:
                 return None
             self._refuse_attestation(
-                event, FailedPrecondition(Reason.NO_SECRET, "the workload has no secret")
+                event, FailedPrecondition(Reason.NO_SECRET, "the workload has no secret"), burn=auth
             )
         try:
             plain = self.sealer.open(sealed, secret_aad(workload.workload_id))
@@ -731,15 +757,54 @@ class OwnerSnp(OwnerSnpKeys):
         table = sev_secret.SecretTable.from_bytes(plain)
         if len(plain) > MAX_SECRET_SIZE:
             self._refuse_attestation(
-                event, FailedPrecondition(Reason.SECRET_TOO_LARGE, f"more than {MAX_SECRET_SIZE} bytes")
+                event,
+                FailedPrecondition(Reason.SECRET_TOO_LARGE, f"more than {MAX_SECRET_SIZE} bytes"),
+                burn=auth,
             )
         return table.to_bytes()
 
-    def _refuse_attestation(self, event: AuditEvent, exc: ServiceError) -> NoReturn:
-        self.store.append_audit(replace(event, reason=exc.reason, detail=exc.detail))
+    def _bound_to_launch(
+        self, evidence: Evidence, expected: Expected, rules: AttestationRules, now: datetime
+    ) -> bool:
+        """Whether a refused report is this launch's own: authentic (signed by a VEK of a trusted root),
+        its HOST_DATA the authorised one, its REPORT_DATA binding the challenge just spent and the key.
+        Only such a refusal abandons the launch: anything else may come from anyone on the guest network
+        (or be an old report replayed), and must not end a launch it cannot speak for."""
+        try:
+            report, _, _ = verify_evidence(evidence, expected, rules, now=now, cache=self._vek_cache)
+            check_report_data(report.report_data, expected.challenge, expected.guest_public_key)
+        except SevError:
+            return False
+        return hmac.compare_digest(report.host_data, expected.host_data)
+
+    def _refuse_attestation(
+        self, event: AuditEvent, exc: ServiceError, *, burn: SnpAuthorization | None = None
+    ) -> NoReturn:
+        """Audits and raises the refusal; with `burn`, also moves that authorisation to REFUSED (in the
+        same transaction as the audit record), so the launch cannot be retried with other evidence."""
+        refused = replace(event, reason=exc.reason, detail=exc.detail)
+        if burn is None or not self.store.finish_snp_authorization(
+            burn.authorization_id,
+            to_state=AuthorizationState.REFUSED,
+            now=self.clock(),
+            require_unexpired=False,
+            reason=exc.reason,
+            event=refused,
+        ):
+            self.store.append_audit(refused)
         self.metrics.snp_attestation("refused", exc.reason)
         log.info("snp attestation refused", extra={"workload": event.workload_id, "reason": exc.reason})
         raise exc
+
+    def snp_authorization_of(self, caller: str, authorization_id: str) -> SnpAuthorization:
+        """The authorisation, for the identity that got it (a launcher polls it while its guest boots)."""
+        check_authorization_id(authorization_id)
+        auth = self.store.get_snp_authorization(authorization_id)
+        if auth is None:
+            raise NotFound(Reason.UNKNOWN_AUTHORIZATION, "no such authorisation")
+        if auth.caller != caller:
+            raise PermissionDenied(Reason.WRONG_CALLER, "the launch was authorised for another caller")
+        return auth
 
     # ------------------------------------------------------------------------------------- admin
 
@@ -754,6 +819,10 @@ class OwnerSnp(OwnerSnpKeys):
 def _state_refusal(auth: SnpAuthorization, now: float) -> ServiceError | None:
     if auth.state is AuthorizationState.RELEASED:
         return FailedPrecondition(Reason.ALREADY_RELEASED, "the secret of this launch was released already")
+    if auth.state is AuthorizationState.REFUSED:
+        return FailedPrecondition(
+            Reason.AUTHORIZATION_REFUSED, f"a report of this launch was refused ({auth.reason}); launch again"
+        )
     if auth.state is AuthorizationState.REVOKED:
         return FailedPrecondition(Reason.AUTHORIZATION_REVOKED, "the authorisation was revoked")
     if now >= auth.expires_at:

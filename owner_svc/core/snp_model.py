@@ -238,6 +238,9 @@ class SnpKeyRecord:
 class AuthorizationState(StrEnum):
     AUTHORIZED = "authorized"
     RELEASED = "released"
+    #: A report of this very launch (authentic, its HOST_DATA authorised, its REPORT_DATA binding a
+    #: challenge issued for it) was refused on the merits: the launch is abandoned, as an SEV session is.
+    REFUSED = "refused"
     REVOKED = "revoked"
 
 

@@ -73,7 +73,11 @@ class Chip:
 
 
 def snp_manifest_envelope(
-    publisher: Publisher, *, digest: bytes = DIGEST, vcpus: tuple[int, ...] = (VCPUS,)
+    publisher: Publisher,
+    *,
+    digest: bytes = DIGEST,
+    vcpus: tuple[int, ...] = (VCPUS,),
+    firmware_sha256: str | None = None,
 ) -> bytes:
     digests = [
         ReferenceDigest(
@@ -90,6 +94,7 @@ def snp_manifest_envelope(
         valid_days=30,
         now=START,
         snp=SnpReference(FAMILY, IMAGE, GUEST_SVN, (tcb(snp=20),)),
+        firmware_sha256=firmware_sha256,
     )
     return sign_envelope(manifest.to_json(), publisher.key).to_json()
 

@@ -45,6 +45,7 @@ pytest_plugins = ["owner_support", "snp_support"]
 
 AUTHORIZED = owner_pb2.SNP_AUTHORIZATION_STATE_AUTHORIZED
 RELEASED = owner_pb2.SNP_AUTHORIZATION_STATE_RELEASED
+REFUSED = owner_pb2.SNP_AUTHORIZATION_STATE_REFUSED
 
 
 def _authorize(owner: SnpOwner, chip: Chip, **kw: Any) -> Guest:
@@ -278,19 +279,21 @@ def _report_case(
     return guest.attest_request(challenge, guest.signed(challenge, **changes))
 
 
+# Refusals of a report that may not be this launch's own (unsigned by a trusted VEK, another HOST_DATA,
+# a stale REPORT_DATA) leave the launch able to attest; a refusal of its own report abandons it.
 @pytest.mark.parametrize(
-    ("case", "reason"),
+    ("case", "reason", "own"),
     [
-        ("forged_chain", "forged_chain"),
-        ("wrong_product", "wrong_product"),
-        ("vlek", "vlek_not_allowed"),
-        ("debug_policy", "policy_not_allowed"),
-        ("vmpl", "vmpl_not_allowed"),
-        ("measurement", "measurement_mismatch"),
-        ("id_key", "id_key_mismatch"),
-        ("host_data", "host_data_mismatch"),
-        ("report_data", "report_data_mismatch"),
-        ("hwid", "hwid_mismatch"),
+        ("forged_chain", "forged_chain", False),
+        ("wrong_product", "wrong_product", False),
+        ("vlek", "vlek_not_allowed", False),
+        ("hwid", "hwid_mismatch", False),
+        ("host_data", "host_data_mismatch", False),
+        ("report_data", "report_data_mismatch", False),
+        ("debug_policy", "policy_not_allowed", True),
+        ("vmpl", "vmpl_not_allowed", True),
+        ("measurement", "measurement_mismatch", True),
+        ("id_key", "id_key_mismatch", True),
     ],
 )
 def test_attestation_refusals_release_nothing(
@@ -300,6 +303,7 @@ def test_attestation_refusals_release_nothing(
     other_snp_root: EmulatedSnpRoot,
     case: str,
     reason: str,
+    own: bool,
 ) -> None:
     owner = make_snp_owner()
     provision_snp(owner, publisher)
@@ -310,12 +314,28 @@ def test_attestation_refusals_release_nothing(
     before = len(owner.audit())
     err = rpc_error(lambda: stub.Attest(_report_case(case, guest, chip, challenge, other_snp_root)))
     assert (err.code, err.reason) == (grpc.StatusCode.PERMISSION_DENIED, reason), err.message
-    _assert_refused_and_nothing_released(owner, aid, before, reason)
+    _assert_refused_and_nothing_released(owner, aid, before, reason, REFUSED if own else AUTHORIZED)
 
     # The challenge is spent by the refused attempt: replaying it is refused on its own account.
     err = rpc_error(lambda: stub.Attest(guest.attest_request(challenge, guest.signed(challenge))))
-    assert (err.code, err.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "challenge_used")
-    # The launch itself can still attest with a fresh challenge and a good report.
+    expected = "authorization_refused" if own else "challenge_used"
+    assert (err.code, err.reason) == (grpc.StatusCode.FAILED_PRECONDITION, expected)
+    # The launcher sees where its guest stands.
+    seen = owner.stub("launcher").GetSnpAttestation(owner_pb2.GetSnpAttestationRequest(authorization_id=aid))
+    assert (seen.authorization.state, seen.authorization.reason) == (
+        (REFUSED, reason) if own else (AUTHORIZED, "")
+    )
+    err = rpc_error(
+        lambda: owner.stub("client").GetSnpAttestation(
+            owner_pb2.GetSnpAttestationRequest(authorization_id=aid)
+        )
+    )
+    assert (err.code, err.reason) == (grpc.StatusCode.PERMISSION_DENIED, "wrong_caller")
+    if own:
+        err = rpc_error(lambda: stub.GetChallenge(guest_pb2.GetChallengeRequest(authorization_id=aid)))
+        assert (err.code, err.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "authorization_refused")
+        return
+    # Not its own report: the launch can still attest with a fresh challenge and a good report.
     fresh = stub.GetChallenge(guest_pb2.GetChallengeRequest(authorization_id=aid)).challenge
     reply = stub.Attest(guest.attest_request(fresh, guest.signed(fresh)))
     assert _open(guest, reply, fresh).get(uuid.UUID(DISK_GUID)) == PASSPHRASE + b"\0"
@@ -339,7 +359,7 @@ def test_each_tcb_floor_raised_after_authorisation_refuses_the_report(
     err = rpc_error(lambda: stub.Attest(guest.attest_request(challenge, guest.signed(challenge))))
     assert (err.code, err.reason) == (grpc.StatusCode.PERMISSION_DENIED, f"{kind}_tcb_too_low")
     assert f"{kind}_tcb: snp 23<24" in err.message
-    _assert_refused_and_nothing_released(owner, aid, before, f"{kind}_tcb_too_low")
+    _assert_refused_and_nothing_released(owner, aid, before, f"{kind}_tcb_too_low", REFUSED)
 
 
 def test_a_second_release_is_refused_even_when_racing(
@@ -411,12 +431,14 @@ def _metrics(owner: SnpOwner) -> str:
         return str(reply.read().decode())
 
 
-def _assert_refused_and_nothing_released(owner: SnpOwner, aid: str, before: int, reason: str) -> None:
+def _assert_refused_and_nothing_released(
+    owner: SnpOwner, aid: str, before: int, reason: str, state: int
+) -> None:
     new = owner.audit()[before:]
     assert [(r.action, r.outcome, r.reason, r.session_id) for r in new] == [
         ("attest_snp", "refused", reason, aid)
     ]
-    assert owner.authorization_state(aid) == AUTHORIZED
+    assert owner.authorization_state(aid) == state
     metrics = _metrics(owner)
     assert f'sevlaunch_owner_snp_attestations_total{{outcome="refused",reason="{reason}"}} 1.0' in metrics
     assert 'sevlaunch_owner_snp_attestations_total{outcome="allowed"' not in metrics
@@ -534,6 +556,22 @@ def test_vcpu_counts_each_with_its_digest(make_snp_owner: Any, publisher: Publis
     two = _authorize(owner, chip)
     assert one.authorized.launch_digest == other and two.authorized.launch_digest == DIGEST
     assert VCPUS == 2
+    # A manifest naming its image's SHA-256 is used only for a launch of that image.
+    image = "ab" * 32
+    pinned = bytes.fromhex("88" * 48)
+    owner.admin.ImportReferenceValues(
+        owner_pb2.ImportReferenceValuesRequest(
+            envelope=snp_manifest_envelope(publisher, digest=pinned, vcpus=(4,), firmware_sha256=image)
+        )
+    )
+    four = _authorize(owner, chip, config=launch_config(vcpus=4, firmware_sha256=image))
+    assert four.authorized.launch_digest == pinned
+    err = rpc_error(
+        lambda: owner.stub("launcher").AuthorizeSnpLaunch(
+            authorize_request(chip, config=launch_config(vcpus=4, firmware_sha256="cd" * 32))
+        )
+    )
+    assert (err.code, err.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "no_digest_for_config")
 
 
 def test_no_secret_or_private_key_bytes_in_any_file_log_metric_or_audit_record(

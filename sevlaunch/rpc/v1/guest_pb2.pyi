@@ -28,7 +28,8 @@ Errors (see common.proto for the ErrorInfo conventions; owner.proto lists every 
                       author_key_mismatch, host_data_mismatch, report_data_mismatch, bad_guest_key,
                       malformed_report, malformed_certificates
   FAILED_PRECONDITION challenge_expired, challenge_used, already_released, authorization_expired,
-                      authorization_revoked, no_reference_values, no_secret, no_snp_rules
+                      authorization_revoked, authorization_refused (a report of this launch was
+                      refused before: it is abandoned), no_reference_values, no_secret, no_snp_rules
   RESOURCE_EXHAUSTED  rate_limited, too_many_challenges
 An Attest past the INVALID_ARGUMENT checks spends its challenge, whatever its outcome; every decision on a known
 authorisation is audited. Without certificates the owner uses the VCEK/VLEK the launch was authorised

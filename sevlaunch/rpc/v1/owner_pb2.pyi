@@ -41,7 +41,8 @@ A refusal on the merits:
                       unknown_workload (the workload was deleted after OpenSession);
                       SEV-SNP: snp_not_configured (no --guest-endpoint), no_snp_rules,
                       no_digest_for_config, no_reference_values, no_secret; guest port:
-                      authorization_expired, authorization_revoked, already_released (a second
+                      authorization_expired, authorization_revoked, authorization_refused,
+                      already_released (a second
                       release), challenge_used (a reused challenge), challenge_expired
   RESOURCE_EXHAUSTED  guest port: rate_limited (per peer address or overall), too_many_challenges
 The owner's store (nothing was released without its audit record; retry):
@@ -178,6 +179,8 @@ class _SnpAuthorizationStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[
     SNP_AUTHORIZATION_STATE_REVOKED: _SnpAuthorizationState.ValueType  # 3
     SNP_AUTHORIZATION_STATE_EXPIRED: _SnpAuthorizationState.ValueType  # 4
     """authorised, but past its expiry"""
+    SNP_AUTHORIZATION_STATE_REFUSED: _SnpAuthorizationState.ValueType  # 5
+    """a report of this launch was refused on the merits (see reason)"""
 
 class SnpAuthorizationState(_SnpAuthorizationState, metaclass=_SnpAuthorizationStateEnumTypeWrapper): ...
 
@@ -187,6 +190,8 @@ SNP_AUTHORIZATION_STATE_RELEASED: SnpAuthorizationState.ValueType  # 2
 SNP_AUTHORIZATION_STATE_REVOKED: SnpAuthorizationState.ValueType  # 3
 SNP_AUTHORIZATION_STATE_EXPIRED: SnpAuthorizationState.ValueType  # 4
 """authorised, but past its expiry"""
+SNP_AUTHORIZATION_STATE_REFUSED: SnpAuthorizationState.ValueType  # 5
+"""a report of this launch was refused on the merits (see reason)"""
 Global___SnpAuthorizationState: _TypeAlias = SnpAuthorizationState  # noqa: Y015
 
 @_typing.final
@@ -1180,6 +1185,7 @@ class SnpLaunchConfig(_message.Message):
     VMM_TYPE_FIELD_NUMBER: _builtins.int
     KERNEL_HASHES_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
+    FIRMWARE_SHA256_FIELD_NUMBER: _builtins.int
     vcpus: _builtins.int
     vcpu_type: _builtins.str
     """e.g. "EPYC-v4"; empty only under ec2/gce"""
@@ -1189,6 +1195,10 @@ class SnpLaunchConfig(_message.Message):
     """"QEMU", "ec2", "gce" """
     policy: _builtins.int
     """the guest policy wanted; 0 = the workload's first allowed policy"""
+    firmware_sha256: _builtins.str
+    """SHA-256 (hex) of the firmware image the launcher loads; empty: not given. A manifest naming another
+    image's hash is not used (the firmware checks the ID block's digest at SNP_LAUNCH_FINISH anyway).
+    """
     @_builtins.property
     def kernel_hashes(self) -> Global___SnpKernelHashes:
         """unset: a plain firmware boot"""
@@ -1202,10 +1212,11 @@ class SnpLaunchConfig(_message.Message):
         vmm_type: _builtins.str = ...,
         kernel_hashes: Global___SnpKernelHashes | None = ...,
         policy: _builtins.int = ...,
+        firmware_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["kernel_hashes", b"kernel_hashes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["guest_features", b"guest_features", "kernel_hashes", b"kernel_hashes", "policy", b"policy", "vcpu_type", b"vcpu_type", "vcpus", b"vcpus", "vmm_type", b"vmm_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["firmware_sha256", b"firmware_sha256", "guest_features", b"guest_features", "kernel_hashes", b"kernel_hashes", "policy", b"policy", "vcpu_type", b"vcpu_type", "vcpus", b"vcpus", "vmm_type", b"vmm_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1440,6 +1451,7 @@ class SnpAuthorizationInfo(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     CREATED_AT_UNIX_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_UNIX_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     authorization_id: _builtins.str
     workload_id: _builtins.str
     caller: _builtins.str
@@ -1453,6 +1465,8 @@ class SnpAuthorizationInfo(_message.Message):
     state: Global___SnpAuthorizationState.ValueType
     created_at_unix: _builtins.int
     expires_at_unix: _builtins.int
+    reason: _builtins.str
+    """with REFUSED: the owner reason of the refusal"""
     def __init__(
         self,
         *,
@@ -1469,14 +1483,54 @@ class SnpAuthorizationInfo(_message.Message):
         state: Global___SnpAuthorizationState.ValueType = ...,
         created_at_unix: _builtins.int = ...,
         expires_at_unix: _builtins.int = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_id", b"authorization_id", "caller", b"caller", "created_at_unix", b"created_at_unix", "expires_at_unix", b"expires_at_unix", "host_data", b"host_data", "id_key_digest", b"id_key_digest", "launch_digest", b"launch_digest", "manifest_id", b"manifest_id", "policy", b"policy", "product", b"product", "state", b"state", "vcpus", b"vcpus", "workload_id", b"workload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_id", b"authorization_id", "caller", b"caller", "created_at_unix", b"created_at_unix", "expires_at_unix", b"expires_at_unix", "host_data", b"host_data", "id_key_digest", b"id_key_digest", "launch_digest", b"launch_digest", "manifest_id", b"manifest_id", "policy", b"policy", "product", b"product", "reason", b"reason", "state", b"state", "vcpus", b"vcpus", "workload_id", b"workload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SnpAuthorizationInfo: _TypeAlias = SnpAuthorizationInfo  # noqa: Y015
+
+@_typing.final
+class GetSnpAttestationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTHORIZATION_ID_FIELD_NUMBER: _builtins.int
+    authorization_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        authorization_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_id", b"authorization_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSnpAttestationRequest: _TypeAlias = GetSnpAttestationRequest  # noqa: Y015
+
+@_typing.final
+class GetSnpAttestationResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTHORIZATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def authorization(self) -> Global___SnpAuthorizationInfo: ...
+    def __init__(
+        self,
+        *,
+        authorization: Global___SnpAuthorizationInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["authorization", b"authorization"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization", b"authorization"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSnpAttestationResponse: _TypeAlias = GetSnpAttestationResponse  # noqa: Y015
 
 @_typing.final
 class ListSnpAuthorizationsRequest(_message.Message):

@@ -89,6 +89,11 @@ class OwnerServiceStub:
                 request_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.AuthorizeSnpLaunchRequest.SerializeToString,
                 response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.AuthorizeSnpLaunchResponse.FromString,
                 _registered_method=True)
+        self.GetSnpAttestation = channel.unary_unary(
+                '/sevlaunch.v1.OwnerService/GetSnpAttestation',
+                request_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.GetSnpAttestationRequest.SerializeToString,
+                response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.GetSnpAttestationResponse.FromString,
+                _registered_method=True)
         self.RotateSnpKey = channel.unary_unary(
                 '/sevlaunch.v1.OwnerService/RotateSnpKey',
                 request_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RotateSnpKeyRequest.SerializeToString,
@@ -189,6 +194,16 @@ class OwnerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSnpAttestation(self, request, context):
+        """SEV-SNP (roles launcher, client; only the identity that got the authorisation): where its guest
+        stands. AUTHORIZED while it has not attested (refusals of reports that may not be its own leave it
+        so), RELEASED once its secret was released, REFUSED (with the reason) when a report of this very
+        launch was refused on the merits, EXPIRED past its expiry: the launcher then ends the launch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RotateSnpKey(self, request, context):
         """Admin. A new version of a workload's ID or author key (ECDSA P-384): generated, or the PEM given.
         Older versions are retired, never deleted: launches they signed still attest until done or expired.
@@ -266,6 +281,11 @@ def add_OwnerServiceServicer_to_server(servicer, server):
                     servicer.AuthorizeSnpLaunch,
                     request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.AuthorizeSnpLaunchRequest.FromString,
                     response_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.AuthorizeSnpLaunchResponse.SerializeToString,
+            ),
+            'GetSnpAttestation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSnpAttestation,
+                    request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.GetSnpAttestationRequest.FromString,
+                    response_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.GetSnpAttestationResponse.SerializeToString,
             ),
             'RotateSnpKey': grpc.unary_unary_rpc_method_handler(
                     servicer.RotateSnpKey,
@@ -580,6 +600,33 @@ class OwnerService:
             '/sevlaunch.v1.OwnerService/AuthorizeSnpLaunch',
             sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.AuthorizeSnpLaunchRequest.SerializeToString,
             sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.AuthorizeSnpLaunchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSnpAttestation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sevlaunch.v1.OwnerService/GetSnpAttestation',
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.GetSnpAttestationRequest.SerializeToString,
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.GetSnpAttestationResponse.FromString,
             options,
             channel_credentials,
             insecure,

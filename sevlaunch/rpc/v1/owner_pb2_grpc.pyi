@@ -41,7 +41,8 @@ A refusal on the merits:
                       unknown_workload (the workload was deleted after OpenSession);
                       SEV-SNP: snp_not_configured (no --guest-endpoint), no_snp_rules,
                       no_digest_for_config, no_reference_values, no_secret; guest port:
-                      authorization_expired, authorization_revoked, already_released (a second
+                      authorization_expired, authorization_revoked, authorization_refused,
+                      already_released (a second
                       release), challenge_used (a reused challenge), challenge_expired
   RESOURCE_EXHAUSTED  guest port: rate_limited (per peer address or overall), too_many_challenges
 The owner's store (nothing was released without its audit record; retry):
@@ -107,6 +108,12 @@ class OwnerServiceStub:
     The authorisation is single use (one secret release) and expires; the guest then attests on the
     guest port with the authorisation id from its init data.
     """
+    GetSnpAttestation: _grpc.UnaryUnaryMultiCallable[_owner_pb2.GetSnpAttestationRequest, _owner_pb2.GetSnpAttestationResponse]
+    """SEV-SNP (roles launcher, client; only the identity that got the authorisation): where its guest
+    stands. AUTHORIZED while it has not attested (refusals of reports that may not be its own leave it
+    so), RELEASED once its secret was released, REFUSED (with the reason) when a report of this very
+    launch was refused on the merits, EXPIRED past its expiry: the launcher then ends the launch.
+    """
     RotateSnpKey: _grpc.UnaryUnaryMultiCallable[_owner_pb2.RotateSnpKeyRequest, _owner_pb2.RotateSnpKeyResponse]
     """Admin. A new version of a workload's ID or author key (ECDSA P-384): generated, or the PEM given.
     Older versions are retired, never deleted: launches they signed still attest until done or expired.
@@ -144,6 +151,12 @@ class OwnerServiceAsyncStub(OwnerServiceStub):
     give for exactly that configuration. Returns what libvirt's <launchSecurity type='sev-snp'> takes.
     The authorisation is single use (one secret release) and expires; the guest then attests on the
     guest port with the authorisation id from its init data.
+    """
+    GetSnpAttestation: _aio.UnaryUnaryMultiCallable[_owner_pb2.GetSnpAttestationRequest, _owner_pb2.GetSnpAttestationResponse]  # type: ignore[assignment]
+    """SEV-SNP (roles launcher, client; only the identity that got the authorisation): where its guest
+    stands. AUTHORIZED while it has not attested (refusals of reports that may not be its own leave it
+    so), RELEASED once its secret was released, REFUSED (with the reason) when a report of this very
+    launch was refused on the merits, EXPIRED past its expiry: the launcher then ends the launch.
     """
     RotateSnpKey: _aio.UnaryUnaryMultiCallable[_owner_pb2.RotateSnpKeyRequest, _owner_pb2.RotateSnpKeyResponse]  # type: ignore[assignment]
     """Admin. A new version of a workload's ID or author key (ECDSA P-384): generated, or the PEM given.
@@ -245,6 +258,18 @@ class OwnerServiceServicer(metaclass=_abc_1.ABCMeta):
         give for exactly that configuration. Returns what libvirt's <launchSecurity type='sev-snp'> takes.
         The authorisation is single use (one secret release) and expires; the guest then attests on the
         guest port with the authorisation id from its init data.
+        """
+
+    @_abc_1.abstractmethod
+    def GetSnpAttestation(
+        self,
+        request: _owner_pb2.GetSnpAttestationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_owner_pb2.GetSnpAttestationResponse, _abc.Awaitable[_owner_pb2.GetSnpAttestationResponse]]:
+        """SEV-SNP (roles launcher, client; only the identity that got the authorisation): where its guest
+        stands. AUTHORIZED while it has not attested (refusals of reports that may not be its own leave it
+        so), RELEASED once its secret was released, REFUSED (with the reason) when a report of this very
+        launch was refused on the merits, EXPIRED past its expiry: the launcher then ends the launch.
         """
 
     @_abc_1.abstractmethod
