@@ -131,8 +131,10 @@ class OwnerApp:
         """Binds and starts the guest port, then turns SNP on in the core with the endpoint it serves."""
         if self.guest is None or self.snp_setup is None or self.guest.port:
             return
-        await self.guest.start()
         setup = self.snp_setup
+        if setup.endpoint is None:
+            _endpoint_of(self.guest.host, 1)  # a wildcard listen address needs --guest-endpoint: say so first
+        await self.guest.start()
         endpoint = setup.endpoint or _endpoint_of(self.guest.host, self.guest.port)
         try:
             self.core.snp = SnpSettings(

@@ -626,3 +626,30 @@ def test_no_secret_or_private_key_bytes_in_any_file_log_metric_or_audit_record(
             for form in (needle, needle.hex().encode(), base64.b64encode(needle)):
                 assert form not in blob and form.lower() not in blob.lower(), f"{where} holds secret bytes"
     assert b"PRIVATE KEY" not in files + logs + audit
+
+
+def test_guest_port_configuration_errors_stop_the_start(tls_dir: Any, tmp_path: Any) -> None:
+    import asyncio
+
+    from owner_svc.server import ConfigError, OwnerConfig, build_app
+
+    base = dict(tls_dir=tls_dir, db=tmp_path / "o.db", kek_file=tmp_path / "kek", create_kek=True)
+    with pytest.raises(ConfigError, match="--guest-tls-cert"):
+        build_app(OwnerConfig(**base, guest_listen="localhost:0"))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="need --guest-listen"):
+        build_app(OwnerConfig(**base, guest_endpoint="https://owner.example:50054"))  # type: ignore[arg-type]
+    guest_tls = dict(guest_tls_cert=tls_dir / "owner.pem", guest_tls_key=tls_dir / "owner.key")
+    with pytest.raises(ConfigError, match=r"not a CA|basicConstraints"):
+        # The server certificate is no CA: guests could not check the owner against it.
+        build_app(
+            OwnerConfig(**base, guest_listen="localhost:0", guest_tls_ca=tls_dir / "owner.pem", **guest_tls)
+        )  # type: ignore[arg-type]
+    app = build_app(
+        OwnerConfig(**base, guest_listen="0.0.0.0:0", guest_tls_ca=tls_dir / "ca.pem", **guest_tls)
+    )  # type: ignore[arg-type]
+    try:
+        with pytest.raises(ConfigError, match="--guest-endpoint"):
+            asyncio.run(app.start_guest())
+        assert app.guest is not None and app.guest.port == 0 and app.core.snp is None
+    finally:
+        app.store.close()
