@@ -112,9 +112,10 @@ MIGRATIONS: tuple[tuple[Step, ...], ...] = (
     ("ALTER TABLE workloads ADD COLUMN mac TEXT NOT NULL DEFAULT ''", MacWorkloads()),
     # 7: SEV-SNP (`snpstore.py`). The ID and author keys, sealed under the KEK like every owner key (a
     # rotation retires a version, never deletes it); authorised launches (single use, expiring); and the
-    # attestation challenges issued for them (single use, short-lived).
+    # attestation challenges issued for them (single use, short-lived). IF NOT EXISTS: a database whose
+    # version was set back by hand (as the upgrade tests do) migrates again without failing here.
     (
-        """CREATE TABLE snp_keys (
+        """CREATE TABLE IF NOT EXISTS snp_keys (
             workload_id TEXT NOT NULL,
             kind TEXT NOT NULL,
             version {int64} NOT NULL,
@@ -125,7 +126,7 @@ MIGRATIONS: tuple[tuple[Step, ...], ...] = (
             source TEXT NOT NULL,
             PRIMARY KEY (workload_id, kind, version)
         )""",
-        """CREATE TABLE snp_authorizations (
+        """CREATE TABLE IF NOT EXISTS snp_authorizations (
             authorization_id TEXT PRIMARY KEY,
             workload_id TEXT NOT NULL,
             caller TEXT NOT NULL,
@@ -146,15 +147,15 @@ MIGRATIONS: tuple[tuple[Step, ...], ...] = (
             finished_at {real},
             reason TEXT NOT NULL DEFAULT ''
         )""",
-        "CREATE INDEX snp_authorizations_by_workload ON snp_authorizations(workload_id, created_at)",
-        """CREATE TABLE snp_challenges (
+        "CREATE INDEX IF NOT EXISTS snp_authorizations_by_workload ON snp_authorizations(workload_id, created_at)",
+        """CREATE TABLE IF NOT EXISTS snp_challenges (
             challenge TEXT PRIMARY KEY,
             authorization_id TEXT NOT NULL,
             issued_at {real} NOT NULL,
             expires_at {real} NOT NULL,
             used_at {real}
         )""",
-        "CREATE INDEX snp_challenges_by_authorization ON snp_challenges(authorization_id)",
+        "CREATE INDEX IF NOT EXISTS snp_challenges_by_authorization ON snp_challenges(authorization_id)",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -57,6 +57,8 @@ ROLES: dict[str, dict[str, frozenset[str]]] = {
     "sevlaunch.v1.OwnerService": {
         "OpenSession": OWNER_LAUNCH,
         "ReleaseSecret": OWNER_LAUNCH,
+        "AuthorizeSnpLaunch": OWNER_LAUNCH,
+        "GetSnpAttestation": OWNER_LAUNCH,
         **{
             m: OWNER_ADMINS
             for m in (
@@ -68,6 +70,9 @@ ROLES: dict[str, dict[str, frozenset[str]]] = {
                 "ListSessions",
                 "GetAuditLog",
                 "RevokeSession",
+                "RotateSnpKey",
+                "ListSnpKeys",
+                "ListSnpAuthorizations",
             )
         },
     },

@@ -744,7 +744,7 @@ def test_the_owner_guest_port_has_its_own_service_policy_and_tls(tree: str) -> N
         volume_at(spec, owner, variables[f"SEVLAUNCH_GUEST_TLS_{k}"])[1]["secret"]["secretName"]
         for k in ("CERT", "KEY", "CA")
     }
-    assert mounts == {"sevlaunch-owner-guest-tls"}
+    assert mounts == {"sevlaunch-owner-guest-cert"}
     endpoint = variables["SEVLAUNCH_GUEST_ENDPOINT"]
     assert endpoint.startswith("https://") and port_of(endpoint) == 50054
 
