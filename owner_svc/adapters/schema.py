@@ -147,7 +147,8 @@ MIGRATIONS: tuple[tuple[Step, ...], ...] = (
             finished_at {real},
             reason TEXT NOT NULL DEFAULT ''
         )""",
-        "CREATE INDEX IF NOT EXISTS snp_authorizations_by_workload ON snp_authorizations(workload_id, created_at)",
+        "CREATE INDEX IF NOT EXISTS snp_authorizations_by_workload "
+        "ON snp_authorizations(workload_id, created_at)",
         """CREATE TABLE IF NOT EXISTS snp_challenges (
             challenge TEXT PRIMARY KEY,
             authorization_id TEXT NOT NULL,

@@ -87,6 +87,25 @@ class SQLiteDatabase:
         # hands over at once; BEGIN IMMEDIATE still serialises against other processes on the file.
         self._write_lock = threading.Lock()
         self._max_pages: int | None = None
+        # close() waits for the reads and writes under way: closing a connection another thread is using
+        # crashes the sqlite3 module (a late call after a test's or the server's shutdown did).
+        self._users = 0
+        self._closed = False
+        self._idle = threading.Condition(self._conn_lock)
+
+    @contextmanager
+    def _use(self) -> Iterator[sqlite3.Connection]:
+        with self._conn_lock:
+            if self._closed:
+                raise StoreUnavailable("the owner's store is closed (the owner is stopping)")
+            self._users += 1
+        try:
+            yield self.connection()
+        finally:
+            with self._conn_lock:
+                self._users -= 1
+                if self._users == 0:
+                    self._idle.notify_all()
 
     def connection(self) -> sqlite3.Connection:
         """This thread's connection (made on first use). Raises StoreError, never sqlite3's."""
@@ -139,8 +158,7 @@ class SQLiteDatabase:
 
     @contextmanager
     def write(self) -> Iterator[_Tx]:
-        conn = self.connection()
-        with self._write_lock:
+        with self._use() as conn, self._write_lock:
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -156,7 +174,11 @@ class SQLiteDatabase:
 
     @contextmanager
     def read(self, *, snapshot: bool = False) -> Iterator[_Tx]:
-        conn = self.connection()
+        with self._use() as conn:
+            yield from self._read(conn, snapshot)
+
+    @staticmethod
+    def _read(conn: sqlite3.Connection, snapshot: bool) -> Iterator[_Tx]:
         try:
             if not snapshot:
                 yield _Tx(conn)
@@ -173,6 +195,8 @@ class SQLiteDatabase:
 
     def close(self) -> None:
         with self._conn_lock:
+            self._closed = True
+            self._idle.wait_for(lambda: self._users == 0, timeout=30)
             for conn in self._connections:
                 conn.close()
             self._connections.clear()

@@ -25,8 +25,9 @@ from owner_svc.api.ratelimit import GuestRateLimiter, peer_address
 from owner_svc.core.reasons import Reason
 from owner_svc.core.service import OwnerCore
 from sevlaunch.errors import InvalidArgument, ResourceExhausted
-from sevlaunch.rpc import AuthzPolicy, RpcMetrics, current_caller, map_exception
-from sevlaunch.rpc.interceptor import Caller, ShellInterceptor, _current, _request_id
+from sevlaunch.rpc import ANY_AUTHENTICATED, AuthzPolicy, RpcMetrics, map_exception, method_rules
+from sevlaunch.rpc.authz import STANDARD_METHODS
+from sevlaunch.rpc.interceptor import Caller, ShellInterceptor, _request_id
 from sevlaunch.rpc.tls import TLSMaterialError
 from sevlaunch.rpc.v1 import guest_pb2, guest_pb2_grpc
 from sevlaunch.snp.secret_wrap import SUITE_NAME
@@ -50,14 +51,14 @@ class GuestServicer(guest_pb2_grpc.OwnerGuestServicer):
     async def GetChallenge(
         self, request: guest_pb2.GetChallengeRequest, context: Ctx
     ) -> guest_pb2.GetChallengeResponse:
-        peer = current_caller().identity
+        peer = peer_address(context.peer())
         issued = await asyncio.to_thread(self.core.issue_snp_challenge, peer, request.authorization_id)
         expires = timestamp_pb2.Timestamp()
         expires.FromDatetime(issued.expires_at)
         return guest_pb2.GetChallengeResponse(challenge=issued.value, expires_at=expires)
 
     async def Attest(self, request: guest_pb2.AttestRequest, context: Ctx) -> guest_pb2.AttestResponse:
-        peer = current_caller().identity
+        peer = peer_address(context.peer())
         which = request.WhichOneof("certificates")
         vek: bytes = b""
         chain: tuple[bytes, ...] = ()
@@ -85,27 +86,40 @@ class GuestServicer(guest_pb2_grpc.OwnerGuestServicer):
         )
 
 
+class _AnyPeer(AuthzPolicy):
+    """The guest port's rule: any peer may call the methods registered there (there is no identity to
+    check: the report is the credential), nothing else."""
+
+    def allows(self, method: str, identity: str | None) -> bool:
+        return method in self.rules
+
+    def with_standard_methods(self) -> AuthzPolicy:
+        return _AnyPeer({**STANDARD_METHODS, **self.rules}, self.identity_roles)
+
+
 class GuestInterceptor(ShellInterceptor):
     """The shell's interceptor (decode after the check, typed errors, metrics, one log line a call) with
-    the caller being the peer's address instead of a certificate identity, and the rate limits instead of
-    role checks: which RPCs exist here is decided by what is registered on the server."""
+    the rate limits in front, keyed by the peer's address, and no role check (`_AnyPeer`)."""
 
     def __init__(self, limiter: GuestRateLimiter, metrics: RpcMetrics, limited: Counter) -> None:
-        super().__init__(AuthzPolicy({}), metrics)
+        methods = {
+            m.name: (ANY_AUTHENTICATED,) for m in guest_pb2.DESCRIPTOR.services_by_name["OwnerGuest"].methods
+        }
+        super().__init__(_AnyPeer(method_rules(SERVICE_NAME, methods)).with_standard_methods(), metrics)
         self._limiter = limiter
         self._limited = limited
 
-    async def _enter(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
-        caller = Caller(peer_address(context.peer()), method, _request_id(context))
-        _current.set(caller)
-        scope = self._limiter.allow(caller.identity)
+    async def _enter(self, method: str, *args: Any) -> Caller:
+        context: grpc.aio.ServicerContext[Any, Any] = args[-1]
+        scope = self._limiter.allow(peer_address(context.peer()))
         if scope is not None:
             self._limited.labels(scope).inc()
             refusal = ResourceExhausted(
                 Reason.RATE_LIMITED, f"too many requests ({scope} limit); retry later"
             )
-            status = map_exception(refusal, caller.request_id).to_status()
+            status = map_exception(refusal, _request_id(context)).to_status()
             await context.abort(status.code, status.details, status.trailing_metadata)
+        caller: Caller = await super()._enter(method, *args)
         return caller
 
 

@@ -15,7 +15,10 @@ from sevlaunch import audit
 
 
 def canonical_record(seq: int, time: float, event: AuditEvent, prev_hash: str) -> str:
-    return audit.canonical_record(seq, time, asdict(event), prev_hash)
+    fields = asdict(event)
+    if not fields["launch_id"]:
+        del fields["launch_id"]  # records from before launch ids keep their canonical text and hash
+    return audit.canonical_record(seq, time, fields, prev_hash)
 
 
 def parse_canonical(canonical: str) -> tuple[int, float, AuditEvent, str]:

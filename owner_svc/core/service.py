@@ -125,8 +125,10 @@ class OwnerCore(OwnerAdmin, OwnerSnp):
         session_ttl: float = DEFAULT_SESSION_TTL,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        launch_id: Callable[[], str | None] = lambda: None,
         snp: SnpSettings | None = None,
     ) -> None:
+        self._launch_id = launch_id
         if not 1 <= session_ttl <= MAX_SESSION_TTL:
             raise ValueError(f"session TTL must be 1..{MAX_SESSION_TTL:.0f} seconds")
         for root in extra_roots:
@@ -206,6 +208,7 @@ class OwnerCore(OwnerAdmin, OwnerSnp):
             outcome="refused",
             workload_id=workload_id,
             cek_fingerprint=chain.cek.fingerprint(),
+            launch_id=self._launch_id() or "",
         )
 
         def refuse(exc: Exception) -> Exception:
@@ -316,7 +319,13 @@ class OwnerCore(OwnerAdmin, OwnerSnp):
         check_policy(policy, "reported policy")
 
         # 2. Decide.
-        event = AuditEvent(actor=caller, action="release_secret", outcome="refused", session_id=session_id)
+        event = AuditEvent(
+            actor=caller,
+            action="release_secret",
+            outcome="refused",
+            session_id=session_id,
+            launch_id=self._launch_id() or "",
+        )
         session = self.store.get_session(session_id)
         if session is None:
             self._refuse_release(event, NotFound(Reason.UNKNOWN_SESSION, "no such session"))

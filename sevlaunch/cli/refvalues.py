@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sevlaunch.cli import CommandError
+from sevlaunch.cli import UsageError
 from sevlaunch.cli._common import parse_hex, parse_int, read_bytes
 from sevlaunch.refvalues import (
     DigestConfig,
@@ -40,6 +40,7 @@ from sevlaunch.refvalues import (
     verify_manifest,
 )
 from sevlaunch.sev.digest import launch_digest
+from sevlaunch.sev.errors import SevError
 from sevlaunch.sev.technology import Technology
 from sevlaunch.sev.vmsa import VMSALayout, vcpu_signature
 from sevlaunch.snp.launch_digest import launch_digest as snp_launch_digest
@@ -134,7 +135,7 @@ def _snp_digests(
 ) -> list[ReferenceDigest]:
     vmm = VmmType.parse(args.vmm_type)
     if not args.vcpus or (vmm is VmmType.QEMU and not args.vcpu_type):
-        raise CommandError("--mode sev-snp needs --vcpus (and --vcpu-type under QEMU)")
+        raise UsageError("--mode sev-snp needs --vcpus (and --vcpu-type under QEMU)")
     sig = vcpu_signature(args.vcpu_type) if args.vcpu_type else None
     out = []
     for n in dict.fromkeys(c for counts in args.vcpus for c in counts):
@@ -160,18 +161,25 @@ def _snp_digests(
     return out
 
 
+def _min_tcb(text: str) -> Any:
+    try:
+        return parse_min_tcb(text)
+    except SevError as exc:
+        raise UsageError(f"--min-tcb: {exc}") from None
+
+
 def _snp_reference(args: argparse.Namespace) -> SnpReference:
     return SnpReference(
         family_id=parse_hex(args.family_id, what="--family-id", length=16) if args.family_id else bytes(16),
         image_id=parse_hex(args.image_id, what="--image-id", length=16) if args.image_id else bytes(16),
         guest_svn=args.guest_svn,
-        min_tcb=tuple(parse_min_tcb(text) for text in args.min_tcb),
+        min_tcb=tuple(_min_tcb(text) for text in args.min_tcb),
     )
 
 
 def _digests(args: argparse.Namespace, image: bytes) -> list[ReferenceDigest]:
     if args.kernel is None and (args.initrd is not None or args.cmdline is not None):
-        raise CommandError("--initrd and --cmdline need --kernel")
+        raise UsageError("--initrd and --cmdline need --kernel")
     kernel = read_bytes(args.kernel) if args.kernel else None
     initrd = read_bytes(args.initrd) if args.initrd else None
     cmdline = args.cmdline
@@ -192,7 +200,7 @@ def _digests(args: argparse.Namespace, image: bytes) -> list[ReferenceDigest]:
             out.append(ReferenceDigest(bytes(ld), DigestConfig(Technology.SEV, kernel_hashes=hashes)))
             continue
         if not args.vcpus or not args.vcpu_type:
-            raise CommandError("--mode sev-es needs --vcpus and --vcpu-type")
+            raise UsageError("--mode sev-es needs --vcpus and --vcpu-type")
         sig = vcpu_signature(args.vcpu_type)
         for layout in dict.fromkeys(args.vmsa_layout or [VMSALayout.init2.value]):
             for n in dict.fromkeys(c for counts in args.vcpus for c in counts):
@@ -221,7 +229,7 @@ def _make(args: argparse.Namespace) -> int:
     image = read_bytes(args.firmware)
     snp_mode = Technology.SEV_SNP.value in (args.mode or [])
     if not snp_mode and (args.family_id or args.image_id or args.guest_svn or args.min_tcb):
-        raise CommandError("--family-id, --image-id, --guest-svn and --min-tcb need --mode sev-snp")
+        raise UsageError("--family-id, --image-id, --guest-svn and --min-tcb need --mode sev-snp")
     manifest = make_manifest(
         publisher=args.publisher,
         firmware_name=args.name,

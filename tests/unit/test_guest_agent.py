@@ -167,7 +167,7 @@ def test_cli_refusal_writes_nothing(
     (tmp_path / "init.json").write_bytes(init.to_bytes())
     monkeypatch.setattr("sevlaunch.cli.guest.report_source", lambda name: FakeSource(init.host_data))
     assert (
-        cli_main(["guest", "attest", "--init-data", str(tmp_path / "init.json"), "--out", str(tmp_path)]) == 2
+        cli_main(["guest", "attest", "--init-data", str(tmp_path / "init.json"), "--out", str(tmp_path)]) == 1
     )
     assert "measurement_mismatch" in capsys.readouterr().err
     assert not (tmp_path / "secret").exists()
