@@ -61,6 +61,7 @@ AUTHZ = AuthzPolicy(
             "RotateSnpKey": ADMIN_ROLES,
             "ListSnpKeys": ADMIN_ROLES,
             "ListSnpAuthorizations": ADMIN_ROLES,
+            "RevokeSnpAuthorization": ADMIN_ROLES,
         },
     )
 )
@@ -386,3 +387,10 @@ class OwnerServicer(owner_pb2_grpc.OwnerServiceServicer):
         return owner_pb2.GetSnpAttestationResponse(
             authorization=authorization_to_proto(record, self.core.clock())
         )
+
+    async def RevokeSnpAuthorization(
+        self, request: owner_pb2.RevokeSnpAuthorizationRequest, context: Ctx
+    ) -> owner_pb2.RevokeSnpAuthorizationResponse:
+        caller = current_caller().identity
+        await asyncio.to_thread(self.core.revoke_snp_authorization, caller, request.authorization_id)
+        return owner_pb2.RevokeSnpAuthorizationResponse()

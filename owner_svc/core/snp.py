@@ -808,6 +808,28 @@ class OwnerSnp(OwnerSnpKeys):
 
     # ------------------------------------------------------------------------------------- admin
 
+    def revoke_snp_authorization(self, caller: str, authorization_id: str) -> None:
+        check_authorization_id(authorization_id)
+        auth = self.store.get_snp_authorization(authorization_id)
+        if auth is None:
+            raise NotFound(Reason.UNKNOWN_AUTHORIZATION, "no such authorisation")
+        event = AuditEvent(
+            actor=caller,
+            action="revoke_snp_authorization",
+            outcome="allowed",
+            workload_id=auth.workload_id,
+            session_id=authorization_id,
+        )
+        if not self.store.finish_snp_authorization(
+            authorization_id,
+            to_state=AuthorizationState.REVOKED,
+            now=self.clock(),
+            require_unexpired=False,
+            reason="revoked",
+            event=event,
+        ):
+            raise FailedPrecondition(Reason.SESSION_NOT_OPEN, "the authorisation is no longer open")
+
     def list_snp_authorizations(self, workload_id: str, limit: int) -> Sequence[SnpAuthorization]:
         if workload_id:
             check_workload_id(workload_id)

@@ -658,3 +658,27 @@ def test_guest_port_configuration_errors_stop_the_start(tls_dir: Any, tmp_path: 
             app.store.close()
 
     asyncio.run(wildcard_without_endpoint())
+
+
+def test_a_revoked_authorisation_cannot_attest(make_snp_owner: Any, publisher: Publisher, chip: Chip) -> None:
+    owner = make_snp_owner()
+    provision_snp(owner, publisher)
+    guest = _authorize(owner, chip)
+    aid = guest.authorized.authorization_id
+    stub = owner.guest_stub()
+    challenge = stub.GetChallenge(guest_pb2.GetChallengeRequest(authorization_id=aid)).challenge
+    owner.admin.RevokeSnpAuthorization(owner_pb2.RevokeSnpAuthorizationRequest(authorization_id=aid))
+    err = rpc_error(lambda: stub.Attest(guest.attest_request(challenge, guest.signed(challenge))))
+    assert (err.code, err.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "authorization_revoked")
+    assert owner.authorization_state(aid) == owner_pb2.SNP_AUTHORIZATION_STATE_REVOKED
+    err = rpc_error(
+        lambda: owner.admin.RevokeSnpAuthorization(
+            owner_pb2.RevokeSnpAuthorizationRequest(authorization_id=aid)
+        )
+    )
+    assert (err.code, err.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "session_not_open")
+    actions = [(r.action, r.outcome, r.reason) for r in owner.audit() if r.session_id == aid]
+    assert actions[-2:] == [
+        ("revoke_snp_authorization", "allowed", ""),
+        ("attest_snp", "refused", "authorization_revoked"),
+    ]

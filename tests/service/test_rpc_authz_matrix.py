@@ -81,6 +81,7 @@ ROLES: dict[str, dict[str, frozenset[str]]] = {
                 "RotateSnpKey",
                 "ListSnpKeys",
                 "ListSnpAuthorizations",
+                "RevokeSnpAuthorization",
             )
         },
     },

@@ -6,7 +6,7 @@ owner_svc: the guest owner's root of trust, over mTLS.
 Roles (by client certificate CN, deny by default): `launcher` and `client` may call OpenSession,
 ReleaseSecret and AuthorizeSnpLaunch; `owner-admin` may call the admin RPCs (PutWorkload, GetWorkload,
 PutSecret, ImportReferenceValues, ListReferenceValues, ListSessions, GetAuditLog, RevokeSession,
-RotateSnpKey, ListSnpKeys, ListSnpAuthorizations). An SEV-SNP guest attests on the owner's separate
+RotateSnpKey, ListSnpKeys, ListSnpAuthorizations, RevokeSnpAuthorization). An SEV-SNP guest attests on the owner's separate
 guest port (guest.proto, OwnerGuest: server-authenticated TLS only, rate-limited), where none of these
 RPCs is reachable.
 A session is bound to the identity that opened it: only that identity may release it.
@@ -1581,3 +1581,37 @@ class ListSnpAuthorizationsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListSnpAuthorizationsResponse: _TypeAlias = ListSnpAuthorizationsResponse  # noqa: Y015
+
+@_typing.final
+class RevokeSnpAuthorizationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTHORIZATION_ID_FIELD_NUMBER: _builtins.int
+    authorization_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        authorization_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_id", b"authorization_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeSnpAuthorizationRequest: _TypeAlias = RevokeSnpAuthorizationRequest  # noqa: Y015
+
+@_typing.final
+class RevokeSnpAuthorizationResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeSnpAuthorizationResponse: _TypeAlias = RevokeSnpAuthorizationResponse  # noqa: Y015

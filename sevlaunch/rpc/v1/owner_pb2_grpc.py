@@ -109,6 +109,11 @@ class OwnerServiceStub:
                 request_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpAuthorizationsRequest.SerializeToString,
                 response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpAuthorizationsResponse.FromString,
                 _registered_method=True)
+        self.RevokeSnpAuthorization = channel.unary_unary(
+                '/sevlaunch.v1.OwnerService/RevokeSnpAuthorization',
+                request_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSnpAuthorizationRequest.SerializeToString,
+                response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSnpAuthorizationResponse.FromString,
+                _registered_method=True)
 
 
 class OwnerServiceServicer:
@@ -224,6 +229,13 @@ class OwnerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeSnpAuthorization(self, request, context):
+        """Admin. Withdraws an authorisation not yet released: its guest can no longer attest (audited).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OwnerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -301,6 +313,11 @@ def add_OwnerServiceServicer_to_server(servicer, server):
                     servicer.ListSnpAuthorizations,
                     request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpAuthorizationsRequest.FromString,
                     response_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpAuthorizationsResponse.SerializeToString,
+            ),
+            'RevokeSnpAuthorization': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeSnpAuthorization,
+                    request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSnpAuthorizationRequest.FromString,
+                    response_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSnpAuthorizationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -708,6 +725,33 @@ class OwnerService:
             '/sevlaunch.v1.OwnerService/ListSnpAuthorizations',
             sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpAuthorizationsRequest.SerializeToString,
             sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpAuthorizationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeSnpAuthorization(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sevlaunch.v1.OwnerService/RevokeSnpAuthorization',
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSnpAuthorizationRequest.SerializeToString,
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSnpAuthorizationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,7 +6,7 @@ owner_svc: the guest owner's root of trust, over mTLS.
 Roles (by client certificate CN, deny by default): `launcher` and `client` may call OpenSession,
 ReleaseSecret and AuthorizeSnpLaunch; `owner-admin` may call the admin RPCs (PutWorkload, GetWorkload,
 PutSecret, ImportReferenceValues, ListReferenceValues, ListSessions, GetAuditLog, RevokeSession,
-RotateSnpKey, ListSnpKeys, ListSnpAuthorizations). An SEV-SNP guest attests on the owner's separate
+RotateSnpKey, ListSnpKeys, ListSnpAuthorizations, RevokeSnpAuthorization). An SEV-SNP guest attests on the owner's separate
 guest port (guest.proto, OwnerGuest: server-authenticated TLS only, rate-limited), where none of these
 RPCs is reachable.
 A session is bound to the identity that opened it: only that identity may release it.
@@ -120,6 +120,8 @@ class OwnerServiceStub:
     """
     ListSnpKeys: _grpc.UnaryUnaryMultiCallable[_owner_pb2.ListSnpKeysRequest, _owner_pb2.ListSnpKeysResponse]
     ListSnpAuthorizations: _grpc.UnaryUnaryMultiCallable[_owner_pb2.ListSnpAuthorizationsRequest, _owner_pb2.ListSnpAuthorizationsResponse]
+    RevokeSnpAuthorization: _grpc.UnaryUnaryMultiCallable[_owner_pb2.RevokeSnpAuthorizationRequest, _owner_pb2.RevokeSnpAuthorizationResponse]
+    """Admin. Withdraws an authorisation not yet released: its guest can no longer attest (audited)."""
 
 @_typing.type_check_only
 class OwnerServiceAsyncStub(OwnerServiceStub):
@@ -164,6 +166,8 @@ class OwnerServiceAsyncStub(OwnerServiceStub):
     """
     ListSnpKeys: _aio.UnaryUnaryMultiCallable[_owner_pb2.ListSnpKeysRequest, _owner_pb2.ListSnpKeysResponse]  # type: ignore[assignment]
     ListSnpAuthorizations: _aio.UnaryUnaryMultiCallable[_owner_pb2.ListSnpAuthorizationsRequest, _owner_pb2.ListSnpAuthorizationsResponse]  # type: ignore[assignment]
+    RevokeSnpAuthorization: _aio.UnaryUnaryMultiCallable[_owner_pb2.RevokeSnpAuthorizationRequest, _owner_pb2.RevokeSnpAuthorizationResponse]  # type: ignore[assignment]
+    """Admin. Withdraws an authorisation not yet released: its guest can no longer attest (audited)."""
 
 class OwnerServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -295,5 +299,13 @@ class OwnerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _owner_pb2.ListSnpAuthorizationsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_owner_pb2.ListSnpAuthorizationsResponse, _abc.Awaitable[_owner_pb2.ListSnpAuthorizationsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeSnpAuthorization(
+        self,
+        request: _owner_pb2.RevokeSnpAuthorizationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_owner_pb2.RevokeSnpAuthorizationResponse, _abc.Awaitable[_owner_pb2.RevokeSnpAuthorizationResponse]]:
+        """Admin. Withdraws an authorisation not yet released: its guest can no longer attest (audited)."""
 
 def add_OwnerServiceServicer_to_server(servicer: OwnerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
