@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from owner_svc.adapters.dialect import Dialect, Tx
 from owner_svc.adapters.rows import audit_record_from_row, session_from_row
 from owner_svc.adapters.schema import MIGRATIONS, SCHEMA_VERSION, SESSION_COLUMNS, MacHead, MacWorkloads
+from owner_svc.adapters.snpstore import SnpSqlStore
 from owner_svc.core.audit import canonical_record
 from owner_svc.core.model import AuditEvent, AuditRecord, SessionRecord, SessionState
 from owner_svc.core.ports import SchemaError, StoreCorrupt
@@ -80,7 +81,7 @@ class AuditLogDamaged(StoreCorrupt):
         super().__init__(f"the audit log is damaged: {what}; {RECOVERY}")
 
 
-class SqlStore:
+class SqlStore(SnpSqlStore):
     def __init__(
         self, db: Database, *, audit_mac_key: bytes | None, clock: Callable[[], float] = time.time
     ) -> None:
