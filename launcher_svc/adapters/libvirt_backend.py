@@ -20,6 +20,7 @@ from typing import Any
 
 import libvirt
 
+from launcher_svc.adapters import libvirt_errors
 from launcher_svc.core.domain_xml import libvirt_cpu_model, parse_domain_xml
 from launcher_svc.core.ports import (
     DomainInfo,
@@ -72,6 +73,9 @@ def libvirt_error(exc: libvirt.libvirtError, what: str) -> ServiceError:
     code = exc.get_error_code()
     message = exc.get_error_message() or str(exc)
     detail = f"{what}: {message}"
+    precise = libvirt_errors.classify(code, message, detail)
+    if precise is not None:
+        return precise
     if code == libvirt.VIR_ERR_NO_SUPPORT:
         return FailedPrecondition("hypervisor_unsupported", detail)
     if code == libvirt.VIR_ERR_NO_DOMAIN:
@@ -141,10 +145,27 @@ def check_cpu_model(domcaps_xml: str, model: str) -> None:
         )
 
 
+def without_locked_memory(xml: str) -> str:
+    """The domain XML without `<memoryBacking><locked/>` (and the element, if that left it empty)."""
+    root = ET.fromstring(xml)  # noqa: S314 - our own builder's XML
+    backing = root.find("memoryBacking")
+    if backing is not None:
+        for locked in backing.findall("locked"):
+            backing.remove(locked)
+        if len(backing) == 0:
+            root.remove(backing)
+    return ET.tostring(root, encoding="unicode")
+
+
 class LibvirtHypervisor:
-    def __init__(self, uri: str = "qemu:///system") -> None:
+    """`lock_memory=False` is for test hosts only (`--test-host-unlocked-memory`): it defines domains
+    without `<locked/>`, which a host without CAP_SYS_RESOURCE refuses. Encrypted guest memory must
+    never be swapped on a real SEV host; the launcher's flag refuses to run where /dev/sev exists."""
+
+    def __init__(self, uri: str = "qemu:///system", *, lock_memory: bool = True) -> None:
         ensure_event_loop()
         self.uri = uri
+        self.lock_memory = lock_memory
         try:
             self._conn: libvirt.virConnect = libvirt.open(uri)
         except libvirt.libvirtError as exc:
@@ -241,6 +262,8 @@ class LibvirtHypervisor:
                 check_cpu_model(domcaps, parsed.cpu_model)
         if self._find(name) is not None:
             raise AlreadyExists("domain_exists", f"a domain named {name} exists")
+        if not self.lock_memory:
+            xml = without_locked_memory(xml)
         try:
             dom = self._conn.defineXML(xml)
         except libvirt.libvirtError as exc:
