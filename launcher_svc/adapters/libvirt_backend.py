@@ -158,14 +158,24 @@ def without_locked_memory(xml: str) -> str:
 
 
 class LibvirtHypervisor:
-    """`lock_memory=False` is for test hosts only (`--test-host-unlocked-memory`): it defines domains
-    without `<locked/>`, which a host without CAP_SYS_RESOURCE refuses. Encrypted guest memory must
-    never be swapped on a real SEV host; the launcher's flag refuses to run where /dev/sev exists."""
+    """Two settings are for test hosts only, where QEMU is a stand-in for an SEV host's (the launcher's
+    `--test-host-*` flags, refused where /dev/sev exists):
+    * `lock_memory=False` defines domains without `<locked/>`, which a host without CAP_SYS_RESOURCE
+      refuses; encrypted guest memory must never be swapped on a real SEV host.
+    * `test_asids=(sev, es)`: libvirt takes the ASID counts from the host CPU (CPUID 0x8000001F), which
+      reports none on a CPU without SEV; these counts stand in when libvirt reports no ASIDs at all."""
 
-    def __init__(self, uri: str = "qemu:///system", *, lock_memory: bool = True) -> None:
+    def __init__(
+        self,
+        uri: str = "qemu:///system",
+        *,
+        lock_memory: bool = True,
+        test_asids: tuple[int, int] | None = None,
+    ) -> None:
         ensure_event_loop()
         self.uri = uri
         self.lock_memory = lock_memory
+        self.test_asids = test_asids
         try:
             self._conn: libvirt.virConnect = libvirt.open(uri)
         except libvirt.libvirtError as exc:
@@ -222,6 +232,8 @@ class LibvirtHypervisor:
             max_es = int(info.get("max-es-guests", 0))
         if cbitpos is None or reduced is None:
             raise FailedPrecondition("sev_unsupported", "the hypervisor reports no cbitpos/reducedPhysBits")
+        if self.test_asids is not None and max_guests == 0 and max_es == 0:
+            max_guests, max_es = self.test_asids
         return SevCapabilities(cbitpos, reduced, max_guests, max_es)
 
     def _domain_capabilities(self) -> str | None:
