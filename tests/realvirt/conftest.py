@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 from realvirt_fixture import CBITPOS, REDUCED_PHYS_BITS, RealvirtHost, skip_reason
 
+from launcher_svc.adapters.libvirt_backend import LibvirtHypervisor
 from sevlaunch.firmware import EmulatedFirmware
 from sevlaunch.realvirt.daemon import PrivateLibvirt
 from sevlaunch.realvirt.standin import StandinConfig, write_wrapper
@@ -42,3 +43,13 @@ def realvirt_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Realvirt
         yield RealvirtHost(daemon=daemon, config_path=config_path, config=config, chip=chip)
     finally:
         daemon.stop()
+
+
+@pytest.fixture
+def hv(realvirt_host: RealvirtHost) -> Iterator[LibvirtHypervisor]:
+    # This host lacks CAP_SYS_RESOURCE, so QEMU cannot lock guest memory (see the locked-memory test).
+    backend = LibvirtHypervisor(realvirt_host.uri, lock_memory=False)
+    yield backend
+    for dom in backend.list_domains():
+        backend.destroy(dom.name)
+    backend.close()

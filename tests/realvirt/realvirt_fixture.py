@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher_svc.adapters.libvirt_backend import LibvirtHypervisor
+from launcher_svc.core.domain_xml import SevLaunchParams, build_domain_xml, domain_name_for
+from launcher_svc.core.spec import PathPolicy, create_spec
 from sevlaunch.firmware import EmulatedFirmware
 from sevlaunch.realvirt.daemon import PrivateLibvirt, missing_binaries
 from sevlaunch.realvirt.standin import StandinConfig
+from sevlaunch.sev.chain import CertificateChain, load_roots_file, verify_chain
+from sevlaunch.sev.session import LaunchSession, create_session
+from sevlaunch.sev.technology import Technology
 
 #: 2 MiB Debian OVMF: QEMU's -bios (libvirt's `<loader type='rom'>`) takes only images whose size is a
 #: multiple of 64 KiB, which OVMF_CODE_4M.fd (3.5 MiB minus 16 KiB) is not.
@@ -72,3 +79,35 @@ class RealvirtHost:
             time.sleep(0.25)
         tail = path.read_bytes()[-400:] if path.exists() else b"(no serial log)"
         raise AssertionError(f"{text!r} not on {domain}'s console after {timeout}s: {tail!r}")
+
+
+POLICY = 0x0003  # NODBG | NOKS
+#: Debian's OVMF declares no secret area; the demo's address (sevlaunch.demo.env.SECRET_GPA).
+SECRET_GPA = 0x80C000
+#: What OVMF prints once its UEFI shell runs (the boot manager falls through to it: no disks).
+SHELL_BANNER = b"UEFI Interactive Shell"
+
+
+def owner_session(host: RealvirtHost) -> LaunchSession:
+    chain = CertificateChain.from_full_bytes(host.chip.full_chain())
+    verified = verify_chain(chain, extra_roots=[load_roots_file(host.chip.ask_ark(), "emulated")])
+    return create_session(verified.chain.pdh, POLICY)
+
+
+def domain_xml(hv: LibvirtHypervisor, session: LaunchSession, firmware: Path, guest: str) -> tuple[str, str]:
+    caps = hv.sev_capabilities()
+    spec = create_spec(
+        name=guest,
+        memory_mib=256,
+        vcpus=1,
+        firmware_path=str(firmware),
+        mode=Technology.SEV,
+        policy=POLICY,
+        paths=PathPolicy((str(firmware.parent),)),
+    )
+    launch_id = uuid.uuid4().hex
+    name = domain_name_for(launch_id, guest)
+    sev = SevLaunchParams(
+        caps.cbitpos, caps.reduced_phys_bits, POLICY, session.godh.to_bytes(), session.blob.to_bytes()
+    )
+    return name, build_domain_xml(spec, launch_id=launch_id, domain_name=name, sev=sev)

@@ -11,68 +11,30 @@ console, and the chip's guest count after destroy.
 from __future__ import annotations
 
 import base64
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
 import pytest
-from realvirt_fixture import OVMF_2M, RealvirtHost
+from realvirt_fixture import (
+    OVMF_2M,
+    POLICY,
+    SECRET_GPA,
+    SHELL_BANNER,
+    RealvirtHost,
+    domain_xml,
+    owner_session,
+)
 
 from launcher_svc.adapters.libvirt_backend import LibvirtHypervisor
-from launcher_svc.core.domain_xml import SevLaunchParams, build_domain_xml, domain_name_for
-from launcher_svc.core.spec import PathPolicy, create_spec
 from sevlaunch.errors import FailedPrecondition, ServiceError
 from sevlaunch.sev.chain import CertificateChain, load_roots_file, verify_chain
 from sevlaunch.sev.digest import launch_digest
 from sevlaunch.sev.errors import VerificationFailed
 from sevlaunch.sev.measurement import LaunchMeasurement, verify_measurement
 from sevlaunch.sev.secret import SecretEntry, SecretTable, package_secret
-from sevlaunch.sev.session import LaunchSession, create_session
-from sevlaunch.sev.technology import Technology
+from sevlaunch.sev.session import create_session
 
 pytestmark = pytest.mark.realvirt
-
-POLICY = 0x0003  # NODBG | NOKS
-#: Debian's OVMF declares no secret area; the demo's address (sevlaunch.demo.env.SECRET_GPA).
-SECRET_GPA = 0x80C000
-#: What OVMF prints once its UEFI shell runs (the boot manager falls through to it: no disks).
-SHELL_BANNER = b"UEFI Interactive Shell"
-
-
-def owner_session(host: RealvirtHost) -> LaunchSession:
-    chain = CertificateChain.from_full_bytes(host.chip.full_chain())
-    verified = verify_chain(chain, extra_roots=[load_roots_file(host.chip.ask_ark(), "emulated")])
-    return create_session(verified.chain.pdh, POLICY)
-
-
-def domain_xml(hv: LibvirtHypervisor, session: LaunchSession, firmware: Path, guest: str) -> tuple[str, str]:
-    caps = hv.sev_capabilities()
-    spec = create_spec(
-        name=guest,
-        memory_mib=256,
-        vcpus=1,
-        firmware_path=str(firmware),
-        mode=Technology.SEV,
-        policy=POLICY,
-        paths=PathPolicy((str(firmware.parent),)),
-    )
-    launch_id = uuid.uuid4().hex
-    name = domain_name_for(launch_id, guest)
-    sev = SevLaunchParams(
-        caps.cbitpos, caps.reduced_phys_bits, POLICY, session.godh.to_bytes(), session.blob.to_bytes()
-    )
-    return name, build_domain_xml(spec, launch_id=launch_id, domain_name=name, sev=sev)
-
-
-@pytest.fixture
-def hv(realvirt_host: RealvirtHost) -> Iterator[LibvirtHypervisor]:
-    # This host lacks CAP_SYS_RESOURCE, so QEMU cannot lock guest memory (see the locked-memory test).
-    backend = LibvirtHypervisor(realvirt_host.uri, lock_memory=False)
-    yield backend
-    for dom in backend.list_domains():
-        backend.destroy(dom.name)
-    backend.close()
 
 
 def test_sev_capabilities_come_from_the_chip_through_libvirt(
