@@ -445,26 +445,26 @@ class Standin:
     def run(self, ready_w: int | None = None) -> int:
         """Serves until QEMU exits or a signal stops it; `ready_w` (with -daemonize) is told "ok" once
         the monitor is up."""
-        if self.plan.sev is not None:
-            self.sev = SevLaunch(self.cfg, self.plan)
-            self.sev.start()
-            self._status()
-        self.upstream = self.listen()
-        qemu = self.spawn_qemu()
-        if not self.greeting_ready.wait(60) or self.greeting is None:
-            self.stop()
-            raise SystemExit("the real QEMU did not open its monitor")
-        if ready_w is not None:
-            if self.plan.pidfile:
-                Path(self.plan.pidfile).write_text(f"{os.getpid()}\n")
-            os.write(ready_w, b"ok")
-            os.close(ready_w)
-            _detach_stdio()
         signal.signal(signal.SIGTERM, lambda *_: self.stop())
         signal.signal(signal.SIGINT, lambda *_: self.stop())
         try:
+            if self.plan.sev is not None:
+                self.sev = SevLaunch(self.cfg, self.plan)
+                self.sev.start()
+                self._status()
+            self.upstream = self.listen()
+            qemu = self.spawn_qemu()
+            if not self.greeting_ready.wait(60) or self.greeting is None:
+                raise SystemExit("the real QEMU did not open its monitor")
+            if ready_w is not None:
+                if self.plan.pidfile:
+                    Path(self.plan.pidfile).write_text(f"{os.getpid()}\n")
+                os.write(ready_w, b"ok")
+                os.close(ready_w)
+                _detach_stdio()
             self.serve(qemu)
         finally:
+            # Whatever ended it: QEMU goes, and with it the guest context (KVM decommissions on close).
             self.stop()
             if self.qemu is not None:
                 try:
@@ -537,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     except ArgsError as exc:
         print(f"qemu stand-in: {exc}", file=sys.stderr)
         return 1
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True, mode=0o700)  # guest RAM files live here
     ready_w = _daemonize() if p.daemonize else None
     logging.basicConfig(
         filename=str(Path(cfg.run_dir) / "standin.log"),

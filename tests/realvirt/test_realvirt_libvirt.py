@@ -27,6 +27,7 @@ from realvirt_fixture import (
 
 from launcher_svc.adapters.libvirt_backend import LibvirtHypervisor
 from sevlaunch.errors import FailedPrecondition, ServiceError
+from sevlaunch.firmware import FirmwareError, StatusCode
 from sevlaunch.sev.chain import CertificateChain, load_roots_file, verify_chain
 from sevlaunch.sev.digest import launch_digest
 from sevlaunch.sev.errors import VerificationFailed
@@ -239,9 +240,13 @@ def test_a_session_for_another_chip_is_refused_at_launch_start(
     guests_before = realvirt_host.chip.platform_status().guest_count
     name, xml = domain_xml(hv, session, OVMF_2M, "foreign")
     hv.define(xml)
+    # What the chip says to this session when asked directly (it creates no guest on a refusal).
+    with pytest.raises(FirmwareError) as direct:
+        realvirt_host.chip.launch_start(session.godh.to_bytes(), session.blob.to_bytes(), POLICY)
     with pytest.raises(FailedPrecondition) as typed:
         hv.start_paused(name)
-    assert typed.value.reason.startswith("firmware_")
-    assert typed.value.metadata["firmware_status"] in typed.value.reason.upper()
+    assert isinstance(direct.value.status, StatusCode)
+    assert typed.value.reason == f"firmware_{direct.value.status.name.lower()}"
+    assert typed.value.metadata["firmware_status"] == direct.value.status.name
     assert realvirt_host.chip.platform_status().guest_count == guests_before
     hv.destroy(name)

@@ -100,7 +100,7 @@ INJECT_FOREIGN = (
 )
 START_FOREIGN = (
     "internal error: qemu unexpectedly closed the monitor: qemu-system-x86_64: "
-    "SEV: LAUNCH_START ret=-5 fw_error=6 'INVALID_CERTIFICATE'"
+    "SEV: LAUNCH_START ret=-5 fw_error=11 'BAD_MEASUREMENT'"
 )
 LOCKED = (
     "internal error: Process exited prior to exec: libvirt:  error : cannot limit locked memory of "
@@ -116,8 +116,8 @@ NO_SEV = "unsupported configuration: SEV launch security is not supported with t
         (
             libvirt.VIR_ERR_INTERNAL_ERROR,
             START_FOREIGN,
-            "firmware_invalid_certificate",
-            "INVALID_CERTIFICATE",
+            "firmware_bad_measurement",
+            "BAD_MEASUREMENT",
         ),
         (libvirt.VIR_ERR_INTERNAL_ERROR, LOCKED, "locked_memory_refused", None),
         (libvirt.VIR_ERR_CONFIG_UNSUPPORTED, NO_SEV, "sev_unsupported", None),
