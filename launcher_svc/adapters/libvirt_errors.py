@@ -12,6 +12,8 @@ turned into the reason a caller can act on; anything else keeps `libvirt_error`'
   CAP_SYS_RESOURCE or a low RLIMIT_MEMLOCK); SEV guest memory must not be swapped, so it is a host
   misconfiguration, not a transient failure.
 * VIR_ERR_CONFIG_UNSUPPORTED "SEV launch security is not supported": this host's QEMU has no SEV.
+* "could not load PC BIOS": QEMU cannot map the firmware image as `-bios` (libvirt's
+  `<loader type='rom'>`), e.g. Debian's OVMF_CODE_4M.fd, whose size is not a multiple of 64 KiB.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def classify(code: int, message: str, detail: str) -> ServiceError | None:
             return FailedPrecondition(f"firmware_{name.lower()}", detail, metadata=meta)
         if "cannot limit locked memory" in message:
             return FailedPrecondition("locked_memory_refused", detail)
+        if "could not load PC BIOS" in message:
+            return FailedPrecondition("firmware_not_loadable", detail)
     if code == libvirt.VIR_ERR_CONFIG_UNSUPPORTED and "SEV launch security is not supported" in message:
         return FailedPrecondition("sev_unsupported", detail)
     return None

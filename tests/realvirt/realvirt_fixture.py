@@ -29,6 +29,7 @@ from sevlaunch.sev.technology import Technology
 #: 2 MiB Debian OVMF: QEMU's -bios (libvirt's `<loader type='rom'>`) takes only images whose size is a
 #: multiple of 64 KiB, which OVMF_CODE_4M.fd (3.5 MiB minus 16 KiB) is not.
 OVMF_2M = Path("/usr/share/OVMF/OVMF_CODE.fd")
+OVMF_4M = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 CBITPOS = 51
 REDUCED_PHYS_BITS = 1
 

@@ -17,6 +17,7 @@ import libvirt
 import pytest
 from realvirt_fixture import (
     OVMF_2M,
+    OVMF_4M,
     POLICY,
     SECRET_GPA,
     SHELL_BANNER,
@@ -248,5 +249,31 @@ def test_a_session_for_another_chip_is_refused_at_launch_start(
     assert isinstance(direct.value.status, StatusCode)
     assert typed.value.reason == f"firmware_{direct.value.status.name.lower()}"
     assert typed.value.metadata["firmware_status"] == direct.value.status.name
+    assert realvirt_host.chip.platform_status().guest_count == guests_before
+    hv.destroy(name)
+
+
+def test_an_ovmf_image_qemu_cannot_map_as_bios_is_named(
+    realvirt_host: RealvirtHost, hv: LibvirtHypervisor
+) -> None:
+    """Debian's 4 MiB OVMF (3.5 MiB - 16 KiB) is not a multiple of 64 KiB, which QEMU's -bios (the
+    launcher's `<loader type='rom'>`) needs: VIR_ERR_INTERNAL_ERROR "could not load PC BIOS". The launch
+    context QEMU's SEV part had opened is gone again."""
+    if not OVMF_4M.is_file():
+        pytest.skip(f"no {OVMF_4M}")
+    guests_before = realvirt_host.chip.platform_status().guest_count
+    name, xml = domain_xml(hv, owner_session(realvirt_host), OVMF_4M, "ovmf4m")
+    hv.define(xml)
+    conn = libvirt.open(realvirt_host.uri)
+    try:
+        with pytest.raises(libvirt.libvirtError) as raw:
+            conn.lookupByName(name).createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+        assert raw.value.get_error_code() == libvirt.VIR_ERR_INTERNAL_ERROR
+        assert "could not load PC BIOS" in str(raw.value)
+    finally:
+        conn.close()
+    with pytest.raises(FailedPrecondition) as typed:
+        hv.start_paused(name)
+    assert typed.value.reason == "firmware_not_loadable"
     assert realvirt_host.chip.platform_status().guest_count == guests_before
     hv.destroy(name)

@@ -106,6 +106,10 @@ LOCKED = (
     "internal error: Process exited prior to exec: libvirt:  error : cannot limit locked memory of "
     "process 20632 to 9007199254740991: Operation not permitted"
 )
+NO_BIOS = (
+    "internal error: qemu unexpectedly closed the monitor: qemu: could not load PC BIOS "
+    "'/usr/share/OVMF/OVMF_CODE_4M.fd'"
+)
 NO_SEV = "unsupported configuration: SEV launch security is not supported with this QEMU binary"
 
 
@@ -120,9 +124,16 @@ NO_SEV = "unsupported configuration: SEV launch security is not supported with t
             "BAD_MEASUREMENT",
         ),
         (libvirt.VIR_ERR_INTERNAL_ERROR, LOCKED, "locked_memory_refused", None),
+        (libvirt.VIR_ERR_INTERNAL_ERROR, NO_BIOS, "firmware_not_loadable", None),
         (libvirt.VIR_ERR_CONFIG_UNSUPPORTED, NO_SEV, "sev_unsupported", None),
     ],
-    ids=["inject-bad-measurement", "start-foreign-session", "locked-memory", "qemu-without-sev"],
+    ids=[
+        "inject-bad-measurement",
+        "start-foreign-session",
+        "locked-memory",
+        "ovmf-4m-as-bios",
+        "qemu-without-sev",
+    ],
 )
 def test_real_libvirt_errors_have_precise_reasons(
     code: int, message: str, reason: str, status: str | None
