@@ -95,20 +95,31 @@ def owner_session(host: RealvirtHost) -> LaunchSession:
     return create_session(verified.chain.pdh, POLICY)
 
 
-def domain_xml(hv: LibvirtHypervisor, session: LaunchSession, firmware: Path, guest: str) -> tuple[str, str]:
+def domain_xml(
+    hv: LibvirtHypervisor,
+    session: LaunchSession,
+    firmware: Path,
+    guest: str,
+    *,
+    mode: Technology = Technology.SEV,
+    policy: int = POLICY,
+    vcpu_type: str | None = None,
+) -> tuple[str, str]:
+    """The launcher's own domain XML for one guest (256 MiB, one vCPU)."""
     caps = hv.sev_capabilities()
     spec = create_spec(
         name=guest,
         memory_mib=256,
         vcpus=1,
         firmware_path=str(firmware),
-        mode=Technology.SEV,
-        policy=POLICY,
+        mode=mode,
+        policy=policy,
         paths=PathPolicy((str(firmware.parent),)),
+        vcpu_type=vcpu_type,
     )
     launch_id = uuid.uuid4().hex
     name = domain_name_for(launch_id, guest)
     sev = SevLaunchParams(
-        caps.cbitpos, caps.reduced_phys_bits, POLICY, session.godh.to_bytes(), session.blob.to_bytes()
+        caps.cbitpos, caps.reduced_phys_bits, policy, session.godh.to_bytes(), session.blob.to_bytes()
     )
     return name, build_domain_xml(spec, launch_id=launch_id, domain_name=name, sev=sev)

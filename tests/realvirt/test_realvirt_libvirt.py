@@ -33,8 +33,10 @@ from sevlaunch.sev.chain import CertificateChain, load_roots_file, verify_chain
 from sevlaunch.sev.digest import launch_digest
 from sevlaunch.sev.errors import VerificationFailed
 from sevlaunch.sev.measurement import LaunchMeasurement, verify_measurement
+from sevlaunch.sev.policy import PolicyFlags
 from sevlaunch.sev.secret import SecretEntry, SecretTable, package_secret
 from sevlaunch.sev.session import create_session
+from sevlaunch.sev.technology import Technology
 
 pytestmark = pytest.mark.realvirt
 
@@ -277,3 +279,25 @@ def test_an_ovmf_image_qemu_cannot_map_as_bios_is_named(
     assert typed.value.reason == "firmware_not_loadable"
     assert realvirt_host.chip.platform_status().guest_count == guests_before
     hv.destroy(name)
+
+
+def test_sev_es_needs_a_cpu_model_this_tcg_host_cannot_run(
+    realvirt_host: RealvirtHost, hv: LibvirtHypervisor
+) -> None:
+    """SEV-ES measures the VMSA of a pinned CPU model (EPYC-v4 → libvirt's EPYC). The stand-in's QEMU
+    runs TCG, whose CPU lacks EPYC's features: the real libvirt lists EPYC usable='no' and the launcher
+    refuses before defining anything (on an SEV-ES host libvirt lists it usable)."""
+    name, xml = domain_xml(
+        hv,
+        owner_session(realvirt_host),
+        OVMF_2M,
+        "es",
+        mode=Technology.SEV_ES,
+        policy=POLICY | PolicyFlags.ES,
+        vcpu_type="EPYC-v4",
+    )
+    with pytest.raises(FailedPrecondition) as typed:
+        hv.define(xml)
+    assert typed.value.reason == "unsupported_vcpu_type"
+    assert "EPYC" in typed.value.detail
+    assert name not in {d.name for d in hv.list_domains()}
