@@ -16,6 +16,7 @@ no security driver, no polkit) and PATH puts an optional directory first: libvir
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -30,6 +31,7 @@ REQUIRED_BINARIES = {
     "virtlogd": "libvirt-daemon",
     "qemu-system-x86_64": "qemu-system-x86",
     "unshare": "util-linux",
+    "setpriv": "util-linux",
     "mount": "mount",
 }
 #: The fixed directories of a root libvirtd; each becomes a bind mount of ROOT/<key>.
@@ -40,6 +42,7 @@ _MOUNTS = {
     "log": "/var/log/libvirt",
     "etc": "/etc/libvirt",
 }
+_PR_SET_PDEATHSIG = 1
 _SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 LIBVIRTD_CONF = """\
@@ -95,6 +98,11 @@ def _write_accounts(root: Path) -> None:
     (root / "group").write_text(group)
 
 
+def _terminate_with_parent() -> None:
+    # A test run that dies (SIGKILL, a crash) must not leave a root libvirtd behind.
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 class DaemonError(Exception):
     """The private daemon did not start; the message quotes its log."""
 
@@ -110,7 +118,8 @@ done
 # would add that user to the host, the namespace gets its own copy of the two files instead.
 mount --bind "$R/passwd" /etc/passwd
 mount --bind "$R/group" /etc/group
-virtlogd --pid-file "$R/virtlogd.pid" --config /etc/libvirt/virtlogd.conf &
+# virtlogd ends with this process (libvirtd after the exec below), libvirtd with the test process.
+setpriv --pdeathsig TERM virtlogd --pid-file "$R/virtlogd.pid" --config /etc/libvirt/virtlogd.conf &
 i=0
 while [ ! -S /run/libvirt/virtlogd-sock ]; do
     i=$((i + 1)); [ "$i" -lt 200 ] || { echo "virtlogd did not start" >&2; exit 1; }
@@ -165,6 +174,7 @@ class PrivateLibvirt:
                 stderr=log,
                 env=env,
                 start_new_session=True,
+                preexec_fn=_terminate_with_parent,
             )
         deadline = time.monotonic() + timeout
         while not self.socket.exists():
