@@ -52,6 +52,7 @@ from sevlaunch.sev.vmsa import vcpu_signature
 
 CONFIG_ENV = "SEVLAUNCH_STANDIN_CONFIG"
 MAX_IMAGE = 1 << 30
+ORPHAN_SECONDS = 15.0
 _PR_SET_PDEATHSIG = 1
 
 log = logging.getLogger("sevlaunch.standin")
@@ -364,12 +365,19 @@ class Standin:
                 os.close(fd)
 
     def serve(self, qemu: QmpConnection) -> None:
+        """Forwards between libvirt and QEMU. libvirt holds the monitor for the domain's whole life;
+        once it has let go, a libvirtd that does not come back within ORPHAN_SECONDS is gone (a test
+        run that died), and a stand-in guest spinning under TCG would only slow the next tests down."""
         assert self.upstream is not None
         while not self.stopping.is_set():
             try:
                 sock, _ = self.upstream.accept()
+            except TimeoutError:
+                log.info("no libvirtd for %ss: stopping", ORPHAN_SECONDS)
+                return
             except OSError:
                 return
+            sock.settimeout(None)
             client = QmpConnection(sock)
             self.greeting_ready.wait()
             assert self.greeting is not None
@@ -393,6 +401,7 @@ class Standin:
                 for fd in fds:
                     os.close(fd)
             self.client = None
+            self.upstream.settimeout(ORPHAN_SECONDS)
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any] | None:
         """The answer to a command the stand-in takes itself, or None to forward it to QEMU."""
