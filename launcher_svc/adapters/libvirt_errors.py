@@ -12,6 +12,10 @@ turned into the reason a caller can act on; anything else keeps `libvirt_error`'
   CAP_SYS_RESOURCE or a low RLIMIT_MEMLOCK); SEV guest memory must not be swapped, so it is a host
   misconfiguration, not a transient failure.
 * VIR_ERR_CONFIG_UNSUPPORTED "SEV launch security is not supported": this host's QEMU has no SEV.
+* VIR_ERR_OPERATION_INVALID for a domain in the wrong state: "domain is not running" (measure, resume
+  before start), "domain must be in a paused state" (a secret for a guest that already runs), "domain is
+  already running" (a second resume).
+* "SEV launch measurement is not available": QEMU is past LAUNCH_MEASURE's state (the guest runs).
 * "could not load PC BIOS": QEMU cannot map the firmware image as `-bios` (libvirt's
   `<loader type='rom'>`), e.g. Debian's OVMF_CODE_4M.fd, whose size is not a multiple of 64 KiB.
 """
@@ -26,6 +30,11 @@ from sevlaunch.errors import FailedPrecondition, ResourceExhausted, ServiceError
 from sevlaunch.firmware.status import StatusCode
 
 _FW_ERROR = re.compile(r"\bfw_error=(\d+)\b")
+_WRONG_STATE = (
+    ("domain is not running", "domain_not_running"),
+    ("domain must be in a paused state", "domain_not_paused"),
+    ("domain is already running", "domain_already_running"),
+)
 
 
 def classify(code: int, message: str, detail: str) -> ServiceError | None:
@@ -46,6 +55,12 @@ def classify(code: int, message: str, detail: str) -> ServiceError | None:
             return FailedPrecondition("locked_memory_refused", detail)
         if "could not load PC BIOS" in message:
             return FailedPrecondition("firmware_not_loadable", detail)
+        if "SEV launch measurement is not available" in message:
+            return FailedPrecondition("measurement_unavailable", detail)
+    if code == libvirt.VIR_ERR_OPERATION_INVALID:
+        for text, reason in _WRONG_STATE:
+            if text in message:
+                return FailedPrecondition(reason, detail)
     if code == libvirt.VIR_ERR_CONFIG_UNSUPPORTED and "SEV launch security is not supported" in message:
         return FailedPrecondition("sev_unsupported", detail)
     return None

@@ -11,6 +11,7 @@ console, and the chip's guest count after destroy.
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from pathlib import Path
 
 import libvirt
@@ -301,3 +302,47 @@ def test_sev_es_needs_a_cpu_model_this_tcg_host_cannot_run(
     assert typed.value.reason == "unsupported_vcpu_type"
     assert "EPYC" in typed.value.detail
     assert name not in {d.name for d in hv.list_domains()}
+
+
+def test_calls_in_the_wrong_domain_state_are_named(
+    realvirt_host: RealvirtHost, hv: LibvirtHypervisor
+) -> None:
+    """What libvirt and QEMU answer to calls out of the launch's order, and the reason each becomes."""
+    name, xml = domain_xml(hv, owner_session(realvirt_host), OVMF_2M, "order")
+    hv.define(xml)
+    conn = libvirt.open(realvirt_host.uri)
+    dom = conn.lookupByName(name)
+    secret = {
+        libvirt.VIR_DOMAIN_LAUNCH_SECURITY_SEV_SECRET_HEADER: base64.b64encode(bytes(52)).decode(),
+        libvirt.VIR_DOMAIN_LAUNCH_SECURITY_SEV_SECRET: base64.b64encode(bytes(32)).decode(),
+        libvirt.VIR_DOMAIN_LAUNCH_SECURITY_SEV_SECRET_SET_ADDRESS: SECRET_GPA,
+    }
+
+    def refused(
+        raw_call: Callable[[], object], typed_call: Callable[[], object], code: int, reason: str
+    ) -> None:
+        with pytest.raises(libvirt.libvirtError) as raw:
+            raw_call()
+        assert raw.value.get_error_code() == code
+        with pytest.raises(FailedPrecondition) as typed:
+            typed_call()
+        assert typed.value.reason == reason
+
+    try:
+        not_running = libvirt.VIR_ERR_OPERATION_INVALID
+        refused(lambda: dom.launchSecurityInfo(0), lambda: hv.launch_security_info(name), not_running,
+                "domain_not_running")  # fmt: skip
+        refused(dom.resume, lambda: hv.resume(name), not_running, "domain_not_running")
+        hv.start_paused(name)
+        hv.resume(name)  # LAUNCH_FINISH without a secret: allowed (a launch_without_secret guest)
+        refused(lambda: dom.launchSecurityInfo(0), lambda: hv.launch_security_info(name),
+                libvirt.VIR_ERR_INTERNAL_ERROR, "measurement_unavailable")  # fmt: skip
+        refused(lambda: dom.setLaunchSecurityState(secret, 0),
+                lambda: hv.inject_secret(name, bytes(52), bytes(32), SECRET_GPA),
+                libvirt.VIR_ERR_OPERATION_INVALID, "domain_not_paused")  # fmt: skip
+        refused(
+            dom.resume, lambda: hv.resume(name), libvirt.VIR_ERR_OPERATION_INVALID, "domain_already_running"
+        )
+    finally:
+        conn.close()
+        hv.destroy(name)

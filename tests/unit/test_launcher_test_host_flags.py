@@ -110,6 +110,13 @@ NO_BIOS = (
     "internal error: qemu unexpectedly closed the monitor: qemu: could not load PC BIOS "
     "'/usr/share/OVMF/OVMF_CODE_4M.fd'"
 )
+NO_MEASUREMENT = (
+    "internal error: unable to execute QEMU command 'query-sev-launch-measure': "
+    "SEV launch measurement is not available"
+)
+NOT_RUNNING = "Requested operation is not valid: domain is not running"
+NOT_PAUSED = "Requested operation is not valid: domain must be in a paused state"
+ALREADY_RUNNING = "Requested operation is not valid: domain is already running"
 NO_SEV = "unsupported configuration: SEV launch security is not supported with this QEMU binary"
 
 
@@ -126,6 +133,10 @@ NO_SEV = "unsupported configuration: SEV launch security is not supported with t
         (libvirt.VIR_ERR_INTERNAL_ERROR, LOCKED, "locked_memory_refused", None),
         (libvirt.VIR_ERR_INTERNAL_ERROR, NO_BIOS, "firmware_not_loadable", None),
         (libvirt.VIR_ERR_CONFIG_UNSUPPORTED, NO_SEV, "sev_unsupported", None),
+        (libvirt.VIR_ERR_INTERNAL_ERROR, NO_MEASUREMENT, "measurement_unavailable", None),
+        (libvirt.VIR_ERR_OPERATION_INVALID, NOT_RUNNING, "domain_not_running", None),
+        (libvirt.VIR_ERR_OPERATION_INVALID, NOT_PAUSED, "domain_not_paused", None),
+        (libvirt.VIR_ERR_OPERATION_INVALID, ALREADY_RUNNING, "domain_already_running", None),
     ],
     ids=[
         "inject-bad-measurement",
@@ -133,6 +144,10 @@ NO_SEV = "unsupported configuration: SEV launch security is not supported with t
         "locked-memory",
         "ovmf-4m-as-bios",
         "qemu-without-sev",
+        "measure-after-finish",
+        "not-running",
+        "secret-while-running",
+        "second-resume",
     ],
 )
 def test_real_libvirt_errors_have_precise_reasons(
