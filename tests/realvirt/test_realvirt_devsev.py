@@ -174,7 +174,8 @@ def test_other_ioctls_and_commands_are_einval(device: FuseSevDevice) -> None:
         with pytest.raises(OSError) as unknown_command:
             fcntl.ioctl(fd, devsev.SEV_ISSUE_CMD, arg, True)
         assert unknown_command.value.errno == errno.EINVAL
-        other = devsev._ioc(3, ord("S"), 0x1, ctypes.sizeof(devsev.sev_issue_cmd))
+        # _IOWR('S', 1, struct sev_issue_cmd): the right size and type, another number.
+        other = (3 << 30) | (ctypes.sizeof(devsev.sev_issue_cmd) << 16) | (ord("S") << 8) | 0x1
         with pytest.raises(OSError) as unknown_ioctl:
             fcntl.ioctl(fd, other, devsev.sev_issue_cmd(cmd=1, data=0, error=0), True)
         assert unknown_ioctl.value.errno == errno.EINVAL
