@@ -324,6 +324,7 @@ class Standin:
         if self.stopping.is_set():
             return
         self.stopping.set()
+        self.greeting_ready.set()  # wakes a start still waiting for QEMU's monitor
         if self.qemu is not None and self.qemu.poll() is None:
             self.qemu.terminate()
         for closer in (self.client, self.upstream):
@@ -380,7 +381,8 @@ class Standin:
             sock.settimeout(None)
             client = QmpConnection(sock)
             self.greeting_ready.wait()
-            assert self.greeting is not None
+            if self.greeting is None:
+                return
             self.client = client
             client.write(self.greeting)
             while True:
@@ -401,7 +403,12 @@ class Standin:
                 for fd in fds:
                     os.close(fd)
             self.client = None
-            self.upstream.settimeout(ORPHAN_SECONDS)
+            if self.stopping.is_set():
+                return  # QEMU ended (or a signal): nothing more to serve, and nothing to say on stderr
+            try:
+                self.upstream.settimeout(ORPHAN_SECONDS)
+            except OSError:
+                return
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any] | None:
         """The answer to a command the stand-in takes itself, or None to forward it to QEMU."""
@@ -464,7 +471,8 @@ class Standin:
             self.upstream = self.listen()
             qemu = self.spawn_qemu()
             if not self.greeting_ready.wait(60) or self.greeting is None:
-                raise SystemExit("the real QEMU did not open its monitor")
+                # QEMU exited first (e.g. it could not load the firmware; its stderr says why).
+                raise SystemExit("the real QEMU ended before it opened its monitor")
             if ready_w is not None:
                 if self.plan.pidfile:
                     Path(self.plan.pidfile).write_text(f"{os.getpid()}\n")
@@ -556,6 +564,10 @@ def main(argv: list[str] | None = None) -> int:
     log.info("start (%s)", "probe" if p.probe else "domain")
     try:
         return Standin(cfg, p).run(ready_w)
+    except Exception:
+        # stderr is the domain's log, whose last lines libvirt quotes in its error: keep QEMU's there.
+        log.exception("stand-in failed")
+        return 1
     except SystemExit as exc:
         if isinstance(exc.code, str):
             print(f"qemu-system-x86_64: {exc.code}", file=sys.stderr)

@@ -9,6 +9,7 @@ import os
 import shutil
 from collections.abc import Iterator
 
+import libvirt
 import pytest
 from realvirt_fixture import CBITPOS, REDUCED_PHYS_BITS, RealvirtHost, skip_reason
 
@@ -40,6 +41,13 @@ def realvirt_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Realvirt
     write_wrapper(base / "bin", config_path)
     daemon = PrivateLibvirt(base / "libvirt", emulator_dir=base / "bin").start()
     try:
+        # libvirt probes the stand-in once and keeps what it answered (PDH, chip id) for the session:
+        # probe now, while the stand-in serves the session's chip.
+        conn = libvirt.open(daemon.uri)
+        try:
+            conn.getDomainCapabilities(None, "x86_64", None, "kvm", 0)
+        finally:
+            conn.close()
         yield RealvirtHost(daemon=daemon, config_path=config_path, config=config, chip=chip)
     finally:
         daemon.stop()

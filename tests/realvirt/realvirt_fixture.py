@@ -61,7 +61,8 @@ class RealvirtHost:
         return Path(self.config.run_dir)
 
     def use_chip(self, chip_dir: Path) -> EmulatedFirmware:
-        """Points the stand-in at another emulated chip (the one a demo's platform_svc serves)."""
+        """Points the stand-in's launches at another emulated chip (the one a demo's platform_svc serves).
+        libvirt's probe answers (its domain capabilities' PDH and chip id) stay the session chip's."""
         self.config = StandinConfig(**{**self.config.__dict__, "chip_dir": str(chip_dir)})
         self.config_path.write_text(self.config.to_json())
         self.chip = EmulatedFirmware(chip_dir, create=False)

@@ -40,6 +40,7 @@ def test_demo_attested_and_tampered_launches_on_real_libvirt(
         ],
     )  # fmt: skip
     conn = libvirt.open(realvirt_host.uri)
+    session_chip = realvirt_host.chip.state_dir
     try:
         env.prepare()
         chip = realvirt_host.use_chip(env.chip_dir)
@@ -88,3 +89,4 @@ def test_demo_attested_and_tampered_launches_on_real_libvirt(
     finally:
         conn.close()
         env.close()
+        realvirt_host.use_chip(session_chip)
