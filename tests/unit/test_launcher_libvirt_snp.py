@@ -151,5 +151,8 @@ def test_a_firmware_refusal_inside_qemu_is_snp_launch_refused(
 def test_other_start_errors_keep_libvirts_mapping() -> None:
     err = snp_start_error(_libvirt_error(libvirt.VIR_ERR_INTERNAL_ERROR, "internal error: no more memory"))
     assert (type(err), err.reason) == (Unavailable, "hypervisor_error")
+    # libvirt's wrong-state errors have their own precise names (libvirt_errors.classify).
     err = snp_start_error(_libvirt_error(libvirt.VIR_ERR_OPERATION_INVALID, "domain is already running"))
+    assert (type(err), err.reason) == (FailedPrecondition, "domain_already_running")
+    err = snp_start_error(_libvirt_error(libvirt.VIR_ERR_OPERATION_INVALID, "some other invalid operation"))
     assert (type(err), err.reason) == (FailedPrecondition, "hypervisor_refused")
