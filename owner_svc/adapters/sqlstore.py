@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import replace
 from typing import Any, Protocol
 
 from owner_svc.adapters.dialect import Dialect, Tx
@@ -26,7 +27,7 @@ from owner_svc.adapters.rows import audit_record_from_row, session_from_row
 from owner_svc.adapters.schema import MIGRATIONS, SCHEMA_VERSION, SESSION_COLUMNS, MacHead, MacWorkloads
 from owner_svc.core.audit import canonical_record
 from owner_svc.core.model import AuditEvent, AuditRecord, SessionRecord, SessionState
-from owner_svc.core.ports import SchemaError, StoreCorrupt
+from owner_svc.core.ports import Deletion, Revocation, SchemaError, StoreCorrupt, WorkloadRow
 from sevlaunch.audit import (
     AuditChainBroken,
     ChainEntry,
@@ -309,6 +310,73 @@ class SqlStore:
         row = self._one("SELECT sealed FROM secrets WHERE workload_id = ?", (workload_id,))
         return None if row is None else bytes(row[0])
 
+    def list_workloads(self, after_workload_id: str, limit: int, now: float) -> Sequence[WorkloadRow]:
+        rows = self._all(
+            "SELECT w.workload_id, w.updated_at, "
+            "(SELECT count(*) FROM secrets s WHERE s.workload_id = w.workload_id), "
+            "(SELECT count(*) FROM sessions x WHERE x.workload_id = w.workload_id "
+            "AND x.state = 'open' AND x.expires_at > ?) "
+            "FROM workloads w WHERE w.workload_id > ? ORDER BY w.workload_id LIMIT ?",
+            (now, after_workload_id, limit),
+        )
+        return [WorkloadRow(str(r[0]), int(r[2]) > 0, int(r[3]), float(r[1])) for r in rows]
+
+    def delete_workload(
+        self,
+        workload_id: str,
+        *,
+        secret_only: bool,
+        force: bool,
+        now: float,
+        event: AuditEvent,
+        revoke_event: AuditEvent,
+    ) -> Deletion:
+        with self._write() as tx:
+            # The workload row is locked first (PostgreSQL), so two deletes of one workload queue here.
+            found = tx.execute(
+                self._q(f"SELECT 1 FROM workloads WHERE workload_id = ?{self._d.lock_row}"),  # noqa: S608
+                (workload_id,),
+            ).fetchone()
+            if found is None:
+                return Deletion(found=False, had_secret=False, open_sessions=())
+            had_secret = (
+                tx.execute(self._q("SELECT 1 FROM secrets WHERE workload_id = ?"), (workload_id,)).fetchone()
+                is not None
+            )
+            open_now = tuple(
+                str(r[0])
+                for r in tx.execute(
+                    self._q(
+                        "SELECT session_id FROM sessions WHERE workload_id = ? AND state = 'open' "
+                        "AND expires_at > ? ORDER BY session_id"
+                    ),
+                    (workload_id, now),
+                ).fetchall()
+            )
+            if (secret_only and not had_secret) or (open_now and not force):
+                return Deletion(found=True, had_secret=had_secret, open_sessions=open_now)
+            revoked = []
+            for session_id in open_now:
+                # Conditional like every move out of OPEN: a release that won meanwhile keeps its state.
+                moved = tx.execute(
+                    self._q(
+                        "UPDATE sessions SET state = 'revoked', finished_at = ?, reason = 'revoked' "
+                        "WHERE session_id = ? AND state = 'open'"
+                    ),
+                    (now, session_id),
+                ).rowcount
+                if moved == 1:
+                    revoked.append(session_id)
+            tx.execute(self._q("DELETE FROM secrets WHERE workload_id = ?"), (workload_id,))
+            if not secret_only:
+                tx.execute(self._q("DELETE FROM workloads WHERE workload_id = ?"), (workload_id,))
+            for session_id in revoked:
+                self._append_audit(tx, replace(revoke_event, session_id=session_id))
+            self._append_audit(tx, event)
+        return Deletion(
+            found=True, had_secret=had_secret, open_sessions=open_now, deleted=True, revoked=tuple(revoked)
+        )
+
     # ----------------------------------------------------------------------------- sessions
 
     def insert_session(self, record: SessionRecord, event: AuditEvent) -> None:
@@ -416,6 +484,27 @@ class SqlStore:
         with self._write() as tx:
             self._insert_revocations(tx, manifest_ids, by)
             self._bump_generation(tx)
+
+    def revoke_manifests(self, manifest_ids: Sequence[str], by: str, event: AuditEvent) -> Revocation:
+        wanted = sorted(set(manifest_ids))
+        with self._write() as tx:
+            stored, revoked = set(), set()
+            for mid in wanted:
+                if tx.execute(self._q("SELECT 1 FROM manifests WHERE manifest_id = ?"), (mid,)).fetchone():
+                    stored.add(mid)
+                if tx.execute(
+                    self._q("SELECT 1 FROM revoked_manifests WHERE manifest_id = ?"), (mid,)
+                ).fetchone():
+                    revoked.add(mid)
+            unknown = tuple(m for m in wanted if m not in stored and m not in revoked)
+            if unknown:
+                return Revocation(unknown=unknown)
+            new = tuple(m for m in wanted if m not in revoked)
+            if new:
+                self._insert_revocations(tx, new, by)
+                self._bump_generation(tx)
+            self._append_audit(tx, event)
+        return Revocation(revoked=new, already_revoked=tuple(m for m in wanted if m in revoked))
 
     def _insert_revocations(self, tx: Tx, manifest_ids: Sequence[str], by: str) -> None:
         if not manifest_ids:

@@ -14,6 +14,7 @@ class Reason(StrEnum):
     # NOT_FOUND
     UNKNOWN_WORKLOAD = "unknown_workload"
     UNKNOWN_SESSION = "unknown_session"
+    UNKNOWN_MANIFEST = "unknown_manifest"
     # PERMISSION_DENIED: refused on the merits.
     GENERATION_NOT_ALLOWED = "generation_not_allowed"
     FIRMWARE_TOO_OLD = "firmware_too_old"
@@ -30,6 +31,7 @@ class Reason(StrEnum):
     SESSION_REVOKED = "session_revoked"
     SECRET_TOO_LARGE = "secret_too_large"  # also INVALID_ARGUMENT, for a secret or workload put
     SESSION_NOT_OPEN = "session_not_open"
+    WORKLOAD_IN_USE = "workload_in_use"
     # INVALID_ARGUMENT: malformed requests, refused before anything is written.
     BAD_WORKLOAD_ID = "bad_workload_id"
     BAD_SESSION_ID = "bad_session_id"
@@ -42,6 +44,7 @@ class Reason(StrEnum):
     BAD_SECRET = "bad_secret"
     BAD_ENVELOPE = "bad_envelope"
     BAD_LIMIT = "bad_limit"
+    BAD_MANIFEST_ID = "bad_manifest_id"
     # The store (UNAVAILABLE, ABORTED, INTERNAL).
     STORE_UNAVAILABLE = "store_unavailable"
     STORE_CONFLICT = "store_conflict"

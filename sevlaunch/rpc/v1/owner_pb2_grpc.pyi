@@ -5,24 +5,28 @@ owner_svc: the guest owner's root of trust, over mTLS.
 
 Roles (by client certificate CN, deny by default): `launcher` and `client` may call OpenSession and
 ReleaseSecret; `owner-admin` may call the admin RPCs (PutWorkload, GetWorkload, PutSecret,
-ImportReferenceValues, ListReferenceValues, ListSessions, GetAuditLog, RevokeSession).
+ImportReferenceValues, ListReferenceValues, ListSessions, GetAuditLog, RevokeSession, ListWorkloads,
+DeleteWorkload, DeleteSecret, RevokeReferenceValues).
 A session is bound to the identity that opened it: only that identity may release it.
 
 Errors: see common.proto. Every error carries a typed ErrorInfo reason. A malformed field is
 INVALID_ARGUMENT and changes nothing:
   INVALID_ARGUMENT    bad_workload_id, bad_session_id, bad_guid, bad_policy, bad_firmware_version,
                       bad_firmware_minimum, bad_selector, bad_workload, bad_secret, secret_too_large,
-                      bad_envelope, bad_limit; malformed certificates, measurements and manifests
+                      bad_envelope, bad_limit, bad_manifest_id; malformed certificates, measurements and manifests
                       carry the protocol's reasons (truncated, bad_length, ...)
 A refusal on the merits:
-  NOT_FOUND           unknown_workload, unknown_session
+  NOT_FOUND           unknown_workload, unknown_session, unknown_manifest (RevokeReferenceValues:
+                      an id neither imported nor revoked), no_secret (DeleteSecret: none stored)
   PERMISSION_DENIED   untrusted_root, bad_signature, wrong_usage, ... (chain; metadata `link`),
                       generation_not_allowed, firmware_too_old, policy_not_allowed, policy_mismatch,
                       measurement_mismatch, wrong_caller; for manifests bad_signature,
                       missing_signature, wrong_signer, expired, revoked
   FAILED_PRECONDITION no_reference_values, no_secret, session_expired, session_already_used,
                       session_refused, session_revoked, secret_too_large, session_not_open,
-                      unknown_workload (the workload was deleted after OpenSession)
+                      unknown_workload (the workload was deleted after OpenSession),
+                      workload_in_use (DeleteWorkload / DeleteSecret while a session of the workload is
+                      open; metadata `open_sessions`: set force to revoke them and delete)
 The owner's store (nothing was released without its audit record; retry):
   UNAVAILABLE         store_unavailable (database down or unreachable, connection lost, disk full)
   ABORTED             store_conflict (a concurrent transaction won)
@@ -77,6 +81,18 @@ class OwnerServiceStub:
     ListSessions: _grpc.UnaryUnaryMultiCallable[_owner_pb2.ListSessionsRequest, _owner_pb2.ListSessionsResponse]
     GetAuditLog: _grpc.UnaryUnaryMultiCallable[_owner_pb2.GetAuditLogRequest, _owner_pb2.GetAuditLogResponse]
     RevokeSession: _grpc.UnaryUnaryMultiCallable[_owner_pb2.RevokeSessionRequest, _owner_pb2.RevokeSessionResponse]
+    ListWorkloads: _grpc.UnaryUnaryMultiCallable[_owner_pb2.ListWorkloadsRequest, _owner_pb2.ListWorkloadsResponse]
+    """The workloads, one page in workload_id order."""
+    DeleteWorkload: _grpc.UnaryUnaryMultiCallable[_owner_pb2.DeleteWorkloadRequest, _owner_pb2.DeleteWorkloadResponse]
+    """Deletes a workload and its secret. Refused (workload_in_use) while a session of it is open (not
+    expired), unless force: then those sessions are revoked in the same transaction, each audited.
+    """
+    DeleteSecret: _grpc.UnaryUnaryMultiCallable[_owner_pb2.DeleteSecretRequest, _owner_pb2.DeleteSecretResponse]
+    """Deletes a workload's secret table, keeping the workload; open sessions as for DeleteWorkload."""
+    RevokeReferenceValues: _grpc.UnaryUnaryMultiCallable[_owner_pb2.RevokeReferenceValuesRequest, _owner_pb2.RevokeReferenceValuesResponse]
+    """Revokes imported manifests by id: out of force at once on every replica, and never importable again
+    (revocations are append-only). Ids already revoked are reported, not refused.
+    """
 
 @_typing.type_check_only
 class OwnerServiceAsyncStub(OwnerServiceStub):
@@ -100,6 +116,18 @@ class OwnerServiceAsyncStub(OwnerServiceStub):
     ListSessions: _aio.UnaryUnaryMultiCallable[_owner_pb2.ListSessionsRequest, _owner_pb2.ListSessionsResponse]  # type: ignore[assignment]
     GetAuditLog: _aio.UnaryUnaryMultiCallable[_owner_pb2.GetAuditLogRequest, _owner_pb2.GetAuditLogResponse]  # type: ignore[assignment]
     RevokeSession: _aio.UnaryUnaryMultiCallable[_owner_pb2.RevokeSessionRequest, _owner_pb2.RevokeSessionResponse]  # type: ignore[assignment]
+    ListWorkloads: _aio.UnaryUnaryMultiCallable[_owner_pb2.ListWorkloadsRequest, _owner_pb2.ListWorkloadsResponse]  # type: ignore[assignment]
+    """The workloads, one page in workload_id order."""
+    DeleteWorkload: _aio.UnaryUnaryMultiCallable[_owner_pb2.DeleteWorkloadRequest, _owner_pb2.DeleteWorkloadResponse]  # type: ignore[assignment]
+    """Deletes a workload and its secret. Refused (workload_in_use) while a session of it is open (not
+    expired), unless force: then those sessions are revoked in the same transaction, each audited.
+    """
+    DeleteSecret: _aio.UnaryUnaryMultiCallable[_owner_pb2.DeleteSecretRequest, _owner_pb2.DeleteSecretResponse]  # type: ignore[assignment]
+    """Deletes a workload's secret table, keeping the workload; open sessions as for DeleteWorkload."""
+    RevokeReferenceValues: _aio.UnaryUnaryMultiCallable[_owner_pb2.RevokeReferenceValuesRequest, _owner_pb2.RevokeReferenceValuesResponse]  # type: ignore[assignment]
+    """Revokes imported manifests by id: out of force at once on every replica, and never importable again
+    (revocations are append-only). Ids already revoked are reported, not refused.
+    """
 
 class OwnerServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -180,5 +208,41 @@ class OwnerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _owner_pb2.RevokeSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_owner_pb2.RevokeSessionResponse, _abc.Awaitable[_owner_pb2.RevokeSessionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListWorkloads(
+        self,
+        request: _owner_pb2.ListWorkloadsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_owner_pb2.ListWorkloadsResponse, _abc.Awaitable[_owner_pb2.ListWorkloadsResponse]]:
+        """The workloads, one page in workload_id order."""
+
+    @_abc_1.abstractmethod
+    def DeleteWorkload(
+        self,
+        request: _owner_pb2.DeleteWorkloadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_owner_pb2.DeleteWorkloadResponse, _abc.Awaitable[_owner_pb2.DeleteWorkloadResponse]]:
+        """Deletes a workload and its secret. Refused (workload_in_use) while a session of it is open (not
+        expired), unless force: then those sessions are revoked in the same transaction, each audited.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteSecret(
+        self,
+        request: _owner_pb2.DeleteSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_owner_pb2.DeleteSecretResponse, _abc.Awaitable[_owner_pb2.DeleteSecretResponse]]:
+        """Deletes a workload's secret table, keeping the workload; open sessions as for DeleteWorkload."""
+
+    @_abc_1.abstractmethod
+    def RevokeReferenceValues(
+        self,
+        request: _owner_pb2.RevokeReferenceValuesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_owner_pb2.RevokeReferenceValuesResponse, _abc.Awaitable[_owner_pb2.RevokeReferenceValuesResponse]]:
+        """Revokes imported manifests by id: out of force at once on every replica, and never importable again
+        (revocations are append-only). Ids already revoked are reported, not refused.
+        """
 
 def add_OwnerServiceServicer_to_server(servicer: OwnerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
