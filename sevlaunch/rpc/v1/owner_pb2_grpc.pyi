@@ -26,7 +26,7 @@ A refusal on the merits:
                       session_refused, session_revoked, secret_too_large, session_not_open,
                       unknown_workload (the workload was deleted after OpenSession),
                       workload_in_use (DeleteWorkload / DeleteSecret while a session of the workload is
-                      open; metadata `open_sessions`: set force to revoke them and delete)
+                      open, their number in the metadata; set force to revoke them and delete)
 The owner's store (nothing was released without its audit record; retry):
   UNAVAILABLE         store_unavailable (database down or unreachable, connection lost, disk full)
   ABORTED             store_conflict (a concurrent transaction won)
