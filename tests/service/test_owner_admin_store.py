@@ -107,7 +107,8 @@ def test_delete_secret_keeps_the_workload(backend: Backend) -> None:
     store = _with_workloads(backend)
     before = _verify(store)
     # beta has no secret: nothing to delete, nothing written.
-    assert _delete(store, "beta", secret_only=True) == Deletion(found=True, had_secret=False, open_sessions=())
+    nothing = Deletion(found=True, had_secret=False, open_sessions=())
+    assert _delete(store, "beta", secret_only=True) == nothing
     assert _delete(store, "nope", secret_only=True).found is False
     assert _verify(store) == before
     done = _delete(store, "alpha", secret_only=True, force=True)
@@ -151,4 +152,4 @@ def test_revoke_manifests_refuses_unknown_ids_and_reports_earlier_revocations(ba
     assert _verify(store) == records + 2
     # Revocations stay append-only.
     with pytest.raises(backend.driver_error):
-        backend.raw(f"DELETE FROM revoked_manifests WHERE manifest_id = '{MID_A}'")  # noqa: S608
+        backend.raw(f"DELETE FROM revoked_manifests WHERE manifest_id = '{MID_A}'")

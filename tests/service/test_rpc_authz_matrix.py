@@ -76,6 +76,10 @@ ROLES: dict[str, dict[str, frozenset[str]]] = {
                 "ListSessions",
                 "GetAuditLog",
                 "RevokeSession",
+                "ListWorkloads",
+                "DeleteWorkload",
+                "DeleteSecret",
+                "RevokeReferenceValues",
             )
         },
     },
