@@ -228,6 +228,7 @@ class DemoEnvironment:
 
     `workdir=None` makes a temporary folder that `close()` removes; `keep=True` leaves services and
     folder alone on close (for `--keep`). `on_step(name, seconds)` hears each set-up step as it ends.
+    `otlp_endpoint` starts the three services with `--otlp-endpoint` (OpenTelemetry traces).
     """
 
     def __init__(
@@ -238,8 +239,10 @@ class DemoEnvironment:
         on_step: StepCallback | None = None,
         start_timeout: float = 30.0,
         call_timeout: float = 60.0,
+        otlp_endpoint: str | None = None,
     ) -> None:
         self.firmware = Path(firmware)
+        self.otlp_endpoint = otlp_endpoint
         self._own_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="sevlaunch-demo-")) if workdir is None else Path(workdir)
         self.keep = False
@@ -334,6 +337,7 @@ class DemoEnvironment:
             "127.0.0.1:0",
             "--metrics-listen",
             "127.0.0.1:0",
+            *(["--otlp-endpoint", self.otlp_endpoint] if self.otlp_endpoint else []),
         ]
         self._spawn(
             "owner",
