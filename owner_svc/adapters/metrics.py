@@ -36,6 +36,19 @@ class PrometheusOwnerMetrics:
             buckets=_BUCKETS,
             registry=registry,
         )
+        self.snp_authorizations = Counter(
+            "sevlaunch_owner_snp_authorizations",
+            "AuthorizeSnpLaunch decisions, by outcome (allowed, refused) and reason",
+            ["outcome", "reason"],
+            registry=registry,
+        )
+        self.snp_attestations = Counter(
+            "sevlaunch_owner_snp_attestations",
+            "Guest-port decisions (Attest; GetChallenge refusals), by outcome (allowed: a secret released) "
+            "and reason",
+            ["outcome", "reason"],
+            registry=registry,
+        )
         # One series at a time: the value is the head's seq, the labels its hash and MAC (neither is
         # secret: the MAC proves the owner wrote this head, it opens nothing).
         self.checkpoint = Gauge(
@@ -59,6 +72,12 @@ class PrometheusOwnerMetrics:
 
     def observe(self, step: str, seconds: float) -> None:
         self.verification.labels(step).observe(seconds)
+
+    def snp_authorization(self, outcome: str, reason: str) -> None:
+        self.snp_authorizations.labels(outcome, reason).inc()
+
+    def snp_attestation(self, outcome: str, reason: str) -> None:
+        self.snp_attestations.labels(outcome, reason).inc()
 
     def audit_checkpoint(self, seq: int, digest: str, mac: str) -> None:
         self.checkpoint.clear()

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from owner_svc.adapters.dialect import Dialect, Tx
 from owner_svc.adapters.rows import audit_record_from_row, session_from_row
 from owner_svc.adapters.schema import MIGRATIONS, SCHEMA_VERSION, SESSION_COLUMNS, MacHead, MacWorkloads
+from owner_svc.adapters.snpstore import SnpSqlStore
 from owner_svc.core.audit import canonical_record
 from owner_svc.core.model import AuditEvent, AuditRecord, SessionRecord, SessionState
 from owner_svc.core.ports import Deletion, Revocation, SchemaError, StoreCorrupt, WorkloadRow
@@ -81,7 +82,7 @@ class AuditLogDamaged(StoreCorrupt):
         super().__init__(f"the audit log is damaged: {what}; {RECOVERY}")
 
 
-class SqlStore:
+class SqlStore(SnpSqlStore):
     def __init__(
         self, db: Database, *, audit_mac_key: bytes | None, clock: Callable[[], float] = time.time
     ) -> None:
@@ -315,11 +316,13 @@ class SqlStore:
             "SELECT w.workload_id, w.updated_at, "
             "(SELECT count(*) FROM secrets s WHERE s.workload_id = w.workload_id), "
             "(SELECT count(*) FROM sessions x WHERE x.workload_id = w.workload_id "
-            "AND x.state = 'open' AND x.expires_at > ?) "
+            "AND x.state = 'open' AND x.expires_at > ?), "
+            "(SELECT count(*) FROM snp_authorizations a WHERE a.workload_id = w.workload_id "
+            "AND a.state = 'authorized' AND a.expires_at > ?) "
             "FROM workloads w WHERE w.workload_id > ? ORDER BY w.workload_id LIMIT ?",
-            (now, after_workload_id, limit),
+            (now, now, after_workload_id, limit),
         )
-        return [WorkloadRow(str(r[0]), int(r[2]) > 0, int(r[3]), float(r[1])) for r in rows]
+        return [WorkloadRow(str(r[0]), int(r[2]) > 0, int(r[3]) + int(r[4]), float(r[1])) for r in rows]
 
     def delete_workload(
         self,
@@ -330,6 +333,7 @@ class SqlStore:
         now: float,
         event: AuditEvent,
         revoke_event: AuditEvent,
+        revoke_snp_event: AuditEvent,
     ) -> Deletion:
         with self._write() as tx:
             # The workload row is locked first (PostgreSQL), so two deletes of one workload queue here.
@@ -353,28 +357,57 @@ class SqlStore:
                     (workload_id, now),
                 ).fetchall()
             )
-            if (secret_only and not had_secret) or (open_now and not force):
-                return Deletion(found=True, had_secret=had_secret, open_sessions=open_now)
-            revoked = []
-            for session_id in open_now:
-                # Conditional like every move out of OPEN: a release that won meanwhile keeps its state.
-                moved = tx.execute(
+            open_snp = tuple(
+                str(r[0])
+                for r in tx.execute(
+                    self._q(
+                        "SELECT authorization_id FROM snp_authorizations WHERE workload_id = ? "
+                        "AND state = 'authorized' AND expires_at > ? ORDER BY authorization_id"
+                    ),
+                    (workload_id, now),
+                ).fetchall()
+            )
+            found_only = Deletion(
+                found=True, had_secret=had_secret, open_sessions=open_now, open_authorizations=open_snp
+            )
+            if (secret_only and not had_secret) or ((open_now or open_snp) and not force):
+                return found_only
+            # Conditional like every move out of OPEN / AUTHORIZED: a release that won meanwhile keeps
+            # its state.
+            revoked = [
+                sid
+                for sid in open_now
+                if tx.execute(
                     self._q(
                         "UPDATE sessions SET state = 'revoked', finished_at = ?, reason = 'revoked' "
                         "WHERE session_id = ? AND state = 'open'"
                     ),
-                    (now, session_id),
+                    (now, sid),
                 ).rowcount
-                if moved == 1:
-                    revoked.append(session_id)
+                == 1
+            ]
+            revoked_snp = [
+                aid
+                for aid in open_snp
+                if tx.execute(
+                    self._q(
+                        "UPDATE snp_authorizations SET state = 'revoked', finished_at = ?, "
+                        "reason = 'revoked' WHERE authorization_id = ? AND state = 'authorized'"
+                    ),
+                    (now, aid),
+                ).rowcount
+                == 1
+            ]
             tx.execute(self._q("DELETE FROM secrets WHERE workload_id = ?"), (workload_id,))
             if not secret_only:
                 tx.execute(self._q("DELETE FROM workloads WHERE workload_id = ?"), (workload_id,))
-            for session_id in revoked:
-                self._append_audit(tx, replace(revoke_event, session_id=session_id))
+            for sid in revoked:
+                self._append_audit(tx, replace(revoke_event, session_id=sid))
+            for aid in revoked_snp:
+                self._append_audit(tx, replace(revoke_snp_event, session_id=aid))
             self._append_audit(tx, event)
-        return Deletion(
-            found=True, had_secret=had_secret, open_sessions=open_now, deleted=True, revoked=tuple(revoked)
+        return replace(
+            found_only, deleted=True, revoked=tuple(revoked), revoked_authorizations=tuple(revoked_snp)
         )
 
     # ----------------------------------------------------------------------------- sessions

@@ -245,11 +245,23 @@ class OwnerAdmin:
                 workload_id=workload_id,
                 detail=f"{action} with force",
             ),
+            revoke_snp_event=AuditEvent(
+                actor=caller,
+                action="revoke_snp_authorization",
+                outcome="allowed",
+                workload_id=workload_id,
+                detail=f"{action} with force",
+            ),
         )
         if done.deleted:
             log.info(
                 action.replace("_", " "),
-                extra={"workload": workload_id, "caller": caller, "revoked_sessions": len(done.revoked)},
+                extra={
+                    "workload": workload_id,
+                    "caller": caller,
+                    "revoked_sessions": len(done.revoked),
+                    "revoked_snp_authorizations": len(done.revoked_authorizations),
+                },
             )
             return done
         refusal: ServiceError
@@ -258,14 +270,24 @@ class OwnerAdmin:
         elif secret_only and not done.had_secret:
             refusal = NotFound(Reason.NO_SECRET, f"workload {workload_id!r} has no secret stored")
         else:
-            n = len(done.open_sessions)
+            n = len(done.in_use)
+            what = ", ".join(
+                f"{len(ids)} {name}{'s' if len(ids) != 1 else ''}"
+                for ids, name in (
+                    (done.open_sessions, "session"),
+                    (done.open_authorizations, "SNP authorisation"),
+                )
+                if ids
+            )
             refusal = FailedPrecondition(
                 Reason.WORKLOAD_IN_USE,
-                f"{n} session{'s' if n != 1 else ''} of workload {workload_id!r} "
-                f"{'are' if n != 1 else 'is'} open ({', '.join(done.open_sessions[:3])}"
-                f"{', ...' if n > 3 else ''}): wait until they are released or expire, revoke them, or "
-                "set force to revoke them and delete",
-                metadata={"open_sessions": str(n)},
+                f"{what} of workload {workload_id!r} {'are' if n != 1 else 'is'} open "
+                f"({', '.join(done.in_use[:3])}{', ...' if n > 3 else ''}): wait until they are released or "
+                "expire, revoke them, or set force to revoke them and delete",
+                metadata={
+                    "open_sessions": str(len(done.open_sessions)),
+                    "open_snp_authorizations": str(len(done.open_authorizations)),
+                },
             )
         self.store.append_audit(
             replace(event, outcome="refused", reason=refusal.reason, detail=refusal.detail)

@@ -18,6 +18,14 @@ class Metrics(Protocol):
 
     def observe(self, step: str, seconds: float) -> None: ...
 
+    def snp_authorization(self, outcome: str, reason: str) -> None:
+        """An AuthorizeSnpLaunch decision: outcome "allowed" (reason "") or "refused"."""
+        ...
+
+    def snp_attestation(self, outcome: str, reason: str) -> None:
+        """A guest-port decision (GetChallenge refusals, Attest): "allowed" is a secret released."""
+        ...
+
     def audit_checkpoint(self, seq: int, digest: str, mac: str) -> None:
         """The newest audit checkpoint, exported so it is kept outside the database."""
         ...
@@ -39,6 +47,12 @@ class NullMetrics:
         pass
 
     def observe(self, step: str, seconds: float) -> None:
+        pass
+
+    def snp_authorization(self, outcome: str, reason: str) -> None:
+        pass
+
+    def snp_attestation(self, outcome: str, reason: str) -> None:
         pass
 
     def audit_checkpoint(self, seq: int, digest: str, mac: str) -> None:

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from owner_svc.core.model import AuditEvent, AuditRecord, SessionRecord, SessionState
 from owner_svc.core.reasons import Reason
+from owner_svc.core.snp_ports import SnpStore
 from sevlaunch.audit import Checkpoint
 from sevlaunch.errors import Aborted, ServiceError, Unavailable
 
@@ -87,6 +88,12 @@ class Deletion:
     open_sessions: tuple[str, ...]  # open, unexpired sessions of the workload (before any revocation)
     deleted: bool = False
     revoked: tuple[str, ...] = ()  # with force: the sessions revoked
+    open_authorizations: tuple[str, ...] = ()  # open, unexpired SEV-SNP authorisations, likewise
+    revoked_authorizations: tuple[str, ...] = ()
+
+    @property
+    def in_use(self) -> tuple[str, ...]:
+        return self.open_sessions + self.open_authorizations
 
 
 @dataclass(frozen=True)
@@ -98,7 +105,7 @@ class Revocation:
     unknown: tuple[str, ...] = ()
 
 
-class Store(Protocol):
+class Store(SnpStore, Protocol):
     # Workloads and their secrets (sealed).
     def put_workload(self, workload_id: str, config_json: str, event: AuditEvent) -> None: ...
 
@@ -121,11 +128,13 @@ class Store(Protocol):
         now: float,
         event: AuditEvent,
         revoke_event: AuditEvent,
+        revoke_snp_event: AuditEvent,
     ) -> Deletion:
-        """In one transaction: finds the workload, its secret and its open (unexpired) sessions; deletes
-        nothing if the workload (with `secret_only`, its secret) is missing, or if a session is open and
-        not `force`. Otherwise revokes the open sessions (reason `revoked`, appending `revoke_event` with
-        each one's id), deletes the secret (and, unless `secret_only`, the workload) and appends `event`."""
+        """In one transaction: finds the workload, its secret and its open (unexpired) sessions and SEV-SNP
+        authorisations; deletes nothing if the workload (with `secret_only`, its secret) is missing, or if
+        one of those is open and not `force`. Otherwise revokes them (reason `revoked`, appending
+        `revoke_event` / `revoke_snp_event` with each one's id as `session_id`), deletes the secret (and,
+        unless `secret_only`, the workload) and appends `event`."""
         ...
 
     # Sessions.

@@ -38,6 +38,7 @@ from owner_svc.core.model import (
 from owner_svc.core.ports import Sealer, SealError, Store
 from owner_svc.core.reasons import Reason
 from owner_svc.core.refset import ReferenceValueSet
+from owner_svc.core.snp import OwnerSnp, SnpSettings
 from sevlaunch.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -113,7 +114,7 @@ class PackagedSecret:
         )
 
 
-class OwnerCore(OwnerAdmin):
+class OwnerCore(OwnerAdmin, OwnerSnp):
     def __init__(
         self,
         store: Store,
@@ -125,6 +126,7 @@ class OwnerCore(OwnerAdmin):
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         launch_id: Callable[[], str | None] = lambda: None,
+        snp: SnpSettings | None = None,
     ) -> None:
         self._launch_id = launch_id
         if not 1 <= session_ttl <= MAX_SESSION_TTL:
@@ -144,6 +146,8 @@ class OwnerCore(OwnerAdmin):
         self.session_ttl = session_ttl
         self.metrics: Metrics = metrics or NullMetrics()
         self.clock = clock
+        #: SEV-SNP (`snp.py`): None when this owner serves no SNP guests.
+        self.snp = snp
         # The reference values are a cache of the store's manifests: the generation they were loaded at
         # (None: not loaded yet), and the stored envelopes already logged as failing verification.
         self._refvalues_generation: int | None = None

@@ -5,8 +5,9 @@
     sevlaunch owner secret delete --workload-id W [--force] [--json]
     sevlaunch owner refvalues revoke MANIFEST_ID [MANIFEST_ID ...] [--json]
 
-A delete is refused (`workload_in_use`, exit 1) while a session of the workload is open: its launch would
-fail at the release. `--force` revokes those sessions and deletes, in one transaction. A revocation takes
+A delete is refused (`workload_in_use`, exit 1) while a session or an SEV-SNP authorisation of the
+workload is open: its launch would fail at the release. `--force` revokes them and deletes, in one
+transaction. A revocation takes
 the manifests out of force on every replica of the owner and can never be undone; an id the owner has
 never seen refuses the call (`unknown_manifest`), so a typo revokes nothing. Each decision is in the
 owner's audit log (`sevlaunch owner audit show`). The identity is `owner-admin`, as for every admin call.
@@ -19,8 +20,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sevlaunch.audit import MAX_PAGE
-from sevlaunch.cli import UsageError
 from sevlaunch.cli._common import add_client_args, call_service
+from sevlaunch.cli.bounds import int_in
 from sevlaunch.cli.output import add_json_flag, emit, message_dict, table
 from sevlaunch.rpc.v1 import owner_pb2, owner_pb2_grpc
 
@@ -48,7 +49,7 @@ def register(workload: Parsers, secret: Parsers, refvalues: Parsers) -> None:
     )
     listing.add_argument(
         "--limit",
-        type=int,
+        type=int_in(0, (1 << 63) - 1, hex_ok=False),
         default=0,
         metavar="N",
         help="list at most N workloads (default 0: all, fetched page by page)",
@@ -79,8 +80,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _workload_list(stub: Stub, args: argparse.Namespace) -> int:
-    if args.limit < 0:
-        raise UsageError("--limit must not be negative")
     after, left = args.after, args.limit or None
     rows: list[dict[str, Any]] = []
     while left is None or left > 0:
@@ -107,7 +106,7 @@ def _workload_delete(stub: Stub, args: argparse.Namespace) -> int:
         owner_pb2.DeleteWorkloadRequest(workload_id=args.workload_id, force=args.force), timeout=args.timeout
     )
     data = {"workload_id": args.workload_id, **message_dict(reply)}
-    emit(args, data, f"workload {args.workload_id} deleted" + _revoked_text(reply.revoked_sessions))
+    emit(args, data, f"workload {args.workload_id} deleted" + _revoked_text(reply))
     return 0
 
 
@@ -116,7 +115,7 @@ def _secret_delete(stub: Stub, args: argparse.Namespace) -> int:
         owner_pb2.DeleteSecretRequest(workload_id=args.workload_id, force=args.force), timeout=args.timeout
     )
     data = {"workload_id": args.workload_id, **message_dict(reply)}
-    emit(args, data, f"secret of workload {args.workload_id} deleted" + _revoked_text(reply.revoked_sessions))
+    emit(args, data, f"secret of workload {args.workload_id} deleted" + _revoked_text(reply))
     return 0
 
 
@@ -131,5 +130,8 @@ def _refvalues_revoke(stub: Stub, args: argparse.Namespace) -> int:
     return 0
 
 
-def _revoked_text(sessions: Any) -> str:
-    return f"; revoked sessions: {', '.join(sessions)}" if sessions else ""
+def _revoked_text(reply: Any) -> str:
+    text = f"; revoked sessions: {', '.join(reply.revoked_sessions)}" if reply.revoked_sessions else ""
+    if reply.revoked_snp_authorizations:
+        text += f"; revoked SNP authorisations: {', '.join(reply.revoked_snp_authorizations)}"
+    return text

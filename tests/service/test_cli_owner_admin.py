@@ -154,7 +154,12 @@ def test_delete_refused_while_a_session_is_open_then_forced(
     deleted = _json(
         capsys, ["owner", "workload", "delete", *_conn(env), "--workload-id", SECOND, "--force", "--json"]
     )
-    assert deleted == {"workload_id": SECOND, "had_secret": True, "revoked_sessions": [session]}
+    assert deleted == {
+        "workload_id": SECOND,
+        "had_secret": True,
+        "revoked_sessions": [session],
+        "revoked_snp_authorizations": [],
+    }
     records = _audit_after(env, refused.seq)
     assert [(r.action, r.outcome, r.session_id, r.workload_id) for r in records] == [
         ("revoke_session", "allowed", session, SECOND),
@@ -183,7 +188,7 @@ def test_secret_delete_keeps_the_workload(env: DemoEnvironment, capsys: pytest.C
     deleted = _json(
         capsys, ["owner", "secret", "delete", *_conn(env), "--workload-id", WORKLOAD_ID, "--json"]
     )
-    assert deleted == {"workload_id": WORKLOAD_ID, "revoked_sessions": []}
+    assert deleted == {"workload_id": WORKLOAD_ID, "revoked_sessions": [], "revoked_snp_authorizations": []}
     summary = env.owner_admin().GetWorkload(owner_pb2.GetWorkloadRequest(workload_id=WORKLOAD_ID), timeout=30)
     assert summary.workload.workload_id == WORKLOAD_ID and not summary.has_secret
     [record] = _audit_after(env, seq)

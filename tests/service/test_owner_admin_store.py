@@ -12,6 +12,7 @@ from test_owner_postgres import backend as backend  # the two-adapter fixture, r
 
 from owner_svc.core.model import AuditEvent, SessionState
 from owner_svc.core.ports import Deletion, Revocation, WorkloadRow
+from owner_svc.core.snp_model import AuthorizationState, SnpAuthorization
 
 pytest_plugins = ["owner_support", "pg_fixture"]
 
@@ -27,6 +28,7 @@ def _delete(store: Any, workload: str, *, secret_only: bool = False, force: bool
         now=NOW,
         event=_event("delete_secret" if secret_only else "delete_workload", workload_id=workload),
         revoke_event=_event("revoke_session", workload_id=workload),
+        revoke_snp_event=_event("revoke_snp_authorization", workload_id=workload),
     )
     return result
 
@@ -153,3 +155,45 @@ def test_revoke_manifests_refuses_unknown_ids_and_reports_earlier_revocations(ba
     # Revocations stay append-only.
     with pytest.raises(backend.driver_error):
         backend.raw(f"DELETE FROM revoked_manifests WHERE manifest_id = '{MID_A}'")
+
+
+def _snp_authorization(aid: str, workload: str, expires_at: float) -> SnpAuthorization:
+    return SnpAuthorization(
+        authorization_id=aid,
+        workload_id=workload,
+        caller="launcher",
+        product="genoa",
+        policy=0x30000,
+        vcpus=1,
+        launch_digest="ab" * 48,
+        manifest_id=MID_A,
+        host_data="cd" * 32,
+        id_key_digest="ef" * 48,
+        author_key_digest="",
+        id_key_version=1,
+        init_data=b"{}",
+        vek_cert=b"\x30\x00",
+        created_at=NOW - 10,
+        expires_at=expires_at,
+    )
+
+
+def test_open_snp_authorizations_hold_a_delete_and_force_revokes_them(backend: Backend) -> None:
+    store = _with_workloads(backend)
+    store.insert_snp_authorization(_snp_authorization("a1" * 16, "gamma", NOW + 60), _event())
+    store.insert_snp_authorization(_snp_authorization("a2" * 16, "gamma", NOW - 1), _event())  # expired
+    assert [w.open_sessions for w in store.list_workloads("beta", 5, NOW)] == [1]  # gamma
+    before = _verify(store)
+    held = _delete(store, "gamma")
+    assert held == Deletion(found=True, had_secret=False, open_sessions=(), open_authorizations=("a1" * 16,))
+    assert held.in_use == ("a1" * 16,) and _verify(store) == before
+    done = _delete(store, "gamma", force=True)
+    assert done.deleted and done.revoked == () and done.revoked_authorizations == ("a1" * 16,)
+    revoked = store.get_snp_authorization("a1" * 16)
+    assert (revoked.state, revoked.reason, revoked.finished_at) == (
+        AuthorizationState.REVOKED,
+        "revoked",
+        NOW,
+    )
+    assert store.get_snp_authorization("a2" * 16).state is AuthorizationState.AUTHORIZED  # expired, left
+    assert _actions(store)[before:] == [("revoke_snp_authorization", "a1" * 16), ("delete_workload", "")]

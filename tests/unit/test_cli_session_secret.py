@@ -177,7 +177,7 @@ def test_secret_build_max_size(tmp_path: Path, capsys: pytest.CaptureFixture[str
         (["--secret", "736869e5-84f0-4973-92ec-06879ce3da0b"], "GUID:FILE", 1),
         (["--secret", "736869e5-84f0-4973-92ec-06879ce3da0b:/nonexistent/file"], "cannot read", 1),
         (["--api-major", "1"], "--api-minor", 2),  # a usage error: the partner option is missing
-        (["--iv", "!!"], "--iv", 1),
+        (["--iv", "!!"], "--iv", 2),  # not base64: the option's text is malformed, a usage error
         (["--iv", "AAAA"], "IV", 1),
     ],
 )
