@@ -28,6 +28,7 @@ from realvirt_fixture import (
 )
 
 from launcher_svc.adapters.libvirt_backend import LibvirtHypervisor
+from launcher_svc.core.preflight import FirmwareImage, SecretArea, read_firmware
 from sevlaunch.errors import FailedPrecondition, ServiceError
 from sevlaunch.firmware import FirmwareError, StatusCode
 from sevlaunch.sev.chain import CertificateChain, load_roots_file, verify_chain
@@ -35,11 +36,21 @@ from sevlaunch.sev.digest import launch_digest
 from sevlaunch.sev.errors import VerificationFailed
 from sevlaunch.sev.measurement import LaunchMeasurement, verify_measurement
 from sevlaunch.sev.policy import PolicyFlags
-from sevlaunch.sev.secret import SecretEntry, SecretTable, package_secret
+from sevlaunch.sev.secret import DEFAULT_SECRET_AREA_SIZE, SecretEntry, SecretTable, package_secret
 from sevlaunch.sev.session import create_session
 from sevlaunch.sev.technology import Technology
 
 pytestmark = pytest.mark.realvirt
+
+
+def _firmware() -> FirmwareImage:
+    # The libvirt backend hands QEMU the loader the domain XML names; this is what preflight read of it.
+    return read_firmware(str(OVMF_2M))
+
+
+def _area() -> SecretArea:
+    # Debian's OVMF declares no secret area: the configured address, as the launcher's --secret-gpa.
+    return SecretArea(SECRET_GPA, DEFAULT_SECRET_AREA_SIZE, declared=False)
 
 
 def test_sev_capabilities_come_from_the_chip_through_libvirt(
@@ -66,7 +77,7 @@ def test_attested_launch_boots_ovmf_with_the_secret_in_guest_ram(
     name, xml = domain_xml(hv, session, OVMF_2M, "attested")
 
     hv.define(xml)
-    hv.start_paused(name)
+    hv.start_paused(name, _firmware())
     dom_state = libvirt.open(realvirt_host.uri)
     try:
         dom = dom_state.lookupByName(name)
@@ -88,7 +99,7 @@ def test_attested_launch_boots_ovmf_with_the_secret_in_guest_ram(
 
         table = SecretTable.of([SecretEntry.disk_passphrase(b"realvirt passphrase\0")])
         header, payload = package_secret(session.keys, measurement.measure, table.to_bytes())
-        hv.inject_secret(name, header.to_bytes(), payload, SECRET_GPA)
+        hv.inject_secret(name, header.to_bytes(), payload, _area())
         # Read back through libvirt and QEMU (pmemsave), not through the stand-in.
         seen = dom.memoryPeek(SECRET_GPA, len(payload), libvirt.VIR_MEMORY_PHYSICAL)
         assert SecretTable.from_bytes(seen) == table
@@ -115,7 +126,7 @@ def test_tampered_firmware_is_refused_by_the_owner_and_destroyed(
     session = owner_session(realvirt_host)
     name, xml = domain_xml(hv, session, tampered, "tampered")
     hv.define(xml)
-    hv.start_paused(name)
+    hv.start_paused(name, _firmware())
     info = hv.launch_security_info(name)
     with pytest.raises(VerificationFailed):
         verify_measurement(
@@ -146,7 +157,7 @@ def test_a_secret_for_another_launch_is_refused_with_the_firmware_status(
     for n, session in enumerate(sessions):
         name, xml = domain_xml(hv, session, OVMF_2M, f"pair{n}")
         hv.define(xml)
-        hv.start_paused(name)
+        hv.start_paused(name, _firmware())
         names.append(name)
     first = LaunchMeasurement.from_bytes(hv.launch_security_info(names[0]).measurement)
     table = SecretTable.of([SecretEntry.disk_passphrase(b"for the first launch only\0")])
@@ -168,7 +179,7 @@ def test_a_secret_for_another_launch_is_refused_with_the_firmware_status(
     finally:
         conn.close()
     with pytest.raises(ServiceError) as typed:
-        hv.inject_secret(names[1], header.to_bytes(), payload, SECRET_GPA)
+        hv.inject_secret(names[1], header.to_bytes(), payload, _area())
     assert isinstance(typed.value, FailedPrecondition)
     assert typed.value.reason == "firmware_bad_measurement"
     for name in names:
@@ -193,7 +204,7 @@ def test_locked_memory_on_a_host_that_cannot_lock_it_is_a_precise_refusal(
         assert "<locked />" in xml or "<locked/>" in xml
         production.define(xml)
         if _has_cap_sys_resource():
-            production.start_paused(name)  # a host that can lock memory starts it
+            production.start_paused(name, _firmware())  # a host that can lock memory starts it
         else:
             conn = libvirt.open(realvirt_host.uri)
             try:
@@ -203,7 +214,7 @@ def test_locked_memory_on_a_host_that_cannot_lock_it_is_a_precise_refusal(
             finally:
                 conn.close()
             with pytest.raises(FailedPrecondition) as typed:
-                production.start_paused(name)
+                production.start_paused(name, _firmware())
             assert typed.value.reason == "locked_memory_refused"
         production.destroy(name)
     finally:
@@ -248,7 +259,7 @@ def test_a_session_for_another_chip_is_refused_at_launch_start(
     with pytest.raises(FirmwareError) as direct:
         realvirt_host.chip.launch_start(session.godh.to_bytes(), session.blob.to_bytes(), POLICY)
     with pytest.raises(FailedPrecondition) as typed:
-        hv.start_paused(name)
+        hv.start_paused(name, _firmware())
     assert isinstance(direct.value.status, StatusCode)
     assert typed.value.reason == f"firmware_{direct.value.status.name.lower()}"
     assert typed.value.metadata["firmware_status"] == direct.value.status.name
@@ -276,7 +287,7 @@ def test_an_ovmf_image_qemu_cannot_map_as_bios_is_named(
     finally:
         conn.close()
     with pytest.raises(FailedPrecondition) as typed:
-        hv.start_paused(name)
+        hv.start_paused(name, _firmware())
     assert typed.value.reason == "firmware_not_loadable"
     assert realvirt_host.chip.platform_status().guest_count == guests_before
     hv.destroy(name)
@@ -333,12 +344,12 @@ def test_calls_in_the_wrong_domain_state_are_named(
         refused(lambda: dom.launchSecurityInfo(0), lambda: hv.launch_security_info(name), not_running,
                 "domain_not_running")  # fmt: skip
         refused(dom.resume, lambda: hv.resume(name), not_running, "domain_not_running")
-        hv.start_paused(name)
+        hv.start_paused(name, _firmware())
         hv.resume(name)  # LAUNCH_FINISH without a secret: allowed (a launch_without_secret guest)
         refused(lambda: dom.launchSecurityInfo(0), lambda: hv.launch_security_info(name),
                 libvirt.VIR_ERR_INTERNAL_ERROR, "measurement_unavailable")  # fmt: skip
         refused(lambda: dom.setLaunchSecurityState(secret, 0),
-                lambda: hv.inject_secret(name, bytes(52), bytes(32), SECRET_GPA),
+                lambda: hv.inject_secret(name, bytes(52), bytes(32), _area()),
                 libvirt.VIR_ERR_OPERATION_INVALID, "domain_not_paused")  # fmt: skip
         refused(
             dom.resume, lambda: hv.resume(name), libvirt.VIR_ERR_OPERATION_INVALID, "domain_already_running"

@@ -17,6 +17,7 @@ import pytest
 from realvirt_fixture import OVMF_2M, RealvirtHost, domain_xml, owner_session
 
 from launcher_svc.adapters.libvirt_backend import LibvirtHypervisor
+from launcher_svc.core.preflight import read_firmware
 from sevlaunch.sev.digest import launch_digest
 from sevlaunch.sev.measurement import LaunchMeasurement, verify_measurement
 from sevlaunch.sev.session import LaunchSession
@@ -99,7 +100,7 @@ def test_libvirts_validator_agrees_with_the_owner(
         session = owner_session(realvirt_host)
         name, xml = domain_xml(hv, session, firmware, guest)
         hv.define(xml)
-        hv.start_paused(name)
+        hv.start_paused(name, read_firmware(str(OVMF_2M)))
         tool = validate(realvirt_host, name, session, tmp_path)
         results[guest] = (tool, owner_accepts(hv, name, session))
         hv.destroy(name)
