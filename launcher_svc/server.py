@@ -23,6 +23,7 @@ from pathlib import Path
 from launcher_svc.adapters.grpc_clients import OwnerClient, PlatformClient
 from launcher_svc.adapters.prometheus import LauncherMetrics
 from launcher_svc.adapters.sqlite_store import open_launch_store
+from launcher_svc.adapters.tracing import ShellPhaseTracer
 from launcher_svc.api.servicer import AUTHZ, SERVICE_NAME, LauncherServicer
 from launcher_svc.core.launcher import Launcher, LauncherConfig
 from launcher_svc.core.ports import Hypervisor
@@ -165,6 +166,7 @@ async def create_server(
         config=replace(cfg.launcher, vcpu_type=cfg.vcpu_type),
         metrics=metrics,
         launch_scope=launch_id_scope,
+        tracer=ShellPhaseTracer(),
     )
     await core.start()
     launcher_pb2_grpc.add_LauncherServiceServicer_to_server(LauncherServicer(core), server.grpc_server)

@@ -19,6 +19,7 @@ from launcher_svc.core.snp_flow import SnpFlow
 from launcher_svc.core.spec import GuestSpec
 from launcher_svc.core.state import PRE_RUNNING, LaunchRecord, LaunchStore, Phase
 from launcher_svc.core.steps import ABORTED, STOPPING, Active, Checkpoint, LaunchScope, StepMachine, Why
+from launcher_svc.core.tracing import PhaseTracer
 from launcher_svc.core.two_phase import TwoPhaseFlow
 from sevlaunch.errors import FailedPrecondition, InvalidArgument, NotFound
 from sevlaunch.sev.technology import Technology
@@ -41,6 +42,7 @@ class Launcher:
         clock: Clock | None = None,
         checkpoint: Checkpoint | None = None,
         launch_scope: LaunchScope | None = None,
+        tracer: PhaseTracer | None = None,
     ) -> None:
         self.machine = StepMachine(
             hypervisor=hypervisor,
@@ -50,6 +52,7 @@ class Launcher:
             metrics=metrics or NoMetrics(),
             checkpoint=checkpoint,
             launch_scope=launch_scope,
+            tracer=tracer,
         )
         self.orchestrated = OrchestratedFlow(self.machine, platform, owners)
         self.two_phase = TwoPhaseFlow(self.machine)

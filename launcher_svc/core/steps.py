@@ -41,6 +41,7 @@ from launcher_svc.core.state import (
     may_resume,
     next_phase,
 )
+from launcher_svc.core.tracing import NoTracing, PhaseTracer
 from sevlaunch.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -116,8 +117,10 @@ class StepMachine:
         metrics: LaunchMetrics,
         checkpoint: Checkpoint | None = None,
         launch_scope: LaunchScope | None = None,
+        tracer: PhaseTracer | None = None,
     ) -> None:
         self.hv = hypervisor
+        self.tracer: PhaseTracer = tracer or NoTracing()
         self.store = store
         self.config = config
         self.clock = clock
@@ -378,7 +381,8 @@ class StepMachine:
         self._attempting[rec.launch_id] = to
         self.checkpoint(f"before {to.value}")
         try:
-            result = await within(self.clock, self.config.timeout(to), work())
+            with self.tracer.phase(to.value, rec.launch_id):
+                result = await within(self.clock, self.config.timeout(to), work())
         except TimeoutError:
             raise DeadlineExceeded(
                 LaunchReason.PHASE_DEADLINE, f"{to.value} not reached within {self.config.timeout(to)} s"

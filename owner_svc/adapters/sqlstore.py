@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import replace
 from typing import Any, Protocol
 
 from owner_svc.adapters.dialect import Dialect, Tx
@@ -27,7 +28,7 @@ from owner_svc.adapters.schema import MIGRATIONS, SCHEMA_VERSION, SESSION_COLUMN
 from owner_svc.adapters.snpstore import SnpSqlStore
 from owner_svc.core.audit import canonical_record
 from owner_svc.core.model import AuditEvent, AuditRecord, SessionRecord, SessionState
-from owner_svc.core.ports import SchemaError, StoreCorrupt
+from owner_svc.core.ports import Deletion, Revocation, SchemaError, StoreCorrupt, WorkloadRow
 from sevlaunch.audit import (
     AuditChainBroken,
     ChainEntry,
@@ -310,6 +311,105 @@ class SqlStore(SnpSqlStore):
         row = self._one("SELECT sealed FROM secrets WHERE workload_id = ?", (workload_id,))
         return None if row is None else bytes(row[0])
 
+    def list_workloads(self, after_workload_id: str, limit: int, now: float) -> Sequence[WorkloadRow]:
+        rows = self._all(
+            "SELECT w.workload_id, w.updated_at, "
+            "(SELECT count(*) FROM secrets s WHERE s.workload_id = w.workload_id), "
+            "(SELECT count(*) FROM sessions x WHERE x.workload_id = w.workload_id "
+            "AND x.state = 'open' AND x.expires_at > ?), "
+            "(SELECT count(*) FROM snp_authorizations a WHERE a.workload_id = w.workload_id "
+            "AND a.state = 'authorized' AND a.expires_at > ?) "
+            "FROM workloads w WHERE w.workload_id > ? ORDER BY w.workload_id LIMIT ?",
+            (now, now, after_workload_id, limit),
+        )
+        return [WorkloadRow(str(r[0]), int(r[2]) > 0, int(r[3]) + int(r[4]), float(r[1])) for r in rows]
+
+    def delete_workload(
+        self,
+        workload_id: str,
+        *,
+        secret_only: bool,
+        force: bool,
+        now: float,
+        event: AuditEvent,
+        revoke_event: AuditEvent,
+        revoke_snp_event: AuditEvent,
+    ) -> Deletion:
+        with self._write() as tx:
+            # The workload row is locked first (PostgreSQL), so two deletes of one workload queue here.
+            found = tx.execute(
+                self._q(f"SELECT 1 FROM workloads WHERE workload_id = ?{self._d.lock_row}"),  # noqa: S608
+                (workload_id,),
+            ).fetchone()
+            if found is None:
+                return Deletion(found=False, had_secret=False, open_sessions=())
+            had_secret = (
+                tx.execute(self._q("SELECT 1 FROM secrets WHERE workload_id = ?"), (workload_id,)).fetchone()
+                is not None
+            )
+            open_now = tuple(
+                str(r[0])
+                for r in tx.execute(
+                    self._q(
+                        "SELECT session_id FROM sessions WHERE workload_id = ? AND state = 'open' "
+                        "AND expires_at > ? ORDER BY session_id"
+                    ),
+                    (workload_id, now),
+                ).fetchall()
+            )
+            open_snp = tuple(
+                str(r[0])
+                for r in tx.execute(
+                    self._q(
+                        "SELECT authorization_id FROM snp_authorizations WHERE workload_id = ? "
+                        "AND state = 'authorized' AND expires_at > ? ORDER BY authorization_id"
+                    ),
+                    (workload_id, now),
+                ).fetchall()
+            )
+            found_only = Deletion(
+                found=True, had_secret=had_secret, open_sessions=open_now, open_authorizations=open_snp
+            )
+            if (secret_only and not had_secret) or ((open_now or open_snp) and not force):
+                return found_only
+            # Conditional like every move out of OPEN / AUTHORIZED: a release that won meanwhile keeps
+            # its state.
+            revoked = [
+                sid
+                for sid in open_now
+                if tx.execute(
+                    self._q(
+                        "UPDATE sessions SET state = 'revoked', finished_at = ?, reason = 'revoked' "
+                        "WHERE session_id = ? AND state = 'open'"
+                    ),
+                    (now, sid),
+                ).rowcount
+                == 1
+            ]
+            revoked_snp = [
+                aid
+                for aid in open_snp
+                if tx.execute(
+                    self._q(
+                        "UPDATE snp_authorizations SET state = 'revoked', finished_at = ?, "
+                        "reason = 'revoked' WHERE authorization_id = ? AND state = 'authorized'"
+                    ),
+                    (now, aid),
+                ).rowcount
+                == 1
+            ]
+            tx.execute(self._q("DELETE FROM secrets WHERE workload_id = ?"), (workload_id,))
+            if not secret_only:
+                tx.execute(self._q("DELETE FROM workloads WHERE workload_id = ?"), (workload_id,))
+            for sid in revoked:
+                self._append_audit(tx, replace(revoke_event, session_id=sid))
+            for aid in revoked_snp:
+                self._append_audit(tx, replace(revoke_snp_event, session_id=aid))
+            self._append_audit(tx, event)
+        return replace(
+            found_only, deleted=True, revoked=tuple(revoked), revoked_authorizations=tuple(revoked_snp)
+        )
+
     # ----------------------------------------------------------------------------- sessions
 
     def insert_session(self, record: SessionRecord, event: AuditEvent) -> None:
@@ -417,6 +517,27 @@ class SqlStore(SnpSqlStore):
         with self._write() as tx:
             self._insert_revocations(tx, manifest_ids, by)
             self._bump_generation(tx)
+
+    def revoke_manifests(self, manifest_ids: Sequence[str], by: str, event: AuditEvent) -> Revocation:
+        wanted = sorted(set(manifest_ids))
+        with self._write() as tx:
+            stored, revoked = set(), set()
+            for mid in wanted:
+                if tx.execute(self._q("SELECT 1 FROM manifests WHERE manifest_id = ?"), (mid,)).fetchone():
+                    stored.add(mid)
+                if tx.execute(
+                    self._q("SELECT 1 FROM revoked_manifests WHERE manifest_id = ?"), (mid,)
+                ).fetchone():
+                    revoked.add(mid)
+            unknown = tuple(m for m in wanted if m not in stored and m not in revoked)
+            if unknown:
+                return Revocation(unknown=unknown)
+            new = tuple(m for m in wanted if m not in revoked)
+            if new:
+                self._insert_revocations(tx, new, by)
+                self._bump_generation(tx)
+            self._append_audit(tx, event)
+        return Revocation(revoked=new, already_revoked=tuple(m for m in wanted if m in revoked))
 
     def _insert_revocations(self, tx: Tx, manifest_ids: Sequence[str], by: str) -> None:
         if not manifest_ids:

@@ -62,6 +62,10 @@ AUTHZ = AuthzPolicy(
             "ListSnpKeys": ADMIN_ROLES,
             "ListSnpAuthorizations": ADMIN_ROLES,
             "RevokeSnpAuthorization": ADMIN_ROLES,
+            "ListWorkloads": ADMIN_ROLES,
+            "DeleteWorkload": ADMIN_ROLES,
+            "DeleteSecret": ADMIN_ROLES,
+            "RevokeReferenceValues": ADMIN_ROLES,
         },
     )
 )
@@ -394,3 +398,52 @@ class OwnerServicer(owner_pb2_grpc.OwnerServiceServicer):
         caller = current_caller().identity
         await asyncio.to_thread(self.core.revoke_snp_authorization, caller, request.authorization_id)
         return owner_pb2.RevokeSnpAuthorizationResponse()
+
+    async def ListWorkloads(
+        self, request: owner_pb2.ListWorkloadsRequest, context: Ctx
+    ) -> owner_pb2.ListWorkloadsResponse:
+        rows = await asyncio.to_thread(self.core.list_workloads, request.after_workload_id, request.limit)
+        return owner_pb2.ListWorkloadsResponse(
+            workloads=[
+                owner_pb2.WorkloadEntry(
+                    workload_id=r.workload_id,
+                    has_secret=r.has_secret,
+                    open_sessions=r.open_sessions,
+                    updated_at_unix=int(r.updated_at),
+                )
+                for r in rows
+            ]
+        )
+
+    async def DeleteWorkload(
+        self, request: owner_pb2.DeleteWorkloadRequest, context: Ctx
+    ) -> owner_pb2.DeleteWorkloadResponse:
+        caller = current_caller().identity
+        done = await asyncio.to_thread(
+            self.core.delete_workload, caller, request.workload_id, force=request.force
+        )
+        return owner_pb2.DeleteWorkloadResponse(
+            had_secret=done.had_secret,
+            revoked_sessions=done.revoked,
+            revoked_snp_authorizations=done.revoked_authorizations,
+        )
+
+    async def DeleteSecret(
+        self, request: owner_pb2.DeleteSecretRequest, context: Ctx
+    ) -> owner_pb2.DeleteSecretResponse:
+        caller = current_caller().identity
+        done = await asyncio.to_thread(
+            self.core.delete_secret, caller, request.workload_id, force=request.force
+        )
+        return owner_pb2.DeleteSecretResponse(
+            revoked_sessions=done.revoked, revoked_snp_authorizations=done.revoked_authorizations
+        )
+
+    async def RevokeReferenceValues(
+        self, request: owner_pb2.RevokeReferenceValuesRequest, context: Ctx
+    ) -> owner_pb2.RevokeReferenceValuesResponse:
+        caller = current_caller().identity
+        done = await asyncio.to_thread(self.core.revoke_reference_values, caller, list(request.manifest_ids))
+        return owner_pb2.RevokeReferenceValuesResponse(
+            revoked=done.revoked, already_revoked=done.already_revoked
+        )

@@ -1,11 +1,13 @@
-"""The owner's administration: workloads and their secrets, reference value imports, the session list,
-the audit log and session revocation. A part of `OwnerCore` (which mixes it in), apart from the launch
-decisions so each reads in one sitting; the same rules hold: validate first, audit every change.
+"""The owner's administration: workloads and their secrets (put, list, delete), reference value imports
+and revocations, the session list, the audit log and session revocation.
+A part of `OwnerCore` (which mixes it in), apart from the launch decisions so each reads in one sitting;
+the same rules hold: validate first, audit every change.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -24,11 +26,11 @@ from owner_svc.core.model import (
     check_workload_id,
     secret_aad,
 )
-from owner_svc.core.ports import Sealer, Store
+from owner_svc.core.ports import Deletion, Revocation, Sealer, Store, WorkloadRow
 from owner_svc.core.reasons import Reason
 from owner_svc.core.refset import ReferenceValueSet
 from sevlaunch.audit import MAX_PAGE, Checkpoint
-from sevlaunch.errors import FailedPrecondition, InvalidArgument, NotFound
+from sevlaunch.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError
 from sevlaunch.refvalues import VerifiedManifest
 from sevlaunch.sev import secret as sev_secret
 from sevlaunch.sev.errors import MalformedInput, Unsupported, VerificationFailed
@@ -38,6 +40,10 @@ log = logging.getLogger("owner_svc.core")
 
 #: Audit sequence numbers are signed 64-bit integers in SQLite and PostgreSQL.
 MAX_SEQ = 2**63 - 1
+#: A manifest id is the SHA-256 of its signed payload (`sevlaunch.refvalues.manifest_id`).
+MANIFEST_ID_RE = re.compile(r"[0-9a-f]{64}")
+#: Manifests one RevokeReferenceValues call may name.
+MAX_REVOKE = 100
 
 
 @dataclass(frozen=True)
@@ -195,6 +201,135 @@ class OwnerAdmin:
             raise InvalidArgument(Reason.BAD_LIMIT, f"limit must be 0..{MAX_PAGE}")
         now = self.clock()
         return [SessionView(s, s.status(now)) for s in self.store.list_sessions(workload_id, limit or 100)]
+
+    def list_workloads(self, after_workload_id: str, limit: int) -> Sequence[WorkloadRow]:
+        if after_workload_id:
+            check_workload_id(after_workload_id)
+        if not 0 <= limit <= MAX_PAGE:
+            raise InvalidArgument(
+                Reason.BAD_LIMIT, f"limit must be 0..{MAX_PAGE}; page with after_workload_id"
+            )
+        return self.store.list_workloads(after_workload_id, limit or 100, self.clock())
+
+    def delete_workload(self, caller: str, workload_id: str, *, force: bool) -> Deletion:
+        """Deletes the workload and its secret (see `_delete`)."""
+        return self._delete(caller, workload_id, force=force, secret_only=False)
+
+    def delete_secret(self, caller: str, workload_id: str, *, force: bool) -> Deletion:
+        """Deletes the workload's secret table; the workload stays."""
+        return self._delete(caller, workload_id, force=force, secret_only=True)
+
+    def _delete(self, caller: str, workload_id: str, *, force: bool, secret_only: bool) -> Deletion:
+        """Refused while a session of the workload is open and unexpired: its release would then find no
+        workload or no secret, which the launcher would learn only at the end of a launch. With `force`
+        those sessions are revoked in the same transaction. Every outcome is audited."""
+        check_workload_id(workload_id)
+        action = "delete_secret" if secret_only else "delete_workload"
+        event = AuditEvent(
+            actor=caller,
+            action=action,
+            outcome="allowed",
+            workload_id=workload_id,
+            detail="force" if force else "",
+        )
+        done = self.store.delete_workload(
+            workload_id,
+            secret_only=secret_only,
+            force=force,
+            now=self.clock(),
+            event=event,
+            revoke_event=AuditEvent(
+                actor=caller,
+                action="revoke_session",
+                outcome="allowed",
+                workload_id=workload_id,
+                detail=f"{action} with force",
+            ),
+            revoke_snp_event=AuditEvent(
+                actor=caller,
+                action="revoke_snp_authorization",
+                outcome="allowed",
+                workload_id=workload_id,
+                detail=f"{action} with force",
+            ),
+        )
+        if done.deleted:
+            log.info(
+                action.replace("_", " "),
+                extra={
+                    "workload": workload_id,
+                    "caller": caller,
+                    "revoked_sessions": len(done.revoked),
+                    "revoked_snp_authorizations": len(done.revoked_authorizations),
+                },
+            )
+            return done
+        refusal: ServiceError
+        if not done.found:
+            refusal = NotFound(Reason.UNKNOWN_WORKLOAD, f"no workload {workload_id!r}")
+        elif secret_only and not done.had_secret:
+            refusal = NotFound(Reason.NO_SECRET, f"workload {workload_id!r} has no secret stored")
+        else:
+            n = len(done.in_use)
+            what = ", ".join(
+                f"{len(ids)} {name}{'s' if len(ids) != 1 else ''}"
+                for ids, name in (
+                    (done.open_sessions, "session"),
+                    (done.open_authorizations, "SNP authorisation"),
+                )
+                if ids
+            )
+            refusal = FailedPrecondition(
+                Reason.WORKLOAD_IN_USE,
+                f"{what} of workload {workload_id!r} {'are' if n != 1 else 'is'} open "
+                f"({', '.join(done.in_use[:3])}{', ...' if n > 3 else ''}): wait until they are released or "
+                "expire, revoke them, or set force to revoke them and delete",
+                metadata={
+                    "open_sessions": str(len(done.open_sessions)),
+                    "open_snp_authorizations": str(len(done.open_authorizations)),
+                },
+            )
+        self.store.append_audit(
+            replace(event, outcome="refused", reason=refusal.reason, detail=refusal.detail)
+        )
+        raise refusal
+
+    def revoke_reference_values(self, caller: str, manifest_ids: Sequence[str]) -> Revocation:
+        """Revokes stored manifests by id, at once on this replica and on the others at their next
+        decision (the store's generation moves). Unknown ids refuse the whole call: a typo must not
+        look like a revocation."""
+        if not 1 <= len(manifest_ids) <= MAX_REVOKE:
+            raise InvalidArgument(Reason.BAD_MANIFEST_ID, f"name 1..{MAX_REVOKE} manifest ids")
+        for mid in manifest_ids:
+            if not isinstance(mid, str) or not MANIFEST_ID_RE.fullmatch(mid):
+                raise InvalidArgument(
+                    Reason.BAD_MANIFEST_ID,
+                    "a manifest id is 64 lower-case hex digits (the manifest_id of ListReferenceValues)",
+                )
+        ids = sorted(set(manifest_ids))
+        event = AuditEvent(
+            actor=caller,
+            action="revoke_reference_values",
+            outcome="allowed",
+            detail=f"manifests {', '.join(ids)}",
+        )
+        done = self.store.revoke_manifests(ids, f"admin:{caller}", event)
+        if done.unknown:
+            refusal = NotFound(
+                Reason.UNKNOWN_MANIFEST,
+                f"no manifest {', '.join(done.unknown)} was imported or revoked here; nothing revoked "
+                "(the ids are those of `sevlaunch owner refvalues list`)",
+            )
+            self.store.append_audit(
+                replace(event, outcome="refused", reason=refusal.reason, detail=refusal.detail)
+            )
+            raise refusal
+        self.sync_reference_values()  # out of force here at once
+        log.info(
+            "reference values revoked",
+            extra={"caller": caller, "revoked": list(done.revoked), "already": list(done.already_revoked)},
+        )
+        return done
 
     def audit_log(self, after_seq: int, limit: int) -> Sequence[AuditRecord]:
         # seq is a signed 64-bit column in both stores: a larger bound would not even bind.

@@ -10,6 +10,7 @@ which database is behind the port.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from owner_svc.core.model import AuditEvent, AuditRecord, SessionRecord, SessionState
@@ -68,6 +69,42 @@ class SchemaError(StoreError):
     """The database was written by a newer version of the owner service."""
 
 
+@dataclass(frozen=True)
+class WorkloadRow:
+    """A workload as ListWorkloads shows it: no configuration, the facts an operator lists by."""
+
+    workload_id: str
+    has_secret: bool
+    open_sessions: int
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """What `Store.delete_workload` found and did. Nothing was written unless `deleted`."""
+
+    found: bool  # the workload exists
+    had_secret: bool
+    open_sessions: tuple[str, ...]  # open, unexpired sessions of the workload (before any revocation)
+    deleted: bool = False
+    revoked: tuple[str, ...] = ()  # with force: the sessions revoked
+    open_authorizations: tuple[str, ...] = ()  # open, unexpired SEV-SNP authorisations, likewise
+    revoked_authorizations: tuple[str, ...] = ()
+
+    @property
+    def in_use(self) -> tuple[str, ...]:
+        return self.open_sessions + self.open_authorizations
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """What `Store.revoke_manifests` found and did. Nothing was written if `unknown` is not empty."""
+
+    revoked: tuple[str, ...] = ()
+    already_revoked: tuple[str, ...] = ()
+    unknown: tuple[str, ...] = ()
+
+
 class Store(SnpStore, Protocol):
     # Workloads and their secrets (sealed).
     def put_workload(self, workload_id: str, config_json: str, event: AuditEvent) -> None: ...
@@ -77,6 +114,28 @@ class Store(SnpStore, Protocol):
     def put_secret(self, workload_id: str, sealed: bytes, event: AuditEvent) -> None: ...
 
     def get_secret(self, workload_id: str) -> bytes | None: ...
+
+    def list_workloads(self, after_workload_id: str, limit: int, now: float) -> Sequence[WorkloadRow]:
+        """At most `limit` workloads with ids after `after_workload_id`, in id order."""
+        ...
+
+    def delete_workload(
+        self,
+        workload_id: str,
+        *,
+        secret_only: bool,
+        force: bool,
+        now: float,
+        event: AuditEvent,
+        revoke_event: AuditEvent,
+        revoke_snp_event: AuditEvent,
+    ) -> Deletion:
+        """In one transaction: finds the workload, its secret and its open (unexpired) sessions and SEV-SNP
+        authorisations; deletes nothing if the workload (with `secret_only`, its secret) is missing, or if
+        one of those is open and not `force`. Otherwise revokes them (reason `revoked`, appending
+        `revoke_event` / `revoke_snp_event` with each one's id as `session_id`), deletes the secret (and,
+        unless `secret_only`, the workload) and appends `event`."""
+        ...
 
     # Sessions.
     def insert_session(self, record: SessionRecord, event: AuditEvent) -> None: ...
@@ -120,6 +179,12 @@ class Store(SnpStore, Protocol):
     def list_manifests(self) -> Sequence[tuple[str, bytes, str]]: ...
 
     def add_revocations(self, manifest_ids: Sequence[str], by: str) -> None: ...
+
+    def revoke_manifests(self, manifest_ids: Sequence[str], by: str, event: AuditEvent) -> Revocation:
+        """In one transaction: refuses (writes nothing) if an id is neither a stored manifest nor
+        revoked; else records the new revocations, bumps the generation if there were any, and appends
+        `event`."""
+        ...
 
     def revoked_manifests(self) -> set[str]: ...
 

@@ -14,6 +14,7 @@ class Reason(StrEnum):
     # NOT_FOUND
     UNKNOWN_WORKLOAD = "unknown_workload"
     UNKNOWN_SESSION = "unknown_session"
+    UNKNOWN_MANIFEST = "unknown_manifest"
     UNKNOWN_AUTHORIZATION = "unknown_authorization"
     UNKNOWN_CHALLENGE = "unknown_challenge"
     # PERMISSION_DENIED: refused on the merits.
@@ -56,6 +57,7 @@ class Reason(StrEnum):
     SESSION_REVOKED = "session_revoked"
     SECRET_TOO_LARGE = "secret_too_large"  # also INVALID_ARGUMENT, for a secret or workload put
     SESSION_NOT_OPEN = "session_not_open"
+    WORKLOAD_IN_USE = "workload_in_use"
     SNP_NOT_CONFIGURED = "snp_not_configured"
     NO_SNP_RULES = "no_snp_rules"
     NO_DIGEST_FOR_CONFIG = "no_digest_for_config"
@@ -80,6 +82,7 @@ class Reason(StrEnum):
     BAD_SECRET = "bad_secret"
     BAD_ENVELOPE = "bad_envelope"
     BAD_LIMIT = "bad_limit"
+    BAD_MANIFEST_ID = "bad_manifest_id"
     BAD_AUTHORIZATION_ID = "bad_authorization_id"
     BAD_LAUNCH_CONFIG = "bad_launch_config"
     BAD_PLATFORM = "bad_platform"

@@ -14,14 +14,13 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from sevlaunch.cli import CommandError
 from sevlaunch.cli._common import parse_int
 from sevlaunch.cli.bounds import int_in
+from sevlaunch.cli.output import add_json_flag, emit, message_dict
 from sevlaunch.firmware.emulator import ASK_ARK_CERT, STATE_FILE, ChipConfig, EmulatedFirmware, EmulatedRoot
 from sevlaunch.firmware.emulator.layout import EmulatorStateError
 from sevlaunch.firmware.emulator.snp_keys import SNP_ROOT_PEM, has_snp_root, load_snp_root
@@ -82,7 +81,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
     status = commands.add_parser("status", help="show the chip's PLATFORM_STATUS")
     status.add_argument("--state", required=True, help="state directory of the chip")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_flag(status)
     status.set_defaults(func=_status)
 
     kds = commands.add_parser("kds", help="serve the chip's ASK-signed CEK like AMD's KDS")
@@ -207,27 +206,37 @@ def _print_status(firmware: EmulatedFirmware) -> None:
     print(f"guests:     {status.guest_count} (max {config.max_guests} SEV, {config.max_es_guests} SEV-ES)")
 
 
+def status_dict(firmware: EmulatedFirmware) -> dict[str, Any]:
+    """The chip's status under the names and types `sevlaunch platform status --json` prints (the
+    GetPlatformStatusResponse message in docs/CLI.md's style), with what only the emulator knows."""
+    from sevlaunch.rpc.v1 import common_pb2, platform_pb2
+
+    status = firmware.platform_status()
+    config = firmware.config
+    reply = platform_pb2.GetPlatformStatusResponse(
+        firmware=common_pb2.FirmwareVersion(
+            api_major=status.api_major, api_minor=status.api_minor, build_id=status.build
+        ),
+        state=platform_pb2.PlatformState.Value(f"PLATFORM_STATE_{status.state.name}"),
+        owned_externally=status.owned_externally,
+        es_supported=status.es_enabled,
+        guest_count=status.guest_count,
+        flags=status.flags,
+    )
+    return {
+        "chip_id": firmware.chip_id_hex(),
+        "generation": config.generation,
+        **message_dict(reply),
+        "max_guests": config.max_guests,
+        "max_es_guests": config.max_es_guests,
+        "guests": [firmware.guest_info(h) for h in firmware.guest_handles()],
+    }
+
+
 def _status(args: argparse.Namespace) -> int:
     firmware = _open(args.state)
     if args.json:
-        status = firmware.platform_status()
-        config = firmware.config
-        doc = {
-            "chip_id": firmware.chip_id_hex(),
-            "generation": config.generation,
-            "api_major": status.api_major,
-            "api_minor": status.api_minor,
-            "build": status.build,
-            "state": status.state.name,
-            "owned_externally": status.owned_externally,
-            "es_enabled": status.es_enabled,
-            "guest_count": status.guest_count,
-            "max_guests": config.max_guests,
-            "max_es_guests": config.max_es_guests,
-            "guests": [firmware.guest_info(h) for h in firmware.guest_handles()],
-        }
-        json.dump(doc, sys.stdout, indent=2)
-        print()
+        emit(args, status_dict(firmware))
         return 0
     print(f"chip id:    {firmware.chip_id_hex()}")
     _print_status(firmware)

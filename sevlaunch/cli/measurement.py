@@ -1,14 +1,19 @@
 """`sevlaunch measurement digest|build`: expected launch digests and launch measurements.
 
 `digest` prints what sev-snp-measure prints for `--mode sev|seves|snp|snp:ovmf-hash|snp:svsm` (with the
-init2 VMSA layout for SEV-ES) and accepts its spellings (`--ovmf`, `--append`); `build` prints the
-48-byte measure‖mnonce blob in base64, as QEMU and libvirt show it, like `sevctl measurement build`.
+init2 VMSA layout for SEV-ES) and accepts its spellings (`--mode seves` for sev-es, `--ovmf`, `--append`,
+`--output-format hex|base64` for every mode); `build` prints the 48-byte measure‖mnonce blob in base64,
+as QEMU and libvirt show it, like `sevctl measurement build`, and takes its inputs as sevctl does:
+`--tik`, `--nonce` and `--launch-measure-blob` as a file or base64 text, `--launch-digest` in base64
+(or hex), `--outfile` for the binary blob.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import binascii
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +30,50 @@ from sevlaunch.sev.vmsa import VCPU_TYPES, VMSALayout, vcpu_signature
 _MEASUREMENT_BLOB = 48
 _MNONCE = 16
 _TIK = 16
+#: sev-snp-measure's spellings of the SEV modes.
+_MODE_ALIASES = {"seves": Technology.SEV_ES.value}
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
+
+
+def _canonical_mode(args: argparse.Namespace) -> None:
+    if args.mode is not None:
+        args.mode = _MODE_ALIASES.get(args.mode, args.mode)
+
+
+def _hex_or_b64(text: str, *, what: str, length: int) -> bytes:
+    """`length` bytes given as hex (ours) or base64 (sevctl's). Unambiguous for the lengths used here
+    (16, 32): their base64 ends in `=`, which hex never holds."""
+    text = text.strip()
+    if _HEX.fullmatch(text):
+        raw = bytes.fromhex(text)
+    else:
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise UsageError(f"{what} is neither hex nor base64") from None
+    if len(raw) != length:
+        raise UsageError(f"{what} must be {length} bytes, got {len(raw)}")
+    return raw
+
+
+def _file_or_text(value: str) -> tuple[bytes | None, str]:
+    """sevctl's "path or base64": the file's bytes when `value` names a file, else None and the text."""
+    path = Path(value)
+    if path.is_file():
+        return read_bytes(value), value
+    return None, value
 
 
 def _add_digest_options(parser: argparse.ArgumentParser, *, mode_required: bool, snp: bool = False) -> None:
     group = parser.add_argument_group("launch digest")
     group.add_argument(
         "--mode",
-        choices=[m.value for m in Technology] + (list(_SNP_MODES) if snp else []),
+        choices=[m.value for m in Technology if snp or m is not Technology.SEV_SNP]
+        + list(_MODE_ALIASES)
+        + (list(_SNP_MODES) if snp else []),
         required=mode_required,
-        help="guest type" + ("" if mode_required else " (default: sev-es when the policy has ES, else sev)"),
+        help="guest type; seves is sev-snp-measure's name for sev-es"
+        + ("" if mode_required else " (default: sev-es when the policy has ES, else sev)"),
     )
     group.add_argument("--firmware", "--ovmf", metavar="OVMF", help="the OVMF code image QEMU loads")
     group.add_argument("--kernel", metavar="FILE", help="kernel booted with kernel-hashes=on")
@@ -112,12 +152,6 @@ def _add_snp_options(parser: argparse.ArgumentParser) -> None:
     )
     vars_group.add_argument(
         "--vars-file", metavar="FILE", help="the OVMF variable store, for its size (snp:svsm)"
-    )
-    parser.add_argument(
-        "--output-format",
-        choices=("hex", "base64"),
-        default="hex",
-        help="how to print the digest (default hex)",
     )
 
 
@@ -231,6 +265,7 @@ def _compute_digest(args: argparse.Namespace, mode: Technology) -> LaunchDigest:
 
 
 def _run_digest(args: argparse.Namespace) -> int:
+    _canonical_mode(args)
     if args.mode in _SNP_MODES or args.mode == Technology.SEV_SNP:
         digest: bytes = _compute_snp_digest(args)
     else:
@@ -252,22 +287,14 @@ def _run_build(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be 0..255")
     if not 0 <= args.policy <= 0xFFFFFFFF:
         raise UsageError("--policy must fit in 32 bits")
-    tik = read_bytes(args.tik)
-    if len(tik) != _TIK:
-        raise CommandError(f"the TIK file must hold {_TIK} raw bytes, got {len(tik)}")
-
-    if args.nonce is not None:
-        mnonce = parse_hex(args.nonce, what="--nonce", length=_MNONCE)
-    else:
-        blob = parse_b64(args.launch_measure_blob, what="--launch-measure-blob")
-        if len(blob) != _MEASUREMENT_BLOB:
-            raise UsageError(f"--launch-measure-blob must be {_MEASUREMENT_BLOB} bytes, got {len(blob)}")
-        mnonce = LaunchMeasurement.from_bytes(blob).mnonce
+    _canonical_mode(args)
+    tik = _tik(args.tik)
+    mnonce = _mnonce(args)
 
     if args.launch_digest is not None:
         if args.firmware is not None or args.mode is not None:
             raise UsageError("give either --launch-digest or the firmware options, not both")
-        digest = LaunchDigest(parse_hex(args.launch_digest, what="--launch-digest", length=32))
+        digest = LaunchDigest(_hex_or_b64(args.launch_digest, what="--launch-digest", length=32))
     else:
         # QEMU sets the ES policy bit exactly for SEV-ES guests: a digest of the other kind cannot match.
         policy_mode = Technology.SEV_ES if args.policy & PolicyFlags.ES else Technology.SEV
@@ -285,8 +312,61 @@ def _run_build(args: argparse.Namespace) -> int:
         mnonce=MNonce(mnonce),
     )
     measurement = LaunchMeasurement(measure=measure, mnonce=MNonce(mnonce))
-    print(measurement.to_b64())
+    if args.outfile:
+        try:
+            Path(args.outfile).write_bytes(measurement.to_bytes())
+        except OSError as exc:
+            raise CommandError(f"cannot write {args.outfile}: {exc.strerror}") from None
+    print(measurement.to_bytes().hex() if args.output_format == "hex" else measurement.to_b64())
     return 0
+
+
+def _tik(value: str) -> bytes:
+    """The TIK: a file of 16 raw bytes or of their base64 (sevctl), or the base64 itself."""
+    data, _ = _file_or_text(value)
+    if data is None:
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise CommandError(f"cannot read {value}: no such file, and not base64") from None
+        if len(raw) != _TIK:
+            raise UsageError(f"--tik must be {_TIK} bytes, got {len(raw)}")
+        return raw
+    if len(data) == _TIK:
+        return data
+    try:
+        raw = base64.b64decode(data.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != _TIK:
+        raise CommandError(
+            f"the TIK file must hold {_TIK} raw bytes (or their base64), got {len(data)} bytes"
+        )
+    return raw
+
+
+def _mnonce(args: argparse.Namespace) -> bytes:
+    """The mnonce from --nonce (hex or base64, or a file of either or of the raw bytes) or from the
+    reported --launch-measure-blob (base64, or a file of it or of the raw 48 bytes)."""
+    from sevlaunch.sev.measurement import LaunchMeasurement
+
+    if args.nonce is not None:
+        data, text = _file_or_text(args.nonce)
+        if data is not None and len(data) == _MNONCE:
+            return data
+        if data is not None:
+            text = data.decode("ascii", errors="replace")
+        return _hex_or_b64(text, what="--nonce", length=_MNONCE)
+    data, text = _file_or_text(args.launch_measure_blob)
+    if data is not None and len(data) == _MEASUREMENT_BLOB:
+        blob = data
+    else:
+        if data is not None:
+            text = data.decode("ascii", errors="replace").strip()
+        blob = parse_b64(text, what="--launch-measure-blob")
+        if len(blob) != _MEASUREMENT_BLOB:
+            raise UsageError(f"--launch-measure-blob must be {_MEASUREMENT_BLOB} bytes, got {len(blob)}")
+    return bytes(LaunchMeasurement.from_bytes(blob).mnonce)
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -298,6 +378,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     _add_digest_options(digest, mode_required=True, snp=True)
     _add_snp_options(digest)
+    digest.add_argument(
+        "--output-format",
+        choices=("hex", "base64"),
+        default="hex",
+        help="how to print the digest, for every mode (default hex, as sev-snp-measure)",
+    )
     digest.set_defaults(func=_run_digest)
 
     build = commands.add_parser(
@@ -307,14 +393,34 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     build.add_argument("--api-minor", type=int_in(0, U8_MAX), required=True, metavar="N")
     build.add_argument("--build-id", type=int_in(0, U8_MAX), required=True, metavar="N")
     build.add_argument("--policy", type=int_in(0, U32_MAX), required=True, metavar="N")
-    build.add_argument("--tik", required=True, metavar="FILE", help="the 16-byte TIK of the session")
+    build.add_argument(
+        "--tik",
+        required=True,
+        metavar="FILE|B64",
+        help="the session's 16-byte TIK: a file (raw or base64, as `sevlaunch session` and sevctl write "
+        "it) or the base64 itself",
+    )
     nonce = build.add_mutually_exclusive_group(required=True)
-    nonce.add_argument("--nonce", metavar="HEX", help="the firmware's mnonce (16 bytes)")
     nonce.add_argument(
-        "--launch-measure-blob", metavar="B64", help="the measurement the host reported; its mnonce is used"
+        "--nonce", metavar="HEX|B64|FILE", help="the firmware's mnonce (16 bytes: hex, base64 or a file)"
+    )
+    nonce.add_argument(
+        "--launch-measure-blob",
+        metavar="B64|FILE",
+        help="the measurement the host reported (base64, as QEMU and virsh show it, or a file); its mnonce "
+        "is used",
     )
     build.add_argument(
-        "--launch-digest", metavar="HEX", help="a known launch digest (instead of computing it)"
+        "--launch-digest",
+        metavar="B64|HEX",
+        help="a known launch digest, 32 bytes in base64 (sevctl) or hex (instead of computing it)",
     )
+    build.add_argument(
+        "--output-format",
+        choices=("base64", "hex"),
+        default="base64",
+        help="how to print the measurement (default base64, as sevctl, QEMU and libvirt)",
+    )
+    build.add_argument("--outfile", metavar="FILE", help="also write the 48 bytes, binary, to FILE (sevctl)")
     _add_digest_options(build, mode_required=False)
     build.set_defaults(func=_run_build)

@@ -2,6 +2,9 @@
 
     sevlaunch owner workload put --file workload.json --endpoint HOST:PORT --tls-dir DIR
     sevlaunch owner workload get --workload-id W ...
+    sevlaunch owner workload list | delete --workload-id W [--force]     (owner_admin.py)
+    sevlaunch owner secret delete --workload-id W [--force]
+    sevlaunch owner refvalues revoke MANIFEST_ID ...
     sevlaunch owner secret put --workload-id W --passphrase-file luks.txt | --entry GUID=FILE ...
     sevlaunch owner refvalues import M.dsse ...
     sevlaunch owner sessions [--workload-id W] ...
@@ -42,7 +45,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from sevlaunch.audit import MAX_PAGE, Checkpoint
-from sevlaunch.cli import CommandError, UsageError
+from sevlaunch.cli import CommandError, UsageError, owner_admin
 from sevlaunch.cli._common import add_client_args, call_service, read_bytes
 from sevlaunch.cli.bounds import int_in
 from sevlaunch.ownerdb import AuditDatabaseError, KEKFileError, load_kek, verify_audit_db
@@ -97,6 +100,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         default=100,
         help=f"at most N sessions, 1..{MAX_PAGE}",
     )
+
+    owner_admin.register(workload, secret, refvalues)
 
     session = groups.add_parser("session", help="one session").add_subparsers(
         dest="session_command", required=True, metavar="ACTION"

@@ -229,6 +229,7 @@ class DemoEnvironment:
     `workdir=None` makes a temporary folder that `close()` removes; `keep=True` leaves services and
     folder alone on close (for `--keep`). `hypervisor_args` replaces the launcher's default
     `--hypervisor emulated --emulator <chip>`. `on_step(name, seconds)` hears each set-up step as it ends.
+    `otlp_endpoint` starts the three services with `--otlp-endpoint` (OpenTelemetry traces).
     """
 
     def __init__(
@@ -240,8 +241,10 @@ class DemoEnvironment:
         start_timeout: float = 30.0,
         call_timeout: float = 60.0,
         hypervisor_args: Sequence[str] | None = None,
+        otlp_endpoint: str | None = None,
     ) -> None:
         self.firmware = Path(firmware)
+        self.otlp_endpoint = otlp_endpoint
         self._own_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="sevlaunch-demo-")) if workdir is None else Path(workdir)
         self.keep = False
@@ -339,6 +342,7 @@ class DemoEnvironment:
             "127.0.0.1:0",
             "--metrics-listen",
             "127.0.0.1:0",
+            *(["--otlp-endpoint", self.otlp_endpoint] if self.otlp_endpoint else []),
         ]
         self._spawn(
             "owner",

@@ -6,7 +6,8 @@
         await stub.OpenSession(...)     # carries x-sevlaunch-launch-id; counted in grpc_client_handled_total
 
 `secure_channel` / `secure_channel_sync` (sevlaunch.rpc.tls) install these by default, so a channel made
-there passes the launch id on without further wiring. The metrics follow the gRPC Prometheus
+there passes the launch id on without further wiring (and, with tracing on, the W3C trace context of a
+CLIENT span per call: `sevlaunch.rpc.tracing`). The metrics follow the gRPC Prometheus
 conventions: `grpc_client_started_total`, `grpc_client_handled_total` (with `grpc_code`) and
 `grpc_client_handling_seconds`, labelled `grpc_type`, `grpc_service`, `grpc_method`.
 """
@@ -24,6 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from sevlaunch.rpc.launchid import with_launch_id
 from sevlaunch.rpc.metrics import GRPC_LABELS, LATENCY_BUCKETS, SERVER_STREAM, UNARY, split_method
+from sevlaunch.rpc.tracing import RpcSpan, start_client_span
 
 
 class ClientMetrics:
@@ -63,6 +65,12 @@ def _method_name(method: str | bytes) -> str:
     return method.decode() if isinstance(method, bytes) else method
 
 
+def _end_span(span: RpcSpan | None, code: grpc.StatusCode | None) -> None:
+    if span is not None:
+        status = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+        span.end(status.name, int(status.value[0]))
+
+
 # ------------------------------------------------------------------------------------ blocking
 
 
@@ -93,22 +101,32 @@ class SyncClientInterceptor(_SyncUU, _SyncUS):
     def __init__(self, metrics: ClientMetrics | None = None) -> None:
         self._metrics = metrics
 
-    def _details(self, details: grpc.ClientCallDetails) -> _SyncDetails:
+    def _details(
+        self, details: grpc.ClientCallDetails, extra: Sequence[tuple[str, str]] = ()
+    ) -> _SyncDetails:
         return _SyncDetails(
             _method_name(details.method),
             details.timeout,
-            with_launch_id(details.metadata),
+            [*with_launch_id(details.metadata), *extra],
             details.credentials,
             getattr(details, "wait_for_ready", None),
             getattr(details, "compression", None),
         )
 
     def _call(self, kind: str, continuation: Any, details: grpc.ClientCallDetails, request: Any) -> Any:
-        new = self._details(details)
+        span, trace_metadata = start_client_span(_method_name(details.method))
+        new = self._details(details, trace_metadata)
         call = continuation(new, request)
-        if self._metrics is not None:
-            end = self._metrics.begin(kind, new.method)
-            call.add_done_callback(lambda done: end(done.code()))
+        end = self._metrics.begin(kind, new.method) if self._metrics is not None else None
+        if end is not None or span is not None:
+
+            def done(finished: Any) -> None:
+                code = finished.code()
+                if end is not None:
+                    end(code)
+                _end_span(span, code)
+
+            call.add_done_callback(done)
         return call
 
     def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
@@ -134,19 +152,24 @@ class _AioBase:
         self._pending: set[asyncio.Task[None]] = set()
 
     @staticmethod
-    def _details(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*with_launch_id(tuple(details.metadata or ())))
+    def _details(
+        details: grpc.aio.ClientCallDetails, extra: Sequence[tuple[str, str]] = ()
+    ) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*with_launch_id(tuple(details.metadata or ())), *extra)
         return grpc.aio.ClientCallDetails(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
 
-    def _track(self, kind: str, method: str | bytes, call: Any) -> None:
-        if self._metrics is None:
+    def _track(self, kind: str, method: str | bytes, call: Any, span: RpcSpan | None = None) -> None:
+        if self._metrics is None and span is None:
             return
-        end = self._metrics.begin(kind, _method_name(method))
+        end = self._metrics.begin(kind, _method_name(method)) if self._metrics is not None else None
 
         async def record(done: Any) -> None:
-            end(await done.code())
+            code = await done.code()
+            if end is not None:
+                end(code)
+            _end_span(span, code)
 
         def on_done(done: Any) -> None:
             # aio's code() is a coroutine (answered at once here: the call is over).
@@ -159,17 +182,19 @@ class _AioBase:
 
 class AioUnaryUnaryInterceptor(_AioBase, _AioUU):
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        details = self._details(client_call_details)
+        span, trace_metadata = start_client_span(_method_name(client_call_details.method))
+        details = self._details(client_call_details, trace_metadata)
         call = await continuation(details, request)
-        self._track(UNARY, details.method, call)
+        self._track(UNARY, details.method, call, span)
         return call
 
 
 class AioUnaryStreamInterceptor(_AioBase, _AioUS):
     async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        details = self._details(client_call_details)
+        span, trace_metadata = start_client_span(_method_name(client_call_details.method))
+        details = self._details(client_call_details, trace_metadata)
         call = await continuation(details, request)
-        self._track(SERVER_STREAM, details.method, call)
+        self._track(SERVER_STREAM, details.method, call, span)
         return call
 
 

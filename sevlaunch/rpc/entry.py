@@ -22,6 +22,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from sevlaunch.rpc import tracing
 from sevlaunch.rpc.flags import parse_args_with_env
 from sevlaunch.rpc.logs import configure_logging
 from sevlaunch.rpc.server import DEFAULT_GRACE_SECONDS
@@ -96,6 +97,7 @@ def add_server_flags(
         metavar="SECONDS",
         help="seconds in-flight calls get to finish on SIGTERM",
     )
+    parser.add_argument("--otlp-endpoint", default="", metavar="URL", help=tracing.ENDPOINT_HELP)
     parser.add_argument(
         "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
         help="least severe level logged (JSON lines on stderr)",
@@ -143,10 +145,13 @@ def server_main(
         args = parse_args_with_env(parser, argv)  # a usage error is JSON too (logger "stderr")
         configure_logging(args.log_level)
         try:
+            tracing.configure(parser.prog, optional_address(getattr(args, "otlp_endpoint", None)))
             asyncio.run(run(args))
         except (StartupError, TLSMaterialError, OSError, ValueError) as exc:
             log.error("cannot start", extra={"error": str(exc)})
             return 1
         except KeyboardInterrupt:
             return 130
+        finally:
+            tracing.shutdown()  # the spans still buffered go out before the process ends
     return 0

@@ -31,6 +31,7 @@ from sevlaunch.rpc.authz import AuthzPolicy, identity_from_auth_context
 from sevlaunch.rpc.errors import STATUS_DETAILS_KEY, MappedError, map_exception
 from sevlaunch.rpc.launchid import launch_id_from_metadata, set_launch_id
 from sevlaunch.rpc.metrics import RpcMetrics, grpc_type, split_method
+from sevlaunch.rpc.tracing import RpcSpan, start_server_span
 
 log = logging.getLogger("sevlaunch.rpc")
 
@@ -318,6 +319,7 @@ class ShellInterceptor(_Interceptor):
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
         async def wrapped(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             caller = await self._enter(method, kind, context)
+            span = start_server_span(method, context.invocation_metadata())
             start = time.perf_counter()
             try:
                 request = self._request(method, decode, raw, streaming=streaming)
@@ -330,6 +332,7 @@ class ShellInterceptor(_Interceptor):
                 await self._fail(caller, exc, context)
             finally:
                 self._done(caller, kind, start, context)
+                _end_span(span, context)
 
         return wrapped
 
@@ -338,6 +341,7 @@ class ShellInterceptor(_Interceptor):
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
         async def wrapped(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             caller = await self._enter(method, kind, context)
+            span = start_server_span(method, context.invocation_metadata())
             start = time.perf_counter()
             try:
                 request = self._request(method, decode, raw, streaming=streaming)
@@ -350,8 +354,15 @@ class ShellInterceptor(_Interceptor):
                 await self._fail(caller, exc, context)
             finally:
                 self._done(caller, kind, start, context)
+                _end_span(span, context)
 
         return wrapped
+
+
+def _end_span(span: RpcSpan | None, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    if span is not None:
+        status = _status_code(context.code()) or grpc.StatusCode.OK
+        span.end(status.name, int(status.value[0]))
 
 
 def _status_code(code: object) -> grpc.StatusCode | None:

@@ -82,6 +82,10 @@ ROLES: dict[str, dict[str, frozenset[str]]] = {
                 "ListSnpKeys",
                 "ListSnpAuthorizations",
                 "RevokeSnpAuthorization",
+                "ListWorkloads",
+                "DeleteWorkload",
+                "DeleteSecret",
+                "RevokeReferenceValues",
             )
         },
     },

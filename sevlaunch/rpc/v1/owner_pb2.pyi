@@ -6,7 +6,8 @@ owner_svc: the guest owner's root of trust, over mTLS.
 Roles (by client certificate CN, deny by default): `launcher` and `client` may call OpenSession,
 ReleaseSecret and AuthorizeSnpLaunch; `owner-admin` may call the admin RPCs (PutWorkload, GetWorkload,
 PutSecret, ImportReferenceValues, ListReferenceValues, ListSessions, GetAuditLog, RevokeSession,
-RotateSnpKey, ListSnpKeys, ListSnpAuthorizations, RevokeSnpAuthorization). An SEV-SNP guest attests on the owner's separate
+RotateSnpKey, ListSnpKeys, ListSnpAuthorizations, RevokeSnpAuthorization, ListWorkloads, DeleteWorkload,
+DeleteSecret, RevokeReferenceValues). An SEV-SNP guest attests on the owner's separate
 guest port (guest.proto, OwnerGuest: server-authenticated TLS only, rate-limited), where none of these
 RPCs is reachable.
 A session is bound to the identity that opened it: only that identity may release it.
@@ -15,13 +16,14 @@ Errors: see common.proto. Every error carries a typed ErrorInfo reason. A malfor
 INVALID_ARGUMENT and changes nothing:
   INVALID_ARGUMENT    bad_workload_id, bad_session_id, bad_guid, bad_policy, bad_firmware_version,
                       bad_firmware_minimum, bad_selector, bad_workload, bad_secret, secret_too_large,
-                      bad_envelope, bad_limit; malformed certificates, measurements and manifests
+                      bad_envelope, bad_limit, bad_manifest_id; malformed certificates, measurements and manifests
                       carry the protocol's reasons (truncated, bad_length, ...);
                       SEV-SNP: bad_authorization_id, bad_launch_config, bad_platform, bad_snp_key,
                       and on the guest port bad_report, bad_certificates, bad_guest_key, bad_challenge
 A refusal on the merits:
   NOT_FOUND           unknown_workload, unknown_session; guest port: unknown_authorization,
-                      unknown_challenge
+                      unknown_challenge; unknown_manifest (RevokeReferenceValues: an id neither
+                      imported nor revoked), no_secret (DeleteSecret: none stored)
   PERMISSION_DENIED   untrusted_root, bad_signature, wrong_usage, ... (chain; metadata `link`),
                       generation_not_allowed, firmware_too_old, policy_not_allowed, policy_mismatch,
                       measurement_mismatch, wrong_caller; for manifests bad_signature,
@@ -39,6 +41,9 @@ A refusal on the merits:
   FAILED_PRECONDITION no_reference_values, no_secret, session_expired, session_already_used,
                       session_refused, session_revoked, secret_too_large, session_not_open,
                       unknown_workload (the workload was deleted after OpenSession);
+                      workload_in_use (DeleteWorkload / DeleteSecret while a session or an SNP
+                      authorisation of the workload is open, their number in the metadata; set force
+                      to revoke them and delete);
                       SEV-SNP: snp_not_configured (no --guest-endpoint), no_snp_rules,
                       no_digest_for_config, no_reference_values, no_secret; guest port:
                       authorization_expired, authorization_revoked, authorization_refused,
@@ -1615,3 +1620,229 @@ class RevokeSnpAuthorizationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeSnpAuthorizationResponse: _TypeAlias = RevokeSnpAuthorizationResponse  # noqa: Y015
+
+@_typing.final
+class ListWorkloadsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_WORKLOAD_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    after_workload_id: _builtins.str
+    """the last id of the previous page; empty = from the start"""
+    limit: _builtins.int
+    """0 = 100; at most 1000: a larger limit is INVALID_ARGUMENT "bad_limit". A page shorter than the
+    limit is the last.
+    """
+    def __init__(
+        self,
+        *,
+        after_workload_id: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_workload_id", b"after_workload_id", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWorkloadsRequest: _TypeAlias = ListWorkloadsRequest  # noqa: Y015
+
+@_typing.final
+class WorkloadEntry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKLOAD_ID_FIELD_NUMBER: _builtins.int
+    HAS_SECRET_FIELD_NUMBER: _builtins.int
+    OPEN_SESSIONS_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_UNIX_FIELD_NUMBER: _builtins.int
+    workload_id: _builtins.str
+    has_secret: _builtins.bool
+    open_sessions: _builtins.int
+    """sessions and SEV-SNP authorisations of the workload open, unexpired, now"""
+    updated_at_unix: _builtins.int
+    def __init__(
+        self,
+        *,
+        workload_id: _builtins.str = ...,
+        has_secret: _builtins.bool = ...,
+        open_sessions: _builtins.int = ...,
+        updated_at_unix: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["has_secret", b"has_secret", "open_sessions", b"open_sessions", "updated_at_unix", b"updated_at_unix", "workload_id", b"workload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkloadEntry: _TypeAlias = WorkloadEntry  # noqa: Y015
+
+@_typing.final
+class ListWorkloadsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKLOADS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def workloads(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkloadEntry]: ...
+    def __init__(
+        self,
+        *,
+        workloads: _abc.Iterable[Global___WorkloadEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["workloads", b"workloads"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWorkloadsResponse: _TypeAlias = ListWorkloadsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteWorkloadRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKLOAD_ID_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    workload_id: _builtins.str
+    force: _builtins.bool
+    """revoke the workload's open sessions instead of refusing (workload_in_use)"""
+    def __init__(
+        self,
+        *,
+        workload_id: _builtins.str = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "workload_id", b"workload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteWorkloadRequest: _TypeAlias = DeleteWorkloadRequest  # noqa: Y015
+
+@_typing.final
+class DeleteWorkloadResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HAD_SECRET_FIELD_NUMBER: _builtins.int
+    REVOKED_SESSIONS_FIELD_NUMBER: _builtins.int
+    REVOKED_SNP_AUTHORIZATIONS_FIELD_NUMBER: _builtins.int
+    had_secret: _builtins.bool
+    @_builtins.property
+    def revoked_sessions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """with force: the sessions revoked"""
+
+    @_builtins.property
+    def revoked_snp_authorizations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """... and the SEV-SNP authorisations"""
+
+    def __init__(
+        self,
+        *,
+        had_secret: _builtins.bool = ...,
+        revoked_sessions: _abc.Iterable[_builtins.str] | None = ...,
+        revoked_snp_authorizations: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["had_secret", b"had_secret", "revoked_sessions", b"revoked_sessions", "revoked_snp_authorizations", b"revoked_snp_authorizations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteWorkloadResponse: _TypeAlias = DeleteWorkloadResponse  # noqa: Y015
+
+@_typing.final
+class DeleteSecretRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKLOAD_ID_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    workload_id: _builtins.str
+    force: _builtins.bool
+    """as DeleteWorkloadRequest.force"""
+    def __init__(
+        self,
+        *,
+        workload_id: _builtins.str = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "workload_id", b"workload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteSecretRequest: _TypeAlias = DeleteSecretRequest  # noqa: Y015
+
+@_typing.final
+class DeleteSecretResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVOKED_SESSIONS_FIELD_NUMBER: _builtins.int
+    REVOKED_SNP_AUTHORIZATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def revoked_sessions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def revoked_snp_authorizations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        revoked_sessions: _abc.Iterable[_builtins.str] | None = ...,
+        revoked_snp_authorizations: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revoked_sessions", b"revoked_sessions", "revoked_snp_authorizations", b"revoked_snp_authorizations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteSecretResponse: _TypeAlias = DeleteSecretResponse  # noqa: Y015
+
+@_typing.final
+class RevokeReferenceValuesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MANIFEST_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def manifest_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """1..100 manifest ids (64 lower-case hex digits, ManifestSummary)"""
+
+    def __init__(
+        self,
+        *,
+        manifest_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifest_ids", b"manifest_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeReferenceValuesRequest: _TypeAlias = RevokeReferenceValuesRequest  # noqa: Y015
+
+@_typing.final
+class RevokeReferenceValuesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVOKED_FIELD_NUMBER: _builtins.int
+    ALREADY_REVOKED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def revoked(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """revoked by this call"""
+
+    @_builtins.property
+    def already_revoked(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """revoked before (by an admin or by a manifest's `revokes`)"""
+
+    def __init__(
+        self,
+        *,
+        revoked: _abc.Iterable[_builtins.str] | None = ...,
+        already_revoked: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_revoked", b"already_revoked", "revoked", b"revoked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeReferenceValuesResponse: _TypeAlias = RevokeReferenceValuesResponse  # noqa: Y015

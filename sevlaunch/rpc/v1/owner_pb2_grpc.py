@@ -114,6 +114,26 @@ class OwnerServiceStub:
                 request_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSnpAuthorizationRequest.SerializeToString,
                 response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSnpAuthorizationResponse.FromString,
                 _registered_method=True)
+        self.ListWorkloads = channel.unary_unary(
+                '/sevlaunch.v1.OwnerService/ListWorkloads',
+                request_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListWorkloadsRequest.SerializeToString,
+                response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListWorkloadsResponse.FromString,
+                _registered_method=True)
+        self.DeleteWorkload = channel.unary_unary(
+                '/sevlaunch.v1.OwnerService/DeleteWorkload',
+                request_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.DeleteWorkloadRequest.SerializeToString,
+                response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.DeleteWorkloadResponse.FromString,
+                _registered_method=True)
+        self.DeleteSecret = channel.unary_unary(
+                '/sevlaunch.v1.OwnerService/DeleteSecret',
+                request_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.DeleteSecretRequest.SerializeToString,
+                response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.DeleteSecretResponse.FromString,
+                _registered_method=True)
+        self.RevokeReferenceValues = channel.unary_unary(
+                '/sevlaunch.v1.OwnerService/RevokeReferenceValues',
+                request_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeReferenceValuesRequest.SerializeToString,
+                response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeReferenceValuesResponse.FromString,
+                _registered_method=True)
 
 
 class OwnerServiceServicer:
@@ -236,6 +256,37 @@ class OwnerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWorkloads(self, request, context):
+        """The workloads, one page in workload_id order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteWorkload(self, request, context):
+        """Deletes a workload and its secret. Refused (workload_in_use) while a session or an SEV-SNP
+        authorisation of it is open (not expired), unless force: then those are revoked in the same
+        transaction, each audited. Its SNP keys are kept (retired keys are never deleted).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSecret(self, request, context):
+        """Deletes a workload's secret table, keeping the workload; open sessions as for DeleteWorkload.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeReferenceValues(self, request, context):
+        """Revokes imported manifests by id: out of force at once on every replica, and never importable again
+        (revocations are append-only). Ids already revoked are reported, not refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OwnerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -318,6 +369,26 @@ def add_OwnerServiceServicer_to_server(servicer, server):
                     servicer.RevokeSnpAuthorization,
                     request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSnpAuthorizationRequest.FromString,
                     response_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSnpAuthorizationResponse.SerializeToString,
+            ),
+            'ListWorkloads': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkloads,
+                    request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListWorkloadsRequest.FromString,
+                    response_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListWorkloadsResponse.SerializeToString,
+            ),
+            'DeleteWorkload': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteWorkload,
+                    request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.DeleteWorkloadRequest.FromString,
+                    response_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.DeleteWorkloadResponse.SerializeToString,
+            ),
+            'DeleteSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSecret,
+                    request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.DeleteSecretRequest.FromString,
+                    response_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.DeleteSecretResponse.SerializeToString,
+            ),
+            'RevokeReferenceValues': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeReferenceValues,
+                    request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeReferenceValuesRequest.FromString,
+                    response_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeReferenceValuesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -752,6 +823,114 @@ class OwnerService:
             '/sevlaunch.v1.OwnerService/RevokeSnpAuthorization',
             sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSnpAuthorizationRequest.SerializeToString,
             sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSnpAuthorizationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkloads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sevlaunch.v1.OwnerService/ListWorkloads',
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListWorkloadsRequest.SerializeToString,
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListWorkloadsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteWorkload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sevlaunch.v1.OwnerService/DeleteWorkload',
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.DeleteWorkloadRequest.SerializeToString,
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.DeleteWorkloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sevlaunch.v1.OwnerService/DeleteSecret',
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.DeleteSecretRequest.SerializeToString,
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.DeleteSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeReferenceValues(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sevlaunch.v1.OwnerService/RevokeReferenceValues',
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeReferenceValuesRequest.SerializeToString,
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeReferenceValuesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,7 +6,8 @@ owner_svc: the guest owner's root of trust, over mTLS.
 Roles (by client certificate CN, deny by default): `launcher` and `client` may call OpenSession,
 ReleaseSecret and AuthorizeSnpLaunch; `owner-admin` may call the admin RPCs (PutWorkload, GetWorkload,
 PutSecret, ImportReferenceValues, ListReferenceValues, ListSessions, GetAuditLog, RevokeSession,
-RotateSnpKey, ListSnpKeys, ListSnpAuthorizations, RevokeSnpAuthorization). An SEV-SNP guest attests on the owner's separate
+RotateSnpKey, ListSnpKeys, ListSnpAuthorizations, RevokeSnpAuthorization, ListWorkloads, DeleteWorkload,
+DeleteSecret, RevokeReferenceValues). An SEV-SNP guest attests on the owner's separate
 guest port (guest.proto, OwnerGuest: server-authenticated TLS only, rate-limited), where none of these
 RPCs is reachable.
 A session is bound to the identity that opened it: only that identity may release it.
@@ -15,13 +16,14 @@ Errors: see common.proto. Every error carries a typed ErrorInfo reason. A malfor
 INVALID_ARGUMENT and changes nothing:
   INVALID_ARGUMENT    bad_workload_id, bad_session_id, bad_guid, bad_policy, bad_firmware_version,
                       bad_firmware_minimum, bad_selector, bad_workload, bad_secret, secret_too_large,
-                      bad_envelope, bad_limit; malformed certificates, measurements and manifests
+                      bad_envelope, bad_limit, bad_manifest_id; malformed certificates, measurements and manifests
                       carry the protocol's reasons (truncated, bad_length, ...);
                       SEV-SNP: bad_authorization_id, bad_launch_config, bad_platform, bad_snp_key,
                       and on the guest port bad_report, bad_certificates, bad_guest_key, bad_challenge
 A refusal on the merits:
   NOT_FOUND           unknown_workload, unknown_session; guest port: unknown_authorization,
-                      unknown_challenge
+                      unknown_challenge; unknown_manifest (RevokeReferenceValues: an id neither
+                      imported nor revoked), no_secret (DeleteSecret: none stored)
   PERMISSION_DENIED   untrusted_root, bad_signature, wrong_usage, ... (chain; metadata `link`),
                       generation_not_allowed, firmware_too_old, policy_not_allowed, policy_mismatch,
                       measurement_mismatch, wrong_caller; for manifests bad_signature,
@@ -39,6 +41,9 @@ A refusal on the merits:
   FAILED_PRECONDITION no_reference_values, no_secret, session_expired, session_already_used,
                       session_refused, session_revoked, secret_too_large, session_not_open,
                       unknown_workload (the workload was deleted after OpenSession);
+                      workload_in_use (DeleteWorkload / DeleteSecret while a session or an SNP
+                      authorisation of the workload is open, their number in the metadata; set force
+                      to revoke them and delete);
                       SEV-SNP: snp_not_configured (no --guest-endpoint), no_snp_rules,
                       no_digest_for_config, no_reference_values, no_secret; guest port:
                       authorization_expired, authorization_revoked, authorization_refused,
@@ -122,6 +127,19 @@ class OwnerServiceStub:
     ListSnpAuthorizations: _grpc.UnaryUnaryMultiCallable[_owner_pb2.ListSnpAuthorizationsRequest, _owner_pb2.ListSnpAuthorizationsResponse]
     RevokeSnpAuthorization: _grpc.UnaryUnaryMultiCallable[_owner_pb2.RevokeSnpAuthorizationRequest, _owner_pb2.RevokeSnpAuthorizationResponse]
     """Admin. Withdraws an authorisation not yet released: its guest can no longer attest (audited)."""
+    ListWorkloads: _grpc.UnaryUnaryMultiCallable[_owner_pb2.ListWorkloadsRequest, _owner_pb2.ListWorkloadsResponse]
+    """The workloads, one page in workload_id order."""
+    DeleteWorkload: _grpc.UnaryUnaryMultiCallable[_owner_pb2.DeleteWorkloadRequest, _owner_pb2.DeleteWorkloadResponse]
+    """Deletes a workload and its secret. Refused (workload_in_use) while a session or an SEV-SNP
+    authorisation of it is open (not expired), unless force: then those are revoked in the same
+    transaction, each audited. Its SNP keys are kept (retired keys are never deleted).
+    """
+    DeleteSecret: _grpc.UnaryUnaryMultiCallable[_owner_pb2.DeleteSecretRequest, _owner_pb2.DeleteSecretResponse]
+    """Deletes a workload's secret table, keeping the workload; open sessions as for DeleteWorkload."""
+    RevokeReferenceValues: _grpc.UnaryUnaryMultiCallable[_owner_pb2.RevokeReferenceValuesRequest, _owner_pb2.RevokeReferenceValuesResponse]
+    """Revokes imported manifests by id: out of force at once on every replica, and never importable again
+    (revocations are append-only). Ids already revoked are reported, not refused.
+    """
 
 @_typing.type_check_only
 class OwnerServiceAsyncStub(OwnerServiceStub):
@@ -168,6 +186,19 @@ class OwnerServiceAsyncStub(OwnerServiceStub):
     ListSnpAuthorizations: _aio.UnaryUnaryMultiCallable[_owner_pb2.ListSnpAuthorizationsRequest, _owner_pb2.ListSnpAuthorizationsResponse]  # type: ignore[assignment]
     RevokeSnpAuthorization: _aio.UnaryUnaryMultiCallable[_owner_pb2.RevokeSnpAuthorizationRequest, _owner_pb2.RevokeSnpAuthorizationResponse]  # type: ignore[assignment]
     """Admin. Withdraws an authorisation not yet released: its guest can no longer attest (audited)."""
+    ListWorkloads: _aio.UnaryUnaryMultiCallable[_owner_pb2.ListWorkloadsRequest, _owner_pb2.ListWorkloadsResponse]  # type: ignore[assignment]
+    """The workloads, one page in workload_id order."""
+    DeleteWorkload: _aio.UnaryUnaryMultiCallable[_owner_pb2.DeleteWorkloadRequest, _owner_pb2.DeleteWorkloadResponse]  # type: ignore[assignment]
+    """Deletes a workload and its secret. Refused (workload_in_use) while a session or an SEV-SNP
+    authorisation of it is open (not expired), unless force: then those are revoked in the same
+    transaction, each audited. Its SNP keys are kept (retired keys are never deleted).
+    """
+    DeleteSecret: _aio.UnaryUnaryMultiCallable[_owner_pb2.DeleteSecretRequest, _owner_pb2.DeleteSecretResponse]  # type: ignore[assignment]
+    """Deletes a workload's secret table, keeping the workload; open sessions as for DeleteWorkload."""
+    RevokeReferenceValues: _aio.UnaryUnaryMultiCallable[_owner_pb2.RevokeReferenceValuesRequest, _owner_pb2.RevokeReferenceValuesResponse]  # type: ignore[assignment]
+    """Revokes imported manifests by id: out of force at once on every replica, and never importable again
+    (revocations are append-only). Ids already revoked are reported, not refused.
+    """
 
 class OwnerServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -307,5 +338,42 @@ class OwnerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_owner_pb2.RevokeSnpAuthorizationResponse, _abc.Awaitable[_owner_pb2.RevokeSnpAuthorizationResponse]]:
         """Admin. Withdraws an authorisation not yet released: its guest can no longer attest (audited)."""
+
+    @_abc_1.abstractmethod
+    def ListWorkloads(
+        self,
+        request: _owner_pb2.ListWorkloadsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_owner_pb2.ListWorkloadsResponse, _abc.Awaitable[_owner_pb2.ListWorkloadsResponse]]:
+        """The workloads, one page in workload_id order."""
+
+    @_abc_1.abstractmethod
+    def DeleteWorkload(
+        self,
+        request: _owner_pb2.DeleteWorkloadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_owner_pb2.DeleteWorkloadResponse, _abc.Awaitable[_owner_pb2.DeleteWorkloadResponse]]:
+        """Deletes a workload and its secret. Refused (workload_in_use) while a session or an SEV-SNP
+        authorisation of it is open (not expired), unless force: then those are revoked in the same
+        transaction, each audited. Its SNP keys are kept (retired keys are never deleted).
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteSecret(
+        self,
+        request: _owner_pb2.DeleteSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_owner_pb2.DeleteSecretResponse, _abc.Awaitable[_owner_pb2.DeleteSecretResponse]]:
+        """Deletes a workload's secret table, keeping the workload; open sessions as for DeleteWorkload."""
+
+    @_abc_1.abstractmethod
+    def RevokeReferenceValues(
+        self,
+        request: _owner_pb2.RevokeReferenceValuesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_owner_pb2.RevokeReferenceValuesResponse, _abc.Awaitable[_owner_pb2.RevokeReferenceValuesResponse]]:
+        """Revokes imported manifests by id: out of force at once on every replica, and never importable again
+        (revocations are append-only). Ids already revoked are reported, not refused.
+        """
 
 def add_OwnerServiceServicer_to_server(servicer: OwnerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
