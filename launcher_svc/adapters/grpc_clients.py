@@ -303,10 +303,10 @@ _ATTESTATION_STATES = {
     owner_pb2.SNP_AUTHORIZATION_STATE_RELEASED: AttestationState.RELEASED,
 }
 _ENDED = {
-    owner_pb2.SNP_AUTHORIZATION_STATE_REFUSED: ("", "the owner refused the guest's attestation"),
+    owner_pb2.SNP_AUTHORIZATION_STATE_REFUSED: ("", "refused the guest's attestation"),
     owner_pb2.SNP_AUTHORIZATION_STATE_EXPIRED: (
         "authorization_expired",
-        "the guest did not attest before the owner's authorisation expired",
+        "the guest did not attest before its authorisation expired",
     ),
     owner_pb2.SNP_AUTHORIZATION_STATE_REVOKED: (
         "authorization_revoked",
