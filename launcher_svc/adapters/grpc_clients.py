@@ -310,7 +310,7 @@ _ENDED = {
     ),
     owner_pb2.SNP_AUTHORIZATION_STATE_REVOKED: (
         "authorization_revoked",
-        "the owner revoked the authorisation",
+        "revoked the authorisation",
     ),
 }
 
