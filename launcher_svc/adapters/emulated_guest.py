@@ -12,7 +12,8 @@ Each guest has a folder `<guests_dir>/<domain>/` (0700) standing in for its memo
 * `attestation.json`: what went over the wire and the outcome: the authorisation id, the challenge, the
   guest's public key, the report (all public: the owner's guest port sees them in clear inside TLS), the
   measurement, and on a refusal the owner's reason. Never the secret or the private key.
-The folder goes with the domain (`discard`), as the guest's memory would.
+When the domain goes (`discard`), so does the secret, as the guest's memory would; `attestation.json`
+stays, like a console log kept after the VM is gone.
 
 The agent tries again while the owner cannot be reached (a guest would keep retrying its boot service);
 an owner's refusal is final: the launcher learns it from the owner (GetSnpAttestation) and destroys the
@@ -24,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -151,12 +151,13 @@ class EmulatedGuestAgents:
         return not entry[0].is_alive()
 
     def discard(self, name: str) -> None:
-        """The guest is gone: its agent stops at its next step and its folder (its "memory") goes."""
+        """The guest is gone: its agent stops at its next step and its secret (its "memory") goes."""
         with self._lock:
             entry = self._running.pop(name, None)
         if entry is not None:
             entry[1].set()
-        shutil.rmtree(self.folder(name), ignore_errors=True)
+        for leftover in (SECRET_FILE, SECRET_FILE + ".tmp"):
+            (self.folder(name) / leftover).unlink(missing_ok=True)
 
     def close(self, timeout: float = 5.0) -> None:
         with self._lock:
