@@ -188,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-concurrent", type=int, default=8, help="launches in flight at once")
     p.add_argument(
+        "--attestation-poll",
+        type=float,
+        default=LauncherConfig().attestation_poll,
+        help="SEV-SNP: seconds between asking the owner whether a started guest has attested",
+    )
+    p.add_argument(
         "--image-dir",
         default=":".join(DEFAULT_IMAGE_DIRS),
         help="colon-separated directories firmware, kernels and disks may come from",
@@ -221,6 +227,8 @@ def config_from_args(args: argparse.Namespace) -> LauncherServerConfig:
     default_timeout, overrides = parse_phase_timeouts(args.phase_timeout)
     if args.max_concurrent < 1:
         raise ValueError("--max-concurrent must be at least 1")
+    if not 0.01 <= args.attestation_poll <= 60:
+        raise ValueError("--attestation-poll must be 0.01..60 seconds")
     if not 0 <= args.emulated_boot_seconds <= 600:
         raise ValueError("--emulated-boot-seconds must be 0..600")
     try:
@@ -258,6 +266,7 @@ def config_from_args(args: argparse.Namespace) -> LauncherServerConfig:
             secret_gpa=args.secret_gpa,
             reconcile_interval=args.reconcile_interval,
             reconcile_foreign=args.reconcile_foreign,
+            attestation_poll=args.attestation_poll,
         ),
     )
 

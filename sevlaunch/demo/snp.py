@@ -82,6 +82,8 @@ GUEST_SVN = 1
 #: How long an emulated SNP guest "boots" before its agent attests: the window in which the tenant's
 #: admin may still change the workload (the demo's TCB case raises its floor then).
 BOOT_SECONDS = 1.0
+#: How often the launcher asks the owner whether a started guest has attested.
+ATTESTATION_POLL = 0.25
 #: Where the emulated hypervisor keeps its guests' folders (their "memory"), under the chip folder.
 GUESTS_SUBDIR = Path("hypervisor") / "guests"
 
@@ -171,10 +173,20 @@ class SnpDemoEnvironment(DemoEnvironment):
     """`prepare()`, `start()`, `configure_owner()`, then `launch_snp(...)`, `replay(...)`, `audit()`."""
 
     def __init__(
-        self, *, firmware: Path = SNP_FIRMWARE, boot_seconds: float = BOOT_SECONDS, **kw: Any
+        self,
+        *,
+        firmware: Path = SNP_FIRMWARE,
+        boot_seconds: float = BOOT_SECONDS,
+        attestation_poll: float = ATTESTATION_POLL,
+        snp_guest_slots: int = 16,
+        owner_args: tuple[str, ...] = (),
+        **kw: Any,
     ) -> None:
         super().__init__(firmware=firmware, **kw)
         self.boot_seconds = boot_seconds
+        self.attestation_poll = attestation_poll
+        self.snp_guest_slots = snp_guest_slots  # the chip's SEV-ES ASIDs, which SNP guests take
+        self.owner_args = owner_args  # extra owner flags (the benchmarks lift the guest port's limits)
         self.snp_root_file = self.chip_dir / SNP_ROOT_PEM
         self.chip_tcb: TcbVersion | None = None
         self.guest_port = 0
@@ -199,7 +211,10 @@ class SnpDemoEnvironment(DemoEnvironment):
 
         t = time.monotonic()
         chip = EmulatedFirmware(
-            self.chip_dir, config=ChipConfig(generation=EMULATED_ROOT, product=SNP_PRODUCT.value)
+            self.chip_dir,
+            config=ChipConfig(
+                generation=EMULATED_ROOT, product=SNP_PRODUCT.value, max_es_guests=self.snp_guest_slots
+            ),
         )
         chip.snp_root_pem()  # the emulated SNP root is made on first use: now, so the owner can be told
         self.chip_tcb = TcbVersion.from_raw(chip.snp_platform_status().current_tcb, SNP_PRODUCT)
@@ -273,6 +288,7 @@ class SnpDemoEnvironment(DemoEnvironment):
                 "--guest-tls-key", str(self.tls_dir / "owner.key"),
                 "--guest-tls-ca", str(self.tls_dir / "ca.pem"),
                 "--snp-trust-root", f"{SNP_PRODUCT.value}={self.snp_root_file}",
+                *self.owner_args,
             ],
         )  # fmt: skip
         self._spawn("platform", [*common, "--emulator", str(self.chip_dir)])
@@ -287,6 +303,7 @@ class SnpDemoEnvironment(DemoEnvironment):
                 "--emulator", str(self.chip_dir.resolve()),
                 "--emulated-guests", "attest",
                 "--emulated-boot-seconds", str(self.boot_seconds),
+                "--attestation-poll", str(self.attestation_poll),
                 "--vcpu-type", SNP_VCPU_TYPE,
                 "--db", str(self.workdir / "launcher" / "launcher.db"),
                 "--image-dir", ":".join(image_dirs),
