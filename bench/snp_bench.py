@@ -40,9 +40,9 @@ from sevlaunch.guest.owner_client import GrpcOwnerClient
 from sevlaunch.sev.secret import SecretEntry, SecretTable
 from sevlaunch.sev.vmsa import vcpu_signature
 from sevlaunch.snp.challenge import report_data
+from sevlaunch.snp.gctx import LaunchPlan
 from sevlaunch.snp.idblock import IdBlock, sign_id_block
 from sevlaunch.snp.initdata import InitData
-from sevlaunch.snp.gctx import LaunchPlan
 from sevlaunch.snp.launch_digest import launch_plan
 from sevlaunch.snp.report import AttestationReport
 from sevlaunch.snp.secret_wrap import GuestKeyPair, seal
