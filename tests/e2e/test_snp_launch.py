@@ -24,6 +24,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -137,6 +138,9 @@ def test_attested_launch_reaches_running_and_the_guest_holds_the_secret(
     allowed = [r for r in audit(env) if r.session_id == good.authorization_id and r.outcome == "allowed"]
     assert [r.action for r in allowed] == ["authorize_snp_launch", "attest_snp"]
     assert allowed[0].actor == "launcher" and allowed[1].actor.startswith("guest:")
+    # The emulated root is trusted because the owner was told so, for Genoa only.
+    argv = list(env.services["owner"].argv)
+    assert argv[argv.index("--snp-trust-root") + 1] == f"genoa={env.snp_root_file}"
 
 
 def test_tampered_image_is_refused_by_the_firmware(env: SnpDemoEnvironment) -> None:
@@ -340,3 +344,38 @@ def test_no_secret_or_private_key_in_any_file_the_run_wrote(
     assert "emulated SNP guest attested" in logs and "snp secret released" in logs
     records = json.dumps([str(r) for r in audit(env)])
     assert PASSPHRASE.decode() not in records
+
+
+# ------------------------------------------------------------------------------------ the demo
+
+
+def test_demo_snp_json_reports_its_launches_replays_and_audit(tmp_path: Path) -> None:
+    # Its own services (the module's world is not used): the command a new user runs.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SEVLAUNCH_")} | {
+        "TMPDIR": str(tmp_path)
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "sevlaunch", "demo", "--snp", "--json"],
+        capture_output=True, text=True, timeout=300, env=clean, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    doc = json.loads(run.stdout)
+    assert doc["technology"] == "sev-snp" and doc["ok"] is True and doc["audit_ok"] is True
+    by = {launch["name"]: launch for launch in doc["launches"]}
+    good, bad, low = by["demo-snp-guest"], by["demo-snp-tampered"], by["demo-snp-tcb"]
+    assert (good["outcome"], good["phase"], good["technology"]) == ("running", "RUNNING", "sev-snp")
+    assert good["secret_received"] is True and good["authorization_state"] == "RELEASED"
+    assert good["measurement"] == good["matched_digest"] == doc["reference_digest"]
+    assert good["manifest_id"] == doc["manifest_id"]
+    assert (bad["outcome"], bad["phase"], bad["reason"]) == ("refused", "STARTED", "snp_launch_refused")
+    assert (low["outcome"], low["phase"], low["reason"]) == ("refused", "RUNNING", "reported_tcb_too_low")
+    assert low["authorization_state"] == "REFUSED" and low["guest_reason"] == "reported_tcb_too_low"
+    for refused in (bad, low):
+        assert refused["domain_destroyed"] is True and refused["launcher_state"] == "FAILED"
+        assert refused["secret_received"] is False
+    replays = {r["name"]: r for r in doc["replays"]}
+    assert replays["replay-to-its-own-launch"]["reason"] == "already_released"
+    other = replays["replay-to-another-launch"]
+    assert other["outcome"] == "refused" and other["released_after"] is False
+    # Everything it made is gone.
+    assert not list(tmp_path.glob("sevlaunch-demo-*"))
