@@ -180,6 +180,7 @@ class SnpDemoEnvironment(DemoEnvironment):
         attestation_poll: float = ATTESTATION_POLL,
         snp_guest_slots: int = 16,
         owner_args: tuple[str, ...] = (),
+        platform_args: tuple[str, ...] = (),
         **kw: Any,
     ) -> None:
         super().__init__(firmware=firmware, **kw)
@@ -187,6 +188,7 @@ class SnpDemoEnvironment(DemoEnvironment):
         self.attestation_poll = attestation_poll
         self.snp_guest_slots = snp_guest_slots  # the chip's SEV-ES ASIDs, which SNP guests take
         self.owner_args = owner_args  # extra owner flags (the benchmarks lift the guest port's limits)
+        self.platform_args = platform_args  # extra platform flags (e.g. provisioned VLEK certificates)
         self.snp_root_file = self.chip_dir / SNP_ROOT_PEM
         self.chip_tcb: TcbVersion | None = None
         self.guest_port = 0
@@ -291,7 +293,7 @@ class SnpDemoEnvironment(DemoEnvironment):
                 *self.owner_args,
             ],
         )  # fmt: skip
-        self._spawn("platform", [*common, "--emulator", str(self.chip_dir)])
+        self._spawn("platform", [*common, "--emulator", str(self.chip_dir), *self.platform_args])
         wait_started(self.services["platform"], deadline=deadline)
         image_dirs = dict.fromkeys([str(self.firmware.resolve().parent), str(self.images_dir.resolve())])
         self._spawn(

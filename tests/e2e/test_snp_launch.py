@@ -29,6 +29,7 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -40,6 +41,7 @@ from sevlaunch.demo.snp import (
     SnpLaunchOutcome,
     snp_spec,
 )
+from sevlaunch.firmware.emulator import EmulatedFirmware
 from sevlaunch.rpc import error_info
 from sevlaunch.rpc.v1 import guest_pb2, owner_pb2
 from sevlaunch.sev.secret import DISK_PASSPHRASE_GUID, SecretTable
@@ -379,3 +381,36 @@ def test_demo_snp_json_reports_its_launches_replays_and_audit(tmp_path: Path) ->
     assert other["outcome"] == "refused" and other["released_after"] is False
     # Everything it made is gone.
     assert not list(tmp_path.glob("sevlaunch-demo-*"))
+
+
+# ------------------------------------------------------------------------------------ a VLEK
+
+
+def test_a_vlek_signed_launch_is_refused_unless_the_workload_allows_vleks(tmp_path: Path) -> None:
+    """A chip with a cloud's VLEK loaded signs its guests' reports with it: the owner refuses such a
+    platform at authorisation unless the workload allows VLEKs; then the launch runs, its report verified
+    against the VLEK the platform provisioned."""
+    provisioned = tmp_path / "veks"
+    world = SnpDemoEnvironment(
+        workdir=tmp_path / "world", boot_seconds=1.0, platform_args=("--vcek-dir", str(provisioned))
+    )
+    with world:
+        world.prepare()
+        chip = EmulatedFirmware(world.chip_dir, create=False)
+        chip.snp_vlek_load(chip.snp_vlek_hashstick("example-cloud"))
+        provisioned.mkdir()
+        (provisioned / "vlek.der").write_bytes(chip.snp_vlek_der())
+        asvk, ark = x509.load_pem_x509_certificates(chip.snp_cert_chain_pem(vlek=True))
+        (provisioned / "asvk.pem").write_bytes(asvk.public_bytes(serialization.Encoding.PEM))
+        (provisioned / "ark.pem").write_bytes(ark.public_bytes(serialization.Encoding.PEM))
+        world.start()
+        world.configure_owner()
+
+        early = world.launch_snp("vlek-early", SNP_FIRMWARE)
+        assert (early.phase, early.reason) == ("AUTHORIZED", "vlek_not_allowed")
+        refused = [r for r in audit(world) if r.action == "authorize_snp_launch" and r.outcome == "refused"]
+        assert [r.reason for r in refused] == ["vlek_not_allowed"]
+
+        world.put_workload(allow_vlek=True)
+        ok = world.launch_snp("vlek-ok", SNP_FIRMWARE)
+        assert ok.outcome == "running" and ok.secret_matches
