@@ -72,6 +72,10 @@ class LauncherServerConfig:
     platform: str | None = None
     hypervisor: str = "libvirt"
     emulator: Path | None = None
+    # The emulated backend only: whether each SNP guest runs the guest agent (attests to its owner and
+    # receives its secret), and after how long an emulated "boot".
+    emulated_guests: bool = True
+    emulated_boot_seconds: float = 0.0
     libvirt_uri: str = "qemu:///system"
     # Test hosts only: domains without <locked/> (see TEST_HOST_UNLOCKED_MEMORY_HELP).
     test_host_unlocked_memory: bool = False
@@ -118,14 +122,23 @@ def open_hypervisor(cfg: LauncherServerConfig, *, metrics: LauncherMetrics | Non
         if cfg.emulator is None:
             raise ValueError("--hypervisor emulated needs --emulator STATE_DIR (the chip platform_svc uses)")
         from launcher_svc.adapters.emulated import EmulatedHypervisor
+        from launcher_svc.adapters.emulated_guest import EmulatedGuestAgents
         from sevlaunch.firmware import EmulatedFirmware
 
         firmware = EmulatedFirmware(cfg.emulator)
+        agents = (
+            EmulatedGuestAgents(
+                cfg.emulator / "hypervisor" / "guests", boot_seconds=cfg.emulated_boot_seconds
+            )
+            if cfg.emulated_guests
+            else None
+        )
         return EmulatedHypervisor(
             firmware,
             cfg.emulator / "hypervisor",
             vcpu_type=cfg.vcpu_type,
             firmware_observer=metrics.firmware_command if metrics is not None else None,
+            guest_agents=agents,
         )
     raise ValueError(f"unknown hypervisor {cfg.hypervisor!r}")
 
@@ -179,6 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--platform", metavar="HOST:PORT", help="platform_svc endpoint (needed for Launch)")
     p.add_argument("--hypervisor", choices=["emulated", "libvirt"], default="libvirt", help="backend")
     p.add_argument("--emulator", metavar="STATE_DIR", help="emulated chip directory shared with platform_svc")
+    p.add_argument(
+        "--emulated-guests",
+        choices=["attest", "off"],
+        default="attest",
+        help="emulated backend: each SEV-SNP guest runs the guest agent, attests to its owner and"
+        " receives its secret (attest), or does nothing (off)",
+    )
+    p.add_argument(
+        "--emulated-boot-seconds",
+        type=float,
+        default=0.0,
+        help="emulated backend: how long an SEV-SNP guest 'boots' before its agent attests",
+    )
     p.add_argument("--libvirt-uri", default="qemu:///system", help="libvirt connection URI")
     p.add_argument("--test-host-unlocked-memory", action="store_true", help=TEST_HOST_UNLOCKED_MEMORY_HELP)
     p.add_argument("--test-host-asids", metavar="SEV:ES", help=TEST_HOST_ASIDS_HELP)
@@ -194,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds per phase, optionally with overrides: 30,SECRET_RELEASED=60",
     )
     p.add_argument("--max-concurrent", type=int, default=8, help="launches in flight at once")
+    p.add_argument(
+        "--attestation-poll",
+        type=float,
+        default=LauncherConfig().attestation_poll,
+        help="SEV-SNP: seconds between asking the owner whether a started guest has attested",
+    )
     p.add_argument(
         "--image-dir",
         default=":".join(DEFAULT_IMAGE_DIRS),
@@ -228,6 +260,10 @@ def config_from_args(args: argparse.Namespace) -> LauncherServerConfig:
     default_timeout, overrides = parse_phase_timeouts(args.phase_timeout)
     if args.max_concurrent < 1:
         raise ValueError("--max-concurrent must be at least 1")
+    if not 0.01 <= args.attestation_poll <= 60:
+        raise ValueError("--attestation-poll must be 0.01..60 seconds")
+    if not 0 <= args.emulated_boot_seconds <= 600:
+        raise ValueError("--emulated-boot-seconds must be 0..600")
     try:
         validate_vcpu_type(args.vcpu_type)
     except InvalidArgument as exc:
@@ -258,6 +294,8 @@ def config_from_args(args: argparse.Namespace) -> LauncherServerConfig:
         platform=args.platform,
         hypervisor=args.hypervisor,
         emulator=Path(args.emulator) if args.emulator else None,
+        emulated_guests=args.emulated_guests == "attest",
+        emulated_boot_seconds=args.emulated_boot_seconds,
         libvirt_uri=args.libvirt_uri,
         test_host_unlocked_memory=args.test_host_unlocked_memory,
         test_host_asids=parse_asids(args.test_host_asids) if args.test_host_asids else None,
@@ -273,6 +311,7 @@ def config_from_args(args: argparse.Namespace) -> LauncherServerConfig:
             secret_gpa=args.secret_gpa,
             reconcile_interval=args.reconcile_interval,
             reconcile_foreign=args.reconcile_foreign,
+            attestation_poll=args.attestation_poll,
         ),
     )
 

@@ -45,6 +45,7 @@ from typing import TypeVar
 
 import libvirt
 
+from launcher_svc.adapters.emulated_guest import EmulatedGuestAgents
 from launcher_svc.adapters.libvirt_backend import LibvirtHypervisor, libvirt_error
 from launcher_svc.core.domain_xml import parse_domain_xml
 from launcher_svc.core.ports import DomainInfo, LaunchSecurityInfo, SevCapabilities, SnpCapabilities
@@ -169,8 +170,11 @@ class EmulatedHypervisor(LibvirtHypervisor):
         firmware_observer: FirmwareObserver | None = None,
         checkpoint: Callable[[str], None] | None = None,
         snp_guest_features: int = DEFAULT_GUEST_FEATURES,
+        guest_agents: EmulatedGuestAgents | None = None,
     ) -> None:
         self.firmware = firmware
+        # With agents, every SNP guest started attests itself to its owner (`emulated_guest`).
+        self.guest_agents = guest_agents
         self._observe = firmware_observer
         # Told "after <COMMAND>" as each firmware command returns (tests kill the process there).
         self._checkpoint = checkpoint
@@ -453,6 +457,9 @@ class EmulatedHypervisor(LibvirtHypervisor):
                 raise libvirt_error(exc, "start") from None
             dom.run_state = "running"
             self._save(dom)
+            if self.guest_agents is not None:
+                # The guest boots and runs its agent, with fw_cfg's init data and its guest request.
+                self.guest_agents.start(name, EmulatedSnpGuest(self.firmware, handle), parsed.init_data)
 
     def _snp_update(self, handle: int, update: LaunchUpdate) -> None:
         self.firmware.snp_launch_update(
@@ -523,6 +530,8 @@ class EmulatedHypervisor(LibvirtHypervisor):
 
     def destroy(self, name: str) -> bool:
         with self._mutex:
+            if self.guest_agents is not None:
+                self.guest_agents.discard(name)
             dom = self._load(name)
             existed = super().destroy(name)
             if dom is not None:
@@ -539,6 +548,11 @@ class EmulatedHypervisor(LibvirtHypervisor):
                 self._path(name).unlink(missing_ok=True)
                 existed = True
             return existed
+
+    def close(self) -> None:
+        if self.guest_agents is not None:
+            self.guest_agents.close()
+        super().close()
 
     def guest_handle(self, name: str) -> int | None:
         """The firmware guest context of a domain (tests read the secret area through it)."""

@@ -35,6 +35,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from launcher_svc.core.ports import (
+    AttestationState,
     AttestationVerdict,
     OwnerSession,
     PlatformChain,
@@ -261,6 +262,72 @@ _SNP_PRODUCTS = {
 _VEK_KINDS = {platform_pb2.VEK_KIND_VCEK: "vcek", platform_pb2.VEK_KIND_VLEK: "vlek"}
 
 
+def snp_authorize_request(
+    workload_id: str, platform: SnpPlatformEvidence, config: SnpLaunchConfig
+) -> owner_pb2.AuthorizeSnpLaunchRequest:
+    """The launcher's view of an SNP launch as owner.proto asks for it. The TCBs are the firmware's raw
+    u64s from GetSnpStatus: the committed one only when the platform knows it, the current one (the TCB
+    the guest will be launched at) always. The VEK's chain goes as [ASK or ASVK, ARK]."""
+    status = platform.status
+    snp_platform = owner_pb2.SnpPlatform(
+        vek_cert=platform.vek_der,
+        chain=[c for c in (platform.ask_der, platform.ark_der) if c],
+        current_tcb=status.current_tcb,
+    )
+    if status.committed_tcb is not None:
+        snp_platform.committed_tcb = status.committed_tcb
+    snp_config = owner_pb2.SnpLaunchConfig(
+        vcpus=config.vcpus,
+        vcpu_type=config.vcpu_type,
+        guest_features=config.guest_features,
+        vmm_type=config.vmm_type,
+        policy=config.policy,
+        firmware_sha256=config.firmware_sha256,
+    )
+    kh = config.kernel_hashes
+    if kh is not None:
+        snp_config.kernel_hashes.CopyFrom(
+            owner_pb2.SnpKernelHashes(
+                kernel=kh.kernel_hash.hex(), initrd=kh.initrd_hash.hex(), cmdline=kh.cmdline_hash.hex()
+            )
+        )
+    return owner_pb2.AuthorizeSnpLaunchRequest(
+        workload_id=workload_id, platform=snp_platform, config=snp_config
+    )
+
+
+#: owner.proto's authorisation states as the launcher waits on them: still open is PENDING; an expired,
+#: revoked or refused authorisation can never release any more, so the launch fails (fail closed).
+_ATTESTATION_STATES = {
+    owner_pb2.SNP_AUTHORIZATION_STATE_AUTHORIZED: AttestationState.PENDING,
+    owner_pb2.SNP_AUTHORIZATION_STATE_RELEASED: AttestationState.RELEASED,
+}
+_ENDED = {
+    owner_pb2.SNP_AUTHORIZATION_STATE_REFUSED: ("", "refused the guest's attestation"),
+    owner_pb2.SNP_AUTHORIZATION_STATE_EXPIRED: (
+        "authorization_expired",
+        "the guest did not attest before its authorisation expired",
+    ),
+    owner_pb2.SNP_AUTHORIZATION_STATE_REVOKED: (
+        "authorization_revoked",
+        "revoked the authorisation",
+    ),
+}
+
+
+def attestation_verdict(info: owner_pb2.SnpAuthorizationInfo) -> AttestationVerdict:
+    state = _ATTESTATION_STATES.get(info.state)
+    if state is not None:
+        return AttestationVerdict(state)
+    if info.state in _ENDED:
+        default_reason, detail = _ENDED[info.state]
+        reason = info.reason or default_reason or LaunchReason.ATTESTATION_REFUSED
+        return AttestationVerdict(AttestationState.REFUSED, reason=reason[:64], detail=f"owner: {detail}")
+    raise FailedPrecondition(
+        peer_reason("owner", "error"), f"owner: unknown SNP authorisation state {int(info.state)}"
+    )
+
+
 class PlatformClient:
     """platform_svc at `endpoint`, which must hold a certificate valid for `platform_identity`'s name."""
 
@@ -421,15 +488,33 @@ class OwnerClient:
         platform: SnpPlatformEvidence,
         config: SnpLaunchConfig,
     ) -> SnpAuthorization:
-        # owner.proto has no AuthorizeLaunch yet (see the launcher's `OwnerPort`): typed, not a crash.
-        raise FailedPrecondition(
-            LaunchReason.SNP_UNSUPPORTED, "this owner_svc offers no SEV-SNP launch authorisation"
+        """owner.proto `AuthorizeSnpLaunch`. The platform's evidence goes as platform_svc sent it (the
+        owner verifies the chain and the TCBs); `check_authorization` in the core checks the answer."""
+        conn, stub = await self._conn(endpoint)
+        try:
+            reply = await stub.AuthorizeSnpLaunch(snp_authorize_request(workload_id, platform, config))
+        except grpc.RpcError as exc:
+            raise await conn.error(exc) from None
+        return SnpAuthorization(
+            authorization_id=reply.authorization_id,
+            id_block=bytes(reply.id_block),
+            id_auth=bytes(reply.id_auth),
+            author_key=reply.author_key,
+            policy=reply.policy,
+            host_data=bytes(reply.host_data),
+            init_data=bytes(reply.init_data),
         )
 
     async def snp_attestation(self, endpoint: str, *, authorization_id: str) -> AttestationVerdict:
-        raise FailedPrecondition(
-            LaunchReason.SNP_UNSUPPORTED, "this owner_svc offers no SEV-SNP attestation status"
-        )
+        """owner.proto `GetSnpAttestation` (only the identity that got the authorisation may ask)."""
+        conn, stub = await self._conn(endpoint)
+        try:
+            reply = await stub.GetSnpAttestation(
+                owner_pb2.GetSnpAttestationRequest(authorization_id=authorization_id)
+            )
+        except grpc.RpcError as exc:
+            raise await conn.error(exc) from None
+        return attestation_verdict(reply.authorization)
 
     async def close(self) -> None:
         async with self._lock:

@@ -272,11 +272,11 @@ class OwnerPort(Protocol):
         platform: SnpPlatformEvidence,
         config: SnpLaunchConfig,
     ) -> SnpAuthorization:
-        """owner.proto `AuthorizeLaunch`: the ID block, ID auth, policy and init data of this launch."""
+        """owner.proto `AuthorizeSnpLaunch`: the ID block, ID auth, policy and init data of this launch."""
         ...
 
     async def snp_attestation(self, endpoint: str, *, authorization_id: str) -> AttestationVerdict:
-        """owner.proto `GetAttestation`: where the guest of this authorisation stands."""
+        """owner.proto `GetSnpAttestation`: where the guest of this authorisation stands."""
         ...
 
     async def close(self) -> None: ...

@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "refvalues": ("refvalues", "make, sign and verify reference value manifests"),
     "keygen": ("keygen", "make a reference value signing key pair (KEY and KEY.pub)"),
     "snp": ("snp", "SEV-SNP attestation reports, VCEK URLs and ID blocks (offline)"),
-    "launch": ("launch", "launch an attested SEV/SEV-ES guest through a launcher"),
+    "launch": ("launch", "launch an attested SEV/SEV-ES/SEV-SNP guest through a launcher"),
     "launches": ("launches", "list, inspect, abort and destroy a launcher's launches; the two-phase steps"),
     "demo": ("demo", "attested launch on the embedded defaults, then a tampered launch refused"),
     "guest": ("guest", "inside an SEV-SNP guest: attest to the owner and receive the secret"),

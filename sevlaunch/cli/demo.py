@@ -1,6 +1,7 @@
 """`sevlaunch demo`: a full attested launch on the embedded defaults, then a tampered launch refused.
 
     sevlaunch demo [--firmware /usr/share/OVMF/OVMF_CODE_4M.fd] [--json] [--keep]
+    sevlaunch demo --snp [--firmware /usr/share/OVMF/OVMF_CODE.fd] [--json] [--keep]   (`demo_snp`)
 
 In a temporary folder: dev certificates, an emulated SEV chip with its own AMD root and a local KDS, a
 publisher key and a signed reference-value manifest for the OVMF image, the owner's SQLite store. Then
@@ -53,8 +54,15 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     p.add_argument(
         "--firmware",
-        default=str(DEFAULT_FIRMWARE),
-        help="OVMF image the reference values are made for (default %(default)s)",
+        default=None,
+        help=f"OVMF image the reference values are made for (default {DEFAULT_FIRMWARE}; with --snp"
+        " /usr/share/OVMF/OVMF_CODE.fd, whose SEV metadata an SNP launch needs)",
+    )
+    p.add_argument(
+        "--snp",
+        action="store_true",
+        help="the SEV-SNP demo: authorised launch, attestation from inside the guest, secret released to"
+        " it; a tampered image, a TCB below the minimum and replayed reports refused",
     )
     p.add_argument(
         "--json", action="store_true", help="print one JSON object at the end (progress on stderr)"
@@ -227,9 +235,13 @@ def _checks(results: list[LaunchOutcome], audit_ok: bool) -> bool:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    if args.snp:
+        from sevlaunch.cli.demo_snp import run_snp_demo
+
+        return run_snp_demo(args)
     started = time.monotonic()
     p = _Printer(sys.stderr if args.json else sys.stdout)
-    firmware = Path(args.firmware)
+    firmware = Path(args.firmware or DEFAULT_FIRMWARE)
     if not firmware.is_file():
         raise CommandError(f"no firmware image at {firmware} (install Debian's `ovmf`, or pass --firmware)")
     env = DemoEnvironment(firmware=firmware, on_step=p.step)

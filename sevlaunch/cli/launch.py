@@ -2,6 +2,11 @@
 they arrive. Exit status 0 only when the guest reached RUNNING; 1 when the launch failed (closed) or
 was refused; 2 for a usage error.
 
+With `--snp` the launch is SEV-SNP: the owner authorises it (AUTHORIZED), the firmware checks the owner's
+ID block at SNP_LAUNCH_FINISH (STARTED), and it is RUNNING once the owner reports that the guest attested
+and received its secret. `--snp-policy` is the 64-bit guest policy (default 0x30000: SMT allowed, no
+debug), `--guest-features` the VMSA features the owner's reference values assume (default: the host's).
+
 With `--json` each event is one JSON object on its own line (JSON Lines, docs/CLI.md): `launch_id`,
 `phase`, `duration_ms`, `failed_phase`, `reason`, `detail`, `domain_name`, `at`.
 """
@@ -11,16 +16,22 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from sevlaunch.cli import UsageError
 from sevlaunch.cli._common import add_client_args, call_service, env_option
+from sevlaunch.cli.bounds import int_in
 from sevlaunch.cli.launches import add_spec_args, guest_spec
 from sevlaunch.cli.output import JSON_HELP, dumps, message_dict
 from sevlaunch.rpc.v1 import launcher_pb2, launcher_pb2_grpc
+
+#: ABI 0.0, SMT allowed, the reserved bit 17 set; no debug, no migration agent, not single-socket.
+DEFAULT_SNP_POLICY = 0x30000
+U64_MAX = (1 << 64) - 1
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser(
         "launch",
-        help="launch an attested SEV/SEV-ES guest through a launcher",
+        help="launch an attested SEV/SEV-ES/SEV-SNP guest through a launcher",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -48,6 +59,20 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="the guest may run without a secret, if the owner agrees (ReleaseSecret no_secret)",
     )
     add_spec_args(p)
+    snp = p.add_argument_group("SEV-SNP")
+    snp.add_argument("--snp", action="store_true", help="launch an SEV-SNP guest (attested after boot)")
+    snp.add_argument(
+        "--snp-policy",
+        type=int_in(0, U64_MAX),
+        metavar="N",
+        help=f"64-bit SNP guest policy, decimal or 0x hex (default {DEFAULT_SNP_POLICY:#x})",
+    )
+    snp.add_argument(
+        "--guest-features",
+        type=int_in(0, U64_MAX),
+        metavar="N",
+        help="SNP SEV_FEATURES the reference values assume (default: the launcher host's)",
+    )
     p.add_argument("--json", action="store_true", help=JSON_HELP + "; one object per event")
     p.set_defaults(func=_run)
 
@@ -56,9 +81,27 @@ def _phase(value: int) -> str:
     return launcher_pb2.Phase.Name(value).removeprefix("PHASE_")  # type: ignore[arg-type]
 
 
+def snp_guest_spec(args: argparse.Namespace) -> launcher_pb2.GuestSpec:
+    """The GuestSpec of an SEV-SNP launch; SEV's policy options do not apply to it."""
+    if args.sev_es or args.policy is not None:
+        raise UsageError("--snp takes --snp-policy, not --policy or --sev-es")
+    if args.without_secret:
+        raise UsageError("--without-secret is for SEV launches (an SNP guest gets its secret from the owner)")
+    spec = guest_spec(args)
+    spec.mode = launcher_pb2.SEV_MODE_SEV_SNP
+    spec.policy = 0
+    spec.snp_policy = args.snp_policy if args.snp_policy is not None else DEFAULT_SNP_POLICY
+    if args.guest_features is not None:
+        spec.guest_features = args.guest_features
+    return spec
+
+
 def _run(args: argparse.Namespace) -> int:
+    if not args.snp and (args.snp_policy is not None or args.guest_features is not None):
+        raise UsageError("--snp-policy and --guest-features need --snp")
+    spec = snp_guest_spec(args) if args.snp else guest_spec(args, launch_without_secret=args.without_secret)
     request = launcher_pb2.LaunchRequest(
-        spec=guest_spec(args, launch_without_secret=args.without_secret),
+        spec=spec,
         owner=launcher_pb2.OwnerRef(endpoint=args.owner, workload_id=args.workload),
     )
     return call_service(

@@ -58,5 +58,30 @@ def test_bench_main_quick_json_keys() -> None:
         "scale_launches_per_s",
         "owner_peak_rss_mb",
         "owner_rss_growth_mb",
+        "snp_attest_per_s",
+        "snp_attest_ratio",
+        "snp_launch_p50_ms",
+        "snp_launch_overhead_ratio",
     }
     assert all(isinstance(v, int | float) for v in data.values())
+
+
+def test_bench_snp_json_keys() -> None:
+    # The SNP benchmarks alone: the SNP demo's services, tiny counts.
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.snp_bench", "--json"],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=True,
+    )
+    data = json.loads(out.stdout)
+    assert set(data) == {
+        "snp_attest_per_s",
+        "snp_attest_ratio",
+        "snp_launch_p50_ms",
+        "snp_launch_overhead_ratio",
+    }
+    assert all(isinstance(v, int | float) and v > 0 for v in data.values())

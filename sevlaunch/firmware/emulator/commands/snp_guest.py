@@ -31,7 +31,6 @@ from sevlaunch.firmware.emulator.snp_state import (
     SnpPlatform,
 )
 from sevlaunch.firmware.status import FirmwareError, StatusCode
-from sevlaunch.guest.devsevguest import decode_report_response, encode_report_response
 from sevlaunch.guest.source import GuestReport
 from sevlaunch.sev.errors import MalformedInput, Unsupported, VerificationFailed
 from sevlaunch.snp.gctx import PAGE_SIZE, PageType, extend
@@ -224,6 +223,10 @@ class SnpGuestCommands(SnpPlatformCommands):
         kernel's `snp_report_resp` lays it out. A request the firmware rejects (VMPL above 3, reserved
         bits, KEY_SEL 3) answers status INVALID_PARAM; a VLEK asked for and not usable, INVALID_KEY. The
         guest must be RUNNING (INVALID_GUEST_STATE)."""
+        # Imported here: `sevlaunch.guest` imports `sevlaunch.firmware`, so a module-level import would make
+        # `import sevlaunch.guest` (before anything imported the firmware package) a circular import.
+        from sevlaunch.guest.devsevguest import encode_report_response
+
         command = "SNP_GUEST_REQUEST"
         if len(request) != MSG_REPORT_REQ_SIZE:
             raise FirmwareError(
@@ -300,6 +303,8 @@ class SnpGuestCommands(SnpPlatformCommands):
     ) -> bytes:
         """The 0x4A0-byte report for a guest request; a refused request is a `FirmwareError` with the
         MSG_REPORT_RSP status."""
+        from sevlaunch.guest.devsevguest import decode_report_response  # see snp_guest_request
+
         response = self.snp_guest_request(handle, encode_report_request(report_data, vmpl, key_sel))
         return decode_report_response(response)
 
