@@ -248,6 +248,12 @@ class World:
             ],
         )
 
+    def secret_table(self) -> bytes:
+        """The secret table the owner releases (its size sets the physical floor's AES-CTR and HMAC)."""
+        from sevlaunch.sev.secret import SecretTable
+
+        return SecretTable.of([self.secret]).to_bytes()
+
     # -- what a client of the owner needs ---------------------------------------------------------
 
     def chain_proto(self, host: Host) -> common_pb2.CertificateChain:

@@ -272,3 +272,35 @@ def owner_memory(world: World, *, sessions: int, clients: int = 8) -> OwnerMemor
     seconds = time.perf_counter() - t
     after = proc_status_kb(pid, "VmRSS") / 1024
     return OwnerMemory(sessions, before, after, proc_status_kb(pid, "VmHWM") / 1024, seconds)
+
+
+def _main() -> int:
+    """`python -m bench.owner_bench [--pairs N] [--clients 1,8,64]`: the owner throughput runs alone
+    (one emulated chip, the owner process, no platform or launcher), with the physical floor."""
+    import argparse
+
+    from bench.floor_bench import physical_floor
+
+    p = argparse.ArgumentParser(prog="python -m bench.owner_bench")
+    p.add_argument("--pairs", type=int, default=320)
+    p.add_argument("--clients", default="1,8,64")
+    args = p.parse_args()
+    clients = tuple(int(c) for c in args.clients.split(","))
+    with World(hosts=1) as world:
+        world.prepare()
+        owner = world.start_owner()
+        world.configure_owner(owner.address)
+        ot = owner_throughput(world, pairs=args.pairs, clients=clients)
+        physical = physical_floor(len(world.secret_table()), seconds=2.0)
+    print(f"physical floor {physical:.0f} pairs/s")
+    for n, (run, floor) in ot.by_clients.items():
+        print(
+            f"{n:3d} clients: {run.pairs_per_s:7.1f} pairs/s (core in-process {floor:.1f}), "
+            f"p50 {run.pct(0.5):.1f} ms, p99 {run.pct(0.99):.1f} ms, "
+            f"floor ratio {run.pairs_per_s / physical:.3f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -36,6 +36,14 @@ class PrometheusOwnerMetrics:
             buckets=_BUCKETS,
             registry=registry,
         )
+        self.chain_lookups = Counter(
+            "sevlaunch_owner_chain_cache_lookups",
+            "OpenSession chain lookups in the verified-chain cache, by result (hit, miss)",
+            ["result"],
+            registry=registry,
+        )
+        self._chain_hit = self.chain_lookups.labels("hit")
+        self._chain_miss = self.chain_lookups.labels("miss")
         # One series at a time: the value is the head's seq, the labels its hash and MAC (neither is
         # secret: the MAC proves the owner wrote this head, it opens nothing).
         self.checkpoint = Gauge(
@@ -59,6 +67,9 @@ class PrometheusOwnerMetrics:
 
     def observe(self, step: str, seconds: float) -> None:
         self.verification.labels(step).observe(seconds)
+
+    def chain_cache(self, *, hit: bool) -> None:
+        (self._chain_hit if hit else self._chain_miss).inc()
 
     def audit_checkpoint(self, seq: int, digest: str, mac: str) -> None:
         self.checkpoint.clear()

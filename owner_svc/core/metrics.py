@@ -18,6 +18,10 @@ class Metrics(Protocol):
 
     def observe(self, step: str, seconds: float) -> None: ...
 
+    def chain_cache(self, *, hit: bool) -> None:
+        """An OpenSession's chain was found verified in the cache (hit), or is verified in full."""
+        ...
+
     def audit_checkpoint(self, seq: int, digest: str, mac: str) -> None:
         """The newest audit checkpoint, exported so it is kept outside the database."""
         ...
@@ -39,6 +43,9 @@ class NullMetrics:
         pass
 
     def observe(self, step: str, seconds: float) -> None:
+        pass
+
+    def chain_cache(self, *, hit: bool) -> None:
         pass
 
     def audit_checkpoint(self, seq: int, digest: str, mac: str) -> None:
