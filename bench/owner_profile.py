@@ -66,6 +66,8 @@ def profile(pairs: int, top: int, threads: int) -> str:
         for th in others:
             th.join()
         wall = time.perf_counter() - t
+        group = core.store.group_commit  # type: ignore[attr-defined]
+        batches = f"{group.jobs} writes in {group.batches} commits"
         core.store.close()  # type: ignore[attr-defined]
     out = io.StringIO()
     stats = pstats.Stats(prof, stream=out)
@@ -73,7 +75,7 @@ def profile(pairs: int, top: int, threads: int) -> str:
     out.write(
         f"{pairs * threads} pairs from {threads} thread(s) in {wall:.2f} s wall "
         f"({pairs * threads / wall:.1f} pairs/s); profiled thread: {total:.2f} s in the core, "
-        f"{total / pairs * 1000:.2f} ms per pair\n"
+        f"{total / pairs * 1000:.2f} ms per pair; {batches}\n"
     )
     stats.sort_stats("tottime").print_stats(top)
     stats.sort_stats("cumulative").print_stats(top)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from owner_svc.adapters.dialect import SQLITE, Dialect
+from owner_svc.adapters.groupcommit import Job, Outcome
 from owner_svc.adapters.schema import SCHEMA_VERSION
 from owner_svc.adapters.sqlstore import SqlStore
 from owner_svc.core.ports import (
@@ -153,6 +154,40 @@ class SQLiteDatabase:
                         _rollback(conn)
             except sqlite3.Error as exc:
                 raise translate(exc) from None
+
+    def write_batch(self, jobs: Sequence[Job], *, first: Callable[[_Tx], object]) -> list[Outcome]:
+        conn = self.connection()
+        tx = _Tx(conn)
+        outcomes: list[Outcome] = []
+        with self._write_lock:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    first(tx)
+                    for job in jobs:
+                        conn.execute("SAVEPOINT job")
+                        try:
+                            value = job(tx)
+                        except Exception as exc:  # the job's caller gets it
+                            if not conn.in_transaction:
+                                # SQLite rolled the whole transaction back (some I/O errors, a full
+                                # disk): the jobs before this one are gone too, the batch fails.
+                                raise
+                            conn.execute("ROLLBACK TO job")
+                            conn.execute("RELEASE job")
+                            outcomes.append(
+                                (False, translate(exc) if isinstance(exc, sqlite3.Error) else exc)
+                            )
+                        else:
+                            conn.execute("RELEASE job")
+                            outcomes.append((True, value))
+                    conn.execute("COMMIT")
+                finally:
+                    if conn.in_transaction:
+                        _rollback(conn)
+            except sqlite3.Error as exc:
+                raise translate(exc) from None
+        return outcomes
 
     @contextmanager
     def read(self, *, snapshot: bool = False) -> Iterator[_Tx]:
