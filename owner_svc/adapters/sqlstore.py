@@ -106,6 +106,7 @@ class SqlStore:
         # The highest head this process wrote or verified: the head never goes below it.
         self._highest_seq = 0
         self._seen_lock = threading.Lock()
+        self._verified_workloads: set[tuple[str, str, object]] = set()
         self._local = threading.local()
         try:
             self.migrate()
@@ -327,12 +328,26 @@ class SqlStore:
             return None
         config_json = str(row[0])
         key = self._audit_mac_key
-        if key is not None and not workload_mac_ok(key, workload_id, config_json, row[1]):
+        if key is not None and not self._workload_mac_ok(key, workload_id, config_json, row[1]):
             raise StoreCorrupt(
                 f"workload {workload_id!r} was changed outside the owner (its MAC does not verify): "
                 "put it again with `sevlaunch owner workload put` once the database is trusted"
             )
         return config_json
+
+    def _workload_mac_ok(self, key: bytes, workload_id: str, config_json: str, mac: object) -> bool:
+        # Every OpenSession and release reads its workload's row: a row whose exact (id, text, MAC)
+        # verified once verifies again, so it is remembered (bounded; any changed byte is a new entry).
+        seen = (workload_id, config_json, mac)
+        if seen in self._verified_workloads:
+            return True
+        if not workload_mac_ok(key, workload_id, config_json, mac):
+            return False
+        with self._seen_lock:
+            if len(self._verified_workloads) >= 256:
+                self._verified_workloads.clear()
+            self._verified_workloads.add(seen)
+        return True
 
     def put_secret(self, workload_id: str, sealed: bytes, event: AuditEvent) -> None:
         with self._write() as tx:
