@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ from owner_svc.api.servicer import AUTHZ, SERVICE_NAME, OwnerServicer
 from owner_svc.core.ports import StoreError
 from owner_svc.core.refset import ReferenceValueSet
 from owner_svc.core.service import AMD_GENERATIONS, DEFAULT_SESSION_TTL, OwnerCore
+from owner_svc.workers import MAX_WORKERS, supervise
 from sevlaunch.dsn import redact_dsn
 from sevlaunch.errors import ServiceError
 from sevlaunch.ownerdb import is_postgres_url
@@ -51,6 +54,9 @@ DEFAULT_LISTEN = "0.0.0.0:50053"
 DEFAULT_METRICS_LISTEN = "0.0.0.0:9103"
 DEFAULT_REFVALUES_INTERVAL = 300.0
 DEFAULT_CHECKPOINT_INTERVAL = 300.0
+#: Threads running the core's calls (each blocks on its store's reads and the group commit): enough that
+#: a commit's fsync finds the next batch already queued, few enough that they do not fight for the GIL.
+DEFAULT_CORE_THREADS = 16
 
 
 class ConfigError(StartupError):
@@ -74,6 +80,9 @@ class OwnerConfig:
     health_listen: str | None = None
     grace: float = DEFAULT_GRACE_SECONDS
     checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL
+    #: This process's index among `--workers` (0 when there is one): only worker 0 polls reference values.
+    worker_index: int = 0
+    core_threads: int = DEFAULT_CORE_THREADS
 
 
 @dataclass
@@ -195,7 +204,7 @@ def build_app(config: OwnerConfig) -> OwnerApp:
         return core.import_reference_values(f"poller:{url}", envelope, url)[1]
 
     poller = None
-    if config.refvalues_urls:
+    if config.refvalues_urls and config.worker_index == 0:
         poller = RefValuesPoller(
             config.refvalues_urls, interval=config.refvalues_interval, importer=import_polled
         )
@@ -258,6 +267,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--session-ttl", type=float, default=DEFAULT_SESSION_TTL, help="session lifetime, seconds")
     p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="owner processes sharing the --listen port (SO_REUSEPORT); worker i serves metrics on the "
+        "--metrics-listen port + i",
+    )
+    p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--core-threads",
+        type=int,
+        default=DEFAULT_CORE_THREADS,
+        help="threads running the core's calls in each process",
+    )
+    p.add_argument(
         "--audit-checkpoint-interval",
         type=float,
         default=DEFAULT_CHECKPOINT_INTERVAL,
@@ -278,7 +301,13 @@ def config_from_args(args: argparse.Namespace) -> OwnerConfig:
         refvalues_interval=args.refvalues_interval,
         session_ttl=args.session_ttl,
         checkpoint_interval=args.audit_checkpoint_interval,
+        worker_index=args.worker_index,
+        core_threads=args.core_threads,
     )
+    if not 1 <= config.core_threads <= 256:
+        raise ConfigError("--core-threads must be 1..256")
+    if not 1 <= args.workers <= MAX_WORKERS:
+        raise ConfigError(f"--workers must be 1..{MAX_WORKERS}")
     if not 1 <= config.checkpoint_interval <= 86400:
         raise ConfigError("--audit-checkpoint-interval must be 1..86400 seconds")
     if not 1 <= config.session_ttl <= 86400:
@@ -289,6 +318,9 @@ def config_from_args(args: argparse.Namespace) -> OwnerConfig:
 
 
 async def _serve(config: OwnerConfig) -> None:
+    asyncio.get_running_loop().set_default_executor(
+        concurrent.futures.ThreadPoolExecutor(config.core_threads, thread_name_prefix="owner-core")
+    )
     app = build_app(config)
     await app.start()
     try:
@@ -297,8 +329,39 @@ async def _serve(config: OwnerConfig) -> None:
         await app.stop()
 
 
+def _prepare_workers(config: OwnerConfig) -> None:
+    """What the workers must not race on, done once: the KEK file, the store's migration and its check."""
+    _, _, port = config.listen.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        raise ConfigError("--workers needs a fixed --listen port, which every worker shares")
+    try:
+        kek = KeyEncryptionKey.from_file(config.kek_file, create=config.create_kek)
+    except KEKFileError as exc:
+        raise ConfigError(str(exc)) from None
+    store = open_store(config.db, audit_mac_key=kek.audit_key)
+    try:
+        store.check_integrity()
+    except StoreError as exc:
+        raise ConfigError(f"--db {_shown(config.db)}: {_message(exc)}") from None
+    finally:
+        store.close()
+
+
+async def _run(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    config = config_from_args(args)
+    if args.workers == 1:
+        await _serve(config)
+        return
+    _prepare_workers(config)
+    # Blocking the loop is fine here: the supervisor serves nothing itself.
+    status = supervise(argv, args, args.workers, grace=config.grace)
+    if status:
+        raise SystemExit(status)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return server_main(build_parser(), argv, lambda args: _serve(config_from_args(args)))
+    given = list(sys.argv[1:] if argv is None else argv)
+    return server_main(build_parser(), given, lambda args: _run(args, given))
 
 
 if __name__ == "__main__":

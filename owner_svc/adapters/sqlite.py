@@ -11,6 +11,8 @@ Faults: every `sqlite3` exception leaves as a `StoreError` (a full disk or an I/
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 import time
@@ -88,6 +90,11 @@ class SQLiteDatabase:
         # hands over at once; BEGIN IMMEDIATE still serialises against other processes on the file.
         self._write_lock = threading.Lock()
         self._max_pages: int | None = None
+        # Owner processes on one file (`--workers`) queue on a file lock the same way, before BEGIN
+        # IMMEDIATE: the kernel wakes the next one as the lock is released, where SQLite's busy handler
+        # would sleep. A file of its own, never the database: closing any descriptor of the database
+        # would drop SQLite's own POSIX locks on it.
+        self._lock_fd: int | None = None
 
     def connection(self) -> sqlite3.Connection:
         """This thread's connection (made on first use). Raises StoreError, never sqlite3's."""
@@ -139,9 +146,29 @@ class SQLiteDatabase:
         return cap
 
     @contextmanager
+    def _processes_lock(self) -> Iterator[None]:
+        """Between owner processes on this file (the caller holds `_write_lock`)."""
+        name = self.path
+        if name in ("", ":memory:") or name.startswith("file:"):
+            yield
+            return
+        if self._lock_fd is None:
+            try:
+                self._lock_fd = os.open(
+                    name + "-owner-lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+                )
+            except OSError as exc:
+                raise StoreUnavailable(f"the owner's store cannot be used: {exc.strerror or exc}") from None
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    @contextmanager
     def write(self) -> Iterator[_Tx]:
         conn = self.connection()
-        with self._write_lock:
+        with self._write_lock, self._processes_lock():
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -159,7 +186,7 @@ class SQLiteDatabase:
         conn = self.connection()
         tx = _Tx(conn)
         outcomes: list[Outcome] = []
-        with self._write_lock:
+        with self._write_lock, self._processes_lock():
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -212,6 +239,10 @@ class SQLiteDatabase:
                 conn.close()
             self._connections.clear()
         self._local = threading.local()
+        with self._write_lock:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

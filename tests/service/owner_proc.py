@@ -31,7 +31,14 @@ def free_port() -> int:
 
 
 def start_owner(
-    workdir: Path, tls_dir: Path, emu_root_file: Path, publisher: Publisher, port: int, *, db: str = ""
+    workdir: Path,
+    tls_dir: Path,
+    emu_root_file: Path,
+    publisher: Publisher,
+    port: int,
+    *,
+    db: str = "",
+    extra: tuple[str, ...] = (),
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -53,6 +60,7 @@ def start_owner(
             f"emulated={emu_root_file}",
             "--metrics-listen",
             "",
+            *extra,
         ],
         env=env,
         stdout=subprocess.DEVNULL,
