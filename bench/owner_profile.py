@@ -45,30 +45,33 @@ def _pairs(core: OwnerCore, chain: common_pb2.CertificateChain, measure: object,
             prof.disable()
 
 
-def profile(pairs: int, top: int, threads: int) -> str:
-    with World(hosts=1) as world:
-        world.prepare()
-        (world.workdir / "owner").mkdir()
-        host = world.hosts[0]
-        chain = world.chain_proto(host)
-        measure = direct_measurer(host.firmware)
-        core = inprocess_core(world, world.workdir / "profile.db")
-        _pairs(core, chain, measure, host.firmware, 8, None)  # warm-up
-        prof = cProfile.Profile()
-        others = [
-            threading.Thread(target=_pairs, args=(core, chain, measure, host.firmware, pairs, None))
-            for _ in range(threads - 1)
-        ]
-        t = time.perf_counter()
-        for th in others:
-            th.start()
-        _pairs(core, chain, measure, host.firmware, pairs, prof)
-        for th in others:
-            th.join()
-        wall = time.perf_counter() - t
-        group = core.store.group_commit  # type: ignore[attr-defined]
-        batches = f"{group.jobs} writes in {group.batches} commits"
-        core.store.close()  # type: ignore[attr-defined]
+def profile(pairs: int, top: int, threads: int, world: World | None = None) -> str:
+    """The profile's text (top functions by own time, then by cumulative time)."""
+    if world is None:
+        with World(hosts=1) as fresh:
+            fresh.prepare()
+            return profile(pairs, top, threads, fresh)
+    (world.workdir / "owner").mkdir(exist_ok=True)
+    host = world.hosts[0]
+    chain = world.chain_proto(host)
+    measure = direct_measurer(host.firmware)
+    core = inprocess_core(world, world.workdir / "owner" / "profile.db")
+    _pairs(core, chain, measure, host.firmware, 8, None)  # warm-up
+    prof = cProfile.Profile()
+    others = [
+        threading.Thread(target=_pairs, args=(core, chain, measure, host.firmware, pairs, None))
+        for _ in range(threads - 1)
+    ]
+    t = time.perf_counter()
+    for th in others:
+        th.start()
+    _pairs(core, chain, measure, host.firmware, pairs, prof)
+    for th in others:
+        th.join()
+    wall = time.perf_counter() - t
+    group = core.store.group_commit  # type: ignore[attr-defined]
+    batches = f"{group.jobs} writes in {group.batches} commits"
+    core.store.close()  # type: ignore[attr-defined]
     out = io.StringIO()
     stats = pstats.Stats(prof, stream=out)
     total = stats.total_tt  # type: ignore[attr-defined]
@@ -79,7 +82,20 @@ def profile(pairs: int, top: int, threads: int) -> str:
     )
     stats.sort_stats("tottime").print_stats(top)
     stats.sort_stats("cumulative").print_stats(top)
-    return out.getvalue()
+    return _short_paths(out.getvalue())
+
+
+def _short_paths(text: str) -> str:
+    """Paths relative to the repository or the standard library, so profiles compare across machines."""
+    import re
+    import sysconfig
+    from pathlib import Path
+
+    repo = str(Path(__file__).resolve().parent.parent) + "/"
+    text = text.replace(repo, "")
+    stdlib = sysconfig.get_paths()["stdlib"] + "/"
+    text = text.replace(stdlib, "")
+    return re.sub(r"/\S*/site-packages/", "", text)
 
 
 def main() -> int:

@@ -15,6 +15,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ from owner_svc.api.servicer import AUTHZ, SERVICE_NAME, OwnerServicer
 from owner_svc.core.ports import StoreError
 from owner_svc.core.refset import ReferenceValueSet
 from owner_svc.core.service import AMD_GENERATIONS, DEFAULT_SESSION_TTL, OwnerCore
-from owner_svc.workers import MAX_WORKERS, supervise
+from owner_svc.workers import MAX_WORKERS, supervisor_argv, worker_argv
 from sevlaunch.dsn import redact_dsn
 from sevlaunch.errors import ServiceError
 from sevlaunch.ownerdb import is_postgres_url
@@ -347,21 +348,27 @@ def _prepare_workers(config: OwnerConfig) -> None:
         store.close()
 
 
-async def _run(args: argparse.Namespace, argv: Sequence[str]) -> None:
+async def _run(args: argparse.Namespace, argv: Sequence[str], supervisor: list[str]) -> None:
     config = config_from_args(args)
     if args.workers == 1:
         await _serve(config)
         return
     _prepare_workers(config)
-    # Blocking the loop is fine here: the supervisor serves nothing itself.
-    status = supervise(argv, args, args.workers, grace=config.grace)
-    if status:
-        raise SystemExit(status)
+    argvs = [worker_argv(argv, args, i) for i in range(args.workers)]
+    supervisor[:] = supervisor_argv(argvs, config.grace)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     given = list(sys.argv[1:] if argv is None else argv)
-    return server_main(build_parser(), given, lambda args: _run(args, given))
+    supervisor: list[str] = []
+    status = server_main(build_parser(), given, lambda args: _run(args, given, supervisor))
+    if status or not supervisor:
+        return status
+    # --workers: prepared; stderr is the process's own again (server_main restored it). The supervisor
+    # takes this pid, with nothing of the owner loaded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(supervisor[0], supervisor)  # noqa: S606 - this interpreter and our module, no shell
 
 
 if __name__ == "__main__":

@@ -14,28 +14,31 @@ What each worker has of its own, and why that is safe:
 * Its metrics: worker i serves them on the `--metrics-listen` port + i (a fixed port), so a scrape
   config lists N targets. Only worker 0 serves `--health-listen` and polls `--refvalues-url`.
 
-The supervisor forwards SIGTERM/SIGINT to every worker and waits for them (each drains for `--grace`);
-a worker that exits on its own stops the others and the supervisor exits 1, so the process manager
-restarts the whole owner.
+The supervisor, once the preparation is done, replaces itself (same pid) with `python -m
+owner_svc.workers`, which imports only the standard library: the process that only waits stays a few
+megabytes instead of a full owner's. It forwards SIGTERM/SIGINT to every worker and waits for them
+(each drains for `--grace`); a worker that exits on its own stops the others and the supervisor exits
+1, so the process manager restarts the whole owner.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
+import json
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from types import FrameType
 
-from sevlaunch.rpc.entry import optional_address
-
-log = logging.getLogger("owner_svc")
-
 MAX_WORKERS = 64
+_OFF = ("", "off")
+
+
+def _optional(value: str | None) -> str | None:
+    return None if value is None or value.strip() in _OFF else value
 
 
 def _with_port(address: str, offset: int) -> str:
@@ -49,8 +52,8 @@ def _with_port(address: str, offset: int) -> str:
 def worker_argv(argv: Sequence[str], args: argparse.Namespace, index: int) -> list[str]:
     """The command line of worker `index`: the supervisor's own flags, then the worker's (later flags
     win), so whatever came from the environment reaches it the same way."""
-    metrics = optional_address(args.metrics_listen)
-    health = optional_address(args.health_listen)
+    metrics = _optional(args.metrics_listen)
+    health = _optional(args.health_listen)
     return [
         sys.executable,
         "-m",
@@ -67,7 +70,29 @@ def worker_argv(argv: Sequence[str], args: argparse.Namespace, index: int) -> li
     ]
 
 
-def supervise(argv: Sequence[str], args: argparse.Namespace, workers: int, *, grace: float) -> int:
+def supervisor_argv(argvs: Sequence[Sequence[str]], grace: float) -> list[str]:
+    """The supervisor's own command line: this module alone, which imports nothing but the standard
+    library, so the process that only waits for its workers stays small."""
+    return [
+        sys.executable,
+        "-m",
+        "owner_svc.workers",
+        json.dumps({"workers": [list(a) for a in argvs], "grace": grace}),
+    ]
+
+
+def _log(level: str, message: str, **fields: object) -> None:
+    # The same JSON line shape as the services' logging (sevlaunch.rpc.logs), without importing it.
+    record = {
+        "time": datetime.now(UTC).isoformat(),
+        "level": level,
+        "logger": "owner_svc",
+        "message": message,
+    }
+    print(json.dumps({**record, **fields}), file=sys.stderr, flush=True)
+
+
+def supervise(argvs: Sequence[Sequence[str]], *, grace: float) -> int:
     """Starts the workers and waits; returns the exit status."""
     stopping: list[int] = []
 
@@ -77,17 +102,16 @@ def supervise(argv: Sequence[str], args: argparse.Namespace, workers: int, *, gr
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        for i in range(workers):
-            procs.append(subprocess.Popen(worker_argv(argv, args, i), start_new_session=False))
-        log.info("owner workers started", extra={"workers": workers, "pids": [p.pid for p in procs]})
+        for argv in argvs:
+            procs.append(subprocess.Popen(list(argv)))
+        _log("info", "owner workers started", workers=len(procs), pids=[p.pid for p in procs])
         failed = None
         while not stopping and failed is None:
             failed = next((p for p in procs if p.poll() is not None), None)
             time.sleep(0.2)
         if failed is not None:
-            log.error(
-                "owner worker exited: stopping the others",
-                extra={"pid": failed.pid, "status": failed.returncode},
+            _log(
+                "ERROR", "owner worker exited: stopping the others", pid=failed.pid, status=failed.returncode
             )
         for p in procs:
             if p.poll() is None:
@@ -97,7 +121,7 @@ def supervise(argv: Sequence[str], args: argparse.Namespace, workers: int, *, gr
             try:
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.error("owner worker did not stop: killed", extra={"pid": p.pid})
+                _log("error", "owner worker did not stop: killed", pid=p.pid)
                 p.kill()
                 p.wait()
         if failed is not None:
@@ -111,5 +135,10 @@ def supervise(argv: Sequence[str], args: argparse.Namespace, workers: int, *, gr
             signal.signal(s, handler)
 
 
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def main(argv: Sequence[str] | None = None) -> int:
+    plan = json.loads((sys.argv[1:] if argv is None else argv)[0])
+    return supervise(plan["workers"], grace=float(plan["grace"]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
