@@ -23,7 +23,7 @@ from psycopg import conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from owner_svc.adapters.dialect import MIGRATION_LOCK, POSTGRES, Dialect
-from owner_svc.adapters.groupcommit import Job, Outcome
+from owner_svc.adapters.groupcommit import DEFAULT_MAX_BATCH, Job, Outcome
 from owner_svc.adapters.schema import SCHEMA_VERSION
 from owner_svc.adapters.sqlstore import SqlStore
 from owner_svc.core.ports import (
@@ -203,6 +203,7 @@ class PostgresStore(SqlStore):
         min_connections: int = 1,
         max_connections: int = 16,
         connect_timeout: float = 10.0,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
         db = PostgresDatabase(
             dsn,
@@ -210,4 +211,4 @@ class PostgresStore(SqlStore):
             max_connections=max_connections,
             connect_timeout=connect_timeout,
         )
-        super().__init__(db, audit_mac_key=audit_mac_key, clock=clock)
+        super().__init__(db, audit_mac_key=audit_mac_key, clock=clock, max_batch=max_batch)

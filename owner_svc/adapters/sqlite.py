@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from owner_svc.adapters.dialect import SQLITE, Dialect
-from owner_svc.adapters.groupcommit import Job, Outcome
+from owner_svc.adapters.groupcommit import DEFAULT_MAX_BATCH, Job, Outcome
 from owner_svc.adapters.schema import SCHEMA_VERSION
 from owner_svc.adapters.sqlstore import SqlStore
 from owner_svc.core.ports import (
@@ -259,6 +259,7 @@ class SQLiteStore(SqlStore):
         *,
         audit_mac_key: bytes | None,
         clock: Callable[[], float] = time.time,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
         self.path = str(path)
-        super().__init__(SQLiteDatabase(path), audit_mac_key=audit_mac_key, clock=clock)
+        super().__init__(SQLiteDatabase(path), audit_mac_key=audit_mac_key, clock=clock, max_batch=max_batch)

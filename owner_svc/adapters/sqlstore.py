@@ -27,7 +27,7 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol, TypeVar
 
 from owner_svc.adapters.dialect import Dialect, Tx
-from owner_svc.adapters.groupcommit import GroupCommit, Job, Outcome
+from owner_svc.adapters.groupcommit import DEFAULT_MAX_BATCH, GroupCommit, Job, Outcome
 from owner_svc.adapters.rows import audit_record_from_row, session_from_row
 from owner_svc.adapters.schema import MIGRATIONS, SCHEMA_VERSION, SESSION_COLUMNS, MacHead, MacWorkloads
 from owner_svc.core.audit import canonical_record
@@ -97,7 +97,12 @@ class AuditLogDamaged(StoreCorrupt):
 
 class SqlStore:
     def __init__(
-        self, db: Database, *, audit_mac_key: bytes | None, clock: Callable[[], float] = time.time
+        self,
+        db: Database,
+        *,
+        audit_mac_key: bytes | None,
+        clock: Callable[[], float] = time.time,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
         self.db = db
         self._d = db.dialect
@@ -115,7 +120,7 @@ class SqlStore:
             raise
         # The commit path (sessions and their audit records, refusals' audit records): concurrent
         # calls' writes share one transaction and one durable COMMIT (groupcommit.py).
-        self._group = GroupCommit(self._run_batch)
+        self._group = GroupCommit(self._run_batch, max_batch=max_batch)
 
     def _q(self, sql: str) -> str:
         return self._d.sql(sql)
