@@ -63,6 +63,8 @@ def test_bench_main_quick_json_keys() -> None:
         "launch_p99_ms",
         "exports_per_pdh",
         "digest_ratio",
+        "digest_core_ratio",
+        "digest_cli_vs_snp_measure",
         "scale_launches_per_s",
         "owner_peak_rss_mb",
         "owner_rss_growth_mb",
