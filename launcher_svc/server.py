@@ -27,7 +27,7 @@ from launcher_svc.core.ports import Hypervisor
 from launcher_svc.core.spec import PathPolicy, validate_vcpu_type
 from launcher_svc.core.state import Phase
 from sevlaunch.errors import InvalidArgument
-from sevlaunch.rpc import RpcServer
+from sevlaunch.rpc import ClientMetrics, RpcServer, aio_client_interceptors, launch_id_scope
 from sevlaunch.rpc.entry import add_server_flags, rpc_server_options, server_main, server_options
 from sevlaunch.rpc.server import DEFAULT_GRACE_SECONDS
 from sevlaunch.rpc.v1 import launcher_pb2_grpc
@@ -109,12 +109,24 @@ async def create_server(
     hv = hypervisor if hypervisor is not None else open_hypervisor(cfg, metrics=metrics)
     cfg.db.parent.mkdir(parents=True, exist_ok=True)
     store = open_launch_store(str(cfg.db))
+    client_metrics = ClientMetrics(server.metrics.registry)
     platform = (
-        PlatformClient(cfg.platform, cfg.tls_dir, cfg.identity, platform_identity=cfg.platform_identity)
+        PlatformClient(
+            cfg.platform,
+            cfg.tls_dir,
+            cfg.identity,
+            platform_identity=cfg.platform_identity,
+            interceptors=aio_client_interceptors(client_metrics),
+        )
         if cfg.platform
         else None
     )
-    owners = OwnerClient(cfg.tls_dir, cfg.identity, owner_identity=cfg.owner_identity)
+    owners = OwnerClient(
+        cfg.tls_dir,
+        cfg.identity,
+        owner_identity=cfg.owner_identity,
+        interceptors=aio_client_interceptors(client_metrics),
+    )
     core = Launcher(
         hypervisor=hv,
         store=store,
@@ -123,6 +135,7 @@ async def create_server(
         # One vCPU model setting: the emulated backend's default is the model SEV-ES guests are pinned to.
         config=replace(cfg.launcher, vcpu_type=cfg.vcpu_type),
         metrics=metrics,
+        launch_scope=launch_id_scope,
     )
     await core.start()
     launcher_pb2_grpc.add_LauncherServiceServicer_to_server(LauncherServicer(core), server.grpc_server)

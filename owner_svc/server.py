@@ -35,7 +35,7 @@ from sevlaunch.dsn import redact_dsn
 from sevlaunch.errors import ServiceError
 from sevlaunch.ownerdb import is_postgres_url
 from sevlaunch.refvalues import PublisherKey
-from sevlaunch.rpc import RpcServer
+from sevlaunch.rpc import RpcServer, current_launch_id
 from sevlaunch.rpc.entry import (
     StartupError,
     add_server_flags,
@@ -195,6 +195,7 @@ def build_app(config: OwnerConfig) -> OwnerApp:
         extra_roots=roots,
         session_ttl=config.session_ttl,
         metrics=PrometheusOwnerMetrics(rpc.metrics.registry),
+        launch_id=current_launch_id,
     )
     # The stored manifests, each re-verified against the keys configured now; from then on every
     # decision reloads them when the store's generation moved (another replica imported or revoked).

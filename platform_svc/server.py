@@ -2,6 +2,7 @@
 
     sevlaunch-platform --listen 0.0.0.0:50051 --tls-dir /etc/sevlaunch/tls \
         (--emulator STATE_DIR | --dev-sev /dev/sev) [--kds-url URL] [--cek-file F] [--cek-cache-dir DIR]
+        [--vcek-cache-dir DIR] [--vcek-dir DIR | --vcek-file F] [--snp-cert-table PATH]
         [--metrics-listen :9101] [--health-listen 0.0.0.0:50061] [--kds-timeout 10]
 
 Every flag is also an environment variable (`--tls-dir` ↔ SEVLAUNCH_TLS_DIR).
@@ -13,14 +14,26 @@ import argparse
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
-from platform_svc.adapters.firmware import AsyncFirmware, FirmwareMetrics
-from platform_svc.adapters.kds import DEFAULT_KDS_URL, CEKDiskCache, KDSClient, KDSMetrics
+from prometheus_client import CollectorRegistry
+
+from platform_svc.adapters.firmware import AsyncFirmware, EmulatorCertTable, FirmwareMetrics
+from platform_svc.adapters.kds import (
+    DEFAULT_KDS_URL,
+    CEKDiskCache,
+    EmulatorVekFetcher,
+    KDSClient,
+    KDSMetrics,
+)
 from platform_svc.adapters.metrics import PrometheusPlatformMetrics
+from platform_svc.adapters.snp_store import FileCertTable, VekDiskCache, load_provisioned
 from platform_svc.api.servicer import AUTHZ, SERVICE_NAME, PlatformServicer
 from platform_svc.core.service import CEKSources, PlatformCore
-from sevlaunch.firmware import DevSev, EmulatedFirmware, Firmware
+from platform_svc.core.snp import CertTableStore, SnpCore, VekFetcher, VekSources
+from sevlaunch.firmware import EmulatedFirmware, Firmware
+from sevlaunch.firmware.devsev_snp import DevSevSnp
 from sevlaunch.rpc import RpcServer
 from sevlaunch.rpc.entry import (
     StartupError,
@@ -47,6 +60,10 @@ class PlatformConfig:
     kds_url: str | None = None
     cek_file: Path | None = None
     cek_cache_dir: Path | None = None
+    vcek_cache_dir: Path | None = None
+    vcek_dir: Path | None = None
+    vcek_file: Path | None = None
+    snp_cert_table: Path | None = None
     metrics_listen: str | None = DEFAULT_METRICS
     health_listen: str | None = None
     kds_timeout: float = 10.0
@@ -62,7 +79,7 @@ def _open_firmware(cfg: PlatformConfig) -> tuple[Firmware, EmulatedFirmware | No
         emulator = EmulatedFirmware(cfg.emulator)
         return emulator, emulator
     assert cfg.dev_sev is not None
-    return DevSev(cfg.dev_sev), None
+    return DevSevSnp(cfg.dev_sev), None
 
 
 async def create_server(
@@ -103,8 +120,46 @@ async def create_server(
 
     metrics = PrometheusPlatformMetrics(registry)
     core = PlatformCore(fw, roots, sources, metrics, chain_max_age=cfg.chain_max_age)
-    platform_pb2_grpc.add_PlatformServiceServicer_to_server(PlatformServicer(core), server.grpc_server)
+    snp = _snp_core(cfg, fw, emulator, metrics, registry)
+    platform_pb2_grpc.add_PlatformServiceServicer_to_server(PlatformServicer(core, snp), server.grpc_server)
     return server, core, fw
+
+
+def _snp_core(
+    cfg: PlatformConfig,
+    fw: AsyncFirmware,
+    emulator: EmulatedFirmware | None,
+    metrics: PrometheusPlatformMetrics,
+    registry: CollectorRegistry,
+) -> SnpCore:
+    """The SEV-SNP side: AMD's pinned SNP roots, plus, for the emulator only, its own emulated root
+    (configured explicitly by choosing the emulator backend, as for SEV)."""
+    snp_roots = [emulator.snp_trusted_root()] if emulator is not None else []
+    kds_url = cfg.kds_url or (None if emulator is not None else DEFAULT_KDS_URL)
+    fetcher: VekFetcher | None = None
+    if kds_url is not None:
+        fetcher = KDSClient(
+            kds_url, KDSMetrics(registry, snp=True),
+            timeout=cfg.kds_timeout, max_attempts=cfg.kds_attempts,
+        )  # fmt: skip
+    elif emulator is not None:
+        fetcher = EmulatorVekFetcher(emulator)
+    provisioned = None
+    if cfg.vcek_dir is not None or cfg.vcek_file is not None:
+        provisioned = load_provisioned(cfg.vcek_dir, vcek_file=cfg.vcek_file)
+    sources = VekSources(
+        fetcher=fetcher,
+        cache=VekDiskCache(cfg.vcek_cache_dir) if cfg.vcek_cache_dir is not None else None,
+        provisioned=provisioned,
+        kds_timeout=cfg.kds_timeout,
+        fetch_name="emulator" if isinstance(fetcher, EmulatorVekFetcher) else "kds",
+    )
+    tables: CertTableStore | None = None
+    if cfg.snp_cert_table is not None:
+        tables = FileCertTable(cfg.snp_cert_table)
+    elif emulator is not None:
+        tables = EmulatorCertTable(emulator)
+    return SnpCore(fw, snp_roots, sources, metrics, cert_tables=tables, clock=lambda: datetime.now(UTC))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,10 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kds-url", help=f"AMD KDS base URL (default {DEFAULT_KDS_URL}; emulator: its own)")
     p.add_argument("--cek-file", help="a provisioned ASK-signed CEK (instead of the KDS)")
     p.add_argument("--cek-cache-dir", help="on-disk cache of ASK-signed CEKs, by chip id")
+    p.add_argument("--vcek-cache-dir", help="on-disk cache of SNP VCEKs and cert chains, by chip and TCB")
+    offline = p.add_mutually_exclusive_group()
+    offline.add_argument(
+        "--vcek-dir", help="provisioned SNP certificates (vcek/vlek/ask/asvk/ark .pem or .der), no KDS needed"
+    )
+    offline.add_argument("--vcek-file", help="a provisioned VCEK (PEM or DER) for the reported TCB")
+    p.add_argument("--snp-cert-table", help="file of the certificate table for guests' extended reports")
     p.add_argument("--kds-timeout", type=float, default=10.0, help="deadline in seconds for one CEK fetch")
     p.add_argument("--kds-attempts", type=int, default=3, help="KDS attempts within the deadline")
-    p.add_argument("--chain-max-age", type=float, default=3600.0,
-                   help="seconds before a cached chain is re-exported (also re-exported on PDH change)")
+    p.add_argument(
+        "--chain-max-age",
+        type=float,
+        default=3600.0,
+        help="seconds before a cached chain is re-exported (also re-exported on PDH change)",
+    )
     return p
 
 
@@ -133,6 +199,10 @@ def config_from_args(args: argparse.Namespace) -> PlatformConfig:
         kds_url=args.kds_url,
         cek_file=Path(args.cek_file) if args.cek_file else None,
         cek_cache_dir=Path(args.cek_cache_dir) if args.cek_cache_dir else None,
+        vcek_cache_dir=Path(args.vcek_cache_dir) if args.vcek_cache_dir else None,
+        vcek_dir=Path(args.vcek_dir) if args.vcek_dir else None,
+        vcek_file=Path(args.vcek_file) if args.vcek_file else None,
+        snp_cert_table=Path(args.snp_cert_table) if args.snp_cert_table else None,
         kds_timeout=args.kds_timeout,
         kds_attempts=args.kds_attempts,
         chain_max_age=args.chain_max_age if args.chain_max_age > 0 else None,

@@ -1,7 +1,9 @@
 """Reference values: signed manifests of launch digests, in DSSE envelopes (gRPC-free).
 
 A firmware publisher (a distro) computes the launch digest of each firmware build and configuration it
-supports (SEV; SEV-ES per vCPU count, vCPU type and VMSA layout; with or without kernel hashes), lists them
+supports (SEV; SEV-ES per vCPU count, vCPU type and VMSA layout; SEV-SNP per vCPU count, vCPU type, guest
+features and VMM type, 48-byte digests with the ID block's family and image id, guest SVN and minimum TCB
+per product in the manifest's `snp` section; with or without kernel hashes), lists them
 in a JSON manifest with a validity window, and signs the manifest in a DSSE envelope
 (https://github.com/secure-systems-lab/dsse, "DSSEv1" pre-authentication encoding) with ECDSA P-256
 (SHA-256, DER signature) or Ed25519. The owner accepts a digest only from a manifest that
@@ -33,7 +35,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from sevlaunch.sev.errors import MalformedInput, Reason, VerificationFailed
-from sevlaunch.sev.technology import PRE_LAUNCH, Technology
+from sevlaunch.sev.technology import Technology
+from sevlaunch.snp.reference import SnpReference
 
 PAYLOAD_TYPE = "application/vnd.sevlaunch.refvalues+json"
 SCHEMA = "sevlaunch.refvalues/v1"
@@ -41,6 +44,11 @@ SCHEMA = "sevlaunch.refvalues/v1"
 #: come from an HTTP server the owner does not control.
 MAX_ENVELOPE_BYTES = 1 << 20
 MAX_DIGESTS = 4096
+SEV_DIGEST_SIZE = 32
+SNP_DIGEST_SIZE = 48
+SNP_MAX_VCPUS = 4096
+#: VMM types as `sevlaunch.snp.vmsa.VmmType` spells them (sev-snp-measure's `--vmm-type`).
+SNP_VMM_TYPES = ("QEMU", "ec2", "gce")
 
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
@@ -260,7 +268,9 @@ class DigestConfig:
     """The launch configuration that yields one launch digest.
 
     `vcpus`, `vcpu_type` and `vmsa_layout` only matter (and are only set) for SEV-ES, where every
-    vCPU's VMSA is measured.
+    vCPU's VMSA is measured. SEV-SNP digests (48 bytes) also depend on the vCPU count and type, and on the
+    guest features (the VMSA's SEV_FEATURES) and the VMM type they were computed for; `vcpu_type` may be
+    left out under EC2 and GCE, whose VMSAs do not carry the vCPU's signature.
     """
 
     mode: Technology
@@ -268,8 +278,15 @@ class DigestConfig:
     vcpu_type: str | None = None
     vmsa_layout: str | None = None
     kernel_hashes: KernelHashes | None = None
+    guest_features: int | None = None
+    vmm_type: str | None = None
 
     def __post_init__(self) -> None:
+        if self.mode is Technology.SEV_SNP:
+            _check_snp_config(self)
+            return
+        if self.guest_features is not None or self.vmm_type is not None:
+            raise MalformedInput(Reason.BAD_FIELD, "guest_features and vmm_type are for SEV-SNP digests only")
         if self.mode is Technology.SEV_ES:
             if self.vcpus is None or not 1 <= self.vcpus <= 512:
                 raise MalformedInput(Reason.BAD_FIELD, "an SEV-ES digest needs vcpus in 1..512")
@@ -278,10 +295,18 @@ class DigestConfig:
         elif self.vcpus is not None or self.vcpu_type is not None or self.vmsa_layout is not None:
             raise MalformedInput(Reason.BAD_FIELD, "an SEV digest takes no vcpus, vcpu_type or vmsa_layout")
 
+    @property
+    def digest_size(self) -> int:
+        return SNP_DIGEST_SIZE if self.mode is Technology.SEV_SNP else SEV_DIGEST_SIZE
+
     def to_obj(self) -> dict[str, Any]:
         obj: dict[str, Any] = {"mode": self.mode.value}
         if self.mode is Technology.SEV_ES:
             obj.update(vcpus=self.vcpus, vcpu_type=self.vcpu_type, vmsa_layout=self.vmsa_layout)
+        if self.mode is Technology.SEV_SNP:
+            obj.update(vcpus=self.vcpus, guest_features=self.guest_features, vmm_type=self.vmm_type)
+            if self.vcpu_type is not None:
+                obj["vcpu_type"] = self.vcpu_type
         if self.kernel_hashes is not None:
             kh = self.kernel_hashes
             obj["kernel_hashes"] = {"kernel": kh.kernel, "initrd": kh.initrd, "cmdline": kh.cmdline}
@@ -290,10 +315,13 @@ class DigestConfig:
     @classmethod
     def from_obj(cls, obj: object) -> DigestConfig:
         o = _object(
-            obj, "config", required={"mode"}, optional={"vcpus", "vcpu_type", "vmsa_layout", "kernel_hashes"}
+            obj,
+            "config",
+            required={"mode"},
+            optional={"vcpus", "vcpu_type", "vmsa_layout", "kernel_hashes", "guest_features", "vmm_type"},
         )
-        if not isinstance(o["mode"], str) or o["mode"] not in PRE_LAUNCH:
-            raise MalformedInput(Reason.BAD_FIELD, "config mode must be 'sev' or 'sev-es'")
+        if not isinstance(o["mode"], str) or o["mode"] not in {t.value for t in Technology}:
+            raise MalformedInput(Reason.BAD_FIELD, "config mode must be 'sev', 'sev-es' or 'sev-snp'")
         mode = Technology(o["mode"])
         kh = None
         if "kernel_hashes" in o:
@@ -301,16 +329,37 @@ class DigestConfig:
             kh = KernelHashes(
                 *(_hex(k[n], f"kernel_hashes.{n}", 32).hex() for n in ("kernel", "initrd", "cmdline"))
             )
-        vcpus = o.get("vcpus")
-        if vcpus is not None and (not isinstance(vcpus, int) or isinstance(vcpus, bool)):
-            raise MalformedInput(Reason.BAD_FIELD, "config vcpus must be an integer")
+        for name in ("vcpus", "guest_features"):
+            value = o.get(name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise MalformedInput(Reason.BAD_FIELD, f"config {name} must be an integer")
         return cls(
             mode=mode,
-            vcpus=vcpus,
+            vcpus=o.get("vcpus"),
             vcpu_type=_opt_str(o.get("vcpu_type"), "vcpu_type"),
             vmsa_layout=_opt_str(o.get("vmsa_layout"), "vmsa_layout"),
             kernel_hashes=kh,
+            guest_features=o.get("guest_features"),
+            vmm_type=_opt_str(o.get("vmm_type"), "vmm_type"),
         )
+
+
+def _check_snp_config(cfg: DigestConfig) -> None:
+    if cfg.vcpus is None or isinstance(cfg.vcpus, bool) or not 1 <= cfg.vcpus <= SNP_MAX_VCPUS:
+        raise MalformedInput(Reason.BAD_FIELD, f"an SEV-SNP digest needs vcpus in 1..{SNP_MAX_VCPUS}")
+    if cfg.vmsa_layout is not None:
+        raise MalformedInput(Reason.BAD_FIELD, "an SEV-SNP digest takes no vmsa_layout")
+    features = cfg.guest_features
+    if features is None or isinstance(features, bool) or not 0 <= features < 1 << 64 or not features & 1:
+        raise MalformedInput(
+            Reason.BAD_FIELD, "an SEV-SNP digest needs guest_features, a u64 with bit 0 (SNPActive) set"
+        )
+    if cfg.vmm_type not in SNP_VMM_TYPES:
+        raise MalformedInput(Reason.BAD_FIELD, f"an SEV-SNP digest needs vmm_type, one of {SNP_VMM_TYPES}")
+    if cfg.vmm_type == "QEMU" and not cfg.vcpu_type:
+        raise MalformedInput(Reason.BAD_FIELD, "an SEV-SNP digest under QEMU needs vcpu_type")
+    if cfg.vcpu_type is not None and not 0 < len(cfg.vcpu_type) <= 64:
+        raise MalformedInput(Reason.BAD_FIELD, "vcpu_type must be 1..64 characters")
 
 
 @dataclass(frozen=True)
@@ -319,8 +368,11 @@ class ReferenceDigest:
     config: DigestConfig
 
     def __post_init__(self) -> None:
-        if len(self.launch_digest) != 32:
-            raise MalformedInput(Reason.BAD_LENGTH, "a launch digest is 32 bytes")
+        size = self.config.digest_size
+        if len(self.launch_digest) != size:
+            raise MalformedInput(
+                Reason.BAD_LENGTH, f"a {self.config.mode.value} launch digest is {size} bytes"
+            )
 
 
 @dataclass(frozen=True)
@@ -336,6 +388,9 @@ class Manifest:
     #: known flaw. Honoured only from a manifest signed by a trusted key.
     revokes: tuple[str, ...] = ()
     issued_at: datetime | None = None
+    #: The SEV-SNP facts vouched for with the SNP digests (`sevlaunch.snp.reference`): required exactly
+    #: when the manifest lists an SNP digest. Manifests without one encode as they always did.
+    snp: SnpReference | None = None
 
     def __post_init__(self) -> None:
         for name in ("publisher", "firmware_name", "firmware_version"):
@@ -355,6 +410,11 @@ class Manifest:
         for rid in self.revokes:
             if not re.fullmatch(r"[0-9a-f]{64}", rid):
                 raise MalformedInput(Reason.BAD_FIELD, "manifest revokes entries are SHA-256 hex ids")
+        has_snp = any(d.config.mode is Technology.SEV_SNP for d in self.digests)
+        if has_snp != (self.snp is not None):
+            raise MalformedInput(
+                Reason.BAD_FIELD, "a manifest has an snp section exactly when it lists SEV-SNP digests"
+            )
 
     def to_json(self) -> bytes:
         obj: dict[str, Any] = {
@@ -373,6 +433,8 @@ class Manifest:
             obj["revokes"] = list(self.revokes)
         if self.issued_at is not None:
             obj["issued_at"] = _fmt_time(self.issued_at)
+        if self.snp is not None:
+            obj["snp"] = self.snp.to_obj()
         return json.dumps(obj, indent=2, sort_keys=True).encode("utf-8") + b"\n"
 
     @classmethod
@@ -389,7 +451,7 @@ class Manifest:
             raw,
             "manifest",
             required={"schema", "publisher", "firmware", "not_before", "not_after", "digests"},
-            optional={"revokes", "issued_at"},
+            optional={"revokes", "issued_at", "snp"},
         )
         if o["schema"] != SCHEMA:
             raise MalformedInput(Reason.BAD_MANIFEST, f"manifest schema must be {SCHEMA!r}")
@@ -400,10 +462,9 @@ class Manifest:
         digests = []
         for d in digests_raw:
             do = _object(d, "digest", required={"launch_digest", "config"})
+            config = DigestConfig.from_obj(do["config"])
             digests.append(
-                ReferenceDigest(
-                    _hex(do["launch_digest"], "launch_digest", 32), DigestConfig.from_obj(do["config"])
-                )
+                ReferenceDigest(_hex(do["launch_digest"], "launch_digest", config.digest_size), config)
             )
         revokes = o.get("revokes", [])
         if not isinstance(revokes, list) or not all(isinstance(r, str) for r in revokes):
@@ -419,6 +480,7 @@ class Manifest:
             digests=tuple(digests),
             revokes=tuple(revokes),
             issued_at=None if o.get("issued_at") is None else _parse_time(o["issued_at"], "issued_at"),
+            snp=SnpReference.from_obj(o["snp"]) if "snp" in o else None,
         )
 
 
@@ -478,6 +540,7 @@ def make_manifest(
     now: datetime | None = None,
     firmware_sha256: str | None = None,
     revokes: Sequence[str] = (),
+    snp: SnpReference | None = None,
 ) -> Manifest:
     if valid_days <= 0:
         raise MalformedInput(Reason.BAD_FIELD, "valid days must be positive")
@@ -492,6 +555,7 @@ def make_manifest(
         digests=tuple(digests),
         revokes=tuple(revokes),
         issued_at=issued,
+        snp=snp,
     )
 
 

@@ -11,6 +11,8 @@ import pytest
 
 from sevlaunch.cli.devcerts import DEFAULT_IDENTITIES, write_dev_certs
 from sevlaunch.firmware.emulator import EmulatedRoot
+from sevlaunch.snp.issue import EmulatedSnpRoot
+from sevlaunch.snp.tcb import Product
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -47,3 +49,10 @@ def emulated_root() -> EmulatedRoot:
     every chip of every suite shares this one; make another only where a test needs a second, different
     root (a chip that must not chain to this one)."""
     return EmulatedRoot.generate()
+
+
+@pytest.fixture(scope="session")
+def emulated_snp_root() -> EmulatedSnpRoot:
+    """The session's emulated AMD SEV-SNP root for Genoa (ARK, ASK, ASVK as X.509, RSA-4096): chips made
+    with `snp_root=` share it instead of generating three RSA-4096 keys each."""
+    return EmulatedSnpRoot.generate(Product.GENOA)

@@ -18,6 +18,16 @@ processes would outlive a killed launcher on a real host. So every emulated doma
 driver in the state they had; the reconciler then sees them as a real host would show them, and
 destroying one DECOMMISSIONs its firmware guest context, so the chip's guest count comes back.
 Nothing secret is written: the wrapped secret is passed to the firmware and dropped.
+
+SEV-SNP: the backend plays a libvirt 10.5+ with QEMU 9.1+. The test driver (libvirt 9.0 here) does not
+know `<launchSecurity type='sev-snp'>`, so it keeps the domain without it, and the backend keeps the
+full XML (the one the unit tests validate against libvirt 10.5+'s schema) in its own record. Starting
+an SNP domain replays `sevlaunch.snp.launch_digest.launch_plan` (QEMU's SNP_LAUNCH_UPDATE order) onto
+the emulated firmware between SNP_LAUNCH_START (the XML's policy) and SNP_LAUNCH_FINISH (its ID block,
+ID auth, author key flag and HOST_DATA). A refusal there is `snp_launch_refused` naming the firmware's
+status, as the libvirt backend reports QEMU's. A running SNP guest gets a guest-request channel to the
+firmware (`snp_guest`): what an emulated guest agent calls for its attestation report, with the init
+data the domain carries.
 """
 
 from __future__ import annotations
@@ -27,8 +37,9 @@ import json
 import os
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -36,15 +47,20 @@ import libvirt
 
 from launcher_svc.adapters.libvirt_backend import LibvirtHypervisor, libvirt_error
 from launcher_svc.core.domain_xml import parse_domain_xml
-from launcher_svc.core.ports import DomainInfo, LaunchSecurityInfo, SevCapabilities
+from launcher_svc.core.ports import DomainInfo, LaunchSecurityInfo, SevCapabilities, SnpCapabilities
 from launcher_svc.core.preflight import FirmwareImage, SecretArea
 from launcher_svc.core.reasons import FIRMWARE_PREFIX, LaunchReason
 from sevlaunch.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServiceError
 from sevlaunch.firmware import EmulatedFirmware, FirmwareError, StatusCode
+from sevlaunch.firmware.emulator.commands.snp_guest import EmulatedSnpGuest
+from sevlaunch.guest.source import GuestReportSource
 from sevlaunch.sev.digest import launch_updates
 from sevlaunch.sev.errors import SevError
 from sevlaunch.sev.policy import PolicyFlags
 from sevlaunch.sev.vmsa import VMSALayout, vcpu_signature
+from sevlaunch.snp.gctx import LaunchUpdate
+from sevlaunch.snp.launch_digest import launch_plan
+from sevlaunch.snp.vmsa import DEFAULT_GUEST_FEATURES, VmmType
 
 T = TypeVar("T")
 
@@ -66,6 +82,37 @@ def firmware_error(exc: FirmwareError) -> ServiceError:
     return FailedPrecondition(f"{FIRMWARE_PREFIX}{name.lower()}", exc.detail, metadata=meta)
 
 
+def snp_firmware_error(exc: FirmwareError) -> ServiceError:
+    """The firmware's refusal of an SNP launch command, as the libvirt backend reports QEMU's."""
+    if exc.status == StatusCode.RESOURCE_LIMIT:
+        return firmware_error(exc)
+    name = exc.status.name if isinstance(exc.status, StatusCode) else f"0x{int(exc.status):02x}"
+    return FailedPrecondition(
+        LaunchReason.SNP_LAUNCH_REFUSED,
+        f"the firmware refused {exc.command} with {name}: {exc.detail}",
+        metadata={"firmware_status": name, "command": exc.command},
+    )
+
+
+def driver_xml(xml: str) -> str:
+    """The XML the test driver (libvirt 9.0) takes: an SNP domain without its `<launchSecurity>`."""
+    root = ET.fromstring(xml)  # noqa: S314 - our own builder's XML, or the backend's record of it
+    ls = root.find("launchSecurity")
+    if ls is None or ls.get("type") != "sev-snp":
+        return xml
+    root.remove(ls)
+    return ET.tostring(root, encoding="unicode")
+
+
+@dataclass(frozen=True)
+class SnpGuestChannel:
+    """What an emulated SNP guest has of its host: the guest request to the firmware (the source of
+    its attestation reports) and the init data its domain carries (fw_cfg on a real host)."""
+
+    source: GuestReportSource
+    init_data: bytes
+
+
 @dataclass
 class _Domain:
     """What a QEMU process would hold of one SEV guest; persisted as JSON."""
@@ -78,6 +125,7 @@ class _Domain:
     # While "starting": the chip's guest handles just before this domain's LAUNCH_START, so that a
     # process killed before it could record its handle can tell its guest from the others at restart.
     handles_before: tuple[int, ...] | None = None
+    snp: bool = False  # `handle` is an SNP guest context (SNP_DECOMMISSION), `xml` our full SNP XML
 
     def to_json(self) -> str:
         return json.dumps(
@@ -88,6 +136,7 @@ class _Domain:
                 "handle": self.handle,
                 "measurement": base64.b64encode(self.measurement).decode(),
                 "handles_before": None if self.handles_before is None else list(self.handles_before),
+                "snp": self.snp,
             }
         )
 
@@ -103,6 +152,7 @@ class _Domain:
             handles_before=(
                 None if data.get("handles_before") is None else tuple(int(h) for h in data["handles_before"])
             ),
+            snp=bool(data.get("snp", False)),
         )
 
 
@@ -118,6 +168,7 @@ class EmulatedHypervisor(LibvirtHypervisor):
         vmsa_layout: VMSALayout = VMSALayout.init2,
         firmware_observer: FirmwareObserver | None = None,
         checkpoint: Callable[[str], None] | None = None,
+        snp_guest_features: int = DEFAULT_GUEST_FEATURES,
     ) -> None:
         self.firmware = firmware
         self._observe = firmware_observer
@@ -134,7 +185,8 @@ class EmulatedHypervisor(LibvirtHypervisor):
         self._layout = vmsa_layout
         # One lock: the emulated "QEMU" handles one command at a time, like the PSP it talks to.
         self._mutex = threading.RLock()
-        super().__init__(f"test://{node}")
+        super().__init__(f"test://{node}", snp_guest_features=snp_guest_features)
+        self._snp_features = snp_guest_features
         self._restore()
 
     # -- persistence ----------------------------------------------------------------------------
@@ -164,7 +216,7 @@ class EmulatedHypervisor(LibvirtHypervisor):
         self._adopt(domains)
         for dom in domains:
             try:
-                vdom = self._conn.defineXML(dom.xml)
+                vdom = self._conn.defineXML(driver_xml(dom.xml))
                 if dom.run_state in ("paused", "running"):
                     vdom.create()
                     if dom.run_state == "paused":
@@ -179,7 +231,7 @@ class EmulatedHypervisor(LibvirtHypervisor):
         that no other domain holds, and comes back paused, so that the reconciler destroys it (and its
         guest) like any other paused domain no advancing launch owns."""
         held = {d.handle for d in domains if d.handle is not None}
-        on_chip = set(self.firmware.guest_handles())
+        on_chip = self._handles_on_chip()
         for dom in domains:
             if dom.run_state != "starting":
                 continue
@@ -193,6 +245,11 @@ class EmulatedHypervisor(LibvirtHypervisor):
                 dom.run_state = "defined"  # killed before LAUNCH_START: nothing on the chip
             dom.handles_before = None
             self._save(dom)
+
+    def _handles_on_chip(self) -> set[int]:
+        # SEV and SNP guest contexts take their handles from one counter: together they tell which
+        # guest appeared after a snapshot.
+        return set(self.firmware.guest_handles()) | set(self.firmware.snp_guest_handles())
 
     # -- the SEV parts QEMU would play ----------------------------------------------------------
 
@@ -220,11 +277,21 @@ class EmulatedHypervisor(LibvirtHypervisor):
         cfg = self.firmware.config
         return SevCapabilities(self._cbitpos, self._reduced, cfg.max_guests, cfg.max_es_guests)
 
+    def snp_capabilities(self) -> SnpCapabilities:
+        cfg = self.firmware.config
+        return SnpCapabilities(self._cbitpos, self._reduced, cfg.max_es_guests, self._snp_features)
+
     def define(self, xml: str) -> str:
         with self._mutex:
-            uuid = super().define(xml)
+            try:
+                snp = parse_domain_xml(xml).snp
+            except (ValueError, ET.ParseError):
+                snp = False  # libvirt's parser says what is wrong with it
+            uuid = super().define(driver_xml(xml) if snp else xml)
             name = parse_domain_xml(xml).domain_name
-            self._save(_Domain(name=name, xml=self.domain_xml(name), run_state="defined"))
+            # An SNP domain's record keeps our XML: the test driver holds it without its SNP settings.
+            kept = xml if snp else self.domain_xml(name)
+            self._save(_Domain(name=name, xml=kept, run_state="defined", snp=snp))
             return uuid
 
     @staticmethod
@@ -282,7 +349,7 @@ class EmulatedHypervisor(LibvirtHypervisor):
                 raise FailedPrecondition(exc.reason.value, exc.detail) from None
             # Before LAUNCH_START, what the chip holds: a crash before the handle below is recorded still
             # leaves a way to find this domain's guest and DECOMMISSION it (`_adopt`).
-            dom.run_state, dom.handles_before = "starting", tuple(self.firmware.guest_handles())
+            dom.run_state, dom.handles_before = "starting", tuple(sorted(self._handles_on_chip()))
             self._save(dom)
             try:
                 try:
@@ -321,6 +388,99 @@ class EmulatedHypervisor(LibvirtHypervisor):
                 vdom.suspend()
             except libvirt.libvirtError as exc:
                 raise libvirt_error(exc, "start paused") from None
+
+    def start_snp(self, name: str, firmware: FirmwareImage) -> None:
+        with self._mutex:
+            dom = self._load(name)
+            if dom is None:
+                raise NotFound(LaunchReason.DOMAIN_NOT_FOUND, f"domain {name}")
+            vdom = self._lookup(name)
+            parsed = parse_domain_xml(dom.xml)
+            if not dom.snp or not parsed.snp:
+                raise FailedPrecondition(LaunchReason.NOT_SEV, "the domain has no SEV-SNP launch security")
+            if parsed.loader is None or parsed.loader != firmware.path:
+                raise FailedPrecondition(
+                    LaunchReason.NO_FIRMWARE, "the domain's firmware is not the image the launch checked"
+                )
+            kernel = initrd = None
+            cmdline: str | None = None
+            if parsed.kernel is not None and parsed.kernel_hashes:
+                kernel = self._read(parsed.kernel, "kernel")
+                initrd = self._read(parsed.initrd, "initrd")
+                cmdline = parsed.cmdline
+            try:
+                vcpu_sig = vcpu_signature(parsed.cpu_model) if parsed.cpu_model else self._vcpu_sig
+                plan = launch_plan(
+                    firmware.data,
+                    vcpus=parsed.vcpus,
+                    vcpu_sig=vcpu_sig,
+                    guest_features=self._snp_features,
+                    vmm_type=VmmType.QEMU,
+                    kernel=kernel,
+                    initrd=initrd,
+                    cmdline=cmdline,
+                )
+            except SevError as exc:
+                raise FailedPrecondition(exc.reason.value, exc.detail) from None
+            dom.run_state, dom.handles_before = "starting", tuple(sorted(self._handles_on_chip()))
+            self._save(dom)
+            try:
+                try:
+                    handle = self._fw("SNP_LAUNCH_START", self.firmware.snp_launch_start, parsed.policy)
+                except FirmwareError:
+                    dom.run_state, dom.handles_before = "defined", None
+                    self._save(dom)
+                    raise
+                # From here on the guest context exists: a crash or a refusal must leave it findable.
+                dom.handle, dom.run_state, dom.handles_before = handle, "paused", None
+                self._save(dom)
+                for update in plan.updates:
+                    self._fw("SNP_LAUNCH_UPDATE", self._snp_update, handle, update)
+                self._fw(
+                    "SNP_LAUNCH_FINISH",
+                    self._snp_finish,
+                    handle,
+                    parsed.id_block or None,
+                    parsed.id_auth or None,
+                    parsed.host_data or bytes(32),
+                    parsed.author_key,
+                )
+            except FirmwareError as exc:
+                raise snp_firmware_error(exc) from None
+            try:
+                vdom.create()
+            except libvirt.libvirtError as exc:
+                raise libvirt_error(exc, "start") from None
+            dom.run_state = "running"
+            self._save(dom)
+
+    def _snp_update(self, handle: int, update: LaunchUpdate) -> None:
+        self.firmware.snp_launch_update(
+            handle, update.gpa, update.page_type, update.data, length=update.length
+        )
+
+    def _snp_finish(
+        self, handle: int, id_block: bytes | None, id_auth: bytes | None, host_data: bytes, author_key: bool
+    ) -> None:
+        self.firmware.snp_launch_finish(
+            handle, id_block=id_block, id_auth=id_auth, host_data=host_data, author_key_en=author_key
+        )
+
+    def snp_guest(self, name: str) -> SnpGuestChannel:
+        """The guest-request channel of a running SNP guest and the init data its domain carries."""
+        dom = self._load(name)
+        if dom is None or not dom.snp or dom.handle is None or dom.run_state != "running":
+            raise FailedPrecondition(LaunchReason.NOT_STARTED, f"{name} is no running SEV-SNP guest")
+        return SnpGuestChannel(
+            EmulatedSnpGuest(self.firmware, dom.handle), parse_domain_xml(dom.xml).init_data
+        )
+
+    def snp_launch_digest(self, name: str) -> bytes:
+        """The launch digest the firmware computed for an SNP domain (its reports' MEASUREMENT)."""
+        dom = self._load(name)
+        if dom is None or not dom.snp or dom.handle is None:
+            raise FailedPrecondition(LaunchReason.NOT_STARTED, f"{name} has no SNP guest context")
+        return self.firmware.snp_launch_digest(dom.handle)
 
     def launch_security_info(self, name: str) -> LaunchSecurityInfo:
         with self._mutex:
@@ -368,7 +528,10 @@ class EmulatedHypervisor(LibvirtHypervisor):
             if dom is not None:
                 if dom.handle is not None:
                     try:
-                        self._fw("DECOMMISSION", self.firmware.decommission, dom.handle)
+                        if dom.snp:
+                            self._fw("SNP_DECOMMISSION", self.firmware.snp_decommission, dom.handle)
+                        else:
+                            self._fw("DECOMMISSION", self.firmware.decommission, dom.handle)
                     except FirmwareError as exc:
                         # INVALID_GUEST: already gone (e.g. a chip reset); anything else is kept for a retry.
                         if exc.status != StatusCode.INVALID_GUEST:
@@ -384,4 +547,11 @@ class EmulatedHypervisor(LibvirtHypervisor):
 
     def list_domains(self) -> list[DomainInfo]:
         with self._mutex:
-            return super().list_domains()
+            out = []
+            for info in super().list_domains():
+                dom = self._load(info.name)
+                if dom is not None and dom.snp:
+                    # The test driver holds it without its SNP settings; our record has them.
+                    info = replace(info, sev=True, sev_es=True, snp=True)
+                out.append(info)
+            return out

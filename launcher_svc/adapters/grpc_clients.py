@@ -25,15 +25,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from launcher_svc.core.ports import OwnerSession, PlatformChain, ReleasedSecret
-from launcher_svc.core.reasons import peer_reason
+from launcher_svc.core.ports import (
+    AttestationVerdict,
+    OwnerSession,
+    PlatformChain,
+    ReleasedSecret,
+    SnpAuthorization,
+    SnpLaunchConfig,
+    SnpPlatformEvidence,
+    SnpPlatformStatus,
+)
+from launcher_svc.core.reasons import LaunchReason, peer_reason
 from sevlaunch.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -190,8 +201,11 @@ class _IdentityChannel:
         diagnosis: _Diagnosis,
         expected: str,
         who: str,
+        interceptors: Sequence[Any] = (),
     ) -> None:
         self.endpoint = endpoint
+        # Carry the current launch id to the peer (its logs and audit records) and count client metrics.
+        self._interceptors = list(interceptors)
         self.expected = expected
         self.who = who
         self._credentials = credentials
@@ -201,7 +215,10 @@ class _IdentityChannel:
 
     def _open(self) -> grpc.aio.Channel:
         return grpc.aio.secure_channel(
-            self.endpoint, self._credentials, options=channel_options(self.expected)
+            self.endpoint,
+            self._credentials,
+            options=channel_options(self.expected),
+            interceptors=self._interceptors or None,
         )
 
     def _replace_if_disconnected(self) -> None:
@@ -236,6 +253,14 @@ class _IdentityChannel:
             await old.close(None)
 
 
+_SNP_PRODUCTS = {
+    platform_pb2.SNP_PRODUCT_MILAN: "Milan",
+    platform_pb2.SNP_PRODUCT_GENOA: "Genoa",
+    platform_pb2.SNP_PRODUCT_TURIN: "Turin",
+}
+_VEK_KINDS = {platform_pb2.VEK_KIND_VCEK: "vcek", platform_pb2.VEK_KIND_VLEK: "vlek"}
+
+
 class PlatformClient:
     """platform_svc at `endpoint`, which must hold a certificate valid for `platform_identity`'s name."""
 
@@ -246,6 +271,7 @@ class PlatformClient:
         identity: str = "launcher",
         *,
         platform_identity: str = "platform",
+        interceptors: Sequence[Any] = (),
     ) -> None:
         self._conn = _IdentityChannel(
             endpoint,
@@ -253,6 +279,7 @@ class PlatformClient:
             _Diagnosis(tls_dir, identity),
             server_name(platform_identity),
             "platform",
+            interceptors,
         )
 
     async def certificate_chain(self) -> PlatformChain:
@@ -264,6 +291,41 @@ class PlatformClient:
         c = reply.platform.chain
         return PlatformChain(c.pdh_cert, c.pek_cert, c.oca_cert, c.cek_cert, c.ask_cert, c.ark_cert)
 
+    async def snp_evidence(self) -> SnpPlatformEvidence:
+        """GetSnpStatus, then GetVekChain (the VCEK, or the VLEK when one is loaded): carried to the
+        owner as the platform sent them; the owner verifies the chain and the TCBs."""
+        stub = platform_pb2_grpc.PlatformServiceStub(self._conn.channel)
+        try:
+            status = await stub.GetSnpStatus(platform_pb2.GetSnpStatusRequest())
+            chain = await stub.GetVekChain(platform_pb2.GetVekChainRequest(kind=platform_pb2.VEK_KIND_AUTO))
+        except grpc.RpcError as exc:
+            raise await self._conn.error(exc) from None
+        product = _SNP_PRODUCTS.get(status.product)
+        kind = _VEK_KINDS.get(chain.kind)
+        if product is None or kind is None:
+            raise FailedPrecondition(
+                LaunchReason.SNP_UNSUPPORTED, "platform_svc reports no SEV-SNP product or VEK kind"
+            )
+        return SnpPlatformEvidence(
+            status=SnpPlatformStatus(
+                product=product,
+                api_major=status.api_major,
+                api_minor=status.api_minor,
+                build_id=status.build_id,
+                current_tcb=status.current_tcb.raw,
+                reported_tcb=status.reported_tcb.raw,
+                committed_tcb=status.committed_tcb.raw if status.HasField("committed_tcb") else None,
+                mask_chip_id=status.mask_chip_id,
+                guest_count=status.guest_count,
+                hwid=status.hwid,
+            ),
+            vek_type=kind,
+            vek_der=chain.vek_cert,
+            ask_der=chain.ask_cert,
+            ark_der=chain.ark_cert,
+            vek_tcb=chain.tcb.raw,
+        )
+
     async def close(self) -> None:
         await self._conn.close()
 
@@ -273,8 +335,14 @@ class OwnerClient:
     valid for `owner_identity`'s name, whoever named the endpoint."""
 
     def __init__(
-        self, tls_dir: str | Path, identity: str = "launcher", *, owner_identity: str = "owner"
+        self,
+        tls_dir: str | Path,
+        identity: str = "launcher",
+        *,
+        owner_identity: str = "owner",
+        interceptors: Sequence[Any] = (),
     ) -> None:
+        self._interceptors = list(interceptors)
         self._credentials = channel_credentials(tls_dir, identity)
         self._diagnosis = _Diagnosis(tls_dir, identity)
         self._expected = server_name(owner_identity)
@@ -288,7 +356,9 @@ class OwnerClient:
                 if len(self._channels) >= MAX_OWNER_CHANNELS:
                     _, oldest = self._channels.popitem()
                     await oldest.close()
-                conn = _IdentityChannel(endpoint, self._credentials, self._diagnosis, self._expected, "owner")
+                conn = _IdentityChannel(
+                    endpoint, self._credentials, self._diagnosis, self._expected, "owner", self._interceptors
+                )
                 self._channels[endpoint] = conn
             return conn, owner_pb2_grpc.OwnerServiceStub(conn.channel)  # an aio channel: the async stub
 
@@ -341,6 +411,24 @@ class OwnerClient:
         # core also needs the spec's own `launch_without_secret` before it resumes without injecting.
         return ReleasedSecret(
             header=reply.secret_header, payload=reply.secret_payload, no_secret=reply.no_secret
+        )
+
+    async def authorize_snp_launch(
+        self,
+        endpoint: str,
+        *,
+        workload_id: str,
+        platform: SnpPlatformEvidence,
+        config: SnpLaunchConfig,
+    ) -> SnpAuthorization:
+        # owner.proto has no AuthorizeLaunch yet (see the launcher's `OwnerPort`): typed, not a crash.
+        raise FailedPrecondition(
+            LaunchReason.SNP_UNSUPPORTED, "this owner_svc offers no SEV-SNP launch authorisation"
+        )
+
+    async def snp_attestation(self, endpoint: str, *, authorization_id: str) -> AttestationVerdict:
+        raise FailedPrecondition(
+            LaunchReason.SNP_UNSUPPORTED, "this owner_svc offers no SEV-SNP attestation status"
         )
 
     async def close(self) -> None:

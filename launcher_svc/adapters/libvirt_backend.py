@@ -6,6 +6,13 @@ makes QEMU run LAUNCH_START/UPDATE/MEASURE; virDomainGetLaunchSecurityInfo; virD
 (LAUNCH_SECRET, with `sev-secret-set-address` when the OVMF declares no secret area); resume (LAUNCH_FINISH);
 destroy and undefine; lifecycle events.
 
+SEV-SNP needs libvirt 10.5 or newer: older ones (Debian bookworm has 9.0) reject or ignore
+`<launchSecurity type='sev-snp'>`, so an SNP launch on them is refused before any XML is sent
+(`snp_unsupported_by_libvirt`, naming both versions). An SNP domain is started running: QEMU issues
+SNP_LAUNCH_START/UPDATE/FINISH while it starts, and exits when the firmware refuses one (e.g.
+SNP_LAUNCH_FINISH finding a launch digest other than the ID block's); libvirt reports that as a start
+error carrying QEMU's message, which becomes `snp_launch_refused` with the firmware status named.
+
 libvirt errors become `ServiceError`s here, so the core never sees libvirt types. Their messages are
 libvirt's, which never hold the secret (we never log the parameters of setLaunchSecurityState).
 """
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import threading
 import xml.etree.ElementTree as ET
 from typing import Any
@@ -28,6 +36,7 @@ from launcher_svc.core.ports import (
     LifecycleHandler,
     LifecycleKind,
     SevCapabilities,
+    SnpCapabilities,
 )
 from launcher_svc.core.preflight import FirmwareImage, SecretArea
 from launcher_svc.core.reasons import LaunchReason
@@ -39,8 +48,10 @@ from sevlaunch.errors import (
     ServiceError,
     Unavailable,
 )
+from sevlaunch.firmware.status import StatusCode
 from sevlaunch.sev.policy import PolicyFlags
 from sevlaunch.sev.vmsa import VCPU_TYPES
+from sevlaunch.snp.vmsa import DEFAULT_GUEST_FEATURES
 
 log = logging.getLogger("launcher_svc.libvirt")
 
@@ -100,6 +111,37 @@ def libvirt_error(exc: libvirt.libvirtError, what: str) -> ServiceError:
     return Unavailable(LaunchReason.HYPERVISOR_ERROR, detail)
 
 
+#: The first libvirt that takes `<launchSecurity type='sev-snp'>` (major * 1_000_000 + minor * 1000 + micro).
+SNP_MIN_LIBVIRT = 10_005_000
+
+# QEMU's report of a refused SNP launch command before it exits ("SNP_LAUNCH_FINISH ret=-5 fw_error=11
+# 'Bad measurement'"), which libvirt passes on in its start error.
+_SNP_REFUSAL = re.compile(r"(SNP_LAUNCH_(?:START|UPDATE|FINISH)) ret=(-?\d+) fw_error=(\d+)")
+
+
+def libvirt_version_text(version: int) -> str:
+    return f"{version // 1_000_000}.{version // 1000 % 1000}.{version % 1000}"
+
+
+def snp_start_error(exc: libvirt.libvirtError) -> ServiceError:
+    """A failed start of an SNP domain: the firmware's refusal (QEMU's message names the command and
+    the status) as `snp_launch_refused`, anything else as libvirt's error."""
+    message = exc.get_error_message() or str(exc)
+    found = _SNP_REFUSAL.search(message)
+    if found is None:
+        return libvirt_error(exc, "start")
+    command, code = found.group(1), int(found.group(3))
+    try:
+        status = StatusCode(code).name
+    except ValueError:
+        status = f"0x{code:02x}"
+    return FailedPrecondition(
+        LaunchReason.SNP_LAUNCH_REFUSED,
+        f"the firmware refused {command} with {status}",
+        metadata={"firmware_status": status, "command": command},
+    )
+
+
 _LIFECYCLE = {
     libvirt.VIR_DOMAIN_EVENT_STARTED: LifecycleKind.STARTED,
     libvirt.VIR_DOMAIN_EVENT_SUSPENDED: LifecycleKind.SUSPENDED,
@@ -157,9 +199,19 @@ def check_cpu_model(domcaps_xml: str, model: str) -> None:
 
 
 class LibvirtHypervisor:
-    def __init__(self, uri: str = "qemu:///system") -> None:
+    def __init__(
+        self,
+        uri: str = "qemu:///system",
+        *,
+        libvirt_version: int | None = None,
+        snp_guest_features: int = DEFAULT_GUEST_FEATURES,
+    ) -> None:
+        """`libvirt_version` overrides the daemon's (tests); `snp_guest_features` is the VMSA
+        SEV_FEATURES this host's QEMU sets for SNP guests (QEMU's default: SNPActive only)."""
         ensure_event_loop()
         self.uri = uri
+        self._version_override = libvirt_version
+        self._snp_guest_features = snp_guest_features
         try:
             self._conn: libvirt.virConnect = libvirt.open(uri)
         except libvirt.libvirtError as exc:
@@ -222,6 +274,51 @@ class LibvirtHypervisor:
             )
         return SevCapabilities(cbitpos, reduced, max_guests, max_es)
 
+    def libvirt_version(self) -> int:
+        if self._version_override is not None:
+            return self._version_override
+        try:
+            return int(self._conn.getLibVersion())
+        except libvirt.libvirtError as exc:
+            raise libvirt_error(exc, "libvirt version") from None
+
+    def require_snp_libvirt(self) -> None:
+        found = self.libvirt_version()
+        if found < SNP_MIN_LIBVIRT:
+            raise FailedPrecondition(
+                LaunchReason.SNP_UNSUPPORTED_BY_LIBVIRT,
+                f"libvirt {libvirt_version_text(found)} cannot launch SEV-SNP guests: <launchSecurity"
+                f" type='sev-snp'> needs libvirt {libvirt_version_text(SNP_MIN_LIBVIRT)} or newer",
+            )
+
+    def snp_capabilities(self) -> SnpCapabilities:
+        self.require_snp_libvirt()
+        caps_xml = self._domain_capabilities()
+        if caps_xml is None:
+            raise FailedPrecondition(LaunchReason.SNP_UNSUPPORTED, "libvirt reports no domain capabilities")
+        root = ET.fromstring(caps_xml)  # noqa: S314 - from the local libvirt daemon
+        types = {
+            (v.text or "").strip()
+            for v in root.findall("features/launchSecurity/enum[@name='sectype']/value")
+        }
+        sev = root.find("features/sev")
+        if "sev-snp" not in types or sev is None or sev.get("supported") != "yes":
+            raise FailedPrecondition(
+                LaunchReason.SNP_UNSUPPORTED, "this host's hypervisor does not offer SEV-SNP"
+            )
+        cbitpos, reduced = _int(sev, "cbitpos"), _int(sev, "reducedPhysBits")
+        max_es = _int(sev, "maxESGuests")
+        if max_es is None:
+            try:
+                max_es = int(self._conn.getSEVInfo().get("max-es-guests", 0))
+            except libvirt.libvirtError as exc:
+                raise libvirt_error(exc, "SEV info") from None
+        if cbitpos is None or reduced is None:
+            raise FailedPrecondition(
+                LaunchReason.SNP_UNSUPPORTED, "the hypervisor reports no cbitpos/reducedPhysBits"
+            )
+        return SnpCapabilities(cbitpos, reduced, max_es, self._snp_guest_features)
+
     def _domain_capabilities(self) -> str | None:
         """The KVM domain capabilities XML; None when the driver has none (libvirt's test driver)."""
         try:
@@ -253,6 +350,9 @@ class LibvirtHypervisor:
         except (ValueError, ET.ParseError):
             raise InvalidArgument(LaunchReason.DOMAIN_XML_REJECTED, "the domain XML does not parse") from None
         name = parsed.domain_name
+        if parsed.snp:
+            # Before anything reaches a daemon that would reject or drop the SNP settings.
+            self.require_snp_libvirt()
         if parsed.cpu_model is not None:
             # A pinned model this libvirt cannot provide: refused before anything is defined.
             domcaps = self._domain_capabilities()
@@ -274,6 +374,17 @@ class LibvirtHypervisor:
             dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
         except libvirt.libvirtError as exc:
             raise libvirt_error(exc, "start paused") from None
+
+    def start_snp(self, name: str, firmware: FirmwareImage) -> None:
+        # QEMU reads the loader the domain XML names, and the firmware checks what it loaded against
+        # the ID block: `firmware` (what preflight read) is not needed here.
+        del firmware
+        self.require_snp_libvirt()
+        dom = self._lookup(name)
+        try:
+            dom.createWithFlags(0)
+        except libvirt.libvirtError as exc:
+            raise snp_start_error(exc) from None
 
     def launch_security_info(self, name: str) -> LaunchSecurityInfo:
         dom = self._lookup(name)
@@ -356,9 +467,10 @@ class LibvirtHypervisor:
                     name=parsed.domain_name,
                     uuid=uuid,
                     state=state,
-                    sev=parsed.sev,
-                    sev_es=parsed.sev and bool(parsed.policy & PolicyFlags.ES),
+                    sev=parsed.sev or parsed.snp,
+                    sev_es=parsed.snp or (parsed.sev and bool(parsed.policy & PolicyFlags.ES)),
                     launch_id=parsed.launch_id,
+                    snp=parsed.snp,
                 )
             )
         return out

@@ -70,22 +70,31 @@ CREATE TABLE IF NOT EXISTS launches (
     workload_id TEXT NOT NULL DEFAULT '',
     session_id TEXT NOT NULL DEFAULT '',
     measurement BLOB NOT NULL DEFAULT x'',
-    secret_waived INTEGER NOT NULL DEFAULT 0
+    secret_waived INTEGER NOT NULL DEFAULT 0,
+    authorization_id TEXT NOT NULL DEFAULT '',
+    attested INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS launches_state ON launches(state);
 CREATE UNIQUE INDEX IF NOT EXISTS launches_domain ON launches(domain_name);
 """
+# Columns added after the first schema, with their definitions: a database written by an earlier
+# launcher gains them at open (its rows take the defaults, which are right for SEV launches).
+_ADDED_COLUMNS = {
+    "authorization_id": "TEXT NOT NULL DEFAULT ''",
+    "attested": "INTEGER NOT NULL DEFAULT 0",
+}
 
 _COLUMN_NAMES = (
     "launch_id", "mode", "state", "spec", "domain_name", "requested_by", "incarnation", "created_at",
     "updated_at", "deadline", "failed_phase", "reason", "detail", "domain_uuid", "owner_endpoint",
-    "workload_id", "session_id", "measurement", "secret_waived",
+    "workload_id", "session_id", "measurement", "secret_waived", "authorization_id", "attested",
 )  # fmt: skip
 _COLUMNS = ", ".join(_COLUMN_NAMES)
 # What a launch's progress changes; the rest (id, mode, spec, domain name, caller, creation) is fixed.
 _UPDATED = (
     "state", "updated_at", "deadline", "failed_phase", "reason", "detail", "domain_uuid", "owner_endpoint",
-    "workload_id", "session_id", "measurement", "secret_waived", "incarnation",
+    "workload_id", "session_id", "measurement", "secret_waived", "incarnation", "authorization_id",
+    "attested",
 )  # fmt: skip
 _UPDATE_SQL = f"UPDATE launches SET {', '.join(f'{c}=?' for c in _UPDATED)} WHERE launch_id=?"  # noqa: S608
 
@@ -108,6 +117,7 @@ class SqliteLaunchStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._add_columns()
             self._check()
         except sqlite3.Error as exc:
             self._db.close()
@@ -118,6 +128,12 @@ class SqliteLaunchStore:
         except CorruptLaunchStore:
             self._db.close()
             raise
+
+    def _add_columns(self) -> None:
+        have = {str(row[1]) for row in self._db.execute("PRAGMA table_info(launches)")}
+        for name, definition in _ADDED_COLUMNS.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE launches ADD COLUMN {name} {definition}")
 
     def _check(self) -> None:
         """SQLite's own check of the file, then every row must decode into a record."""
@@ -171,6 +187,8 @@ class SqliteLaunchStore:
             "session_id": r.session_id,
             "measurement": r.measurement,
             "secret_waived": 1 if r.secret_waived else 0,
+            "authorization_id": r.authorization_id,
+            "attested": 1 if r.attested else 0,
         }
 
     @staticmethod
@@ -196,6 +214,8 @@ class SqliteLaunchStore:
             session_id=str(row[16]),
             measurement=bytes(row[17]) if isinstance(row[17], bytes | bytearray | memoryview) else b"",
             secret_waived=bool(row[18]),
+            authorization_id=str(row[19]),
+            attested=bool(row[20]),
         )
 
     def get(self, launch_id: str) -> LaunchRecord:

@@ -17,7 +17,7 @@ from launcher_svc.core.reasons import LaunchReason
 from launcher_svc.core.spec import DiskFormat, DiskSpec, GuestSpec, create_spec
 from launcher_svc.core.state import LaunchFlow, LaunchRecord, Phase
 from sevlaunch.errors import InvalidArgument
-from sevlaunch.rpc import AuthzPolicy, current_caller, method_rules
+from sevlaunch.rpc import REFUSED, AuthzPolicy, current_caller, mark_outcome, method_rules
 from sevlaunch.rpc.v1 import launcher_pb2, launcher_pb2_grpc
 from sevlaunch.sev.policy import PolicyFlags
 from sevlaunch.sev.technology import Technology
@@ -39,7 +39,17 @@ AUTHZ = AuthzPolicy(
     )
 )
 
-_MODES = {launcher_pb2.SEV_MODE_SEV: Technology.SEV, launcher_pb2.SEV_MODE_SEV_ES: Technology.SEV_ES}
+_MODES = {
+    launcher_pb2.SEV_MODE_SEV: Technology.SEV,
+    launcher_pb2.SEV_MODE_SEV_ES: Technology.SEV_ES,
+    launcher_pb2.SEV_MODE_SEV_SNP: Technology.SEV_SNP,
+}
+_MODES_PB = {tech: pb for pb, tech in _MODES.items()}
+_FLOWS_PB = {
+    LaunchFlow.ORCHESTRATED: launcher_pb2.LAUNCH_MODE_ORCHESTRATED,
+    LaunchFlow.TWO_PHASE: launcher_pb2.LAUNCH_MODE_TWO_PHASE,
+    LaunchFlow.SNP: launcher_pb2.LAUNCH_MODE_SNP,
+}
 _FORMATS = {
     launcher_pb2.DISK_FORMAT_UNSPECIFIED: DiskFormat.RAW,
     launcher_pb2.DISK_FORMAT_RAW: DiskFormat.RAW,
@@ -81,11 +91,7 @@ def event_pb(ev: LaunchEvent) -> launcher_pb2.LaunchEvent:
 def info_pb(rec: LaunchRecord) -> launcher_pb2.LaunchInfo:
     return launcher_pb2.LaunchInfo(
         launch_id=rec.launch_id,
-        mode=(
-            launcher_pb2.LAUNCH_MODE_ORCHESTRATED
-            if rec.mode is LaunchFlow.ORCHESTRATED
-            else launcher_pb2.LAUNCH_MODE_TWO_PHASE
-        ),
+        mode=_FLOWS_PB[rec.mode],
         state=phase_pb(rec.state),
         failed_phase=phase_pb(rec.failed_phase),
         reason=rec.reason,
@@ -95,15 +101,16 @@ def info_pb(rec: LaunchRecord) -> launcher_pb2.LaunchInfo:
         domain_uuid=rec.domain_uuid,
         owner_endpoint=rec.owner_endpoint,
         workload_id=rec.workload_id,
-        sev_mode=launcher_pb2.SEV_MODE_SEV_ES
-        if rec.spec.mode is Technology.SEV_ES
-        else launcher_pb2.SEV_MODE_SEV,
-        policy=rec.spec.policy,
+        sev_mode=_MODES_PB[rec.spec.mode],
+        policy=0 if rec.spec.snp else rec.spec.policy,
         vcpus=rec.spec.vcpus,
         created_at=_timestamp(rec.created_at),
         updated_at=_timestamp(rec.updated_at),
         measurement=rec.measurement,
         vcpu_type=rec.spec.vcpu_type or "",
+        snp_policy=rec.spec.policy if rec.spec.snp else 0,
+        authorization_id=rec.authorization_id,
+        guest_features=rec.spec.guest_features or 0,
     )
 
 
@@ -136,13 +143,14 @@ class LauncherServicer(launcher_pb2_grpc.LauncherServiceServicer):
             raise InvalidArgument(LaunchReason.BAD_PATH, f"a path cannot be checked: {reason}") from None
 
     def _create_spec(self, spec: launcher_pb2.GuestSpec, mode: Technology) -> GuestSpec:
+        snp = mode is Technology.SEV_SNP
         return create_spec(
             name=spec.name,
             memory_mib=spec.memory_mib,
             vcpus=spec.vcpus,
             firmware_path=spec.firmware_path,
             mode=mode,
-            policy=spec.policy,
+            policy=spec.snp_policy if snp else spec.policy,
             paths=self.core.config.paths,
             kernel_path=spec.kernel_path or None,
             initrd_path=spec.initrd_path or None,
@@ -151,6 +159,9 @@ class LauncherServicer(launcher_pb2_grpc.LauncherServiceServicer):
             networks=tuple(n.network for n in spec.networks),
             launch_without_secret=spec.launch_without_secret,
             vcpu_type=spec.vcpu_type or None,
+            guest_features=spec.guest_features if spec.HasField("guest_features") else None,
+            vmm_type=spec.vmm_type or None,
+            kernel_hashes=spec.kernel_hashes if spec.HasField("kernel_hashes") else None,
         )
 
     async def Launch(
@@ -164,6 +175,8 @@ class LauncherServicer(launcher_pb2_grpc.LauncherServiceServicer):
             requested_by=current_caller().identity,
         )
         async for event in events:
+            if event.phase is Phase.FAILED:
+                mark_outcome(REFUSED)  # the status stays OK: the failure rides in the stream
             yield event_pb(event)
 
     async def PrepareLaunch(

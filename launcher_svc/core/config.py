@@ -35,6 +35,9 @@ class LauncherConfig:
     # The vCPU model pinned for SEV-ES guests whose spec names none (`--vcpu-type`): an SEV-ES launch
     # always runs on a pinned model, since its VMSAs (and so its measurement) depend on it.
     vcpu_type: str = "EPYC-v4"
+    # SEV-SNP: how often the launcher asks the owner whether a started guest has attested. The wait is
+    # the RUNNING phase's deadline (`phase_timeouts[Phase.RUNNING]`), which must cover the guest's boot.
+    attestation_poll: float = 1.0
 
     def timeout(self, phase: Phase) -> float:
         return self.phase_timeouts.get(phase, self.phase_timeout)

@@ -15,11 +15,13 @@ from launcher_svc.core.orchestrated import OrchestratedFlow
 from launcher_svc.core.ports import Hypervisor, LaunchSecurityInfo, OwnerPort, PlatformPort
 from launcher_svc.core.reasons import LaunchReason
 from launcher_svc.core.reconciler import Reconciler
+from launcher_svc.core.snp_flow import SnpFlow
 from launcher_svc.core.spec import GuestSpec
 from launcher_svc.core.state import PRE_RUNNING, LaunchRecord, LaunchStore, Phase
-from launcher_svc.core.steps import ABORTED, STOPPING, Active, Checkpoint, StepMachine, Why
+from launcher_svc.core.steps import ABORTED, STOPPING, Active, Checkpoint, LaunchScope, StepMachine, Why
 from launcher_svc.core.two_phase import TwoPhaseFlow
-from sevlaunch.errors import FailedPrecondition, NotFound
+from sevlaunch.errors import FailedPrecondition, InvalidArgument, NotFound
+from sevlaunch.sev.technology import Technology
 
 __all__ = ["LaunchEvent", "Launcher", "LauncherConfig"]
 
@@ -38,6 +40,7 @@ class Launcher:
         metrics: LaunchMetrics | None = None,
         clock: Clock | None = None,
         checkpoint: Checkpoint | None = None,
+        launch_scope: LaunchScope | None = None,
     ) -> None:
         self.machine = StepMachine(
             hypervisor=hypervisor,
@@ -46,9 +49,11 @@ class Launcher:
             clock=clock or SystemClock(),
             metrics=metrics or NoMetrics(),
             checkpoint=checkpoint,
+            launch_scope=launch_scope,
         )
         self.orchestrated = OrchestratedFlow(self.machine, platform, owners)
         self.two_phase = TwoPhaseFlow(self.machine)
+        self.snp = SnpFlow(self.machine, platform, owners)
         self.reconciler = Reconciler(self.machine)
 
     # Read-only views for the servicer, the server and tests.
@@ -128,13 +133,19 @@ class Launcher:
     async def launch(
         self, spec: GuestSpec, *, owner_endpoint: str, workload_id: str, requested_by: str
     ) -> tuple[LaunchRecord, AsyncIterator[LaunchEvent]]:
-        return await self.orchestrated.launch(
+        flow = self.snp if spec.mode is Technology.SEV_SNP else self.orchestrated
+        return await flow.launch(
             spec, owner_endpoint=owner_endpoint, workload_id=workload_id, requested_by=requested_by
         )
 
     async def prepare(
         self, spec: GuestSpec, *, godh_cert: bytes, session: bytes, requested_by: str
     ) -> tuple[LaunchRecord, LaunchSecurityInfo]:
+        if spec.mode is Technology.SEV_SNP:
+            # An SNP guest attests itself to its owner after boot: there is no measurement to hand back.
+            raise InvalidArgument(
+                LaunchReason.SNP_NEEDS_ORCHESTRATED, "SEV-SNP guests are launched with Launch only"
+            )
         return await self.two_phase.prepare(
             spec, godh_cert=godh_cert, session=session, requested_by=requested_by
         )

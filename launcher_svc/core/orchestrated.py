@@ -54,7 +54,9 @@ class OrchestratedFlow:
             self.m.release(rec.launch_id)
             raise
         queue: asyncio.Queue[LaunchEvent] = asyncio.Queue()
-        task = asyncio.create_task(self._drive(rec, pre, self.platform, self.owners, queue))
+        task = asyncio.create_task(
+            self.m.in_scope(rec.launch_id, self._drive(rec, pre, self.platform, self.owners, queue))
+        )
         self.m.active[rec.launch_id].task = task
         return rec, self._events(queue)
 

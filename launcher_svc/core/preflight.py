@@ -24,6 +24,7 @@ from sevlaunch.sev.secret import DEFAULT_SECRET_AREA_SIZE
 from sevlaunch.sev.session import SESSION_BLOB_SIZE as SESSION_SIZE
 from sevlaunch.sev.session import SessionBlob
 from sevlaunch.sev.technology import Technology
+from sevlaunch.snp.metadata import SectionType, SnpFirmware
 
 MAX_FIRMWARE_READ = 64 << 20
 
@@ -78,6 +79,8 @@ def read_firmware(path: str) -> FirmwareImage:
 def preflight(spec: GuestSpec, *, secret_gpa: int | None) -> Preflight:
     """What the firmware image allows for `spec`; `secret_gpa` is the configured `--secret-gpa`."""
     image = read_firmware(spec.firmware_path)
+    if spec.mode is Technology.SEV_SNP:
+        return _preflight_snp(spec, image)
     ovmf = image.ovmf
     if spec.kernel_path is not None and ovmf.hashes_table is None:
         # Without a hashes table the kernel would run unmeasured (PROTOCOL.md section 7).
@@ -97,6 +100,25 @@ def preflight(spec: GuestSpec, *, secret_gpa: int | None) -> Preflight:
         LaunchReason.NO_SECRET_AREA,
         "the OVMF declares no secret area and no secret guest physical address is configured",
     )
+
+
+def _preflight_snp(spec: GuestSpec, image: FirmwareImage) -> Preflight:
+    """An SNP guest needs the OVMF's SEV metadata (its secrets and CPUID pages and the pre-validated
+    memory QEMU launches: without them OVMF cannot boot under SNP) and, for a kernel, its
+    SNP_KERNEL_HASHES page. No secret area: the owner releases an SNP guest's secret to the guest."""
+    try:
+        firmware = SnpFirmware.from_bytes(image.data)
+    except SevError as exc:
+        raise InvalidArgument(LaunchReason.BAD_FIRMWARE, str(exc)) from None
+    if firmware.metadata is None or firmware.sev_es_reset_eip is None:
+        raise FailedPrecondition(
+            LaunchReason.NO_SNP_METADATA, "the OVMF has no SEV metadata: it cannot boot SEV-SNP guests"
+        )
+    if spec.kernel_path is not None and not firmware.metadata.has(SectionType.SNP_KERNEL_HASHES):
+        raise FailedPrecondition(
+            LaunchReason.NO_HASHES_TABLE, "an SEV-SNP kernel needs an OVMF with an SNP_KERNEL_HASHES page"
+        )
+    return Preflight(image, None)
 
 
 def parse_godh(godh_cert: bytes) -> SEVCertificate:

@@ -45,6 +45,9 @@ class LaunchReason(StrEnum):
     BAD_SECRET_PAYLOAD = "bad_secret_payload"  # noqa: S105 - a reason name
     SECRET_TOO_LARGE = "secret_too_large"  # noqa: S105 - a reason name
     NO_SECRET_TWO_PHASE = "no_secret_two_phase"  # noqa: S105 - a reason name
+    BAD_GUEST_FEATURES = "bad_guest_features"
+    BAD_VMM_TYPE = "bad_vmm_type"
+    SNP_NEEDS_ORCHESTRATED = "snp_needs_orchestrated"
     # the firmware image
     BAD_FIRMWARE = "bad_firmware"
     NO_HASHES_TABLE = "no_hashes_table"
@@ -52,6 +55,7 @@ class LaunchReason(StrEnum):
     NO_SECRET_AREA = "no_secret_area"  # noqa: S105 - a reason name
     IMAGE_UNREADABLE = "image_unreadable"
     NO_FIRMWARE = "no_firmware"
+    NO_SNP_METADATA = "no_snp_metadata"
     # admission and the launcher's own state
     NOT_CONFIGURED = "not_configured"
     LAUNCHER_STOPPING = "launcher_stopping"
@@ -75,6 +79,9 @@ class LaunchReason(StrEnum):
     BAD_OWNER_REPLY = "bad_owner_reply"
     NO_SECRET_NOT_REQUESTED = "no_secret_not_requested"  # noqa: S105 - a reason name
     NO_SECRET_INJECTED = "no_secret_injected"  # noqa: S105 - a reason name
+    BAD_AUTHORIZATION = "bad_authorization"
+    ATTESTATION_REFUSED = "attestation_refused"
+    NOT_ATTESTED = "not_attested"
     # the hypervisor
     BAD_MEASUREMENT = "bad_measurement"
     SEV_UNSUPPORTED = "sev_unsupported"
@@ -89,6 +96,10 @@ class LaunchReason(StrEnum):
     NOT_STARTED = "not_started"
     NOT_MEASURED = "not_measured"
     FIRMWARE_RESOURCE_LIMIT = "firmware_resource_limit"
+    SNP_UNSUPPORTED = "snp_unsupported"
+    SNP_UNSUPPORTED_BY_LIBVIRT = "snp_unsupported_by_libvirt"
+    SNP_LAUNCH_REFUSED = "snp_launch_refused"
+    UNSUPPORTED_GUEST_FEATURES = "unsupported_guest_features"
     # the peers (the owner's or platform's own reasons pass through; these are the launcher's)
     OWNER_UNAVAILABLE = "owner_unavailable"
     OWNER_DEADLINE = "owner_deadline"

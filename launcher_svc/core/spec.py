@@ -20,6 +20,7 @@ from sevlaunch.sev.errors import MalformedInput, Unsupported
 from sevlaunch.sev.policy import GuestPolicy
 from sevlaunch.sev.technology import Technology
 from sevlaunch.sev.vmsa import vcpu_signature
+from sevlaunch.snp.policy import SnpGuestPolicy
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
 DISK_TARGET_RE = re.compile(r"^vd[a-z]$")
@@ -38,6 +39,9 @@ MAX_NETWORKS = 8
 MAX_FIRMWARE_BYTES = 64 << 20
 MAX_KERNEL_BYTES = 256 << 20
 MAX_INITRD_BYTES = 1 << 30
+
+#: The only VMM this launcher drives (libvirt's QEMU); SNP launch digests depend on the VMM's choices.
+SNP_VMM_TYPE = "QEMU"
 
 
 class DiskFormat(StrEnum):
@@ -70,10 +74,16 @@ class GuestSpec:
     networks: tuple[str, ...] = ()
     launch_without_secret: bool = False
     vcpu_type: str | None = None  # a `sevlaunch.sev.vmsa.VCPU_TYPES` name, pinned in the domain XML
+    # SEV-SNP only: the VMSA's SEV_FEATURES (None until the launcher pins its QEMU's value).
+    guest_features: int | None = None
 
     @property
     def has_kernel(self) -> bool:
         return self.kernel_path is not None
+
+    @property
+    def snp(self) -> bool:
+        return self.mode is Technology.SEV_SNP
 
     def to_json_dict(self) -> dict[str, object]:
         return {
@@ -93,6 +103,7 @@ class GuestSpec:
             "networks": list(self.networks),
             "launch_without_secret": self.launch_without_secret,
             "vcpu_type": self.vcpu_type,
+            "guest_features": self.guest_features,
         }
 
     @classmethod
@@ -118,6 +129,7 @@ class GuestSpec:
             networks=tuple(str(n) for n in networks_raw),
             launch_without_secret=bool(data.get("launch_without_secret", False)),
             vcpu_type=_opt_str(data.get("vcpu_type")),
+            guest_features=None if data.get("guest_features") is None else int(str(data["guest_features"])),
         )
 
 
@@ -143,8 +155,12 @@ class PathPolicy:
                 break
         else:
             raise InvalidArgument(
-                LaunchReason.PATH_NOT_ALLOWED, f"{what}: {value} is outside the allowed image directories"
-            )
+                LaunchReason.PATH_NOT_ALLOWED,
+                f"{what}: {value} is outside the allowed image directories",
+                # What to change: the file's place, or the launcher's --image-dir.
+                metadata={"field": what, "allowed_dirs": ":".join(self.allowed_dirs),
+                          "server_option": "--image-dir"},
+            )  # fmt: skip
         if must_exist:
             p = Path(resolved)
             if not p.is_file():
@@ -209,8 +225,16 @@ def create_spec(
     networks: tuple[str, ...] = (),
     launch_without_secret: bool = False,
     vcpu_type: str | None = None,
+    guest_features: int | None = None,
+    vmm_type: str | None = None,
+    kernel_hashes: bool | None = None,
 ) -> GuestSpec:
-    """Validates every field of a guest request; raises `InvalidArgument` with the first problem."""
+    """Validates every field of a guest request; raises `InvalidArgument` with the first problem.
+
+    SEV-SNP only: `guest_features` (the VMSA's SEV_FEATURES; None for the launcher's), `vmm_type` (the
+    VMM the owner's reference values assume; only QEMU, the launcher's own), `kernel_hashes` (a kernel
+    is always measured through the hashes page: False with a kernel is refused). SNP's `policy` is the
+    64-bit guest policy."""
     validate_name(name)
     if not MIN_MEMORY_MIB <= memory_mib <= MAX_MEMORY_MIB:
         raise InvalidArgument(
@@ -218,16 +242,31 @@ def create_spec(
         )
     if not 1 <= vcpus <= MAX_VCPUS:
         raise InvalidArgument(LaunchReason.BAD_VCPUS, f"vcpus must be 1..{MAX_VCPUS}")
-    try:
-        guest_policy = GuestPolicy(policy)
-    except MalformedInput as exc:
-        raise InvalidArgument(LaunchReason.BAD_POLICY, str(exc)) from None
-    # The ES bit and the mode must agree: the firmware enforces the policy, QEMU picks SEV-ES from the
-    # policy too, and a mismatch would launch something else than what the owner attests.
-    if guest_policy.requires_es != (mode is Technology.SEV_ES):
-        raise InvalidArgument(
-            LaunchReason.POLICY_MODE_MISMATCH, f"policy {policy:#06x} does not agree with mode {mode.value}"
+    if mode is Technology.SEV_SNP:
+        _check_snp(
+            policy,
+            guest_features=guest_features,
+            vmm_type=vmm_type,
+            kernel_hashes=kernel_hashes,
+            has_kernel=kernel_path is not None,
+            launch_without_secret=launch_without_secret,
         )
+    else:
+        if guest_features is not None:
+            raise InvalidArgument(LaunchReason.BAD_GUEST_FEATURES, "guest features are for SEV-SNP only")
+        if vmm_type is not None:
+            raise InvalidArgument(LaunchReason.BAD_VMM_TYPE, "a VMM type is for SEV-SNP only")
+        try:
+            guest_policy = GuestPolicy(policy)
+        except MalformedInput as exc:
+            raise InvalidArgument(LaunchReason.BAD_POLICY, str(exc)) from None
+        # The ES bit and the mode must agree: the firmware enforces the policy, QEMU picks SEV-ES from
+        # the policy too, and a mismatch would launch something else than what the owner attests.
+        if guest_policy.requires_es != (mode is Technology.SEV_ES):
+            raise InvalidArgument(
+                LaunchReason.POLICY_MODE_MISMATCH,
+                f"policy {policy:#06x} does not agree with mode {mode.value}",
+            )
     paths.check(firmware_path, what="firmware", max_bytes=MAX_FIRMWARE_BYTES)
     if kernel_path is not None:
         paths.check(kernel_path, what="kernel", max_bytes=MAX_KERNEL_BYTES)
@@ -271,4 +310,34 @@ def create_spec(
         networks=networks,
         launch_without_secret=launch_without_secret,
         vcpu_type=vcpu_type,
+        guest_features=guest_features,
     )
+
+
+def _check_snp(
+    policy: int,
+    *,
+    guest_features: int | None,
+    vmm_type: str | None,
+    kernel_hashes: bool | None,
+    has_kernel: bool,
+    launch_without_secret: bool,
+) -> None:
+    try:
+        SnpGuestPolicy.from_int(policy)
+    except MalformedInput as exc:
+        raise InvalidArgument(LaunchReason.BAD_POLICY, exc.detail) from None
+    if guest_features is not None and not 0 <= guest_features < 1 << 64:
+        raise InvalidArgument(LaunchReason.BAD_GUEST_FEATURES, "guest features are a u64")
+    if vmm_type is not None and vmm_type.upper() != SNP_VMM_TYPE:
+        raise InvalidArgument(
+            LaunchReason.BAD_VMM_TYPE, f"this launcher's VMM is {SNP_VMM_TYPE}, not {vmm_type[:32]!r}"
+        )
+    if has_kernel and kernel_hashes is False:
+        raise InvalidArgument(
+            LaunchReason.BAD_KERNEL, "an SEV-SNP kernel boot is measured with kernel hashes"
+        )
+    if launch_without_secret:
+        # The owner releases an SNP guest's secret to the guest itself after attestation: the launcher
+        # never sees it, so there is nothing to waive.
+        raise InvalidArgument(LaunchReason.BAD_MODE, "launch_without_secret is for SEV and SEV-ES launches")

@@ -5,6 +5,12 @@ The order of a launch lives here and nowhere else (STYLE.md rule 7): `advanced` 
 `advance` applies) refuses any transition not in `TRANSITIONS`, and `may_resume` is the one gate in front
 of resuming a guest: only a launch whose secret was injected (or whose owner explicitly waived it) may run.
 
+SEV-SNP launches (`LaunchFlow.SNP`) take their own order: ACCEPTED, CHAIN_FETCHED (the platform's SNP
+status and VCEK chain), AUTHORIZED (the owner's ID block, ID auth, policy and init data), DEFINED, STARTED
+(SNP_LAUNCH_FINISH passed: the guest runs, since an SNP guest attests itself after boot), RUNNING (the
+owner reports that the guest attested and got its secret). Until RUNNING the launch is in flight like
+any other: a failure, a deadline or the owner's refusal of the attestation destroys the guest.
+
 Nothing secret is stored: the spec, the owner's endpoint, the session id and the measurement are not
 secrets; the GODH, session blob and wrapped secret are never written.
 """
@@ -30,6 +36,8 @@ class Phase(StrEnum):
     MEASURED = "MEASURED"
     SECRET_RELEASED = "SECRET_RELEASED"  # noqa: S105 - a phase name
     SECRET_INJECTED = "SECRET_INJECTED"  # noqa: S105 - a phase name
+    AUTHORIZED = "AUTHORIZED"  # SEV-SNP: the owner authorised the launch
+    STARTED = "STARTED"  # SEV-SNP: SNP_LAUNCH_FINISH passed, the guest boots and attests
     RUNNING = "RUNNING"
     FAILED = "FAILED"  # ended before RUNNING, the domain destroyed
     DESTROYED = "DESTROYED"  # destroyed on request
@@ -38,6 +46,7 @@ class Phase(StrEnum):
 class LaunchFlow(StrEnum):
     ORCHESTRATED = "orchestrated"
     TWO_PHASE = "two-phase"
+    SNP = "snp"  # an orchestrated SEV-SNP launch
 
 
 TERMINAL = frozenset({Phase.FAILED, Phase.DESTROYED})
@@ -63,6 +72,19 @@ _TWO_PHASE_ORDER = (
     Phase.SECRET_INJECTED,
     Phase.RUNNING,
 )
+_SNP_ORDER = (
+    Phase.ACCEPTED,
+    Phase.CHAIN_FETCHED,
+    Phase.AUTHORIZED,
+    Phase.DEFINED,
+    Phase.STARTED,
+    Phase.RUNNING,
+)
+_ORDERS = {
+    LaunchFlow.ORCHESTRATED: _ORCHESTRATED_ORDER,
+    LaunchFlow.TWO_PHASE: _TWO_PHASE_ORDER,
+    LaunchFlow.SNP: _SNP_ORDER,
+}
 
 
 def _chain(order: tuple[Phase, ...]) -> set[tuple[Phase, Phase]]:
@@ -75,11 +97,12 @@ TRANSITIONS: dict[LaunchFlow, frozenset[tuple[Phase, Phase]]] = {
         _chain(_ORCHESTRATED_ORDER) | {(Phase.SECRET_RELEASED, Phase.RUNNING)}
     ),
     LaunchFlow.TWO_PHASE: frozenset(_chain(_TWO_PHASE_ORDER)),
+    LaunchFlow.SNP: frozenset(_chain(_SNP_ORDER)),
 }
 
 
 def next_phase(mode: LaunchFlow, current: Phase) -> Phase:
-    order = _ORCHESTRATED_ORDER if mode is LaunchFlow.ORCHESTRATED else _TWO_PHASE_ORDER
+    order = _ORDERS[mode]
     idx = order.index(current)
     return order[idx + 1]
 
@@ -105,6 +128,8 @@ class LaunchRecord:
     session_id: str = ""
     measurement: bytes = b""
     secret_waived: bool = False
+    authorization_id: str = ""  # SEV-SNP: the owner's authorisation of this launch
+    attested: bool = False  # SEV-SNP: the owner reported the guest attested and its secret released
 
     @property
     def terminal(self) -> bool:
@@ -112,7 +137,10 @@ class LaunchRecord:
 
 
 def may_resume(record: LaunchRecord) -> bool:
-    """The only condition under which a guest may run: its secret is in, or the owner waived it."""
+    """The only condition under which a guest may run: its secret is in, or the owner waived it; for
+    SEV-SNP, the owner reported that the guest attested and received its secret."""
+    if record.mode is LaunchFlow.SNP:
+        return record.state is Phase.STARTED and record.attested
     if record.state is Phase.SECRET_INJECTED:
         return True
     return (
@@ -133,6 +161,8 @@ class PhaseChange:
     session_id: str | None = None
     measurement: bytes | None = None
     secret_waived: bool | None = None
+    authorization_id: str | None = None
+    attested: bool | None = None
 
     def applied(self, record: LaunchRecord, now: float) -> LaunchRecord:
         return replace(
@@ -144,6 +174,10 @@ class PhaseChange:
             session_id=record.session_id if self.session_id is None else self.session_id,
             measurement=record.measurement if self.measurement is None else self.measurement,
             secret_waived=record.secret_waived if self.secret_waived is None else self.secret_waived,
+            authorization_id=(
+                record.authorization_id if self.authorization_id is None else self.authorization_id
+            ),
+            attested=record.attested if self.attested is None else self.attested,
         )
 
 

@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -62,6 +63,8 @@ R = TypeVar("R")
 #: to kill or stop a launcher at an exact point; production passes none.
 Checkpoint = Callable[[str], None]
 
+_ES_RANGE = frozenset({Technology.SEV_ES, Technology.SEV_SNP})
+
 Why = tuple[str, str]  # (reason, detail) of a failure, safe to show to the caller and to log
 STOPPING: Why = (LaunchReason.LAUNCHER_STOPPING, "the launcher is shutting down")
 ABORTED: Why = (LaunchReason.ABORTED, "launch aborted")
@@ -98,6 +101,10 @@ class Stepped(Generic[R]):
     seconds: float
 
 
+#: Makes the context a launch's work runs in (sevlaunch.rpc.launch_id_scope in the server).
+LaunchScope = Callable[[str], AbstractContextManager[object]]
+
+
 class StepMachine:
     def __init__(
         self,
@@ -108,6 +115,7 @@ class StepMachine:
         clock: Clock,
         metrics: LaunchMetrics,
         checkpoint: Checkpoint | None = None,
+        launch_scope: LaunchScope | None = None,
     ) -> None:
         self.hv = hypervisor
         self.store = store
@@ -115,6 +123,7 @@ class StepMachine:
         self.clock = clock
         self.metrics = metrics
         self._checkpoint = checkpoint
+        self._launch_scope = launch_scope
         # A launch whose record names another incarnation is not driven by this process: orphaned.
         self.incarnation = uuid.uuid4().hex
         self.active: dict[str, Active] = {}
@@ -123,6 +132,15 @@ class StepMachine:
         self.closing = False
         self._attempting: dict[str, Phase] = {}
         self.background: set[asyncio.Future[Any]] = set()
+
+    def scope(self, launch_id: str) -> AbstractContextManager[object]:
+        """The launch's context: with the server's scope, log lines and calls to the platform and owner
+        in it carry the launch id (the core knows only this callable, not gRPC)."""
+        return self._launch_scope(launch_id) if self._launch_scope is not None else nullcontext()
+
+    async def in_scope(self, launch_id: str, work: Awaitable[R]) -> R:
+        with self.scope(launch_id):
+            return await work
 
     def checkpoint(self, name: str) -> None:
         if self._checkpoint is not None:
@@ -180,7 +198,8 @@ class StepMachine:
     # before the first step
 
     def pin_vcpu_type(self, spec: GuestSpec) -> GuestSpec:
-        if spec.vcpu_type is None and spec.mode is Technology.SEV_ES:
+        # SEV-ES and SEV-SNP measure each vCPU's VMSA, which depends on the model.
+        if spec.vcpu_type is None and spec.mode in (Technology.SEV_ES, Technology.SEV_SNP):
             return dataclasses.replace(spec, vcpu_type=self.config.vcpu_type)
         return spec
 
@@ -198,14 +217,17 @@ class StepMachine:
                     LaunchReason.TOO_MANY_LAUNCHES, f"{len(self.active)} launches in flight"
                 )
             timeout = self.config.phase_timeout
-            caps = await self.hv_call(launch_id, self.hv.sev_capabilities, timeout=timeout)
+            # SEV-SNP guests take SEV-ES ASIDs: both count against the same range.
+            es = spec.mode in _ES_RANGE
+            if spec.mode is Technology.SEV_SNP:
+                snp_caps = await self.hv_call(launch_id, self.hv.snp_capabilities, timeout=timeout)
+                limit = snp_caps.max_snp_guests
+            else:
+                caps = await self.hv_call(launch_id, self.hv.sev_capabilities, timeout=timeout)
+                limit = caps.max_es_guests if es else caps.max_guests
             domains = await self.hv_call(launch_id, self.hv.list_domains, timeout=timeout)
-            es = spec.mode is Technology.SEV_ES
             used = sum(1 for d in domains if d.sev and d.active and d.sev_es == es)
-            reserved = sum(
-                1 for a in self.active.values() if not a.started and (a.mode is Technology.SEV_ES) == es
-            )
-            limit = caps.max_es_guests if es else caps.max_guests
+            reserved = sum(1 for a in self.active.values() if not a.started and (a.mode in _ES_RANGE) == es)
             if used + reserved >= limit:
                 raise ResourceExhausted(
                     LaunchReason.NO_FREE_ASID,
@@ -489,8 +511,12 @@ class StepMachine:
             await self.hv_call(rec.launch_id, self.hv.resume, rec.domain_name, timeout=None)
 
         running = await self.step(rec, Phase.RUNNING, resume)
+        self.ran(running.record)
+        return running
+
+    def ran(self, rec: LaunchRecord) -> None:
+        """A launch reached RUNNING: it is this process's no longer."""
         self.release(rec.launch_id)
         self._attempting.pop(rec.launch_id, None)
         self.metrics.launch_finished(rec.mode, Outcome.RUNNING, None)
         log.info("launch running", extra={"launch_id": rec.launch_id, "domain": rec.domain_name})
-        return running

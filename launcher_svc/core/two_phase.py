@@ -11,7 +11,7 @@ import asyncio
 from typing import Any
 
 from launcher_svc.core.ports import LaunchSecurityInfo, ReleasedSecret
-from launcher_svc.core.preflight import parse_session_material
+from launcher_svc.core.preflight import Preflight, SessionMaterial, parse_session_material
 from launcher_svc.core.reasons import LaunchReason
 from launcher_svc.core.spec import GuestSpec
 from launcher_svc.core.state import PRE_RUNNING, LaunchFlow, LaunchRecord, Phase, next_phase
@@ -44,6 +44,13 @@ class TwoPhaseFlow:
         pre = await m.preflight(spec)
         rec = m.new_record(spec, LaunchFlow.TWO_PHASE, requested_by)
         await m.admit(spec, rec.launch_id)
+        with m.scope(rec.launch_id):
+            return await self._prepare(rec, material, pre)
+
+    async def _prepare(
+        self, rec: LaunchRecord, material: SessionMaterial, pre: Preflight
+    ) -> tuple[LaunchRecord, LaunchSecurityInfo]:
+        m = self.m
         async with m.lock(rec.launch_id):
             try:
                 m.store.insert(rec)
@@ -83,6 +90,10 @@ class TwoPhaseFlow:
 
     async def complete(self, launch_id: str, *, header: bytes, payload: bytes) -> LaunchRecord:
         """The caller's ownership is checked by the caller (`Launcher.complete`)."""
+        with self.m.scope(launch_id):
+            return await self._complete(launch_id, header=header, payload=payload)
+
+    async def _complete(self, launch_id: str, *, header: bytes, payload: bytes) -> LaunchRecord:
         m = self.m
         async with m.lock(launch_id):
             rec = m.store.get(launch_id)

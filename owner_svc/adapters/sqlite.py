@@ -95,6 +95,25 @@ class SQLiteDatabase:
         # would sleep. A file of its own, never the database: closing any descriptor of the database
         # would drop SQLite's own POSIX locks on it.
         self._lock_fd: int | None = None
+        # close() waits for the reads and writes under way: closing a connection another thread is using
+        # crashes the sqlite3 module (a late call after a test's or the server's shutdown did).
+        self._users = 0
+        self._closed = False
+        self._idle = threading.Condition(self._conn_lock)
+
+    @contextmanager
+    def _use(self) -> Iterator[sqlite3.Connection]:
+        with self._conn_lock:
+            if self._closed:
+                raise StoreUnavailable("the owner's store is closed (the owner is stopping)")
+            self._users += 1
+        try:
+            yield self.connection()
+        finally:
+            with self._conn_lock:
+                self._users -= 1
+                if self._users == 0:
+                    self._idle.notify_all()
 
     def connection(self) -> sqlite3.Connection:
         """This thread's connection (made on first use). Raises StoreError, never sqlite3's."""
@@ -167,8 +186,7 @@ class SQLiteDatabase:
 
     @contextmanager
     def write(self) -> Iterator[_Tx]:
-        conn = self.connection()
-        with self._write_lock, self._processes_lock():
+        with self._use() as conn, self._write_lock, self._processes_lock():
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -183,10 +201,9 @@ class SQLiteDatabase:
                 raise translate(exc) from None
 
     def write_batch(self, jobs: Sequence[Job], *, first: Callable[[_Tx], object]) -> list[Outcome]:
-        conn = self.connection()
-        tx = _Tx(conn)
         outcomes: list[Outcome] = []
-        with self._write_lock, self._processes_lock():
+        with self._use() as conn, self._write_lock, self._processes_lock():
+            tx = _Tx(conn)
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -218,7 +235,11 @@ class SQLiteDatabase:
 
     @contextmanager
     def read(self, *, snapshot: bool = False) -> Iterator[_Tx]:
-        conn = self.connection()
+        with self._use() as conn:
+            yield from self._read(conn, snapshot)
+
+    @staticmethod
+    def _read(conn: sqlite3.Connection, snapshot: bool) -> Iterator[_Tx]:
         try:
             if not snapshot:
                 yield _Tx(conn)
@@ -235,6 +256,8 @@ class SQLiteDatabase:
 
     def close(self) -> None:
         with self._conn_lock:
+            self._closed = True
+            self._idle.wait_for(lambda: self._users == 0, timeout=30)
             for conn in self._connections:
                 conn.close()
             self._connections.clear()

@@ -79,10 +79,16 @@ def workload_from_proto(msg: owner_pb2.Workload) -> Workload:
         try:
             modes = tuple(_MODE_FROM_PROTO[m] for m in s.modes)
         except KeyError:
-            raise InvalidArgument(Reason.BAD_SELECTOR, "selector mode must be SEV or SEV_ES") from None
+            raise InvalidArgument(
+                Reason.BAD_SELECTOR, "selector mode must be SEV or SEV_ES", metadata={"field": "modes"}
+            ) from None
         kernel = _KERNEL_FROM_PROTO.get(s.kernel_hashes)
         if kernel is None:
-            raise InvalidArgument(Reason.BAD_SELECTOR, "kernel_hashes must be FORBIDDEN, REQUIRED or ANY")
+            raise InvalidArgument(
+                Reason.BAD_SELECTOR,
+                "kernel_hashes must be FORBIDDEN, REQUIRED or ANY",
+                metadata={"field": "kernel_hashes"},
+            )
         selectors.append(
             RefSelector(
                 firmware_name=s.firmware_name,
@@ -291,6 +297,7 @@ class OwnerServicer(owner_pb2_grpc.OwnerServiceServicer):
                     reason=r.event.reason,
                     digest=r.event.digest,
                     detail=r.event.detail,
+                    launch_id=r.event.launch_id,
                     prev_hash=r.prev_hash,
                     hash=r.hash,
                 )

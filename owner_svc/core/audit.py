@@ -19,9 +19,10 @@ _EVENT_FIELDS = tuple(f.name for f in fields(AuditEvent))
 
 
 def canonical_record(seq: int, time: float, event: AuditEvent, prev_hash: str) -> str:
-    return audit.canonical_record(
-        seq, time, {name: getattr(event, name) for name in _EVENT_FIELDS}, prev_hash
-    )
+    flat = {name: getattr(event, name) for name in _EVENT_FIELDS}
+    if not flat["launch_id"]:
+        del flat["launch_id"]  # records from before launch ids keep their canonical text and hash
+    return audit.canonical_record(seq, time, flat, prev_hash)
 
 
 def parse_canonical(canonical: str) -> tuple[int, float, AuditEvent, str]:

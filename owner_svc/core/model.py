@@ -92,6 +92,11 @@ class KernelHashesRule(StrEnum):
     ANY = "any"
 
 
+
+def _bad_selector(field: str, text: str) -> InvalidArgument:
+    """A selector refusal naming its field (ErrorInfo metadata `field`), so the admin knows what to fix."""
+    return InvalidArgument(Reason.BAD_SELECTOR, text, metadata={"field": field})
+
 @dataclass(frozen=True)
 class RefSelector:
     """Which launch digests from the trusted manifests a workload accepts.
@@ -114,25 +119,24 @@ class RefSelector:
 
     def __post_init__(self) -> None:
         if not self.firmware_name or len(self.firmware_name) > 256:
-            raise InvalidArgument(Reason.BAD_SELECTOR, "a reference value selector needs a firmware name")
+            raise _bad_selector("firmware_name", "a reference value selector needs a firmware name")
         if not self.modes:
-            raise InvalidArgument(Reason.BAD_SELECTOR, "a reference value selector needs at least one mode")
+            raise _bad_selector("modes", "a reference value selector needs at least one mode")
         if Technology.SEV_ES in self.modes and not self.sev_es_vcpus:
-            raise InvalidArgument(Reason.BAD_SELECTOR, "an SEV-ES selector needs its allowed vCPU counts")
+            raise _bad_selector("sev_es_vcpus", "an SEV-ES selector needs its allowed vCPU counts")
         if any(isinstance(n, bool) or not 1 <= n <= 512 for n in self.sev_es_vcpus):
-            raise InvalidArgument(Reason.BAD_SELECTOR, "SEV-ES vCPU counts are 1..512")
+            raise _bad_selector("sev_es_vcpus", "SEV-ES vCPU counts are 1..512")
         if len(self.version_min) > 128 or len(self.version_max) > 128:
-            raise InvalidArgument(Reason.BAD_SELECTOR, "version bounds are at most 128 characters")
+            raise _bad_selector("version_min/version_max", "version bounds are at most 128 characters")
         if not isinstance(self.kernel_hashes, KernelHashesRule):
-            raise InvalidArgument(Reason.BAD_SELECTOR, "kernel_hashes is forbidden, required or any")
+            raise _bad_selector("kernel_hashes", "kernel_hashes is forbidden, required or any")
         if (self.vcpu_type or self.vmsa_layout) and Technology.SEV_ES not in self.modes:
-            raise InvalidArgument(Reason.BAD_SELECTOR, "vcpu_type and vmsa_layout pins need the SEV-ES mode")
+            raise _bad_selector("modes", "vcpu_type and vmsa_layout pins need the SEV-ES mode")
         if self.vcpu_type and not VCPU_TYPE_RE.fullmatch(self.vcpu_type):
-            raise InvalidArgument(Reason.BAD_SELECTOR, "vcpu_type is a CPU model name such as 'EPYC-Milan'")
+            raise _bad_selector("vcpu_type", "vcpu_type is a CPU model name such as 'EPYC-Milan'")
         if self.vmsa_layout and self.vmsa_layout not in {v.value for v in VMSALayout}:
-            raise InvalidArgument(
-                "bad_selector", f"vmsa_layout is one of {', '.join(v.value for v in VMSALayout)}"
-            )
+            layouts = ", ".join(v.value for v in VMSALayout)
+            raise _bad_selector("vmsa_layout", f"vmsa_layout is one of {layouts}")
 
     def to_obj(self) -> dict[str, Any]:
         return {
@@ -318,6 +322,10 @@ class AuditEvent:
     reason: str = ""
     digest: str = ""
     detail: str = ""
+    # The launcher's launch id for this decision (x-sevlaunch-launch-id), so one launch's records can be
+    # found beside the launcher's and platform's log lines. Left out of the canonical text when empty,
+    # so records written before it existed keep their hashes.
+    launch_id: str = ""
 
 
 @dataclass(frozen=True)

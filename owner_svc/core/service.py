@@ -132,7 +132,9 @@ class OwnerCore(OwnerAdmin):
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         chain_cache_size: int = DEFAULT_CAPACITY,
+        launch_id: Callable[[], str | None] = lambda: None,
     ) -> None:
+        self._launch_id = launch_id
         if not 1 <= session_ttl <= MAX_SESSION_TTL:
             raise ValueError(f"session TTL must be 1..{MAX_SESSION_TTL:.0f} seconds")
         self.store = store
@@ -247,6 +249,7 @@ class OwnerCore(OwnerAdmin):
             outcome="refused",
             workload_id=workload_id,
             cek_fingerprint=chain.cek.fingerprint(),
+            launch_id=self._launch_id() or "",
         )
 
         def refuse(exc: Exception) -> Exception:
@@ -361,7 +364,13 @@ class OwnerCore(OwnerAdmin):
         check_policy(policy, "reported policy")
 
         # 2. Decide.
-        event = AuditEvent(actor=caller, action="release_secret", outcome="refused", session_id=session_id)
+        event = AuditEvent(
+            actor=caller,
+            action="release_secret",
+            outcome="refused",
+            session_id=session_id,
+            launch_id=self._launch_id() or "",
+        )
         session = self.store.get_session(session_id)
         if session is None:
             self._refuse_release(event, NotFound(Reason.UNKNOWN_SESSION, "no such session"))

@@ -53,4 +53,3 @@ def check_signed_cek(exported_cek: bytes, signed_cek: bytes) -> SEVCertificate:
             Reason.WRONG_SIGNER, "the ASK-signed CEK is not this chip's CEK", link="ASK->CEK"
         )
     return signed
-

@@ -12,3 +12,7 @@ class PlatformMetrics(Protocol):
         or a share of a concurrent caller's export."""
         ...
 
+    def vek_chain_served(self, *, source: str, fetched: bool) -> None:
+        """One GetVekChain answer: `source` is where the VEK came from (kds, kds-cache, file);
+        `fetched` when this call's computation produced it (not a memory hit or a share of another's)."""
+        ...

@@ -96,9 +96,18 @@ class PlatformCore:
         signed_cek, source = await self._signed_cek_for(chip_hex, cek)
         root = root_for_cek(SEVCertificate.from_bytes(signed_cek), self._roots)
         return PlatformChain(
-            pdh=pdh, pek=pek, oca=oca, cek=signed_cek, ask=root.ask.to_bytes(), ark=root.ark.to_bytes(),
-            generation=root.name, chip_id=chip_hex, api_major=status.api_major, api_minor=status.api_minor,
-            build=status.build, cek_source=source,
+            pdh=pdh,
+            pek=pek,
+            oca=oca,
+            cek=signed_cek,
+            ask=root.ask.to_bytes(),
+            ark=root.ark.to_bytes(),
+            generation=root.name,
+            chip_id=chip_hex,
+            api_major=status.api_major,
+            api_minor=status.api_minor,
+            build=status.build,
+            cek_source=source,
         )
 
     async def _signed_cek_for(self, chip_hex: str, exported_cek: bytes) -> tuple[bytes, str]:

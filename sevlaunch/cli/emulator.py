@@ -3,7 +3,12 @@
 * `init`: a new chip in a state directory, with its own emulated AMD root; also writes
   `DIR/ask_ark.cert` (the emulated ASK‖ARK) for whoever chooses to trust that root.
 * `status`: PLATFORM_STATUS, chip id and guests.
-* `kds`: an emulated AMD KDS serving the chip's ASK-signed CEK at `/cek/id/<chip id>`.
+* `kds`: an emulated AMD KDS serving the chip's ASK-signed CEK at `/cek/id/<chip id>`, and for SEV-SNP
+  its VCEKs by hardware id and TCB, the cert chain and the CRL under `/vcek/v1/<product>/`.
+* `update`: an emulated SEV-SNP firmware update: the current TCB changes (`--tcb bootloader=8,snp=15`;
+  components not named keep their value); the reported TCB, and with it the VCEK, follows only on
+  SNP_COMMIT (`--commit`, or `commit` later).
+* `commit`: SNP_COMMIT. `snp-status`: SNP_PLATFORM_STATUS with the decoded TCBs.
 """
 
 from __future__ import annotations
@@ -17,6 +22,10 @@ from typing import Any
 from sevlaunch.cli import CommandError
 from sevlaunch.cli._common import parse_int
 from sevlaunch.firmware.emulator import ASK_ARK_CERT, STATE_FILE, ChipConfig, EmulatedFirmware, EmulatedRoot
+from sevlaunch.firmware.emulator.layout import EmulatorStateError
+from sevlaunch.firmware.emulator.snp_keys import SNP_ROOT_PEM, has_snp_root, load_snp_root
+from sevlaunch.snp.certs import common_name
+from sevlaunch.snp.tcb import Product, TcbVersion
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -37,7 +46,30 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     init.add_argument(
         "--root", metavar="DIR", help="reuse the emulated AMD root (ARK/ASK) of another chip directory"
     )
+    init.add_argument(
+        "--product",
+        choices=[p.value for p in Product],
+        default=defaults.product,
+        help="SEV-SNP product: report version and TCB layout (default %(default)s)",
+    )
     init.set_defaults(func=_init)
+
+    update = commands.add_parser("update", help="emulated SEV-SNP firmware update (the current TCB changes)")
+    update.add_argument("--state", required=True, help="state directory of the chip")
+    update.add_argument(
+        "--tcb", required=True, help="new SPLs, e.g. bootloader=8,tee=0,snp=15,microcode=73 (fmc= on Turin)"
+    )
+    update.add_argument("--build", type=parse_int, help="new firmware build (default: the next one)")
+    update.add_argument("--commit", action="store_true", help="SNP_COMMIT afterwards")
+    update.set_defaults(func=_update)
+
+    commit = commands.add_parser("commit", help="SNP_COMMIT: the current TCB becomes committed and reported")
+    commit.add_argument("--state", required=True, help="state directory of the chip")
+    commit.set_defaults(func=_commit)
+
+    snp_status = commands.add_parser("snp-status", help="SNP_PLATFORM_STATUS with the decoded TCBs")
+    snp_status.add_argument("--state", required=True, help="state directory of the chip")
+    snp_status.set_defaults(func=_snp_status)
 
     status = commands.add_parser("status", help="show the chip's PLATFORM_STATUS")
     status.add_argument("--state", required=True, help="state directory of the chip")
@@ -47,6 +79,10 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     kds = commands.add_parser("kds", help="serve the chip's ASK-signed CEK like AMD's KDS")
     kds.add_argument("--state", required=True, action="append", help="chip directory (repeatable)")
     kds.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default %(default)s)")
+    kds.add_argument(
+        "--rate-limit", type=parse_int, metavar="N", help="answer at most N requests a second, then 429"
+    )
+    kds.add_argument("--retry-after", type=parse_int, default=1, help="Retry-After of a 429 (seconds)")
     kds.set_defaults(func=_kds)
 
 
@@ -68,20 +104,83 @@ def _init(args: argparse.Namespace) -> int:
             build=args.build,
             max_guests=args.max_guests,
             max_es_guests=args.max_es_guests,
+            product=args.product,
         )
     except ValueError as exc:
         raise CommandError(str(exc)) from None
-    root = None
+    root = snp_root = None
     if args.root:
         try:
             root = EmulatedRoot.load(args.root)
         except FileNotFoundError:
             raise CommandError(f"no emulated AMD root in {args.root}") from None
-    firmware = EmulatedFirmware(state, config=config, root=root)
+        if has_snp_root(Path(args.root)):
+            try:
+                snp_root = load_snp_root(Path(args.root), config.snp_product)
+            except EmulatorStateError as exc:
+                raise CommandError(f"the SNP root in {args.root}: {exc}") from None
+            if snp_root.product is not config.snp_product or common_name(snp_root.ark) != (
+                f"ARK-{config.snp_product.kds_name}"
+            ):
+                snp_root = None  # another product's root: this chip gets its own
+    firmware = EmulatedFirmware(state, config=config, root=root, snp_root=snp_root)
     print(f"emulated chip created in {state}")
     print(f"chip id:   {firmware.chip_id_hex()}")
     print(f"root:      {state / ASK_ARK_CERT} (emulated ASK||ARK; trusted only if you pass it explicitly)")
+    print(
+        f"snp root:  {state / SNP_ROOT_PEM} (emulated {config.product} ARK/ASK/ASVK, made on first SNP use)"
+    )
     _print_status(firmware)
+    return 0
+
+
+def _parse_tcb(text: str, current: TcbVersion) -> TcbVersion:
+    values = current.components()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        name = {"bl": "bootloader", "ucode": "microcode"}.get(name.strip(), name.strip())
+        if not sep or name not in values:
+            raise CommandError(f"--tcb: {part!r} is not NAME=VALUE with NAME one of {', '.join(values)}")
+        values[name] = parse_int(value)
+    try:
+        return TcbVersion(current.product, **values)
+    except ValueError as exc:
+        raise CommandError(f"--tcb: {exc}") from None
+
+
+def _print_snp(firmware: EmulatedFirmware) -> None:
+    status, tcbs = firmware.snp_platform_status(), firmware.snp_tcb_status()
+    print(f"product:        {tcbs.product.value}")
+    print(f"snp firmware:   {status.api_major}.{status.api_minor} build {status.build_id}")
+    print(
+        f"committed fw:   {'.'.join(map(str, tcbs.committed_version[:2]))} build {tcbs.committed_version[2]}"
+    )
+    print(f"current tcb:    {tcbs.current} ({tcbs.current.raw:#018x})")
+    print(f"committed tcb:  {tcbs.committed} ({tcbs.committed.raw:#018x})")
+    print(f"reported tcb:   {tcbs.reported} ({tcbs.reported.raw:#018x})")
+    print(f"mask chip id:   {status.mask_chip_id}   vlek loaded: {status.vlek_en}")
+    print(f"snp guests:     {status.guest_count}")
+
+
+def _update(args: argparse.Namespace) -> int:
+    firmware = _open(args.state)
+    tcb = _parse_tcb(args.tcb, firmware.snp_tcb_status().current)
+    firmware.snp_firmware_update(tcb, build=args.build)
+    if args.commit:
+        firmware.snp_commit()
+    _print_snp(firmware)
+    return 0
+
+
+def _commit(args: argparse.Namespace) -> int:
+    firmware = _open(args.state)
+    firmware.snp_commit()
+    _print_snp(firmware)
+    return 0
+
+
+def _snp_status(args: argparse.Namespace) -> int:
+    _print_snp(_open(args.state))
     return 0
 
 
@@ -137,13 +236,18 @@ def _parse_listen(listen: str) -> tuple[str, int]:
 
 def _kds(args: argparse.Namespace) -> int:
     from sevlaunch.firmware.kds import KDSServer
+    from sevlaunch.snp.kds import vcek_url
 
     host, port = _parse_listen(args.listen)
     chips = [_open(state) for state in args.state]
     server = KDSServer(chips, host=host, port=port)
+    if args.rate_limit is not None:
+        server.rate_limit(args.rate_limit, window=1.0, retry_after=args.retry_after)
     print(f"emulated KDS on {server.url}", flush=True)
     for chip in chips:
         print(f"  {server.url}/cek/id/{chip.chip_id_hex()}", flush=True)
+        tcb = chip.snp_tcb_status().reported
+        print(f"  {vcek_url(chip.snp_hwid(), tcb, base_url=server.url)}", flush=True)
     try:
         server.serve_forever()
     finally:

@@ -12,7 +12,7 @@ import base64
 from pathlib import Path
 from typing import Any
 
-from sevlaunch.cli import CommandError
+from sevlaunch.cli import CommandError, UsageError
 from sevlaunch.cli._common import parse_b64, parse_hex, read_bytes
 from sevlaunch.cli.bounds import int_in
 from sevlaunch.limits import MAX_VCPU_FAMILY, MAX_VCPU_MODEL, MAX_VCPU_STEPPING, MAX_VCPUS, U8_MAX, U32_MAX
@@ -128,7 +128,7 @@ def _vars_size(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise CommandError(f"cannot read {args.vars_file}: {exc.strerror}") from None
     if args.vars_size is None:
-        raise CommandError("snp:svsm needs --vars-size or --vars-file")
+        raise UsageError("snp:svsm needs --vars-size or --vars-file")
     return int(args.vars_size)
 
 
@@ -139,32 +139,32 @@ def _compute_snp_digest(args: argparse.Namespace) -> bytes:
     from sevlaunch.snp.vmsa import DEFAULT_GUEST_FEATURES, VmmType
 
     if args.firmware is None:
-        raise CommandError("--firmware is required to compute a launch digest")
+        raise UsageError("--firmware is required to compute a launch digest")
     if args.kernel is None and (args.initrd is not None or args.cmdline is not None):
-        raise CommandError("--initrd and --cmdline need --kernel")
+        raise UsageError("--initrd and --cmdline need --kernel")
     if args.svsm is not None and args.mode != "snp:svsm":
-        raise CommandError("--svsm needs --mode snp:svsm")
+        raise UsageError("--svsm needs --mode snp:svsm")
     if (args.vars_size is not None or args.vars_file is not None) and args.mode != "snp:svsm":
-        raise CommandError("--vars-size and --vars-file need --mode snp:svsm")
+        raise UsageError("--vars-size and --vars-file need --mode snp:svsm")
     if args.mode == "snp:ovmf-hash":
         if args.kernel is not None or args.snp_ovmf_hash is not None:
-            raise CommandError("snp:ovmf-hash hashes the firmware alone: no --kernel, no --snp-ovmf-hash")
+            raise UsageError("snp:ovmf-hash hashes the firmware alone: no --kernel, no --snp-ovmf-hash")
         return ovmf_hash(read_bytes(args.firmware))
     vmm_type = VmmType.QEMU if args.vmm_type is None else args.vmm_type
     vcpu_sig = _vcpu_sig(args)
     if vcpu_sig is None and vmm_type is VmmType.QEMU:
-        raise CommandError(
+        raise UsageError(
             f"--mode {args.mode} needs --vcpu-type, --vcpu-sig or --vcpu-family/--vcpu-model/--vcpu-stepping"
         )
     if args.mode == "snp:svsm":
         if args.svsm is None:
-            raise CommandError("snp:svsm needs --svsm")
+            raise UsageError("snp:svsm needs --svsm")
         if vmm_type is not VmmType.QEMU:
-            raise CommandError("snp:svsm is measured for QEMU only")
+            raise UsageError("snp:svsm is measured for QEMU only")
         if args.kernel is not None or args.snp_ovmf_hash is not None:
-            raise CommandError("snp:svsm takes no --kernel and no --snp-ovmf-hash")
+            raise UsageError("snp:svsm takes no --kernel and no --snp-ovmf-hash")
         if vcpu_sig is None:
-            raise CommandError("snp:svsm needs the vCPU type")
+            raise UsageError("snp:svsm needs the vCPU type")
         return svsm_launch_digest(
             read_bytes(args.firmware),
             read_bytes(args.svsm),
@@ -191,33 +191,33 @@ def _compute_snp_digest(args: argparse.Namespace) -> bytes:
 def _vcpu_sig(args: argparse.Namespace) -> int | None:
     split = (args.vcpu_model, args.vcpu_stepping)
     if args.vcpu_family is None and any(v is not None for v in split):
-        raise CommandError("--vcpu-model and --vcpu-stepping need --vcpu-family")
+        raise UsageError("--vcpu-model and --vcpu-stepping need --vcpu-family")
     if args.vcpu_family is not None:
         if any(v is None for v in split):
-            raise CommandError("--vcpu-family needs --vcpu-model and --vcpu-stepping")
+            raise UsageError("--vcpu-family needs --vcpu-model and --vcpu-stepping")
         return vcpu_signature(family=args.vcpu_family, model=args.vcpu_model, stepping=args.vcpu_stepping)
     if args.vcpu_type is not None:
         return vcpu_signature(args.vcpu_type)
     if args.vcpu_sig is not None:
         if not 0 <= args.vcpu_sig <= 0xFFFFFFFF:
-            raise CommandError("--vcpu-sig must fit in 32 bits")
+            raise UsageError("--vcpu-sig must fit in 32 bits")
         return int(args.vcpu_sig)
     return None
 
 
 def _compute_digest(args: argparse.Namespace, mode: Technology) -> LaunchDigest:
     if args.firmware is None:
-        raise CommandError("--firmware is required to compute a launch digest")
+        raise UsageError("--firmware is required to compute a launch digest")
     if args.kernel is None and (args.initrd is not None or args.cmdline is not None):
-        raise CommandError("--initrd and --cmdline need --kernel")
+        raise UsageError("--initrd and --cmdline need --kernel")
     vcpu_sig = _vcpu_sig(args)
     if mode is Technology.SEV_ES:
         if vcpu_sig is None:
-            raise CommandError(
+            raise UsageError(
                 "sev-es needs --vcpu-type, --vcpu-sig or --vcpu-family/--vcpu-model/--vcpu-stepping"
             )
         if args.vcpus < 1:
-            raise CommandError("--vcpus must be at least 1")
+            raise UsageError("--vcpus must be at least 1")
     return launch_digest(
         read_bytes(args.firmware),
         mode=mode,
@@ -236,7 +236,7 @@ def _run_digest(args: argparse.Namespace) -> int:
     else:
         given = [f"--{n.replace('_', '-')}" for n in _SNP_ONLY if getattr(args, n) is not None]
         if given:
-            raise CommandError(f"{', '.join(given)} only apply to the SNP modes")
+            raise UsageError(f"{', '.join(given)} only apply to the SNP modes")
         digest = _compute_digest(args, Technology(args.mode))
     print(base64.b64encode(digest).decode("ascii") if args.output_format == "base64" else digest.hex())
     return 0
@@ -249,9 +249,9 @@ def _run_build(args: argparse.Namespace) -> int:
 
     for name in ("api_major", "api_minor", "build_id"):
         if not 0 <= getattr(args, name) <= 0xFF:
-            raise CommandError(f"--{name.replace('_', '-')} must be 0..255")
+            raise UsageError(f"--{name.replace('_', '-')} must be 0..255")
     if not 0 <= args.policy <= 0xFFFFFFFF:
-        raise CommandError("--policy must fit in 32 bits")
+        raise UsageError("--policy must fit in 32 bits")
     tik = read_bytes(args.tik)
     if len(tik) != _TIK:
         raise CommandError(f"the TIK file must hold {_TIK} raw bytes, got {len(tik)}")
@@ -261,18 +261,18 @@ def _run_build(args: argparse.Namespace) -> int:
     else:
         blob = parse_b64(args.launch_measure_blob, what="--launch-measure-blob")
         if len(blob) != _MEASUREMENT_BLOB:
-            raise CommandError(f"--launch-measure-blob must be {_MEASUREMENT_BLOB} bytes, got {len(blob)}")
+            raise UsageError(f"--launch-measure-blob must be {_MEASUREMENT_BLOB} bytes, got {len(blob)}")
         mnonce = LaunchMeasurement.from_bytes(blob).mnonce
 
     if args.launch_digest is not None:
         if args.firmware is not None or args.mode is not None:
-            raise CommandError("give either --launch-digest or the firmware options, not both")
+            raise UsageError("give either --launch-digest or the firmware options, not both")
         digest = LaunchDigest(parse_hex(args.launch_digest, what="--launch-digest", length=32))
     else:
         # QEMU sets the ES policy bit exactly for SEV-ES guests: a digest of the other kind cannot match.
         policy_mode = Technology.SEV_ES if args.policy & PolicyFlags.ES else Technology.SEV
         if args.mode is not None and Technology(args.mode) is not policy_mode:
-            raise CommandError(f"--mode {args.mode} contradicts policy {args.policy:#x} (ES bit)")
+            raise UsageError(f"--mode {args.mode} contradicts policy {args.policy:#x} (ES bit)")
         digest = _compute_digest(args, policy_mode)
 
     measure = compute_measure(

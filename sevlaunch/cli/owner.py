@@ -42,7 +42,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from sevlaunch.audit import MAX_PAGE, Checkpoint
-from sevlaunch.cli import CommandError
+from sevlaunch.cli import CommandError, UsageError
 from sevlaunch.cli._common import add_client_args, call_service, read_bytes
 from sevlaunch.ownerdb import AuditDatabaseError, KEKFileError, load_kek, verify_audit_db
 from sevlaunch.rpc.v1 import owner_pb2, owner_pb2_grpc
@@ -231,7 +231,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
     try:
         checkpoints = [Checkpoint.parse(text) for text in args.checkpoint]
     except ValueError as exc:
-        raise CommandError(f"--checkpoint: {exc}") from None
+        raise UsageError(f"--checkpoint: {exc}") from None
     try:
         kek = load_kek(args.kek_file) if args.kek_file else None
         count = verify_audit_db(args.db, kek, checkpoints=checkpoints)

@@ -1,9 +1,15 @@
-"""`sevlaunch platform {status,id,chain}`: ask a platform service, over mTLS.
+"""`sevlaunch platform {status,id,chain,snp-status,vcek,cert-table}`: ask a platform service, over mTLS.
 
     sevlaunch platform chain --endpoint HOST:PORT --tls-dir DIR [--identity client] --out chain.cert
+    sevlaunch platform vcek --endpoint HOST:PORT --tls-dir DIR --out DIR [--kind vcek|vlek]
+    sevlaunch platform cert-table --endpoint HOST:PORT --tls-dir DIR [--out F | --install [F]]
 
 `chain --out` writes PDH‖PEK‖OCA‖CEK‖ASK‖ARK (sevctl's `export --full`), which `sevlaunch verify
---chain` reads. Failures print the gRPC status, the reason and its details (firmware status, link).
+--chain` reads. `vcek --out DIR` writes snpguest's layout (`vcek.pem` or `vlek.pem`, `ask.pem` or
+`asvk.pem`, `ark.pem`), which `--vcek-dir` of an offline platform reads. `cert-table` exports the
+certificate table guests get with extended reports, or installs one (`--install` without a file: the
+current chain's; needs the platform-admin identity). Failures print the gRPC status, the reason and its
+details (firmware status, link).
 """
 
 from __future__ import annotations
@@ -13,6 +19,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from sevlaunch.cli import CommandError
 from sevlaunch.cli._common import add_client_args, call_service
 from sevlaunch.rpc.v1 import platform_pb2, platform_pb2_grpc
 
@@ -66,6 +76,92 @@ def _chain(stub: platform_pb2_grpc.PlatformServiceStub, args: argparse.Namespace
     return 0
 
 
+_PRODUCT_NAMES = {
+    platform_pb2.SNP_PRODUCT_MILAN: "milan",
+    platform_pb2.SNP_PRODUCT_GENOA: "genoa",
+    platform_pb2.SNP_PRODUCT_TURIN: "turin",
+}
+
+
+def _tcb(tcb: platform_pb2.SnpTcb) -> dict[str, Any]:
+    out: dict[str, Any] = {"bootloader": tcb.bootloader, "tee": tcb.tee, "snp": tcb.snp}
+    out["microcode"] = tcb.microcode
+    if tcb.HasField("fmc"):
+        out["fmc"] = tcb.fmc
+    out["raw"] = f"0x{tcb.raw:016x}"
+    return out
+
+
+def snp_status_json(st: platform_pb2.GetSnpStatusResponse) -> dict[str, Any]:
+    return {
+        "product": _PRODUCT_NAMES.get(st.product, "unspecified"),
+        "api": f"{st.api_major}.{st.api_minor}",
+        "build_id": st.build_id,
+        "initialized": st.initialized,
+        "current_tcb": _tcb(st.current_tcb),
+        "reported_tcb": _tcb(st.reported_tcb),
+        "committed_tcb": _tcb(st.committed_tcb) if st.HasField("committed_tcb") else None,
+        "mask_chip_id": st.mask_chip_id,
+        "mask_chip_key": st.mask_chip_key,
+        "vlek_loaded": st.vlek_loaded,
+        "guest_count": st.guest_count,
+        "hwid": st.hwid,
+    }
+
+
+def _snp_status(stub: platform_pb2_grpc.PlatformServiceStub, args: argparse.Namespace) -> int:
+    st = stub.GetSnpStatus(platform_pb2.GetSnpStatusRequest(), timeout=args.timeout)
+    _emit(json.dumps(snp_status_json(st), indent=2), args.out)
+    return 0
+
+
+def _pem(der: bytes) -> bytes:
+    return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+
+
+def _vcek(stub: platform_pb2_grpc.PlatformServiceStub, args: argparse.Namespace) -> int:
+    kind = {"auto": platform_pb2.VEK_KIND_AUTO, "vcek": platform_pb2.VEK_KIND_VCEK}.get(
+        args.kind, platform_pb2.VEK_KIND_VLEK
+    )
+    reply = stub.GetVekChain(platform_pb2.GetVekChainRequest(kind=kind), timeout=args.timeout)
+    vlek = reply.kind == platform_pb2.VEK_KIND_VLEK
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = ("vlek", "asvk") if vlek else ("vcek", "ask")
+    for name, der in ((names[0], reply.vek_cert), (names[1], reply.ask_cert), ("ark", reply.ark_cert)):
+        (out / f"{name}.pem").write_bytes(_pem(der))
+    (out / f"{names[0]}.der").write_bytes(reply.vek_cert)
+    tcb = " ".join(f"{k}={v}" for k, v in _tcb(reply.tcb).items() if k != "raw")
+    print(
+        f"{names[0].upper()} of {_PRODUCT_NAMES.get(reply.product, '?')} chip {reply.hwid[:16]}… at {tcb} "
+        f"(from {reply.source})\nwrote {names[0]}.pem, {names[0]}.der, {names[1]}.pem, ark.pem to {out}"
+    )
+    return 0
+
+
+def _cert_table(stub: platform_pb2_grpc.PlatformServiceStub, args: argparse.Namespace) -> int:
+    if args.install is not None:
+        table = Path(args.install).read_bytes() if args.install else b""
+        reply = stub.InstallSnpCertTable(
+            platform_pb2.InstallSnpCertTableRequest(cert_table=table), timeout=args.timeout
+        )
+        installed = reply.cert_table
+        print(f"installed a certificate table of {len(installed)} bytes")
+        if args.out:
+            Path(args.out).write_bytes(installed)
+        return 0
+    got = stub.GetSnpCertTable(platform_pb2.GetSnpCertTableRequest(), timeout=args.timeout)
+    if not args.out:
+        raise CommandError("cert-table needs --out FILE (or --install)")
+    Path(args.out).write_bytes(got.cert_table)
+    state = "matches" if got.matches_reported_tcb else "does NOT match"
+    print(
+        f"wrote the certificate table ({len(got.cert_table)} bytes) to {args.out};"
+        f" it {state} the reported TCB"
+    )
+    return 0
+
+
 def _emit(text: str, out: str | None) -> None:
     if out:
         Path(out).write_text(text + "\n")
@@ -76,7 +172,7 @@ def _emit(text: str, out: str | None) -> None:
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser(
         "platform",
-        help="query a platform service (status, chip id, certificate chain)",
+        help="query and administer a platform service (status, id, chain; sevctl verbs)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -90,3 +186,23 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         add_client_args(a, service="platform", identity="client")
         a.add_argument("--out", help="write the result to this file")
         a.set_defaults(func=_run, action=fn)
+    snp = actions.add_parser("snp-status", help="SEV-SNP: firmware version, current/reported/committed TCB")
+    add_client_args(snp, service="platform", identity="client")
+    snp.add_argument("--out", help="write the JSON to this file")
+    snp.set_defaults(func=_run, action=_snp_status)
+    vcek = actions.add_parser("vcek", help="SEV-SNP: the VCEK (or VLEK) chain of the reported TCB")
+    add_client_args(vcek, service="platform", identity="client")
+    vcek.add_argument("--out", required=True, help="directory for vcek.pem/der, ask.pem, ark.pem")
+    vcek.add_argument("--kind", choices=("auto", "vcek", "vlek"), default="auto")
+    vcek.set_defaults(func=_run, action=_vcek)
+    table = actions.add_parser("cert-table", help="SEV-SNP: export or install guests' certificate table")
+    add_client_args(table, service="platform", identity="client")
+    table.add_argument("--out", help="write the (installed) table to this file")
+    table.add_argument(
+        "--install", nargs="?", const="", metavar="FILE",
+        help="install FILE, or without FILE the current chain's table (platform-admin)",
+    )  # fmt: skip
+    table.set_defaults(func=_run, action=_cert_table)
+    from sevlaunch.cli.platform_admin import register_actions  # rotate, generate, provision, reset; --json
+
+    register_actions(actions)

@@ -7,7 +7,13 @@
     sevlaunch refvalues verify --pubkey distro.key.pub M.dsse
 
 `make` computes one launch digest per configuration: SEV once, SEV-ES for every vCPU count and VMSA
-layout given (`--vmsa-layout` repeatable, default init2).
+layout given (`--vmsa-layout` repeatable, default init2), SEV-SNP for every vCPU count (48-byte digests of
+`sevlaunch.snp.launch_digest`, for the `--guest-features` and `--vmm-type` given) with the manifest's
+`snp` section from `--family-id`, `--image-id`, `--guest-svn` and `--min-tcb` (repeatable, one per product):
+
+    sevlaunch refvalues make --mode sev-snp --firmware OVMF.fd --name OVMF --version 2024.05 \
+        --vcpus 1 --vcpus 2 --vcpu-type EPYC-v4 [--guest-features 0x1] [--vmm-type QEMU] \
+        [--min-tcb genoa=9:0:23:72 --min-tcb turin=0:1:0:1:72] --out M.json
 """
 
 from __future__ import annotations
@@ -19,8 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sevlaunch.cli import CommandError
-from sevlaunch.cli._common import read_bytes
+from sevlaunch.cli import UsageError
+from sevlaunch.cli._common import parse_hex, parse_int, read_bytes
 from sevlaunch.refvalues import (
     DigestConfig,
     KernelHashes,
@@ -34,8 +40,12 @@ from sevlaunch.refvalues import (
     verify_manifest,
 )
 from sevlaunch.sev.digest import launch_digest
-from sevlaunch.sev.technology import PRE_LAUNCH, Technology
+from sevlaunch.sev.errors import SevError
+from sevlaunch.sev.technology import Technology
 from sevlaunch.sev.vmsa import VMSALayout, vcpu_signature
+from sevlaunch.snp.launch_digest import launch_digest as snp_launch_digest
+from sevlaunch.snp.reference import SnpReference, parse_min_tcb
+from sevlaunch.snp.vmsa import DEFAULT_GUEST_FEATURES, VmmType
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -50,11 +60,30 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     make.add_argument(
         "--mode",
         action="append",
-        choices=[m.value for m in Technology if m in PRE_LAUNCH],
+        choices=[m.value for m in Technology],
         help="launch mode (repeatable; default sev)",
     )
-    make.add_argument("--vcpus", action="append", type=int, help="SEV-ES vCPU count (repeatable)")
-    make.add_argument("--vcpu-type", help="QEMU CPU model for SEV-ES, e.g. EPYC-Milan")
+    make.add_argument(
+        "--vcpus",
+        action="append",
+        type=_vcpu_counts,
+        help="SEV-ES/SNP vCPU count(s): 4 or 1,2,4 (repeatable)",
+    )
+    make.add_argument("--vcpu-type", help="QEMU CPU model for SEV-ES/SNP, e.g. EPYC-Milan")
+    make.add_argument(
+        "--guest-features", type=parse_int, default=int(DEFAULT_GUEST_FEATURES), help="SNP SEV_FEATURES (0x1)"
+    )
+    make.add_argument("--vmm-type", default=VmmType.QEMU.value, help="SNP VMM type: QEMU, ec2, gce")
+    make.add_argument("--family-id", help="SNP ID block family id (32 hex digits; default zero)")
+    make.add_argument("--image-id", help="SNP ID block image id (32 hex digits; default zero)")
+    make.add_argument("--guest-svn", type=int, default=0, help="SNP guest SVN of this build (default 0)")
+    make.add_argument(
+        "--min-tcb",
+        action="append",
+        default=[],
+        metavar="PRODUCT=BL:TEE:SNP:UCODE",
+        help="SNP minimum TCB of a product (turin=FMC:BL:TEE:SNP:UCODE; repeatable)",
+    )
     make.add_argument(
         "--vmsa-layout",
         action="append",
@@ -87,9 +116,70 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     verify.set_defaults(func=_verify)
 
 
+def _vcpu_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a vCPU count or a comma-separated list") from None
+    if any(not 1 <= n <= 4096 for n in counts):
+        raise argparse.ArgumentTypeError(f"{text!r}: vCPU counts are 1..4096")
+    return counts
+
+
+def _snp_digests(
+    args: argparse.Namespace,
+    image: bytes,
+    hashes: KernelHashes | None,
+    kernel: bytes | None,
+    initrd: bytes | None,
+) -> list[ReferenceDigest]:
+    vmm = VmmType.parse(args.vmm_type)
+    if not args.vcpus or (vmm is VmmType.QEMU and not args.vcpu_type):
+        raise UsageError("--mode sev-snp needs --vcpus (and --vcpu-type under QEMU)")
+    sig = vcpu_signature(args.vcpu_type) if args.vcpu_type else None
+    out = []
+    for n in dict.fromkeys(c for counts in args.vcpus for c in counts):
+        ld = snp_launch_digest(
+            image,
+            vcpus=n,
+            vcpu_sig=sig,
+            guest_features=args.guest_features,
+            vmm_type=vmm,
+            kernel=kernel,
+            initrd=initrd,
+            cmdline=args.cmdline,
+        )
+        cfg = DigestConfig(
+            Technology.SEV_SNP,
+            vcpus=n,
+            vcpu_type=args.vcpu_type,
+            guest_features=args.guest_features,
+            vmm_type=vmm.value,
+            kernel_hashes=hashes,
+        )
+        out.append(ReferenceDigest(bytes(ld), cfg))
+    return out
+
+
+def _min_tcb(text: str) -> Any:
+    try:
+        return parse_min_tcb(text)
+    except SevError as exc:
+        raise UsageError(f"--min-tcb: {exc}") from None
+
+
+def _snp_reference(args: argparse.Namespace) -> SnpReference:
+    return SnpReference(
+        family_id=parse_hex(args.family_id, what="--family-id", length=16) if args.family_id else bytes(16),
+        image_id=parse_hex(args.image_id, what="--image-id", length=16) if args.image_id else bytes(16),
+        guest_svn=args.guest_svn,
+        min_tcb=tuple(_min_tcb(text) for text in args.min_tcb),
+    )
+
+
 def _digests(args: argparse.Namespace, image: bytes) -> list[ReferenceDigest]:
     if args.kernel is None and (args.initrd is not None or args.cmdline is not None):
-        raise CommandError("--initrd and --cmdline need --kernel")
+        raise UsageError("--initrd and --cmdline need --kernel")
     kernel = read_bytes(args.kernel) if args.kernel else None
     initrd = read_bytes(args.initrd) if args.initrd else None
     cmdline = args.cmdline
@@ -102,15 +192,18 @@ def _digests(args: argparse.Namespace, image: bytes) -> list[ReferenceDigest]:
         )
     out: list[ReferenceDigest] = []
     for mode in dict.fromkeys(args.mode or [Technology.SEV.value]):
+        if mode == Technology.SEV_SNP.value:
+            out += _snp_digests(args, image, hashes, kernel, initrd)
+            continue
         if mode == Technology.SEV.value:
             ld = launch_digest(image, mode="sev", kernel=kernel, initrd=initrd, cmdline=cmdline)
             out.append(ReferenceDigest(bytes(ld), DigestConfig(Technology.SEV, kernel_hashes=hashes)))
             continue
         if not args.vcpus or not args.vcpu_type:
-            raise CommandError("--mode sev-es needs --vcpus and --vcpu-type")
+            raise UsageError("--mode sev-es needs --vcpus and --vcpu-type")
         sig = vcpu_signature(args.vcpu_type)
         for layout in dict.fromkeys(args.vmsa_layout or [VMSALayout.init2.value]):
-            for n in dict.fromkeys(args.vcpus):
+            for n in dict.fromkeys(c for counts in args.vcpus for c in counts):
                 ld = launch_digest(
                     image,
                     mode="sev-es",
@@ -134,6 +227,9 @@ def _digests(args: argparse.Namespace, image: bytes) -> list[ReferenceDigest]:
 
 def _make(args: argparse.Namespace) -> int:
     image = read_bytes(args.firmware)
+    snp_mode = Technology.SEV_SNP.value in (args.mode or [])
+    if not snp_mode and (args.family_id or args.image_id or args.guest_svn or args.min_tcb):
+        raise UsageError("--family-id, --image-id, --guest-svn and --min-tcb need --mode sev-snp")
     manifest = make_manifest(
         publisher=args.publisher,
         firmware_name=args.name,
@@ -142,6 +238,7 @@ def _make(args: argparse.Namespace) -> int:
         valid_days=args.valid_days,
         firmware_sha256=hashlib.sha256(image).hexdigest(),
         revokes=args.revokes,
+        snp=_snp_reference(args) if snp_mode else None,
     )
     Path(args.out).write_bytes(manifest.to_json())
     print(
@@ -175,6 +272,7 @@ def _verify(args: argparse.Namespace) -> int:
                 "not_after": m.not_after.isoformat(),
                 "digests": [{"launch_digest": d.launch_digest.hex(), **d.config.to_obj()} for d in m.digests],
                 "revokes": list(m.revokes),
+                **({"snp": m.snp.to_obj()} if m.snp is not None else {}),
             },
             indent=2,
         )

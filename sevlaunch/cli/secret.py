@@ -1,4 +1,4 @@
-"""`sevlaunch secret build`: packages a secret table for LAUNCH_SECRET (PROTOCOL.md §6).
+"""`sevlaunch secret build`: packages a secret table (OVMF's SEV secret table) for LAUNCH_SECRET.
 
     sevlaunch secret build --tek tek.bin --tik tik.bin --launch-measure-blob B64 \\
         --secret 736869e5-84f0-4973-92ec-06879ce3da0b:passphrase.txt [--secret GUID:FILE ...] \\
@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from sevlaunch.cli import CommandError
+from sevlaunch.cli import CommandError, UsageError
 from sevlaunch.cli._common import parse_b64, read_bytes
 from sevlaunch.cli.bounds import int_in
 from sevlaunch.limits import MAX_SECRET_AREA_SIZE, U8_MAX
@@ -102,7 +102,7 @@ def _write(path: str, data: bytes, *, as_base64: bool) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     if (args.api_major is None) != (args.api_minor is None):
-        raise CommandError("give --api-major and --api-minor together, or neither")
+        raise UsageError("give --api-major and --api-minor together, or neither")
     keys = TransportKeys(_read_key(args.tek, "TEK"), _read_key(args.tik, "TIK"))
     measurement = LaunchMeasurement.from_b64(args.launch_measure_blob.strip())
     iv = None if args.iv is None else parse_b64(args.iv, what="--iv")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sevlaunch.cli import CommandError
+from sevlaunch.cli import CommandError, UsageError
 from sevlaunch.cli._common import parse_hex, parse_int, read_bytes
 
 ID_BLOCK_FILE = "id_block.b64"
@@ -38,15 +38,15 @@ def _run(args: argparse.Namespace) -> int:
     family_id = parse_hex(args.family_id, what="--family-id", length=ID_SIZE)
     image_id = parse_hex(args.image_id, what="--image-id", length=ID_SIZE)
     if not 0 <= args.policy < 1 << 64:
-        raise CommandError("--policy must fit in 64 bits")
+        raise UsageError("--policy must fit in 64 bits")
     if not args.policy & _POLICY_MUST_BE_ONE:
         # SNP_LAUNCH_START refuses such a policy: an ID block naming it could never be used.
-        raise CommandError(f"--policy {args.policy:#x} lacks bit 17, which SEV-SNP requires set")
+        raise UsageError(f"--policy {args.policy:#x} lacks bit 17, which SEV-SNP requires set")
     if not 0 <= args.guest_svn < 1 << 32:
-        raise CommandError("--guest-svn must fit in 32 bits")
+        raise UsageError("--guest-svn must fit in 32 bits")
     out = Path(args.out)
     if not out.is_dir():
-        raise CommandError(f"--out {out} is not a folder")
+        raise UsageError(f"--out {out} is not a folder")
     id_key = load_signing_key(read_bytes(args.id_key), what="--id-key")
     author_key = load_signing_key(read_bytes(args.author_key), what="--author-key")
 

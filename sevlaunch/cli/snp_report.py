@@ -22,7 +22,7 @@ import sys
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sevlaunch.cli import CommandError
+from sevlaunch.cli import CommandError, UsageError
 from sevlaunch.cli._common import read_bytes
 from sevlaunch.sev.errors import SevError
 
@@ -81,7 +81,7 @@ def _parse_at(value: str | None) -> datetime:
     try:
         at = datetime.fromisoformat(value)
     except ValueError:
-        raise CommandError(f"--at {value!r} is not YYYY-MM-DD[THH:MM:SS]") from None
+        raise UsageError(f"--at {value!r} is not YYYY-MM-DD[THH:MM:SS]") from None
     return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
 
 
@@ -203,7 +203,7 @@ def _product(given: str | None, report: AttestationReport, vek: x509.Certificate
     for product in Product:
         if issuer_cns & {f"SEV-{product.kds_name}", f"SEV-VLEK-{product.kds_name}"}:
             return product
-    raise CommandError(
+    raise UsageError(
         f"cannot tell the product of a v{report.version} report issued by "
         f"{vek.issuer.rfc4514_string()}: give --product"
     )
@@ -255,6 +255,6 @@ def run_vcek_url(args: argparse.Namespace) -> int:
         raise CommandError("the report is VLEK-signed: a VLEK comes from the cloud provider, not from KDS")
     product = Product(args.product) if args.product else None
     if product is None and not report.cpuid_fam_id:
-        raise CommandError(f"a v{report.version} report does not say its product: give --product")
+        raise UsageError(f"a v{report.version} report does not say its product: give --product")
     print(report_vcek_url(report, product, base_url=args.kds_url or DEFAULT_KDS_URL))
     return 0

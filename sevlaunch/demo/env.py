@@ -168,7 +168,8 @@ def verify_audit_chain(records: Sequence[owner_pb2.AuditRecord]) -> str:
             canonical=canonical_record(
                 rec.seq,
                 rec.time_unix,
-                {name: getattr(rec, name) for name in _AUDIT_EVENT_FIELDS},
+                {name: getattr(rec, name) for name in _AUDIT_EVENT_FIELDS}
+                | ({"launch_id": rec.launch_id} if rec.launch_id else {}),
                 rec.prev_hash,
             ),
             prev_hash=rec.prev_hash,
@@ -522,6 +523,14 @@ class DemoEnvironment:
     def destroy(self, launch_id: str) -> None:
         self.launcher().DestroyGuest(
             launcher_pb2.DestroyGuestRequest(launch_id=launch_id), timeout=self.call_timeout
+        )
+
+    def owner_audit_events(self) -> list[owner_pb2.AuditRecord]:
+        """The owner's audit records over GetAuditLog (the first page, 1000 records: enough for a demo)."""
+        return list(
+            self.owner_admin()
+            .GetAuditLog(owner_pb2.GetAuditLogRequest(after_seq=0, limit=1000), timeout=self.call_timeout)
+            .records
         )
 
     def audit(self) -> AuditResult:

@@ -54,16 +54,35 @@ class ServerSettings(Protocol):
     def grace(self) -> float: ...
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help shows its default (unless the help text already names one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, "", False) or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_server_flags(
     parser: argparse.ArgumentParser, *, listen: str, identity: str, metrics_listen: str
 ) -> None:
+    """The flags every service has, `--version`, and help texts that show defaults."""
+    from sevlaunch import __version__
+
+    if parser.formatter_class is argparse.HelpFormatter:
+        parser.formatter_class = HelpFormatter
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--listen", default=listen, help="gRPC (mTLS) address HOST:PORT")
     parser.add_argument("--tls-dir", required=True, help="folder with ca.pem and IDENTITY.pem/.key")
     parser.add_argument(
         "--identity", default=identity, help="certificate name in the TLS folder (also the client identity)"
     )
     parser.add_argument(
-        "--metrics-listen", default=metrics_listen, help="Prometheus HOST:PORT; '' or 'off' disables"
+        "--metrics-listen",
+        default=metrics_listen,
+        help="Prometheus /metrics at HOST:PORT; a bare :PORT listens on 127.0.0.1 only, give "
+        "0.0.0.0:PORT for every interface; '' or 'off' disables",
     )
     parser.add_argument(
         "--health-listen",
@@ -71,9 +90,16 @@ def add_server_flags(
         help="plaintext HOST:PORT serving only grpc.health.v1.Health (probes); '' or 'off' disables",
     )
     parser.add_argument(
-        "--grace", type=float, default=DEFAULT_GRACE_SECONDS, help="seconds in-flight calls get on SIGTERM"
+        "--grace",
+        type=float,
+        default=DEFAULT_GRACE_SECONDS,
+        metavar="SECONDS",
+        help="seconds in-flight calls get to finish on SIGTERM",
     )
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
+        help="least severe level logged (JSON lines on stderr)",
+    )  # fmt: skip
 
 
 def optional_address(value: str | None) -> str | None:

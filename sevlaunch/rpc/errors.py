@@ -1,6 +1,6 @@
 """Typed errors → gRPC status with a `google.rpc.ErrorInfo` detail, and back for clients.
 
-The mapping is ARCHITECTURE.md's, in one place. Only the classes below reach the caller with their
+The mapping is docs/CONTRACTS.md's, in one place. Only the classes below reach the caller with their
 reason and detail; any other exception becomes INTERNAL with a request id and nothing else, because its
 message may hold anything (paths, key material in a repr, ...).
 """

@@ -43,7 +43,7 @@ def parse_args_with_env(
     groups = {id(a): g for g in parser._mutually_exclusive_groups for a in g._group_actions}
     for action in parser._actions:
         option = _long_option(action)
-        if option is None or option == "--help":
+        if option is None or isinstance(action, argparse._HelpAction | argparse._VersionAction):
             continue
         name = env_name(option, prefix)
         # Mention the variable in --help, so the environment is discoverable.

@@ -29,7 +29,8 @@ import grpc.aio
 from sevlaunch.errors import InvalidArgument, PermissionDenied
 from sevlaunch.rpc.authz import AuthzPolicy, identity_from_auth_context
 from sevlaunch.rpc.errors import STATUS_DETAILS_KEY, MappedError, map_exception
-from sevlaunch.rpc.metrics import RpcMetrics
+from sevlaunch.rpc.launchid import launch_id_from_metadata, set_launch_id
+from sevlaunch.rpc.metrics import RpcMetrics, grpc_type, split_method
 
 log = logging.getLogger("sevlaunch.rpc")
 
@@ -45,6 +46,53 @@ class Caller:
     identity: str
     method: str
     request_id: str
+    launch_id: str | None = None
+
+
+#: Outcomes of `sevlaunch_rpc_outcomes_total`.
+OK, REFUSED, ERROR = "ok", "refused", "error"
+# Status codes that mean "the request was refused" (the caller's fault or choice), not a server error.
+_REFUSAL_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+
+@dataclass
+class _CallState:
+    """Mutable per-call facts a servicer may add (see `mark_outcome`)."""
+
+    outcome: str | None = None
+
+
+_state: contextvars.ContextVar[_CallState | None] = contextvars.ContextVar(
+    "sevlaunch_rpc_state", default=None
+)
+
+
+def mark_outcome(outcome: str) -> None:
+    """Tells the shell how the current call ended when its status cannot: a streaming RPC that reports
+    a refusal in a message (Launch's PHASE_FAILED event) ends with OK, but is counted as `refused` (or
+    `error`) in `sevlaunch_rpc_outcomes_total`. Outside an RPC it does nothing."""
+    if outcome not in (OK, REFUSED, ERROR):
+        raise ValueError(f"outcome must be {OK}, {REFUSED} or {ERROR}")
+    state = _state.get()
+    if state is not None:
+        state.outcome = outcome
+
+
+def outcome_of(code: grpc.StatusCode) -> str:
+    if code is grpc.StatusCode.OK:
+        return OK
+    return REFUSED if code in _REFUSAL_CODES else ERROR
 
 
 _current: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("sevlaunch_rpc_caller", default=None)
@@ -127,28 +175,32 @@ class ShellInterceptor(_Interceptor):
             return handler  # unknown method: grpc answers UNIMPLEMENTED
         method = handler_call_details.method
         decode = handler.request_deserializer
+        kind = grpc_type(
+            client_streaming=bool(handler.request_streaming),
+            server_streaming=bool(handler.response_streaming),
+        )
         # request_deserializer=None: gRPC passes the raw bytes; the wrapper decodes them after authz.
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.unary_unary, decode, streaming=False),
+                self._wrap_unary(method, handler.unary_unary, decode, kind=kind, streaming=False),
                 request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.stream_unary, decode, streaming=True),
+                self._wrap_unary(method, handler.stream_unary, decode, kind=kind, streaming=True),
                 request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(method, handler.unary_stream, decode, streaming=False),
+                self._wrap_stream(method, handler.unary_stream, decode, kind=kind, streaming=False),
                 request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
-                self._wrap_stream(method, handler.stream_stream, decode, streaming=True),
+                self._wrap_stream(method, handler.stream_stream, decode, kind=kind, streaming=True),
                 request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
@@ -162,7 +214,7 @@ class ShellInterceptor(_Interceptor):
         except Exception:
             # Whatever the parser raised (DecodeError, a recursion limit, ...) says only "not a message";
             # its text is not passed on and no traceback is logged: the caller controls these bytes.
-            self._metrics.undecodable.labels(method).inc()
+            self._metrics.undecodable.labels(*split_method(method)).inc()
             raise UndecodableRequest(method) from None
 
     def _request(self, method: str, decode: Deserializer, raw: Any, *, streaming: bool) -> Any:
@@ -178,18 +230,25 @@ class ShellInterceptor(_Interceptor):
 
         return messages()
 
-    async def _enter(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+    async def _enter(self, method: str, kind: str, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
         request_id = _request_id(context)
         identity = identity_from_auth_context(context.auth_context())
-        caller = Caller(identity or "", method, request_id)
+        # The launch this call belongs to (x-sevlaunch-launch-id): every log line of the call names it.
+        launch_id = launch_id_from_metadata(context.invocation_metadata())
+        caller = Caller(identity or "", method, request_id, launch_id)
         _current.set(caller)
+        _state.set(_CallState())
+        set_launch_id(launch_id)
+        service, name = split_method(method)
+        self._metrics.started.labels(kind, service, name).inc()
         if not self._authz.allows(method, identity):
-            self._metrics.denied.labels(method).inc()
-            self._metrics.requests.labels(method, grpc.StatusCode.PERMISSION_DENIED.name).inc()
+            self._metrics.denied.labels(service, name).inc()
+            self._metrics.handled.labels(kind, service, name, grpc.StatusCode.PERMISSION_DENIED.name).inc()
+            self._metrics.outcomes.labels(service, name, REFUSED).inc()
             log.warning(
                 "rpc denied", extra={"method": method, "identity": identity, "request_id": request_id}
             )
-            mapped_status = _denied_status(method, request_id)
+            mapped_status = _denied_status(method, request_id, identity, self._authz.rules.get(method))
             await context.abort(mapped_status.code, mapped_status.details, mapped_status.trailing_metadata)
         return caller
 
@@ -229,12 +288,20 @@ class ShellInterceptor(_Interceptor):
         status = mapped.to_status()
         await context.abort(status.code, status.details, status.trailing_metadata)
 
-    def _done(self, caller: Caller, start: float, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    def _done(
+        self, caller: Caller, kind: str, start: float, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
         code = context.code()
         code_name = code.name if isinstance(code, grpc.StatusCode) else _code_name(code)
         elapsed = time.perf_counter() - start
-        self._metrics.requests.labels(caller.method, code_name).inc()
-        self._metrics.latency.labels(caller.method).observe(elapsed)
+        service, name = split_method(caller.method)
+        self._metrics.handled.labels(kind, service, name, code_name).inc()
+        self._metrics.latency.labels(kind, service, name).observe(elapsed)
+        state = _state.get()
+        status = _status_code(code) or grpc.StatusCode.OK
+        # A status other than OK decides; with OK, a servicer may have said the call was refused.
+        outcome = outcome_of(status) if status is not grpc.StatusCode.OK else (state and state.outcome) or OK
+        self._metrics.outcomes.labels(service, name, outcome).inc()
         log.info(
             "rpc",
             extra={
@@ -247,10 +314,10 @@ class ShellInterceptor(_Interceptor):
         )
 
     def _wrap_unary(
-        self, method: str, behavior: Callable[..., Any], decode: Deserializer, *, streaming: bool
+        self, method: str, behavior: Callable[..., Any], decode: Deserializer, *, kind: str, streaming: bool
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
         async def wrapped(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            caller = await self._enter(method, context)
+            caller = await self._enter(method, kind, context)
             start = time.perf_counter()
             try:
                 request = self._request(method, decode, raw, streaming=streaming)
@@ -262,15 +329,15 @@ class ShellInterceptor(_Interceptor):
             except Exception as exc:
                 await self._fail(caller, exc, context)
             finally:
-                self._done(caller, start, context)
+                self._done(caller, kind, start, context)
 
         return wrapped
 
     def _wrap_stream(
-        self, method: str, behavior: Callable[..., Any], decode: Deserializer, *, streaming: bool
+        self, method: str, behavior: Callable[..., Any], decode: Deserializer, *, kind: str, streaming: bool
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
         async def wrapped(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            caller = await self._enter(method, context)
+            caller = await self._enter(method, kind, context)
             start = time.perf_counter()
             try:
                 request = self._request(method, decode, raw, streaming=streaming)
@@ -282,7 +349,7 @@ class ShellInterceptor(_Interceptor):
             except Exception as exc:
                 await self._fail(caller, exc, context)
             finally:
-                self._done(caller, start, context)
+                self._done(caller, kind, start, context)
 
         return wrapped
 
@@ -303,6 +370,18 @@ def _code_name(code: object) -> str:
     return str(code)
 
 
-def _denied_status(method: str, request_id: str) -> grpc.Status:
-    refusal = PermissionDenied("caller_not_authorized", f"this identity may not call {method}")
+def _denied_status(
+    method: str, request_id: str, identity: str | None, allowed: frozenset[str] | None
+) -> grpc.Status:
+    """PERMISSION_DENIED naming what to change: the identity the caller presented ("" when its
+    certificate has no usable CN) and the roles that may call the method (none: a method nobody may
+    call). The roles are the proto's documented role tables, so naming them discloses nothing new."""
+    who = repr(identity) if identity else "a certificate without exactly one usable CN"
+    roles = sorted(allowed or ())
+    refusal = PermissionDenied(
+        "caller_not_authorized",
+        f"{who} may not call {method}"
+        + (f"; the roles allowed are {', '.join(roles)}" if roles else "; no role may call it"),
+        metadata={"identity": identity or "", "allowed_roles": ",".join(roles)},
+    )
     return map_exception(refusal, request_id).to_status()

@@ -8,6 +8,8 @@ import logging
 import sys
 from typing import Any
 
+from sevlaunch.rpc.launchid import current_launch_id
+
 # LogRecord attributes that are plumbing, not content; everything else passed via `extra=` is emitted.
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None))) | {
     "message",
@@ -26,6 +28,11 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        # The launch this line belongs to (an incoming call's x-sevlaunch-launch-id, or a launch scope):
+        # one id ties the launcher's, platform's and owner's lines of a launch together.
+        launch_id = current_launch_id()
+        if launch_id is not None:
+            obj["launch_id"] = launch_id
         for key, value in vars(record).items():
             if key not in _STANDARD_ATTRS and not key.startswith("_"):
                 obj[key] = value

@@ -30,7 +30,7 @@ from grpc_reflection.v1alpha import reflection
 
 from sevlaunch.rpc.authz import AuthzPolicy
 from sevlaunch.rpc.interceptor import ShellInterceptor
-from sevlaunch.rpc.metrics import MetricsHTTPServer, RpcMetrics, start_metrics_server
+from sevlaunch.rpc.metrics import MetricsHTTPServer, RpcMetrics, service_label, start_metrics_server
 from sevlaunch.rpc.tls import server_credentials
 
 log = logging.getLogger("sevlaunch.rpc")
@@ -60,7 +60,7 @@ class RpcServer:
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.service_names = (service_name, *extra_service_names)
-        self.metrics = RpcMetrics()
+        self.metrics = RpcMetrics(service=service_label(service_name))
         self.grace = grace
         self._listen = listen
         self._metrics_listen = metrics_listen

@@ -13,6 +13,8 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from sevlaunch.rpc.client import ClientMetrics, aio_client_interceptors, intercept_sync
+
 # A client whose server certificate lacks the endpoint's name may pin the expected name instead.
 ChannelOptions = Sequence[tuple[str, Any]]
 
@@ -75,10 +77,15 @@ def secure_channel(
     *,
     server_name: str | None = None,
     options: ChannelOptions = (),
+    metrics: ClientMetrics | None = None,
 ) -> grpc.aio.Channel:
-    """An asyncio mTLS channel presenting `identity`'s certificate."""
+    """An asyncio mTLS channel presenting `identity`'s certificate. Its calls carry the current launch
+    id (sevlaunch.rpc.launchid) and, with `metrics`, are counted as grpc_client_*."""
     return grpc.aio.secure_channel(
-        endpoint, channel_credentials(tls_dir, identity), options=_options(server_name, options)
+        endpoint,
+        channel_credentials(tls_dir, identity),
+        options=_options(server_name, options),
+        interceptors=aio_client_interceptors(metrics),
     )
 
 
@@ -90,6 +97,7 @@ def secure_channel_sync(
     server_name: str | None = None,
     options: ChannelOptions = (),
 ) -> grpc.Channel:
-    """A blocking mTLS channel presenting `identity`'s certificate."""
+    """A blocking mTLS channel presenting `identity`'s certificate; its calls carry the current launch
+    id (sevlaunch.rpc.launchid)."""
     credentials = channel_credentials(tls_dir, identity)
-    return grpc.secure_channel(endpoint, credentials, options=_options(server_name, options))
+    return intercept_sync(grpc.secure_channel(endpoint, credentials, options=_options(server_name, options)))

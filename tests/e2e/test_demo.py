@@ -260,7 +260,12 @@ def test_keep_leaves_services_running_and_metrics_count_what_happened(kept_demo:
     assert value(launcher, "sevlaunch_launcher_launches_in_flight") == 0
     assert (
         value(
-            launcher, "sevlaunch_rpc_requests_total", method="/sevlaunch.v1.LauncherService/Launch", code="OK"
+            launcher,
+            "grpc_server_handled_total",
+            grpc_type="server_stream",
+            grpc_service="sevlaunch.v1.LauncherService",
+            grpc_method="Launch",
+            grpc_code="OK",
         )
         == 2
     )
@@ -298,9 +303,11 @@ def test_keep_leaves_services_running_and_metrics_count_what_happened(kept_demo:
     assert (
         value(
             owner,
-            "sevlaunch_rpc_requests_total",
-            method="/sevlaunch.v1.OwnerService/ReleaseSecret",
-            code="PERMISSION_DENIED",
+            "grpc_server_handled_total",
+            grpc_type="unary",
+            grpc_service="sevlaunch.v1.OwnerService",
+            grpc_method="ReleaseSecret",
+            grpc_code="PERMISSION_DENIED",
         )
         == 1
     )
@@ -310,9 +317,11 @@ def test_keep_leaves_services_running_and_metrics_count_what_happened(kept_demo:
     assert (
         value(
             platform,
-            "sevlaunch_rpc_requests_total",
-            method="/sevlaunch.v1.PlatformService/GetCertificateChain",
-            code="OK",
+            "grpc_server_handled_total",
+            grpc_type="unary",
+            grpc_service="sevlaunch.v1.PlatformService",
+            grpc_method="GetCertificateChain",
+            grpc_code="OK",
         )
         == 2
     )

@@ -14,9 +14,11 @@ from launcher_svc.core.ports import (
     LaunchSecurityInfo,
     LifecycleHandler,
     SevCapabilities,
+    SnpCapabilities,
 )
 from launcher_svc.core.preflight import FirmwareImage, SecretArea
-from sevlaunch.errors import FailedPrecondition
+from launcher_svc.core.reasons import LaunchReason
+from sevlaunch.errors import FailedPrecondition, ServiceError
 
 #: How long a held call waits at most for the test to let it go (a test that forgets does not hang).
 HOLD_LIMIT = 10.0
@@ -33,6 +35,10 @@ class FakeHypervisor:
         self.ended: list[str] = []  # calls returned, in order
         self.firmware_seen: list[FirmwareImage] = []
         self._gates: dict[str, threading.Event] = {}
+        # SEV-SNP: what `snp_capabilities` raises (a host without SNP) and whether the firmware refuses
+        # SNP_LAUNCH_FINISH at start (QEMU exits: no domain runs, no guest context stays).
+        self.snp_unsupported: ServiceError | None = None
+        self.refuse_snp_finish = False
 
     # -- holding calls ---------------------------------------------------------------------------
 
@@ -82,6 +88,29 @@ class FakeHypervisor:
             self.xml.setdefault(name, "")
         self._end("start_paused")
 
+    def snp_capabilities(self) -> SnpCapabilities:
+        if self.snp_unsupported is not None:
+            raise self.snp_unsupported
+        return SnpCapabilities(cbitpos=51, reduced_phys_bits=1, max_snp_guests=16, guest_features=0x1)
+
+    def start_snp(self, name: str, firmware: FirmwareImage) -> None:
+        with self.lock:
+            if name not in self.domains:
+                raise FailedPrecondition("domain_not_found", name)
+        self.firmware_seen.append(firmware)
+        self._begin("start_snp")
+        if self.refuse_snp_finish:
+            self._end("start_snp")
+            raise FailedPrecondition(
+                LaunchReason.SNP_LAUNCH_REFUSED,
+                "the firmware refused SNP_LAUNCH_FINISH with BAD_MEASUREMENT",
+                metadata={"firmware_status": "BAD_MEASUREMENT", "command": "SNP_LAUNCH_FINISH"},
+            )
+        with self.lock:
+            self.contexts.add(name)
+            self.domains[name] = DomainState.RUNNING
+        self._end("start_snp")
+
     def launch_security_info(self, name: str) -> LaunchSecurityInfo:
         self._begin("launch_security_info")
         policy = parse_domain_xml(self.xml[name]).policy
@@ -110,10 +139,11 @@ class FakeHypervisor:
 
     def list_domains(self) -> list[DomainInfo]:
         with self.lock:
-            return [
-                DomainInfo(name, name, state, sev=True, sev_es=False, launch_id=None)
-                for name, state in self.domains.items()
-            ]
+            out = []
+            for name, state in self.domains.items():
+                snp = bool(self.xml.get(name)) and parse_domain_xml(self.xml[name]).snp
+                out.append(DomainInfo(name, name, state, sev=True, sev_es=snp, launch_id=None, snp=snp))
+            return out
 
     def set_lifecycle_handler(self, handler: LifecycleHandler | None) -> None:
         pass

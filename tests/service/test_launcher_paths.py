@@ -26,7 +26,7 @@ def test_a_key_into_a_missing_folder_names_the_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    assert cli_main(["keygen", "--out", "pub/key"]) == 2
+    assert cli_main(["keygen", "--out", "pub/key"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == "sevlaunch: error: cannot write pub/key: folder pub does not exist"
     assert not (tmp_path / "pub").exists()

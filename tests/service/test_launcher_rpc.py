@@ -299,3 +299,48 @@ def test_unusable_godh_is_refused_before_anything_is_defined(env_factory: Callab
     # The real GODH still works afterwards (the refusals left no admission or name behind).
     prepared, _ = env.prepare()
     assert prepared.launch_id
+
+
+def test_snp_requests_through_the_server(env_factory: Callable[..., Env]) -> None:
+    env = env_factory()
+    s = env.session()
+
+    def snp(**kw: Any) -> launcher_pb2.GuestSpec:
+        base: dict[str, Any] = dict(
+            name="g", memory_mib=256, vcpus=1, firmware_path=OVMF, mode=launcher_pb2.SEV_MODE_SEV_SNP,
+            snp_policy=0x30000,
+        )  # fmt: skip
+        base.update(kw)
+        return launcher_pb2.GuestSpec(**base)
+
+    def prepare(guest: launcher_pb2.GuestSpec) -> tuple[grpc.StatusCode, str]:
+        return _code(
+            lambda: env.stub().PrepareLaunch(
+                launcher_pb2.PrepareLaunchRequest(
+                    spec=guest, godh_cert=s.godh.to_bytes(), session=s.blob.to_bytes()
+                )
+            )
+        )
+
+    assert prepare(snp()) == (grpc.StatusCode.INVALID_ARGUMENT, "snp_needs_orchestrated")
+    assert prepare(snp(snp_policy=0x10000)) == (grpc.StatusCode.INVALID_ARGUMENT, "bad_policy")
+    assert prepare(snp(vmm_type="ec2")) == (grpc.StatusCode.INVALID_ARGUMENT, "bad_vmm_type")
+    assert prepare(snp(kernel_path=OVMF, kernel_hashes=False)) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "bad_kernel",
+    )
+    sev_with_snp_field = launcher_pb2.GuestSpec(
+        name="g", memory_mib=256, vcpus=1, firmware_path=OVMF, policy=3, guest_features=1
+    )
+    assert prepare(sev_with_snp_field) == (grpc.StatusCode.INVALID_ARGUMENT, "bad_guest_features")
+    code, reason = _code(
+        lambda: list(
+            env.stub().Launch(
+                launcher_pb2.LaunchRequest(
+                    spec=snp(), owner=launcher_pb2.OwnerRef(endpoint="localhost:1", workload_id="w")
+                )
+            )
+        )
+    )
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "not_configured")
+    assert env.core.hv.list_domains() == []

@@ -131,7 +131,7 @@ def test_audit_verify_command_reads_postgresql(
     (tmp_path / "other.kek").write_bytes(b"o" * 32)
     (tmp_path / "other.kek").chmod(0o600)
     assert (
-        cli_main(["owner", "audit", "verify", "--db", pg_dsn, "--kek-file", str(tmp_path / "other.kek")]) == 2
+        cli_main(["owner", "audit", "verify", "--db", pg_dsn, "--kek-file", str(tmp_path / "other.kek")]) == 1
     )
     assert "MAC does not verify" in capsys.readouterr().err
     # A superuser edits a record (triggers off): the hash shows it; then a cut tail shows against the head.
@@ -140,13 +140,13 @@ def test_audit_verify_command_reads_postgresql(
         original = conn.execute("SELECT canonical FROM audit WHERE seq = 2").fetchone()
         assert original is not None
         conn.execute("UPDATE audit SET canonical = replace(canonical, 'allowed', 'refused') WHERE seq = 2")
-        assert cli_main(["owner", "audit", "verify", "--db", pg_dsn]) == 2
+        assert cli_main(["owner", "audit", "verify", "--db", pg_dsn]) == 1
         assert "audit record 2: content does not match its hash" in capsys.readouterr().err
         conn.execute("UPDATE audit SET canonical = %s WHERE seq = 2", (original[0],))
         assert cli_main(["owner", "audit", "verify", "--db", pg_dsn, *kek_args]) == 0
         conn.execute("DELETE FROM audit WHERE seq = (SELECT max(seq) FROM audit)")
         capsys.readouterr()
-        assert cli_main(["owner", "audit", "verify", "--db", pg_dsn]) == 2
+        assert cli_main(["owner", "audit", "verify", "--db", pg_dsn]) == 1
         assert "truncated or edited" in capsys.readouterr().err
     # The command only reads: the rows it verified are still there, nothing was added.
     with psycopg.connect(pg_dsn) as conn:
@@ -159,7 +159,7 @@ def test_audit_verify_command_reads_postgresql(
     assert verify_audit_db(fresh) == 0
     capsys.readouterr()
     nowhere = f"postgresql://u:s3cret@/db?host={tmp_path}/none&connect_timeout=2&sslpassword=k3ypass"
-    assert cli_main(["owner", "audit", "verify", "--db", nowhere]) == 2
+    assert cli_main(["owner", "audit", "verify", "--db", nowhere]) == 1
     err_text = capsys.readouterr().err
     assert "PostgreSQL (" in err_text and "s3cret" not in err_text and "k3ypass" not in err_text
     assert "dbname=db" in err_text and "user=u" in err_text

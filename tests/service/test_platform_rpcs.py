@@ -97,14 +97,16 @@ def test_cli_chain_out_verifies_with_sevlaunch_verify(
     assert emulated_chip.chip_id_hex() in printed and '"state"' in printed
     ca = emulated_chip.state_dir / "ask_ark.cert"
     assert cli_main(["verify", "--chain", str(out), "--ca", str(ca)]) == 0
-    # A caller without a role gets a refusal, printed as a one-line error (exit status 2).
-    assert cli_main(["platform", "id", *common, "--identity", "owner"]) == 2
+    # A caller without a role gets a refusal, printed as a one-line error (exit status 1).
+    assert cli_main(["platform", "id", *common, "--identity", "owner"]) == 1
     assert "PERMISSION_DENIED" in capsys.readouterr().err
     # The CLI checks whom it reached: a platform is not accepted where an owner is expected (the
     # handshake fails; every dev server certificate is valid for localhost, only the identity differs).
-    assert cli_main(["platform", "id", *common, "--server-identity", "owner", "--timeout", "3"]) == 2
-    assert "UNAVAILABLE" in capsys.readouterr().err
-    assert cli_main(["platform", "id", *common, "--server-identity", "bad name!"]) == 2
+    assert cli_main(["platform", "id", *common, "--server-identity", "owner", "--timeout", "3"]) == 1
+    assert "this endpoint is not the owner service; check the address, or see --server-identity" in (
+        capsys.readouterr().err
+    )
+    assert cli_main(["platform", "id", *common, "--server-identity", "bad name!"]) == 1
     assert "neither an identity name nor a DNS name" in capsys.readouterr().err
 
 
@@ -292,8 +294,13 @@ def test_concurrent_chain_requests_cost_one_firmware_export(
     )
     assert samples[("sevlaunch_chain_cache_misses_total", ())] == 1
     assert samples[("sevlaunch_chain_cache_hits_total", ())] == 199
-    method = "/sevlaunch.v1.PlatformService/GetCertificateChain"
-    assert samples[("sevlaunch_rpc_requests_total", (("code", "OK"), ("method", method)))] == 200
+    labels = (
+        ("grpc_code", "OK"),
+        ("grpc_method", "GetCertificateChain"),
+        ("grpc_service", "sevlaunch.v1.PlatformService"),
+        ("grpc_type", "unary"),
+    )
+    assert samples[("grpc_server_handled_total", labels)] == 200
 
 
 def test_metrics_after_a_session_show_the_right_counts(start_platform: Any, tls_dir: Path) -> None:
@@ -310,16 +317,23 @@ def test_metrics_after_a_session_show_the_right_counts(start_platform: Any, tls_
     with ch, pytest.raises(grpc.RpcError):
         stub.GetIdentifier(pb.GetIdentifierRequest(), timeout=10)
     s = _samples(running.metrics_url)
-    prefix = "/sevlaunch.v1.PlatformService/"
+    service = "sevlaunch.v1.PlatformService"
 
     def rpc(method: str, code: str) -> float:
-        return s[("sevlaunch_rpc_requests_total", (("code", code), ("method", prefix + method)))]
+        labels = (
+            ("grpc_code", code),
+            ("grpc_method", method),
+            ("grpc_service", service),
+            ("grpc_type", "unary"),
+        )
+        return s[("grpc_server_handled_total", labels)]
 
     assert rpc("GetCertificateChain", "OK") == 4
     assert rpc("RotatePDH", "OK") == 1
     assert rpc("FactoryReset", "INVALID_ARGUMENT") == 1
     assert rpc("GetIdentifier", "PERMISSION_DENIED") == 1
-    assert s[("sevlaunch_rpc_duration_seconds_count", (("method", prefix + "GetCertificateChain"),))] == 4
+    latency = (("grpc_method", "GetCertificateChain"), ("grpc_service", service), ("grpc_type", "unary"))
+    assert s[("grpc_server_handling_seconds_count", latency)] == 4
     # Two exports for the chain (before and after the rotation) and one by RotatePDH for its reply.
     fw = ("sevlaunch_firmware_commands_total", (("command", "PDH_CERT_EXPORT"), ("status", "SUCCESS")))
     assert s[fw] == 3

@@ -37,7 +37,7 @@ UNDECODABLE = b"\x0a\x64ab"  # field 1, length 100, two bytes follow
 UNTYPED = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 # The documented role tables: README ("The admin RPCs ... need the platform-admin identity"; client
-# commands use `client`; the launcher reads the platform), ARCHITECTURE.md (owner: "OpenSession /
+# commands use `client`; the launcher reads the platform), CONTRACTS.md (owner: "OpenSession /
 # ReleaseSecret for launcher and client; everything else owner-admin"; the launcher serves `client`).
 PLATFORM_READERS = frozenset({"launcher", "client", "platform-admin"})
 PLATFORM_ADMINS = frozenset({"platform-admin"})
@@ -53,6 +53,14 @@ ROLES: dict[str, dict[str, frozenset[str]]] = {
         "GetPEKCSR": PLATFORM_ADMINS,
         "ImportPEKCertificate": PLATFORM_ADMINS,
         "FactoryReset": PLATFORM_ADMINS,
+        # SEV-SNP (README, platform_svc): the readers' views; committing, configuring and installing the
+        # guests' certificate table are admin calls.
+        "GetSnpStatus": PLATFORM_READERS,
+        "GetVekChain": PLATFORM_READERS,
+        "GetSnpCertTable": PLATFORM_READERS,
+        "InstallSnpCertTable": PLATFORM_ADMINS,
+        "CommitSnp": PLATFORM_ADMINS,
+        "SetSnpConfig": PLATFORM_ADMINS,
     },
     "sevlaunch.v1.OwnerService": {
         "OpenSession": OWNER_LAUNCH,

@@ -275,13 +275,28 @@ def test_metrics_count_rpcs_by_method_and_code(shell: Any, tls_dir: Path) -> Non
         for fam in text_string_to_metric_families(text)
         for s in fam.samples
     }
-    echo = f"/{SERVICE}/Echo"
-    assert samples[("sevlaunch_rpc_requests_total", (("code", "OK"), ("method", echo)))] == 3
-    assert samples[("sevlaunch_rpc_requests_total", (("code", "PERMISSION_DENIED"), ("method", echo)))] == 1
-    raise_ = f"/{SERVICE}/Raise"
-    assert samples[("sevlaunch_rpc_requests_total", (("code", "INVALID_ARGUMENT"), ("method", raise_)))] == 1
-    assert samples[("sevlaunch_rpc_duration_seconds_count", (("method", echo),))] == 3
-    assert samples[("sevlaunch_rpc_denied_total", (("method", echo),))] == 1
+
+    def handled(method: str, code: str) -> float:
+        labels = (
+            ("grpc_code", code),
+            ("grpc_method", method),
+            ("grpc_service", SERVICE),
+            ("grpc_type", "unary"),
+        )
+        return samples[("grpc_server_handled_total", labels)]
+
+    assert handled("Echo", "OK") == 3
+    assert handled("Echo", "PERMISSION_DENIED") == 1
+    assert handled("Raise", "INVALID_ARGUMENT") == 1
+    echo = (("grpc_method", "Echo"), ("grpc_service", SERVICE))
+    assert samples[("grpc_server_handling_seconds_count", (*echo, ("grpc_type", "unary")))] == 3
+    assert samples[("grpc_server_started_total", (*echo, ("grpc_type", "unary")))] == 4
+    assert samples[("sevlaunch_rpc_denied_total", echo)] == 1
+    # Outcomes: the refusals (denied, invalid argument) are counted as refused, not as errors.
+    assert samples[("sevlaunch_rpc_outcomes_total", (*echo, ("outcome", "ok")))] == 3
+    assert samples[("sevlaunch_rpc_outcomes_total", (*echo, ("outcome", "refused")))] == 1
+    raise_ = (("grpc_method", "Raise"), ("grpc_service", SERVICE), ("outcome", "refused"))
+    assert samples[("sevlaunch_rpc_outcomes_total", raise_)] == 1
 
 
 def test_json_formatter_emits_one_object_per_line() -> None:

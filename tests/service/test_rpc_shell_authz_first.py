@@ -102,8 +102,9 @@ def test_no_role_caller_sending_undecodable_bytes_is_refused_before_parsing(
     assert info.code is grpc.StatusCode.PERMISSION_DENIED
     assert (info.domain, info.reason) == ("sevlaunch", "caller_not_authorized")
     samples = _samples(shell.metrics_url)
-    assert samples[("sevlaunch_rpc_denied_total", (("method", method),))] == 1
-    assert ("sevlaunch_rpc_undecodable_requests_total", (("method", method),)) not in samples
+    labels = (("grpc_method", "Client"), ("grpc_service", SERVICE))
+    assert samples[("sevlaunch_rpc_denied_total", labels)] == 1
+    assert ("sevlaunch_rpc_undecodable_requests_total", labels) not in samples
     _no_traceback(caplog)
 
 
@@ -125,8 +126,10 @@ def test_authorised_caller_sending_undecodable_bytes_gets_typed_invalid_argument
     assert info.metadata["request_id"]
     assert "Error" not in info.message and "Unexpected" not in info.message  # no Python exception text
     samples = _samples(shell.metrics_url)
-    assert samples[("sevlaunch_rpc_undecodable_requests_total", (("method", method),))] == 1
-    assert samples[("sevlaunch_rpc_requests_total", (("code", "INVALID_ARGUMENT"), ("method", method)))] == 1
+    labels = (("grpc_method", "Client"), ("grpc_service", SERVICE))
+    assert samples[("sevlaunch_rpc_undecodable_requests_total", labels)] == 1
+    handled = (("grpc_code", "INVALID_ARGUMENT"), *labels, ("grpc_type", "unary"))
+    assert samples[("grpc_server_handled_total", handled)] == 1
     _no_traceback(caplog)
     assert any(r.getMessage() == "rpc request undecodable" for r in caplog.records)
 

@@ -122,7 +122,13 @@ def test_an_error_mid_stream_ends_the_stream_with_its_status(
     assert info.metadata["request_id"]
     if code is grpc.StatusCode.INTERNAL:
         assert "TIK" not in info.message
-    expected = ("sevlaunch_rpc_requests_total", {"method": f"/{SERVICE}/Stream", "code": code.name}, 1.0)
+    labels = {
+        "grpc_type": "server_stream",
+        "grpc_service": SERVICE,
+        "grpc_method": "Stream",
+        "grpc_code": code.name,
+    }
+    expected = ("grpc_server_handled_total", labels, 1.0)
     assert expected in _samples_eventually(running.metrics_url, expected)
 
 
@@ -142,11 +148,11 @@ def test_a_stream_past_its_deadline_ends_and_is_counted(serve: Any, tls_dir: Pat
     # The server side ends too (the handler is cancelled), so the call is recorded, not left hanging.
     for _ in range(50):
         names = {
-            s[1].get("method")
+            s[1].get("grpc_method")
             for s in _samples(running.metrics_url)
-            if s[0] == "sevlaunch_rpc_requests_total"
+            if s[0] == "grpc_server_handled_total" and s[1].get("grpc_service") == SERVICE
         }
-        if f"/{SERVICE}/Stream" in names:
+        if "Stream" in names:
             break
         running.run(asyncio.sleep(0.1))
     else:

@@ -95,18 +95,21 @@ def test_digest_kat_kernel_only(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("argv", "message"),
+    ("argv", "message", "status"),
     [
-        (["--mode", "sev-es", "--firmware", str(AMDSEV)], "needs --vcpu-type"),
-        (["--mode", "sev", "--firmware", str(AMDSEV), "--initrd", "/dev/null"], "need --kernel"),
-        (["--mode", "sev-es", "--firmware", str(AMDSEV), "--vcpu-family", "25"], "--vcpu-model"),
-        (["--mode", "sev", "--firmware", "/nonexistent/ovmf.fd"], "cannot read"),
-        (["--mode", "sev"], "--firmware is required"),
+        (["--mode", "sev-es", "--firmware", str(AMDSEV)], "needs --vcpu-type", 2),
+        (["--mode", "sev", "--firmware", str(AMDSEV), "--initrd", "/dev/null"], "need --kernel", 2),
+        (["--mode", "sev-es", "--firmware", str(AMDSEV), "--vcpu-family", "25"], "--vcpu-model", 2),
+        (["--mode", "sev", "--firmware", "/nonexistent/ovmf.fd"], "cannot read", 1),
+        (["--mode", "sev"], "--firmware is required", 2),
     ],
 )
-def test_digest_usage_errors(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+def test_digest_usage_errors(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str, status: int
+) -> None:
+    # 2: the command line is wrong (a usage error); 1: the command failed (an unreadable file).
     code, out, err = _run(capsys, "digest", *argv)
-    assert code == 2
+    assert code == status
     assert out == ""
     assert message in err
     assert len(err.strip().splitlines()) == 1
@@ -115,7 +118,7 @@ def test_digest_usage_errors(capsys: pytest.CaptureFixture[str], argv: list[str]
 def test_digest_kernel_with_debian_firmware_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     firmware = _need_4m()
     code, _, err = _run(capsys, "digest", "--mode", "sev", "--firmware", firmware, "--kernel", "/dev/null")
-    assert code == 2
+    assert code == 1
     assert "no_hashes_table" in err
     oracle = subprocess.run(
         [
@@ -208,7 +211,7 @@ def test_build_sev_es_vmsa(capsys: pytest.CaptureFixture[str]) -> None:
 def test_build_errors(capsys: pytest.CaptureFixture[str], extra: list[str], message: str) -> None:
     case = KAT["sevctl-measurement-build-firmware"]
     code, out, err = _run(capsys, *_build_args(case), *extra)
-    assert (code, out) == (2, "")
+    assert (code, out) == (2, "")  # each is a usage error: options that contradict, miss or misspell
     assert message in err
 
 
@@ -217,8 +220,8 @@ def test_build_rejects_bad_tik_and_blob(capsys: pytest.CaptureFixture[str], tmp_
     base = ["build", "--api-major", "0", "--api-minor", "24", "--build-id", "15", "--policy", "3"]
     code, _, err = _run(capsys, *base, "--tik", str(tmp_path / "tik"), "--nonce", "00" * 16,
                         "--launch-digest", "00" * 32)  # fmt: skip
-    assert code == 2 and "16 raw bytes" in err
+    assert code == 1 and "16 raw bytes" in err
     (tmp_path / "tik").write_bytes(bytes(16))
     code, _, err = _run(capsys, *base, "--tik", str(tmp_path / "tik"), "--launch-measure-blob", "AAAA",
                         "--launch-digest", "00" * 32)  # fmt: skip
-    assert code == 2 and "48 bytes" in err
+    assert code == 2 and "48 bytes" in err  # the option's text, not a file: a usage error

@@ -72,7 +72,7 @@ def test_session_refuses_unsigned_cek(tmp_path: Path, capsys: pytest.CaptureFixt
     # The 2019-02 Naples chain carries the firmware-exported (unsigned) CEK: ASK->CEK cannot hold.
     chain = VECTORS / "chains/virtee-naples-2019-02"
     out = tmp_path / "o"
-    assert main(["session", *_parts(chain, with_roots=True), "--policy", "3", "--out", str(out)]) == 2
+    assert main(["session", *_parts(chain, with_roots=True), "--policy", "3", "--out", str(out)]) == 1
     _assert_one_line_error(capsys, "ASK->CEK")
     assert not out.exists()
 
@@ -80,17 +80,18 @@ def test_session_refuses_unsigned_cek(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_session_refuses_foreign_pdh(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = _parts(MILAN)
     args[1] = str(VECTORS / "chains/virtee-rome/pdh.cert")
-    assert main(["session", *args, "--policy", "3", "--out", str(tmp_path / "o")]) == 2
+    assert main(["session", *args, "--policy", "3", "--out", str(tmp_path / "o")]) == 1
     _assert_one_line_error(capsys, "PEK->PDH")
 
 
 def test_session_refuses_bad_policy_and_bad_usage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["session", *_parts(MILAN), "--policy", "0x40", "--out", str(tmp_path / "o")]) == 2
+    assert main(["session", *_parts(MILAN), "--policy", "0x40", "--out", str(tmp_path / "o")]) == 1
     _assert_one_line_error(capsys, "reserved")
     args = _parts(MILAN)
     args[1] = str(MILAN / "pek.cert")  # a PEK in the PDH slot
-    assert main(["session", *args, "--policy", "3", "--out", str(tmp_path / "o")]) == 2
+    assert main(["session", *args, "--policy", "3", "--out", str(tmp_path / "o")]) == 1
     _assert_one_line_error(capsys, "PDH")
+    # A missing --pek/--oca/--cek is a usage error: exit status 2.
     assert main(["session", "--pdh", str(MILAN / "pdh.cert"), "--policy", "3", "--out", str(tmp_path)]) == 2
     _assert_one_line_error(capsys, "--pek")
 
@@ -165,28 +166,28 @@ def test_secret_build_max_size(tmp_path: Path, capsys: pytest.CaptureFixture[str
         assert main(_secret_args(case, tmp_path, *args, "--max-size", "16384")) == 0
         assert len((tmp_path / "payload").read_bytes()) == case["derived"]["payload_len_each"]
         # OVMF's default 3 KiB secret area cannot take it.
-        assert main(_secret_args(case, tmp_path, *args)) == 2
+        assert main(_secret_args(case, tmp_path, *args)) == 1
         _assert_one_line_error(capsys, "secret_too_large")
 
 
 @pytest.mark.parametrize(
-    ("change", "needle"),
+    ("change", "needle", "code"),
     [
-        (["--secret", "not-a-guid:x"], "GUID"),
-        (["--secret", "736869e5-84f0-4973-92ec-06879ce3da0b"], "GUID:FILE"),
-        (["--secret", "736869e5-84f0-4973-92ec-06879ce3da0b:/nonexistent/file"], "cannot read"),
-        (["--api-major", "1"], "--api-minor"),
-        (["--iv", "!!"], "--iv"),
-        (["--iv", "AAAA"], "IV"),
+        (["--secret", "not-a-guid:x"], "GUID", 1),
+        (["--secret", "736869e5-84f0-4973-92ec-06879ce3da0b"], "GUID:FILE", 1),
+        (["--secret", "736869e5-84f0-4973-92ec-06879ce3da0b:/nonexistent/file"], "cannot read", 1),
+        (["--api-major", "1"], "--api-minor", 2),  # a usage error: the partner option is missing
+        (["--iv", "!!"], "--iv", 2),  # not base64: the option's text is malformed, a usage error
+        (["--iv", "AAAA"], "IV", 1),
     ],
 )
 def test_secret_build_errors(
-    change: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    change: list[str], needle: str, code: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     case = _case("sevctl-secret-build-one-secret")
     base = ["--secret", f"{case['inputs']['secrets'][0]['guid']}:{SEVCTL / 'secret1.txt'}"]
     args = change if change[0] == "--secret" else [*base, *change]
-    assert main(_secret_args(case, tmp_path, *args)) == 2
+    assert main(_secret_args(case, tmp_path, *args)) == code
     _assert_one_line_error(capsys, needle)
 
 
@@ -195,9 +196,9 @@ def test_secret_build_bad_keys_and_blob(tmp_path: Path, capsys: pytest.CaptureFi
     secret = ["--secret", f"{case['inputs']['secrets'][0]['guid']}:{SEVCTL / 'secret1.txt'}"]
     args = _secret_args(case, tmp_path, *secret)
     args[args.index("--tek") + 1] = str(SEVCTL / "secret1.txt")
-    assert main(args) == 2
+    assert main(args) == 1
     _assert_one_line_error(capsys, "TEK", "16 bytes")
     args = _secret_args(case, tmp_path, *secret)
     args[args.index("--launch-measure-blob") + 1] = base64.b64encode(bytes(47)).decode()
-    assert main(args) == 2
+    assert main(args) == 1
     _assert_one_line_error(capsys, "48 bytes")

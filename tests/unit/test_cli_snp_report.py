@@ -131,14 +131,15 @@ def test_policy_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
 def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     d = R / "virtee-sev-milan"
     base = ("--report", d / "report.bin", "--cert", d / "vcek.der")
-    assert main(verify("--report", tmp_path / "missing.bin", "--cert", d / "vcek.der")) == 2
+    # A file that cannot be read or holds no valid policy: the command failed (1); bad option text: 2.
+    assert main(verify("--report", tmp_path / "missing.bin", "--cert", d / "vcek.der")) == 1
     assert "cannot read" in capsys.readouterr().err
     assert main(verify(*base, "--at", "yesterday")) == 2
     assert "--at" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     for text in ("{", json.dumps({"allow_debug": True})):
         bad.write_text(text)
-        assert main(verify(*base, "--policy", bad)) == 2
+        assert main(verify(*base, "--policy", bad)) == 1
         assert "--policy" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exited:
         main(["snp", "verify-report", "--report", str(d / "report.bin")])
@@ -192,7 +193,7 @@ def test_show_report(capsys: pytest.CaptureFixture[str]) -> None:
 def test_show_report_malformed_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.bin"
     bad.write_bytes(b"\x00" * 100)
-    assert main(["snp", "show-report", "--report", str(bad)]) == 2
+    assert main(["snp", "show-report", "--report", str(bad)]) == 1  # the file is not a report: failed
     assert "report_size" in capsys.readouterr().err
 
 
@@ -205,5 +206,5 @@ def test_vcek_url(capsys: pytest.CaptureFixture[str]) -> None:
     genoa = str(R / "trustee-genoa-e2e/report.bin")
     assert main(["snp", "vcek-url", "--report", genoa, "--kds-url", "http://127.0.0.1:9/"]) == 0
     assert capsys.readouterr().out.startswith("http://127.0.0.1:9/vcek/v1/Genoa/371c55d6")
-    assert main(["snp", "vcek-url", "--report", str(R / "trustee-milan-vlek/report.bin")]) == 2
+    assert main(["snp", "vcek-url", "--report", str(R / "trustee-milan-vlek/report.bin")]) == 1
     assert "VLEK" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from sevlaunch.cli import COMMANDS, build_parser, main
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 FIRMWARE = VECTORS / "measurement" / "ovmf_AmdSev_suffix.bin"
-ONLINE = ("platform", "owner", "launch", "demo")  # these call the services: they need grpc
+ONLINE = ("platform", "owner", "launch", "launches", "demo")  # these call the services: they need grpc
 OFFLINE = tuple(name for name in COMMANDS if name not in ONLINE)
 HEAVY = ("grpc", "asyncio", "prometheus_client", "google.protobuf", "libvirt", "sevlaunch.rpc")
 

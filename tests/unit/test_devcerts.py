@@ -69,7 +69,7 @@ def test_reserved_names_are_refused_as_shared_sans(
     tmp_path: Path, san: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Every server certificate gets each --san: one of these would make every server pass for that identity.
-    assert main(["dev-certs", "--out", str(tmp_path), "--san", san]) == 2
+    assert main(["dev-certs", "--out", str(tmp_path), "--san", san]) == 1
     assert "sevlaunch.internal" in capsys.readouterr().err
     assert not (tmp_path / "ca.pem").exists()
 
@@ -83,7 +83,7 @@ def test_extra_and_only_identities(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bad", ["ca", "Upper", "../escape", "a b"])
 def test_bad_identity_names_are_refused(tmp_path: Path, bad: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["dev-certs", "--out", str(tmp_path), "--identity", bad]) == 2
+    assert main(["dev-certs", "--out", str(tmp_path), "--identity", bad]) == 1
     assert "identity" in capsys.readouterr().err
     assert not (tmp_path / "ca.pem").exists()
 
@@ -130,7 +130,7 @@ def test_a_legacy_ca_key_in_the_tls_folder_is_moved_apart(tmp_path: Path) -> Non
 
 
 def test_the_ca_folder_cannot_be_the_tls_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["dev-certs", "--out", str(tmp_path), "--ca-dir", str(tmp_path)]) == 2
+    assert main(["dev-certs", "--out", str(tmp_path), "--ca-dir", str(tmp_path)]) == 1
     assert "CA folder" in capsys.readouterr().err
     assert not (tmp_path / "ca.key").exists()
 

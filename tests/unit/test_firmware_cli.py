@@ -56,10 +56,10 @@ def test_init_writes_a_configured_chip(chip_dir: Path, root_dir: Path) -> None:
 def test_init_refuses_an_existing_chip_and_bad_values(
     chip_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["emulator", "init", "--state", str(chip_dir)]) == 2
+    assert main(["emulator", "init", "--state", str(chip_dir)]) == 1
     assert "already holds" in capsys.readouterr().err
-    assert main(["emulator", "init", "--state", str(tmp_path / "x"), "--build", "300"]) == 2
-    assert main(["emulator", "status", "--state", str(tmp_path / "none")]) == 2
+    assert main(["emulator", "init", "--state", str(tmp_path / "x"), "--build", "300"]) == 1
+    assert main(["emulator", "status", "--state", str(tmp_path / "none")]) == 1
 
 
 def test_status(chip_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -98,4 +98,4 @@ def test_export_without_full_is_the_firmware_chain(chip_dir: Path, tmp_path: Pat
     assert main(["export", "--state", str(chip_dir), "--out", str(out)]) == 0
     pdh, chain = EmulatedFirmware(chip_dir, create=False).pdh_cert_export()
     assert out.read_bytes() == pdh + chain
-    assert main(["export", "--device", "/dev/null", "--full", "--out", str(out)]) == 2
+    assert main(["export", "--device", "/dev/null", "--full", "--out", str(out)]) == 1

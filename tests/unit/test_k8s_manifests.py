@@ -1,9 +1,10 @@
 """The Kubernetes manifests (k8s/) and the Containerfile: schema-valid, least privilege, intended flows.
 
-Every overlay is rendered here without kustomize: the kustomizations use only `resources` and
-`patches` (JSON6902 with a target, or a whole-resource `$patch: delete`), which `render` implements.
-Where `kubectl` is installed, its built-in kustomize renders the same overlays and the outputs must
-match, so the small renderer cannot drift from the real one.
+Every overlay is rendered here without kustomize: the kustomizations use only `resources`,
+`components` and `patches` (JSON6902 with a target, or a whole-resource `$patch: delete`), which
+`render` implements. Where `kubectl` is installed, its built-in kustomize renders the same overlays
+(each also with the optional monitoring component) and the outputs must match, so the small renderer
+cannot drift from the real one.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
 import re
 import shutil
 import subprocess
+import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,8 @@ TREES = ("base", *(f"overlays/{name}" for name in OVERLAYS))
 K8S_VERSIONS = ("1.30.0", "1.34.0")
 IMAGE = "ghcr.io/sevlaunch/sevlaunch:0.1.0"
 UID = 10001
-CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
+MONITORING = "components/monitoring"
 HOST_NS, OWNER_NS = "sevlaunch-host", "sevlaunch-owner"
 SEV_RESOURCE = "squat.ai/sev"
 LIBVIRT_SOCK = "/var/run/libvirt/libvirt-sock"
@@ -115,13 +119,20 @@ def _ident(doc: Doc) -> tuple[str, str, str, str]:
 
 def render(directory: Path) -> list[Doc]:
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    unsupported = set(kustomization) - {"apiVersion", "kind", "resources", "patches"}
+    unsupported = set(kustomization) - {"apiVersion", "kind", "resources", "components", "patches"}
     if unsupported:
         raise ValueError(f"{directory}: kustomize fields this renderer does not implement: {unsupported}")
     docs: list[Doc] = []
     for entry in kustomization.get("resources", []):
         path = directory / entry
         docs.extend(render(path) if path.is_dir() else _load_docs(path))
+    for entry in kustomization.get("components", []):
+        # A Component adds its resources and applies its patches to what the parent has so far.
+        component = yaml.safe_load((directory / entry / "kustomization.yaml").read_text())
+        if component.get("kind") != "Component" or set(component) - {"apiVersion", "kind", "resources"}:
+            raise ValueError(f"{directory / entry}: only a Component with resources is supported")
+        for name in component.get("resources", []):
+            docs.extend(_load_docs(directory / entry / name))
     for patch in kustomization.get("patches", []):
         path = directory / patch["path"]
         if "target" in patch:
@@ -143,9 +154,26 @@ def render(directory: Path) -> list[Doc]:
     return docs
 
 
+def _with_monitoring(tree: str, into: Path) -> Path:
+    """A kustomization in `into` of `tree` plus the monitoring component (paths relative: kustomize
+    refuses absolute ones)."""
+    relative = {name: os.path.relpath(K8S / name, into) for name in (tree, MONITORING)}
+    (into / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {relative[tree]}\ncomponents:\n  - {relative[MONITORING]}\n"
+    )
+    return into
+
+
 @functools.cache
 def _rendered(tree: str) -> tuple[str, ...]:
-    return tuple(json.dumps(doc, sort_keys=True) for doc in render(K8S / tree))
+    """`tree` rendered; `tree+monitoring` with the monitoring component."""
+    if tree.endswith("+monitoring"):
+        with tempfile.TemporaryDirectory() as tmp:
+            docs = render(_with_monitoring(tree.removesuffix("+monitoring"), Path(tmp)))
+    else:
+        docs = render(K8S / tree)
+    return tuple(json.dumps(doc, sort_keys=True) for doc in docs)
 
 
 def rendered(tree: str) -> list[Doc]:
@@ -234,20 +262,25 @@ def test_json6902_guards_and_escapes() -> None:
         apply_json6902(doc, [{"op": "remove", "path": "/a/b~1c/5"}])
 
 
+@pytest.mark.parametrize("monitoring", [False, True])
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_renders_like_kubectl_kustomize(overlay: str) -> None:
+def test_renders_like_kubectl_kustomize(overlay: str, monitoring: bool, tmp_path: Path) -> None:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl not installed: cross-check of the renderer only (the other tests still run)")
+    tree = f"overlays/{overlay}"
+    directory = _with_monitoring(tree, tmp_path) if monitoring else K8S / tree
     out = subprocess.run(
-        [kubectl, "kustomize", str(K8S / "overlays" / overlay)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, check=True, timeout=60
     ).stdout
     theirs = sorted(json.dumps(d, sort_keys=True) for d in yaml.safe_load_all(out) if d)
-    assert theirs == sorted(_rendered(f"overlays/{overlay}"))
+    assert theirs == sorted(_rendered(tree + ("+monitoring" if monitoring else "")))
+
+
+@pytest.mark.parametrize("tree", TREES)
+def test_the_base_and_overlays_need_no_prometheus_operator(tree: str) -> None:
+    # `kubectl apply -k` must work on a cluster without the Prometheus Operator's CRDs.
+    assert not [d for d in rendered(tree) if d["apiVersion"].startswith("monitoring.coreos.com/")]
 
 
 # --- schema --------------------------------------------------------------------------------------------
@@ -266,7 +299,7 @@ def test_every_resource_validates_against_the_kubernetes_schema(tree: str, versi
 
 @pytest.mark.parametrize("tree", TREES)
 def test_service_monitors(tree: str) -> None:
-    docs = rendered(tree)
+    docs = rendered(tree + "+monitoring")
     monitors = find(docs, "ServiceMonitor")
     assert {m["metadata"]["namespace"] for m in monitors} == {HOST_NS, OWNER_NS}
     scraped: set[int] = set()
@@ -430,7 +463,7 @@ def test_only_the_launcher_mounts_the_libvirt_socket(tree: str) -> None:
         assert hostpaths == {}
 
 
-def test_dev_runs_the_emulator_with_one_chip_shared_in_the_pod() -> None:
+def test_dev_runs_the_emulator_with_one_chip_shared_in_the_pod() -> None:  # and kept across restarts
     docs = rendered("overlays/dev")
     spec = pod_spec(one(docs, "DaemonSet", "sevlaunch-host"))
     platform, launcher = container(docs, "platform"), container(docs, "launcher")
@@ -442,7 +475,10 @@ def test_dev_runs_the_emulator_with_one_chip_shared_in_the_pod() -> None:
     assert "SEVLAUNCH_DEV_SEV" not in env(platform)
     assert "SEVLAUNCH_LIBVIRT_URI" not in env(launcher)
     (_, volume_p), (_, volume_l) = volume_at(spec, platform, state), volume_at(spec, launcher, state)
-    assert volume_p is volume_l and "emptyDir" in volume_p
+    # One chip shared by both containers, kept across pod restarts on its own volume claim.
+    assert volume_p is volume_l and "emptyDir" not in volume_p
+    claim = one(docs, "PersistentVolumeClaim", volume_p["persistentVolumeClaim"]["claimName"])
+    assert claim["metadata"]["namespace"] == HOST_NS and claim["spec"]["accessModes"] == ["ReadWriteOnce"]
     # The owner trusts the emulated root in dev, and only there.
     assert env(container(docs, "owner"))["SEVLAUNCH_TRUST_ROOT"].startswith("/etc/sevlaunch/trust/")
     for tree in ("base", "overlays/production", "overlays/production-postgresql"):
@@ -741,3 +777,30 @@ def test_build_context_ignores_are_the_same_for_podman_and_docker() -> None:
     entries = {line for line in ignore.splitlines() if line and not line.startswith("#")}
     assert {".git", ".venv", "*.egg-info"} <= entries
     assert not {"sevlaunch", "platform_svc", "launcher_svc", "owner_svc", "pyproject.toml"} & entries
+
+
+RECOMMENDED_LABELS = ("name", "instance", "version", "component", "part-of", "managed-by")
+
+
+@pytest.mark.parametrize("tree", TREES)
+def test_workloads_carry_the_recommended_labels_priority_and_budgets(tree: str) -> None:
+    docs = rendered(tree)
+    for workload in workloads(docs):
+        for labels in (workload["metadata"]["labels"], workload["spec"]["template"]["metadata"]["labels"]):
+            assert {f"app.kubernetes.io/{k}" for k in RECOMMENDED_LABELS} <= set(labels), workload["kind"]
+        name = workload["metadata"]["labels"]["app.kubernetes.io/name"]
+        budgets = [
+            b
+            for b in find(docs, "PodDisruptionBudget")
+            if b["metadata"]["namespace"] == workload["metadata"]["namespace"]
+            and selects(b["spec"]["selector"], workload["spec"]["template"]["metadata"]["labels"])
+        ]
+        assert len(budgets) == 1, name
+        budget = budgets[0]["spec"]
+        replicas = workload["spec"].get("replicas", 1)
+        # A budget never blocks a drain for ever: with one replica it must allow one pod down.
+        assert budget.get("maxUnavailable") == 1 or (
+            replicas > 1 and budget.get("minAvailable", 0) < replicas
+        )
+    host = one(docs, "DaemonSet", "sevlaunch-host")
+    assert pod_spec(host)["priorityClassName"] == "system-node-critical"

@@ -92,4 +92,4 @@ def test_cli_serves_until_stopped(chips: list[EmulatedFirmware]) -> None:
 def test_cli_refuses_a_directory_without_chip(tmp_path: Path) -> None:
     from sevlaunch.cli import main
 
-    assert main(["emulator", "kds", "--state", str(tmp_path), "--listen", "127.0.0.1:0"]) == 2
+    assert main(["emulator", "kds", "--state", str(tmp_path), "--listen", "127.0.0.1:0"]) == 1

@@ -76,7 +76,7 @@ def test_audit_tail_truncated_and_head_moved_back_without_the_kek_is_caught(
     capsys.readouterr()
 
     # `audit verify` with the KEK: the head's MAC does not verify.
-    assert _verify(db, kek_file) == 2
+    assert _verify(db, kek_file) == 1
     assert "the audit head's MAC does not verify" in capsys.readouterr().err
 
     # The owner that was running appends nothing more to it.
@@ -116,7 +116,7 @@ def test_audit_head_replaced_by_one_the_owner_wrote_earlier_is_caught_by_a_check
     capsys.readouterr()
     assert _verify(db, kek_file) == 0  # the MAC alone cannot tell an old head from the current one
     for given in (str(checkpoint), f"{checkpoint}:{checkpoint.mac}"):
-        assert _verify(db, kek_file, "--checkpoint", given) == 2
+        assert _verify(db, kek_file, "--checkpoint", given) == 1
         assert "the log holds 3 records (cut back or rolled back)" in capsys.readouterr().err
     with pytest.raises(AuditLogDamaged, match="moved back from record 5 to 3"):
         running.append_audit(_event(9))
@@ -137,13 +137,14 @@ def test_checkpoints_that_hold_pass_and_forged_ones_fail(
         capsys.readouterr().out.strip() == "audit log intact: 5 records, MACs verified, 3 checkpoint(s) held"
     )
     # A checkpoint naming a hash the log never had, a MAC the KEK did not make, or malformed text.
-    for bad, words in (
-        (f"3:{'ab' * 32}", "record 3 has another hash"),
-        (f"{head}:{'00' * 32}", "its MAC does not verify"),
-        ("3:xyz", "a checkpoint is SEQ:HASH"),
-        (f"0:{'ab' * 32}", "seq 0 is the empty log"),
+    # Exit 1: the log does not hold it; exit 2: not a checkpoint at all (a usage error).
+    for bad, words, status in (
+        (f"3:{'ab' * 32}", "record 3 has another hash", 1),
+        (f"{head}:{'00' * 32}", "its MAC does not verify", 1),
+        ("3:xyz", "a checkpoint is SEQ:HASH", 2),
+        (f"0:{'ab' * 32}", "seq 0 is the empty log", 1),
     ):
-        assert _verify(db, kek_file, "--checkpoint", bad) == 2
+        assert _verify(db, kek_file, "--checkpoint", bad) == status
         assert words in capsys.readouterr().err
     with pytest.raises(AuditDatabaseError, match="cut back or rolled back"):
         verify_audit_db(db, checkpoints=[Checkpoint(6, head.hash)])
@@ -162,7 +163,7 @@ def test_an_empty_log_has_a_maced_head_and_blanking_it_is_caught(
         db, ("DELETE FROM audit", ()), (f"UPDATE audit_head SET seq = 0, hash = '{GENESIS}', mac = ''", ())
     )
     capsys.readouterr()
-    assert _verify(db, kek_file) == 2
+    assert _verify(db, kek_file) == 1
     assert "MAC does not verify" in capsys.readouterr().err
     with pytest.raises(AuditLogDamaged):
         SQLiteStore(db, audit_mac_key=KeyEncryptionKey.from_file(kek_file).audit_key).check_integrity()

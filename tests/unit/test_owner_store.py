@@ -20,7 +20,7 @@ from owner_svc.core.model import (
     SessionState,
     Workload,
 )
-from owner_svc.core.ports import SealError
+from owner_svc.core.ports import SealError, StoreUnavailable
 from sevlaunch.audit import AuditChainBroken
 from sevlaunch.cli import main as cli_main
 from sevlaunch.errors import InvalidArgument
@@ -161,13 +161,13 @@ def test_audit_chain_detects_edits_deletions_and_truncation(
     conn.execute("UPDATE audit SET canonical = replace(canonical, 'untrusted_root', 'allowed') WHERE seq = 3")
     conn.commit()
     capsys.readouterr()
-    assert cli_main(["owner", "audit", "verify", "--db", str(db)]) == 2
+    assert cli_main(["owner", "audit", "verify", "--db", str(db)]) == 1
     assert "audit record 3" in capsys.readouterr().err
     conn.execute("UPDATE audit SET canonical = ? WHERE seq = 3", (original,))
     # Deleting a record in the middle.
     conn.execute("DELETE FROM audit WHERE seq = 2")
     conn.commit()
-    assert cli_main(["owner", "audit", "verify", "--db", str(db)]) == 2
+    assert cli_main(["owner", "audit", "verify", "--db", str(db)]) == 1
     assert "audit record 2 is missing" in capsys.readouterr().err
     conn.close()
 
@@ -182,7 +182,7 @@ def test_audit_chain_detects_edits_deletions_and_truncation(
     conn.execute("DELETE FROM audit WHERE seq = 5")
     conn.commit()
     conn.close()
-    assert cli_main(["owner", "audit", "verify", "--db", str(other / "owner.db")]) == 2
+    assert cli_main(["owner", "audit", "verify", "--db", str(other / "owner.db")]) == 1
     store3 = SQLiteStore(other / "owner.db", audit_mac_key=None)
     with pytest.raises(AuditChainBroken):
         verify_records(store3.iter_audit(), head=store3.audit_head())
@@ -214,7 +214,7 @@ def test_recomputed_chain_fails_the_mac(tmp_path: Path, capsys: pytest.CaptureFi
     conn.commit()
     conn.close()
     assert cli_main(["owner", "audit", "verify", "--db", str(db)]) == 0  # the plain chain is consistent...
-    assert cli_main(["owner", "audit", "verify", "--db", str(db), "--kek-file", str(kek_file)]) == 2
+    assert cli_main(["owner", "audit", "verify", "--db", str(db), "--kek-file", str(kek_file)]) == 1
     assert "MAC does not verify" in capsys.readouterr().err  # ...but the owner did not write it
 
 
@@ -248,3 +248,33 @@ def test_workload_validation_refuses_empty_allow_lists() -> None:
         (RefSelector("OVMF", (Technology.SEV, Technology.SEV_ES), sev_es_vcpus=(1, 4)),),
     )
     assert Workload.from_json(w.to_json()) == w
+
+
+def test_close_waits_for_a_write_under_way_and_later_calls_are_unavailable(tmp_path: Path) -> None:
+    """A release finishing while the owner shuts down once closed the thread's SQLite connection under it
+    (a segfault in the sqlite3 module); close() now waits for it, and a call after close is typed."""
+    store, _, _ = _store(tmp_path)
+    store.insert_session(_session("s1"), AuditEvent("launcher", "open_session", "allowed"))
+    inside, finish = threading.Event(), threading.Event()
+    done: list[str] = []
+
+    def slow_writer() -> None:
+        with store.db.write() as tx:
+            inside.set()
+            finish.wait(10)
+            tx.execute("SELECT count(*) FROM sessions")
+        done.append("written")
+
+    writer = threading.Thread(target=slow_writer)
+    writer.start()
+    assert inside.wait(10)
+    closer = threading.Thread(target=store.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive(), "close() must wait for the write under way"
+    finish.set()
+    writer.join(10)
+    closer.join(10)
+    assert done == ["written"] and not closer.is_alive()
+    with pytest.raises(StoreUnavailable, match="closed"):
+        store.get_session("s1")

@@ -132,7 +132,7 @@ def test_cli_keygen_make_sign_verify(tmp_path: Path, capsys: pytest.CaptureFixtu
     key = tmp_path / "distro.key"
     assert cli_main(["keygen", "--out", str(key), "--type", "ed25519"]) == 0
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
-    assert cli_main(["keygen", "--out", str(key)]) == 2  # never overwrites a signing key silently
+    assert cli_main(["keygen", "--out", str(key)]) == 1  # never overwrites a signing key silently
     manifest = tmp_path / "m.json"
     assert (
         cli_main(
@@ -175,11 +175,11 @@ def test_cli_keygen_make_sign_verify(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert out["manifest_id"] == manifest_id(manifest.read_bytes()) and len(out["digests"]) == 3
     other = tmp_path / "other.key"
     cli_main(["keygen", "--out", str(other)])
-    assert cli_main(["refvalues", "verify", "--pubkey", f"{other}.pub", str(envelope)]) == 2
+    assert cli_main(["refvalues", "verify", "--pubkey", f"{other}.pub", str(envelope)]) == 1
     assert "wrong_signer" in capsys.readouterr().err
     env = json.loads(envelope.read_bytes())
     env["payload"] = base64.b64encode(base64.b64decode(env["payload"]).replace(b"OVMF", b"OVMG")).decode()
     envelope.write_text(json.dumps(env))
-    assert cli_main(["refvalues", "verify", "--pubkey", f"{key}.pub", str(envelope)]) == 2
+    assert cli_main(["refvalues", "verify", "--pubkey", f"{key}.pub", str(envelope)]) == 1
     assert "bad_signature" in capsys.readouterr().err
     assert public_key_pem(PublisherKey.from_pem((tmp_path / "distro.key.pub").read_bytes()).public_key)

@@ -23,10 +23,20 @@ live in the PSP's flash; nothing secret appears in a repr, a log or an error.
 Nothing trusts the emulated root unless told to: `ask_ark()` (also `<dir>/ask_ark.cert`) is what a
 verifier must be given explicitly as an extra root.
 
+It also implements SEV-SNP (AMD publication 56860) for its configured product (Milan, Genoa or Turin,
+which decides the report version and the TCB layout): SNP_INIT, SNP_PLATFORM_STATUS, SNP_COMMIT,
+SNP_SET_CONFIG, SNP_VLEK_LOAD, an emulated firmware update, SNP_LAUNCH_START/UPDATE/FINISH with the
+launch digest built page by page and the ID block checked, and the guest's MSG_REPORT_REQ answered with a
+report signed by the VCEK of the reported TCB (derived from a chip secret), chained to an emulated X.509
+ARK/ASK (`snp_root_pem()`, `snp_trusted_root()`: trusted only by whoever is handed it).
+
 The package's modules, by what they hold: `layout` (sizes, file names, `EmulatorStateError`), `root` (the
-emulated AMD root and key PEM handling), `codec` (the persistent chip and guest state and its
-`state.json` codec), `chip` (the state directory, the locked command, the chip's keys), `commands.platform`
-and `commands.sev` (the command groups), `firmware` (`EmulatedFirmware`, which combines them).
+emulated AMD root and key PEM handling), `fields` (typed reading of `state.json`), `codec` (the persistent
+chip and guest state and its `state.json` codec), `snp_state` (the SEV-SNP part of it and the products),
+`snp_keys` (the emulated SNP root on disk, VCEK/VLEK derivation), `chip` (the state directory, the locked
+command, the chip's keys), `commands.platform`, `commands.sev`, `commands.snp` (SNP platform commands and
+AMD's side of the SNP keys) and `commands.snp_guest` (SNP launch and the guest request), `firmware`
+(`EmulatedFirmware`, which combines them).
 """
 
 from sevlaunch.firmware.emulator.codec import ChipConfig, GuestState

@@ -28,10 +28,13 @@ from sevlaunch.firmware.emulator.layout import (
     EmulatorStateError,
 )
 from sevlaunch.firmware.emulator.root import EmulatedRoot, load_ec, pem
+from sevlaunch.firmware.emulator.snp_keys import save_snp_root
+from sevlaunch.firmware.emulator.snp_state import CHIP_SECRET_SIZE, SnpPlatform
 from sevlaunch.firmware.interface import PlatformState
 from sevlaunch.firmware.state import atomic_write, chip_lock, remove_stale_temporaries
 from sevlaunch.firmware.status import FirmwareError, StatusCode
 from sevlaunch.sev.cert import Algorithm, SEVCertificate, Usage
+from sevlaunch.snp.issue import EmulatedSnpRoot
 
 
 class ChipBase:
@@ -39,7 +42,8 @@ class ChipBase:
 
     Opening a directory without a chip creates one (with `config`, and `root` when given, else a fresh
     emulated AMD root) unless `create=False`. Opening an existing chip with a different explicit
-    `config` is an error.
+    `config` is an error. `snp_root` is the emulated AMD SNP root of the chip's product, used when the
+    chip has none yet.
     """
 
     def __init__(
@@ -49,8 +53,13 @@ class ChipBase:
         create: bool = True,
         config: ChipConfig | None = None,
         root: EmulatedRoot | None = None,
+        snp_root: EmulatedSnpRoot | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
+        # The SEV-SNP root (X.509, per product): saved with a new chip when given, else generated on the
+        # chip's first SNP command (three RSA-4096 keys: seconds).
+        self._snp_root_given = snp_root
+        self._snp_root: EmulatedSnpRoot | None = None
         self._guest_dir = self.state_dir / GUESTS_DIR
         self._cek_key: ec.EllipticCurvePrivateKey | None = None
         self._cek_unsigned: SEVCertificate | None = None
@@ -80,6 +89,12 @@ class ChipBase:
         cek = self._cek_cert(cek_key, config).sign_with(Usage.ASK, Algorithm.RSA_SHA384, root.ask_key)
         atomic_write(self.state_dir / CEK_CERT, cek.to_bytes(), mode=0o644)
         self._guest_dir.mkdir(exist_ok=True, mode=0o700)
+        if self._snp_root_given is not None:
+            if self._snp_root_given.product is not config.snp_product:
+                raise ValueError(
+                    f"an SNP root of {self._snp_root_given.product.value} for a {config.product} chip"
+                )
+            save_snp_root(self.state_dir, self._snp_root_given)
         chip = Chip(
             config=config,
             chip_id=secrets.token_bytes(CHIP_ID_SIZE),
@@ -88,6 +103,7 @@ class ChipBase:
             oca=None,
             pek=None,
             pdh=None,
+            snp=SnpPlatform.new(config.snp_product, secrets.token_bytes(CHIP_SECRET_SIZE)),
         )
         self._save(chip)
 
@@ -204,7 +220,7 @@ class ChipBase:
         (55766 section 5.1.2; PROTOCOL.md section 9); FACTORY_RESET refuses a WORKING platform too."""
         if chip.state is PlatformState.WORKING:
             raise FirmwareError(
-                StatusCode.INVALID_PLATFORM_STATE, command, f"{len(chip.guests)} guest(s) active"
+                StatusCode.INVALID_PLATFORM_STATE, command, f"{chip.guest_count} guest(s) active"
             )
 
     # -- guest contexts, whatever the launch technology --------------------------------------------

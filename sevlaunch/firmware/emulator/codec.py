@@ -7,7 +7,6 @@ well-formed JSON with a wrong type, an out-of-range number or a duplicate handle
 
 from __future__ import annotations
 
-import base64
 import json
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
@@ -15,6 +14,18 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from sevlaunch.firmware.emulator.fields import (
+    _b64,
+    _b64_field,
+    _bad,
+    _bool,
+    _hex,
+    _int,
+    _list,
+    _obj,
+    _opt_hex,
+    _str,
+)
 from sevlaunch.firmware.emulator.layout import (
     CHIP_ID_SIZE,
     LAUNCH_DIGEST_SIZE,
@@ -22,15 +33,16 @@ from sevlaunch.firmware.emulator.layout import (
     STATE_FILE,
     STATE_FORMAT,
     U32_MAX,
-    U64_MAX,
     EmulatorStateError,
 )
 from sevlaunch.firmware.emulator.root import load_ec
+from sevlaunch.firmware.emulator.snp_state import SnpPlatform
 from sevlaunch.firmware.interface import PlatformState
 from sevlaunch.sev.cert import CERT_SIZE, SEVCertificate
 from sevlaunch.sev.measurement import MEASURE_SIZE
 from sevlaunch.sev.policy import PolicyFlags
 from sevlaunch.sev.session import TEK_SIZE, TIK_SIZE, TransportKeys
+from sevlaunch.snp.tcb import Product
 
 # -- configuration ----------------------------------------------------------------------------------
 
@@ -50,6 +62,11 @@ class ChipConfig:
     build: int = 15
     max_guests: int = 16
     max_es_guests: int = 16
+    # SEV-SNP: the product decides the report version and the TCB layout; SMT and the socket count are
+    # what the SMT and SINGLE_SOCKET guest policy bits are checked against.
+    product: str = Product.GENOA.value
+    smt: bool = True
+    sockets: int = 1
 
     def __post_init__(self) -> None:
         for name in ("api_major", "api_minor", "build"):
@@ -59,6 +76,14 @@ class ChipConfig:
             raise ValueError("the chip needs at least one ASID")
         if not self.generation or not self.generation.isprintable():
             raise ValueError("generation must be a printable label")
+        if self.product not in {p.value for p in Product}:
+            raise ValueError(f"product must be one of {', '.join(p.value for p in Product)}")
+        if not 1 <= self.sockets <= 8:
+            raise ValueError("sockets must be 1..8")
+
+    @property
+    def snp_product(self) -> Product:
+        return Product(self.product)
 
     @property
     def api_version(self) -> tuple[int, int]:
@@ -67,76 +92,6 @@ class ChipConfig:
     @property
     def es_enabled(self) -> bool:
         return self.max_es_guests > 0
-
-
-# -- encoding helpers ------------------------------------------------------------------------------
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.b64decode(text, validate=True)
-
-
-# -- typed reading of state.json: well-formed JSON with wrong types or ranges is a damaged state too ----
-
-
-def _bad(what: str) -> EmulatorStateError:
-    return EmulatorStateError(f"{STATE_FILE}: {what}")
-
-
-def _obj(value: object, what: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise _bad(f"{what} is not an object")
-    return value
-
-
-def _list(value: object, what: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise _bad(f"{what} is not a list")
-    return value
-
-
-def _int(value: object, what: str, lo: int = 0, hi: int = U64_MAX) -> int:
-    # bool is an int in Python, not in the state's schema.
-    if type(value) is not int or not lo <= value <= hi:
-        raise _bad(f"{what} is not an integer in {lo}..{hi}")
-    return value
-
-
-def _bool(value: object, what: str) -> bool:
-    if not isinstance(value, bool):
-        raise _bad(f"{what} is not a boolean")
-    return value
-
-
-def _str(value: object, what: str) -> str:
-    if not isinstance(value, str):
-        raise _bad(f"{what} is not a string")
-    return value
-
-
-def _hex(value: object, what: str, size: int) -> bytes:
-    try:
-        data = bytes.fromhex(_str(value, what))
-    except ValueError:
-        raise _bad(f"{what} is not hex") from None
-    if len(data) != size:
-        raise _bad(f"{what} is {len(data)} bytes, not {size}")
-    return data
-
-
-def _opt_hex(value: object, what: str, size: int) -> bytes | None:
-    return None if value is None else _hex(value, what, size)
-
-
-def _b64_field(value: object, what: str) -> bytes:
-    try:
-        return _unb64(_str(value, what))
-    except ValueError:
-        raise _bad(f"{what} is not base64") from None
 
 
 # -- persistent chip state -------------------------------------------------------------------------
@@ -278,10 +233,22 @@ class Chip:
     next_handle: int = 1
     commands: int = 0  # commands that changed the state, for diagnostics
     guests: dict[int, Guest] = field(default_factory=dict)
+    snp: SnpPlatform | None = None
+
+    @property
+    def guest_count(self) -> int:
+        """SEV, SEV-ES and SEV-SNP guests: all hold an ASID of this chip."""
+        return len(self.guests) + (len(self.snp.guests) if self.snp is not None else 0)
+
+    def used_asids(self) -> set[int]:
+        used = {g.asid for g in self.guests.values()}
+        if self.snp is not None:
+            used |= {g.asid for g in self.snp.guests.values()}
+        return used
 
     @property
     def state(self) -> PlatformState:
-        if self.platform_state is PlatformState.INIT and self.guests:
+        if self.platform_state is PlatformState.INIT and self.guest_count:
             return PlatformState.WORKING
         return self.platform_state
 
@@ -298,6 +265,7 @@ class Chip:
             "next_handle": self.next_handle,
             "commands": self.commands,
             "guests": [g.to_json() for g in self.guests.values()],
+            "snp": self.snp.to_json() if self.snp is not None else None,
         }
         return json.dumps(doc, indent=1).encode("utf-8")
 
@@ -311,11 +279,16 @@ class Chip:
             raise EmulatorStateError(f"{STATE_FILE} has format {doc.get('format')!r}, not {STATE_FORMAT}")
         config_doc = _obj(doc["config"], "config")
         for name, value in config_doc.items():
-            if name == "generation":
-                _str(value, "config generation")
+            if name in ("generation", "product"):
+                _str(value, f"config {name}")
+            elif name == "smt":
+                _bool(value, "config smt")
             else:
                 _int(value, f"config {name}", 0, U32_MAX)
-        config = ChipConfig(**config_doc)
+        try:
+            config = ChipConfig(**config_doc)
+        except (TypeError, ValueError) as exc:
+            raise _bad(f"config: {exc}") from None
         guests: dict[int, Guest] = {}
         asids: set[int] = set()
         for entry in _list(doc["guests"], "guests"):
@@ -324,8 +297,14 @@ class Chip:
                 raise _bad(f"guest {guest.handle} or its ASID {guest.asid} appears twice")
             guests[guest.handle] = guest
             asids.add(guest.asid)
+        snp = SnpPlatform.from_json(doc.get("snp"), config.snp_product)
+        for snp_guest in snp.guests.values() if snp is not None else ():
+            if snp_guest.handle in guests or snp_guest.asid in asids:
+                raise _bad(f"SNP guest {snp_guest.handle} or its ASID {snp_guest.asid} appears twice")
+            asids.add(snp_guest.asid)
+        handles = set(guests) | (set(snp.guests) if snp is not None else set())
         next_handle = _int(doc["next_handle"], "next_handle", 1, U32_MAX + 1)
-        if guests and next_handle <= max(guests):
+        if handles and next_handle <= max(handles):
             raise _bad(f"next_handle {next_handle} is not above every guest handle")
         return cls(
             config=config,
@@ -340,4 +319,5 @@ class Chip:
             next_handle=next_handle,
             commands=_int(doc["commands"], "commands"),
             guests=guests,
+            snp=snp,
         )

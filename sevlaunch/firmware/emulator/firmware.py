@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from sevlaunch.firmware.emulator.commands.platform import PlatformCommands
 from sevlaunch.firmware.emulator.commands.sev import SevGuestCommands
+from sevlaunch.firmware.emulator.commands.snp_guest import SnpGuestCommands
 from sevlaunch.firmware.emulator.layout import ASK_ARK_CERT, ASK_KEY
 from sevlaunch.firmware.emulator.root import load_rsa
 from sevlaunch.sev.cert import CERT_SIZE, Algorithm, Usage
 
 
-class EmulatedFirmware(PlatformCommands, SevGuestCommands):
-    """A software PSP implementing `LaunchFirmware`, persisted in `state_dir`.
+class EmulatedFirmware(PlatformCommands, SevGuestCommands, SnpGuestCommands):
+    """A software PSP implementing `LaunchFirmware` and the SEV-SNP commands, persisted in `state_dir`.
 
     Opening a directory without a chip creates one (with `config`, and `root` when given, else a fresh
     emulated AMD root) unless `create=False`. Opening an existing chip with a different explicit
@@ -19,7 +20,10 @@ class EmulatedFirmware(PlatformCommands, SevGuestCommands):
     """
 
     def __repr__(self) -> str:
-        return f"EmulatedFirmware(state_dir={str(self.state_dir)!r}, generation={self.config.generation!r})"
+        return (
+            f"EmulatedFirmware(state_dir={str(self.state_dir)!r}, generation={self.config.generation!r}, "
+            f"product={self.config.product!r})"
+        )
 
     def kds_cek(self) -> bytes:
         """The CEK signed by the emulated ASK, as AMD's KDS serves it. Like the KDS each call signs

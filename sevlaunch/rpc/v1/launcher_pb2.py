@@ -26,51 +26,51 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsevlaunch/rpc/v1/launcher.proto\x12\x0csevlaunch.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"`\n\x04\x44isk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12(\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x18.sevlaunch.v1.DiskFormat\x12\x10\n\x08readonly\x18\x04 \x01(\x08\"\x1a\n\x07Network\x12\x0f\n\x07network\x18\x01 \x01(\t\"\xc1\x02\n\tGuestSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmemory_mib\x18\x02 \x01(\x04\x12\r\n\x05vcpus\x18\x03 \x01(\r\x12\x15\n\rfirmware_path\x18\x04 \x01(\t\x12\x13\n\x0bkernel_path\x18\x05 \x01(\t\x12\x13\n\x0binitrd_path\x18\x06 \x01(\t\x12\x0f\n\x07\x63mdline\x18\x07 \x01(\t\x12!\n\x05\x64isks\x18\x08 \x03(\x0b\x32\x12.sevlaunch.v1.Disk\x12\'\n\x08networks\x18\t \x03(\x0b\x32\x15.sevlaunch.v1.Network\x12#\n\x04mode\x18\n \x01(\x0e\x32\x15.sevlaunch.v1.SevMode\x12\x0e\n\x06policy\x18\x0b \x01(\r\x12\x1d\n\x15launch_without_secret\x18\x0c \x01(\x08\x12\x11\n\tvcpu_type\x18\r \x01(\t\"1\n\x08OwnerRef\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x13\n\x0bworkload_id\x18\x02 \x01(\t\"]\n\rLaunchRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.sevlaunch.v1.GuestSpec\x12%\n\x05owner\x18\x02 \x01(\x0b\x32\x16.sevlaunch.v1.OwnerRef\"\xf9\x01\n\x0bLaunchEvent\x12\x11\n\tlaunch_id\x18\x01 \x01(\t\x12\"\n\x05phase\x18\x02 \x01(\x0e\x32\x13.sevlaunch.v1.Phase\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x0c\x66\x61iled_phase\x18\x04 \x01(\x0e\x32\x13.sevlaunch.v1.Phase\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x13\n\x0b\x64omain_name\x18\x07 \x01(\t\x12&\n\x02\x61t\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"a\n\x14PrepareLaunchRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.sevlaunch.v1.GuestSpec\x12\x11\n\tgodh_cert\x18\x02 \x01(\x0c\x12\x0f\n\x07session\x18\x03 \x01(\x0c\"\xcd\x01\n\x15PrepareLaunchResponse\x12\x11\n\tlaunch_id\x18\x01 \x01(\t\x12\x13\n\x0bmeasurement\x18\x02 \x01(\x0c\x12\x11\n\tapi_major\x18\x03 \x01(\r\x12\x11\n\tapi_minor\x18\x04 \x01(\r\x12\x10\n\x08\x62uild_id\x18\x05 \x01(\r\x12\x0e\n\x06policy\x18\x06 \x01(\r\x12\x13\n\x0b\x64omain_name\x18\x07 \x01(\t\x12/\n\x0b\x63omplete_by\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Y\n\x15\x43ompleteLaunchRequest\x12\x11\n\tlaunch_id\x18\x01 \x01(\t\x12\x15\n\rsecret_header\x18\x02 \x01(\x0c\x12\x16\n\x0esecret_payload\x18\x03 \x01(\x0c\"\'\n\x12\x41\x62ortLaunchRequest\x12\x11\n\tlaunch_id\x18\x01 \x01(\t\"%\n\x10GetLaunchRequest\x12\x11\n\tlaunch_id\x18\x01 \x01(\t\"/\n\x13ListLaunchesRequest\x12\x18\n\x10include_finished\x18\x01 \x01(\x08\"B\n\x14ListLaunchesResponse\x12*\n\x08launches\x18\x01 \x03(\x0b\x32\x18.sevlaunch.v1.LaunchInfo\"(\n\x13\x44\x65stroyGuestRequest\x12\x11\n\tlaunch_id\x18\x01 \x01(\t\"\xf1\x03\n\nLaunchInfo\x12\x11\n\tlaunch_id\x18\x01 \x01(\t\x12&\n\x04mode\x18\x02 \x01(\x0e\x32\x18.sevlaunch.v1.LaunchMode\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.sevlaunch.v1.Phase\x12)\n\x0c\x66\x61iled_phase\x18\x04 \x01(\x0e\x32\x13.sevlaunch.v1.Phase\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x12\n\nguest_name\x18\x07 \x01(\t\x12\x13\n\x0b\x64omain_name\x18\x08 \x01(\t\x12\x13\n\x0b\x64omain_uuid\x18\t \x01(\t\x12\x16\n\x0eowner_endpoint\x18\n \x01(\t\x12\x13\n\x0bworkload_id\x18\x0b \x01(\t\x12\'\n\x08sev_mode\x18\x0c \x01(\x0e\x32\x15.sevlaunch.v1.SevMode\x12\x0e\n\x06policy\x18\r \x01(\r\x12\r\n\x05vcpus\x18\x0e \x01(\r\x12.\n\ncreated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bmeasurement\x18\x11 \x01(\x0c\x12\x11\n\tvcpu_type\x18\x12 \x01(\t*J\n\x07SevMode\x12\x18\n\x14SEV_MODE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSEV_MODE_SEV\x10\x01\x12\x13\n\x0fSEV_MODE_SEV_ES\x10\x02*U\n\nDiskFormat\x12\x1b\n\x17\x44ISK_FORMAT_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44ISK_FORMAT_RAW\x10\x01\x12\x15\n\x11\x44ISK_FORMAT_QCOW2\x10\x02*\x96\x02\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x17\n\x13PHASE_CHAIN_FETCHED\x10\x01\x12\x18\n\x14PHASE_SESSION_OPENED\x10\x02\x12\x11\n\rPHASE_DEFINED\x10\x03\x12\x18\n\x14PHASE_STARTED_PAUSED\x10\x04\x12\x12\n\x0ePHASE_MEASURED\x10\x05\x12\x19\n\x15PHASE_SECRET_RELEASED\x10\x06\x12\x19\n\x15PHASE_SECRET_INJECTED\x10\x07\x12\x11\n\rPHASE_RUNNING\x10\x08\x12\x10\n\x0cPHASE_FAILED\x10\t\x12\x13\n\x0fPHASE_DESTROYED\x10\n\x12\x12\n\x0ePHASE_ACCEPTED\x10\x0b*b\n\nLaunchMode\x12\x1b\n\x17LAUNCH_MODE_UNSPECIFIED\x10\x00\x12\x1c\n\x18LAUNCH_MODE_ORCHESTRATED\x10\x01\x12\x19\n\x15LAUNCH_MODE_TWO_PHASE\x10\x02\x32\xb6\x04\n\x0fLauncherService\x12\x42\n\x06Launch\x12\x1b.sevlaunch.v1.LaunchRequest\x1a\x19.sevlaunch.v1.LaunchEvent0\x01\x12X\n\rPrepareLaunch\x12\".sevlaunch.v1.PrepareLaunchRequest\x1a#.sevlaunch.v1.PrepareLaunchResponse\x12O\n\x0e\x43ompleteLaunch\x12#.sevlaunch.v1.CompleteLaunchRequest\x1a\x18.sevlaunch.v1.LaunchInfo\x12I\n\x0b\x41\x62ortLaunch\x12 .sevlaunch.v1.AbortLaunchRequest\x1a\x18.sevlaunch.v1.LaunchInfo\x12\x45\n\tGetLaunch\x12\x1e.sevlaunch.v1.GetLaunchRequest\x1a\x18.sevlaunch.v1.LaunchInfo\x12U\n\x0cListLaunches\x12!.sevlaunch.v1.ListLaunchesRequest\x1a\".sevlaunch.v1.ListLaunchesResponse\x12K\n\x0c\x44\x65stroyGuest\x12!.sevlaunch.v1.DestroyGuestRequest\x1a\x18.sevlaunch.v1.LaunchInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsevlaunch/rpc/v1/launcher.proto\x12\x0csevlaunch.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"`\n\x04\x44isk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12(\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x18.sevlaunch.v1.DiskFormat\x12\x10\n\x08readonly\x18\x04 \x01(\x08\"\x1a\n\x07Network\x12\x0f\n\x07network\x18\x01 \x01(\t\"\xc5\x03\n\tGuestSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmemory_mib\x18\x02 \x01(\x04\x12\r\n\x05vcpus\x18\x03 \x01(\r\x12\x15\n\rfirmware_path\x18\x04 \x01(\t\x12\x13\n\x0bkernel_path\x18\x05 \x01(\t\x12\x13\n\x0binitrd_path\x18\x06 \x01(\t\x12\x0f\n\x07\x63mdline\x18\x07 \x01(\t\x12!\n\x05\x64isks\x18\x08 \x03(\x0b\x32\x12.sevlaunch.v1.Disk\x12\'\n\x08networks\x18\t \x03(\x0b\x32\x15.sevlaunch.v1.Network\x12#\n\x04mode\x18\n \x01(\x0e\x32\x15.sevlaunch.v1.SevMode\x12\x0e\n\x06policy\x18\x0b \x01(\r\x12\x1d\n\x15launch_without_secret\x18\x0c \x01(\x08\x12\x11\n\tvcpu_type\x18\r \x01(\t\x12\x12\n\nsnp_policy\x18\x0e \x01(\x04\x12\x1b\n\x0eguest_features\x18\x0f \x01(\x04H\x00\x88\x01\x01\x12\x10\n\x08vmm_type\x18\x10 \x01(\t\x12\x1a\n\rkernel_hashes\x18\x11 \x01(\x08H\x01\x88\x01\x01\x42\x11\n\x0f_guest_featuresB\x10\n\x0e_kernel_hashes\"1\n\x08OwnerRef\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x13\n\x0bworkload_id\x18\x02 \x01(\t\"]\n\rLaunchRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.sevlaunch.v1.GuestSpec\x12%\n\x05owner\x18\x02 \x01(\x0b\x32\x16.sevlaunch.v1.OwnerRef\"\xf9\x01\n\x0bLaunchEvent\x12\x11\n\tlaunch_id\x18\x01 \x01(\t\x12\"\n\x05phase\x18\x02 \x01(\x0e\x32\x13.sevlaunch.v1.Phase\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x0c\x66\x61iled_phase\x18\x04 \x01(\x0e\x32\x13.sevlaunch.v1.Phase\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x13\n\x0b\x64omain_name\x18\x07 \x01(\t\x12&\n\x02\x61t\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"a\n\x14PrepareLaunchRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.sevlaunch.v1.GuestSpec\x12\x11\n\tgodh_cert\x18\x02 \x01(\x0c\x12\x0f\n\x07session\x18\x03 \x01(\x0c\"\xcd\x01\n\x15PrepareLaunchResponse\x12\x11\n\tlaunch_id\x18\x01 \x01(\t\x12\x13\n\x0bmeasurement\x18\x02 \x01(\x0c\x12\x11\n\tapi_major\x18\x03 \x01(\r\x12\x11\n\tapi_minor\x18\x04 \x01(\r\x12\x10\n\x08\x62uild_id\x18\x05 \x01(\r\x12\x0e\n\x06policy\x18\x06 \x01(\r\x12\x13\n\x0b\x64omain_name\x18\x07 \x01(\t\x12/\n\x0b\x63omplete_by\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Y\n\x15\x43ompleteLaunchRequest\x12\x11\n\tlaunch_id\x18\x01 \x01(\t\x12\x15\n\rsecret_header\x18\x02 \x01(\x0c\x12\x16\n\x0esecret_payload\x18\x03 \x01(\x0c\"\'\n\x12\x41\x62ortLaunchRequest\x12\x11\n\tlaunch_id\x18\x01 \x01(\t\"%\n\x10GetLaunchRequest\x12\x11\n\tlaunch_id\x18\x01 \x01(\t\"/\n\x13ListLaunchesRequest\x12\x18\n\x10include_finished\x18\x01 \x01(\x08\"B\n\x14ListLaunchesResponse\x12*\n\x08launches\x18\x01 \x03(\x0b\x32\x18.sevlaunch.v1.LaunchInfo\"(\n\x13\x44\x65stroyGuestRequest\x12\x11\n\tlaunch_id\x18\x01 \x01(\t\"\xb7\x04\n\nLaunchInfo\x12\x11\n\tlaunch_id\x18\x01 \x01(\t\x12&\n\x04mode\x18\x02 \x01(\x0e\x32\x18.sevlaunch.v1.LaunchMode\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.sevlaunch.v1.Phase\x12)\n\x0c\x66\x61iled_phase\x18\x04 \x01(\x0e\x32\x13.sevlaunch.v1.Phase\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x12\n\nguest_name\x18\x07 \x01(\t\x12\x13\n\x0b\x64omain_name\x18\x08 \x01(\t\x12\x13\n\x0b\x64omain_uuid\x18\t \x01(\t\x12\x16\n\x0eowner_endpoint\x18\n \x01(\t\x12\x13\n\x0bworkload_id\x18\x0b \x01(\t\x12\'\n\x08sev_mode\x18\x0c \x01(\x0e\x32\x15.sevlaunch.v1.SevMode\x12\x0e\n\x06policy\x18\r \x01(\r\x12\r\n\x05vcpus\x18\x0e \x01(\r\x12.\n\ncreated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bmeasurement\x18\x11 \x01(\x0c\x12\x11\n\tvcpu_type\x18\x12 \x01(\t\x12\x12\n\nsnp_policy\x18\x13 \x01(\x04\x12\x18\n\x10\x61uthorization_id\x18\x14 \x01(\t\x12\x16\n\x0eguest_features\x18\x15 \x01(\x04*`\n\x07SevMode\x12\x18\n\x14SEV_MODE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSEV_MODE_SEV\x10\x01\x12\x13\n\x0fSEV_MODE_SEV_ES\x10\x02\x12\x14\n\x10SEV_MODE_SEV_SNP\x10\x03*U\n\nDiskFormat\x12\x1b\n\x17\x44ISK_FORMAT_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44ISK_FORMAT_RAW\x10\x01\x12\x15\n\x11\x44ISK_FORMAT_QCOW2\x10\x02*\xbf\x02\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x17\n\x13PHASE_CHAIN_FETCHED\x10\x01\x12\x18\n\x14PHASE_SESSION_OPENED\x10\x02\x12\x11\n\rPHASE_DEFINED\x10\x03\x12\x18\n\x14PHASE_STARTED_PAUSED\x10\x04\x12\x12\n\x0ePHASE_MEASURED\x10\x05\x12\x19\n\x15PHASE_SECRET_RELEASED\x10\x06\x12\x19\n\x15PHASE_SECRET_INJECTED\x10\x07\x12\x11\n\rPHASE_RUNNING\x10\x08\x12\x10\n\x0cPHASE_FAILED\x10\t\x12\x13\n\x0fPHASE_DESTROYED\x10\n\x12\x12\n\x0ePHASE_ACCEPTED\x10\x0b\x12\x14\n\x10PHASE_AUTHORIZED\x10\x0c\x12\x11\n\rPHASE_STARTED\x10\r*w\n\nLaunchMode\x12\x1b\n\x17LAUNCH_MODE_UNSPECIFIED\x10\x00\x12\x1c\n\x18LAUNCH_MODE_ORCHESTRATED\x10\x01\x12\x19\n\x15LAUNCH_MODE_TWO_PHASE\x10\x02\x12\x13\n\x0fLAUNCH_MODE_SNP\x10\x03\x32\xb6\x04\n\x0fLauncherService\x12\x42\n\x06Launch\x12\x1b.sevlaunch.v1.LaunchRequest\x1a\x19.sevlaunch.v1.LaunchEvent0\x01\x12X\n\rPrepareLaunch\x12\".sevlaunch.v1.PrepareLaunchRequest\x1a#.sevlaunch.v1.PrepareLaunchResponse\x12O\n\x0e\x43ompleteLaunch\x12#.sevlaunch.v1.CompleteLaunchRequest\x1a\x18.sevlaunch.v1.LaunchInfo\x12I\n\x0b\x41\x62ortLaunch\x12 .sevlaunch.v1.AbortLaunchRequest\x1a\x18.sevlaunch.v1.LaunchInfo\x12\x45\n\tGetLaunch\x12\x1e.sevlaunch.v1.GetLaunchRequest\x1a\x18.sevlaunch.v1.LaunchInfo\x12U\n\x0cListLaunches\x12!.sevlaunch.v1.ListLaunchesRequest\x1a\".sevlaunch.v1.ListLaunchesResponse\x12K\n\x0c\x44\x65stroyGuest\x12!.sevlaunch.v1.DestroyGuestRequest\x1a\x18.sevlaunch.v1.LaunchInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sevlaunch.rpc.v1.launcher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SEVMODE']._serialized_start=2099
-  _globals['_SEVMODE']._serialized_end=2173
-  _globals['_DISKFORMAT']._serialized_start=2175
-  _globals['_DISKFORMAT']._serialized_end=2260
-  _globals['_PHASE']._serialized_start=2263
-  _globals['_PHASE']._serialized_end=2541
-  _globals['_LAUNCHMODE']._serialized_start=2543
-  _globals['_LAUNCHMODE']._serialized_end=2641
+  _globals['_SEVMODE']._serialized_start=2301
+  _globals['_SEVMODE']._serialized_end=2397
+  _globals['_DISKFORMAT']._serialized_start=2399
+  _globals['_DISKFORMAT']._serialized_end=2484
+  _globals['_PHASE']._serialized_start=2487
+  _globals['_PHASE']._serialized_end=2806
+  _globals['_LAUNCHMODE']._serialized_start=2808
+  _globals['_LAUNCHMODE']._serialized_end=2927
   _globals['_DISK']._serialized_start=114
   _globals['_DISK']._serialized_end=210
   _globals['_NETWORK']._serialized_start=212
   _globals['_NETWORK']._serialized_end=238
   _globals['_GUESTSPEC']._serialized_start=241
-  _globals['_GUESTSPEC']._serialized_end=562
-  _globals['_OWNERREF']._serialized_start=564
-  _globals['_OWNERREF']._serialized_end=613
-  _globals['_LAUNCHREQUEST']._serialized_start=615
-  _globals['_LAUNCHREQUEST']._serialized_end=708
-  _globals['_LAUNCHEVENT']._serialized_start=711
-  _globals['_LAUNCHEVENT']._serialized_end=960
-  _globals['_PREPARELAUNCHREQUEST']._serialized_start=962
-  _globals['_PREPARELAUNCHREQUEST']._serialized_end=1059
-  _globals['_PREPARELAUNCHRESPONSE']._serialized_start=1062
-  _globals['_PREPARELAUNCHRESPONSE']._serialized_end=1267
-  _globals['_COMPLETELAUNCHREQUEST']._serialized_start=1269
-  _globals['_COMPLETELAUNCHREQUEST']._serialized_end=1358
-  _globals['_ABORTLAUNCHREQUEST']._serialized_start=1360
-  _globals['_ABORTLAUNCHREQUEST']._serialized_end=1399
-  _globals['_GETLAUNCHREQUEST']._serialized_start=1401
-  _globals['_GETLAUNCHREQUEST']._serialized_end=1438
-  _globals['_LISTLAUNCHESREQUEST']._serialized_start=1440
-  _globals['_LISTLAUNCHESREQUEST']._serialized_end=1487
-  _globals['_LISTLAUNCHESRESPONSE']._serialized_start=1489
-  _globals['_LISTLAUNCHESRESPONSE']._serialized_end=1555
-  _globals['_DESTROYGUESTREQUEST']._serialized_start=1557
-  _globals['_DESTROYGUESTREQUEST']._serialized_end=1597
-  _globals['_LAUNCHINFO']._serialized_start=1600
-  _globals['_LAUNCHINFO']._serialized_end=2097
-  _globals['_LAUNCHERSERVICE']._serialized_start=2644
-  _globals['_LAUNCHERSERVICE']._serialized_end=3210
+  _globals['_GUESTSPEC']._serialized_end=694
+  _globals['_OWNERREF']._serialized_start=696
+  _globals['_OWNERREF']._serialized_end=745
+  _globals['_LAUNCHREQUEST']._serialized_start=747
+  _globals['_LAUNCHREQUEST']._serialized_end=840
+  _globals['_LAUNCHEVENT']._serialized_start=843
+  _globals['_LAUNCHEVENT']._serialized_end=1092
+  _globals['_PREPARELAUNCHREQUEST']._serialized_start=1094
+  _globals['_PREPARELAUNCHREQUEST']._serialized_end=1191
+  _globals['_PREPARELAUNCHRESPONSE']._serialized_start=1194
+  _globals['_PREPARELAUNCHRESPONSE']._serialized_end=1399
+  _globals['_COMPLETELAUNCHREQUEST']._serialized_start=1401
+  _globals['_COMPLETELAUNCHREQUEST']._serialized_end=1490
+  _globals['_ABORTLAUNCHREQUEST']._serialized_start=1492
+  _globals['_ABORTLAUNCHREQUEST']._serialized_end=1531
+  _globals['_GETLAUNCHREQUEST']._serialized_start=1533
+  _globals['_GETLAUNCHREQUEST']._serialized_end=1570
+  _globals['_LISTLAUNCHESREQUEST']._serialized_start=1572
+  _globals['_LISTLAUNCHESREQUEST']._serialized_end=1619
+  _globals['_LISTLAUNCHESRESPONSE']._serialized_start=1621
+  _globals['_LISTLAUNCHESRESPONSE']._serialized_end=1687
+  _globals['_DESTROYGUESTREQUEST']._serialized_start=1689
+  _globals['_DESTROYGUESTREQUEST']._serialized_end=1729
+  _globals['_LAUNCHINFO']._serialized_start=1732
+  _globals['_LAUNCHINFO']._serialized_end=2299
+  _globals['_LAUNCHERSERVICE']._serialized_start=2930
+  _globals['_LAUNCHERSERVICE']._serialized_end=3496
 # @@protoc_insertion_point(module_scope)

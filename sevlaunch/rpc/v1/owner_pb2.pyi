@@ -759,6 +759,7 @@ class AuditRecord(_message.Message):
     DETAIL_FIELD_NUMBER: _builtins.int
     PREV_HASH_FIELD_NUMBER: _builtins.int
     HASH_FIELD_NUMBER: _builtins.int
+    LAUNCH_ID_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     time_unix: _builtins.float
     actor: _builtins.str
@@ -773,6 +774,10 @@ class AuditRecord(_message.Message):
     detail: _builtins.str
     prev_hash: _builtins.str
     hash: _builtins.str
+    launch_id: _builtins.str
+    """The launcher's launch id the decision was made for (empty for admin actions and for records written
+    before launch ids); part of the hashed event only when not empty.
+    """
     def __init__(
         self,
         *,
@@ -789,10 +794,11 @@ class AuditRecord(_message.Message):
         detail: _builtins.str = ...,
         prev_hash: _builtins.str = ...,
         hash: _builtins.str = ...,
+        launch_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "cek_fingerprint", b"cek_fingerprint", "detail", b"detail", "digest", b"digest", "hash", b"hash", "outcome", b"outcome", "prev_hash", b"prev_hash", "reason", b"reason", "seq", b"seq", "session_id", b"session_id", "time_unix", b"time_unix", "workload_id", b"workload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "cek_fingerprint", b"cek_fingerprint", "detail", b"detail", "digest", b"digest", "hash", b"hash", "launch_id", b"launch_id", "outcome", b"outcome", "prev_hash", b"prev_hash", "reason", b"reason", "seq", b"seq", "session_id", b"session_id", "time_unix", b"time_unix", "workload_id", b"workload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,15 +25,19 @@ _sym_db = _symbol_database.Default()
 from sevlaunch.rpc.v1 import common_pb2 as sevlaunch_dot_rpc_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsevlaunch/rpc/v1/platform.proto\x12\x0csevlaunch.v1\x1a\x1dsevlaunch/rpc/v1/common.proto\"\x1a\n\x18GetPlatformStatusRequest\"\xcc\x01\n\x19GetPlatformStatusResponse\x12/\n\x08\x66irmware\x18\x01 \x01(\x0b\x32\x1d.sevlaunch.v1.FirmwareVersion\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.sevlaunch.v1.PlatformState\x12\x18\n\x10owned_externally\x18\x03 \x01(\x08\x12\x14\n\x0c\x65s_supported\x18\x04 \x01(\x08\x12\x13\n\x0bguest_count\x18\x05 \x01(\r\x12\r\n\x05\x66lags\x18\x06 \x01(\r\"\x16\n\x14GetIdentifierRequest\"(\n\x15GetIdentifierResponse\x12\x0f\n\x07\x63hip_id\x18\x01 \x01(\t\"\x1c\n\x1aGetCertificateChainRequest\"g\n\x1bGetCertificateChainResponse\x12\x34\n\x08platform\x18\x01 \x01(\x0b\x32\".sevlaunch.v1.PlatformCertificates\x12\x12\n\ncek_source\x18\x02 \x01(\t\"\x12\n\x10RotatePDHRequest\"%\n\x11RotatePDHResponse\x12\x10\n\x08pdh_cert\x18\x01 \x01(\x0c\"\x14\n\x12GeneratePEKRequest\"\x15\n\x13GeneratePEKResponse\"\x12\n\x10GetPEKCSRRequest\"$\n\x11GetPEKCSRResponse\x12\x0f\n\x07pek_csr\x18\x01 \x01(\x0c\"A\n\x1bImportPEKCertificateRequest\x12\x10\n\x08pek_cert\x18\x01 \x01(\x0c\x12\x10\n\x08oca_cert\x18\x02 \x01(\x0c\"\x1e\n\x1cImportPEKCertificateResponse\"&\n\x13\x46\x61\x63toryResetRequest\x12\x0f\n\x07\x63onfirm\x18\x01 \x01(\x08\"\x16\n\x14\x46\x61\x63toryResetResponse*\x7f\n\rPlatformState\x12\x1e\n\x1aPLATFORM_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15PLATFORM_STATE_UNINIT\x10\x01\x12\x17\n\x13PLATFORM_STATE_INIT\x10\x02\x12\x1a\n\x16PLATFORM_STATE_WORKING\x10\x03\x32\xf3\x05\n\x0fPlatformService\x12\x64\n\x11GetPlatformStatus\x12&.sevlaunch.v1.GetPlatformStatusRequest\x1a\'.sevlaunch.v1.GetPlatformStatusResponse\x12X\n\rGetIdentifier\x12\".sevlaunch.v1.GetIdentifierRequest\x1a#.sevlaunch.v1.GetIdentifierResponse\x12j\n\x13GetCertificateChain\x12(.sevlaunch.v1.GetCertificateChainRequest\x1a).sevlaunch.v1.GetCertificateChainResponse\x12L\n\tRotatePDH\x12\x1e.sevlaunch.v1.RotatePDHRequest\x1a\x1f.sevlaunch.v1.RotatePDHResponse\x12R\n\x0bGeneratePEK\x12 .sevlaunch.v1.GeneratePEKRequest\x1a!.sevlaunch.v1.GeneratePEKResponse\x12L\n\tGetPEKCSR\x12\x1e.sevlaunch.v1.GetPEKCSRRequest\x1a\x1f.sevlaunch.v1.GetPEKCSRResponse\x12m\n\x14ImportPEKCertificate\x12).sevlaunch.v1.ImportPEKCertificateRequest\x1a*.sevlaunch.v1.ImportPEKCertificateResponse\x12U\n\x0c\x46\x61\x63toryReset\x12!.sevlaunch.v1.FactoryResetRequest\x1a\".sevlaunch.v1.FactoryResetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsevlaunch/rpc/v1/platform.proto\x12\x0csevlaunch.v1\x1a\x1dsevlaunch/rpc/v1/common.proto\"\x1a\n\x18GetPlatformStatusRequest\"\xcc\x01\n\x19GetPlatformStatusResponse\x12/\n\x08\x66irmware\x18\x01 \x01(\x0b\x32\x1d.sevlaunch.v1.FirmwareVersion\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.sevlaunch.v1.PlatformState\x12\x18\n\x10owned_externally\x18\x03 \x01(\x08\x12\x14\n\x0c\x65s_supported\x18\x04 \x01(\x08\x12\x13\n\x0bguest_count\x18\x05 \x01(\r\x12\r\n\x05\x66lags\x18\x06 \x01(\r\"\x16\n\x14GetIdentifierRequest\"(\n\x15GetIdentifierResponse\x12\x0f\n\x07\x63hip_id\x18\x01 \x01(\t\"\x1c\n\x1aGetCertificateChainRequest\"g\n\x1bGetCertificateChainResponse\x12\x34\n\x08platform\x18\x01 \x01(\x0b\x32\".sevlaunch.v1.PlatformCertificates\x12\x12\n\ncek_source\x18\x02 \x01(\t\"\x12\n\x10RotatePDHRequest\"%\n\x11RotatePDHResponse\x12\x10\n\x08pdh_cert\x18\x01 \x01(\x0c\"\x14\n\x12GeneratePEKRequest\"\x15\n\x13GeneratePEKResponse\"\x12\n\x10GetPEKCSRRequest\"$\n\x11GetPEKCSRResponse\x12\x0f\n\x07pek_csr\x18\x01 \x01(\x0c\"A\n\x1bImportPEKCertificateRequest\x12\x10\n\x08pek_cert\x18\x01 \x01(\x0c\x12\x10\n\x08oca_cert\x18\x02 \x01(\x0c\"\x1e\n\x1cImportPEKCertificateResponse\"&\n\x13\x46\x61\x63toryResetRequest\x12\x0f\n\x07\x63onfirm\x18\x01 \x01(\x08\"\x16\n\x14\x46\x61\x63toryResetResponse\"p\n\x06SnpTcb\x12\x12\n\nbootloader\x18\x01 \x01(\r\x12\x0b\n\x03tee\x18\x02 \x01(\r\x12\x0b\n\x03snp\x18\x03 \x01(\r\x12\x11\n\tmicrocode\x18\x04 \x01(\r\x12\x10\n\x03\x66mc\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x0b\n\x03raw\x18\x06 \x01(\x06\x42\x06\n\x04_fmc\"\x15\n\x13GetSnpStatusRequest\"\xf7\x02\n\x14GetSnpStatusResponse\x12)\n\x07product\x18\x01 \x01(\x0e\x32\x18.sevlaunch.v1.SnpProduct\x12\x11\n\tapi_major\x18\x02 \x01(\r\x12\x11\n\tapi_minor\x18\x03 \x01(\r\x12\x10\n\x08\x62uild_id\x18\x04 \x01(\r\x12\x13\n\x0binitialized\x18\x05 \x01(\x08\x12)\n\x0b\x63urrent_tcb\x18\x06 \x01(\x0b\x32\x14.sevlaunch.v1.SnpTcb\x12*\n\x0creported_tcb\x18\x07 \x01(\x0b\x32\x14.sevlaunch.v1.SnpTcb\x12+\n\rcommitted_tcb\x18\x08 \x01(\x0b\x32\x14.sevlaunch.v1.SnpTcb\x12\x14\n\x0cmask_chip_id\x18\t \x01(\x08\x12\x15\n\rmask_chip_key\x18\n \x01(\x08\x12\x13\n\x0bvlek_loaded\x18\x0b \x01(\x08\x12\x13\n\x0bguest_count\x18\x0c \x01(\r\x12\x0c\n\x04hwid\x18\r \x01(\t\"9\n\x12GetVekChainRequest\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.sevlaunch.v1.VekKind\"\xdc\x01\n\x13GetVekChainResponse\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.sevlaunch.v1.VekKind\x12\x10\n\x08vek_cert\x18\x02 \x01(\x0c\x12\x10\n\x08\x61sk_cert\x18\x03 \x01(\x0c\x12\x10\n\x08\x61rk_cert\x18\x04 \x01(\x0c\x12)\n\x07product\x18\x05 \x01(\x0e\x32\x18.sevlaunch.v1.SnpProduct\x12!\n\x03tcb\x18\x06 \x01(\x0b\x32\x14.sevlaunch.v1.SnpTcb\x12\x0c\n\x04hwid\x18\x07 \x01(\t\x12\x0e\n\x06source\x18\x08 \x01(\t\"\x18\n\x16GetSnpCertTableRequest\"K\n\x17GetSnpCertTableResponse\x12\x12\n\ncert_table\x18\x01 \x01(\x0c\x12\x1c\n\x14matches_reported_tcb\x18\x02 \x01(\x08\"0\n\x1aInstallSnpCertTableRequest\x12\x12\n\ncert_table\x18\x01 \x01(\x0c\"1\n\x1bInstallSnpCertTableResponse\x12\x12\n\ncert_table\x18\x01 \x01(\x0c\"\x12\n\x10\x43ommitSnpRequest\"G\n\x11\x43ommitSnpResponse\x12\x32\n\x06status\x18\x01 \x01(\x0b\x32\".sevlaunch.v1.GetSnpStatusResponse\"X\n\x13SetSnpConfigRequest\x12\x14\n\x0creported_tcb\x18\x01 \x01(\x06\x12\x14\n\x0cmask_chip_id\x18\x02 \x01(\x08\x12\x15\n\rmask_chip_key\x18\x03 \x01(\x08\"J\n\x14SetSnpConfigResponse\x12\x32\n\x06status\x18\x01 \x01(\x0b\x32\".sevlaunch.v1.GetSnpStatusResponse*\x7f\n\rPlatformState\x12\x1e\n\x1aPLATFORM_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15PLATFORM_STATE_UNINIT\x10\x01\x12\x17\n\x13PLATFORM_STATE_INIT\x10\x02\x12\x1a\n\x16PLATFORM_STATE_WORKING\x10\x03*n\n\nSnpProduct\x12\x1b\n\x17SNP_PRODUCT_UNSPECIFIED\x10\x00\x12\x15\n\x11SNP_PRODUCT_MILAN\x10\x01\x12\x15\n\x11SNP_PRODUCT_GENOA\x10\x02\x12\x15\n\x11SNP_PRODUCT_TURIN\x10\x03*B\n\x07VekKind\x12\x11\n\rVEK_KIND_AUTO\x10\x00\x12\x11\n\rVEK_KIND_VCEK\x10\x01\x12\x11\n\rVEK_KIND_VLEK\x10\x02\x32\x8f\n\n\x0fPlatformService\x12\x64\n\x11GetPlatformStatus\x12&.sevlaunch.v1.GetPlatformStatusRequest\x1a\'.sevlaunch.v1.GetPlatformStatusResponse\x12X\n\rGetIdentifier\x12\".sevlaunch.v1.GetIdentifierRequest\x1a#.sevlaunch.v1.GetIdentifierResponse\x12j\n\x13GetCertificateChain\x12(.sevlaunch.v1.GetCertificateChainRequest\x1a).sevlaunch.v1.GetCertificateChainResponse\x12L\n\tRotatePDH\x12\x1e.sevlaunch.v1.RotatePDHRequest\x1a\x1f.sevlaunch.v1.RotatePDHResponse\x12R\n\x0bGeneratePEK\x12 .sevlaunch.v1.GeneratePEKRequest\x1a!.sevlaunch.v1.GeneratePEKResponse\x12L\n\tGetPEKCSR\x12\x1e.sevlaunch.v1.GetPEKCSRRequest\x1a\x1f.sevlaunch.v1.GetPEKCSRResponse\x12m\n\x14ImportPEKCertificate\x12).sevlaunch.v1.ImportPEKCertificateRequest\x1a*.sevlaunch.v1.ImportPEKCertificateResponse\x12U\n\x0c\x46\x61\x63toryReset\x12!.sevlaunch.v1.FactoryResetRequest\x1a\".sevlaunch.v1.FactoryResetResponse\x12U\n\x0cGetSnpStatus\x12!.sevlaunch.v1.GetSnpStatusRequest\x1a\".sevlaunch.v1.GetSnpStatusResponse\x12R\n\x0bGetVekChain\x12 .sevlaunch.v1.GetVekChainRequest\x1a!.sevlaunch.v1.GetVekChainResponse\x12^\n\x0fGetSnpCertTable\x12$.sevlaunch.v1.GetSnpCertTableRequest\x1a%.sevlaunch.v1.GetSnpCertTableResponse\x12j\n\x13InstallSnpCertTable\x12(.sevlaunch.v1.InstallSnpCertTableRequest\x1a).sevlaunch.v1.InstallSnpCertTableResponse\x12L\n\tCommitSnp\x12\x1e.sevlaunch.v1.CommitSnpRequest\x1a\x1f.sevlaunch.v1.CommitSnpResponse\x12U\n\x0cSetSnpConfig\x12!.sevlaunch.v1.SetSnpConfigRequest\x1a\".sevlaunch.v1.SetSnpConfigResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sevlaunch.rpc.v1.platform_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PLATFORMSTATE']._serialized_start=841
-  _globals['_PLATFORMSTATE']._serialized_end=968
+  _globals['_PLATFORMSTATE']._serialized_start=2101
+  _globals['_PLATFORMSTATE']._serialized_end=2228
+  _globals['_SNPPRODUCT']._serialized_start=2230
+  _globals['_SNPPRODUCT']._serialized_end=2340
+  _globals['_VEKKIND']._serialized_start=2342
+  _globals['_VEKKIND']._serialized_end=2408
   _globals['_GETPLATFORMSTATUSREQUEST']._serialized_start=80
   _globals['_GETPLATFORMSTATUSREQUEST']._serialized_end=106
   _globals['_GETPLATFORMSTATUSRESPONSE']._serialized_start=109
@@ -66,6 +70,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FACTORYRESETREQUEST']._serialized_end=815
   _globals['_FACTORYRESETRESPONSE']._serialized_start=817
   _globals['_FACTORYRESETRESPONSE']._serialized_end=839
-  _globals['_PLATFORMSERVICE']._serialized_start=971
-  _globals['_PLATFORMSERVICE']._serialized_end=1726
+  _globals['_SNPTCB']._serialized_start=841
+  _globals['_SNPTCB']._serialized_end=953
+  _globals['_GETSNPSTATUSREQUEST']._serialized_start=955
+  _globals['_GETSNPSTATUSREQUEST']._serialized_end=976
+  _globals['_GETSNPSTATUSRESPONSE']._serialized_start=979
+  _globals['_GETSNPSTATUSRESPONSE']._serialized_end=1354
+  _globals['_GETVEKCHAINREQUEST']._serialized_start=1356
+  _globals['_GETVEKCHAINREQUEST']._serialized_end=1413
+  _globals['_GETVEKCHAINRESPONSE']._serialized_start=1416
+  _globals['_GETVEKCHAINRESPONSE']._serialized_end=1636
+  _globals['_GETSNPCERTTABLEREQUEST']._serialized_start=1638
+  _globals['_GETSNPCERTTABLEREQUEST']._serialized_end=1662
+  _globals['_GETSNPCERTTABLERESPONSE']._serialized_start=1664
+  _globals['_GETSNPCERTTABLERESPONSE']._serialized_end=1739
+  _globals['_INSTALLSNPCERTTABLEREQUEST']._serialized_start=1741
+  _globals['_INSTALLSNPCERTTABLEREQUEST']._serialized_end=1789
+  _globals['_INSTALLSNPCERTTABLERESPONSE']._serialized_start=1791
+  _globals['_INSTALLSNPCERTTABLERESPONSE']._serialized_end=1840
+  _globals['_COMMITSNPREQUEST']._serialized_start=1842
+  _globals['_COMMITSNPREQUEST']._serialized_end=1860
+  _globals['_COMMITSNPRESPONSE']._serialized_start=1862
+  _globals['_COMMITSNPRESPONSE']._serialized_end=1933
+  _globals['_SETSNPCONFIGREQUEST']._serialized_start=1935
+  _globals['_SETSNPCONFIGREQUEST']._serialized_end=2023
+  _globals['_SETSNPCONFIGRESPONSE']._serialized_start=2025
+  _globals['_SETSNPCONFIGRESPONSE']._serialized_end=2099
+  _globals['_PLATFORMSERVICE']._serialized_start=2411
+  _globals['_PLATFORMSERVICE']._serialized_end=3706
 # @@protoc_insertion_point(module_scope)

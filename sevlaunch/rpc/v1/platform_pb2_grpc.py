@@ -74,6 +74,36 @@ class PlatformServiceStub:
                 request_serializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.FactoryResetRequest.SerializeToString,
                 response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.FactoryResetResponse.FromString,
                 _registered_method=True)
+        self.GetSnpStatus = channel.unary_unary(
+                '/sevlaunch.v1.PlatformService/GetSnpStatus',
+                request_serializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.GetSnpStatusRequest.SerializeToString,
+                response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.GetSnpStatusResponse.FromString,
+                _registered_method=True)
+        self.GetVekChain = channel.unary_unary(
+                '/sevlaunch.v1.PlatformService/GetVekChain',
+                request_serializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.GetVekChainRequest.SerializeToString,
+                response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.GetVekChainResponse.FromString,
+                _registered_method=True)
+        self.GetSnpCertTable = channel.unary_unary(
+                '/sevlaunch.v1.PlatformService/GetSnpCertTable',
+                request_serializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.GetSnpCertTableRequest.SerializeToString,
+                response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.GetSnpCertTableResponse.FromString,
+                _registered_method=True)
+        self.InstallSnpCertTable = channel.unary_unary(
+                '/sevlaunch.v1.PlatformService/InstallSnpCertTable',
+                request_serializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.InstallSnpCertTableRequest.SerializeToString,
+                response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.InstallSnpCertTableResponse.FromString,
+                _registered_method=True)
+        self.CommitSnp = channel.unary_unary(
+                '/sevlaunch.v1.PlatformService/CommitSnp',
+                request_serializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.CommitSnpRequest.SerializeToString,
+                response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.CommitSnpResponse.FromString,
+                _registered_method=True)
+        self.SetSnpConfig = channel.unary_unary(
+                '/sevlaunch.v1.PlatformService/SetSnpConfig',
+                request_serializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.SetSnpConfigRequest.SerializeToString,
+                response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.SetSnpConfigResponse.FromString,
+                _registered_method=True)
 
 
 class PlatformServiceServicer:
@@ -136,6 +166,50 @@ class PlatformServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSnpStatus(self, request, context):
+        """SEV-SNP. SNP_PLATFORM_STATUS with the TCBs decoded for the chip's product.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetVekChain(self, request, context):
+        """The VCEK (or VLEK) of the reported TCB with its ASK (ASVK) and ARK. From a provisioned directory, the
+        on-disk cache (per chip and TCB) or the KDS; concurrent callers share one fetch; a KDS 429 is waited
+        out when its Retry-After fits in the call's deadline; a cached chain keeps serving while the KDS is down.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSnpCertTable(self, request, context):
+        """The certificate table installed for guests' extended reports (what `snphost export` shows).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InstallSnpCertTable(self, request, context):
+        """Admin. Installs a certificate table (`snphost import`): the one given, or, empty, the current chain's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitSnp(self, request, context):
+        """Admin. SNP_COMMIT: the current TCB becomes the committed and the reported one (the VCEK changes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetSnpConfig(self, request, context):
+        """Admin. SNP_SET_CONFIG: the reported TCB and chip-id / chip-key masking.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PlatformServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +252,36 @@ def add_PlatformServiceServicer_to_server(servicer, server):
                     servicer.FactoryReset,
                     request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.FactoryResetRequest.FromString,
                     response_serializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.FactoryResetResponse.SerializeToString,
+            ),
+            'GetSnpStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSnpStatus,
+                    request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.GetSnpStatusRequest.FromString,
+                    response_serializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.GetSnpStatusResponse.SerializeToString,
+            ),
+            'GetVekChain': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVekChain,
+                    request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.GetVekChainRequest.FromString,
+                    response_serializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.GetVekChainResponse.SerializeToString,
+            ),
+            'GetSnpCertTable': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSnpCertTable,
+                    request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.GetSnpCertTableRequest.FromString,
+                    response_serializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.GetSnpCertTableResponse.SerializeToString,
+            ),
+            'InstallSnpCertTable': grpc.unary_unary_rpc_method_handler(
+                    servicer.InstallSnpCertTable,
+                    request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.InstallSnpCertTableRequest.FromString,
+                    response_serializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.InstallSnpCertTableResponse.SerializeToString,
+            ),
+            'CommitSnp': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitSnp,
+                    request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.CommitSnpRequest.FromString,
+                    response_serializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.CommitSnpResponse.SerializeToString,
+            ),
+            'SetSnpConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSnpConfig,
+                    request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.SetSnpConfigRequest.FromString,
+                    response_serializer=sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.SetSnpConfigResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -396,6 +500,168 @@ class PlatformService:
             '/sevlaunch.v1.PlatformService/FactoryReset',
             sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.FactoryResetRequest.SerializeToString,
             sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.FactoryResetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSnpStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sevlaunch.v1.PlatformService/GetSnpStatus',
+            sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.GetSnpStatusRequest.SerializeToString,
+            sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.GetSnpStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVekChain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sevlaunch.v1.PlatformService/GetVekChain',
+            sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.GetVekChainRequest.SerializeToString,
+            sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.GetVekChainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSnpCertTable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sevlaunch.v1.PlatformService/GetSnpCertTable',
+            sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.GetSnpCertTableRequest.SerializeToString,
+            sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.GetSnpCertTableResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InstallSnpCertTable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sevlaunch.v1.PlatformService/InstallSnpCertTable',
+            sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.InstallSnpCertTableRequest.SerializeToString,
+            sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.InstallSnpCertTableResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitSnp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sevlaunch.v1.PlatformService/CommitSnp',
+            sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.CommitSnpRequest.SerializeToString,
+            sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.CommitSnpResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSnpConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sevlaunch.v1.PlatformService/SetSnpConfig',
+            sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.SetSnpConfigRequest.SerializeToString,
+            sevlaunch_dot_rpc_dot_v1_dot_platform__pb2.SetSnpConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -29,7 +29,7 @@ class PlatformCommands(ChipBase):
             owned_externally=chip.owned_externally,
             es_enabled=chip.config.es_enabled,
             build=chip.config.build,
-            guest_count=len(chip.guests),
+            guest_count=chip.guest_count,
         )
 
     def pek_gen(self) -> None:

@@ -36,7 +36,7 @@ class SevGuestCommands(ChipBase):
         """ES guests take ASIDs 1..max_es_guests, SEV guests the ones above (MIN_SEV_ASID split)."""
         config = chip.config
         first, count = (1, config.max_es_guests) if es else (config.max_es_guests + 1, config.max_guests)
-        used = {g.asid for g in chip.guests.values()}
+        used = chip.used_asids()
         for asid in range(first, first + count):
             if asid not in used:
                 return asid
