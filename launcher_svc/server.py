@@ -5,7 +5,8 @@
         [--db /var/lib/sevlaunch/launcher.db] [--secret-gpa 0x80c000] \
         [--phase-timeout 30[,SECRET_RELEASED=60,...]] [--max-concurrent 8] [--metrics-listen :9102] \
         [--health-listen 0.0.0.0:50062] [--owner-identity owner] [--platform-identity platform] \
-        [--image-dir /usr/share/OVMF:/var/lib/libvirt/images]
+        [--image-dir /usr/share/OVMF:/var/lib/libvirt/images] \
+        [--test-host-unlocked-memory] [--test-host-asids SEV:ES]      (test hosts without SEV only)
 
 Every flag is also an environment variable (`--tls-dir` ↔ SEVLAUNCH_TLS_DIR).
 On SIGTERM the server stops taking calls and every launch still in flight fails closed.
@@ -14,6 +15,7 @@ On SIGTERM the server stops taking calls and every launch still in flight fails 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,6 +39,28 @@ DEFAULT_LISTEN = "0.0.0.0:50052"
 DEFAULT_METRICS = ":9102"
 DEFAULT_DB = "/var/lib/sevlaunch/launcher.db"
 DEFAULT_IMAGE_DIRS = ("/usr/share/OVMF", "/var/lib/libvirt/images")
+#: A host with this device is a real SEV host: there, guest memory always stays locked.
+SEV_DEVICE = "/dev/sev"
+TEST_HOST_UNLOCKED_MEMORY_HELP = (
+    "TEST HOSTS ONLY: define libvirt domains without <memoryBacking><locked/>, for a host that cannot lock"
+    " guest memory (no CAP_SYS_RESOURCE; libvirt refuses with locked_memory_refused). Encrypted guest memory"
+    f" must never be swapped, so the launcher refuses this flag where {SEV_DEVICE} exists"
+)
+TEST_HOST_ASIDS_HELP = (
+    "TEST HOSTS ONLY: SEV:SEV-ES guest ASID counts (e.g. 16:16) to use when libvirt reports none, as on a"
+    " CPU without SEV whose QEMU is a stand-in (libvirt reads the counts from CPUID); refused where"
+    f" {SEV_DEVICE} exists"
+)
+
+
+def parse_asids(text: str) -> tuple[int, int]:
+    sev, sep, es = text.partition(":")
+    if not sep:
+        raise ValueError("--test-host-asids is SEV:SEV-ES, e.g. 16:16")
+    counts = (int(sev), int(es))
+    if min(counts) < 0 or sum(counts) == 0 or max(counts) > 1024:
+        raise ValueError("--test-host-asids counts must be 0..1024 and not both 0")
+    return counts
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +72,9 @@ class LauncherServerConfig:
     hypervisor: str = "libvirt"
     emulator: Path | None = None
     libvirt_uri: str = "qemu:///system"
+    # Test hosts only: domains without <locked/> (see TEST_HOST_UNLOCKED_MEMORY_HELP).
+    test_host_unlocked_memory: bool = False
+    test_host_asids: tuple[int, int] | None = None  # (SEV, SEV-ES) when the host CPU reports none
     db: Path = Path(DEFAULT_DB)
     metrics_listen: str | None = DEFAULT_METRICS
     health_listen: str | None = None
@@ -83,7 +110,9 @@ def open_hypervisor(cfg: LauncherServerConfig, *, metrics: LauncherMetrics | Non
     if cfg.hypervisor == "libvirt":
         from launcher_svc.adapters.libvirt_backend import LibvirtHypervisor
 
-        return LibvirtHypervisor(cfg.libvirt_uri)
+        return LibvirtHypervisor(
+            cfg.libvirt_uri, lock_memory=not cfg.test_host_unlocked_memory, test_asids=cfg.test_host_asids
+        )
     if cfg.hypervisor == "emulated":
         if cfg.emulator is None:
             raise ValueError("--hypervisor emulated needs --emulator STATE_DIR (the chip platform_svc uses)")
@@ -149,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hypervisor", choices=["emulated", "libvirt"], default="libvirt", help="backend")
     p.add_argument("--emulator", metavar="STATE_DIR", help="emulated chip directory shared with platform_svc")
     p.add_argument("--libvirt-uri", default="qemu:///system", help="libvirt connection URI")
+    p.add_argument("--test-host-unlocked-memory", action="store_true", help=TEST_HOST_UNLOCKED_MEMORY_HELP)
+    p.add_argument("--test-host-asids", metavar="SEV:ES", help=TEST_HOST_ASIDS_HELP)
     p.add_argument("--db", default=DEFAULT_DB, help="SQLite file of the launch state machine")
     p.add_argument(
         "--secret-gpa",
@@ -207,6 +238,16 @@ def config_from_args(args: argparse.Namespace) -> LauncherServerConfig:
             server_name(value)
         except ValueError as exc:
             raise ValueError(f"{flag}: {exc}") from None
+    for flag, given in (
+        ("--test-host-unlocked-memory", args.test_host_unlocked_memory),
+        ("--test-host-asids", args.test_host_asids),
+    ):
+        if not given:
+            continue
+        if args.hypervisor != "libvirt":
+            raise ValueError(f"{flag} applies to --hypervisor libvirt only")
+        if os.path.exists(SEV_DEVICE):
+            raise ValueError(f"{flag} refused: {SEV_DEVICE} exists, this is a real SEV host, not a test host")
     dirs = tuple(d for d in args.image_dir.split(":") if d)
     if not dirs or not all(d.startswith("/") for d in dirs):
         raise ValueError("--image-dir needs absolute directories")
@@ -216,6 +257,8 @@ def config_from_args(args: argparse.Namespace) -> LauncherServerConfig:
         hypervisor=args.hypervisor,
         emulator=Path(args.emulator) if args.emulator else None,
         libvirt_uri=args.libvirt_uri,
+        test_host_unlocked_memory=args.test_host_unlocked_memory,
+        test_host_asids=parse_asids(args.test_host_asids) if args.test_host_asids else None,
         db=Path(args.db),
         vcpu_type=args.vcpu_type,
         owner_identity=args.owner_identity,

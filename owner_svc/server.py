@@ -2,7 +2,13 @@
 
     sevlaunch-owner --listen 0.0.0.0:50053 --tls-dir certs --db owner.db --kek-file kek --create-kek \\
         --trust-root emulated=state/ask_ark.cert --publisher-key distro.pub \\
-        --refvalues-url https://example.org/ovmf.dsse --metrics-listen :9103 --health-listen 0.0.0.0:50063
+        --refvalues-url https://example.org/ovmf.dsse --metrics-listen :9103 --health-listen 0.0.0.0:50063 \\
+        --guest-listen 0.0.0.0:50054 --guest-endpoint https://owner.example.org:50054 \\
+        --guest-tls-cert guest.pem --guest-tls-key guest.key --guest-tls-ca guest-ca.pem
+
+`--guest-listen` turns SEV-SNP on: the guest port (`owner_svc.api.guest`, server-authenticated TLS
+only, rate-limited) and AuthorizeSnpLaunch, whose init data names `--guest-endpoint` (default: the
+listen address, which must then not be a wildcard) and the CA in `--guest-tls-ca`.
 
 Every flag is also an environment variable (`--kek-file` ↔ `SEVLAUNCH_KEK_FILE`); repeatable flags take
 a comma-separated list there.
@@ -26,10 +32,19 @@ from owner_svc.adapters.kek import KEKFileError, KeyEncryptionKey
 from owner_svc.adapters.metrics import PrometheusOwnerMetrics
 from owner_svc.adapters.refvalues_http import RefValuesPoller
 from owner_svc.adapters.store import OwnerStore, open_store
+from owner_svc.api.guest import (
+    DEFAULT_GLOBAL_BURST,
+    DEFAULT_GLOBAL_RATE,
+    DEFAULT_PEER_BURST,
+    DEFAULT_PEER_RATE,
+    GuestServer,
+)
+from owner_svc.api.ratelimit import GuestRateLimiter
 from owner_svc.api.servicer import AUTHZ, SERVICE_NAME, OwnerServicer
 from owner_svc.core.ports import StoreError
 from owner_svc.core.refset import ReferenceValueSet
 from owner_svc.core.service import AMD_GENERATIONS, DEFAULT_SESSION_TTL, OwnerCore
+from owner_svc.core.snp import DEFAULT_AUTHORIZATION_TTL, SnpSettings
 from owner_svc.workers import MAX_WORKERS, supervisor_argv, worker_argv
 from sevlaunch.dsn import redact_dsn
 from sevlaunch.errors import ServiceError
@@ -48,6 +63,9 @@ from sevlaunch.rpc.tls import TLSMaterialError
 from sevlaunch.rpc.v1 import owner_pb2_grpc
 from sevlaunch.sev.chain import TrustedRoot, load_roots_file
 from sevlaunch.sev.errors import SevError
+from sevlaunch.snp.certs import TrustedRoot as SnpTrustedRoot
+from sevlaunch.snp.certs import root_from_pem
+from sevlaunch.snp.tcb import Product
 
 log = logging.getLogger("owner_svc")
 
@@ -84,6 +102,28 @@ class OwnerConfig:
     #: This process's index among `--workers` (0 when there is one): only worker 0 polls reference values.
     worker_index: int = 0
     core_threads: int = DEFAULT_CORE_THREADS
+    # SEV-SNP: the guest port and what the init data names.
+    guest_listen: str | None = None
+    guest_endpoint: str | None = None
+    guest_tls_cert: Path | None = None
+    guest_tls_key: Path | None = None
+    guest_tls_ca: Path | None = None
+    snp_trust_roots: Sequence[str] = ()
+    snp_authorization_ttl: float = DEFAULT_AUTHORIZATION_TTL
+    guest_peer_rate: float = DEFAULT_PEER_RATE
+    guest_peer_burst: float = DEFAULT_PEER_BURST
+    guest_global_rate: float = DEFAULT_GLOBAL_RATE
+    guest_global_burst: float = DEFAULT_GLOBAL_BURST
+
+
+@dataclass
+class SnpSetup:
+    """What the SNP settings are made of once the guest port is bound (its port may be 0 until then)."""
+
+    endpoint: str | None
+    ca_pem: str
+    roots: tuple[SnpTrustedRoot, ...]
+    authorization_ttl: float
 
 
 @dataclass
@@ -93,9 +133,32 @@ class OwnerApp:
     store: OwnerStore
     poller: RefValuesPoller | None
     checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL
+    guest: GuestServer | None = None
+    snp_setup: SnpSetup | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
+    async def start_guest(self) -> None:
+        """Binds and starts the guest port, then turns SNP on in the core with the endpoint it serves."""
+        if self.guest is None or self.snp_setup is None or self.guest.port:
+            return
+        setup = self.snp_setup
+        if setup.endpoint is None:
+            _endpoint_of(self.guest.host, 1)  # a wildcard listen address needs --guest-endpoint: say so first
+        await self.guest.start()
+        endpoint = setup.endpoint or _endpoint_of(self.guest.host, self.guest.port)
+        try:
+            self.core.snp = SnpSettings(
+                endpoint=endpoint,
+                ca_pem=setup.ca_pem,
+                extra_roots=setup.roots,
+                authorization_ttl=setup.authorization_ttl,
+            )
+        except (SevError, ValueError) as exc:
+            await self.guest.stop(0)
+            raise ConfigError(f"--guest-endpoint/--guest-tls-ca: {exc}") from None
+
     async def start(self) -> None:
+        await self.start_guest()
         await self.rpc.start()
         loop = asyncio.get_running_loop()
         if self.poller is not None:
@@ -120,6 +183,8 @@ class OwnerApp:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.rpc.stop(grace)
+        if self.guest is not None and self.guest.port:
+            await self.guest.stop(grace if grace is not None else self.rpc.grace)
         # The last head this owner wrote, outside the database, after the last call it served.
         await self.checkpoint()
         self.store.close()
@@ -160,12 +225,61 @@ def load_publisher_key(path: str) -> PublisherKey:
         raise ConfigError(f"publisher key {path}: {exc}") from None
 
 
+def _endpoint_of(host: str, port: int) -> str:
+    if host in ("", "0.0.0.0", "::"):  # noqa: S104 - parsing, not binding
+        raise ConfigError("--guest-listen is a wildcard address: give --guest-endpoint (what guests dial)")
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host.lower()}:{port}"
+
+
+def load_snp_trust_root(spec: str) -> SnpTrustedRoot:
+    """`PRODUCT=FILE`: a PEM bundle of an ARK and its ASK/ASVK (an emulated AMD root), trusted for SEV-SNP
+    in addition to AMD's pinned roots, for that product only."""
+    product_name, sep, path = spec.partition("=")
+    if not sep:
+        raise ConfigError(f"--snp-trust-root {spec!r}: PRODUCT=FILE (milan, genoa, turin)")
+    try:
+        product = Product.parse(product_name)
+        data = Path(path).read_bytes()
+        return root_from_pem(data, product, name=f"{Path(path).name} ({product.value})")
+    except OSError as exc:
+        raise ConfigError(f"cannot read SNP trust root {path}: {exc.strerror}") from None
+    except SevError as exc:
+        raise ConfigError(f"SNP trust root {path}: {exc}") from None
+
+
+def _snp_setup(config: OwnerConfig) -> SnpSetup | None:
+    if config.guest_listen is None:
+        if config.guest_endpoint or config.snp_trust_roots:
+            raise ConfigError("--guest-endpoint and --snp-trust-root need --guest-listen (the guest port)")
+        return None
+    if not (config.guest_tls_cert and config.guest_tls_key and config.guest_tls_ca):
+        raise ConfigError("--guest-listen needs --guest-tls-cert, --guest-tls-key and --guest-tls-ca")
+    try:
+        ca_pem = config.guest_tls_ca.read_text("ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read --guest-tls-ca {config.guest_tls_ca}: {exc}") from None
+    roots = tuple(load_snp_trust_root(s) for s in config.snp_trust_roots)
+    setup = SnpSetup(config.guest_endpoint, ca_pem, roots, config.snp_authorization_ttl)
+    # Checked now (with a stand-in port when it is only known once bound), so a bad endpoint or CA
+    # stops the start in one line.
+    try:
+        SnpSettings(
+            endpoint=config.guest_endpoint or "https://localhost:1",
+            ca_pem=ca_pem,
+            authorization_ttl=config.snp_authorization_ttl,
+        )
+    except (SevError, ValueError) as exc:
+        raise ConfigError(f"--guest-endpoint/--guest-tls-ca: {exc}") from None
+    return setup
+
+
 def build_app(config: OwnerConfig) -> OwnerApp:
     try:
         kek = KeyEncryptionKey.from_file(config.kek_file, create=config.create_kek)
     except KEKFileError as exc:
         raise ConfigError(str(exc)) from None
     roots = [load_trust_root(spec) for spec in config.trust_roots]
+    snp_setup = _snp_setup(config)
     publishers = [load_publisher_key(p) for p in config.publisher_keys]
     if not publishers:
         # Not fatal (reference values can come later with a restart), but nothing will be released.
@@ -201,6 +315,26 @@ def build_app(config: OwnerConfig) -> OwnerApp:
     # decision reloads them when the store's generation moved (another replica imported or revoked).
     core.sync_reference_values()
     owner_pb2_grpc.add_OwnerServiceServicer_to_server(OwnerServicer(core), rpc.grpc_server)
+    guest = None
+    if snp_setup is not None:
+        assert config.guest_listen and config.guest_tls_cert and config.guest_tls_key
+        try:
+            guest = GuestServer(
+                core,
+                listen=config.guest_listen,
+                cert_file=config.guest_tls_cert,
+                key_file=config.guest_tls_key,
+                metrics=rpc.metrics,
+                limiter=GuestRateLimiter(
+                    per_peer_rate=config.guest_peer_rate,
+                    per_peer_burst=config.guest_peer_burst,
+                    global_rate=config.guest_global_rate,
+                    global_burst=config.guest_global_burst,
+                ),
+            )
+        except (TLSMaterialError, ValueError) as exc:
+            store.close()
+            raise ConfigError(str(exc)) from None
 
     def import_polled(envelope: bytes, url: str) -> bool:
         return core.import_reference_values(f"poller:{url}", envelope, url)[1]
@@ -211,7 +345,13 @@ def build_app(config: OwnerConfig) -> OwnerApp:
             config.refvalues_urls, interval=config.refvalues_interval, importer=import_polled
         )
     return OwnerApp(
-        rpc=rpc, core=core, store=store, poller=poller, checkpoint_interval=config.checkpoint_interval
+        rpc=rpc,
+        core=core,
+        store=store,
+        poller=poller,
+        checkpoint_interval=config.checkpoint_interval,
+        guest=guest,
+        snp_setup=snp_setup,
     )
 
 
@@ -288,7 +428,38 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_CHECKPOINT_INTERVAL,
         help="seconds between audit checkpoints (seq, head hash, MAC) in the log and metrics",
     )
+    g = p.add_argument_group("SEV-SNP guests (the guest port)")
+    g.add_argument("--guest-listen", default=None, help="HOST:PORT of the guest port; turns SEV-SNP on")
+    g.add_argument(
+        "--guest-endpoint", default=None, help="https://HOST:PORT guests dial (default: --guest-listen)"
+    )
+    g.add_argument("--guest-tls-cert", default=None, help="the guest port's server certificate (PEM)")
+    g.add_argument("--guest-tls-key", default=None, help="its private key (PEM)")
+    g.add_argument("--guest-tls-ca", default=None, help="the CA certificate guests check it against (PEM)")
+    g.add_argument(
+        "--snp-trust-root",
+        action="append",
+        default=None,
+        metavar="PRODUCT=FILE",
+        help="PEM ARK+ASK(+ASVK) to trust for SEV-SNP besides AMD's pinned roots (repeatable)",
+    )
+    g.add_argument(
+        "--snp-authorization-ttl",
+        type=float,
+        default=DEFAULT_AUTHORIZATION_TTL,
+        help="seconds an SNP launch authorisation stays valid",
+    )
+    g.add_argument(
+        "--guest-peer-rate", type=float, default=DEFAULT_PEER_RATE, help="calls/s per guest address"
+    )
+    g.add_argument("--guest-peer-burst", type=float, default=DEFAULT_PEER_BURST)
+    g.add_argument("--guest-global-rate", type=float, default=DEFAULT_GLOBAL_RATE, help="calls/s in all")
+    g.add_argument("--guest-global-burst", type=float, default=DEFAULT_GLOBAL_BURST)
     return p
+
+
+def _path(value: str | None) -> Path | None:
+    return None if value is None else Path(value)
 
 
 def config_from_args(args: argparse.Namespace) -> OwnerConfig:
@@ -305,6 +476,17 @@ def config_from_args(args: argparse.Namespace) -> OwnerConfig:
         checkpoint_interval=args.audit_checkpoint_interval,
         worker_index=args.worker_index,
         core_threads=args.core_threads,
+        guest_listen=args.guest_listen,
+        guest_endpoint=args.guest_endpoint,
+        guest_tls_cert=_path(args.guest_tls_cert),
+        guest_tls_key=_path(args.guest_tls_key),
+        guest_tls_ca=_path(args.guest_tls_ca),
+        snp_trust_roots=_list(args.snp_trust_root),
+        snp_authorization_ttl=args.snp_authorization_ttl,
+        guest_peer_rate=args.guest_peer_rate,
+        guest_peer_burst=args.guest_peer_burst,
+        guest_global_rate=args.guest_global_rate,
+        guest_global_burst=args.guest_global_burst,
     )
     if not 1 <= config.core_threads <= 256:
         raise ConfigError("--core-threads must be 1..256")
@@ -336,6 +518,10 @@ def _prepare_workers(config: OwnerConfig) -> None:
     _, _, port = config.listen.rpartition(":")
     if not port.isdigit() or int(port) == 0:
         raise ConfigError("--workers needs a fixed --listen port, which every worker shares")
+    if config.guest_listen is not None:
+        _, _, guest_port = config.guest_listen.rpartition(":")
+        if not guest_port.isdigit() or int(guest_port) == 0:
+            raise ConfigError("--workers needs a fixed --guest-listen port, which every worker shares")
     try:
         kek = KeyEncryptionKey.from_file(config.kek_file, create=config.create_kek)
     except KEKFileError as exc:

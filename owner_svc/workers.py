@@ -13,6 +13,8 @@ What each worker has of its own, and why that is safe:
   on every worker from its next call).
 * Its metrics: worker i serves them on the `--metrics-listen` port + i (a fixed port), so a scrape
   config lists N targets. Only worker 0 serves `--health-listen` and polls `--refvalues-url`.
+* The SEV-SNP guest port, shared like the main one; its rate limits are per worker, so the owner as a
+  whole admits up to N times the `--guest-*-rate` it is given.
 
 The supervisor, once the preparation is done, replaces itself (same pid) with `python -m
 owner_svc.workers`, which imports only the standard library: the process that only waits stays a few

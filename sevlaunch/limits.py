@@ -25,3 +25,8 @@ MAX_SECRET_AREA_SIZE: Final = 1 << 20
 MAX_VCPU_FAMILY: Final = 0xF + 0xFF
 MAX_VCPU_MODEL: Final = 0xFF
 MAX_VCPU_STEPPING: Final = 0xF
+U64_MAX: Final = (1 << 64) - 1
+#: A call's deadline or a wait on the command line, seconds.
+MAX_TIMEOUT_SECONDS: Final = 3600.0
+#: ASIDs an emulated chip may declare (real parts have a few hundred to about a thousand).
+MAX_EMULATED_ASIDS: Final = 4096

@@ -28,6 +28,7 @@ from typing import Any
 
 import libvirt
 
+from launcher_svc.adapters import libvirt_errors
 from launcher_svc.core.domain_xml import libvirt_cpu_model, parse_domain_xml
 from launcher_svc.core.ports import (
     DomainInfo,
@@ -96,6 +97,9 @@ def libvirt_error(exc: libvirt.libvirtError, what: str) -> ServiceError:
         # and SEV asked of a QEMU or host without it as CONFIG_UNSUPPORTED with this message: the host
         # or domain cannot do SEV, which is neither the caller's XML nor a hypervisor fault.
         return FailedPrecondition(LaunchReason.SEV_UNSUPPORTED, detail)
+    precise = libvirt_errors.classify(code, message, detail)
+    if precise is not None:
+        return precise
     if code == libvirt.VIR_ERR_NO_SUPPORT:
         return FailedPrecondition(LaunchReason.HYPERVISOR_UNSUPPORTED, detail)
     if code == libvirt.VIR_ERR_NO_DOMAIN:
@@ -198,13 +202,34 @@ def check_cpu_model(domcaps_xml: str, model: str) -> None:
         )
 
 
+def without_locked_memory(xml: str) -> str:
+    """The domain XML without `<memoryBacking><locked/>` (and the element, if that left it empty)."""
+    root = ET.fromstring(xml)  # noqa: S314 - our own builder's XML
+    backing = root.find("memoryBacking")
+    if backing is not None:
+        for locked in backing.findall("locked"):
+            backing.remove(locked)
+        if len(backing) == 0:
+            root.remove(backing)
+    return ET.tostring(root, encoding="unicode")
+
+
 class LibvirtHypervisor:
+    """Two settings are for test hosts only, where QEMU is a stand-in for an SEV host's (the launcher's
+    `--test-host-*` flags, refused where /dev/sev exists):
+    * `lock_memory=False` defines domains without `<locked/>`, which a host without CAP_SYS_RESOURCE
+      refuses; encrypted guest memory must never be swapped on a real SEV host.
+    * `test_asids=(sev, es)`: libvirt takes the ASID counts from the host CPU (CPUID 0x8000001F), which
+      reports none on a CPU without SEV; these counts stand in when libvirt reports no ASIDs at all."""
+
     def __init__(
         self,
         uri: str = "qemu:///system",
         *,
         libvirt_version: int | None = None,
         snp_guest_features: int = DEFAULT_GUEST_FEATURES,
+        lock_memory: bool = True,
+        test_asids: tuple[int, int] | None = None,
     ) -> None:
         """`libvirt_version` overrides the daemon's (tests); `snp_guest_features` is the VMSA
         SEV_FEATURES this host's QEMU sets for SNP guests (QEMU's default: SNPActive only)."""
@@ -212,6 +237,8 @@ class LibvirtHypervisor:
         self.uri = uri
         self._version_override = libvirt_version
         self._snp_guest_features = snp_guest_features
+        self.lock_memory = lock_memory
+        self.test_asids = test_asids
         try:
             self._conn: libvirt.virConnect = libvirt.open(uri)
         except libvirt.libvirtError as exc:
@@ -272,6 +299,8 @@ class LibvirtHypervisor:
             raise FailedPrecondition(
                 LaunchReason.SEV_UNSUPPORTED, "the hypervisor reports no cbitpos/reducedPhysBits"
             )
+        if self.test_asids is not None and max_guests == 0 and max_es == 0:
+            max_guests, max_es = self.test_asids
         return SevCapabilities(cbitpos, reduced, max_guests, max_es)
 
     def libvirt_version(self) -> int:
@@ -360,6 +389,8 @@ class LibvirtHypervisor:
                 check_cpu_model(domcaps, parsed.cpu_model)
         if self._find(name) is not None:
             raise AlreadyExists(LaunchReason.DOMAIN_EXISTS, f"a domain named {name} exists")
+        if not self.lock_memory:
+            xml = without_locked_memory(xml)
         try:
             dom = self._conn.defineXML(xml)
         except libvirt.libvirtError as exc:

@@ -100,6 +100,13 @@ class LaunchReason(StrEnum):
     SNP_UNSUPPORTED_BY_LIBVIRT = "snp_unsupported_by_libvirt"
     SNP_LAUNCH_REFUSED = "snp_launch_refused"
     UNSUPPORTED_GUEST_FEATURES = "unsupported_guest_features"
+    # what a real libvirtd and QEMU say (launcher_svc/adapters/libvirt_errors.py)
+    LOCKED_MEMORY_REFUSED = "locked_memory_refused"
+    FIRMWARE_NOT_LOADABLE = "firmware_not_loadable"
+    MEASUREMENT_UNAVAILABLE = "measurement_unavailable"
+    DOMAIN_NOT_RUNNING = "domain_not_running"
+    DOMAIN_NOT_PAUSED = "domain_not_paused"
+    DOMAIN_ALREADY_RUNNING = "domain_already_running"
     # the peers (the owner's or platform's own reasons pass through; these are the launcher's)
     OWNER_UNAVAILABLE = "owner_unavailable"
     OWNER_DEADLINE = "owner_deadline"

@@ -44,6 +44,20 @@ class PrometheusOwnerMetrics:
         )
         self._chain_hit = self.chain_lookups.labels("hit")
         self._chain_miss = self.chain_lookups.labels("miss")
+
+        self.snp_authorizations = Counter(
+            "sevlaunch_owner_snp_authorizations",
+            "AuthorizeSnpLaunch decisions, by outcome (allowed, refused) and reason",
+            ["outcome", "reason"],
+            registry=registry,
+        )
+        self.snp_attestations = Counter(
+            "sevlaunch_owner_snp_attestations",
+            "Guest-port decisions (Attest; GetChallenge refusals), by outcome (allowed: a secret released) "
+            "and reason",
+            ["outcome", "reason"],
+            registry=registry,
+        )
         # One series at a time: the value is the head's seq, the labels its hash and MAC (neither is
         # secret: the MAC proves the owner wrote this head, it opens nothing).
         self.checkpoint = Gauge(
@@ -70,6 +84,12 @@ class PrometheusOwnerMetrics:
 
     def chain_cache(self, *, hit: bool) -> None:
         (self._chain_hit if hit else self._chain_miss).inc()
+
+    def snp_authorization(self, outcome: str, reason: str) -> None:
+        self.snp_authorizations.labels(outcome, reason).inc()
+
+    def snp_attestation(self, outcome: str, reason: str) -> None:
+        self.snp_attestations.labels(outcome, reason).inc()
 
     def audit_checkpoint(self, seq: int, digest: str, mac: str) -> None:
         self.checkpoint.clear()

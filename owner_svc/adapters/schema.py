@@ -110,8 +110,63 @@ MIGRATIONS: tuple[tuple[Step, ...], ...] = (
     # 6: so is each workload's configuration (`sevlaunch.audit.workload_mac`): editing a row to allow a
     # debug policy or another generation would otherwise open the secret to whoever can write the rows.
     ("ALTER TABLE workloads ADD COLUMN mac TEXT NOT NULL DEFAULT ''", MacWorkloads()),
+    # 7: SEV-SNP (`snpstore.py`). The ID and author keys, sealed under the KEK like every owner key (a
+    # rotation retires a version, never deletes it); authorised launches (single use, expiring); and the
+    # attestation challenges issued for them (single use, short-lived). IF NOT EXISTS: a database whose
+    # version was set back by hand (as the upgrade tests do) migrates again without failing here.
+    (
+        """CREATE TABLE IF NOT EXISTS snp_keys (
+            workload_id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            version {int64} NOT NULL,
+            public_digest TEXT NOT NULL,
+            sealed {blob} NOT NULL,
+            created_at {real} NOT NULL,
+            retired_at {real},
+            source TEXT NOT NULL,
+            PRIMARY KEY (workload_id, kind, version)
+        )""",
+        """CREATE TABLE IF NOT EXISTS snp_authorizations (
+            authorization_id TEXT PRIMARY KEY,
+            workload_id TEXT NOT NULL,
+            caller TEXT NOT NULL,
+            product TEXT NOT NULL,
+            policy {int64} NOT NULL,
+            vcpus {int64} NOT NULL,
+            launch_digest TEXT NOT NULL,
+            manifest_id TEXT NOT NULL,
+            host_data TEXT NOT NULL,
+            id_key_digest TEXT NOT NULL,
+            author_key_digest TEXT NOT NULL,
+            id_key_version {int64} NOT NULL,
+            init_data {blob} NOT NULL,
+            vek_cert {blob} NOT NULL,
+            created_at {real} NOT NULL,
+            expires_at {real} NOT NULL,
+            state TEXT NOT NULL,
+            finished_at {real},
+            reason TEXT NOT NULL DEFAULT ''
+        )""",
+        "CREATE INDEX IF NOT EXISTS snp_authorizations_by_workload "
+        "ON snp_authorizations(workload_id, created_at)",
+        """CREATE TABLE IF NOT EXISTS snp_challenges (
+            challenge TEXT PRIMARY KEY,
+            authorization_id TEXT NOT NULL,
+            issued_at {real} NOT NULL,
+            expires_at {real} NOT NULL,
+            used_at {real}
+        )""",
+        "CREATE INDEX IF NOT EXISTS snp_challenges_by_authorization ON snp_challenges(authorization_id)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+
+SNP_AUTHORIZATION_COLUMNS = (
+    "authorization_id, workload_id, caller, product, policy, vcpus, launch_digest, manifest_id, host_data, "
+    "id_key_digest, author_key_digest, id_key_version, init_data, vek_cert, created_at, expires_at, state, "
+    "finished_at, reason"
+)
+SNP_KEY_COLUMNS = "workload_id, kind, version, public_digest, sealed, created_at, retired_at, source"
 
 SESSION_COLUMNS = (
     "session_id, workload_id, caller, policy, generation, cek_fingerprint, godh_cert, session_blob, "

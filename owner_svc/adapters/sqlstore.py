@@ -30,6 +30,7 @@ from owner_svc.adapters.dialect import Dialect, Tx
 from owner_svc.adapters.groupcommit import DEFAULT_MAX_BATCH, GroupCommit, Job, Outcome
 from owner_svc.adapters.rows import audit_record_from_row, session_from_row
 from owner_svc.adapters.schema import MIGRATIONS, SCHEMA_VERSION, SESSION_COLUMNS, MacHead, MacWorkloads
+from owner_svc.adapters.snpstore import SnpSqlStore
 from owner_svc.core.audit import canonical_record
 from owner_svc.core.model import AuditEvent, AuditRecord, SessionRecord, SessionState
 from owner_svc.core.ports import SchemaError, StoreCorrupt
@@ -95,7 +96,7 @@ class AuditLogDamaged(StoreCorrupt):
         super().__init__(f"the audit log is damaged: {what}; {RECOVERY}")
 
 
-class SqlStore:
+class SqlStore(SnpSqlStore):
     def __init__(
         self,
         db: Database,

@@ -11,6 +11,16 @@ from typing import Any
 
 import grpc.aio
 
+from owner_svc.api.snp_convert import (
+    KIND_FROM_PROTO,
+    authorization_to_proto,
+    authorized_to_proto,
+    config_from_proto,
+    key_info_to_proto,
+    platform_from_proto,
+    snp_rules_from_proto,
+    snp_rules_to_proto,
+)
 from owner_svc.core.model import (
     DEFAULT_SECRET_AREA_SIZE,
     FirmwareMinimum,
@@ -46,6 +56,12 @@ AUTHZ = AuthzPolicy(
             "ListSessions": ADMIN_ROLES,
             "GetAuditLog": ADMIN_ROLES,
             "RevokeSession": ADMIN_ROLES,
+            "AuthorizeSnpLaunch": LAUNCH_ROLES,
+            "GetSnpAttestation": LAUNCH_ROLES,
+            "RotateSnpKey": ADMIN_ROLES,
+            "ListSnpKeys": ADMIN_ROLES,
+            "ListSnpAuthorizations": ADMIN_ROLES,
+            "RevokeSnpAuthorization": ADMIN_ROLES,
         },
     )
 )
@@ -53,6 +69,7 @@ AUTHZ = AuthzPolicy(
 _MODE_TO_PROTO = {
     Technology.SEV: owner_pb2.REFERENCE_MODE_SEV,
     Technology.SEV_ES: owner_pb2.REFERENCE_MODE_SEV_ES,
+    Technology.SEV_SNP: owner_pb2.REFERENCE_MODE_SEV_SNP,
 }
 _MODE_FROM_PROTO = {v: k for k, v in _MODE_TO_PROTO.items()}
 _KERNEL_TO_PROTO = {
@@ -80,7 +97,9 @@ def workload_from_proto(msg: owner_pb2.Workload) -> Workload:
             modes = tuple(_MODE_FROM_PROTO[m] for m in s.modes)
         except KeyError:
             raise InvalidArgument(
-                Reason.BAD_SELECTOR, "selector mode must be SEV or SEV_ES", metadata={"field": "modes"}
+                Reason.BAD_SELECTOR,
+                "selector mode must be SEV, SEV_ES or SEV_SNP",
+                metadata={"field": "modes"},
             ) from None
         kernel = _KERNEL_FROM_PROTO.get(s.kernel_hashes)
         if kernel is None:
@@ -113,6 +132,7 @@ def workload_from_proto(msg: owner_pb2.Workload) -> Workload:
         secret_area_size=msg.secret_area_size or DEFAULT_SECRET_AREA_SIZE,
         allow_launch_without_secret=msg.allow_launch_without_secret,
         allow_pre_0_17=msg.allow_pre_0_17,
+        snp=snp_rules_from_proto(msg.snp) if msg.HasField("snp") else None,
     )
 
 
@@ -144,6 +164,7 @@ def workload_to_proto(w: Workload) -> owner_pb2.Workload:
         allow_key_sharing=w.allow_key_sharing,
         allow_launch_without_secret=w.allow_launch_without_secret,
         allow_pre_0_17=w.allow_pre_0_17,
+        snp=None if w.snp is None else snp_rules_to_proto(w.snp),
     )
 
 
@@ -311,3 +332,65 @@ class OwnerServicer(owner_pb2_grpc.OwnerServiceServicer):
         caller = current_caller().identity
         await asyncio.to_thread(self.core.revoke_session, caller, request.session_id)
         return owner_pb2.RevokeSessionResponse()
+
+    # ---------------------------------------------------------------------------------- SEV-SNP
+
+    async def AuthorizeSnpLaunch(
+        self, request: owner_pb2.AuthorizeSnpLaunchRequest, context: Ctx
+    ) -> owner_pb2.AuthorizeSnpLaunchResponse:
+        caller = current_caller().identity
+        if not request.HasField("platform") or not request.HasField("config"):
+            raise InvalidArgument(Reason.BAD_LAUNCH_CONFIG, "platform and config are required")
+        authorized = await asyncio.to_thread(
+            self.core.authorize_snp_launch,
+            caller,
+            request.workload_id,
+            platform_from_proto(request.platform),
+            config_from_proto(request.config),
+        )
+        return authorized_to_proto(authorized)
+
+    async def RotateSnpKey(
+        self, request: owner_pb2.RotateSnpKeyRequest, context: Ctx
+    ) -> owner_pb2.RotateSnpKeyResponse:
+        caller = current_caller().identity
+        kind = KIND_FROM_PROTO.get(request.kind)
+        if kind is None:
+            raise InvalidArgument(Reason.BAD_SNP_KEY, "kind must be SNP_KEY_KIND_ID or SNP_KEY_KIND_AUTHOR")
+        info = await asyncio.to_thread(
+            self.core.rotate_snp_key, caller, request.workload_id, kind, bytes(request.private_key_pem)
+        )
+        return owner_pb2.RotateSnpKeyResponse(key=key_info_to_proto(info))
+
+    async def ListSnpKeys(
+        self, request: owner_pb2.ListSnpKeysRequest, context: Ctx
+    ) -> owner_pb2.ListSnpKeysResponse:
+        infos = await asyncio.to_thread(self.core.snp_key_infos, request.workload_id)
+        return owner_pb2.ListSnpKeysResponse(keys=[key_info_to_proto(k) for k in infos])
+
+    async def ListSnpAuthorizations(
+        self, request: owner_pb2.ListSnpAuthorizationsRequest, context: Ctx
+    ) -> owner_pb2.ListSnpAuthorizationsResponse:
+        records = await asyncio.to_thread(
+            self.core.list_snp_authorizations, request.workload_id, request.limit
+        )
+        now = self.core.clock()
+        return owner_pb2.ListSnpAuthorizationsResponse(
+            authorizations=[authorization_to_proto(a, now) for a in records]
+        )
+
+    async def GetSnpAttestation(
+        self, request: owner_pb2.GetSnpAttestationRequest, context: Ctx
+    ) -> owner_pb2.GetSnpAttestationResponse:
+        caller = current_caller().identity
+        record = await asyncio.to_thread(self.core.snp_authorization_of, caller, request.authorization_id)
+        return owner_pb2.GetSnpAttestationResponse(
+            authorization=authorization_to_proto(record, self.core.clock())
+        )
+
+    async def RevokeSnpAuthorization(
+        self, request: owner_pb2.RevokeSnpAuthorizationRequest, context: Ctx
+    ) -> owner_pb2.RevokeSnpAuthorizationResponse:
+        caller = current_caller().identity
+        await asyncio.to_thread(self.core.revoke_snp_authorization, caller, request.authorization_id)
+        return owner_pb2.RevokeSnpAuthorizationResponse()

@@ -22,6 +22,14 @@ class Metrics(Protocol):
         """An OpenSession's chain was found verified in the cache (hit), or is verified in full."""
         ...
 
+    def snp_authorization(self, outcome: str, reason: str) -> None:
+        """An AuthorizeSnpLaunch decision: outcome "allowed" (reason "") or "refused"."""
+        ...
+
+    def snp_attestation(self, outcome: str, reason: str) -> None:
+        """A guest-port decision (GetChallenge refusals, Attest): "allowed" is a secret released."""
+        ...
+
     def audit_checkpoint(self, seq: int, digest: str, mac: str) -> None:
         """The newest audit checkpoint, exported so it is kept outside the database."""
         ...
@@ -46,6 +54,12 @@ class NullMetrics:
         pass
 
     def chain_cache(self, *, hit: bool) -> None:
+        pass
+
+    def snp_authorization(self, outcome: str, reason: str) -> None:
+        pass
+
+    def snp_attestation(self, outcome: str, reason: str) -> None:
         pass
 
     def audit_checkpoint(self, seq: int, digest: str, mac: str) -> None:

@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from owner_svc.core.reasons import Reason
+from owner_svc.core.snp_model import SnpRules
 from sevlaunch.errors import InvalidArgument
 from sevlaunch.sev.errors import MalformedInput
 from sevlaunch.sev.policy import GuestPolicy
@@ -92,10 +93,10 @@ class KernelHashesRule(StrEnum):
     ANY = "any"
 
 
-
 def _bad_selector(field: str, text: str) -> InvalidArgument:
     """A selector refusal naming its field (ErrorInfo metadata `field`), so the admin knows what to fix."""
     return InvalidArgument(Reason.BAD_SELECTOR, text, metadata={"field": field})
+
 
 @dataclass(frozen=True)
 class RefSelector:
@@ -182,9 +183,13 @@ class Workload:
     #: host reports for them is unchecked and `firmware_minimum` cannot be enforced. Off: a release for
     #: such firmware is refused (`firmware_too_old`).
     allow_pre_0_17: bool = False
+    #: SEV-SNP launches of this workload (`snp_model`); None: the owner authorises none.
+    snp: SnpRules | None = None
 
     def __post_init__(self) -> None:
         check_workload_id(self.workload_id)
+        if self.snp is not None and not isinstance(self.snp, SnpRules):
+            raise InvalidArgument(Reason.BAD_WORKLOAD, "snp must be SNP rules")
         for flag in ("allow_debug", "allow_key_sharing", "allow_launch_without_secret", "allow_pre_0_17"):
             if not isinstance(getattr(self, flag), bool):
                 raise InvalidArgument(Reason.BAD_WORKLOAD, f"{flag} must be true or false")
@@ -219,25 +224,26 @@ class Workload:
             raise InvalidArgument(Reason.BAD_WORKLOAD, f"secret_area_size must be 52..{MAX_SECRET_AREA_SIZE}")
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "workload_id": self.workload_id,
-                "allowed_policies": list(self.allowed_policies),
-                "generations": list(self.generations),
-                "selectors": [s.to_obj() for s in self.selectors],
-                "firmware_minimum": [
-                    self.firmware_minimum.api_major,
-                    self.firmware_minimum.api_minor,
-                    self.firmware_minimum.build_id,
-                ],
-                "allow_debug": self.allow_debug,
-                "allow_key_sharing": self.allow_key_sharing,
-                "secret_area_size": self.secret_area_size,
-                "allow_launch_without_secret": self.allow_launch_without_secret,
-                "allow_pre_0_17": self.allow_pre_0_17,
-            },
-            sort_keys=True,
-        )
+        obj: dict[str, Any] = {
+            "workload_id": self.workload_id,
+            "allowed_policies": list(self.allowed_policies),
+            "generations": list(self.generations),
+            "selectors": [s.to_obj() for s in self.selectors],
+            "firmware_minimum": [
+                self.firmware_minimum.api_major,
+                self.firmware_minimum.api_minor,
+                self.firmware_minimum.build_id,
+            ],
+            "allow_debug": self.allow_debug,
+            "allow_key_sharing": self.allow_key_sharing,
+            "secret_area_size": self.secret_area_size,
+            "allow_launch_without_secret": self.allow_launch_without_secret,
+            "allow_pre_0_17": self.allow_pre_0_17,
+        }
+        # Only when set: a workload without SNP rules keeps the JSON (and the row MAC) it always had.
+        if self.snp is not None:
+            obj["snp"] = self.snp.to_obj()
+        return json.dumps(obj, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Workload:
@@ -254,6 +260,7 @@ class Workload:
             # Rows written before these flags existed: the safe defaults.
             allow_launch_without_secret=o.get("allow_launch_without_secret", False),
             allow_pre_0_17=o.get("allow_pre_0_17", False),
+            snp=SnpRules.from_obj(o["snp"]) if o.get("snp") is not None else None,
         )
 
 

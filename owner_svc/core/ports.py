@@ -14,6 +14,7 @@ from typing import Protocol
 
 from owner_svc.core.model import AuditEvent, AuditRecord, SessionRecord, SessionState
 from owner_svc.core.reasons import Reason
+from owner_svc.core.snp_ports import SnpStore
 from sevlaunch.audit import Checkpoint
 from sevlaunch.errors import Aborted, ServiceError, Unavailable
 
@@ -67,7 +68,7 @@ class SchemaError(StoreError):
     """The database was written by a newer version of the owner service."""
 
 
-class Store(Protocol):
+class Store(SnpStore, Protocol):
     # Workloads and their secrets (sealed).
     def put_workload(self, workload_id: str, config_json: str, event: AuditEvent) -> None: ...
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from owner_svc.core.model import KernelHashesRule, RefSelector, Workload
@@ -109,6 +109,24 @@ class ReferenceValueSet:
                         continue
                     out.setdefault(ref.launch_digest, AcceptedDigest(ref.launch_digest, vm.id, cfg))
         return list(out.values())
+
+    def snp_manifests(self, workload: Workload, now: datetime) -> list[VerifiedManifest]:
+        """The manifests in force whose SEV-SNP digests the workload accepts, each cut down to exactly
+        those digests (a selector naming the SEV-SNP mode, its firmware and versions, its kernel hashes
+        rule): what the SNP lookups (`sevlaunch.snp.refmatch`) are given, so they never see a digest the
+        workload's selectors leave out."""
+        out = []
+        for vm in sorted(self.in_force(now), key=lambda v: v.id):
+            selectors = [s for s in workload.selectors if _manifest_selected(vm, s, Technology.SEV_SNP)]
+            digests = tuple(
+                d
+                for d in vm.manifest.digests
+                if d.config.mode is Technology.SEV_SNP
+                and any(_config_selected(d.config, s) for s in selectors)
+            )
+            if digests:
+                out.append(replace(vm, manifest=replace(vm.manifest, digests=digests)))
+        return out
 
 
 def _manifest_selected(vm: VerifiedManifest, selector: RefSelector, mode: Technology) -> bool:

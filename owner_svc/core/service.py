@@ -45,6 +45,7 @@ from owner_svc.core.model import (
 from owner_svc.core.ports import Sealer, SealError, Store
 from owner_svc.core.reasons import Reason
 from owner_svc.core.refset import ReferenceValueSet
+from owner_svc.core.snp import OwnerSnp, SnpSettings
 from sevlaunch.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -120,7 +121,7 @@ class PackagedSecret:
         )
 
 
-class OwnerCore(OwnerAdmin):
+class OwnerCore(OwnerAdmin, OwnerSnp):
     def __init__(
         self,
         store: Store,
@@ -133,6 +134,7 @@ class OwnerCore(OwnerAdmin):
         clock: Callable[[], float] = time.time,
         chain_cache_size: int = DEFAULT_CAPACITY,
         launch_id: Callable[[], str | None] = lambda: None,
+        snp: SnpSettings | None = None,
     ) -> None:
         self._launch_id = launch_id
         if not 1 <= session_ttl <= MAX_SESSION_TTL:
@@ -146,6 +148,8 @@ class OwnerCore(OwnerAdmin):
         self.session_ttl = session_ttl
         self.metrics: Metrics = metrics or NullMetrics()
         self.clock = clock
+        #: SEV-SNP (`snp.py`): None when this owner serves no SNP guests.
+        self.snp = snp
         # The reference values are a cache of the store's manifests: the generation they were loaded at
         # (None: not loaded yet), and the stored envelopes already logged as failing verification.
         self._refvalues_generation: int | None = None

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sevlaunch.cli import CommandError, UsageError
+from sevlaunch.cli.bounds import float_in
 from sevlaunch.files import write_private_file
+from sevlaunch.limits import MAX_TIMEOUT_SECONDS
 
 if TYPE_CHECKING:
     import grpc
@@ -230,7 +232,7 @@ def add_client_args(
         "--timeout",
         client_env("--timeout", service),
         default=str(timeout),
-        type=float,
+        type=float_in(0, MAX_TIMEOUT_SECONDS),
         metavar="SECONDS",
         help=f"deadline of each call, seconds (default {timeout:g})",
     )

@@ -22,3 +22,19 @@ def int_in(low: int, high: int, *, hex_ok: bool = True) -> Callable[[str], int]:
 
     parse.__name__ = f"integer {low}..{high}"  # argparse names the type in some messages
     return parse
+
+
+def float_in(low: float, high: float) -> Callable[[str], float]:
+    """An argparse `type=` accepting a finite number in (low, high] (a duration: zero is not one)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not low < value <= high:  # also refuses nan and inf
+            raise argparse.ArgumentTypeError(f"must be more than {low:g} and at most {high:g}, got {text}")
+        return value
+
+    parse.__name__ = f"number {low:g}..{high:g}"
+    return parse

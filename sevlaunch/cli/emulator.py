@@ -21,9 +21,11 @@ from typing import Any
 
 from sevlaunch.cli import CommandError
 from sevlaunch.cli._common import parse_int
+from sevlaunch.cli.bounds import int_in
 from sevlaunch.firmware.emulator import ASK_ARK_CERT, STATE_FILE, ChipConfig, EmulatedFirmware, EmulatedRoot
 from sevlaunch.firmware.emulator.layout import EmulatorStateError
 from sevlaunch.firmware.emulator.snp_keys import SNP_ROOT_PEM, has_snp_root, load_snp_root
+from sevlaunch.limits import MAX_EMULATED_ASIDS, U8_MAX
 from sevlaunch.snp.certs import common_name
 from sevlaunch.snp.tcb import Product, TcbVersion
 
@@ -38,11 +40,18 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     init.add_argument(
         "--generation", default=defaults.generation, help="generation label (default %(default)s)"
     )
-    init.add_argument("--api-major", type=parse_int, default=defaults.api_major)
-    init.add_argument("--api-minor", type=parse_int, default=defaults.api_minor)
-    init.add_argument("--build", type=parse_int, default=defaults.build)
-    init.add_argument("--max-guests", type=parse_int, default=defaults.max_guests, help="SEV ASIDs")
-    init.add_argument("--max-es-guests", type=parse_int, default=defaults.max_es_guests, help="SEV-ES ASIDs")
+    init.add_argument("--api-major", type=int_in(0, U8_MAX), default=defaults.api_major)
+    init.add_argument("--api-minor", type=int_in(0, U8_MAX), default=defaults.api_minor)
+    init.add_argument("--build", type=int_in(0, U8_MAX), default=defaults.build)
+    init.add_argument(
+        "--max-guests", type=int_in(0, MAX_EMULATED_ASIDS), default=defaults.max_guests, help="SEV ASIDs"
+    )
+    init.add_argument(
+        "--max-es-guests",
+        type=int_in(0, MAX_EMULATED_ASIDS),
+        default=defaults.max_es_guests,
+        help="SEV-ES ASIDs",
+    )
     init.add_argument(
         "--root", metavar="DIR", help="reuse the emulated AMD root (ARK/ASK) of another chip directory"
     )
@@ -59,7 +68,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     update.add_argument(
         "--tcb", required=True, help="new SPLs, e.g. bootloader=8,tee=0,snp=15,microcode=73 (fmc= on Turin)"
     )
-    update.add_argument("--build", type=parse_int, help="new firmware build (default: the next one)")
+    update.add_argument("--build", type=int_in(0, U8_MAX), help="new firmware build (default: the next one)")
     update.add_argument("--commit", action="store_true", help="SNP_COMMIT afterwards")
     update.set_defaults(func=_update)
 
@@ -80,9 +89,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     kds.add_argument("--state", required=True, action="append", help="chip directory (repeatable)")
     kds.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default %(default)s)")
     kds.add_argument(
-        "--rate-limit", type=parse_int, metavar="N", help="answer at most N requests a second, then 429"
+        "--rate-limit",
+        type=int_in(1, 1_000_000),
+        metavar="N",
+        help="answer at most N requests a second, then 429",
     )
-    kds.add_argument("--retry-after", type=parse_int, default=1, help="Retry-After of a 429 (seconds)")
+    kds.add_argument("--retry-after", type=int_in(0, 3600), default=1, help="Retry-After of a 429 (seconds)")
     kds.set_defaults(func=_kds)
 
 

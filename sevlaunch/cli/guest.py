@@ -18,7 +18,9 @@ from typing import Any
 
 from sevlaunch.cli import CommandError
 from sevlaunch.cli._common import read_bytes, write_private
+from sevlaunch.cli.bounds import float_in
 from sevlaunch.guest.source import GuestInterfaceUnavailable, GuestReportSource
+from sevlaunch.limits import MAX_TIMEOUT_SECONDS
 from sevlaunch.snp.initdata import InitData
 
 SOURCES = ("auto", "configfs", "sev-guest")
@@ -39,7 +41,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     attest.add_argument(
         "--vmpl", type=int, default=0, choices=range(4), help="VMPL of the report (default 0)"
     )
-    attest.add_argument("--timeout", type=float, default=30.0, help="seconds per call to the owner")
+    attest.add_argument(
+        "--timeout", type=float_in(0, MAX_TIMEOUT_SECONDS), default=30.0, help="seconds per call to the owner"
+    )
     attest.set_defaults(func=_attest)
 
 

@@ -44,6 +44,7 @@ from google.protobuf import json_format
 from sevlaunch.audit import MAX_PAGE, Checkpoint
 from sevlaunch.cli import CommandError, UsageError
 from sevlaunch.cli._common import add_client_args, call_service, read_bytes
+from sevlaunch.cli.bounds import int_in
 from sevlaunch.ownerdb import AuditDatabaseError, KEKFileError, load_kek, verify_audit_db
 from sevlaunch.rpc.v1 import owner_pb2, owner_pb2_grpc
 from sevlaunch.sev.secret import DISK_PASSPHRASE_GUID
@@ -90,7 +91,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
     sessions = client(groups, "sessions", "list launch sessions", _sessions)
     sessions.add_argument("--workload-id", default="")
-    sessions.add_argument("--limit", type=int, default=100)
+    sessions.add_argument(
+        "--limit",
+        type=int_in(1, MAX_PAGE, hex_ok=False),
+        default=100,
+        help=f"at most N sessions, 1..{MAX_PAGE}",
+    )
 
     session = groups.add_parser("session", help="one session").add_subparsers(
         dest="session_command", required=True, metavar="ACTION"
@@ -102,9 +108,14 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         dest="audit_command", required=True, metavar="ACTION"
     )
     show = client(audit, "show", "print audit records as JSON lines", _audit_show)
-    show.add_argument("--after", type=int, default=0)
     show.add_argument(
-        "--limit", type=int, default=0, help="print at most N records (default 0: all, fetched page by page)"
+        "--after", type=int_in(0, (1 << 63) - 1, hex_ok=False), default=0, help="after this seq"
+    )
+    show.add_argument(
+        "--limit",
+        type=int_in(0, (1 << 63) - 1, hex_ok=False),
+        default=0,
+        help="print at most N records (default 0: all, fetched page by page)",
     )
     verify = audit.add_parser("verify", help="check the audit log's hash chain in the owner's database")
     verify.add_argument(

@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from sevlaunch.cli import UsageError
-from sevlaunch.cli._common import parse_hex, parse_int, read_bytes
+from sevlaunch.cli._common import parse_hex, read_bytes
+from sevlaunch.cli.bounds import int_in
+from sevlaunch.limits import U32_MAX, U64_MAX
 from sevlaunch.refvalues import (
     DigestConfig,
     KernelHashes,
@@ -71,12 +73,17 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     make.add_argument("--vcpu-type", help="QEMU CPU model for SEV-ES/SNP, e.g. EPYC-Milan")
     make.add_argument(
-        "--guest-features", type=parse_int, default=int(DEFAULT_GUEST_FEATURES), help="SNP SEV_FEATURES (0x1)"
+        "--guest-features",
+        type=int_in(0, U64_MAX),
+        default=int(DEFAULT_GUEST_FEATURES),
+        help="SNP SEV_FEATURES (0x1)",
     )
     make.add_argument("--vmm-type", default=VmmType.QEMU.value, help="SNP VMM type: QEMU, ec2, gce")
     make.add_argument("--family-id", help="SNP ID block family id (32 hex digits; default zero)")
     make.add_argument("--image-id", help="SNP ID block image id (32 hex digits; default zero)")
-    make.add_argument("--guest-svn", type=int, default=0, help="SNP guest SVN of this build (default 0)")
+    make.add_argument(
+        "--guest-svn", type=int_in(0, U32_MAX), default=0, help="SNP guest SVN of this build (default 0)"
+    )
     make.add_argument(
         "--min-tcb",
         action="append",
@@ -93,7 +100,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     make.add_argument("--kernel", help="kernel measured with kernel-hashes=on")
     make.add_argument("--initrd")
     make.add_argument("--cmdline")
-    make.add_argument("--valid-days", type=int, default=365)
+    make.add_argument(
+        "--valid-days",
+        type=int_in(1, 3650, hex_ok=False),
+        default=365,
+        help="days the manifest is valid, 1..3650",
+    )
     make.add_argument(
         "--revokes",
         action="append",

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from sevlaunch.cli import CommandError
-from sevlaunch.cli._common import add_chain_args, extra_roots, load_chain, parse_int, write_private
+from sevlaunch.cli._common import add_chain_args, extra_roots, load_chain, write_private
+from sevlaunch.cli.bounds import int_in
+from sevlaunch.limits import U32_MAX
 from sevlaunch.sev.chain import pinned_roots, verify_chain
 from sevlaunch.sev.policy import GuestPolicy
 from sevlaunch.sev.session import create_session
@@ -32,7 +34,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_chain_args(parser)
-    parser.add_argument("--policy", type=parse_int, required=True, help="guest policy (e.g. 0x3, 0x7)")
+    parser.add_argument(
+        "--policy", type=int_in(0, U32_MAX), required=True, help="guest policy (e.g. 0x3, 0x7)"
+    )
     parser.add_argument("--out", metavar="DIR", required=True, help="directory for the output files")
     parser.set_defaults(func=run)
 

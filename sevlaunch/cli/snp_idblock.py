@@ -12,7 +12,9 @@ import argparse
 from pathlib import Path
 
 from sevlaunch.cli import CommandError, UsageError
-from sevlaunch.cli._common import parse_hex, parse_int, read_bytes
+from sevlaunch.cli._common import parse_hex, read_bytes
+from sevlaunch.cli.bounds import int_in
+from sevlaunch.limits import U32_MAX, U64_MAX
 
 ID_BLOCK_FILE = "id_block.b64"
 ID_AUTH_FILE = "id_auth.b64"
@@ -80,10 +82,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--author-key", required=True, metavar="PEM", help="the author key (EC P-384 private key)"
     )
     parser.add_argument(
-        "--policy", type=parse_int, default=0x30000, metavar="N", help="guest policy (default 0x30000)"
+        "--policy",
+        type=int_in(0, U64_MAX),
+        default=0x30000,
+        metavar="N",
+        help="guest policy (default 0x30000)",
     )
     parser.add_argument("--family-id", default="00" * 16, metavar="HEX", help="16 bytes (default zeros)")
     parser.add_argument("--image-id", default="00" * 16, metavar="HEX", help="16 bytes (default zeros)")
-    parser.add_argument("--guest-svn", type=parse_int, default=0, metavar="N", help="guest SVN (default 0)")
+    parser.add_argument(
+        "--guest-svn", type=int_in(0, U32_MAX), default=0, metavar="N", help="guest SVN (default 0)"
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for id_block.b64 and id_auth.b64")
     parser.set_defaults(func=_run)

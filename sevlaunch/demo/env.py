@@ -227,7 +227,8 @@ class DemoEnvironment:
     `launch(...)` as often as wanted, `audit()`, and `close()` (also a context manager).
 
     `workdir=None` makes a temporary folder that `close()` removes; `keep=True` leaves services and
-    folder alone on close (for `--keep`). `on_step(name, seconds)` hears each set-up step as it ends.
+    folder alone on close (for `--keep`). `hypervisor_args` replaces the launcher's default
+    `--hypervisor emulated --emulator <chip>`. `on_step(name, seconds)` hears each set-up step as it ends.
     """
 
     def __init__(
@@ -238,6 +239,7 @@ class DemoEnvironment:
         on_step: StepCallback | None = None,
         start_timeout: float = 30.0,
         call_timeout: float = 60.0,
+        hypervisor_args: Sequence[str] | None = None,
     ) -> None:
         self.firmware = Path(firmware)
         self._own_workdir = workdir is None
@@ -246,6 +248,9 @@ class DemoEnvironment:
         self.on_step = on_step
         self.start_timeout = start_timeout
         self.call_timeout = call_timeout
+        # The launcher's hypervisor flags; by default the emulated one on the demo's chip. tests/realvirt
+        # gives `--hypervisor libvirt --libvirt-uri ...` for a real libvirtd whose QEMU uses this chip.
+        self.hypervisor_args = None if hypervisor_args is None else tuple(hypervisor_args)
         self.tls_dir = self.workdir / "tls"
         self.chip_dir = self.workdir / "chip"
         self.images_dir = self.workdir / "images"
@@ -365,8 +370,7 @@ class DemoEnvironment:
             [
                 *common,
                 "--platform", self.services["platform"].address,
-                "--hypervisor", "emulated",
-                "--emulator", str(self.chip_dir),
+                *(self.hypervisor_args or ("--hypervisor", "emulated", "--emulator", str(self.chip_dir))),
                 "--db", str(self.workdir / "launcher" / "launcher.db"),
                 "--secret-gpa", hex(SECRET_GPA),
                 "--image-dir", ":".join(image_dirs),

@@ -37,6 +37,7 @@ from enum import StrEnum
 from typing import Final
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from sevlaunch.sev.errors import MalformedInput
@@ -134,7 +135,10 @@ def _parse_ca(pem: str) -> x509.Certificate:
         raise _bad(f"ca_pem: an ASCII PEM of at most {MAX_CA_PEM_BYTES} bytes")
     try:
         certs = x509.load_pem_x509_certificates(pem.encode("ascii"))
-    except ValueError:
+        for cert in certs:
+            # cryptography decodes some fields only when read: read them here, where a bad one is typed.
+            _ = (cert.version, cert.subject, cert.issuer, cert.public_key())
+    except (ValueError, TypeError, x509.InvalidVersion, UnsupportedAlgorithm):
         raise _bad("ca_pem: not a PEM certificate") from None
     if len(certs) != 1:
         raise _bad(f"ca_pem: {len(certs)} certificates, exactly one CA certificate expected")

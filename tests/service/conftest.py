@@ -24,7 +24,7 @@ from sevlaunch.rpc import RpcServer
 
 # Support modules that test modules load as plugins (`pytest_plugins`) after importing their helpers:
 # registered here, before that import, so their asserts are rewritten like a test's.
-pytest.register_assert_rewrite("owner_support", "pg_fixture", "owner_replicas")
+pytest.register_assert_rewrite("owner_support", "pg_fixture", "owner_replicas", "snp_support")
 
 T = TypeVar("T")
 

@@ -65,6 +65,8 @@ ROLES: dict[str, dict[str, frozenset[str]]] = {
     "sevlaunch.v1.OwnerService": {
         "OpenSession": OWNER_LAUNCH,
         "ReleaseSecret": OWNER_LAUNCH,
+        "AuthorizeSnpLaunch": OWNER_LAUNCH,
+        "GetSnpAttestation": OWNER_LAUNCH,
         **{
             m: OWNER_ADMINS
             for m in (
@@ -76,6 +78,10 @@ ROLES: dict[str, dict[str, frozenset[str]]] = {
                 "ListSessions",
                 "GetAuditLog",
                 "RevokeSession",
+                "RotateSnpKey",
+                "ListSnpKeys",
+                "ListSnpAuthorizations",
+                "RevokeSnpAuthorization",
             )
         },
     },

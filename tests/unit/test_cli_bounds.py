@@ -145,3 +145,30 @@ def test_cli_limits_are_the_services() -> None:
         limits.MAX_MEMORY_MIB,
     )
     assert model.MAX_SECRET_AREA_SIZE == limits.MAX_SECRET_AREA_SIZE
+
+
+# The other commands' numeric options: each value out of its field's range (or not finite, for a
+# duration) is refused while parsing, naming the option.
+OTHER_COMMANDS = [
+    (["emulator", "init", "--state", "/nonexistent/x", "--api-major"], "--api-major", "256"),
+    (["emulator", "init", "--state", "/nonexistent/x", "--build"], "--build", "0x100"),
+    (["emulator", "init", "--state", "/nonexistent/x", "--max-guests"], "--max-guests", "99999999999"),
+    (["emulator", "kds", "--state", "/nonexistent/x", "--retry-after"], "--retry-after", "-1"),
+    (["owner", "sessions", "--limit"], "--limit", "0"),
+    (["owner", "audit", "show", "--after"], "--after", "-1"),
+    (["platform", "status", "--timeout"], "--timeout", "nan"),
+    (["platform", "status", "--timeout"], "--timeout", "1e12"),
+    (["session", "--chain", "/nonexistent", "--out", "/nonexistent", "--policy"], "--policy", "0x100000000"),
+    (["snp", "id-block", "--launch-digest", "00", "--id-key", "k", "--author-key", "a", "--out", "o",
+      "--guest-svn"], "--guest-svn", str(1 << 32)),
+    (["refvalues", "make", "--firmware", "f", "--name", "n", "--version", "1", "--out", "o",
+      "--valid-days"], "--valid-days", "99999999999"),
+    (["guest", "attest", "--init-data", "i", "--out", "o", "--timeout"], "--timeout", "inf"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("argv", "option", "value"), OTHER_COMMANDS)
+def test_other_numeric_options_are_range_checked(
+    argv: list[str], option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _refused([*argv, value], capsys, option)

@@ -27,7 +27,10 @@ _FAILURES = {"cannot read", "SNPActive", "not a PEM private key"}
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
+    try:
+        code = main(list(argv))
+    except SystemExit as exited:  # argparse's own usage errors (values out of range)
+        code = int(exited.code or 0)
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -298,8 +301,8 @@ def test_id_block_command_fields(capsys: pytest.CaptureFixture[str], tmp_path: P
         (["--launch-digest", "ab" * 32], "48 bytes"),
         (["--family-id", "zz"], "not hex"),
         (["--policy", "0x10000"], "bit 17"),
-        (["--policy", str(1 << 64)], "64 bits"),
-        (["--guest-svn", "-1"], "32 bits"),
+        (["--policy", str(1 << 64)], "argument --policy"),
+        (["--guest-svn", "-1"], "argument --guest-svn"),
         (["--id-key", str(SNP / "measurement/empty")], "not a PEM private key"),
         (["--out", "/nonexistent-folder"], "not a folder"),
     ],

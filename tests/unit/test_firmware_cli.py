@@ -58,7 +58,10 @@ def test_init_refuses_an_existing_chip_and_bad_values(
 ) -> None:
     assert main(["emulator", "init", "--state", str(chip_dir)]) == 1
     assert "already holds" in capsys.readouterr().err
-    assert main(["emulator", "init", "--state", str(tmp_path / "x"), "--build", "300"]) == 1
+    with pytest.raises(SystemExit) as exited:  # a one-byte field: refused while parsing, a usage error
+        main(["emulator", "init", "--state", str(tmp_path / "x"), "--build", "300"])
+    assert exited.value.code == 2 and "argument --build" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
     assert main(["emulator", "status", "--state", str(tmp_path / "none")]) == 1
 
 

@@ -708,6 +708,9 @@ BASE_FLOWS = {
     f"{OWNER} <- kubernetes.io/metadata.name=sevlaunch-host/app.kubernetes.io/name=sevlaunch-host TCP/50053",
     f"{OWNER} <- ns=sevlaunch-owner/sevlaunch.io/owner-client=true TCP/50053",  # admin / two-phase clients
     f"{OWNER} <- {PROMETHEUS} TCP/9103",
+    # SEV-SNP guests -> the owner's guest port (their network; emulated guests in the host pods).
+    f"{OWNER} <- cidr:10.0.0.0/8-0 TCP/50054",
+    f"{OWNER} <- kubernetes.io/metadata.name=sevlaunch-host/app.kubernetes.io/name=sevlaunch-host TCP/50054",
 }
 KDS_FLOW = {f"{HOST} -> cidr:0.0.0.0/0-5 TCP/443"}  # platform -> AMD KDS, private ranges excepted
 POSTGRESQL_FLOWS = {
@@ -748,6 +751,38 @@ def test_network_policies_deny_by_default_and_allow_only_the_design_flows(tree: 
     owner_labels = one(docs, "Deployment", "sevlaunch-owner")["spec"]["template"]["metadata"]["labels"]
     assert host_labels["app.kubernetes.io/name"] == "sevlaunch-host"
     assert owner_labels["app.kubernetes.io/name"] == "sevlaunch-owner"
+
+
+@pytest.mark.parametrize("tree", TREES)
+def test_the_owner_guest_port_has_its_own_service_policy_and_tls(tree: str) -> None:
+    """SEV-SNP guests reach only the guest port: its own Service (nothing else exposed on it, not
+    scraped), a NetworkPolicy opening 50054 alone, and a server certificate apart from the mTLS one."""
+    docs = rendered(tree)
+    service = one(docs, "Service", "sevlaunch-owner-guest")
+    assert service["metadata"]["namespace"] == OWNER_NS
+    assert [(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [
+        ("guest", 50054, "guest")
+    ]
+    assert service["spec"]["selector"] == {"app.kubernetes.io/name": "sevlaunch-owner"}
+    for monitor in find(docs, "ServiceMonitor"):
+        assert not selects(monitor["spec"]["selector"], service["metadata"]["labels"])
+    mtls = one(docs, "Service", "sevlaunch-owner")
+    assert 50054 not in [p["port"] for p in mtls["spec"]["ports"]]
+    policy = one(docs, "NetworkPolicy", "sevlaunch-owner-guests")
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} == {50054}
+    owner = container(docs, "owner")
+    variables = env(owner)
+    assert port_of(variables["SEVLAUNCH_GUEST_LISTEN"]) == 50054
+    assert 50054 in {p["containerPort"] for p in owner["ports"]}
+    spec = pod_spec(one(docs, "Deployment", "sevlaunch-owner"))
+    mounts = {
+        volume_at(spec, owner, variables[f"SEVLAUNCH_GUEST_TLS_{k}"])[1]["secret"]["secretName"]
+        for k in ("CERT", "KEY", "CA")
+    }
+    assert mounts == {"sevlaunch-owner-guest-cert"}
+    endpoint = variables["SEVLAUNCH_GUEST_ENDPOINT"]
+    assert endpoint.startswith("https://") and port_of(endpoint) == 50054
 
 
 # --- the image ---------------------------------------------------------------------------------------

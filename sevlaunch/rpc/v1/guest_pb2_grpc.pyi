@@ -15,19 +15,25 @@ and calls Attest. On success the secret comes back sealed to that key with HPKE 
 DHKEM(P-384, HKDF-SHA384), HKDF-SHA384, AES-256-GCM; info = "sevlaunch snp secret release v1" ||
 u16 len || authorization_id || u16 len || challenge), at most once per authorised launch.
 
-Errors (see common.proto for the ErrorInfo conventions):
-  INVALID_ARGUMENT    a malformed field (sizes below), nothing spent
-  NOT_FOUND           unknown_authorization
+Errors (see common.proto for the ErrorInfo conventions; owner.proto lists every owner reason):
+  INVALID_ARGUMENT    a malformed field (sizes below), nothing spent: bad_authorization_id,
+                      bad_challenge, bad_report, bad_certificates, bad_guest_key
+  NOT_FOUND           unknown_authorization, unknown_challenge
   PERMISSION_DENIED   an attestation refusal; ErrorInfo reason = the check that failed:
                       forged_chain, wrong_product, vlek_not_allowed, vcek_tcb_mismatch, hwid_mismatch,
                       vmpl_not_allowed, policy_not_allowed, policy_mismatch, tcb_order,
                       provisional_firmware, reported_tcb_too_low, committed_tcb_too_low,
                       launch_tcb_too_low, measurement_mismatch, vcpus_mismatch, family_id_mismatch,
-                      image_id_mismatch, guest_svn_too_low, product_not_covered, no_reference_values,
-                      id_key_mismatch, author_key_mismatch, host_data_mismatch, report_data_mismatch,
-                      bad_guest_key, malformed_report, malformed_certificates
-  FAILED_PRECONDITION challenge_expired, challenge_used, already_released, authorization_revoked
-  RESOURCE_EXHAUSTED  rate_limited
+                      image_id_mismatch, guest_svn_too_low, product_not_covered, id_key_mismatch,
+                      author_key_mismatch, host_data_mismatch, report_data_mismatch, bad_guest_key,
+                      malformed_report, malformed_certificates
+  FAILED_PRECONDITION challenge_expired, challenge_used, already_released, authorization_expired,
+                      authorization_revoked, authorization_refused (a report of this launch was
+                      refused before: it is abandoned), no_reference_values, no_secret, no_snp_rules
+  RESOURCE_EXHAUSTED  rate_limited, too_many_challenges
+An Attest past the INVALID_ARGUMENT checks spends its challenge, whatever its outcome; every decision on a known
+authorisation is audited. Without certificates the owner uses the VCEK/VLEK the launch was authorised
+with. With no_secret (the workload has no secret and consents to that), the response is empty but suite.
 """
 
 from collections import abc as _abc

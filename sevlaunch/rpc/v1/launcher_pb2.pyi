@@ -431,6 +431,17 @@ class LaunchEvent(_message.Message):
       snp_launch_refused - the firmware refused SNP_LAUNCH_START/UPDATE/FINISH inside QEMU (e.g. a
         tampered image whose digest no longer matches the ID block); the domain is destroyed
       unsupported_guest_features - SNP guest features other than the ones this host's QEMU sets
+      locked_memory_refused - the host will not let QEMU lock guest memory (<locked/>: no
+        CAP_SYS_RESOURCE or a low RLIMIT_MEMLOCK); SEV guest memory must never be swapped
+      firmware_not_loadable - QEMU cannot map the firmware image (e.g. a size that is not a multiple
+        of 64 KiB, as Debian's OVMF_CODE_4M.fd as a read-only BIOS image)
+      measurement_unavailable - QEMU is past LAUNCH_MEASURE (the guest already runs)
+      domain_not_running - libvirt's OPERATION_INVALID: the call needs a started domain
+      domain_not_paused - libvirt's OPERATION_INVALID: the call needs a paused domain (a secret for a
+        guest that already runs)
+      domain_already_running - libvirt's OPERATION_INVALID: a second resume
+      firmware_<status> - the SEV firmware refused a command inside QEMU (QEMU's fw_error=N), named by
+        its status, e.g. firmware_bad_measurement for a secret packaged for another launch
     The peers:
       owner_unavailable - the owner cannot be reached (UNAVAILABLE)
       owner_deadline - the owner did not answer in time (DEADLINE_EXCEEDED)

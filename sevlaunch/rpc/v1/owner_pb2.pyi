@@ -3,9 +3,12 @@
 isort:skip_file
 owner_svc: the guest owner's root of trust, over mTLS.
 
-Roles (by client certificate CN, deny by default): `launcher` and `client` may call OpenSession and
-ReleaseSecret; `owner-admin` may call the admin RPCs (PutWorkload, GetWorkload, PutSecret,
-ImportReferenceValues, ListReferenceValues, ListSessions, GetAuditLog, RevokeSession).
+Roles (by client certificate CN, deny by default): `launcher` and `client` may call OpenSession,
+ReleaseSecret and AuthorizeSnpLaunch; `owner-admin` may call the admin RPCs (PutWorkload, GetWorkload,
+PutSecret, ImportReferenceValues, ListReferenceValues, ListSessions, GetAuditLog, RevokeSession,
+RotateSnpKey, ListSnpKeys, ListSnpAuthorizations, RevokeSnpAuthorization). An SEV-SNP guest attests on the owner's separate
+guest port (guest.proto, OwnerGuest: server-authenticated TLS only, rate-limited), where none of these
+RPCs is reachable.
 A session is bound to the identity that opened it: only that identity may release it.
 
 Errors: see common.proto. Every error carries a typed ErrorInfo reason. A malformed field is
@@ -13,16 +16,35 @@ INVALID_ARGUMENT and changes nothing:
   INVALID_ARGUMENT    bad_workload_id, bad_session_id, bad_guid, bad_policy, bad_firmware_version,
                       bad_firmware_minimum, bad_selector, bad_workload, bad_secret, secret_too_large,
                       bad_envelope, bad_limit; malformed certificates, measurements and manifests
-                      carry the protocol's reasons (truncated, bad_length, ...)
+                      carry the protocol's reasons (truncated, bad_length, ...);
+                      SEV-SNP: bad_authorization_id, bad_launch_config, bad_platform, bad_snp_key,
+                      and on the guest port bad_report, bad_certificates, bad_guest_key, bad_challenge
 A refusal on the merits:
-  NOT_FOUND           unknown_workload, unknown_session
+  NOT_FOUND           unknown_workload, unknown_session; guest port: unknown_authorization,
+                      unknown_challenge
   PERMISSION_DENIED   untrusted_root, bad_signature, wrong_usage, ... (chain; metadata `link`),
                       generation_not_allowed, firmware_too_old, policy_not_allowed, policy_mismatch,
                       measurement_mismatch, wrong_caller; for manifests bad_signature,
-                      missing_signature, wrong_signer, expired, revoked
+                      missing_signature, wrong_signer, expired, revoked;
+                      SEV-SNP, at AuthorizeSnpLaunch (the platform) and on the guest port's Attest
+                      (the report), one reason per check: forged_chain, wrong_product,
+                      vlek_not_allowed, vcek_tcb_mismatch, hwid_mismatch, vmpl_not_allowed,
+                      policy_not_allowed, policy_mismatch, tcb_order, provisional_firmware,
+                      reported_tcb_too_low, committed_tcb_too_low, launch_tcb_too_low,
+                      measurement_mismatch, vcpus_mismatch, family_id_mismatch, image_id_mismatch,
+                      guest_svn_too_low, product_not_covered, id_key_mismatch, author_key_mismatch,
+                      host_data_mismatch, report_data_mismatch, malformed_report,
+                      malformed_certificates, bad_guest_key; config_not_allowed (AuthorizeSnpLaunch:
+                      a vCPU count or type, guest features or VMM type the workload does not allow)
   FAILED_PRECONDITION no_reference_values, no_secret, session_expired, session_already_used,
                       session_refused, session_revoked, secret_too_large, session_not_open,
-                      unknown_workload (the workload was deleted after OpenSession)
+                      unknown_workload (the workload was deleted after OpenSession);
+                      SEV-SNP: snp_not_configured (no --guest-endpoint), no_snp_rules,
+                      no_digest_for_config, no_reference_values, no_secret; guest port:
+                      authorization_expired, authorization_revoked, authorization_refused,
+                      already_released (a second
+                      release), challenge_used (a reused challenge), challenge_expired
+  RESOURCE_EXHAUSTED  guest port: rate_limited (per peer address or overall), too_many_challenges
 The owner's store (nothing was released without its audit record; retry):
   UNAVAILABLE         store_unavailable (database down or unreachable, connection lost, disk full)
   ABORTED             store_conflict (a concurrent transaction won)
@@ -56,6 +78,8 @@ class _ReferenceModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Referen
     REFERENCE_MODE_UNSPECIFIED: _ReferenceMode.ValueType  # 0
     REFERENCE_MODE_SEV: _ReferenceMode.ValueType  # 1
     REFERENCE_MODE_SEV_ES: _ReferenceMode.ValueType  # 2
+    REFERENCE_MODE_SEV_SNP: _ReferenceMode.ValueType  # 3
+    """SEV-SNP digests (48 bytes), per vCPU count/type, guest features, VMM type"""
 
 class ReferenceMode(_ReferenceMode, metaclass=_ReferenceModeEnumTypeWrapper):
     """The launch configuration a reference digest is for (a manifest digest's `mode`)."""
@@ -63,6 +87,8 @@ class ReferenceMode(_ReferenceMode, metaclass=_ReferenceModeEnumTypeWrapper):
 REFERENCE_MODE_UNSPECIFIED: ReferenceMode.ValueType  # 0
 REFERENCE_MODE_SEV: ReferenceMode.ValueType  # 1
 REFERENCE_MODE_SEV_ES: ReferenceMode.ValueType  # 2
+REFERENCE_MODE_SEV_SNP: ReferenceMode.ValueType  # 3
+"""SEV-SNP digests (48 bytes), per vCPU count/type, guest features, VMM type"""
 Global___ReferenceMode: _TypeAlias = ReferenceMode  # noqa: Y015
 
 class _KernelHashesRule:
@@ -119,6 +145,54 @@ OWNER_SESSION_STATE_REVOKED: OwnerSessionState.ValueType  # 4
 OWNER_SESSION_STATE_EXPIRED: OwnerSessionState.ValueType  # 5
 """open, but past its expiry"""
 Global___OwnerSessionState: _TypeAlias = OwnerSessionState  # noqa: Y015
+
+class _SnpKeyKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SnpKeyKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SnpKeyKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SNP_KEY_KIND_UNSPECIFIED: _SnpKeyKind.ValueType  # 0
+    SNP_KEY_KIND_ID: _SnpKeyKind.ValueType  # 1
+    """signs the ID block (the report's ID_KEY_DIGEST)"""
+    SNP_KEY_KIND_AUTHOR: _SnpKeyKind.ValueType  # 2
+    """signs the ID key (the report's AUTHOR_KEY_DIGEST)"""
+
+class SnpKeyKind(_SnpKeyKind, metaclass=_SnpKeyKindEnumTypeWrapper): ...
+
+SNP_KEY_KIND_UNSPECIFIED: SnpKeyKind.ValueType  # 0
+SNP_KEY_KIND_ID: SnpKeyKind.ValueType  # 1
+"""signs the ID block (the report's ID_KEY_DIGEST)"""
+SNP_KEY_KIND_AUTHOR: SnpKeyKind.ValueType  # 2
+"""signs the ID key (the report's AUTHOR_KEY_DIGEST)"""
+Global___SnpKeyKind: _TypeAlias = SnpKeyKind  # noqa: Y015
+
+class _SnpAuthorizationState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SnpAuthorizationStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SnpAuthorizationState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SNP_AUTHORIZATION_STATE_UNSPECIFIED: _SnpAuthorizationState.ValueType  # 0
+    SNP_AUTHORIZATION_STATE_AUTHORIZED: _SnpAuthorizationState.ValueType  # 1
+    SNP_AUTHORIZATION_STATE_RELEASED: _SnpAuthorizationState.ValueType  # 2
+    SNP_AUTHORIZATION_STATE_REVOKED: _SnpAuthorizationState.ValueType  # 3
+    SNP_AUTHORIZATION_STATE_EXPIRED: _SnpAuthorizationState.ValueType  # 4
+    """authorised, but past its expiry"""
+    SNP_AUTHORIZATION_STATE_REFUSED: _SnpAuthorizationState.ValueType  # 5
+    """a report of this launch was refused on the merits (see reason)"""
+
+class SnpAuthorizationState(_SnpAuthorizationState, metaclass=_SnpAuthorizationStateEnumTypeWrapper): ...
+
+SNP_AUTHORIZATION_STATE_UNSPECIFIED: SnpAuthorizationState.ValueType  # 0
+SNP_AUTHORIZATION_STATE_AUTHORIZED: SnpAuthorizationState.ValueType  # 1
+SNP_AUTHORIZATION_STATE_RELEASED: SnpAuthorizationState.ValueType  # 2
+SNP_AUTHORIZATION_STATE_REVOKED: SnpAuthorizationState.ValueType  # 3
+SNP_AUTHORIZATION_STATE_EXPIRED: SnpAuthorizationState.ValueType  # 4
+"""authorised, but past its expiry"""
+SNP_AUTHORIZATION_STATE_REFUSED: SnpAuthorizationState.ValueType  # 5
+"""a report of this launch was refused on the merits (see reason)"""
+Global___SnpAuthorizationState: _TypeAlias = SnpAuthorizationState  # noqa: Y015
 
 @_typing.final
 class OpenSessionRequest(_message.Message):
@@ -325,6 +399,7 @@ class Workload(_message.Message):
     ALLOW_KEY_SHARING_FIELD_NUMBER: _builtins.int
     ALLOW_LAUNCH_WITHOUT_SECRET_FIELD_NUMBER: _builtins.int
     ALLOW_PRE_0_17_FIELD_NUMBER: _builtins.int
+    SNP_FIELD_NUMBER: _builtins.int
     workload_id: _builtins.str
     secret_area_size: _builtins.int
     """0 = the OVMF default, 3072 bytes"""
@@ -353,6 +428,12 @@ class Workload(_message.Message):
 
     @_builtins.property
     def selectors(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReferenceSelector]: ...
+    @_builtins.property
+    def snp(self) -> Global___SnpRules:
+        """SEV-SNP launches of this workload; unset: AuthorizeSnpLaunch refuses (no_snp_rules). Its reference
+        digests come from selectors listing REFERENCE_MODE_SEV_SNP.
+        """
+
     def __init__(
         self,
         *,
@@ -366,14 +447,150 @@ class Workload(_message.Message):
         allow_key_sharing: _builtins.bool = ...,
         allow_launch_without_secret: _builtins.bool = ...,
         allow_pre_0_17: _builtins.bool = ...,
+        snp: Global___SnpRules | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["firmware_minimum", b"firmware_minimum"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["firmware_minimum", b"firmware_minimum", "snp", b"snp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_debug", b"allow_debug", "allow_key_sharing", b"allow_key_sharing", "allow_launch_without_secret", b"allow_launch_without_secret", "allow_pre_0_17", b"allow_pre_0_17", "allowed_policies", b"allowed_policies", "firmware_minimum", b"firmware_minimum", "generations", b"generations", "secret_area_size", b"secret_area_size", "selectors", b"selectors", "workload_id", b"workload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_debug", b"allow_debug", "allow_key_sharing", b"allow_key_sharing", "allow_launch_without_secret", b"allow_launch_without_secret", "allow_pre_0_17", b"allow_pre_0_17", "allowed_policies", b"allowed_policies", "firmware_minimum", b"firmware_minimum", "generations", b"generations", "secret_area_size", b"secret_area_size", "selectors", b"selectors", "snp", b"snp", "workload_id", b"workload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Workload: _TypeAlias = Workload  # noqa: Y015
+
+@_typing.final
+class SnpTcbMinimum(_message.Message):
+    """The least TCBs of one product, as raw TCB_VERSION u64s (the product's layout); unset: no floor."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRODUCT_FIELD_NUMBER: _builtins.int
+    REPORTED_FIELD_NUMBER: _builtins.int
+    COMMITTED_FIELD_NUMBER: _builtins.int
+    LAUNCH_FIELD_NUMBER: _builtins.int
+    product: _builtins.str
+    """"milan", "genoa", "turin" """
+    reported: _builtins.int
+    committed: _builtins.int
+    launch: _builtins.int
+    def __init__(
+        self,
+        *,
+        product: _builtins.str = ...,
+        reported: _builtins.int | None = ...,
+        committed: _builtins.int | None = ...,
+        launch: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_committed", b"_committed", "_launch", b"_launch", "_reported", b"_reported", "committed", b"committed", "launch", b"launch", "reported", b"reported"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_committed", b"_committed", "_launch", b"_launch", "_reported", b"_reported", "committed", b"committed", "launch", b"launch", "product", b"product", "reported", b"reported"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__committed: _TypeAlias = _typing.Literal["committed"]  # noqa: Y015
+    _WhichOneofArgType__committed: _TypeAlias = _typing.Literal["_committed", b"_committed"]  # noqa: Y015
+    _WhichOneofReturnType__launch: _TypeAlias = _typing.Literal["launch"]  # noqa: Y015
+    _WhichOneofArgType__launch: _TypeAlias = _typing.Literal["_launch", b"_launch"]  # noqa: Y015
+    _WhichOneofReturnType__reported: _TypeAlias = _typing.Literal["reported"]  # noqa: Y015
+    _WhichOneofArgType__reported: _TypeAlias = _typing.Literal["_reported", b"_reported"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__committed) -> _WhichOneofReturnType__committed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__launch) -> _WhichOneofReturnType__launch | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__reported) -> _WhichOneofReturnType__reported | None: ...
+
+Global___SnpTcbMinimum: _TypeAlias = SnpTcbMinimum  # noqa: Y015
+
+@_typing.final
+class SnpRules(_message.Message):
+    """What SEV-SNP launches of a workload the owner authorises and attests. Deny by default: every list
+    non-empty, no debug, no migration agent, VCEKs only, committed firmware only.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRODUCTS_FIELD_NUMBER: _builtins.int
+    POLICIES_FIELD_NUMBER: _builtins.int
+    VCPU_COUNTS_FIELD_NUMBER: _builtins.int
+    GUEST_FEATURES_FIELD_NUMBER: _builtins.int
+    VMM_TYPES_FIELD_NUMBER: _builtins.int
+    VCPU_TYPES_FIELD_NUMBER: _builtins.int
+    MIN_TCB_FIELD_NUMBER: _builtins.int
+    ALLOW_PROVISIONAL_FIRMWARE_FIELD_NUMBER: _builtins.int
+    ALLOW_DEBUG_FIELD_NUMBER: _builtins.int
+    ALLOW_MIGRATION_AGENT_FIELD_NUMBER: _builtins.int
+    ALLOW_VLEK_FIELD_NUMBER: _builtins.int
+    FAMILY_ID_FIELD_NUMBER: _builtins.int
+    IMAGE_ID_FIELD_NUMBER: _builtins.int
+    MIN_GUEST_SVN_FIELD_NUMBER: _builtins.int
+    NO_AUTHOR_KEY_FIELD_NUMBER: _builtins.int
+    allow_provisional_firmware: _builtins.bool
+    """accept a current TCB above the committed one"""
+    allow_debug: _builtins.bool
+    """a policy with DEBUG needs it"""
+    allow_migration_agent: _builtins.bool
+    """a policy with MIGRATE_MA needs it"""
+    allow_vlek: _builtins.bool
+    family_id: _builtins.bytes
+    """16 bytes, or empty: no pin on the reference values' family id"""
+    image_id: _builtins.bytes
+    """16 bytes, or empty"""
+    min_guest_svn: _builtins.int
+    """the least guest SVN the reference values may vouch for"""
+    no_author_key: _builtins.bool
+    """true: ID blocks without an author key (AUTHOR_KEY_EN = 0)"""
+    @_builtins.property
+    def products(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """non-empty: "milan", "genoa", "turin" """
+
+    @_builtins.property
+    def policies(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """non-empty 64-bit guest policies; the first is the default"""
+
+    @_builtins.property
+    def vcpu_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """non-empty"""
+
+    @_builtins.property
+    def guest_features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """non-empty SEV_FEATURES values (bit 0 set)"""
+
+    @_builtins.property
+    def vmm_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"QEMU", "ec2", "gce"; empty = QEMU"""
+
+    @_builtins.property
+    def vcpu_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """empty = whatever the reference digests were computed for"""
+
+    @_builtins.property
+    def min_tcb(self) -> _containers.RepeatedCompositeFieldContainer[Global___SnpTcbMinimum]:
+        """at most one per allowed product"""
+
+    def __init__(
+        self,
+        *,
+        products: _abc.Iterable[_builtins.str] | None = ...,
+        policies: _abc.Iterable[_builtins.int] | None = ...,
+        vcpu_counts: _abc.Iterable[_builtins.int] | None = ...,
+        guest_features: _abc.Iterable[_builtins.int] | None = ...,
+        vmm_types: _abc.Iterable[_builtins.str] | None = ...,
+        vcpu_types: _abc.Iterable[_builtins.str] | None = ...,
+        min_tcb: _abc.Iterable[Global___SnpTcbMinimum] | None = ...,
+        allow_provisional_firmware: _builtins.bool = ...,
+        allow_debug: _builtins.bool = ...,
+        allow_migration_agent: _builtins.bool = ...,
+        allow_vlek: _builtins.bool = ...,
+        family_id: _builtins.bytes = ...,
+        image_id: _builtins.bytes = ...,
+        min_guest_svn: _builtins.int = ...,
+        no_author_key: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_debug", b"allow_debug", "allow_migration_agent", b"allow_migration_agent", "allow_provisional_firmware", b"allow_provisional_firmware", "allow_vlek", b"allow_vlek", "family_id", b"family_id", "guest_features", b"guest_features", "image_id", b"image_id", "min_guest_svn", b"min_guest_svn", "min_tcb", b"min_tcb", "no_author_key", b"no_author_key", "policies", b"policies", "products", b"products", "vcpu_counts", b"vcpu_counts", "vcpu_types", b"vcpu_types", "vmm_types", b"vmm_types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnpRules: _TypeAlias = SnpRules  # noqa: Y015
 
 @_typing.final
 class PutWorkloadRequest(_message.Message):
@@ -886,3 +1103,515 @@ class RevokeSessionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeSessionResponse: _TypeAlias = RevokeSessionResponse  # noqa: Y015
+
+@_typing.final
+class SnpPlatform(_message.Message):
+    """---- SEV-SNP ----------------------------------------------------------------------------------------
+
+    The platform as the launcher got it from platform_svc (GetVekChain, GetSnpStatus). Hostile until the
+    owner verified it: the chain must lead to a pinned (or explicitly trusted) root; the TCBs the host
+    reports only refuse early, the guest's signed report decides at attestation.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VEK_CERT_FIELD_NUMBER: _builtins.int
+    CHAIN_FIELD_NUMBER: _builtins.int
+    COMMITTED_TCB_FIELD_NUMBER: _builtins.int
+    CURRENT_TCB_FIELD_NUMBER: _builtins.int
+    vek_cert: _builtins.bytes
+    """the VCEK or VLEK, DER or PEM"""
+    committed_tcb: _builtins.int
+    """raw TCB_VERSION (GetSnpStatus committed_tcb.raw), if known"""
+    current_tcb: _builtins.int
+    """raw TCB_VERSION (GetSnpStatus current_tcb.raw): the launch TCB"""
+    @_builtins.property
+    def chain(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """optional ASK/ASVK and ARK (DER or PEM); empty: the pinned root's"""
+
+    def __init__(
+        self,
+        *,
+        vek_cert: _builtins.bytes = ...,
+        chain: _abc.Iterable[_builtins.bytes] | None = ...,
+        committed_tcb: _builtins.int | None = ...,
+        current_tcb: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_committed_tcb", b"_committed_tcb", "_current_tcb", b"_current_tcb", "committed_tcb", b"committed_tcb", "current_tcb", b"current_tcb"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_committed_tcb", b"_committed_tcb", "_current_tcb", b"_current_tcb", "chain", b"chain", "committed_tcb", b"committed_tcb", "current_tcb", b"current_tcb", "vek_cert", b"vek_cert"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__committed_tcb: _TypeAlias = _typing.Literal["committed_tcb"]  # noqa: Y015
+    _WhichOneofArgType__committed_tcb: _TypeAlias = _typing.Literal["_committed_tcb", b"_committed_tcb"]  # noqa: Y015
+    _WhichOneofReturnType__current_tcb: _TypeAlias = _typing.Literal["current_tcb"]  # noqa: Y015
+    _WhichOneofArgType__current_tcb: _TypeAlias = _typing.Literal["_current_tcb", b"_current_tcb"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__committed_tcb) -> _WhichOneofReturnType__committed_tcb | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__current_tcb) -> _WhichOneofReturnType__current_tcb | None: ...
+
+Global___SnpPlatform: _TypeAlias = SnpPlatform  # noqa: Y015
+
+@_typing.final
+class SnpKernelHashes(_message.Message):
+    """SHA-256 hex of what QEMU measures with kernel-hashes=on"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KERNEL_FIELD_NUMBER: _builtins.int
+    INITRD_FIELD_NUMBER: _builtins.int
+    CMDLINE_FIELD_NUMBER: _builtins.int
+    kernel: _builtins.str
+    initrd: _builtins.str
+    cmdline: _builtins.str
+    def __init__(
+        self,
+        *,
+        kernel: _builtins.str = ...,
+        initrd: _builtins.str = ...,
+        cmdline: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cmdline", b"cmdline", "initrd", b"initrd", "kernel", b"kernel"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnpKernelHashes: _TypeAlias = SnpKernelHashes  # noqa: Y015
+
+@_typing.final
+class SnpLaunchConfig(_message.Message):
+    """The launch the launcher will make: the reference digest is looked up for exactly this."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VCPUS_FIELD_NUMBER: _builtins.int
+    VCPU_TYPE_FIELD_NUMBER: _builtins.int
+    GUEST_FEATURES_FIELD_NUMBER: _builtins.int
+    VMM_TYPE_FIELD_NUMBER: _builtins.int
+    KERNEL_HASHES_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    FIRMWARE_SHA256_FIELD_NUMBER: _builtins.int
+    vcpus: _builtins.int
+    vcpu_type: _builtins.str
+    """e.g. "EPYC-v4"; empty only under ec2/gce"""
+    guest_features: _builtins.int
+    """SEV_FEATURES of the VMSAs (bit 0 SNPActive)"""
+    vmm_type: _builtins.str
+    """"QEMU", "ec2", "gce" """
+    policy: _builtins.int
+    """the guest policy wanted; 0 = the workload's first allowed policy"""
+    firmware_sha256: _builtins.str
+    """SHA-256 (hex) of the firmware image the launcher loads; empty: not given. A manifest naming another
+    image's hash is not used (the firmware checks the ID block's digest at SNP_LAUNCH_FINISH anyway).
+    """
+    @_builtins.property
+    def kernel_hashes(self) -> Global___SnpKernelHashes:
+        """unset: a plain firmware boot"""
+
+    def __init__(
+        self,
+        *,
+        vcpus: _builtins.int = ...,
+        vcpu_type: _builtins.str = ...,
+        guest_features: _builtins.int = ...,
+        vmm_type: _builtins.str = ...,
+        kernel_hashes: Global___SnpKernelHashes | None = ...,
+        policy: _builtins.int = ...,
+        firmware_sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kernel_hashes", b"kernel_hashes"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["firmware_sha256", b"firmware_sha256", "guest_features", b"guest_features", "kernel_hashes", b"kernel_hashes", "policy", b"policy", "vcpu_type", b"vcpu_type", "vcpus", b"vcpus", "vmm_type", b"vmm_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnpLaunchConfig: _TypeAlias = SnpLaunchConfig  # noqa: Y015
+
+@_typing.final
+class AuthorizeSnpLaunchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKLOAD_ID_FIELD_NUMBER: _builtins.int
+    PLATFORM_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
+    workload_id: _builtins.str
+    @_builtins.property
+    def platform(self) -> Global___SnpPlatform: ...
+    @_builtins.property
+    def config(self) -> Global___SnpLaunchConfig: ...
+    def __init__(
+        self,
+        *,
+        workload_id: _builtins.str = ...,
+        platform: Global___SnpPlatform | None = ...,
+        config: Global___SnpLaunchConfig | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "platform", b"platform"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "platform", b"platform", "workload_id", b"workload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuthorizeSnpLaunchRequest: _TypeAlias = AuthorizeSnpLaunchRequest  # noqa: Y015
+
+@_typing.final
+class AuthorizeSnpLaunchResponse(_message.Message):
+    """libvirt 10.5+: <launchSecurity type='sev-snp' authorKey='yes|no'> <policy>, <idBlock>, <idAuth>,
+    <hostData> (base64 there); the init data goes to the guest (its SHA-256 is host_data).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTHORIZATION_ID_FIELD_NUMBER: _builtins.int
+    ID_BLOCK_FIELD_NUMBER: _builtins.int
+    ID_AUTH_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    HOST_DATA_FIELD_NUMBER: _builtins.int
+    INIT_DATA_FIELD_NUMBER: _builtins.int
+    AUTHOR_KEY_FIELD_NUMBER: _builtins.int
+    LAUNCH_DIGEST_FIELD_NUMBER: _builtins.int
+    MANIFEST_ID_FIELD_NUMBER: _builtins.int
+    PRODUCT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_UNIX_FIELD_NUMBER: _builtins.int
+    authorization_id: _builtins.str
+    id_block: _builtins.bytes
+    """96 bytes"""
+    id_auth: _builtins.bytes
+    """4096 bytes"""
+    policy: _builtins.int
+    """the 64-bit guest policy to launch with (also in the ID block)"""
+    host_data: _builtins.bytes
+    """32 bytes: SHA-256(init_data)"""
+    init_data: _builtins.bytes
+    """canonical JSON: endpoint, ca_pem, authorization_id, nonce"""
+    author_key: _builtins.bool
+    """the ID auth carries an author key (authorKey='yes')"""
+    launch_digest: _builtins.bytes
+    """48 bytes, the reference digest in the ID block"""
+    manifest_id: _builtins.str
+    """the manifest that listed it"""
+    product: _builtins.str
+    """the platform's product, verified"""
+    expires_at_unix: _builtins.int
+    """the guest must attest before then"""
+    def __init__(
+        self,
+        *,
+        authorization_id: _builtins.str = ...,
+        id_block: _builtins.bytes = ...,
+        id_auth: _builtins.bytes = ...,
+        policy: _builtins.int = ...,
+        host_data: _builtins.bytes = ...,
+        init_data: _builtins.bytes = ...,
+        author_key: _builtins.bool = ...,
+        launch_digest: _builtins.bytes = ...,
+        manifest_id: _builtins.str = ...,
+        product: _builtins.str = ...,
+        expires_at_unix: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author_key", b"author_key", "authorization_id", b"authorization_id", "expires_at_unix", b"expires_at_unix", "host_data", b"host_data", "id_auth", b"id_auth", "id_block", b"id_block", "init_data", b"init_data", "launch_digest", b"launch_digest", "manifest_id", b"manifest_id", "policy", b"policy", "product", b"product"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuthorizeSnpLaunchResponse: _TypeAlias = AuthorizeSnpLaunchResponse  # noqa: Y015
+
+@_typing.final
+class SnpKeyInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    PUBLIC_DIGEST_FIELD_NUMBER: _builtins.int
+    CREATED_AT_UNIX_FIELD_NUMBER: _builtins.int
+    RETIRED_AT_UNIX_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    kind: Global___SnpKeyKind.ValueType
+    version: _builtins.int
+    public_digest: _builtins.str
+    """SHA-384 of the AMD public key blob, hex: what a report shows"""
+    created_at_unix: _builtins.int
+    retired_at_unix: _builtins.int
+    """0: the active version"""
+    source: _builtins.str
+    """"generated" or "imported" """
+    def __init__(
+        self,
+        *,
+        kind: Global___SnpKeyKind.ValueType = ...,
+        version: _builtins.int = ...,
+        public_digest: _builtins.str = ...,
+        created_at_unix: _builtins.int = ...,
+        retired_at_unix: _builtins.int = ...,
+        source: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_unix", b"created_at_unix", "kind", b"kind", "public_digest", b"public_digest", "retired_at_unix", b"retired_at_unix", "source", b"source", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnpKeyInfo: _TypeAlias = SnpKeyInfo  # noqa: Y015
+
+@_typing.final
+class RotateSnpKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKLOAD_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    PRIVATE_KEY_PEM_FIELD_NUMBER: _builtins.int
+    workload_id: _builtins.str
+    kind: Global___SnpKeyKind.ValueType
+    private_key_pem: _builtins.bytes
+    """an unencrypted P-384 key to import; empty: the owner generates one"""
+    def __init__(
+        self,
+        *,
+        workload_id: _builtins.str = ...,
+        kind: Global___SnpKeyKind.ValueType = ...,
+        private_key_pem: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "private_key_pem", b"private_key_pem", "workload_id", b"workload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateSnpKeyRequest: _TypeAlias = RotateSnpKeyRequest  # noqa: Y015
+
+@_typing.final
+class RotateSnpKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def key(self) -> Global___SnpKeyInfo: ...
+    def __init__(
+        self,
+        *,
+        key: Global___SnpKeyInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateSnpKeyResponse: _TypeAlias = RotateSnpKeyResponse  # noqa: Y015
+
+@_typing.final
+class ListSnpKeysRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKLOAD_ID_FIELD_NUMBER: _builtins.int
+    workload_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        workload_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["workload_id", b"workload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSnpKeysRequest: _TypeAlias = ListSnpKeysRequest  # noqa: Y015
+
+@_typing.final
+class ListSnpKeysResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___SnpKeyInfo]: ...
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[Global___SnpKeyInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSnpKeysResponse: _TypeAlias = ListSnpKeysResponse  # noqa: Y015
+
+@_typing.final
+class SnpAuthorizationInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTHORIZATION_ID_FIELD_NUMBER: _builtins.int
+    WORKLOAD_ID_FIELD_NUMBER: _builtins.int
+    CALLER_FIELD_NUMBER: _builtins.int
+    PRODUCT_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    VCPUS_FIELD_NUMBER: _builtins.int
+    LAUNCH_DIGEST_FIELD_NUMBER: _builtins.int
+    MANIFEST_ID_FIELD_NUMBER: _builtins.int
+    HOST_DATA_FIELD_NUMBER: _builtins.int
+    ID_KEY_DIGEST_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CREATED_AT_UNIX_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_UNIX_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    authorization_id: _builtins.str
+    workload_id: _builtins.str
+    caller: _builtins.str
+    product: _builtins.str
+    policy: _builtins.int
+    vcpus: _builtins.int
+    launch_digest: _builtins.str
+    manifest_id: _builtins.str
+    host_data: _builtins.str
+    id_key_digest: _builtins.str
+    state: Global___SnpAuthorizationState.ValueType
+    created_at_unix: _builtins.int
+    expires_at_unix: _builtins.int
+    reason: _builtins.str
+    """with REFUSED: the owner reason of the refusal"""
+    def __init__(
+        self,
+        *,
+        authorization_id: _builtins.str = ...,
+        workload_id: _builtins.str = ...,
+        caller: _builtins.str = ...,
+        product: _builtins.str = ...,
+        policy: _builtins.int = ...,
+        vcpus: _builtins.int = ...,
+        launch_digest: _builtins.str = ...,
+        manifest_id: _builtins.str = ...,
+        host_data: _builtins.str = ...,
+        id_key_digest: _builtins.str = ...,
+        state: Global___SnpAuthorizationState.ValueType = ...,
+        created_at_unix: _builtins.int = ...,
+        expires_at_unix: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_id", b"authorization_id", "caller", b"caller", "created_at_unix", b"created_at_unix", "expires_at_unix", b"expires_at_unix", "host_data", b"host_data", "id_key_digest", b"id_key_digest", "launch_digest", b"launch_digest", "manifest_id", b"manifest_id", "policy", b"policy", "product", b"product", "reason", b"reason", "state", b"state", "vcpus", b"vcpus", "workload_id", b"workload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnpAuthorizationInfo: _TypeAlias = SnpAuthorizationInfo  # noqa: Y015
+
+@_typing.final
+class GetSnpAttestationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTHORIZATION_ID_FIELD_NUMBER: _builtins.int
+    authorization_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        authorization_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_id", b"authorization_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSnpAttestationRequest: _TypeAlias = GetSnpAttestationRequest  # noqa: Y015
+
+@_typing.final
+class GetSnpAttestationResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTHORIZATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def authorization(self) -> Global___SnpAuthorizationInfo: ...
+    def __init__(
+        self,
+        *,
+        authorization: Global___SnpAuthorizationInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["authorization", b"authorization"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization", b"authorization"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSnpAttestationResponse: _TypeAlias = GetSnpAttestationResponse  # noqa: Y015
+
+@_typing.final
+class ListSnpAuthorizationsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKLOAD_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    workload_id: _builtins.str
+    """empty = all"""
+    limit: _builtins.int
+    """0 = 100; at most 1000"""
+    def __init__(
+        self,
+        *,
+        workload_id: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "workload_id", b"workload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSnpAuthorizationsRequest: _TypeAlias = ListSnpAuthorizationsRequest  # noqa: Y015
+
+@_typing.final
+class ListSnpAuthorizationsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTHORIZATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def authorizations(self) -> _containers.RepeatedCompositeFieldContainer[Global___SnpAuthorizationInfo]: ...
+    def __init__(
+        self,
+        *,
+        authorizations: _abc.Iterable[Global___SnpAuthorizationInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorizations", b"authorizations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSnpAuthorizationsResponse: _TypeAlias = ListSnpAuthorizationsResponse  # noqa: Y015
+
+@_typing.final
+class RevokeSnpAuthorizationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTHORIZATION_ID_FIELD_NUMBER: _builtins.int
+    authorization_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        authorization_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_id", b"authorization_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeSnpAuthorizationRequest: _TypeAlias = RevokeSnpAuthorizationRequest  # noqa: Y015
+
+@_typing.final
+class RevokeSnpAuthorizationResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeSnpAuthorizationResponse: _TypeAlias = RevokeSnpAuthorizationResponse  # noqa: Y015

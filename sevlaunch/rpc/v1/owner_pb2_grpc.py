@@ -84,6 +84,36 @@ class OwnerServiceStub:
                 request_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSessionRequest.SerializeToString,
                 response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSessionResponse.FromString,
                 _registered_method=True)
+        self.AuthorizeSnpLaunch = channel.unary_unary(
+                '/sevlaunch.v1.OwnerService/AuthorizeSnpLaunch',
+                request_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.AuthorizeSnpLaunchRequest.SerializeToString,
+                response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.AuthorizeSnpLaunchResponse.FromString,
+                _registered_method=True)
+        self.GetSnpAttestation = channel.unary_unary(
+                '/sevlaunch.v1.OwnerService/GetSnpAttestation',
+                request_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.GetSnpAttestationRequest.SerializeToString,
+                response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.GetSnpAttestationResponse.FromString,
+                _registered_method=True)
+        self.RotateSnpKey = channel.unary_unary(
+                '/sevlaunch.v1.OwnerService/RotateSnpKey',
+                request_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RotateSnpKeyRequest.SerializeToString,
+                response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RotateSnpKeyResponse.FromString,
+                _registered_method=True)
+        self.ListSnpKeys = channel.unary_unary(
+                '/sevlaunch.v1.OwnerService/ListSnpKeys',
+                request_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpKeysRequest.SerializeToString,
+                response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpKeysResponse.FromString,
+                _registered_method=True)
+        self.ListSnpAuthorizations = channel.unary_unary(
+                '/sevlaunch.v1.OwnerService/ListSnpAuthorizations',
+                request_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpAuthorizationsRequest.SerializeToString,
+                response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpAuthorizationsResponse.FromString,
+                _registered_method=True)
+        self.RevokeSnpAuthorization = channel.unary_unary(
+                '/sevlaunch.v1.OwnerService/RevokeSnpAuthorization',
+                request_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSnpAuthorizationRequest.SerializeToString,
+                response_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSnpAuthorizationResponse.FromString,
+                _registered_method=True)
 
 
 class OwnerServiceServicer:
@@ -156,6 +186,56 @@ class OwnerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AuthorizeSnpLaunch(self, request, context):
+        """SEV-SNP (roles launcher, client). Authorises one SNP launch of a workload on a platform: verifies the
+        platform's VCEK/VLEK chain to the product's pinned AMD root (or a root trusted explicitly with
+        --snp-trust-root), its TCBs against the workload's floors and the provisional-firmware rule, the launch
+        configuration against the workload's rules, and picks the launch digest the signed reference values
+        give for exactly that configuration. Returns what libvirt's <launchSecurity type='sev-snp'> takes.
+        The authorisation is single use (one secret release) and expires; the guest then attests on the
+        guest port with the authorisation id from its init data.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSnpAttestation(self, request, context):
+        """SEV-SNP (roles launcher, client; only the identity that got the authorisation): where its guest
+        stands. AUTHORIZED while it has not attested (refusals of reports that may not be its own leave it
+        so), RELEASED once its secret was released, REFUSED (with the reason) when a report of this very
+        launch was refused on the merits, EXPIRED past its expiry: the launcher then ends the launch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateSnpKey(self, request, context):
+        """Admin. A new version of a workload's ID or author key (ECDSA P-384): generated, or the PEM given.
+        Older versions are retired, never deleted: launches they signed still attest until done or expired.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSnpKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSnpAuthorizations(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeSnpAuthorization(self, request, context):
+        """Admin. Withdraws an authorisation not yet released: its guest can no longer attest (audited).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OwnerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -208,6 +288,36 @@ def add_OwnerServiceServicer_to_server(servicer, server):
                     servicer.RevokeSession,
                     request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSessionRequest.FromString,
                     response_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSessionResponse.SerializeToString,
+            ),
+            'AuthorizeSnpLaunch': grpc.unary_unary_rpc_method_handler(
+                    servicer.AuthorizeSnpLaunch,
+                    request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.AuthorizeSnpLaunchRequest.FromString,
+                    response_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.AuthorizeSnpLaunchResponse.SerializeToString,
+            ),
+            'GetSnpAttestation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSnpAttestation,
+                    request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.GetSnpAttestationRequest.FromString,
+                    response_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.GetSnpAttestationResponse.SerializeToString,
+            ),
+            'RotateSnpKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateSnpKey,
+                    request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RotateSnpKeyRequest.FromString,
+                    response_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RotateSnpKeyResponse.SerializeToString,
+            ),
+            'ListSnpKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSnpKeys,
+                    request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpKeysRequest.FromString,
+                    response_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpKeysResponse.SerializeToString,
+            ),
+            'ListSnpAuthorizations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSnpAuthorizations,
+                    request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpAuthorizationsRequest.FromString,
+                    response_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpAuthorizationsResponse.SerializeToString,
+            ),
+            'RevokeSnpAuthorization': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeSnpAuthorization,
+                    request_deserializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSnpAuthorizationRequest.FromString,
+                    response_serializer=sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSnpAuthorizationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -480,6 +590,168 @@ class OwnerService:
             '/sevlaunch.v1.OwnerService/RevokeSession',
             sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSessionRequest.SerializeToString,
             sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuthorizeSnpLaunch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sevlaunch.v1.OwnerService/AuthorizeSnpLaunch',
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.AuthorizeSnpLaunchRequest.SerializeToString,
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.AuthorizeSnpLaunchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSnpAttestation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sevlaunch.v1.OwnerService/GetSnpAttestation',
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.GetSnpAttestationRequest.SerializeToString,
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.GetSnpAttestationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateSnpKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sevlaunch.v1.OwnerService/RotateSnpKey',
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RotateSnpKeyRequest.SerializeToString,
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RotateSnpKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSnpKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sevlaunch.v1.OwnerService/ListSnpKeys',
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpKeysRequest.SerializeToString,
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSnpAuthorizations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sevlaunch.v1.OwnerService/ListSnpAuthorizations',
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpAuthorizationsRequest.SerializeToString,
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.ListSnpAuthorizationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeSnpAuthorization(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sevlaunch.v1.OwnerService/RevokeSnpAuthorization',
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSnpAuthorizationRequest.SerializeToString,
+            sevlaunch_dot_rpc_dot_v1_dot_owner__pb2.RevokeSnpAuthorizationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,9 +3,12 @@
 isort:skip_file
 owner_svc: the guest owner's root of trust, over mTLS.
 
-Roles (by client certificate CN, deny by default): `launcher` and `client` may call OpenSession and
-ReleaseSecret; `owner-admin` may call the admin RPCs (PutWorkload, GetWorkload, PutSecret,
-ImportReferenceValues, ListReferenceValues, ListSessions, GetAuditLog, RevokeSession).
+Roles (by client certificate CN, deny by default): `launcher` and `client` may call OpenSession,
+ReleaseSecret and AuthorizeSnpLaunch; `owner-admin` may call the admin RPCs (PutWorkload, GetWorkload,
+PutSecret, ImportReferenceValues, ListReferenceValues, ListSessions, GetAuditLog, RevokeSession,
+RotateSnpKey, ListSnpKeys, ListSnpAuthorizations, RevokeSnpAuthorization). An SEV-SNP guest attests on the owner's separate
+guest port (guest.proto, OwnerGuest: server-authenticated TLS only, rate-limited), where none of these
+RPCs is reachable.
 A session is bound to the identity that opened it: only that identity may release it.
 
 Errors: see common.proto. Every error carries a typed ErrorInfo reason. A malformed field is
@@ -13,16 +16,35 @@ INVALID_ARGUMENT and changes nothing:
   INVALID_ARGUMENT    bad_workload_id, bad_session_id, bad_guid, bad_policy, bad_firmware_version,
                       bad_firmware_minimum, bad_selector, bad_workload, bad_secret, secret_too_large,
                       bad_envelope, bad_limit; malformed certificates, measurements and manifests
-                      carry the protocol's reasons (truncated, bad_length, ...)
+                      carry the protocol's reasons (truncated, bad_length, ...);
+                      SEV-SNP: bad_authorization_id, bad_launch_config, bad_platform, bad_snp_key,
+                      and on the guest port bad_report, bad_certificates, bad_guest_key, bad_challenge
 A refusal on the merits:
-  NOT_FOUND           unknown_workload, unknown_session
+  NOT_FOUND           unknown_workload, unknown_session; guest port: unknown_authorization,
+                      unknown_challenge
   PERMISSION_DENIED   untrusted_root, bad_signature, wrong_usage, ... (chain; metadata `link`),
                       generation_not_allowed, firmware_too_old, policy_not_allowed, policy_mismatch,
                       measurement_mismatch, wrong_caller; for manifests bad_signature,
-                      missing_signature, wrong_signer, expired, revoked
+                      missing_signature, wrong_signer, expired, revoked;
+                      SEV-SNP, at AuthorizeSnpLaunch (the platform) and on the guest port's Attest
+                      (the report), one reason per check: forged_chain, wrong_product,
+                      vlek_not_allowed, vcek_tcb_mismatch, hwid_mismatch, vmpl_not_allowed,
+                      policy_not_allowed, policy_mismatch, tcb_order, provisional_firmware,
+                      reported_tcb_too_low, committed_tcb_too_low, launch_tcb_too_low,
+                      measurement_mismatch, vcpus_mismatch, family_id_mismatch, image_id_mismatch,
+                      guest_svn_too_low, product_not_covered, id_key_mismatch, author_key_mismatch,
+                      host_data_mismatch, report_data_mismatch, malformed_report,
+                      malformed_certificates, bad_guest_key; config_not_allowed (AuthorizeSnpLaunch:
+                      a vCPU count or type, guest features or VMM type the workload does not allow)
   FAILED_PRECONDITION no_reference_values, no_secret, session_expired, session_already_used,
                       session_refused, session_revoked, secret_too_large, session_not_open,
-                      unknown_workload (the workload was deleted after OpenSession)
+                      unknown_workload (the workload was deleted after OpenSession);
+                      SEV-SNP: snp_not_configured (no --guest-endpoint), no_snp_rules,
+                      no_digest_for_config, no_reference_values, no_secret; guest port:
+                      authorization_expired, authorization_revoked, authorization_refused,
+                      already_released (a second
+                      release), challenge_used (a reused challenge), challenge_expired
+  RESOURCE_EXHAUSTED  guest port: rate_limited (per peer address or overall), too_many_challenges
 The owner's store (nothing was released without its audit record; retry):
   UNAVAILABLE         store_unavailable (database down or unreachable, connection lost, disk full)
   ABORTED             store_conflict (a concurrent transaction won)
@@ -77,6 +99,29 @@ class OwnerServiceStub:
     ListSessions: _grpc.UnaryUnaryMultiCallable[_owner_pb2.ListSessionsRequest, _owner_pb2.ListSessionsResponse]
     GetAuditLog: _grpc.UnaryUnaryMultiCallable[_owner_pb2.GetAuditLogRequest, _owner_pb2.GetAuditLogResponse]
     RevokeSession: _grpc.UnaryUnaryMultiCallable[_owner_pb2.RevokeSessionRequest, _owner_pb2.RevokeSessionResponse]
+    AuthorizeSnpLaunch: _grpc.UnaryUnaryMultiCallable[_owner_pb2.AuthorizeSnpLaunchRequest, _owner_pb2.AuthorizeSnpLaunchResponse]
+    """SEV-SNP (roles launcher, client). Authorises one SNP launch of a workload on a platform: verifies the
+    platform's VCEK/VLEK chain to the product's pinned AMD root (or a root trusted explicitly with
+    --snp-trust-root), its TCBs against the workload's floors and the provisional-firmware rule, the launch
+    configuration against the workload's rules, and picks the launch digest the signed reference values
+    give for exactly that configuration. Returns what libvirt's <launchSecurity type='sev-snp'> takes.
+    The authorisation is single use (one secret release) and expires; the guest then attests on the
+    guest port with the authorisation id from its init data.
+    """
+    GetSnpAttestation: _grpc.UnaryUnaryMultiCallable[_owner_pb2.GetSnpAttestationRequest, _owner_pb2.GetSnpAttestationResponse]
+    """SEV-SNP (roles launcher, client; only the identity that got the authorisation): where its guest
+    stands. AUTHORIZED while it has not attested (refusals of reports that may not be its own leave it
+    so), RELEASED once its secret was released, REFUSED (with the reason) when a report of this very
+    launch was refused on the merits, EXPIRED past its expiry: the launcher then ends the launch.
+    """
+    RotateSnpKey: _grpc.UnaryUnaryMultiCallable[_owner_pb2.RotateSnpKeyRequest, _owner_pb2.RotateSnpKeyResponse]
+    """Admin. A new version of a workload's ID or author key (ECDSA P-384): generated, or the PEM given.
+    Older versions are retired, never deleted: launches they signed still attest until done or expired.
+    """
+    ListSnpKeys: _grpc.UnaryUnaryMultiCallable[_owner_pb2.ListSnpKeysRequest, _owner_pb2.ListSnpKeysResponse]
+    ListSnpAuthorizations: _grpc.UnaryUnaryMultiCallable[_owner_pb2.ListSnpAuthorizationsRequest, _owner_pb2.ListSnpAuthorizationsResponse]
+    RevokeSnpAuthorization: _grpc.UnaryUnaryMultiCallable[_owner_pb2.RevokeSnpAuthorizationRequest, _owner_pb2.RevokeSnpAuthorizationResponse]
+    """Admin. Withdraws an authorisation not yet released: its guest can no longer attest (audited)."""
 
 @_typing.type_check_only
 class OwnerServiceAsyncStub(OwnerServiceStub):
@@ -100,6 +145,29 @@ class OwnerServiceAsyncStub(OwnerServiceStub):
     ListSessions: _aio.UnaryUnaryMultiCallable[_owner_pb2.ListSessionsRequest, _owner_pb2.ListSessionsResponse]  # type: ignore[assignment]
     GetAuditLog: _aio.UnaryUnaryMultiCallable[_owner_pb2.GetAuditLogRequest, _owner_pb2.GetAuditLogResponse]  # type: ignore[assignment]
     RevokeSession: _aio.UnaryUnaryMultiCallable[_owner_pb2.RevokeSessionRequest, _owner_pb2.RevokeSessionResponse]  # type: ignore[assignment]
+    AuthorizeSnpLaunch: _aio.UnaryUnaryMultiCallable[_owner_pb2.AuthorizeSnpLaunchRequest, _owner_pb2.AuthorizeSnpLaunchResponse]  # type: ignore[assignment]
+    """SEV-SNP (roles launcher, client). Authorises one SNP launch of a workload on a platform: verifies the
+    platform's VCEK/VLEK chain to the product's pinned AMD root (or a root trusted explicitly with
+    --snp-trust-root), its TCBs against the workload's floors and the provisional-firmware rule, the launch
+    configuration against the workload's rules, and picks the launch digest the signed reference values
+    give for exactly that configuration. Returns what libvirt's <launchSecurity type='sev-snp'> takes.
+    The authorisation is single use (one secret release) and expires; the guest then attests on the
+    guest port with the authorisation id from its init data.
+    """
+    GetSnpAttestation: _aio.UnaryUnaryMultiCallable[_owner_pb2.GetSnpAttestationRequest, _owner_pb2.GetSnpAttestationResponse]  # type: ignore[assignment]
+    """SEV-SNP (roles launcher, client; only the identity that got the authorisation): where its guest
+    stands. AUTHORIZED while it has not attested (refusals of reports that may not be its own leave it
+    so), RELEASED once its secret was released, REFUSED (with the reason) when a report of this very
+    launch was refused on the merits, EXPIRED past its expiry: the launcher then ends the launch.
+    """
+    RotateSnpKey: _aio.UnaryUnaryMultiCallable[_owner_pb2.RotateSnpKeyRequest, _owner_pb2.RotateSnpKeyResponse]  # type: ignore[assignment]
+    """Admin. A new version of a workload's ID or author key (ECDSA P-384): generated, or the PEM given.
+    Older versions are retired, never deleted: launches they signed still attest until done or expired.
+    """
+    ListSnpKeys: _aio.UnaryUnaryMultiCallable[_owner_pb2.ListSnpKeysRequest, _owner_pb2.ListSnpKeysResponse]  # type: ignore[assignment]
+    ListSnpAuthorizations: _aio.UnaryUnaryMultiCallable[_owner_pb2.ListSnpAuthorizationsRequest, _owner_pb2.ListSnpAuthorizationsResponse]  # type: ignore[assignment]
+    RevokeSnpAuthorization: _aio.UnaryUnaryMultiCallable[_owner_pb2.RevokeSnpAuthorizationRequest, _owner_pb2.RevokeSnpAuthorizationResponse]  # type: ignore[assignment]
+    """Admin. Withdraws an authorisation not yet released: its guest can no longer attest (audited)."""
 
 class OwnerServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -180,5 +248,64 @@ class OwnerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _owner_pb2.RevokeSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_owner_pb2.RevokeSessionResponse, _abc.Awaitable[_owner_pb2.RevokeSessionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def AuthorizeSnpLaunch(
+        self,
+        request: _owner_pb2.AuthorizeSnpLaunchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_owner_pb2.AuthorizeSnpLaunchResponse, _abc.Awaitable[_owner_pb2.AuthorizeSnpLaunchResponse]]:
+        """SEV-SNP (roles launcher, client). Authorises one SNP launch of a workload on a platform: verifies the
+        platform's VCEK/VLEK chain to the product's pinned AMD root (or a root trusted explicitly with
+        --snp-trust-root), its TCBs against the workload's floors and the provisional-firmware rule, the launch
+        configuration against the workload's rules, and picks the launch digest the signed reference values
+        give for exactly that configuration. Returns what libvirt's <launchSecurity type='sev-snp'> takes.
+        The authorisation is single use (one secret release) and expires; the guest then attests on the
+        guest port with the authorisation id from its init data.
+        """
+
+    @_abc_1.abstractmethod
+    def GetSnpAttestation(
+        self,
+        request: _owner_pb2.GetSnpAttestationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_owner_pb2.GetSnpAttestationResponse, _abc.Awaitable[_owner_pb2.GetSnpAttestationResponse]]:
+        """SEV-SNP (roles launcher, client; only the identity that got the authorisation): where its guest
+        stands. AUTHORIZED while it has not attested (refusals of reports that may not be its own leave it
+        so), RELEASED once its secret was released, REFUSED (with the reason) when a report of this very
+        launch was refused on the merits, EXPIRED past its expiry: the launcher then ends the launch.
+        """
+
+    @_abc_1.abstractmethod
+    def RotateSnpKey(
+        self,
+        request: _owner_pb2.RotateSnpKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_owner_pb2.RotateSnpKeyResponse, _abc.Awaitable[_owner_pb2.RotateSnpKeyResponse]]:
+        """Admin. A new version of a workload's ID or author key (ECDSA P-384): generated, or the PEM given.
+        Older versions are retired, never deleted: launches they signed still attest until done or expired.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSnpKeys(
+        self,
+        request: _owner_pb2.ListSnpKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_owner_pb2.ListSnpKeysResponse, _abc.Awaitable[_owner_pb2.ListSnpKeysResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListSnpAuthorizations(
+        self,
+        request: _owner_pb2.ListSnpAuthorizationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_owner_pb2.ListSnpAuthorizationsResponse, _abc.Awaitable[_owner_pb2.ListSnpAuthorizationsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeSnpAuthorization(
+        self,
+        request: _owner_pb2.RevokeSnpAuthorizationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_owner_pb2.RevokeSnpAuthorizationResponse, _abc.Awaitable[_owner_pb2.RevokeSnpAuthorizationResponse]]:
+        """Admin. Withdraws an authorisation not yet released: its guest can no longer attest (audited)."""
 
 def add_OwnerServiceServicer_to_server(servicer: OwnerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
