@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
+import socket
 import threading
 import urllib.request
 from pathlib import Path
@@ -34,6 +35,21 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _two_free_ports() -> int:
+    """A port P with P + 1 free too (worker 1 serves its metrics on P + 1)."""
+    for _ in range(100):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            base = int(a.getsockname()[1])
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", base + 1))
+                except OSError:
+                    continue
+                return base
+    raise AssertionError("no two consecutive free ports")
+
+
 def _opened_total(port: int) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     line = next(x for x in text.splitlines() if x.startswith("sevlaunch_owner_sessions_opened_total "))
@@ -48,9 +64,7 @@ def test_two_workers_share_the_port_release_once_and_stop_cleanly(
     publisher: Publisher,
     capsys: Any,
 ) -> None:
-    port, metrics = free_port(), free_port()
-    while metrics + 1 == port:
-        metrics = free_port()
+    port, metrics = free_port(), _two_free_ports()
     address = f"localhost:{port}"
     proc = start_owner(
         tmp_path,
