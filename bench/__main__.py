@@ -145,13 +145,13 @@ def run(quick: bool, tiny: bool, log: Any) -> dict[str, Any]:
         out["owner_profile"] = owner_profile(c["profile_pairs"], 20, 1, world)
         # The same core from 16 threads at once: how many writes each commit carried.
         out["owner_profile_threads"] = owner_profile(c["profile_pairs"] // 2, 0, 16, world).splitlines()[0]
+        log(f"owner profile in {time.perf_counter() - t:.1f} s")
         t = time.perf_counter()
         out["group_commit"] = [
             r.__dict__
             for r in commit_compare(world, sqlite_store(world), threads=16, pairs=c["commit_pairs"])
         ]
         log(f"group commit comparison in {time.perf_counter() - t:.1f} s")
-        log(f"owner profile in {time.perf_counter() - t:.1f} s")
 
         t = time.perf_counter()
         assert world.root is not None
