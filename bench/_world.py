@@ -73,6 +73,40 @@ def proc_status_kb(pid: int, key: str) -> int:
     raise KeyError(key)
 
 
+def proc_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (an owner with --workers is a supervisor and its workers)."""
+    out = [pid]
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            out += proc_tree(int(child))
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    return sum(proc_cpu_seconds(p) for p in proc_tree(pid))
+
+
+def tree_status_kb(pid: int, key: str) -> int:
+    """The sum over the process tree: with --workers, the owner's memory is all of its processes'."""
+    return sum(proc_status_kb(p, key) for p in proc_tree(pid))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def metric_sum(url: str, name: str, **labels: str) -> float:
     """Sum of the samples of one Prometheus series whose labels include `labels`."""
     text = urllib.request.urlopen(url, timeout=10).read().decode()
@@ -174,11 +208,23 @@ class World:
         for p in procs:
             wait_serving(p, tls_dir=self.tls_dir, deadline=deadline)
 
-    def start_owner(self, db_name: str = "owner.db") -> ServiceProcess:
+    def start_owner(self, db_name: str = "owner.db", *, workers: int = 1) -> ServiceProcess:
+        """The owner; with `workers` > 1, that many processes on one fixed port (`--workers`)."""
         (self.workdir / "owner").mkdir(exist_ok=True)
-        owner = self._spawn("owner", self.owner_args(self.workdir / "owner" / db_name), f"owner-{db_name}")
+        db = self.workdir / "owner" / db_name
+        if workers > 1:
+            args = [*self.owner_args(db, listen=f"127.0.0.1:{free_port()}"), "--workers", str(workers)]
+        else:
+            args = self.owner_args(db)
+        owner = self._spawn("owner", args, f"owner-{db_name}")
         self._wait([owner])
         self.owner = owner
+        return owner
+
+    def spawn_owner(self, db_name: str, *extra: str) -> ServiceProcess:
+        """Another owner process (one worker, its own database) next to `self.owner`, started."""
+        owner = self._spawn("owner", [*self.owner_args(self.workdir / "owner" / db_name), *extra], db_name)
+        self._wait([owner])
         return owner
 
     def start_platform(self, host: Host, *, cek_cache: bool = True, tag: str = "") -> ServiceProcess:
@@ -247,6 +293,12 @@ class World:
                 owner_pb2.ReferenceSelector(firmware_name="OVMF", modes=[owner_pb2.REFERENCE_MODE_SEV])
             ],
         )
+
+    def secret_table(self) -> bytes:
+        """The secret table the owner releases (its size sets the physical floor's AES-CTR and HMAC)."""
+        from sevlaunch.sev.secret import SecretTable
+
+        return SecretTable.of([self.secret]).to_bytes()
 
     # -- what a client of the owner needs ---------------------------------------------------------
 

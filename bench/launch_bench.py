@@ -15,8 +15,9 @@ from bench._world import (
     Host,
     World,
     metric_sum,
-    proc_cpu_seconds,
     proc_status_kb,
+    tree_cpu_seconds,
+    tree_status_kb,
 )
 from bench.owner_bench import inprocess_core
 from launcher_svc.adapters.emulated import EmulatedHypervisor
@@ -331,11 +332,11 @@ async def _scale(world: World, launches: int, per_host_concurrency: int) -> tupl
 def scale(world: World, launches: int, per_host_concurrency: int = 8) -> Scale:
     assert world.owner is not None
     # Share the per-host queue between that host's workers.
-    owner_cpu = proc_cpu_seconds(world.owner.pid)
+    owner_cpu = tree_cpu_seconds(world.owner.pid)
     seconds, failures = asyncio.run(_scale(world, launches, per_host_concurrency))
-    owner_cpu = proc_cpu_seconds(world.owner.pid) - owner_cpu
+    owner_cpu = tree_cpu_seconds(world.owner.pid) - owner_cpu
     exports = []
-    rss: dict[str, float] = {"owner": proc_status_kb(world.owner.pid, "VmHWM") / 1024}
+    rss: dict[str, float] = {"owner": tree_status_kb(world.owner.pid, "VmHWM") / 1024}
     for h in world.hosts:
         assert h.platform is not None and h.launcher is not None and h.platform.metrics_url
         exports.append(exports_of(h.platform.metrics_url))

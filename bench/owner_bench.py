@@ -18,7 +18,14 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from bench._world import POLICY, WORKLOAD_ID, World, measure_with_firmware, proc_status_kb
+from bench._world import (
+    POLICY,
+    WORKLOAD_ID,
+    World,
+    measure_with_firmware,
+    tree_status_kb,
+)
+from bench.floor_bench import physical_floor
 from owner_svc.adapters.kek import KeyEncryptionKey
 from owner_svc.adapters.metrics import PrometheusOwnerMetrics
 from owner_svc.adapters.sqlite import SQLiteStore
@@ -219,21 +226,33 @@ class OwnerThroughput:
     by_clients: dict[int, tuple[RunResult, float]]  # clients -> (gRPC run, floor pairs/s beside it)
     floors: list[RunResult]
     pairs: int
+    #: The raw cryptography of one pair (`floor_bench`), single-threaded: before and after the runs.
+    physical: list[float]
+    #: The same 64-client run against an owner of one process (when the owner under test has workers).
+    single_process: RunResult | None = None
 
     def ratio(self, clients: int) -> float:
         run, floor = self.by_clients[clients]
         return run.pairs_per_s / floor
 
+    @property
+    def physical_floor(self) -> float:
+        return statistics.mean(self.physical)
 
-def owner_throughput(world: World, *, pairs: int, clients: tuple[int, ...] = (1, 8, 64)) -> OwnerThroughput:
+
+def owner_throughput(
+    world: World, *, pairs: int, clients: tuple[int, ...] = (1, 8, 64), compare_single: bool = False
+) -> OwnerThroughput:
     assert world.owner is not None
     host = world.hosts[0]
     chain = world.chain_proto(host)
     measurer = firmware_measurer(host.firmware)
     core = inprocess_core(world, world.workdir / "owner" / "inproc.db")
+    table = len(world.secret_table())
     # Warm-up: both sides once (imports, caches, SQLite pages).
     inprocess_run(core, chain, measurer, host.firmware, pairs=4)
     asyncio.run(grpc_run(world, world.owner.address, chain, measurer, pairs=4, clients=1))
+    physical = [physical_floor(table, seconds=1.0)]
     floors = [inprocess_run(core, chain, measurer, host.firmware, pairs=pairs)]
     results: dict[int, tuple[RunResult, float]] = {}
     for n in clients:  # floor, run, floor, run, ...: each run is compared with the floors around it
@@ -241,7 +260,19 @@ def owner_throughput(world: World, *, pairs: int, clients: tuple[int, ...] = (1,
         floors.append(inprocess_run(core, chain, measurer, host.firmware, pairs=pairs))
         results[n] = (run, statistics.mean([floors[-2].pairs_per_s, floors[-1].pairs_per_s]))
     core.store.close()  # type: ignore[attr-defined]
-    return OwnerThroughput(results, floors, pairs)
+    single = None
+    if compare_single:
+        one = world.spawn_owner("owner-single.db")
+        try:
+            world.configure_owner(one.address)
+            asyncio.run(grpc_run(world, one.address, chain, measurer, pairs=4, clients=1))
+            single = asyncio.run(
+                grpc_run(world, one.address, chain, measurer, pairs=pairs, clients=max(clients))
+            )
+        finally:
+            one.stop()
+    physical.append(physical_floor(table, seconds=1.0))
+    return OwnerThroughput(results, floors, pairs, physical, single)
 
 
 @dataclass
@@ -266,9 +297,40 @@ def owner_memory(world: World, *, sessions: int, clients: int = 8) -> OwnerMemor
     pid = world.owner.pid
     # Settle the allocator first: a few hundred pairs so that caches and pools exist before "before".
     asyncio.run(grpc_run(world, world.owner.address, chain, measurer, pairs=200, clients=clients))
-    before = proc_status_kb(pid, "VmRSS") / 1024
+    before = tree_status_kb(pid, "VmRSS") / 1024
     t = time.perf_counter()
     asyncio.run(grpc_run(world, world.owner.address, chain, measurer, pairs=sessions, clients=clients))
     seconds = time.perf_counter() - t
-    after = proc_status_kb(pid, "VmRSS") / 1024
-    return OwnerMemory(sessions, before, after, proc_status_kb(pid, "VmHWM") / 1024, seconds)
+    after = tree_status_kb(pid, "VmRSS") / 1024
+    return OwnerMemory(sessions, before, after, tree_status_kb(pid, "VmHWM") / 1024, seconds)
+
+
+def _main() -> int:
+    """`python -m bench.owner_bench [--pairs N] [--clients 1,8,64]`: the owner throughput runs alone
+    (one emulated chip, the owner process, no platform or launcher), with the physical floor."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m bench.owner_bench")
+    p.add_argument("--pairs", type=int, default=320)
+    p.add_argument("--clients", default="1,8,64")
+    p.add_argument("--workers", type=int, default=1)
+    args = p.parse_args()
+    clients = tuple(int(c) for c in args.clients.split(","))
+    with World(hosts=1) as world:
+        world.prepare()
+        owner = world.start_owner(workers=args.workers)
+        world.configure_owner(owner.address)
+        ot = owner_throughput(world, pairs=args.pairs, clients=clients)
+        physical = ot.physical_floor
+    print(f"physical floor {physical:.0f} pairs/s")
+    for n, (run, floor) in ot.by_clients.items():
+        print(
+            f"{n:3d} clients: {run.pairs_per_s:7.1f} pairs/s (core in-process {floor:.1f}), "
+            f"p50 {run.pct(0.5):.1f} ms, p99 {run.pct(0.99):.1f} ms, "
+            f"floor ratio {run.pairs_per_s / physical:.3f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
+import os
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +45,7 @@ from owner_svc.core.ports import StoreError
 from owner_svc.core.refset import ReferenceValueSet
 from owner_svc.core.service import AMD_GENERATIONS, DEFAULT_SESSION_TTL, OwnerCore
 from owner_svc.core.snp import DEFAULT_AUTHORIZATION_TTL, SnpSettings
+from owner_svc.workers import MAX_WORKERS, supervisor_argv, worker_argv
 from sevlaunch.dsn import redact_dsn
 from sevlaunch.errors import ServiceError
 from sevlaunch.ownerdb import is_postgres_url
@@ -69,6 +73,9 @@ DEFAULT_LISTEN = "0.0.0.0:50053"
 DEFAULT_METRICS_LISTEN = "0.0.0.0:9103"
 DEFAULT_REFVALUES_INTERVAL = 300.0
 DEFAULT_CHECKPOINT_INTERVAL = 300.0
+#: Threads running the core's calls (each blocks on its store's reads and the group commit): enough that
+#: a commit's fsync finds the next batch already queued, few enough that they do not fight for the GIL.
+DEFAULT_CORE_THREADS = 16
 
 
 class ConfigError(StartupError):
@@ -92,6 +99,9 @@ class OwnerConfig:
     health_listen: str | None = None
     grace: float = DEFAULT_GRACE_SECONDS
     checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL
+    #: This process's index among `--workers` (0 when there is one): only worker 0 polls reference values.
+    worker_index: int = 0
+    core_threads: int = DEFAULT_CORE_THREADS
     # SEV-SNP: the guest port and what the init data names.
     guest_listen: str | None = None
     guest_endpoint: str | None = None
@@ -330,7 +340,7 @@ def build_app(config: OwnerConfig) -> OwnerApp:
         return core.import_reference_values(f"poller:{url}", envelope, url)[1]
 
     poller = None
-    if config.refvalues_urls:
+    if config.refvalues_urls and config.worker_index == 0:
         poller = RefValuesPoller(
             config.refvalues_urls, interval=config.refvalues_interval, importer=import_polled
         )
@@ -399,6 +409,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--session-ttl", type=float, default=DEFAULT_SESSION_TTL, help="session lifetime, seconds")
     p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="owner processes sharing the --listen port (SO_REUSEPORT); worker i serves metrics on the "
+        "--metrics-listen port + i",
+    )
+    p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--core-threads",
+        type=int,
+        default=DEFAULT_CORE_THREADS,
+        help="threads running the core's calls in each process",
+    )
+    p.add_argument(
         "--audit-checkpoint-interval",
         type=float,
         default=DEFAULT_CHECKPOINT_INTERVAL,
@@ -450,6 +474,8 @@ def config_from_args(args: argparse.Namespace) -> OwnerConfig:
         refvalues_interval=args.refvalues_interval,
         session_ttl=args.session_ttl,
         checkpoint_interval=args.audit_checkpoint_interval,
+        worker_index=args.worker_index,
+        core_threads=args.core_threads,
         guest_listen=args.guest_listen,
         guest_endpoint=args.guest_endpoint,
         guest_tls_cert=_path(args.guest_tls_cert),
@@ -462,6 +488,10 @@ def config_from_args(args: argparse.Namespace) -> OwnerConfig:
         guest_global_rate=args.guest_global_rate,
         guest_global_burst=args.guest_global_burst,
     )
+    if not 1 <= config.core_threads <= 256:
+        raise ConfigError("--core-threads must be 1..256")
+    if not 1 <= args.workers <= MAX_WORKERS:
+        raise ConfigError(f"--workers must be 1..{MAX_WORKERS}")
     if not 1 <= config.checkpoint_interval <= 86400:
         raise ConfigError("--audit-checkpoint-interval must be 1..86400 seconds")
     if not 1 <= config.session_ttl <= 86400:
@@ -472,6 +502,9 @@ def config_from_args(args: argparse.Namespace) -> OwnerConfig:
 
 
 async def _serve(config: OwnerConfig) -> None:
+    asyncio.get_running_loop().set_default_executor(
+        concurrent.futures.ThreadPoolExecutor(config.core_threads, thread_name_prefix="owner-core")
+    )
     app = build_app(config)
     await app.start()
     try:
@@ -480,8 +513,49 @@ async def _serve(config: OwnerConfig) -> None:
         await app.stop()
 
 
+def _prepare_workers(config: OwnerConfig) -> None:
+    """What the workers must not race on, done once: the KEK file, the store's migration and its check."""
+    _, _, port = config.listen.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        raise ConfigError("--workers needs a fixed --listen port, which every worker shares")
+    if config.guest_listen is not None:
+        _, _, guest_port = config.guest_listen.rpartition(":")
+        if not guest_port.isdigit() or int(guest_port) == 0:
+            raise ConfigError("--workers needs a fixed --guest-listen port, which every worker shares")
+    try:
+        kek = KeyEncryptionKey.from_file(config.kek_file, create=config.create_kek)
+    except KEKFileError as exc:
+        raise ConfigError(str(exc)) from None
+    store = open_store(config.db, audit_mac_key=kek.audit_key)
+    try:
+        store.check_integrity()
+    except StoreError as exc:
+        raise ConfigError(f"--db {_shown(config.db)}: {_message(exc)}") from None
+    finally:
+        store.close()
+
+
+async def _run(args: argparse.Namespace, argv: Sequence[str], supervisor: list[str]) -> None:
+    config = config_from_args(args)
+    if args.workers == 1:
+        await _serve(config)
+        return
+    _prepare_workers(config)
+    argvs = [worker_argv(argv, args, i) for i in range(args.workers)]
+    supervisor[:] = supervisor_argv(argvs, config.grace)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return server_main(build_parser(), argv, lambda args: _serve(config_from_args(args)))
+    given = list(sys.argv[1:] if argv is None else argv)
+    supervisor: list[str] = []
+    status = server_main(build_parser(), given, lambda args: _run(args, given, supervisor))
+    if status or not supervisor:
+        return status
+    # --workers: prepared; stderr is the process's own again (server_main restored it). The supervisor
+    # takes this pid, with nothing of the owner loaded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(supervisor[0], supervisor)  # noqa: S606 - this interpreter and our module, no shell
 
 
 if __name__ == "__main__":

@@ -36,6 +36,15 @@ class PrometheusOwnerMetrics:
             buckets=_BUCKETS,
             registry=registry,
         )
+        self.chain_lookups = Counter(
+            "sevlaunch_owner_chain_cache_lookups",
+            "OpenSession chain lookups in the verified-chain cache, by result (hit, miss)",
+            ["result"],
+            registry=registry,
+        )
+        self._chain_hit = self.chain_lookups.labels("hit")
+        self._chain_miss = self.chain_lookups.labels("miss")
+
         self.snp_authorizations = Counter(
             "sevlaunch_owner_snp_authorizations",
             "AuthorizeSnpLaunch decisions, by outcome (allowed, refused) and reason",
@@ -72,6 +81,9 @@ class PrometheusOwnerMetrics:
 
     def observe(self, step: str, seconds: float) -> None:
         self.verification.labels(step).observe(seconds)
+
+    def chain_cache(self, *, hit: bool) -> None:
+        (self._chain_hit if hit else self._chain_miss).inc()
 
     def snp_authorization(self, outcome: str, reason: str) -> None:
         self.snp_authorizations.labels(outcome, reason).inc()

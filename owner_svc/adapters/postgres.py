@@ -23,6 +23,7 @@ from psycopg import conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from owner_svc.adapters.dialect import MIGRATION_LOCK, POSTGRES, Dialect
+from owner_svc.adapters.groupcommit import DEFAULT_MAX_BATCH, Job, Outcome
 from owner_svc.adapters.schema import SCHEMA_VERSION
 from owner_svc.adapters.sqlstore import SqlStore
 from owner_svc.core.ports import (
@@ -147,6 +148,30 @@ class PostgresDatabase:
         except (psycopg.Error, PoolTimeout) as exc:
             raise self.translate(exc) from None
 
+    def write_batch(self, jobs: Sequence[Job], *, first: Callable[[_Tx], object]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                tx = _Tx(conn)
+                first(tx)
+                for job in jobs:
+                    try:
+                        with conn.transaction():  # a savepoint: a failing job is rolled back alone
+                            value = job(tx)
+                    except Exception as exc:  # the job's caller gets it
+                        if conn.broken or isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+                            raise  # the connection is gone, and the batch with it
+                        outcomes.append(
+                            (False, self.translate(exc) if isinstance(exc, psycopg.Error) else exc)
+                        )
+                    else:
+                        outcomes.append((True, value))
+                if self.before_commit is not None:
+                    self.before_commit()
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise self.translate(exc) from None
+        return outcomes
+
     @contextmanager
     def read(self, *, snapshot: bool = False) -> Iterator[_Tx]:
         try:
@@ -178,6 +203,7 @@ class PostgresStore(SqlStore):
         min_connections: int = 1,
         max_connections: int = 16,
         connect_timeout: float = 10.0,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
         db = PostgresDatabase(
             dsn,
@@ -185,4 +211,4 @@ class PostgresStore(SqlStore):
             max_connections=max_connections,
             connect_timeout=connect_timeout,
         )
-        super().__init__(db, audit_mac_key=audit_mac_key, clock=clock)
+        super().__init__(db, audit_mac_key=audit_mac_key, clock=clock, max_batch=max_batch)

@@ -11,6 +11,8 @@ Faults: every `sqlite3` exception leaves as a `StoreError` (a full disk or an I/
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 import time
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from owner_svc.adapters.dialect import SQLITE, Dialect
+from owner_svc.adapters.groupcommit import DEFAULT_MAX_BATCH, Job, Outcome
 from owner_svc.adapters.schema import SCHEMA_VERSION
 from owner_svc.adapters.sqlstore import SqlStore
 from owner_svc.core.ports import (
@@ -87,6 +90,11 @@ class SQLiteDatabase:
         # hands over at once; BEGIN IMMEDIATE still serialises against other processes on the file.
         self._write_lock = threading.Lock()
         self._max_pages: int | None = None
+        # Owner processes on one file (`--workers`) queue on a file lock the same way, before BEGIN
+        # IMMEDIATE: the kernel wakes the next one as the lock is released, where SQLite's busy handler
+        # would sleep. A file of its own, never the database: closing any descriptor of the database
+        # would drop SQLite's own POSIX locks on it.
+        self._lock_fd: int | None = None
         # close() waits for the reads and writes under way: closing a connection another thread is using
         # crashes the sqlite3 module (a late call after a test's or the server's shutdown did).
         self._users = 0
@@ -157,8 +165,28 @@ class SQLiteDatabase:
         return cap
 
     @contextmanager
+    def _processes_lock(self) -> Iterator[None]:
+        """Between owner processes on this file (the caller holds `_write_lock`)."""
+        name = self.path
+        if name in ("", ":memory:") or name.startswith("file:"):
+            yield
+            return
+        if self._lock_fd is None:
+            try:
+                self._lock_fd = os.open(
+                    name + "-owner-lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+                )
+            except OSError as exc:
+                raise StoreUnavailable(f"the owner's store cannot be used: {exc.strerror or exc}") from None
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    @contextmanager
     def write(self) -> Iterator[_Tx]:
-        with self._use() as conn, self._write_lock:
+        with self._use() as conn, self._write_lock, self._processes_lock():
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -171,6 +199,39 @@ class SQLiteDatabase:
                         _rollback(conn)
             except sqlite3.Error as exc:
                 raise translate(exc) from None
+
+    def write_batch(self, jobs: Sequence[Job], *, first: Callable[[_Tx], object]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        with self._use() as conn, self._write_lock, self._processes_lock():
+            tx = _Tx(conn)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    first(tx)
+                    for job in jobs:
+                        conn.execute("SAVEPOINT job")
+                        try:
+                            value = job(tx)
+                        except Exception as exc:  # the job's caller gets it
+                            if not conn.in_transaction:
+                                # SQLite rolled the whole transaction back (some I/O errors, a full
+                                # disk): the jobs before this one are gone too, the batch fails.
+                                raise
+                            conn.execute("ROLLBACK TO job")
+                            conn.execute("RELEASE job")
+                            outcomes.append(
+                                (False, translate(exc) if isinstance(exc, sqlite3.Error) else exc)
+                            )
+                        else:
+                            conn.execute("RELEASE job")
+                            outcomes.append((True, value))
+                    conn.execute("COMMIT")
+                finally:
+                    if conn.in_transaction:
+                        _rollback(conn)
+            except sqlite3.Error as exc:
+                raise translate(exc) from None
+        return outcomes
 
     @contextmanager
     def read(self, *, snapshot: bool = False) -> Iterator[_Tx]:
@@ -201,6 +262,10 @@ class SQLiteDatabase:
                 conn.close()
             self._connections.clear()
         self._local = threading.local()
+        with self._write_lock:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
@@ -217,6 +282,7 @@ class SQLiteStore(SqlStore):
         *,
         audit_mac_key: bytes | None,
         clock: Callable[[], float] = time.time,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
         self.path = str(path)
-        super().__init__(SQLiteDatabase(path), audit_mac_key=audit_mac_key, clock=clock)
+        super().__init__(SQLiteDatabase(path), audit_mac_key=audit_mac_key, clock=clock, max_batch=max_batch)

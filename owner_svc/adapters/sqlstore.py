@@ -2,12 +2,17 @@
 
 A `Database` (sqlite.py, postgres.py) gives transactions and raises only the core's `StoreError`s; its
 `Dialect` renders the schema and these queries. Guarantees, for both:
-* Every decision's write and its audit record are one transaction: nothing is stored without its record,
-  and no record is kept for a write that was rolled back.
+* Every decision's write and its audit record are one transaction (or one savepoint of a group commit,
+  below): nothing is stored without its record, and no record is kept for a write that was rolled back.
+* The commit path (a session opened or finished, a refusal's audit record) goes through a group commit
+  (`groupcommit.py`): concurrent calls' writes share one transaction and one durable COMMIT, each in its
+  own savepoint, and no call returns before the COMMIT of its write.
 * A session leaves OPEN by one conditional UPDATE (`WHERE state = 'open' AND expires_at > now`): SQLite's
-  write lock, or PostgreSQL's row lock and READ COMMITTED re-check, lets exactly one caller win.
+  write lock, or PostgreSQL's row lock and READ COMMITTED re-check, lets exactly one caller win (within a
+  batch, the second finds the row the first already moved).
 * "Read the head, append the next record" runs under the head row's lock (SQLite: BEGIN IMMEDIATE;
-  PostgreSQL: SELECT ... FOR UPDATE), taken last by every writer: the chain never forks, no deadlock.
+  PostgreSQL: SELECT ... FOR UPDATE): the chain never forks. The other writers take it last; a group
+  commit takes it first, then only session rows, which no other writer locks: no deadlock.
 * The head carries a MAC under the audit key. Each append checks it, and that the head has not moved
   back below the highest this process has seen; `check_integrity` (at start) checks the database, the
   head and the chain's tail. A damaged log is `StoreCorrupt`: the owner appends nothing more to it.
@@ -20,9 +25,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from owner_svc.adapters.dialect import Dialect, Tx
+from owner_svc.adapters.groupcommit import DEFAULT_MAX_BATCH, GroupCommit, Job, Outcome
 from owner_svc.adapters.rows import audit_record_from_row, session_from_row
 from owner_svc.adapters.schema import MIGRATIONS, SCHEMA_VERSION, SESSION_COLUMNS, MacHead, MacWorkloads
 from owner_svc.adapters.snpstore import SnpSqlStore
@@ -56,6 +62,8 @@ _SELECT_SESSIONS = f"SELECT {SESSION_COLUMNS} FROM sessions"  # noqa: S608
 _INSERT_SESSION = f"INSERT INTO sessions ({SESSION_COLUMNS}) VALUES ({', '.join('?' * 15)})"  # noqa: S608
 _SELECT_AUDIT = f"SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > ? ORDER BY seq LIMIT ?"  # noqa: S608
 
+T = TypeVar("T")
+
 
 class Database(Protocol):
     dialect: Dialect
@@ -66,6 +74,13 @@ class Database(Protocol):
 
     def read(self, *, snapshot: bool = False) -> AbstractContextManager[Tx]:
         """Reads; with `snapshot`, all in one consistent snapshot."""
+        ...
+
+    def write_batch(self, jobs: Sequence[Job], *, first: Callable[[Tx], object]) -> list[Outcome]:
+        """One write transaction for several jobs: `first`, then each job in its own savepoint (a job
+        that raises is rolled back alone; its outcome is its error, as a StoreError where it came from
+        the driver), then one COMMIT. Raises a StoreError, with nothing committed (or the outcome of a
+        lost COMMIT unknown), when the transaction as a whole failed."""
         ...
 
     def close(self) -> None: ...
@@ -84,7 +99,12 @@ class AuditLogDamaged(StoreCorrupt):
 
 class SqlStore(SnpSqlStore):
     def __init__(
-        self, db: Database, *, audit_mac_key: bytes | None, clock: Callable[[], float] = time.time
+        self,
+        db: Database,
+        *,
+        audit_mac_key: bytes | None,
+        clock: Callable[[], float] = time.time,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
         self.db = db
         self._d = db.dialect
@@ -93,12 +113,16 @@ class SqlStore(SnpSqlStore):
         # The highest head this process wrote or verified: the head never goes below it.
         self._highest_seq = 0
         self._seen_lock = threading.Lock()
+        self._verified_workloads: set[tuple[str, str, object]] = set()
         self._local = threading.local()
         try:
             self.migrate()
         except BaseException:
             db.close()
             raise
+        # The commit path (sessions and their audit records, refusals' audit records): concurrent
+        # calls' writes share one transaction and one durable COMMIT (groupcommit.py).
+        self._group = GroupCommit(self._run_batch, max_batch=max_batch)
 
     def _q(self, sql: str) -> str:
         return self._d.sql(sql)
@@ -112,7 +136,31 @@ class SqlStore(SnpSqlStore):
             return tx.execute(self._q(sql), params).fetchall()
 
     def close(self) -> None:
+        self._group.close()
         self.db.close()
+
+    @property
+    def group_commit(self) -> GroupCommit:
+        return self._group
+
+    def _run_batch(self, jobs: Sequence[Job]) -> list[Outcome]:
+        # The audit head's row lock first: every batch appends, and taking it before any session row
+        # keeps one lock order between batches of several replicas (no deadlock).
+        return self.db.write_batch(jobs, first=lambda tx: self._read_head(tx, lock=True))
+
+    def _commit(self, write: Callable[[Tx], T]) -> T:
+        """Runs `write` in the next group commit; returns once it is durable. Notes the audit head it
+        reached only then, as `_write` does."""
+
+        def job(tx: Tx) -> tuple[T, int]:
+            self._local.appended = 0
+            result = write(tx)
+            return result, self._local.appended
+
+        result, appended = self._group.submit(job)
+        if appended:
+            self._saw(appended)
+        return result
 
     # ------------------------------------------------------------------------------- schema
 
@@ -243,8 +291,7 @@ class SqlStore(SnpSqlStore):
         return Checkpoint(seq, digest, mac)
 
     def append_audit(self, event: AuditEvent) -> None:
-        with self._write() as tx:
-            self._append_audit(tx, event)
+        self._commit(lambda tx: self._append_audit(tx, event))
 
     def audit_records(self, after_seq: int, limit: int) -> Sequence[AuditRecord]:
         return [audit_record_from_row(r) for r in self._all(_SELECT_AUDIT, (after_seq, limit))]
@@ -288,12 +335,26 @@ class SqlStore(SnpSqlStore):
             return None
         config_json = str(row[0])
         key = self._audit_mac_key
-        if key is not None and not workload_mac_ok(key, workload_id, config_json, row[1]):
+        if key is not None and not self._workload_mac_ok(key, workload_id, config_json, row[1]):
             raise StoreCorrupt(
                 f"workload {workload_id!r} was changed outside the owner (its MAC does not verify): "
                 "put it again with `sevlaunch owner workload put` once the database is trusted"
             )
         return config_json
+
+    def _workload_mac_ok(self, key: bytes, workload_id: str, config_json: str, mac: object) -> bool:
+        # Every OpenSession and release reads its workload's row: a row whose exact (id, text, MAC)
+        # verified once verifies again, so it is remembered (bounded; any changed byte is a new entry).
+        seen = (workload_id, config_json, mac)
+        if seen in self._verified_workloads:
+            return True
+        if not workload_mac_ok(key, workload_id, config_json, mac):
+            return False
+        with self._seen_lock:
+            if len(self._verified_workloads) >= 256:
+                self._verified_workloads.clear()
+            self._verified_workloads.add(seen)
+        return True
 
     def put_secret(self, workload_id: str, sealed: bytes, event: AuditEvent) -> None:
         with self._write() as tx:
@@ -413,7 +474,7 @@ class SqlStore(SnpSqlStore):
     # ----------------------------------------------------------------------------- sessions
 
     def insert_session(self, record: SessionRecord, event: AuditEvent) -> None:
-        with self._write() as tx:
+        def write(tx: Tx) -> None:
             tx.execute(
                 self._q(_INSERT_SESSION),
                 (
@@ -436,6 +497,8 @@ class SqlStore(SnpSqlStore):
             )
             self._append_audit(tx, event)
 
+        self._commit(write)
+
     def get_session(self, session_id: str) -> SessionRecord | None:
         row = self._one(_SELECT_SESSIONS + " WHERE session_id = ?", (session_id,))
         return None if row is None else session_from_row(row)
@@ -451,7 +514,7 @@ class SqlStore(SnpSqlStore):
         reason: str,
         event: AuditEvent,
     ) -> bool:
-        with self._write() as tx:
+        def write(tx: Tx) -> bool:
             # The WHERE clause is the whole guarantee: only an OPEN (and, for a release, unexpired)
             # session moves. Concurrent updaters of the row wait for the first (SQLite's write lock,
             # PostgreSQL's row lock) and then match nothing. Expiry is compared with `now` always; a
@@ -473,7 +536,9 @@ class SqlStore(SnpSqlStore):
             if moved != 1:
                 return False
             self._append_audit(tx, event)
-        return True
+            return True
+
+        return self._commit(write)
 
     def list_sessions(self, workload_id: str, limit: int) -> Sequence[SessionRecord]:
         if workload_id:

@@ -6,6 +6,7 @@ the same rules hold: validate first, audit every change.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -62,6 +63,14 @@ class WorkloadSummary:
     accepted_sev_es: int
 
 
+@functools.lru_cache(maxsize=256)
+def _parsed_workload(config_json: str) -> Workload:
+    """A stored workload's configuration, parsed once per exact text: every OpenSession and release
+    reads the row again (another replica may have changed it), but the same text parses to the same
+    immutable `Workload`."""
+    return Workload.from_json(config_json)
+
+
 class OwnerAdmin:
     """The admin calls of `OwnerCore`, which provides these attributes and `sync_reference_values`."""
 
@@ -79,7 +88,7 @@ class OwnerAdmin:
 
     def _workload_or_none(self, workload_id: str) -> Workload | None:
         text = self.store.get_workload(workload_id)
-        return None if text is None else Workload.from_json(text)
+        return None if text is None else _parsed_workload(text)
 
     def get_workload(self, workload_id: str) -> Workload:
         check_workload_id(workload_id)

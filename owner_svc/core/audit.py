@@ -8,17 +8,21 @@ the head (last seq and hash), so edits, deletions and a truncated tail all show.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict
+from dataclasses import fields
 
 from owner_svc.core.model import AuditEvent, AuditRecord
 from sevlaunch import audit
 
+#: AuditEvent's fields, all text: a flat dict of them is what `dataclasses.asdict` gives, without its
+#: recursive deep copy (a tenth of an audit append's time).
+_EVENT_FIELDS = tuple(f.name for f in fields(AuditEvent))
+
 
 def canonical_record(seq: int, time: float, event: AuditEvent, prev_hash: str) -> str:
-    fields = asdict(event)
-    if not fields["launch_id"]:
-        del fields["launch_id"]  # records from before launch ids keep their canonical text and hash
-    return audit.canonical_record(seq, time, fields, prev_hash)
+    flat = {name: getattr(event, name) for name in _EVENT_FIELDS}
+    if not flat["launch_id"]:
+        del flat["launch_id"]  # records from before launch ids keep their canonical text and hash
+    return audit.canonical_record(seq, time, flat, prev_hash)
 
 
 def parse_canonical(canonical: str) -> tuple[int, float, AuditEvent, str]:

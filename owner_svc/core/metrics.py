@@ -18,6 +18,10 @@ class Metrics(Protocol):
 
     def observe(self, step: str, seconds: float) -> None: ...
 
+    def chain_cache(self, *, hit: bool) -> None:
+        """An OpenSession's chain was found verified in the cache (hit), or is verified in full."""
+        ...
+
     def snp_authorization(self, outcome: str, reason: str) -> None:
         """An AuthorizeSnpLaunch decision: outcome "allowed" (reason "") or "refused"."""
         ...
@@ -47,6 +51,9 @@ class NullMetrics:
         pass
 
     def observe(self, step: str, seconds: float) -> None:
+        pass
+
+    def chain_cache(self, *, hit: bool) -> None:
         pass
 
     def snp_authorization(self, outcome: str, reason: str) -> None:

@@ -23,6 +23,13 @@ from datetime import UTC, datetime
 from typing import NoReturn
 
 from owner_svc.core.admin import OwnerAdmin, SessionView, WorkloadSummary
+from owner_svc.core.chaincache import (
+    DEFAULT_CAPACITY,
+    CachedChain,
+    TrustConfig,
+    VerifiedChainCache,
+    chain_key,
+)
 from owner_svc.core.metrics import Metrics, NullMetrics
 from owner_svc.core.model import (
     AuditEvent,
@@ -125,24 +132,19 @@ class OwnerCore(OwnerAdmin, OwnerSnp):
         session_ttl: float = DEFAULT_SESSION_TTL,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        chain_cache_size: int = DEFAULT_CAPACITY,
         launch_id: Callable[[], str | None] = lambda: None,
         snp: SnpSettings | None = None,
     ) -> None:
         self._launch_id = launch_id
         if not 1 <= session_ttl <= MAX_SESSION_TTL:
             raise ValueError(f"session TTL must be 1..{MAX_SESSION_TTL:.0f} seconds")
-        for root in extra_roots:
-            # An extra root named like an AMD generation would let a workload allowing "milan" accept
-            # whatever that root signs: only AMD's own ARK may carry an AMD generation name.
-            if root.generation is None and root.name in AMD_GENERATIONS:
-                raise ValueError(
-                    f"extra trust root {root.name!r} is named like an AMD generation but its ARK is not "
-                    "AMD's: give it another name"
-                )
         self.store = store
         self.sealer = sealer
         self.refvalues = refvalues
-        self.extra_roots = tuple(extra_roots)
+        self._chains = VerifiedChainCache(chain_cache_size)
+        self._trust_lock = threading.Lock()
+        self._trust = _trust_config(extra_roots)
         self.session_ttl = session_ttl
         self.metrics: Metrics = metrics or NullMetrics()
         self.clock = clock
@@ -153,6 +155,56 @@ class OwnerCore(OwnerAdmin, OwnerSnp):
         self._refvalues_generation: int | None = None
         self._refvalues_lock = threading.Lock()
         self._refvalues_failed: set[str] = set()
+
+    # ---------------------------------------------------------------------------- trust roots
+
+    @property
+    def extra_roots(self) -> tuple[TrustedRoot, ...]:
+        return self._trust.extra_roots
+
+    def set_extra_roots(self, extra_roots: Sequence[TrustedRoot]) -> None:
+        """Replaces the roots trusted besides AMD's pinned ones (one added, removed or revoked): from the
+        next OpenSession on, every chain is verified again under the new set."""
+        trust = _trust_config(extra_roots)
+        with self._trust_lock:
+            self._trust = trust
+            # Every key names the configuration it was verified under, so no old entry could match
+            # now; clearing frees them at once rather than as they age out.
+            self._chains.clear()
+        log.info("trust roots replaced", extra={"extra_roots": [r.name for r in trust.extra_roots]})
+
+    def _cached_chain(self, chain_in: ChainInput) -> tuple[CachedChain | None, CertificateChain, _Lookup]:
+        """(the cached verification or None, the parsed chain, how to remember a verification).
+        Parsing raises on malformed input, before any decision."""
+        trust = self._trust
+        key = chain_key(
+            trust.digest,
+            (chain_in.pdh, chain_in.pek, chain_in.oca, chain_in.cek, chain_in.ask, chain_in.ark),
+        )
+        cached = self._chains.get(key)
+        self.metrics.chain_cache(hit=cached is not None)
+        if cached is not None:
+            return cached, cached.chain, _Lookup(key, trust)
+        chain = CertificateChain.from_parts(
+            pdh=chain_in.pdh,
+            pek=chain_in.pek,
+            oca=chain_in.oca,
+            cek=chain_in.cek,
+            ask=chain_in.ask,
+            ark=chain_in.ark,
+        )
+        return None, chain, _Lookup(key, trust)
+
+    def _verify(self, chain: CertificateChain, lookup: _Lookup) -> CachedChain:
+        """Verifies in full against the trust configuration the lookup was made under (raises
+        VerificationFailed or Unsupported), and remembers the outcome if that configuration is still
+        in force."""
+        verified = verify_chain(chain, extra_roots=lookup.trust.extra_roots)
+        entry = CachedChain(chain, verified.root_name, verified.generation, verified.cek_fingerprint)
+        with self._trust_lock:
+            if self._trust is lookup.trust:
+                self._chains.put(lookup.key, entry)
+        return entry
 
     # ------------------------------------------------------------------------- reference values
 
@@ -193,14 +245,7 @@ class OwnerCore(OwnerAdmin, OwnerSnp):
         # 1. Parse: malformed input raises before any decision and writes nothing.
         check_workload_id(workload_id)
         guest_policy = check_policy(policy)
-        chain = CertificateChain.from_parts(
-            pdh=chain_in.pdh,
-            pek=chain_in.pek,
-            oca=chain_in.oca,
-            cek=chain_in.cek,
-            ask=chain_in.ask,
-            ark=chain_in.ark,
-        )
+        cached, chain, lookup = self._cached_chain(chain_in)
         # The CEK fingerprint is only an identifier for the audit log here; it is trusted after verification.
         event = AuditEvent(
             actor=caller,
@@ -222,13 +267,17 @@ class OwnerCore(OwnerAdmin, OwnerSnp):
         workload = self._workload_or_none(workload_id)
         if workload is None:
             raise refuse(NotFound(Reason.UNKNOWN_WORKLOAD, f"no workload {workload_id!r}"))
-        started = time.perf_counter()
-        try:
-            verified = verify_chain(chain, extra_roots=self.extra_roots)
-        except (VerificationFailed, Unsupported) as exc:
-            raise refuse(exc) from None
-        finally:
-            self.metrics.observe("chain", time.perf_counter() - started)
+        if cached is None:
+            # Never seen under this trust configuration (or evicted): verified in full, every link.
+            started = time.perf_counter()
+            try:
+                verified = self._verify(chain, lookup)
+            except (VerificationFailed, Unsupported) as exc:
+                raise refuse(exc) from None
+            finally:
+                self.metrics.observe("chain", time.perf_counter() - started)
+        else:
+            verified = cached
         generation = _generation_of(verified.generation, verified.root_name)
         refusal = _generation_refusal(workload, generation)
         if refusal is not None:
@@ -516,6 +565,26 @@ class OwnerCore(OwnerAdmin, OwnerSnp):
         return table
 
     # ------------------------------------------------------------------------------------ admin
+
+
+@dataclass(frozen=True)
+class _Lookup:
+    """A chain's cache key and the trust configuration it was made under."""
+
+    key: bytes
+    trust: TrustConfig
+
+
+def _trust_config(extra_roots: Sequence[TrustedRoot]) -> TrustConfig:
+    for root in extra_roots:
+        # An extra root named like an AMD generation would let a workload allowing "milan" accept
+        # whatever that root signs: only AMD's own ARK may carry an AMD generation name.
+        if root.generation is None and root.name in AMD_GENERATIONS:
+            raise ValueError(
+                f"extra trust root {root.name!r} is named like an AMD generation but its ARK is not "
+                "AMD's: give it another name"
+            )
+    return TrustConfig.of(extra_roots, AMD_GENERATIONS)
 
 
 def _generation_of(generation: Generation | None, root_name: str) -> str:

@@ -48,6 +48,14 @@ def test_bench_main_quick_json_keys() -> None:
     )
     data = json.loads(out.stdout)
     assert set(data) == {
+        "owner_physical_floor_pairs_per_s",
+        "owner_floor_ratio",
+        "owner_p50_ms_1",
+        "owner_p99_ms_1",
+        "owner_p50_ms_8",
+        "owner_p99_ms_8",
+        "owner_p50_ms_64",
+        "owner_p99_ms_64",
         "owner_throughput_ratio",
         "owner_pairs_per_s",
         "launch_overhead_ratio",
@@ -55,6 +63,8 @@ def test_bench_main_quick_json_keys() -> None:
         "launch_p99_ms",
         "exports_per_pdh",
         "digest_ratio",
+        "digest_core_ratio",
+        "digest_cli_vs_snp_measure",
         "scale_launches_per_s",
         "owner_peak_rss_mb",
         "owner_rss_growth_mb",
