@@ -4,7 +4,9 @@ What makes it an attested SEV launch (PROTOCOL.md section 9):
 * `<launchSecurity type='sev'>` with cbitpos and reducedPhysBits from the platform, the owner's policy,
   GODH (`dhCert`) and session blob (base64), and `kernelHashes='yes'` when a kernel is given, so QEMU
   measures the kernel, initrd and command line into the launch digest;
-* a stateless OVMF (`<loader type='rom' stateless='yes'>`, no NVRAM): only the measured image runs;
+* a read-only, stateless OVMF (`<loader readonly='yes' stateless='yes'>`, no `<nvram>`): only the
+  measured image runs. The loader type is the image's (`launcher_svc.core.loader`): `pflash` for a
+  split OVMF code image, `rom` (QEMU's `-bios`) for a combined one and for every SEV-SNP guest;
 * `<memoryBacking><locked/>`: encrypted pages cannot be swapped or moved;
 * virtio devices with `iommu='on'`, so they use bounce buffers in shared memory;
 * our own `<metadata>` element naming the launch, which lets the reconciler tell our domains apart;
@@ -30,6 +32,7 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
+from launcher_svc.core.loader import LoaderType
 from launcher_svc.core.spec import GuestSpec, validate_vcpu_type
 from sevlaunch.sev.technology import Technology
 
@@ -122,10 +125,17 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrib: str) -
 
 
 def build_domain_xml(
-    spec: GuestSpec, *, launch_id: str, domain_name: str, sev: SevLaunchParams | SnpLaunchParams
+    spec: GuestSpec,
+    *,
+    launch_id: str,
+    domain_name: str,
+    sev: SevLaunchParams | SnpLaunchParams,
+    loader: LoaderType,
 ) -> str:
     if isinstance(sev, SnpLaunchParams) != (spec.mode is Technology.SEV_SNP):
         raise ValueError(f"{type(sev).__name__} for a {spec.mode.value} guest")
+    if spec.mode is Technology.SEV_SNP and loader is not LoaderType.ROM:
+        raise ValueError("QEMU loads SEV-SNP firmware as a ROM only")
     dom = ET.Element("domain", {"type": "kvm"})
     _sub(dom, "name", domain_name)
     meta = _sub(dom, "metadata")
@@ -137,8 +147,9 @@ def build_domain_xml(
 
     os_el = _sub(dom, "os")
     _sub(os_el, "type", "hvm", arch="x86_64", machine="q35")
-    # Stateless, read-only firmware: no NVRAM store, so nothing unmeasured can change the boot.
-    _sub(os_el, "loader", spec.firmware_path, readonly="yes", type="rom", stateless="yes")
+    # Stateless, read-only firmware: no NVRAM store (no pflash unit 1), so nothing unmeasured can
+    # change the boot; the measurement covers exactly the image the loader names.
+    _sub(os_el, "loader", spec.firmware_path, readonly="yes", type=loader.value, stateless="yes")
     if spec.kernel_path is not None:
         _sub(os_el, "kernel", spec.kernel_path)
         if spec.initrd_path is not None:
@@ -229,6 +240,7 @@ class ParsedLaunch:
     dh_cert: bytes
     session: bytes
     cpu_model: str | None = None  # the pinned `<cpu><model>`, if any
+    loader_type: str | None = None  # `<loader type=...>`: "pflash" or "rom"
     # SEV-SNP (`sev` is False for these: no dhCert/session, no LAUNCH_MEASURE)
     snp: bool = False
     id_block: bytes = b""
@@ -263,6 +275,7 @@ def parse_domain_xml(xml: str) -> ParsedLaunch:
     sev = ls is not None and ls.get("type") == "sev"
     snp = ls is not None and ls.get("type") == "sev-snp"
     policy_text = _text(root, "launchSecurity/policy") if sev or snp else None
+    loader_el = root.find("os/loader")
     init_data = b""
     for entry in root.findall("sysinfo[@type='fwcfg']/entry"):
         if entry.get("name") == INIT_DATA_FW_CFG and entry.text:
@@ -281,6 +294,7 @@ def parse_domain_xml(xml: str) -> ParsedLaunch:
         dh_cert=_b64(_text(root, "launchSecurity/dhCert")) if sev else b"",
         session=_b64(_text(root, "launchSecurity/session")) if sev else b"",
         cpu_model=_text(root, "cpu/model"),
+        loader_type=loader_el.get("type") if loader_el is not None else None,
         snp=snp,
         id_block=_b64(_text(root, "launchSecurity/idBlock")) if snp else b"",
         id_auth=_b64(_text(root, "launchSecurity/idAuth")) if snp else b"",

@@ -13,6 +13,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launcher_svc.core.loader import LoaderType, choose_loader, loadable_problem
 from launcher_svc.core.reasons import LaunchReason
 from launcher_svc.core.spec import GuestSpec
 from sevlaunch.errors import FailedPrecondition, InvalidArgument
@@ -53,6 +54,7 @@ class FirmwareImage:
 class Preflight:
     firmware: FirmwareImage
     secret_area: SecretArea | None  # None only for a launch that asked to run without a secret
+    loader: LoaderType  # how QEMU loads the image (launcher_svc.core.loader)
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,11 @@ def read_firmware(path: str) -> FirmwareImage:
 def preflight(spec: GuestSpec, *, secret_gpa: int | None) -> Preflight:
     """What the firmware image allows for `spec`; `secret_gpa` is the configured `--secret-gpa`."""
     image = read_firmware(spec.firmware_path)
+    loader = choose_loader(image.data, spec.mode)
+    problem = loadable_problem(len(image.data), loader)
+    if problem is not None:
+        # QEMU would refuse it at start ("could not load PC BIOS"), after the domain was defined.
+        raise FailedPrecondition(LaunchReason.FIRMWARE_NOT_LOADABLE, problem)
     if spec.mode is Technology.SEV_SNP:
         return _preflight_snp(spec, image)
     ovmf = image.ovmf
@@ -91,11 +98,11 @@ def preflight(spec: GuestSpec, *, secret_gpa: int | None) -> Preflight:
         raise FailedPrecondition(LaunchReason.NO_SEV_ES_RESET_BLOCK, "the OVMF cannot boot SEV-ES guests")
     if ovmf.secret_area is not None:
         gpa, size = ovmf.secret_area
-        return Preflight(image, SecretArea(gpa, size, declared=True))
+        return Preflight(image, SecretArea(gpa, size, declared=True), loader)
     if secret_gpa is not None:
-        return Preflight(image, SecretArea(secret_gpa, DEFAULT_SECRET_AREA_SIZE, declared=False))
+        return Preflight(image, SecretArea(secret_gpa, DEFAULT_SECRET_AREA_SIZE, declared=False), loader)
     if spec.launch_without_secret:
-        return Preflight(image, None)
+        return Preflight(image, None, loader)
     raise FailedPrecondition(
         LaunchReason.NO_SECRET_AREA,
         "the OVMF declares no secret area and no secret guest physical address is configured",
@@ -118,7 +125,7 @@ def _preflight_snp(spec: GuestSpec, image: FirmwareImage) -> Preflight:
         raise FailedPrecondition(
             LaunchReason.NO_HASHES_TABLE, "an SEV-SNP kernel needs an OVMF with an SNP_KERNEL_HASHES page"
         )
-    return Preflight(image, None)
+    return Preflight(image, None, LoaderType.ROM)
 
 
 def parse_godh(godh_cert: bytes) -> SEVCertificate:

@@ -239,6 +239,7 @@ class SnpFlow:
             rec.spec,
             launch_id=rec.launch_id,
             domain_name=rec.domain_name,
+            loader=pre.loader,
             sev=SnpLaunchParams(
                 cbitpos=caps.cbitpos,
                 reduced_phys_bits=caps.reduced_phys_bits,

@@ -415,6 +415,7 @@ class StepMachine:
             rec.spec,
             launch_id=rec.launch_id,
             domain_name=rec.domain_name,
+            loader=pre.loader,
             sev=SevLaunchParams(
                 cbitpos=caps.cbitpos,
                 reduced_phys_bits=caps.reduced_phys_bits,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from launcher_svc.adapters.libvirt_backend import LibvirtHypervisor
 from launcher_svc.core.domain_xml import SevLaunchParams, build_domain_xml, domain_name_for
+from launcher_svc.core.loader import LoaderType, choose_loader
 from launcher_svc.core.spec import PathPolicy, create_spec
 from sevlaunch.firmware import EmulatedFirmware
 from sevlaunch.realvirt.daemon import PrivateLibvirt, missing_binaries
@@ -26,8 +27,8 @@ from sevlaunch.sev.chain import CertificateChain, load_roots_file, verify_chain
 from sevlaunch.sev.session import LaunchSession, create_session
 from sevlaunch.sev.technology import Technology
 
-#: 2 MiB Debian OVMF: QEMU's -bios (libvirt's `<loader type='rom'>`) takes only images whose size is a
-#: multiple of 64 KiB, which OVMF_CODE_4M.fd (3.5 MiB minus 16 KiB) is not.
+#: Debian's split OVMF code images: both go on read-only pflash (`launcher_svc.core.loader`). The 4 MiB
+#: one (3.5 MiB minus 16 KiB) is the demo's default; as `-bios` QEMU would refuse it.
 OVMF_2M = Path("/usr/share/OVMF/OVMF_CODE.fd")
 OVMF_4M = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 CBITPOS = 51
@@ -40,8 +41,9 @@ def skip_reason() -> str | None:
         return "real libvirt/QEMU not installed: " + ", ".join(missing)
     if os.geteuid() != 0:
         return "a private root libvirtd in a mount namespace needs root"
-    if not OVMF_2M.is_file():
-        return f"no {OVMF_2M} (Debian package ovmf)"
+    for image in (OVMF_2M, OVMF_4M):
+        if not image.is_file():
+            return f"no {image} (Debian package ovmf)"
     return None
 
 
@@ -105,8 +107,10 @@ def domain_xml(
     mode: Technology = Technology.SEV,
     policy: int = POLICY,
     vcpu_type: str | None = None,
+    loader: LoaderType | None = None,
 ) -> tuple[str, str]:
-    """The launcher's own domain XML for one guest (256 MiB, one vCPU)."""
+    """The launcher's own domain XML for one guest (256 MiB, one vCPU); the loader is the one the
+    launcher's preflight chooses for the image unless `loader` forces another."""
     caps = hv.sev_capabilities()
     spec = create_spec(
         name=guest,
@@ -123,4 +127,6 @@ def domain_xml(
     sev = SevLaunchParams(
         caps.cbitpos, caps.reduced_phys_bits, policy, session.godh.to_bytes(), session.blob.to_bytes()
     )
-    return name, build_domain_xml(spec, launch_id=launch_id, domain_name=name, sev=sev)
+    if loader is None:
+        loader = choose_loader(firmware.read_bytes(), mode)
+    return name, build_domain_xml(spec, launch_id=launch_id, domain_name=name, sev=sev, loader=loader)

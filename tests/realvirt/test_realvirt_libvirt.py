@@ -11,6 +11,7 @@ console, and the chip's guest count after destroy.
 from __future__ import annotations
 
 import base64
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from realvirt_fixture import (
 )
 
 from launcher_svc.adapters.libvirt_backend import LibvirtHypervisor
+from launcher_svc.core.loader import LoaderType, choose_loader
 from launcher_svc.core.preflight import FirmwareImage, SecretArea, read_firmware
 from sevlaunch.errors import FailedPrecondition, ServiceError
 from sevlaunch.firmware import FirmwareError, StatusCode
@@ -43,9 +45,13 @@ from sevlaunch.sev.technology import Technology
 pytestmark = pytest.mark.realvirt
 
 
-def _firmware() -> FirmwareImage:
+def _firmware(image: Path = OVMF_2M) -> FirmwareImage:
     # The libvirt backend hands QEMU the loader the domain XML names; this is what preflight read of it.
-    return read_firmware(str(OVMF_2M))
+    return read_firmware(str(image))
+
+
+#: Both of Debian's split code images, each on read-only pflash unit 0; the 4 MiB one is the demo's.
+IMAGES = pytest.mark.parametrize("image", [OVMF_4M, OVMF_2M], ids=["OVMF_CODE_4M", "OVMF_CODE_2M"])
 
 
 def _area() -> SecretArea:
@@ -68,16 +74,18 @@ def test_sev_capabilities_come_from_the_chip_through_libvirt(
     assert base64.b64decode(info["cpu0-id"]) == bytes(realvirt_host.chip.get_id())
 
 
+@IMAGES
 def test_attested_launch_boots_ovmf_with_the_secret_in_guest_ram(
-    realvirt_host: RealvirtHost, hv: LibvirtHypervisor
+    realvirt_host: RealvirtHost, hv: LibvirtHypervisor, image: Path
 ) -> None:
     chip = realvirt_host.chip
     guests_before = chip.platform_status().guest_count
     session = owner_session(realvirt_host)
-    name, xml = domain_xml(hv, session, OVMF_2M, "attested")
+    name, xml = domain_xml(hv, session, image, "attested")
+    assert 'type="pflash"' in xml and "<nvram" not in xml
 
     hv.define(xml)
-    hv.start_paused(name, _firmware())
+    hv.start_paused(name, _firmware(image))
     dom_state = libvirt.open(realvirt_host.uri)
     try:
         dom = dom_state.lookupByName(name)
@@ -85,7 +93,8 @@ def test_attested_launch_boots_ovmf_with_the_secret_in_guest_ram(
 
         info = hv.launch_security_info(name)
         measurement = LaunchMeasurement.from_bytes(info.measurement)
-        expected = launch_digest(OVMF_2M.read_bytes(), mode="sev")
+        # The owner's digest of the code image alone: QEMU measures pflash unit 0, and there is no unit 1.
+        expected = launch_digest(image.read_bytes(), mode="sev")
         matched = verify_measurement(
             session.keys.tik,
             measurement,
@@ -114,19 +123,20 @@ def test_attested_launch_boots_ovmf_with_the_secret_in_guest_ram(
     assert chip.platform_status().guest_count == guests_before
 
 
+@IMAGES
 def test_tampered_firmware_is_refused_by_the_owner_and_destroyed(
-    realvirt_host: RealvirtHost, hv: LibvirtHypervisor, tmp_path: Path
+    realvirt_host: RealvirtHost, hv: LibvirtHypervisor, tmp_path: Path, image: Path
 ) -> None:
     chip = realvirt_host.chip
     guests_before = chip.platform_status().guest_count
-    image = bytearray(OVMF_2M.read_bytes())
-    image[len(image) // 2] ^= 0x01
-    tampered = tmp_path / "OVMF_CODE-tampered.fd"
-    tampered.write_bytes(bytes(image))
+    data = bytearray(image.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    tampered = tmp_path / f"{image.stem}-tampered.fd"
+    tampered.write_bytes(bytes(data))
     session = owner_session(realvirt_host)
     name, xml = domain_xml(hv, session, tampered, "tampered")
     hv.define(xml)
-    hv.start_paused(name, _firmware())
+    hv.start_paused(name, _firmware(tampered))
     info = hv.launch_security_info(name)
     with pytest.raises(VerificationFailed):
         verify_measurement(
@@ -136,8 +146,18 @@ def test_tampered_firmware_is_refused_by_the_owner_and_destroyed(
             api_minor=info.api_minor,
             build_id=info.build_id,
             policy=info.policy,
-            launch_digests=[launch_digest(OVMF_2M.read_bytes(), mode="sev")],
+            launch_digests=[launch_digest(image.read_bytes(), mode="sev")],
         )
+    # What the chip measured is the tampered image's own digest: the stand-in read pflash unit 0's file.
+    assert verify_measurement(
+        session.keys.tik,
+        LaunchMeasurement.from_bytes(info.measurement),
+        api_major=info.api_major,
+        api_minor=info.api_minor,
+        build_id=info.build_id,
+        policy=info.policy,
+        launch_digests=[launch_digest(bytes(data), mode="sev")],
+    ) == launch_digest(bytes(data), mode="sev")
     assert chip.platform_status().guest_count == guests_before + 1
     assert hv.destroy(name) is True
     assert chip.platform_status().guest_count == guests_before
@@ -267,16 +287,17 @@ def test_a_session_for_another_chip_is_refused_at_launch_start(
     hv.destroy(name)
 
 
-def test_an_ovmf_image_qemu_cannot_map_as_bios_is_named(
+def test_the_4m_ovmf_qemu_refused_as_bios_launches_from_pflash(
     realvirt_host: RealvirtHost, hv: LibvirtHypervisor
 ) -> None:
-    """Debian's 4 MiB OVMF (3.5 MiB - 16 KiB) is not a multiple of 64 KiB, which QEMU's -bios (the
-    launcher's `<loader type='rom'>`) needs: VIR_ERR_INTERNAL_ERROR "could not load PC BIOS". The launch
-    context QEMU's SEV part had opened is gone again."""
-    if not OVMF_4M.is_file():
-        pytest.skip(f"no {OVMF_4M}")
+    """Debian's 4 MiB OVMF (3.5 MiB - 16 KiB) is not whole 64 KiB blocks: as `-bios` (`<loader
+    type='rom'>`, what the launcher used to write) real QEMU refuses it, VIR_ERR_INTERNAL_ERROR "could
+    not load PC BIOS", named firmware_not_loadable, and the launch context QEMU's SEV part had opened is
+    gone again. On read-only, stateless pflash (the launcher's choice for a split code image) the same
+    image starts paused, measures to the owner's digest and boots to OVMF's shell."""
     guests_before = realvirt_host.chip.platform_status().guest_count
-    name, xml = domain_xml(hv, owner_session(realvirt_host), OVMF_4M, "ovmf4m")
+    session = owner_session(realvirt_host)
+    name, xml = domain_xml(hv, session, OVMF_4M, "ovmf4m-rom", loader=LoaderType.ROM)
     hv.define(xml)
     conn = libvirt.open(realvirt_host.uri)
     try:
@@ -287,10 +308,43 @@ def test_an_ovmf_image_qemu_cannot_map_as_bios_is_named(
     finally:
         conn.close()
     with pytest.raises(FailedPrecondition) as typed:
-        hv.start_paused(name, _firmware())
+        hv.start_paused(name, _firmware(OVMF_4M))
     assert typed.value.reason == "firmware_not_loadable"
     assert realvirt_host.chip.platform_status().guest_count == guests_before
     hv.destroy(name)
+
+    assert choose_loader(OVMF_4M.read_bytes(), Technology.SEV) is LoaderType.PFLASH
+    name, xml = domain_xml(hv, session, OVMF_4M, "ovmf4m")
+    hv.define(xml)
+    hv.start_paused(name, _firmware(OVMF_4M))
+    info = hv.launch_security_info(name)
+    expected = launch_digest(OVMF_4M.read_bytes(), mode="sev")
+    assert (
+        verify_measurement(
+            session.keys.tik,
+            LaunchMeasurement.from_bytes(info.measurement),
+            api_major=info.api_major,
+            api_minor=info.api_minor,
+            build_id=info.build_id,
+            policy=info.policy,
+            launch_digests=[expected],
+        )
+        == expected
+    )
+    conn = libvirt.open(realvirt_host.uri)
+    try:
+        live = ET.fromstring(conn.lookupByName(name).XMLDesc(0))
+    finally:
+        conn.close()
+    # libvirt kept the loader as written and added no NVRAM store of its own.
+    loader = live.find("os/loader")
+    assert loader is not None and loader.text == str(OVMF_4M)
+    assert (loader.get("type"), loader.get("readonly"), loader.get("stateless")) == ("pflash", "yes", "yes")
+    assert live.find("os/nvram") is None
+    hv.resume(name)
+    realvirt_host.wait_serial(name, SHELL_BANNER)
+    assert hv.destroy(name) is True
+    assert realvirt_host.chip.platform_status().guest_count == guests_before
 
 
 def test_sev_es_needs_a_cpu_model_this_tcg_host_cannot_run(
