@@ -13,6 +13,7 @@ import pytest
 
 from launcher_svc.adapters.libvirt_backend import LibvirtHypervisor, check_cpu_model, libvirt_error
 from launcher_svc.core.domain_xml import SevLaunchParams, build_domain_xml
+from launcher_svc.core.loader import LoaderType
 from launcher_svc.core.ports import DomainState, LifecycleKind
 from launcher_svc.core.preflight import SecretArea, read_firmware
 from launcher_svc.core.spec import GuestSpec
@@ -47,6 +48,7 @@ def _xml(es: bool = False, vcpu_type: str | None = None) -> str:
         launch_id=LAUNCH_ID,
         domain_name="sl-fedcba987654-g",
         sev=SevLaunchParams(51, 1, spec.policy, b"\x01" * 0x824, b"\x02" * 128),
+        loader=LoaderType.PFLASH,
     )
 
 

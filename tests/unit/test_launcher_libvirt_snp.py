@@ -17,6 +17,7 @@ from launcher_svc.adapters.libvirt_backend import (
     snp_start_error,
 )
 from launcher_svc.core.domain_xml import SnpLaunchParams, build_domain_xml
+from launcher_svc.core.loader import LoaderType
 from launcher_svc.core.preflight import read_firmware
 from launcher_svc.core.reasons import LaunchReason
 from launcher_svc.core.spec import GuestSpec
@@ -43,7 +44,9 @@ def _snp_xml() -> str:
         vcpu_type="EPYC-v4",
     )
     params = SnpLaunchParams(51, 1, 0x30000, host_data=b"\x01" * 32)
-    return build_domain_xml(spec, launch_id="fedcba9876543210" * 2, domain_name=NAME, sev=params)
+    return build_domain_xml(
+        spec, launch_id="fedcba9876543210" * 2, domain_name=NAME, sev=params, loader=LoaderType.ROM
+    )
 
 
 def _names(hv: LibvirtHypervisor) -> set[str]:

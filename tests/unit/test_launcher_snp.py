@@ -22,6 +22,7 @@ from test_launcher_core import tick_until, until
 from launcher_svc.adapters.sqlite_store import LaunchStore
 from launcher_svc.core.domain_xml import SnpLaunchParams, build_domain_xml
 from launcher_svc.core.launcher import Launcher, LauncherConfig
+from launcher_svc.core.loader import LoaderType
 from launcher_svc.core.ports import AttestationState, AttestationVerdict, SnpAuthorization
 from launcher_svc.core.reasons import LaunchReason
 from launcher_svc.core.spec import GuestSpec, PathPolicy, create_spec
@@ -480,5 +481,9 @@ def test_a_restarted_launcher_destroys_the_snp_guest_it_was_waiting_for(tmp_path
 
 def _snp_domain(rec: LaunchRecord) -> str:
     return build_domain_xml(
-        rec.spec, launch_id=rec.launch_id, domain_name=rec.domain_name, sev=SnpLaunchParams(51, 1, SNP_POLICY)
+        rec.spec,
+        launch_id=rec.launch_id,
+        domain_name=rec.domain_name,
+        sev=SnpLaunchParams(51, 1, SNP_POLICY),
+        loader=LoaderType.ROM,
     )

@@ -25,6 +25,7 @@ from launcher_svc.core.domain_xml import (
     build_domain_xml,
     parse_domain_xml,
 )
+from launcher_svc.core.loader import LoaderType
 from launcher_svc.core.spec import DiskFormat, DiskSpec, GuestSpec
 from sevlaunch.sev.technology import Technology
 
@@ -95,7 +96,11 @@ CASES: dict[str, tuple[GuestSpec, SnpLaunchParams]] = {
 def _xml(case: str) -> str:
     spec, params = CASES[case]
     return build_domain_xml(
-        spec, launch_id="0123456789abcdef0123456789abcdef", domain_name=f"sl-0123456789ab-{case}", sev=params
+        spec,
+        launch_id="0123456789abcdef0123456789abcdef",
+        domain_name=f"sl-0123456789ab-{case}",
+        sev=params,
+        loader=LoaderType.ROM,
     )
 
 
@@ -201,7 +206,11 @@ def test_the_snp_domain_keeps_the_sev_hardening_and_round_trips(case: str) -> No
 def test_the_writer_never_writes_a_policy_the_schema_refuses(policy: int) -> None:
     spec, _ = CASES["authorised"]
     xml = build_domain_xml(
-        spec, launch_id="0" * 32, domain_name="sl-0-snp", sev=SnpLaunchParams(51, 1, policy)
+        spec,
+        launch_id="0" * 32,
+        domain_name="sl-0-snp",
+        sev=SnpLaunchParams(51, 1, policy),
+        loader=LoaderType.ROM,
     )
     text = ET.fromstring(xml).findtext("launchSecurity/policy") or ""
     assert HEXUINT.fullmatch(text) and int(text, 16) == policy
@@ -231,9 +240,27 @@ def test_snp_parameters_the_firmware_would_refuse_are_never_written(kw: dict[str
 def test_the_technology_and_the_parameters_must_agree() -> None:
     with pytest.raises(ValueError):
         build_domain_xml(
-            _spec(), launch_id="0" * 32, domain_name="d", sev=SevLaunchParams(51, 1, 3, b"", b"")
+            _spec(),
+            launch_id="0" * 32,
+            domain_name="d",
+            sev=SevLaunchParams(51, 1, 3, b"", b""),
+            loader=LoaderType.ROM,
         )
     with pytest.raises(ValueError):
         build_domain_xml(
-            _spec(mode=Technology.SEV, policy=3), launch_id="0" * 32, domain_name="d", sev=_params()
+            _spec(mode=Technology.SEV, policy=3),
+            launch_id="0" * 32,
+            domain_name="d",
+            sev=_params(),
+            loader=LoaderType.ROM,
         )
+
+
+def test_an_snp_domain_loads_its_firmware_as_a_rom_only() -> None:
+    """QEMU puts SNP firmware in guest_memfd-backed private memory, which read-only pflash memslots
+    cannot be: the writer refuses a pflash loader for an SNP guest rather than write a domain QEMU
+    would not start."""
+    spec, params = CASES["authorised"]
+    with pytest.raises(ValueError, match="ROM"):
+        build_domain_xml(spec, launch_id="0" * 32, domain_name="d", sev=params, loader=LoaderType.PFLASH)
+    assert parse_domain_xml(_xml("authorised")).loader_type == "rom"

@@ -17,6 +17,7 @@ from launcher_svc import server
 from launcher_svc.adapters import libvirt_errors
 from launcher_svc.adapters.libvirt_backend import without_locked_memory
 from launcher_svc.core.domain_xml import SevLaunchParams, build_domain_xml
+from launcher_svc.core.loader import LoaderType
 from launcher_svc.core.spec import PathPolicy, create_spec
 from sevlaunch.errors import FailedPrecondition, ResourceExhausted
 from sevlaunch.sev.technology import Technology
@@ -82,7 +83,11 @@ def test_without_locked_memory_drops_only_the_lock() -> None:
         paths=PathPolicy(("/usr/share/OVMF",)),
     )
     xml = build_domain_xml(
-        spec, launch_id="a" * 32, domain_name="sl-g", sev=SevLaunchParams(51, 1, 3, b"godh", b"session")
+        spec,
+        launch_id="a" * 32,
+        domain_name="sl-g",
+        sev=SevLaunchParams(51, 1, 3, b"godh", b"session"),
+        loader=LoaderType.PFLASH,
     )
     assert ET.fromstring(xml).find("memoryBacking/locked") is not None  # production keeps it
     stripped = ET.fromstring(without_locked_memory(xml))

@@ -20,6 +20,7 @@ from launcher_svc.core.domain_xml import (
     libvirt_cpu_model,
     parse_domain_xml,
 )
+from launcher_svc.core.loader import LoaderType
 from launcher_svc.core.spec import DiskFormat, DiskSpec, GuestSpec
 from sevlaunch.errors import InvalidArgument
 from sevlaunch.sev.technology import Technology
@@ -28,6 +29,7 @@ from sevlaunch.sev.vmsa import VCPU_TYPES, vcpu_signature
 GODH = bytes(range(256)) * 8 + b"\x00" * 36  # 0x824 bytes
 SESSION = b"\x5a" * 128
 SCHEMA = Path("/usr/share/libvirt/schemas/domain.rng")
+VECTOR_SCHEMA = Path(__file__).parent.parent / "vectors" / "libvirt" / "schemas" / "domain.rng"
 
 
 def _spec(**kw: object) -> GuestSpec:
@@ -61,7 +63,8 @@ CASES = {
 }
 
 
-def _xml(spec: GuestSpec, policy: int | None = None) -> str:
+def _xml(spec: GuestSpec, policy: int | None = None, loader: LoaderType = LoaderType.PFLASH) -> str:
+    # PFLASH: what preflight chooses for the specs' firmware, Debian's split OVMF_CODE_4M.fd.
     return build_domain_xml(
         spec,
         launch_id="0123456789abcdef0123456789abcdef",
@@ -69,6 +72,7 @@ def _xml(spec: GuestSpec, policy: int | None = None) -> str:
         sev=SevLaunchParams(
             cbitpos=51, reduced_phys_bits=1, policy=policy or spec.policy, dh_cert=GODH, session=SESSION
         ),
+        loader=loader,
     )
 
 
@@ -95,6 +99,7 @@ def test_libvirt_parser_accepts_and_keeps_the_sev_settings(case: str) -> None:
     assert back.find("memoryBacking/locked") is not None
     loader = back.find("os/loader")
     assert loader is not None and loader.get("stateless") == "yes" and loader.get("readonly") == "yes"
+    assert loader.get("type") == "pflash" and loader.text == spec.firmware_path
     assert back.find("os/nvram") is None
     assert back.findtext("vcpu") == str(spec.vcpus)
     for dev in back.findall("devices/disk") + back.findall("devices/interface"):
@@ -111,6 +116,7 @@ def test_libvirt_parser_accepts_and_keeps_the_sev_settings(case: str) -> None:
         spec.vcpus,
     )
     assert parsed.launch_id == "0123456789abcdef0123456789abcdef"
+    assert (parsed.loader, parsed.loader_type) == (spec.firmware_path, "pflash")
     cpu = back.find("cpu")
     if spec.vcpu_type is None:
         assert cpu is None and parsed.cpu_model is None
@@ -157,6 +163,45 @@ def test_libvirt_schema_validates(case: str, tmp_path: Path) -> None:
     assert cmd is not None, "needs xmllint (Debian libxml2-utils, installed by ./run) or virt-xml-validate"
     args = [*cmd, str(path)] + (["domain"] if cmd[0] == "virt-xml-validate" else [])
     result = subprocess.run(args, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("loader", list(LoaderType))
+def test_both_loaders_pass_libvirts_parser_and_both_schemas(loader: LoaderType, tmp_path: Path) -> None:
+    """`pflash` (a split code image) and `rom` (a combined image), each read-only and stateless with no
+    `<nvram>`: kept as written by libvirt's parser, valid against this host's schema and against the
+    SEV-SNP-era schema of tests/vectors/libvirt."""
+    xml = _xml(CASES["sev"], loader=loader)
+    ensure_event_loop()
+    conn = libvirt.open("test:///default")
+    try:
+        dom = conn.defineXML(xml)
+        try:
+            back = ET.fromstring(dom.XMLDesc(0))
+        finally:
+            dom.undefine()
+    finally:
+        conn.close()
+    kept = back.find("os/loader")
+    assert kept is not None
+    assert (kept.get("type"), kept.get("readonly"), kept.get("stateless")) == (loader.value, "yes", "yes")
+    assert back.find("os/nvram") is None
+    assert parse_domain_xml(xml).loader_type == loader.value
+    path = tmp_path / f"{loader.value}.xml"
+    path.write_text(xml)
+    cmd = _validator()
+    assert cmd is not None, "needs xmllint (Debian libxml2-utils, installed by ./run) or virt-xml-validate"
+    args = [*cmd, str(path)] + (["domain"] if cmd[0] == "virt-xml-validate" else [])
+    result = subprocess.run(args, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    xmllint = shutil.which("xmllint")
+    assert xmllint is not None
+    result = subprocess.run(
+        [xmllint, "--noout", "--relaxng", str(VECTOR_SCHEMA), str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
 
 
