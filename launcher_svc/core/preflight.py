@@ -3,6 +3,8 @@
 * The firmware image is read once: its OVMF footer decides whether the launch can go ahead (hashes table
   for a kernel, SEV-ES reset block, a secret area or a configured address), and the findings (bytes,
   SHA-256, secret area) travel with the launch to the hypervisor, which neither re-reads nor re-parses.
+  Its layout also decides how QEMU loads it (`launcher_svc.core.loader`: pflash or ROM), and an image
+  QEMU could not load that way is refused here rather than after the domain was defined.
 * The GODH and the session blob become `sevlaunch.sev` types (`SEVCertificate`, `SessionBlob`) here, for
   both flows: the two-phase flow's client and the orchestrated flow's owner send the same structures.
 """
@@ -82,12 +84,20 @@ def preflight(spec: GuestSpec, *, secret_gpa: int | None) -> Preflight:
     """What the firmware image allows for `spec`; `secret_gpa` is the configured `--secret-gpa`."""
     image = read_firmware(spec.firmware_path)
     loader = choose_loader(image.data, spec.mode)
+    area: SecretArea | None = None  # an SNP guest has none: its secret goes to the guest itself
+    if spec.mode is Technology.SEV_SNP:
+        _preflight_snp(spec, image)
+    else:
+        area = _preflight_sev(spec, image, secret_gpa)
+    # Last, so that a firmware lacking what the technology needs is named for that first.
     problem = loadable_problem(len(image.data), loader)
     if problem is not None:
         # QEMU would refuse it at start ("could not load PC BIOS"), after the domain was defined.
         raise FailedPrecondition(LaunchReason.FIRMWARE_NOT_LOADABLE, problem)
-    if spec.mode is Technology.SEV_SNP:
-        return _preflight_snp(spec, image)
+    return Preflight(image, area, loader)
+
+
+def _preflight_sev(spec: GuestSpec, image: FirmwareImage, secret_gpa: int | None) -> SecretArea | None:
     ovmf = image.ovmf
     if spec.kernel_path is not None and ovmf.hashes_table is None:
         # Without a hashes table the kernel would run unmeasured (PROTOCOL.md section 7).
@@ -98,18 +108,18 @@ def preflight(spec: GuestSpec, *, secret_gpa: int | None) -> Preflight:
         raise FailedPrecondition(LaunchReason.NO_SEV_ES_RESET_BLOCK, "the OVMF cannot boot SEV-ES guests")
     if ovmf.secret_area is not None:
         gpa, size = ovmf.secret_area
-        return Preflight(image, SecretArea(gpa, size, declared=True), loader)
+        return SecretArea(gpa, size, declared=True)
     if secret_gpa is not None:
-        return Preflight(image, SecretArea(secret_gpa, DEFAULT_SECRET_AREA_SIZE, declared=False), loader)
+        return SecretArea(secret_gpa, DEFAULT_SECRET_AREA_SIZE, declared=False)
     if spec.launch_without_secret:
-        return Preflight(image, None, loader)
+        return None
     raise FailedPrecondition(
         LaunchReason.NO_SECRET_AREA,
         "the OVMF declares no secret area and no secret guest physical address is configured",
     )
 
 
-def _preflight_snp(spec: GuestSpec, image: FirmwareImage) -> Preflight:
+def _preflight_snp(spec: GuestSpec, image: FirmwareImage) -> None:
     """An SNP guest needs the OVMF's SEV metadata (its secrets and CPUID pages and the pre-validated
     memory QEMU launches: without them OVMF cannot boot under SNP) and, for a kernel, its
     SNP_KERNEL_HASHES page. No secret area: the owner releases an SNP guest's secret to the guest."""
@@ -125,7 +135,6 @@ def _preflight_snp(spec: GuestSpec, image: FirmwareImage) -> Preflight:
         raise FailedPrecondition(
             LaunchReason.NO_HASHES_TABLE, "an SEV-SNP kernel needs an OVMF with an SNP_KERNEL_HASHES page"
         )
-    return Preflight(image, None, LoaderType.ROM)
 
 
 def parse_godh(godh_cert: bytes) -> SEVCertificate:

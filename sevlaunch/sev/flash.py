@@ -49,8 +49,8 @@ MAX_HEADER_LENGTH = 0x1000
 
 def _checksum(header: bytes) -> int:
     """The u16 that makes the header's u16 words sum to zero (the Checksum field counted as zero)."""
-    total = sum(struct.unpack_from(f"<{len(header) // 2}H", header)) & 0xFFFF
-    return (0x10000 - total) & 0xFFFF
+    words: tuple[int, ...] = struct.unpack_from(f"<{len(header) // 2}H", header)
+    return -sum(words) & 0xFFFF
 
 
 @dataclass(frozen=True)
