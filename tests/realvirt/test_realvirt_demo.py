@@ -11,6 +11,7 @@ the chip decrypted, and the chip's guest contexts.
 from __future__ import annotations
 
 import json
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import libvirt
@@ -18,7 +19,7 @@ import pytest
 from realvirt_fixture import OVMF_2M, RealvirtHost
 
 from sevlaunch.demo import DemoEnvironment
-from sevlaunch.demo.env import SECRET_GPA
+from sevlaunch.demo.env import DEFAULT_FIRMWARE, SECRET_GPA
 from sevlaunch.sev.secret import DISK_PASSPHRASE_GUID, SecretTable
 
 pytestmark = pytest.mark.realvirt
@@ -26,11 +27,14 @@ pytestmark = pytest.mark.realvirt
 SHELL_BANNER = b"UEFI Interactive Shell"
 
 
+@pytest.mark.parametrize("firmware", [DEFAULT_FIRMWARE, OVMF_2M], ids=["demo-default-4M", "OVMF_CODE_2M"])
 def test_demo_attested_and_tampered_launches_on_real_libvirt(
-    realvirt_host: RealvirtHost, tmp_path: Path
+    realvirt_host: RealvirtHost, tmp_path: Path, firmware: Path
 ) -> None:
+    """Debian's OVMF_CODE_4M.fd, the demo's default, and the 2 MiB image: each a split code image the
+    launcher puts on read-only, stateless pflash; the live domain shows that loader."""
     env = DemoEnvironment(
-        firmware=OVMF_2M,
+        firmware=firmware,
         workdir=tmp_path / "demo",
         hypervisor_args=[
             "--hypervisor", "libvirt",
@@ -54,6 +58,8 @@ def test_demo_attested_and_tampered_launches_on_real_libvirt(
         assert attested.guests_after == attested.guests_before + 1
         dom = conn.lookupByName(attested.domain_name)
         assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        loader = ET.fromstring(dom.XMLDesc(0)).find("os/loader")
+        assert loader is not None and (loader.text, loader.get("type")) == (str(firmware), "pflash")
         realvirt_host.wait_serial(attested.domain_name, SHELL_BANNER)
         # The secret the owner released is in the running guest's RAM, read through libvirt and QEMU,
         # and is what the chip decrypted for this launch.
