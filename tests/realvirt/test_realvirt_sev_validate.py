@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from realvirt_fixture import OVMF_2M, RealvirtHost, domain_xml, owner_session
+from realvirt_fixture import OVMF_2M, OVMF_4M, RealvirtHost, domain_xml, owner_session
 
 from launcher_svc.adapters.libvirt_backend import LibvirtHypervisor
 from launcher_svc.core.preflight import read_firmware
@@ -40,7 +40,7 @@ def _tool_missing() -> str | None:
 
 
 def validate(
-    host: RealvirtHost, domain: str, session: LaunchSession, tmp_path: Path
+    host: RealvirtHost, domain: str, session: LaunchSession, tmp_path: Path, reference: Path
 ) -> subprocess.CompletedProcess[str]:
     tik, tek = tmp_path / f"{domain}.tik", tmp_path / f"{domain}.tek"
     for path, key in ((tik, session.keys.tik), (tek, session.keys.tek)):
@@ -55,7 +55,7 @@ def validate(
             "--tik", str(tik),
             "--tek", str(tek),
             # The reference image the owner trusts, not the path the domain XML names.
-            "--firmware", str(OVMF_2M),
+            "--firmware", str(reference),
             # It runs on the hypervisor host itself, which the tool rightly calls insecure.
             "--insecure",
         ],
@@ -67,7 +67,7 @@ def validate(
     )  # fmt: skip
 
 
-def owner_accepts(hv: LibvirtHypervisor, name: str, session: LaunchSession) -> bool:
+def owner_accepts(hv: LibvirtHypervisor, name: str, session: LaunchSession, reference: Path) -> bool:
     info = hv.launch_security_info(name)
     try:
         verify_measurement(
@@ -77,32 +77,36 @@ def owner_accepts(hv: LibvirtHypervisor, name: str, session: LaunchSession) -> b
             api_minor=info.api_minor,
             build_id=info.build_id,
             policy=info.policy,
-            launch_digests=[launch_digest(OVMF_2M.read_bytes(), mode="sev")],
+            launch_digests=[launch_digest(reference.read_bytes(), mode="sev")],
         )
     except Exception:
         return False
     return True
 
 
+@pytest.mark.parametrize("reference", [OVMF_4M, OVMF_2M], ids=["OVMF_CODE_4M", "OVMF_CODE_2M"])
 def test_libvirts_validator_agrees_with_the_owner(
-    realvirt_host: RealvirtHost, hv: LibvirtHypervisor, tmp_path: Path
+    realvirt_host: RealvirtHost, hv: LibvirtHypervisor, tmp_path: Path, reference: Path
 ) -> None:
+    """Both images launch on read-only pflash; libvirt's tool measures the reference image as QEMU's
+    pflash unit 0 and agrees with the owner's digest, for the genuine and the tampered launch."""
     reason = _tool_missing()
     if reason is not None:
         pytest.skip(reason)
-    image = bytearray(OVMF_2M.read_bytes())
+    image = bytearray(reference.read_bytes())
     image[len(image) // 2] ^= 0x01
-    tampered = tmp_path / "OVMF_CODE-tampered.fd"
+    tampered = tmp_path / f"{reference.stem}-tampered.fd"
     tampered.write_bytes(bytes(image))
 
     results = {}
-    for guest, firmware in (("validated", OVMF_2M), ("tamperedv", tampered)):
+    for guest, firmware in (("validated", reference), ("tamperedv", tampered)):
         session = owner_session(realvirt_host)
         name, xml = domain_xml(hv, session, firmware, guest)
+        assert 'type="pflash"' in xml
         hv.define(xml)
-        hv.start_paused(name, read_firmware(str(OVMF_2M)))
-        tool = validate(realvirt_host, name, session, tmp_path)
-        results[guest] = (tool, owner_accepts(hv, name, session))
+        hv.start_paused(name, read_firmware(str(firmware)))
+        tool = validate(realvirt_host, name, session, tmp_path, reference)
+        results[guest] = (tool, owner_accepts(hv, name, session, reference))
         hv.destroy(name)
 
     good, owner_good = results["validated"]
