@@ -18,6 +18,8 @@ turned into the reason a caller can act on; anything else keeps `libvirt_error`'
 * "SEV launch measurement is not available": QEMU is past LAUNCH_MEASURE's state (the guest runs).
 * "could not load PC BIOS": QEMU cannot map the firmware image as `-bios` (libvirt's
   `<loader type='rom'>`), e.g. Debian's OVMF_CODE_4M.fd, whose size is not a multiple of 64 KiB.
+  Preflight gives such an image pflash or refuses it (`launcher_svc.core.loader`); this names what
+  still reaches QEMU, say an image replaced between preflight and start.
 """
 
 from __future__ import annotations

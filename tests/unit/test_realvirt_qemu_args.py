@@ -142,3 +142,28 @@ def test_qmp_framing_carries_messages_and_descriptors() -> None:
         os.close(r)
         os.close(w)
         right.close()
+
+
+#: libvirt 9.0's firmware options for `<loader type='pflash' readonly='yes' stateless='yes'>` (from the
+#: domain log in tests/realvirt): pflash unit 0 only, read-only, and no unit 1 (no NVRAM).
+PFLASH_OPTIONS = [
+    "-blockdev",
+    '{"driver":"file","filename":"/usr/share/OVMF/OVMF_CODE_4M.fd","node-name":"libvirt-pflash0-storage",'
+    '"auto-read-only":true,"discard":"unmap"}',
+    "-blockdev",
+    '{"node-name":"libvirt-pflash0-format","read-only":true,"driver":"raw","file":"libvirt-pflash0-storage"}',
+]
+
+
+def test_a_pflash_loader_names_the_image_the_stand_in_measures() -> None:
+    at = DOMAIN_ARGV.index("-bios")
+    argv = DOMAIN_ARGV[:at] + PFLASH_OPTIONS + DOMAIN_ARGV[at + 2 :]
+    machine = argv.index("-machine") + 1
+    argv[machine] += ",pflash0=libvirt-pflash0-format"
+    p = plan(argv)
+    assert p.firmware == "/usr/share/OVMF/OVMF_CODE_4M.fd"
+    # Real QEMU gets the same read-only flash device; only the SEV parts go.
+    assert "-bios" not in p.qemu_argv
+    assert PFLASH_OPTIONS[1] in p.qemu_argv and PFLASH_OPTIONS[3] in p.qemu_argv
+    machine_out = p.qemu_argv[p.qemu_argv.index("-machine") + 1]
+    assert "pflash0=libvirt-pflash0-format" in machine_out and "confidential-guest-support" not in machine_out
