@@ -516,6 +516,16 @@ class OwnerClient:
             raise await conn.error(exc) from None
         return attestation_verdict(reply.authorization)
 
+    async def revoke_snp_authorization(self, endpoint: str, *, authorization_id: str) -> None:
+        """owner.proto `RevokeSnpAuthorization` (the owner lets the identity that got it revoke its own)."""
+        conn, stub = await self._conn(endpoint)
+        try:
+            await stub.RevokeSnpAuthorization(
+                owner_pb2.RevokeSnpAuthorizationRequest(authorization_id=authorization_id)
+            )
+        except grpc.RpcError as exc:
+            raise await conn.error(exc) from None
+
     async def close(self) -> None:
         async with self._lock:
             for conn in self._channels.values():

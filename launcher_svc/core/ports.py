@@ -279,4 +279,9 @@ class OwnerPort(Protocol):
         """owner.proto `GetSnpAttestation`: where the guest of this authorisation stands."""
         ...
 
+    async def revoke_snp_authorization(self, endpoint: str, *, authorization_id: str) -> None:
+        """owner.proto `RevokeSnpAuthorization` of an authorisation this launcher got, for a launch it
+        gave up before RUNNING: no guest can attest for it afterwards."""
+        ...
+
     async def close(self) -> None: ...

@@ -19,8 +19,12 @@
 
 Fail-closed as for SEV: any failure before RUNNING destroys the domain, including a guest whose
 attestation the owner refused (its reason, e.g. `tcb_below_minimum`, passes through) and one that did
-not attest before the deadline. Transient owner outages while polling are retried until the deadline;
-any other owner error fails the launch. After RUNNING the launcher no longer asks.
+not attest before the deadline. Once the domain is destroyed, the owner's authorisation of the launch (if
+it got one) is revoked, so that it does not stay open until it expires (a firmware refusal at
+SNP_LAUNCH_FINISH, an abort, a failed start) before the failure is reported; best effort: the destroy
+comes first, and a revocation that fails (within `REVOKE_TIMEOUT`) is logged, the authorisation then
+expiring on its own. Transient owner outages while polling are
+retried until the deadline; any other owner error fails the launch. After RUNNING the launcher no longer asks.
 """
 
 from __future__ import annotations
@@ -65,6 +69,9 @@ from sevlaunch.snp.idblock import IdAuth, IdBlock
 log = logging.getLogger("launcher_svc")
 
 _TRANSIENT = (Unavailable, DeadlineExceeded)
+#: Seconds the fail-closed path waits for the owner to revoke the authorisation of a failed launch (before
+#: the failure is reported: a caller told FAILED finds the authorisation closed, unless the owner is down).
+REVOKE_TIMEOUT = 5.0
 
 
 def check_authorization(auth: SnpAuthorization, spec: GuestSpec) -> None:
@@ -195,7 +202,14 @@ class SnpFlow:
                 auth = await owners.authorize_snp_launch(
                     rec.owner_endpoint, workload_id=rec.workload_id, platform=evidence, config=config
                 )
-                check_authorization(auth, spec)
+                try:
+                    check_authorization(auth, spec)
+                except FailedPrecondition:
+                    # Never used, but open at the owner: close it like any other given up.
+                    if WORKLOAD_RE.fullmatch(auth.authorization_id):
+                        given_up = replace(fetched.record, authorization_id=auth.authorization_id)
+                        await self._revoke(owners, given_up)
+                    raise
                 return auth
 
             authorized = await m.step(
@@ -219,6 +233,7 @@ class SnpFlow:
             reason, detail = active.cancel_reason if active and active.cancel_reason else ABORTED
             target = m.target(rec)
             failed = await m.shielded(m.fail_closed(rec, target, reason, detail))
+            await m.shielded(self._revoke(owners, failed))
             queue.put_nowait(OrchestratedFlow._failed_event(failed, target, m.clock.time()))
         except Exception as exc:
             reason, detail = classify(exc)
@@ -228,7 +243,33 @@ class SnpFlow:
                 )
             target = m.target(rec)
             failed = await m.fail_closed(rec, target, reason, detail)
+            await self._revoke(owners, failed)
             queue.put_nowait(OrchestratedFlow._failed_event(failed, target, m.clock.time()))
+
+    async def _revoke(self, owners: OwnerPort, rec: LaunchRecord) -> None:
+        """Revokes the owner's authorisation of a launch that failed closed, if it got one. Never raises:
+        the domain is gone already, and an authorisation left open still expires. One the owner closed
+        itself (a refused report) answers FailedPrecondition, which is expected."""
+        if not rec.authorization_id or not rec.owner_endpoint:
+            return
+        extra = {"launch_id": rec.launch_id, "authorization_id": rec.authorization_id}
+        try:
+            with self.m.scope(rec.launch_id):  # the owner's audit record names the launch
+                await asyncio.wait_for(
+                    owners.revoke_snp_authorization(
+                        rec.owner_endpoint, authorization_id=rec.authorization_id
+                    ),
+                    timeout=min(self.m.config.phase_timeout, REVOKE_TIMEOUT),
+                )
+        except FailedPrecondition as exc:
+            log.info("SNP authorisation already closed", extra={**extra, "reason": exc.reason})
+        except Exception as exc:  # best effort by design (module docstring)
+            log.warning(
+                "cannot revoke the SNP authorisation of a failed launch; it stays open until it expires",
+                extra={**extra, "reason": getattr(exc, "reason", type(exc).__name__)},
+            )
+        else:
+            log.info("SNP authorisation revoked after the launch failed", extra=extra)
 
     async def _define_and_start(
         self, rec: LaunchRecord, auth: SnpAuthorization, pre: Preflight, emit: Any

@@ -61,7 +61,8 @@ AUTHZ = AuthzPolicy(
             "RotateSnpKey": ADMIN_ROLES,
             "ListSnpKeys": ADMIN_ROLES,
             "ListSnpAuthorizations": ADMIN_ROLES,
-            "RevokeSnpAuthorization": ADMIN_ROLES,
+            # Admins revoke any; a launcher its own authorisation of a launch it gave up (core checks).
+            "RevokeSnpAuthorization": (*ADMIN_ROLES, *LAUNCH_ROLES),
             "ListWorkloads": ADMIN_ROLES,
             "DeleteWorkload": ADMIN_ROLES,
             "DeleteSecret": ADMIN_ROLES,
@@ -396,7 +397,12 @@ class OwnerServicer(owner_pb2_grpc.OwnerServiceServicer):
         self, request: owner_pb2.RevokeSnpAuthorizationRequest, context: Ctx
     ) -> owner_pb2.RevokeSnpAuthorizationResponse:
         caller = current_caller().identity
-        await asyncio.to_thread(self.core.revoke_snp_authorization, caller, request.authorization_id)
+        await asyncio.to_thread(
+            self.core.revoke_snp_authorization,
+            caller,
+            request.authorization_id,
+            admin=bool(AUTHZ.roles_of(caller) & frozenset(ADMIN_ROLES)),
+        )
         return owner_pb2.RevokeSnpAuthorizationResponse()
 
     async def ListWorkloads(

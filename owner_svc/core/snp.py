@@ -449,7 +449,11 @@ class OwnerSnp(OwnerSnpAttest):
 
     # ------------------------------------------------------------------------------------- admin
 
-    def revoke_snp_authorization(self, caller: str, authorization_id: str) -> None:
+    def revoke_snp_authorization(self, caller: str, authorization_id: str, *, admin: bool = True) -> None:
+        """Ends an open authorisation (REVOKED): its guest can no longer attest. An admin may revoke any;
+        otherwise only the identity that got the authorisation, for a launch it gave up before RUNNING
+        (a firmware refusal at SNP_LAUNCH_FINISH, an abort, a failed start), so the authorisation does
+        not stay open until it expires. Both are audited, a refusal too."""
         check_authorization_id(authorization_id)
         auth = self.store.get_snp_authorization(authorization_id)
         if auth is None:
@@ -460,7 +464,15 @@ class OwnerSnp(OwnerSnpAttest):
             outcome="allowed",
             workload_id=auth.workload_id,
             session_id=authorization_id,
+            detail="" if admin else "by the identity it was granted to",
+            launch_id=self._launch_id() or "",
         )
+        if not admin and not hmac.compare_digest(auth.caller.encode(), caller.encode()):
+            refused = PermissionDenied(Reason.WRONG_CALLER, "the launch was authorised for another caller")
+            self.store.append_audit(
+                replace(event, outcome="refused", reason=refused.reason, detail=refused.detail)
+            )
+            raise refused
         if not self.store.finish_snp_authorization(
             authorization_id,
             to_state=AuthorizationState.REVOKED,

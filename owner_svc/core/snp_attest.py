@@ -152,6 +152,7 @@ class OwnerSnpAttest(OwnerSnpKeys):
     metrics: Metrics
     clock: Callable[[], float]
     snp: SnpSettings | None
+    _launch_id: Callable[[], str | None]  # the caller's x-sevlaunch-launch-id, for audit records
 
     def sync_reference_values(self) -> None:
         raise NotImplementedError
@@ -307,7 +308,7 @@ class OwnerSnpAttest(OwnerSnpKeys):
                 evidence, expected, attestation_rules, manifests, now=now_dt, cache=self._vek_cache
             )
         except AttestationRefused as exc:
-            bound = self._bound_to_launch(evidence, expected, attestation_rules, now_dt)
+            bound = self._bound_to_launch(evidence, expected, attestation_rules, now_dt, auth.vek_cert)
             self._refuse_attestation(event, _attestation_error(exc), burn=auth if bound else None)
         event = replace(event, digest=verdict.report.measurement.hex(), cek_fingerprint=_chip(verdict))
         # From here on the report is this launch's own: a refusal abandons the launch.
@@ -401,12 +402,24 @@ class OwnerSnpAttest(OwnerSnpKeys):
         return table.to_bytes()
 
     def _bound_to_launch(
-        self, evidence: Evidence, expected: Expected, rules: AttestationRules, now: datetime
+        self,
+        evidence: Evidence,
+        expected: Expected,
+        rules: AttestationRules,
+        now: datetime,
+        authorized_vek: bytes,
     ) -> bool:
         """Whether a refused report is this launch's own: authentic (signed by a VEK of a trusted root),
         its HOST_DATA the authorised one, its REPORT_DATA binding the challenge just spent and the key.
         Only such a refusal abandons the launch: anything else may come from anyone on the guest network
-        (or be an old report replayed), and must not end a launch it cannot speak for."""
+        (or be an old report replayed), and must not end a launch it cannot speak for.
+
+        A report signed by the very VEK the launch was authorised with is authentic whatever the
+        workload's rules say now: the rules decide whether to release, not who signed. So a workload
+        that stopped allowing VLEKs after authorising a VLEK launch refuses that launch's own report,
+        and the launch ends (REFUSED) at once instead of waiting out its deadline."""
+        if authorized_vek and hmac.compare_digest(evidence.vek, authorized_vek):
+            rules = replace(rules, allow_vlek=True)
         try:
             report, _, _ = verify_evidence(evidence, expected, rules, now=now, cache=self._vek_cache)
             check_report_data(report.report_data, expected.challenge, expected.guest_public_key)

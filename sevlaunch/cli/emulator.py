@@ -77,6 +77,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
     snp_status = commands.add_parser("snp-status", help="SNP_PLATFORM_STATUS with the decoded TCBs")
     snp_status.add_argument("--state", required=True, help="state directory of the chip")
+    add_json_flag(snp_status)
     snp_status.set_defaults(func=_snp_status)
 
     status = commands.add_parser("status", help="show the chip's PLATFORM_STATUS")
@@ -191,8 +192,43 @@ def _commit(args: argparse.Namespace) -> int:
 
 
 def _snp_status(args: argparse.Namespace) -> int:
-    _print_snp(_open(args.state))
+    firmware = _open(args.state)
+    if args.json:
+        emit(args, snp_status_dict(firmware))
+    else:
+        _print_snp(firmware)
     return 0
+
+
+def snp_status_dict(firmware: EmulatedFirmware) -> dict[str, Any]:
+    """The chip's SNP status under the names and types `sevlaunch platform snp-status --json` prints
+    (the GetSnpStatusResponse message in docs/CLI.md's style), read from the chip directly."""
+    from sevlaunch.firmware.devsev_snp import SnpPlatformState
+    from sevlaunch.rpc.v1 import platform_pb2
+
+    status, tcbs = firmware.snp_platform_status(), firmware.snp_tcb_status()
+
+    def tcb(t: TcbVersion) -> platform_pb2.SnpTcb:
+        return platform_pb2.SnpTcb(
+            bootloader=t.bootloader, tee=t.tee, snp=t.snp, microcode=t.microcode, fmc=t.fmc, raw=t.raw
+        )
+
+    reply = platform_pb2.GetSnpStatusResponse(
+        product=platform_pb2.SnpProduct.Value(f"SNP_PRODUCT_{tcbs.product.name}"),
+        api_major=status.api_major,
+        api_minor=status.api_minor,
+        build_id=status.build_id,
+        initialized=status.state is SnpPlatformState.INIT,
+        current_tcb=tcb(tcbs.current),
+        reported_tcb=tcb(tcbs.reported),
+        committed_tcb=tcb(tcbs.committed),
+        mask_chip_id=status.mask_chip_id,
+        mask_chip_key=status.mask_chip_key,
+        vlek_loaded=status.vlek_en,
+        guest_count=status.guest_count,
+        hwid=firmware.snp_hwid().hex(),
+    )
+    return dict(message_dict(reply))
 
 
 def _print_status(firmware: EmulatedFirmware) -> None:

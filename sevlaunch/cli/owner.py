@@ -1,17 +1,20 @@
 """`sevlaunch owner ...`: administer an owner service over mTLS, and verify its audit log offline.
 
     sevlaunch owner workload put --file workload.json --endpoint HOST:PORT --tls-dir DIR
-    sevlaunch owner workload get --workload-id W ...
+    sevlaunch owner workload get --workload-id W ... [--json]
     sevlaunch owner workload list | delete --workload-id W [--force]     (owner_admin.py)
     sevlaunch owner secret delete --workload-id W [--force]
     sevlaunch owner refvalues revoke MANIFEST_ID ...
     sevlaunch owner secret put --workload-id W --passphrase-file luks.txt | --entry GUID=FILE ...
-    sevlaunch owner refvalues import M.dsse ...
-    sevlaunch owner sessions [--workload-id W] ...
-    sevlaunch owner audit show [--after N] ...
+    sevlaunch owner refvalues import M.dsse ... [--json]
+    sevlaunch owner refvalues list ... [--json]
+    sevlaunch owner sessions [--workload-id W] ... [--json]
+    sevlaunch owner audit show [--after N] [--limit N] ... [--json | --json-lines]
     sevlaunch owner session revoke --session-id S ...
     sevlaunch owner audit verify --db owner.db | postgresql://... [--kek-file kek] [--checkpoint SEQ:HASH]
 
+Each prints for people by default (`key: value` lines or a table), and with `--json` one JSON object in
+the one style of docs/CLI.md ("JSON output"); `audit show --json-lines` prints a record a line instead.
 `workload.json` is the `Workload` message of owner.proto in protobuf's JSON form, e.g.
 {"workload_id": "web", "allowed_policies": [3], "generations": ["milan"],
  "selectors": [{"firmware_name": "OVMF", "modes": ["REFERENCE_MODE_SEV"]}]}.
@@ -48,6 +51,7 @@ from sevlaunch.audit import MAX_PAGE, Checkpoint
 from sevlaunch.cli import CommandError, UsageError, owner_admin
 from sevlaunch.cli._common import add_client_args, call_service, read_bytes
 from sevlaunch.cli.bounds import int_in
+from sevlaunch.cli.output import add_json_flag, dumps, emit, key_values, message_dict, table
 from sevlaunch.ownerdb import AuditDatabaseError, KEKFileError, load_kek, verify_audit_db
 from sevlaunch.rpc.v1 import owner_pb2, owner_pb2_grpc
 from sevlaunch.sev.secret import DISK_PASSPHRASE_GUID
@@ -73,7 +77,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     put = client(workload, "put", "create or replace a workload from a JSON file", _workload_put)
     put.add_argument("--file", required=True, help="Workload message as JSON")
     get = client(workload, "get", "show a workload", _workload_get)
-    get.add_argument("--workload-id", required=True)
+    get.add_argument("--workload-id", required=True, metavar="ID", help="the workload to show")
+    add_json_flag(get)
 
     secret = groups.add_parser("secret", help="the workload's secret table").add_subparsers(
         dest="secret_command", required=True, metavar="ACTION"
@@ -89,8 +94,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         dest="refvalues_command", required=True, metavar="ACTION"
     )
     imp = client(refvalues, "import", "import a signed manifest (DSSE envelope)", _refvalues_import)
-    imp.add_argument("envelope")
-    client(refvalues, "list", "manifests in force", _refvalues_list)
+    imp.add_argument("envelope", help="the DSSE envelope file (`sevlaunch refvalues sign` writes it)")
+    add_json_flag(imp)
+    add_json_flag(client(refvalues, "list", "manifests in force", _refvalues_list))
 
     sessions = client(groups, "sessions", "list launch sessions", _sessions)
     sessions.add_argument("--workload-id", default="")
@@ -98,8 +104,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--limit",
         type=int_in(1, MAX_PAGE, hex_ok=False),
         default=100,
-        help=f"at most N sessions, 1..{MAX_PAGE}",
+        help=f"at most N sessions, the newest, 1..{MAX_PAGE} (default %(default)s)",
     )
+    add_json_flag(sessions)
 
     owner_admin.register(workload, secret, refvalues)
 
@@ -112,7 +119,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     audit = groups.add_parser("audit", help="the audit log").add_subparsers(
         dest="audit_command", required=True, metavar="ACTION"
     )
-    show = client(audit, "show", "print audit records as JSON lines", _audit_show)
+    show = client(audit, "show", "print audit records (a table; --json or --json-lines)", _audit_show)
     show.add_argument(
         "--after", type=int_in(0, (1 << 63) - 1, hex_ok=False), default=0, help="after this seq"
     )
@@ -121,6 +128,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         type=int_in(0, (1 << 63) - 1, hex_ok=False),
         default=0,
         help="print at most N records (default 0: all, fetched page by page)",
+    )
+    form = show.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help='one JSON object, {"records": [...]} (docs/CLI.md)')
+    form.add_argument(
+        "--json-lines",
+        action="store_true",
+        help="one JSON object a record, a line each, printed as the pages arrive (docs/CLI.md's style)",
     )
     verify = audit.add_parser("verify", help="check the audit log's hash chain in the owner's database")
     verify.add_argument(
@@ -149,10 +163,6 @@ def _run(args: argparse.Namespace) -> int:
     return call_service(args, owner_pb2_grpc.OwnerServiceStub, args.action)
 
 
-def _print_message(msg: Any) -> None:
-    print(json_format.MessageToJson(msg, preserving_proto_field_name=True, indent=2))
-
-
 def _workload_put(stub: owner_pb2_grpc.OwnerServiceStub, args: argparse.Namespace) -> int:
     workload = owner_pb2.Workload()
     try:
@@ -165,9 +175,8 @@ def _workload_put(stub: owner_pb2_grpc.OwnerServiceStub, args: argparse.Namespac
 
 
 def _workload_get(stub: owner_pb2_grpc.OwnerServiceStub, args: argparse.Namespace) -> int:
-    _print_message(
-        stub.GetWorkload(owner_pb2.GetWorkloadRequest(workload_id=args.workload_id), timeout=args.timeout)
-    )
+    reply = stub.GetWorkload(owner_pb2.GetWorkloadRequest(workload_id=args.workload_id), timeout=args.timeout)
+    emit(args, message_dict(reply))
     return 0
 
 
@@ -195,12 +204,25 @@ def _refvalues_import(stub: owner_pb2_grpc.OwnerServiceStub, args: argparse.Name
     reply = stub.ImportReferenceValues(
         owner_pb2.ImportReferenceValuesRequest(envelope=read_bytes(args.envelope)), timeout=args.timeout
     )
-    _print_message(reply)
+    known = "imported" if reply.newly_imported else "already imported"
+    text = f"manifest {reply.manifest_id} {known}\n" + key_values(message_dict(reply.manifest), "  ")
+    emit(args, message_dict(reply), text)
     return 0
 
 
+MANIFEST_COLUMNS = ("manifest_id", "firmware_name", "firmware_version", "digests", "not_after", "publisher")
+SESSION_COLUMNS = ("session_id", "workload_id", "state", "created_at", "expires_at", "caller", "reason")
+AUDIT_COLUMNS = ("seq", "time", "actor", "action", "outcome", "workload_id", "session_id", "reason")
+
+
+def _rows(messages: Any) -> list[dict[str, Any]]:
+    return [message_dict(m) for m in messages]
+
+
 def _refvalues_list(stub: owner_pb2_grpc.OwnerServiceStub, args: argparse.Namespace) -> int:
-    _print_message(stub.ListReferenceValues(owner_pb2.ListReferenceValuesRequest(), timeout=args.timeout))
+    reply = stub.ListReferenceValues(owner_pb2.ListReferenceValuesRequest(), timeout=args.timeout)
+    rows = _rows(reply.manifests)
+    emit(args, {"manifests": rows}, table(rows, MANIFEST_COLUMNS) if rows else "no manifests in force")
     return 0
 
 
@@ -208,8 +230,8 @@ def _sessions(stub: owner_pb2_grpc.OwnerServiceStub, args: argparse.Namespace) -
     reply = stub.ListSessions(
         owner_pb2.ListSessionsRequest(workload_id=args.workload_id, limit=args.limit), timeout=args.timeout
     )
-    for s in reply.sessions:
-        print(json_format.MessageToJson(s, preserving_proto_field_name=True, indent=None))
+    rows = _rows(reply.sessions)
+    emit(args, {"sessions": rows}, table(rows, SESSION_COLUMNS) if rows else "no sessions")
     return 0
 
 
@@ -221,9 +243,12 @@ def _session_revoke(stub: owner_pb2_grpc.OwnerServiceStub, args: argparse.Namesp
 
 def _audit_show(stub: owner_pb2_grpc.OwnerServiceStub, args: argparse.Namespace) -> int:
     """Prints the records after `--after`, all of them or `--limit`, asking for pages of at most
-    MAX_PAGE (the server refuses more) and following after_seq until a short page."""
+    MAX_PAGE (the server refuses more) and following after_seq until a short page. `--json-lines`
+    prints each page as it arrives, so a long log streams; the table and `--json` need all of it."""
     if args.after < 0 or args.limit < 0:
         raise CommandError("--after and --limit must not be negative")
+    lines = getattr(args, "json_lines", False)
+    rows: list[dict[str, Any]] = []
     after, left = args.after, args.limit or None
     while left is None or left > 0:
         page = MAX_PAGE if left is None else min(MAX_PAGE, left)
@@ -231,12 +256,17 @@ def _audit_show(stub: owner_pb2_grpc.OwnerServiceStub, args: argparse.Namespace)
             owner_pb2.GetAuditLogRequest(after_seq=after, limit=page), timeout=args.timeout
         )
         for r in reply.records:
-            print(json_format.MessageToJson(r, preserving_proto_field_name=True, indent=None))
+            if lines:
+                print(dumps(message_dict(r)))
+            else:
+                rows.append(message_dict(r))
         if len(reply.records) < page:
             break
         after = reply.records[-1].seq
         if left is not None:
             left -= len(reply.records)
+    if not lines:
+        emit(args, {"records": rows}, table(rows, AUDIT_COLUMNS) if rows else "no audit records")
     return 0
 
 

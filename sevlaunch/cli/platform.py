@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 
 from sevlaunch.cli import CommandError
 from sevlaunch.cli._common import add_client_args, call_service
+from sevlaunch.cli.output import add_json_flag, dumps, emit, message_dict
 from sevlaunch.rpc.v1 import platform_pb2, platform_pb2_grpc
 
 _STATE_NAMES = {
@@ -92,26 +93,34 @@ def _tcb(tcb: platform_pb2.SnpTcb) -> dict[str, Any]:
     return out
 
 
-def snp_status_json(st: platform_pb2.GetSnpStatusResponse) -> dict[str, Any]:
-    return {
-        "product": _PRODUCT_NAMES.get(st.product, "unspecified"),
-        "api": f"{st.api_major}.{st.api_minor}",
-        "build_id": st.build_id,
-        "initialized": st.initialized,
-        "current_tcb": _tcb(st.current_tcb),
-        "reported_tcb": _tcb(st.reported_tcb),
-        "committed_tcb": _tcb(st.committed_tcb) if st.HasField("committed_tcb") else None,
-        "mask_chip_id": st.mask_chip_id,
-        "mask_chip_key": st.mask_chip_key,
-        "vlek_loaded": st.vlek_loaded,
-        "guest_count": st.guest_count,
-        "hwid": st.hwid,
-    }
+def snp_status_text(st: platform_pb2.GetSnpStatusResponse) -> str:
+    """SNP_PLATFORM_STATUS for people; `--json` prints the message itself (docs/CLI.md)."""
+
+    def tcb(t: platform_pb2.SnpTcb) -> str:
+        return " ".join(f"{k}={v}" for k, v in _tcb(t).items() if k != "raw") + f" ({t.raw:#018x})"
+
+    committed = tcb(st.committed_tcb) if st.HasField("committed_tcb") else "- (not reported by the backend)"
+    return "\n".join(
+        (
+            f"product:        {_PRODUCT_NAMES.get(st.product, 'unspecified')}",
+            f"snp firmware:   {st.api_major}.{st.api_minor} build {st.build_id}",
+            f"initialized:    {'yes' if st.initialized else 'no'}",
+            f"current tcb:    {tcb(st.current_tcb)}",
+            f"committed tcb:  {committed}",
+            f"reported tcb:   {tcb(st.reported_tcb)}",
+            f"mask chip id:   {st.mask_chip_id}   mask chip key: {st.mask_chip_key}   "
+            f"vlek loaded: {st.vlek_loaded}",
+            f"snp guests:     {st.guest_count}",
+            f"hwid:           {st.hwid}",
+        )
+    )
 
 
 def _snp_status(stub: platform_pb2_grpc.PlatformServiceStub, args: argparse.Namespace) -> int:
     st = stub.GetSnpStatus(platform_pb2.GetSnpStatusRequest(), timeout=args.timeout)
-    _emit(json.dumps(snp_status_json(st), indent=2), args.out)
+    if args.out:
+        Path(args.out).write_text(dumps(message_dict(st)) + "\n")
+    emit(args, message_dict(st), snp_status_text(st))
     return 0
 
 
@@ -188,7 +197,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         a.set_defaults(func=_run, action=fn)
     snp = actions.add_parser("snp-status", help="SEV-SNP: firmware version, current/reported/committed TCB")
     add_client_args(snp, service="platform", identity="client")
-    snp.add_argument("--out", help="write the JSON to this file")
+    snp.add_argument("--out", help="also write the status as JSON (the `--json` form) to this file")
+    add_json_flag(snp)
     snp.set_defaults(func=_run, action=_snp_status)
     vcek = actions.add_parser("vcek", help="SEV-SNP: the VCEK (or VLEK) chain of the reported TCB")
     add_client_args(vcek, service="platform", identity="client")

@@ -23,9 +23,7 @@ def env_name(option: str, prefix: str = PREFIX) -> str:
 
 
 def _on_command_line(action: argparse.Action, argv: Sequence[str]) -> bool:
-    return any(
-        arg == opt or arg.startswith(opt + "=") for arg in argv for opt in action.option_strings
-    )
+    return any(arg == opt or arg.startswith(opt + "=") for arg in argv for opt in action.option_strings)
 
 
 def _long_option(action: argparse.Action) -> str | None:

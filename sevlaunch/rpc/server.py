@@ -102,8 +102,11 @@ class RpcServer:
     async def start(self) -> None:
         # Reflection after the servicers were added, so that it lists them.
         reflection.enable_server_reflection(
-            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME],
+            [
+                *self.service_names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             self.grpc_server,
         )
         self.port = _bind(self.grpc_server, self._listen, self._credentials)

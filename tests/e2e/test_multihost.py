@@ -404,8 +404,10 @@ def owner_sessions(world: World) -> list[dict[str, object]]:
         OWNER_ADDR,
         "--tls-dir",
         str(world.tls),
+        "--json",
     )
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
+    sessions: list[dict[str, object]] = json.loads(out)["sessions"]
+    return sessions
 
 
 def test_hosts_cannot_see_each_other_but_reach_the_owner(world: World) -> None:
@@ -448,7 +450,7 @@ def test_attested_launch_on_both_hosts(world: World) -> None:
         assert guest_count(world.chips[host]) == before[host] + 1
 
     sessions = owner_sessions(world)
-    released = [s for s in sessions if s.get("state") == "OWNER_SESSION_STATE_RELEASED"]
+    released = [s for s in sessions if s.get("state") == "RELEASED"]
     assert len(released) >= 2
     # Two different chips (CEKs) asked, one session each, under the same emulated AMD root.
     assert len({s["cek_fingerprint"] for s in released}) == 2
@@ -527,7 +529,7 @@ def test_owner_link_cut_mid_launch_fails_closed(world: World) -> None:
     # The owner (reachable again) opened the session and never released it.
     new = [s for s in owner_sessions(world) if str(s["session_id"]) not in sessions_before]
     assert len(new) == 1
-    assert new[0]["state"] == "OWNER_SESSION_STATE_OPEN"
+    assert new[0]["state"] == "OPEN"
     assert not new[0].get("matched_digest")
     assert metrics_in(net, "own", 9103).get(released_key, 0.0) == released_before
 

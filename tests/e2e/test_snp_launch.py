@@ -152,6 +152,15 @@ def test_tampered_image_is_refused_by_the_firmware(env: SnpDemoEnvironment) -> N
     assert_nothing_released(env, r)
     # The guest never ran: no agent asked anything.
     assert r.guest_outcome == ""
+    # The launcher revoked the authorisation of the refused launch (before it reported the failure), so
+    # it does not stay open until it expires; the owner audited it under the launcher's identity.
+    assert r.authorization_id and r.authorization_state == "REVOKED"
+    revoked = [rec for rec in audit(env) if rec.session_id == r.authorization_id and rec.outcome == "allowed"]
+    assert [(rec.action, rec.actor) for rec in revoked] == [
+        ("authorize_snp_launch", "launcher"),
+        ("revoke_snp_authorization", "launcher"),
+    ]
+    assert revoked[1].launch_id == r.launch_id
 
 
 @pytest.mark.parametrize("kind", ["reported", "committed", "launch"])
@@ -389,7 +398,8 @@ def test_demo_snp_json_reports_its_launches_replays_and_audit(tmp_path: Path) ->
 def test_a_vlek_signed_launch_is_refused_unless_the_workload_allows_vleks(tmp_path: Path) -> None:
     """A chip with a cloud's VLEK loaded signs its guests' reports with it: the owner refuses such a
     platform at authorisation unless the workload allows VLEKs; then the launch runs, its report verified
-    against the VLEK the platform provisioned."""
+    against the VLEK the platform provisioned; and a launch whose workload stops allowing VLEKs while it
+    boots ends at its attestation."""
     provisioned = tmp_path / "veks"
     world = SnpDemoEnvironment(
         workdir=tmp_path / "world", boot_seconds=1.0, platform_args=("--vcek-dir", str(provisioned))
@@ -414,3 +424,14 @@ def test_a_vlek_signed_launch_is_refused_unless_the_workload_allows_vleks(tmp_pa
         world.put_workload(allow_vlek=True)
         ok = world.launch_snp("vlek-ok", SNP_FIRMWARE)
         assert ok.outcome == "running" and ok.secret_matches
+
+        # VLEKs no longer allowed while a VLEK-authorised guest boots: its own report (signed by the
+        # VLEK it was authorised with) is refused and ends the authorisation, so the launcher fails at
+        # once with the owner's reason, not at its RUNNING deadline (`phase_deadline`).
+        late = world.launch_snp(
+            "vlek-late", SNP_FIRMWARE, on_authorized=lambda: world.put_workload(allow_vlek=False)
+        )
+        assert (late.phase, late.reason) == ("RUNNING", "vlek_not_allowed"), late.detail
+        assert late.authorization_state == "REFUSED" and late.guest_reason == "vlek_not_allowed"
+        assert_nothing_released(world, late)
+        assert refusals_for(world, late.authorization_id) == [("attest_snp", "vlek_not_allowed")]

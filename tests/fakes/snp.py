@@ -108,6 +108,8 @@ class FakeSnpOwner:
     configs: list[SnpLaunchConfig] = field(default_factory=list)
     evidence: list[SnpPlatformEvidence] = field(default_factory=list)
     polls: int = 0
+    revoked: list[str] = field(default_factory=list)
+    revoke_error: Exception | None = None
 
     async def open_session(self, endpoint: str, **kwargs: Any) -> OwnerSession:
         raise AssertionError("an SNP launch opens no SEV session")
@@ -131,6 +133,11 @@ class FakeSnpOwner:
         if isinstance(verdict, ServiceError):
             raise verdict
         return verdict
+
+    async def revoke_snp_authorization(self, endpoint: str, *, authorization_id: str) -> None:
+        self.revoked.append(authorization_id)
+        if self.revoke_error is not None:
+            raise self.revoke_error
 
     async def close(self) -> None:
         pass

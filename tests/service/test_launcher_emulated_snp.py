@@ -65,6 +65,7 @@ class AttestingOwner:
     domain: str = ""
     reports: list[AttestationReport] = field(default_factory=list)
     configs: list[SnpLaunchConfig] = field(default_factory=list)
+    revoked: list[str] = field(default_factory=list)
 
     async def open_session(self, endpoint: str, **kwargs: Any) -> OwnerSession:
         raise AssertionError("no SEV session in an SNP launch")
@@ -95,6 +96,9 @@ class AttestingOwner:
         return AttestationVerdict(
             AttestationState.REFUSED, "measurement_mismatch", "not the authorised guest"
         )
+
+    async def revoke_snp_authorization(self, endpoint: str, *, authorization_id: str) -> None:
+        self.revoked.append(authorization_id)
 
     async def close(self) -> None:
         pass

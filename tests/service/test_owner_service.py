@@ -657,7 +657,7 @@ def test_admin_cli_against_the_service(
     )
     out = capsys.readouterr().out
     assert PASSPHRASE.decode() not in out
-    assert cli_main(["owner", "workload", "get", "--workload-id", "cli-web", *common]) == 0
+    assert cli_main(["owner", "workload", "get", "--workload-id", "cli-web", *common, "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["has_secret"] and got["accepted_digests_sev"] == 1 and got["accepted_digests_sev_es"] == 2
 
@@ -665,7 +665,7 @@ def test_admin_cli_against_the_service(
     assert cli_main(["owner", "session", "revoke", "--session-id", opened.session_id, *common]) == 0
     assert cli_main(["owner", "session", "revoke", "--session-id", opened.session_id, *common]) == 1
     assert "session_not_open" in capsys.readouterr().err
-    assert cli_main(["owner", "audit", "show", *common]) == 0
+    assert cli_main(["owner", "audit", "show", *common, "--json-lines"]) == 0
     actions = [json.loads(line)["action"] for line in capsys.readouterr().out.splitlines()]
     assert actions == [
         "import_reference_values",
@@ -724,13 +724,13 @@ def test_audit_show_pages_through_every_record(capsys: pytest.CaptureFixture[str
                 records=[owner_pb2.AuditRecord(seq=s, action="a") for s in seqs]
             )
 
-    assert _audit_show(Stub(), argparse.Namespace(after=0, limit=0, timeout=5.0)) == 0  # type: ignore[arg-type]
+    assert _audit_show(Stub(), argparse.Namespace(after=0, limit=0, timeout=5.0, json_lines=True)) == 0  # type: ignore[arg-type]
     seqs = [int(json.loads(line)["seq"]) for line in capsys.readouterr().out.splitlines()]
     assert seqs == list(range(1, total + 1))
     assert [after for after, _ in requests] == [0, MAX_PAGE, 2 * MAX_PAGE]
     # --limit bounds the number printed (paging as needed); --after starts later.
     requests.clear()
-    assert _audit_show(Stub(), argparse.Namespace(after=10, limit=1500, timeout=5.0)) == 0  # type: ignore[arg-type]
+    assert _audit_show(Stub(), argparse.Namespace(after=10, limit=1500, timeout=5.0, json_lines=True)) == 0  # type: ignore[arg-type]
     seqs = [int(json.loads(line)["seq"]) for line in capsys.readouterr().out.splitlines()]
     assert seqs == list(range(11, 1511))
     assert requests == [(10, MAX_PAGE), (1010, 500)]

@@ -286,6 +286,9 @@ def _report_case(
     [
         ("forged_chain", "forged_chain", False),
         ("wrong_product", "wrong_product", False),
+        # Signed by a VLEK the launch was not authorised with (it was authorised with the chip's VCEK):
+        # not provably its own, so it stays open. A report signed by the very VEK the launch was
+        # authorised with is its own whatever the rules say now (the test after this one).
         ("vlek", "vlek_not_allowed", False),
         ("hwid", "hwid_mismatch", False),
         ("host_data", "host_data_mismatch", False),
@@ -339,6 +342,104 @@ def test_attestation_refusals_release_nothing(
     fresh = stub.GetChallenge(guest_pb2.GetChallengeRequest(authorization_id=aid)).challenge
     reply = stub.Attest(guest.attest_request(fresh, guest.signed(fresh)))
     assert _open(guest, reply, fresh).get(uuid.UUID(DISK_GUID)) == PASSPHRASE + b"\0"
+
+
+@pytest.mark.parametrize("signer", ["the authorised vlek", "another vlek"])
+def test_a_vlek_launch_whose_workload_stopped_allowing_vleks(
+    make_snp_owner: Any, publisher: Publisher, chip: Chip, signer: str
+) -> None:
+    """A launch authorised with a VLEK (the workload allowed VLEKs then), then the admin stops allowing
+    them. Its own report, signed by the very VLEK it was authorised with, is refused and ends the launch
+    (REFUSED, the launcher fails at once with the reason) instead of leaving the authorisation open until
+    the launcher's RUNNING deadline; before this change such a refusal left it AUTHORIZED, because the
+    check "is this report the launch's own" verified the signer under the new rules, which refuse every
+    VLEK. A report signed by another VLEK still cannot speak for the launch and leaves it open."""
+    owner = make_snp_owner()
+    provision_snp(owner, publisher, workload=snp_workload(allow_vlek=True))
+    vlek_key = ec.generate_private_key(ec.SECP384R1())
+    guest = _authorize(owner, chip, vek=chip.vlek(vlek_key))
+    aid = guest.authorized.authorization_id
+    owner.admin.PutWorkload(owner_pb2.PutWorkloadRequest(workload=snp_workload(allow_vlek=False)))
+    stub = owner.guest_stub()
+    challenge = stub.GetChallenge(guest_pb2.GetChallengeRequest(authorization_id=aid)).challenge
+    before = len(owner.audit())
+    if signer == "the authorised vlek":
+        # No certificates sent: the owner uses the VLEK the launch was authorised with.
+        request = guest.attest_request(
+            challenge, guest.signed(challenge, key=vlek_key, signing_key=SigningKey.VLEK)
+        )
+    else:
+        other_key = ec.generate_private_key(ec.SECP384R1())
+        request = guest.attest_request(
+            challenge,
+            guest.signed(challenge, key=other_key, signing_key=SigningKey.VLEK),
+            vek_cert=chip.vlek(other_key),
+        )
+    err = rpc_error(lambda: stub.Attest(request))
+    assert (err.code, err.reason) == (grpc.StatusCode.PERMISSION_DENIED, "vlek_not_allowed"), err.message
+    own = signer == "the authorised vlek"
+    _assert_refused_and_nothing_released(
+        owner, aid, before, "vlek_not_allowed", REFUSED if own else AUTHORIZED
+    )
+    seen = owner.stub("launcher").GetSnpAttestation(owner_pb2.GetSnpAttestationRequest(authorization_id=aid))
+    assert (seen.authorization.state, seen.authorization.reason) == (
+        (REFUSED, "vlek_not_allowed") if own else (AUTHORIZED, "")
+    )
+
+
+def test_a_launcher_revokes_its_own_authorisation_and_no_other(
+    make_snp_owner: Any, publisher: Publisher, chip: Chip
+) -> None:
+    """The launcher that got an authorisation may revoke it (its launch failed before RUNNING: the
+    firmware refused it, it was aborted); another launch identity may not (wrong_caller, audited);
+    an admin may revoke any. Each decision is in the audit log."""
+    owner = make_snp_owner()
+    provision_snp(owner, publisher)
+    mine = _authorize(owner, chip).authorized.authorization_id
+    theirs = Guest(
+        chip, owner.stub("client").AuthorizeSnpLaunch(authorize_request(chip))
+    ).authorized.authorization_id
+    before = len(owner.audit())
+
+    err = rpc_error(
+        lambda: owner.stub("launcher").RevokeSnpAuthorization(
+            owner_pb2.RevokeSnpAuthorizationRequest(authorization_id=theirs)
+        )
+    )
+    assert (err.code, err.reason) == (grpc.StatusCode.PERMISSION_DENIED, "wrong_caller")
+    assert owner.authorization_state(theirs) == AUTHORIZED
+    owner.stub("launcher").RevokeSnpAuthorization(
+        owner_pb2.RevokeSnpAuthorizationRequest(authorization_id=mine)
+    )
+    assert owner.authorization_state(mine) == owner_pb2.SNP_AUTHORIZATION_STATE_REVOKED
+    err = rpc_error(
+        lambda: owner.stub("launcher").RevokeSnpAuthorization(
+            owner_pb2.RevokeSnpAuthorizationRequest(authorization_id=mine)
+        )
+    )
+    assert (err.code, err.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "session_not_open")
+    err = rpc_error(
+        lambda: owner.stub("launcher").RevokeSnpAuthorization(
+            owner_pb2.RevokeSnpAuthorizationRequest(authorization_id="snp-" + "ab" * 16)
+        )
+    )
+    assert (err.code, err.reason) == (grpc.StatusCode.NOT_FOUND, "unknown_authorization")
+    owner.admin.RevokeSnpAuthorization(owner_pb2.RevokeSnpAuthorizationRequest(authorization_id=theirs))
+    assert owner.authorization_state(theirs) == owner_pb2.SNP_AUTHORIZATION_STATE_REVOKED
+    records = [
+        (r.actor, r.action, r.outcome, r.reason, r.session_id, r.detail) for r in owner.audit()[before:]
+    ]
+    assert records == [
+        ("launcher", "revoke_snp_authorization", "refused", "wrong_caller", theirs,
+         "the launch was authorised for another caller"),
+        ("launcher", "revoke_snp_authorization", "allowed", "", mine, "by the identity it was granted to"),
+        ("owner-admin", "revoke_snp_authorization", "allowed", "", theirs, ""),
+    ]  # fmt: skip
+    # The guest of the revoked launch can no longer attest.
+    err = rpc_error(
+        lambda: owner.guest_stub().GetChallenge(guest_pb2.GetChallengeRequest(authorization_id=mine))
+    )
+    assert err.code is grpc.StatusCode.FAILED_PRECONDITION and err.reason == "authorization_revoked"
 
 
 @pytest.mark.parametrize("kind", ["reported", "committed", "launch"])

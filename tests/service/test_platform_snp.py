@@ -99,6 +99,64 @@ def test_snp_status_shows_the_tcbs(start_platform: Any, tls_dir: Path, snp_chip:
     assert st.hwid == snp_chip.snp_hwid().hex()
 
 
+def test_snp_status_json_names_are_the_same_on_the_platform_and_the_emulator(
+    start_platform: Any,
+    tls_dir: Path,
+    snp_chip: EmulatedFirmware,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`platform snp-status --json` is the GetSnpStatusResponse in docs/CLI.md's style, and `emulator
+    snp-status --json` on the chip the platform serves prints the same document."""
+    import json
+
+    from sevlaunch.firmware.devsev_snp import SnpPlatformState
+
+    snp_chip.snp_firmware_update(TcbVersion(Product.GENOA, bootloader=9, tee=0, snp=21, microcode=84))
+    running, _ = start_platform(firmware=snp_chip, emulator=snp_chip.state_dir)
+    conn = ["--endpoint", running.address, "--tls-dir", str(tls_dir)]
+    out_file = tmp_path / "snp-status.json"
+    assert cli_main(["platform", "snp-status", *conn, "--json", "--out", str(out_file)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    platform = json.loads(out)
+    assert json.loads(out_file.read_text()) == platform
+    assert cli_main(["emulator", "snp-status", "--state", str(snp_chip.state_dir), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    assert json.loads(out) == platform
+
+    status, tcbs = snp_chip.snp_platform_status(), snp_chip.snp_tcb_status()
+    assert tcbs.current != tcbs.committed  # updated, not committed: the three TCBs are told apart
+
+    def tcb(t: TcbVersion) -> dict[str, int]:
+        return {"bootloader": t.bootloader, "tee": t.tee, "snp": t.snp, "microcode": t.microcode,
+                "fmc": 0, "raw": t.raw}  # fmt: skip
+
+    assert platform == {
+        "product": "GENOA",
+        "api_major": status.api_major,
+        "api_minor": status.api_minor,
+        "build_id": status.build_id,
+        "initialized": status.state is SnpPlatformState.INIT,
+        "current_tcb": tcb(tcbs.current),
+        "reported_tcb": tcb(tcbs.reported),
+        "committed_tcb": tcb(tcbs.committed),
+        "mask_chip_id": False,
+        "mask_chip_key": False,
+        "vlek_loaded": False,
+        "guest_count": 0,
+        "hwid": snp_chip.snp_hwid().hex(),
+    }
+    assert isinstance(platform["current_tcb"]["raw"], int) and platform["current_tcb"]["raw"] > 1 << 32
+    # Without --json, lines for people (no JSON), the TCBs named by component.
+    assert cli_main(["platform", "snp-status", *conn]) == 0
+    text = capsys.readouterr().out
+    assert "product:        genoa" in text and f"snp=21 microcode=84 ({tcbs.current.raw:#018x})" in text
+    assert cli_main(["emulator", "snp-status", "--state", str(snp_chip.state_dir)]) == 0
+    assert f"current tcb:    {tcbs.current}" in capsys.readouterr().out
+
+
 def test_200_concurrent_vcek_requests_cost_one_kds_fetch(
     start_platform: Any, tls_dir: Path, snp_chip: EmulatedFirmware, kds: KDSServer, tmp_path: Path
 ) -> None:

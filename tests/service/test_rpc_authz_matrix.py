@@ -67,6 +67,9 @@ ROLES: dict[str, dict[str, frozenset[str]]] = {
         "ReleaseSecret": OWNER_LAUNCH,
         "AuthorizeSnpLaunch": OWNER_LAUNCH,
         "GetSnpAttestation": OWNER_LAUNCH,
+        # Admins revoke any authorisation; a launcher only its own (the owner's core checks, README
+        # "SEV-SNP"): its launch failed before RUNNING, so the guest must not attest later.
+        "RevokeSnpAuthorization": OWNER_ADMINS | OWNER_LAUNCH,
         **{
             m: OWNER_ADMINS
             for m in (
@@ -81,7 +84,6 @@ ROLES: dict[str, dict[str, frozenset[str]]] = {
                 "RotateSnpKey",
                 "ListSnpKeys",
                 "ListSnpAuthorizations",
-                "RevokeSnpAuthorization",
                 "ListWorkloads",
                 "DeleteWorkload",
                 "DeleteSecret",

@@ -105,6 +105,7 @@ def test_an_snp_launch_goes_through_its_phases_with_the_owners_authorisation(tmp
     assert rec.state is Phase.RUNNING and rec.mode is LaunchFlow.SNP
     assert rec.attested and rec.authorization_id == "auth-1"
     assert hv.domains == {rec.domain_name: "running"}
+    assert owner.revoked == []  # a launch that reached RUNNING keeps its (released) authorisation
     assert "start_paused" not in hv.calls and "resume" not in hv.calls  # an SNP guest is never paused
     # The owner was asked about exactly this launch, with the platform's evidence as the platform sent it.
     assert owner.evidence == [EVIDENCE]
@@ -188,11 +189,14 @@ def test_an_inconsistent_authorisation_is_refused_before_anything_is_defined(
 ) -> None:
     auth, reason = _bad_authorizations()[case]
     hv = FakeHypervisor()
-    rec, events = _run(_core(tmp_path, hv, FakeSnpOwner(auth)), _spec())
+    owner = FakeSnpOwner(auth)
+    rec, events = _run(_core(tmp_path, hv, owner), _spec())
     assert events[-1].phase is Phase.FAILED and events[-1].failed_phase is Phase.AUTHORIZED
     assert (rec.state, rec.reason) == (Phase.FAILED, reason)
     assert "define" not in hv.calls
     _nothing_left(hv)
+    # Open at the owner though never used: revoked, when its id is one the owner could have issued.
+    assert owner.revoked == ([] if case == "bad authorisation id" else [auth.authorization_id])
 
 
 def _failure(tmp_path: Path, hv: FakeHypervisor, owner: FakeSnpOwner, **kw: Any) -> tuple[LaunchRecord, Any]:
@@ -209,6 +213,7 @@ def test_a_platform_failure_fails_before_the_owner_is_asked(tmp_path: Path) -> N
     )
     assert (rec.failed_phase, rec.reason) == (Phase.CHAIN_FETCHED, "platform_unavailable")
     assert owner.configs == [] and "define" not in hv.calls
+    assert owner.revoked == []  # nothing was authorised
 
 
 def test_the_owners_refusal_to_authorise_passes_through(tmp_path: Path) -> None:
@@ -219,6 +224,7 @@ def test_the_owners_refusal_to_authorise_passes_through(tmp_path: Path) -> None:
     rec, _ = _failure(tmp_path, hv, owner)
     assert (rec.failed_phase, rec.reason) == (Phase.AUTHORIZED, "tcb_below_minimum")
     assert "define" not in hv.calls
+    assert owner.revoked == []  # nothing was authorised
 
 
 def test_a_firmware_refusal_at_start_is_snp_launch_refused_and_the_domain_destroyed(tmp_path: Path) -> None:
@@ -230,6 +236,8 @@ def test_a_firmware_refusal_at_start_is_snp_launch_refused_and_the_domain_destro
     assert event.reason == "snp_launch_refused" and "SNP_LAUNCH_FINISH" in event.detail
     assert hv.calls.count("define") == 1 and hv.calls[-1] == "destroy"
     assert owner.polls == 0
+    # The authorisation of the refused launch does not stay open until it expires.
+    assert owner.revoked == ["auth-1"]
 
 
 @pytest.mark.parametrize(
@@ -246,8 +254,10 @@ def test_a_refused_attestation_destroys_the_running_guest(
     verdict: AttestationVerdict, reason: str, tmp_path: Path
 ) -> None:
     hv = FakeHypervisor()
-    rec, _event = _failure(tmp_path, hv, FakeSnpOwner(authorization(DIGEST), verdicts=[verdict]))
+    owner = FakeSnpOwner(authorization(DIGEST), verdicts=[verdict])
+    rec, _event = _failure(tmp_path, hv, owner)
     assert (rec.failed_phase, rec.reason) == (Phase.RUNNING, reason)
+    assert owner.revoked == ["auth-1"]  # the real owner answers session_not_open: it closed it itself
     assert "start_snp" in hv.calls and hv.calls[-1] == "destroy"
     assert not rec.attested
 
@@ -280,6 +290,7 @@ def test_a_guest_that_never_attests_is_destroyed_at_the_deadline(tmp_path: Path)
     assert (rec.state, rec.failed_phase, rec.reason) == (Phase.FAILED, Phase.RUNNING, "phase_deadline")
     assert owner.polls >= 5
     _nothing_left(hv)
+    assert owner.revoked == ["auth-1"]
 
 
 def test_an_abort_while_the_guest_attests_destroys_it(tmp_path: Path) -> None:
@@ -299,6 +310,31 @@ def test_an_abort_while_the_guest_attests_destroys_it(tmp_path: Path) -> None:
     rec = asyncio.run(main())
     assert (rec.state, rec.failed_phase, rec.reason) == (Phase.FAILED, Phase.RUNNING, "aborted")
     _nothing_left(hv)
+    assert owner.revoked == ["auth-1"]
+
+
+@pytest.mark.parametrize(
+    ("error", "level", "message"),
+    [
+        (Unavailable("owner_unavailable", "down"), "WARNING", "stays open until it expires"),
+        (FailedPrecondition("session_not_open", "closed"), "INFO", "already closed"),
+        (RuntimeError("a bug in a port"), "WARNING", "stays open until it expires"),
+    ],
+)
+def test_a_revocation_that_fails_is_logged_and_the_launch_still_fails_closed(
+    error: Exception, level: str, message: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    hv = FakeHypervisor()
+    hv.refuse_snp_finish = True
+    owner = FakeSnpOwner(authorization(DIGEST), revoke_error=error)
+    with caplog.at_level("INFO", logger="launcher_svc"):
+        rec, event = _failure(tmp_path, hv, owner)
+    assert (rec.failed_phase, rec.reason) == (Phase.STARTED, LaunchReason.SNP_LAUNCH_REFUSED)
+    assert event.reason == "snp_launch_refused" and hv.calls[-1] == "destroy"
+    assert owner.revoked == ["auth-1"]
+    [logged] = [r for r in caplog.records if "SNP authorisation" in r.getMessage()]
+    assert logged.levelname == level and message in logged.getMessage()
+    assert getattr(logged, "authorization_id", None) == "auth-1"
 
 
 # ---------------------------------------------------------------------------------------------------

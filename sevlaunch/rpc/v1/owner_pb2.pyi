@@ -4,7 +4,8 @@ isort:skip_file
 owner_svc: the guest owner's root of trust, over mTLS.
 
 Roles (by client certificate CN, deny by default): `launcher` and `client` may call OpenSession,
-ReleaseSecret and AuthorizeSnpLaunch; `owner-admin` may call the admin RPCs (PutWorkload, GetWorkload,
+ReleaseSecret, AuthorizeSnpLaunch, GetSnpAttestation and RevokeSnpAuthorization (their own
+authorisations only); `owner-admin` may call the admin RPCs (PutWorkload, GetWorkload,
 PutSecret, ImportReferenceValues, ListReferenceValues, ListSessions, GetAuditLog, RevokeSession,
 RotateSnpKey, ListSnpKeys, ListSnpAuthorizations, RevokeSnpAuthorization, ListWorkloads, DeleteWorkload,
 DeleteSecret, RevokeReferenceValues). An SEV-SNP guest attests on the owner's separate

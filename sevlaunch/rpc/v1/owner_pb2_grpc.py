@@ -250,7 +250,9 @@ class OwnerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RevokeSnpAuthorization(self, request, context):
-        """Admin. Withdraws an authorisation not yet released: its guest can no longer attest (audited).
+        """Admin, or the identity that got the authorisation (a launcher whose launch ended before RUNNING:
+        a firmware refusal at SNP_LAUNCH_FINISH, an abort, a failed start). Withdraws an authorisation not
+        yet released: its guest can no longer attest (audited; another caller's is `wrong_caller`, audited).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

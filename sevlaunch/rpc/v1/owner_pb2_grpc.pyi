@@ -4,7 +4,8 @@ isort:skip_file
 owner_svc: the guest owner's root of trust, over mTLS.
 
 Roles (by client certificate CN, deny by default): `launcher` and `client` may call OpenSession,
-ReleaseSecret and AuthorizeSnpLaunch; `owner-admin` may call the admin RPCs (PutWorkload, GetWorkload,
+ReleaseSecret, AuthorizeSnpLaunch, GetSnpAttestation and RevokeSnpAuthorization (their own
+authorisations only); `owner-admin` may call the admin RPCs (PutWorkload, GetWorkload,
 PutSecret, ImportReferenceValues, ListReferenceValues, ListSessions, GetAuditLog, RevokeSession,
 RotateSnpKey, ListSnpKeys, ListSnpAuthorizations, RevokeSnpAuthorization, ListWorkloads, DeleteWorkload,
 DeleteSecret, RevokeReferenceValues). An SEV-SNP guest attests on the owner's separate
@@ -126,7 +127,10 @@ class OwnerServiceStub:
     ListSnpKeys: _grpc.UnaryUnaryMultiCallable[_owner_pb2.ListSnpKeysRequest, _owner_pb2.ListSnpKeysResponse]
     ListSnpAuthorizations: _grpc.UnaryUnaryMultiCallable[_owner_pb2.ListSnpAuthorizationsRequest, _owner_pb2.ListSnpAuthorizationsResponse]
     RevokeSnpAuthorization: _grpc.UnaryUnaryMultiCallable[_owner_pb2.RevokeSnpAuthorizationRequest, _owner_pb2.RevokeSnpAuthorizationResponse]
-    """Admin. Withdraws an authorisation not yet released: its guest can no longer attest (audited)."""
+    """Admin, or the identity that got the authorisation (a launcher whose launch ended before RUNNING:
+    a firmware refusal at SNP_LAUNCH_FINISH, an abort, a failed start). Withdraws an authorisation not
+    yet released: its guest can no longer attest (audited; another caller's is `wrong_caller`, audited).
+    """
     ListWorkloads: _grpc.UnaryUnaryMultiCallable[_owner_pb2.ListWorkloadsRequest, _owner_pb2.ListWorkloadsResponse]
     """The workloads, one page in workload_id order."""
     DeleteWorkload: _grpc.UnaryUnaryMultiCallable[_owner_pb2.DeleteWorkloadRequest, _owner_pb2.DeleteWorkloadResponse]
@@ -185,7 +189,10 @@ class OwnerServiceAsyncStub(OwnerServiceStub):
     ListSnpKeys: _aio.UnaryUnaryMultiCallable[_owner_pb2.ListSnpKeysRequest, _owner_pb2.ListSnpKeysResponse]  # type: ignore[assignment]
     ListSnpAuthorizations: _aio.UnaryUnaryMultiCallable[_owner_pb2.ListSnpAuthorizationsRequest, _owner_pb2.ListSnpAuthorizationsResponse]  # type: ignore[assignment]
     RevokeSnpAuthorization: _aio.UnaryUnaryMultiCallable[_owner_pb2.RevokeSnpAuthorizationRequest, _owner_pb2.RevokeSnpAuthorizationResponse]  # type: ignore[assignment]
-    """Admin. Withdraws an authorisation not yet released: its guest can no longer attest (audited)."""
+    """Admin, or the identity that got the authorisation (a launcher whose launch ended before RUNNING:
+    a firmware refusal at SNP_LAUNCH_FINISH, an abort, a failed start). Withdraws an authorisation not
+    yet released: its guest can no longer attest (audited; another caller's is `wrong_caller`, audited).
+    """
     ListWorkloads: _aio.UnaryUnaryMultiCallable[_owner_pb2.ListWorkloadsRequest, _owner_pb2.ListWorkloadsResponse]  # type: ignore[assignment]
     """The workloads, one page in workload_id order."""
     DeleteWorkload: _aio.UnaryUnaryMultiCallable[_owner_pb2.DeleteWorkloadRequest, _owner_pb2.DeleteWorkloadResponse]  # type: ignore[assignment]
@@ -337,7 +344,10 @@ class OwnerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _owner_pb2.RevokeSnpAuthorizationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_owner_pb2.RevokeSnpAuthorizationResponse, _abc.Awaitable[_owner_pb2.RevokeSnpAuthorizationResponse]]:
-        """Admin. Withdraws an authorisation not yet released: its guest can no longer attest (audited)."""
+        """Admin, or the identity that got the authorisation (a launcher whose launch ended before RUNNING:
+        a firmware refusal at SNP_LAUNCH_FINISH, an abort, a failed start). Withdraws an authorisation not
+        yet released: its guest can no longer attest (audited; another caller's is `wrong_caller`, audited).
+        """
 
     @_abc_1.abstractmethod
     def ListWorkloads(
