@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import threading
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ from owner_support import SEV_POLICY, Publisher, emulator_chain, launch, provisi
 
 from owner_svc.server import main as owner_main
 from sevlaunch.cli import main as cli_main
-from sevlaunch.rpc.v1 import owner_pb2
+from sevlaunch.rpc import secure_channel_sync
+from sevlaunch.rpc.v1 import owner_pb2, owner_pb2_grpc
 
 pytest_plugins = ["owner_support"]
 
@@ -81,21 +83,32 @@ def test_two_workers_share_the_port_release_once_and_stop_cleanly(
         h = ProcessHarness(address, tls_dir)
         provision(h, publisher)  # type: ignore[arg-type]
         chain = emulator_chain(emu)
-        # 32 connections: the kernel hashes each to a worker, so both serve some of them.
-        stubs = [h.stub() for _ in range(32)]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
-            replies = list(
-                pool.map(
-                    lambda s: s.OpenSession(
-                        owner_pb2.OpenSessionRequest(workload_id="web", chain=chain, policy=SEV_POLICY),
-                        timeout=60,
-                    ),
-                    stubs,
-                )
+        # Connections of their own (no shared subchannel): the kernel hashes each to a worker. The
+        # second worker may bind a moment after the first answers, so keep connecting, in rounds of
+        # 32, until both have served (bounded: a worker that never serves fails the test).
+        def own_stub() -> Any:
+            channel = secure_channel_sync(
+                address, tls_dir, "launcher", options=(("grpc.use_local_subchannel_pool", 1),)
             )
-        assert len({r.session_id for r in replies}) == 32
-        for worker_metrics in (metrics, metrics + 1):  # worker i serves metrics on the port + i
-            assert _opened_total(worker_metrics) >= 1
+            return owner_pb2_grpc.OwnerServiceStub(channel)
+
+        def open_session(stub: Any) -> Any:
+            request = owner_pb2.OpenSessionRequest(workload_id="web", chain=chain, policy=SEV_POLICY)
+            return stub.OpenSession(request, timeout=60)
+
+        stubs: list[Any] = []
+        replies: list[Any] = []
+        deadline = time.monotonic() + 60
+        while True:
+            batch = [own_stub() for _ in range(32)]
+            with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
+                replies += list(pool.map(open_session, batch))
+            stubs += batch
+            served = [_opened_total(m) for m in (metrics, metrics + 1)]  # worker i: metrics port + i
+            if min(served) >= 1 or time.monotonic() > deadline:
+                break
+        assert min(served) >= 1, f"sessions opened per worker: {served}"
+        assert sum(served) == len(replies) == len({r.session_id for r in replies})
 
         # The 50-way race on one session, over connections spread across both workers.
         run = launch(emu, replies[0])
