@@ -6,7 +6,7 @@ import datetime as _dt
 import json
 import logging
 import sys
-from typing import Any
+from typing import Any, Protocol
 
 from sevlaunch.rpc.launchid import current_launch_id
 
@@ -41,9 +41,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj, default=str, separators=(",", ":"))
 
 
-def configure_logging(level: str | int = "INFO") -> None:
-    """Routes the root logger to stderr as JSON lines (idempotent: replaces earlier handlers)."""
-    handler = logging.StreamHandler(sys.stderr)
+class TextSink(Protocol):
+    """What a logging handler writes to: stderr, or the router's direct stream (`stderr.json_stderr`)."""
+
+    def write(self, text: str, /) -> object: ...
+
+    def flush(self) -> None: ...
+
+
+def configure_logging(level: str | int = "INFO", stream: TextSink | None = None) -> None:
+    """Routes the root logger to `stream` (default stderr) as JSON lines (idempotent: replaces earlier
+    handlers)."""
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
