@@ -20,7 +20,7 @@ import sys
 import threading
 from collections.abc import Iterator
 
-from sevlaunch.rpc.logs import JsonFormatter
+from sevlaunch.rpc.logs import JsonFormatter, TextSink
 
 #: glog / absl prefix: severity letter, MMDD, time, thread id, file:line].
 _GLOG = re.compile(rb"^([IWEF])\d{4} [0-9:.]+\s+\d+ ([^\]\s]+:\d+)\] ?(.*)$")
@@ -129,13 +129,21 @@ class _Router:
             os.close(self.saved)
 
 
+def _writes_to_fd2(stream: object) -> bool:
+    try:
+        return bool(stream.fileno() == 2)  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return False
+
+
 @contextlib.contextmanager
-def json_stderr() -> Iterator[DirectStream]:
+def json_stderr() -> Iterator[TextSink]:
     """Within the block, every line written to fd 2 (by Python, the gRPC core or any library) comes
     out on the real stderr as one JSON object. Yields the stream for Python's logging handler, whose
-    lines are JSON already and need no routing."""
+    lines are JSON already and need no routing: the real stderr, past the pipe, when sys.stderr is fd 2;
+    else (a caller that replaced sys.stderr, as a test capturing it does) sys.stderr itself."""
     router = _Router()
     try:
-        yield router.direct
+        yield router.direct if _writes_to_fd2(sys.stderr) else sys.stderr
     finally:
         router.close()
