@@ -64,10 +64,10 @@ def counts(quick: bool, tiny: bool) -> dict[str, int]:
                     digest_rounds=2, wall_runs=1, profile_pairs=8, commit_pairs=2)  # fmt: skip
     if quick:
         return dict(pairs=96, clients=(1, 8, 64), launches=8, chain_calls=200, scale=40, hosts=4,
-                    sessions=1000, digest_rounds=7, wall_runs=3, profile_pairs=100,
+                    sessions=1000, digest_rounds=7, wall_runs=15, profile_pairs=100,
                     commit_pairs=10)  # fmt: skip
     return dict(pairs=640, clients=(1, 8, 64), launches=30, chain_calls=200, scale=200, hosts=4,
-                sessions=10000, digest_rounds=15, wall_runs=5, profile_pairs=200,
+                sessions=10000, digest_rounds=15, wall_runs=25, profile_pairs=200,
                 commit_pairs=25)  # fmt: skip
 
 
@@ -438,7 +438,8 @@ def report(r: dict[str, Any], s: dict[str, Any], m: dict[str, str], command: str
         f"- SEV-SNP launch digest of the same image (`sevlaunch.snp`, 4 vCPUs): "
         f"{dg['snp_launch_digest_mb_s']:.0f} MB/s; hashlib.sha384 of its bytes: "
         f"{dg['sha384_mb_s']:.0f} MB/s; ratio {dg['snp_launch_digest_ratio']:.2f}.",
-        f"- As commands (wall, interpreter start included, median): `python -m sevlaunch measurement digest`"
+        f"- As commands (wall, interpreter start included, median of {dg['wall_runs']} interleaved runs, "
+        "bytecode cached as an installed package has it): `python -m sevlaunch measurement digest`"
         f" {dg['cli_wall_ms']:.0f} ms, `sev-snp-measure --mode sev` "
         + (f"{dg['snp_cli_wall_ms']:.0f} ms." if dg["snp_cli_wall_ms"] is not None else "not installed."),
         "",

@@ -25,7 +25,7 @@ from sevlaunch.sev.digest import launch_digest
 from sevlaunch.sev.errors import SevError
 from sevlaunch.sev.technology import Technology
 from sevlaunch.sev.types import LaunchDigest, MNonce
-from sevlaunch.sev.vmsa import VCPU_TYPES, VMSALayout, vcpu_signature
+from sevlaunch.sev.vcpu import VCPU_TYPES, VMSALayout, vcpu_signature
 
 _MEASUREMENT_BLOB = 48
 _MNONCE = 16

@@ -141,9 +141,9 @@ def server_main(
     """Parses the flags (and their SEVLAUNCH_ variables), sets up JSON logging and runs `run(args)`.
     A configuration, TLS or bind problem is logged as "cannot start" and gives exit status 1. While it
     runs, whatever reaches stderr outside Python's logging (the gRPC core's own lines) is JSON too."""
-    with json_stderr():
+    with json_stderr() as direct:
         args = parse_args_with_env(parser, argv)  # a usage error is JSON too (logger "stderr")
-        configure_logging(args.log_level)
+        configure_logging(args.log_level, direct)
         try:
             tracing.configure(parser.prog, optional_address(getattr(args, "otlp_endpoint", None)))
             asyncio.run(run(args))

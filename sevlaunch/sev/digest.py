@@ -15,42 +15,40 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from sevlaunch.sev import footer
 from sevlaunch.sev.errors import MalformedInput, Reason, Unsupported
-from sevlaunch.sev.kernel_hashes import PADDED_TABLE_LENGTH, build_hashes_table
-from sevlaunch.sev.ovmf import OVMF
 from sevlaunch.sev.technology import PRE_LAUNCH, Technology
 from sevlaunch.sev.types import LaunchDigest
-from sevlaunch.sev.vmsa import VMSA_SIZE, VMSALayout, build_vmsa
+
+# The VMSA model and the kernel hashes table are imported where used: a plain SEV digest (the common
+# `sevlaunch measurement digest --mode sev`) needs neither, and a command's start-up is mostly imports.
+from sevlaunch.sev.vcpu import VMSALayout
+
+if TYPE_CHECKING:
+    from sevlaunch.sev.launch_update import LaunchUpdate
 
 
-@dataclass(frozen=True)
-class LaunchUpdate:
-    """One LAUNCH_UPDATE_DATA (`kind="data"`, at guest physical address `gpa`) or LAUNCH_UPDATE_VMSA
-    (`kind="vmsa"`, `gpa` None: the firmware takes the page from the vCPU, not from guest memory)."""
+def __getattr__(name: str) -> Any:
+    # `LaunchUpdate` is a dataclass, and `dataclasses` costs a command ~6 ms to import: it lives in
+    # `launch_update` and is loaded the first time it is asked for, which a plain SEV digest never does.
+    if name == "LaunchUpdate":
+        from sevlaunch.sev.launch_update import LaunchUpdate
 
-    kind: Literal["data", "vmsa"]
-    gpa: int | None
-    data: bytes
+        return LaunchUpdate
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    def __post_init__(self) -> None:
-        if self.kind == "data":
-            if self.gpa is None or not 0 <= self.gpa < (1 << 64):
-                raise ValueError("a data update needs a 64-bit guest physical address")
-            # The firmware encrypts in 16-byte blocks; QEMU only ever hands it such lengths.
-            if len(self.data) % 16:
-                raise MalformedInput(
-                    Reason.BAD_LENGTH, f"LAUNCH_UPDATE_DATA length {len(self.data)} is not a multiple of 16"
-                )
-        elif self.kind == "vmsa":
-            if self.gpa is not None:
-                raise ValueError("a VMSA update has no guest physical address")
-            if len(self.data) != VMSA_SIZE:
-                raise MalformedInput(Reason.BAD_LENGTH, f"a VMSA is {VMSA_SIZE} bytes, got {len(self.data)}")
-        else:
-            raise ValueError(f"unknown launch update kind {self.kind!r}")
+
+def check_data_update(gpa: int | None, data: bytes) -> None:
+    """A LAUNCH_UPDATE_DATA's checks: a 64-bit guest physical address, whole 16-byte blocks."""
+    if gpa is None or not 0 <= gpa < (1 << 64):
+        raise ValueError("a data update needs a 64-bit guest physical address")
+    # The firmware encrypts in 16-byte blocks; QEMU only ever hands it such lengths.
+    if len(data) % 16:
+        raise MalformedInput(
+            Reason.BAD_LENGTH, f"LAUNCH_UPDATE_DATA length {len(data)} is not a multiple of 16"
+        )
 
 
 def _mode(mode: Technology | str) -> Technology:
@@ -80,6 +78,9 @@ def launch_updates(
     `vcpu_sig` (CPUID 1 EAX, see `vmsa.vcpu_signature`) is needed for SEV-ES only. An initrd or a
     command line without a kernel is a usage error: QEMU adds the hashes table only for a kernel.
     """
+    from sevlaunch.sev.launch_update import LaunchUpdate
+    from sevlaunch.sev.ovmf import OVMF
+
     launch_mode = _mode(mode)
     if kernel is None and (initrd is not None or cmdline is not None):
         raise TypeError("an initrd or a command line needs a kernel")
@@ -87,6 +88,8 @@ def launch_updates(
     updates = [LaunchUpdate("data", parsed.gpa, ovmf)]
 
     if kernel is not None:
+        from sevlaunch.sev.kernel_hashes import PADDED_TABLE_LENGTH, build_hashes_table
+
         if parsed.hashes_table is None:
             raise Unsupported(
                 Reason.NO_HASHES_TABLE,
@@ -109,6 +112,8 @@ def launch_updates(
                 Reason.NO_SEV_ES_RESET_BLOCK,
                 "the OVMF has no SEV-ES reset block, so it cannot boot SEV-ES APs",
             )
+        from sevlaunch.sev.vmsa import build_vmsa
+
         bsp = build_vmsa(eip=None, vcpu_sig=vcpu_sig, layout=layout, bsp=True)
         updates.append(LaunchUpdate("vmsa", None, bsp))
         if vcpus > 1:
@@ -138,6 +143,12 @@ def launch_digest(
     cmdline: str | bytes | None = None,
 ) -> LaunchDigest:
     """The 32-byte launch digest the firmware will hold after QEMU launched this configuration."""
+    if kernel is None and initrd is None and cmdline is None and _mode(mode) is Technology.SEV:
+        # A plain SEV launch is one update, the image: the same checks as `launch_updates` (the footer
+        # as OVMF.from_bytes reads it, the update's length), then one SHA-256, without the models.
+        footer.check_image(ovmf)
+        check_data_update(footer.FOUR_GIB - len(ovmf), ovmf)
+        return LaunchDigest(hashlib.sha256(ovmf).digest())
     return digest_updates(
         launch_updates(
             ovmf,

@@ -52,6 +52,18 @@ def _two_free_ports() -> int:
     raise AssertionError("no two consecutive free ports")
 
 
+def _wait_metrics(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _opened_total(port: int) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     line = next(x for x in text.splitlines() if x.startswith("sevlaunch_owner_sessions_opened_total "))
@@ -80,6 +92,10 @@ def test_two_workers_share_the_port_release_once_and_stop_cleanly(
         wait_serving(address, tls_dir, proc)
         workers = _children(proc.pid)
         assert len(workers) == 2
+        # One worker serving says nothing of the other: connections made before it binds all go to the
+        # first. A worker serves its metrics only after its gRPC port is bound, so wait for both.
+        for worker_metrics in (metrics, metrics + 1):
+            _wait_metrics(worker_metrics)
         h = ProcessHarness(address, tls_dir)
         provision(h, publisher)  # type: ignore[arg-type]
         chain = emulator_chain(emu)
