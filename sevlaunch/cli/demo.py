@@ -45,6 +45,24 @@ GOOD_GUEST = "demo-guest"
 TAMPERED_GUEST = "demo-tampered"
 
 
+
+def kept_services_json(env: DemoEnvironment, workload: str) -> dict[str, Any]:
+    """What `--keep --json` adds: the running services and where their material is."""
+    return {
+        "services": {
+            s.name: {
+                "address": s.address,
+                "pid": s.pid,
+                "metrics_url": s.metrics_url,
+                "log": str(s.log_path),
+            }
+            for s in env.services.values()
+        },
+        "tls_dir": str(env.tls_dir),
+        "workdir": str(env.workdir),
+        "workload": workload,
+    }
+
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser(
         "demo",
@@ -301,18 +319,7 @@ def run_demo(args: argparse.Namespace) -> int:
         if error:
             doc["error"] = error
         if args.keep and env.keep:
-            doc["services"] = {
-                s.name: {
-                    "address": s.address,
-                    "pid": s.pid,
-                    "metrics_url": s.metrics_url,
-                    "log": str(s.log_path),
-                }
-                for s in env.services.values()
-            }
-            doc["tls_dir"] = str(env.tls_dir)
-            doc["workdir"] = str(env.workdir)
-            doc["workload"] = WORKLOAD_ID
+            doc |= kept_services_json(env, WORKLOAD_ID)
         json.dump(doc, sys.stdout, indent=2)
         print()
     return 0 if ok else 1

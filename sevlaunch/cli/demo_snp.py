@@ -46,6 +46,7 @@ from sevlaunch.cli.demo import (
     _short,
     _signals_deferred,
     _terminate_as_interrupt,
+    kept_services_json,
 )
 from sevlaunch.demo.env import DemoError, LaunchOutcome
 from sevlaunch.demo.services import ServiceStartError
@@ -226,18 +227,7 @@ def run_snp_demo(args: argparse.Namespace) -> int:
         if error:
             doc["error"] = error
         if args.keep and env.keep:
-            doc["services"] = {
-                s.name: {
-                    "address": s.address,
-                    "pid": s.pid,
-                    "metrics_url": s.metrics_url,
-                    "log": str(s.log_path),
-                }
-                for s in env.services.values()
-            }
-            doc["tls_dir"] = str(env.tls_dir)
-            doc["workdir"] = str(env.workdir)
-            doc["workload"] = SNP_WORKLOAD_ID
+            doc |= kept_services_json(env, SNP_WORKLOAD_ID)
         json.dump(doc, sys.stdout, indent=2)
         print()
     return 0 if ok else 1
