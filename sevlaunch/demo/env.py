@@ -335,15 +335,7 @@ class DemoEnvironment:
         assert self.kds is not None, "prepare() first"
         t = time.monotonic()
         deadline = time.monotonic() + self.start_timeout
-        common = [
-            "--tls-dir",
-            str(self.tls_dir),
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            *(["--otlp-endpoint", self.otlp_endpoint] if self.otlp_endpoint else []),
-        ]
+        common = self._common_service_args()
         self._spawn(
             "owner",
             [
@@ -368,7 +360,6 @@ class DemoEnvironment:
         )  # fmt: skip
         # The launcher needs the platform's port, known once the platform has bound it.
         wait_started(self.services["platform"], deadline=deadline)
-        image_dirs = dict.fromkeys([str(self.firmware.resolve().parent), str(self.images_dir.resolve())])
         self._spawn(
             "launcher",
             [
@@ -377,18 +368,36 @@ class DemoEnvironment:
                 *(self.hypervisor_args or ("--hypervisor", "emulated", "--emulator", str(self.chip_dir))),
                 "--db", str(self.workdir / "launcher" / "launcher.db"),
                 "--secret-gpa", hex(SECRET_GPA),
-                "--image-dir", ":".join(image_dirs),
+                "--image-dir", self._image_dirs(),
             ],
         )  # fmt: skip
+        self._wait_all_serving(deadline)
+        self._step(f"services SERVING: {self._services_text()}", t)
+
+    def _common_service_args(self) -> list[str]:
+        """The flags every service of the demo starts with: its TLS folder, ports the OS picks, tracing."""
+        return [
+            "--tls-dir",
+            str(self.tls_dir),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            *(["--otlp-endpoint", self.otlp_endpoint] if self.otlp_endpoint else []),
+        ]
+
+    def _image_dirs(self) -> str:
+        """The launcher's --image-dir: the firmware's folder and the demo's own images."""
+        return ":".join(dict.fromkeys([str(self.firmware.resolve().parent), str(self.images_dir.resolve())]))
+
+    def _wait_all_serving(self, deadline: float) -> None:
         for name in ("owner", "launcher"):
             wait_started(self.services[name], deadline=deadline)
         for service in self.services.values():
             wait_serving(service, tls_dir=self.tls_dir, deadline=deadline)
-        self._step(
-            "services SERVING: "
-            + ", ".join(f"{s.name} {s.address} (pid {s.pid})" for s in self.services.values()),
-            t,
-        )
+
+    def _services_text(self) -> str:
+        return ", ".join(f"{s.name} {s.address} (pid {s.pid})" for s in self.services.values())
 
     def _spawn(self, name: str, args: Sequence[str]) -> None:
         with signals_deferred():  # the child is recorded before any interrupt can unwind past it

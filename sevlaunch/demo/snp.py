@@ -37,7 +37,7 @@ from sevlaunch.demo.env import (
     firmware_version,
     tamper_firmware,
 )
-from sevlaunch.demo.services import wait_serving, wait_started
+from sevlaunch.demo.services import wait_started
 from sevlaunch.firmware.emulator import ChipConfig, EmulatedFirmware
 from sevlaunch.firmware.emulator.snp_keys import SNP_ROOT_PEM
 from sevlaunch.refvalues import (
@@ -269,14 +269,7 @@ class SnpDemoEnvironment(DemoEnvironment):
     def start(self) -> None:
         t = time.monotonic()
         deadline = time.monotonic() + self.start_timeout
-        common = [
-            "--tls-dir",
-            str(self.tls_dir),
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ]
+        common = self._common_service_args()
         self._spawn(
             "owner",
             [
@@ -295,7 +288,6 @@ class SnpDemoEnvironment(DemoEnvironment):
         )  # fmt: skip
         self._spawn("platform", [*common, "--emulator", str(self.chip_dir), *self.platform_args])
         wait_started(self.services["platform"], deadline=deadline)
-        image_dirs = dict.fromkeys([str(self.firmware.resolve().parent), str(self.images_dir.resolve())])
         self._spawn(
             "launcher",
             [
@@ -308,21 +300,14 @@ class SnpDemoEnvironment(DemoEnvironment):
                 "--attestation-poll", str(self.attestation_poll),
                 "--vcpu-type", SNP_VCPU_TYPE,
                 "--db", str(self.workdir / "launcher" / "launcher.db"),
-                "--image-dir", ":".join(image_dirs),
+                "--image-dir", self._image_dirs(),
                 "--phase-timeout", "30",
             ],
         )  # fmt: skip
-        for name in ("owner", "launcher"):
-            wait_started(self.services[name], deadline=deadline)
-        for service in self.services.values():
-            wait_serving(service, tls_dir=self.tls_dir, deadline=deadline)
+        self._wait_all_serving(deadline)
         self.guest_port = _guest_port(self.services["owner"].log_path)
-        self._step(
-            "services SERVING: "
-            + ", ".join(f"{s.name} {s.address} (pid {s.pid})" for s in self.services.values())
-            + f"; owner guest port 127.0.0.1:{self.guest_port}",
-            t,
-        )
+        guest = f"owner guest port 127.0.0.1:{self.guest_port}"
+        self._step(f"services SERVING: {self._services_text()}; {guest}", t)
 
     def configure_owner(self) -> None:
         assert self.chip_tcb is not None, "prepare() first"
