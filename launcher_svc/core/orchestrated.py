@@ -18,7 +18,7 @@ from launcher_svc.core.preflight import Preflight, SessionMaterial, parse_sessio
 from launcher_svc.core.reasons import LaunchReason
 from launcher_svc.core.spec import GuestSpec, validate_endpoint, validate_workload
 from launcher_svc.core.state import LaunchFlow, LaunchRecord, Phase, PhaseChange
-from launcher_svc.core.steps import ABORTED, StepMachine, Stepped, classify
+from launcher_svc.core.steps import ABORTED, StepMachine, Stepped, classify, failed_event
 from sevlaunch.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger("launcher_svc")
@@ -47,26 +47,11 @@ class OrchestratedFlow:
             owner_endpoint=owner_endpoint,
             workload_id=workload_id,
         )
-        await self.m.admit(spec, rec.launch_id)
-        try:
-            self.m.store.insert(rec)
-        except Exception:
-            self.m.release(rec.launch_id)
-            raise
-        queue: asyncio.Queue[LaunchEvent] = asyncio.Queue()
-        task = asyncio.create_task(
-            self.m.in_scope(rec.launch_id, self._drive(rec, pre, self.platform, self.owners, queue))
+        platform, owners = self.platform, self.owners
+        events = await self.m.start_driven(
+            spec, rec, lambda queue: self._drive(rec, pre, platform, owners, queue)
         )
-        self.m.active[rec.launch_id].task = task
-        return rec, self._events(queue)
-
-    @staticmethod
-    async def _events(queue: asyncio.Queue[LaunchEvent]) -> AsyncIterator[LaunchEvent]:
-        while True:
-            event = await queue.get()
-            yield event
-            if event.phase in (Phase.RUNNING, Phase.FAILED):
-                return
+        return rec, events
 
     async def _drive(
         self,
@@ -163,24 +148,12 @@ class OrchestratedFlow:
             reason, detail = active.cancel_reason if active and active.cancel_reason else ABORTED
             target = m.target(rec)
             failed = await m.shielded(m.fail_closed(rec, target, reason, detail))
-            queue.put_nowait(self._failed_event(failed, target, m.clock.time()))
+            queue.put_nowait(failed_event(failed, target, m.clock.time()))
         except Exception as exc:
             reason, detail = classify(exc)
             if reason == LaunchReason.INTERNAL:
                 log.exception("launch failed with an unexpected error", extra={"launch_id": rec.launch_id})
             target = m.target(rec)
             failed = await m.fail_closed(rec, target, reason, detail)
-            queue.put_nowait(self._failed_event(failed, target, m.clock.time()))
+            queue.put_nowait(failed_event(failed, target, m.clock.time()))
 
-    @staticmethod
-    def _failed_event(rec: LaunchRecord, target: Phase | None, now: float) -> LaunchEvent:
-        return LaunchEvent(
-            rec.launch_id,
-            Phase.FAILED,
-            now - rec.created_at,
-            rec.domain_name,
-            now,
-            failed_phase=target,
-            reason=rec.reason,
-            detail=rec.detail,
-        )

@@ -46,7 +46,6 @@ from launcher_svc.core.domain_xml import (
     SnpLaunchParams,
     build_domain_xml,
 )
-from launcher_svc.core.orchestrated import OrchestratedFlow
 from launcher_svc.core.ports import (
     AttestationState,
     AttestationVerdict,
@@ -60,7 +59,7 @@ from launcher_svc.core.preflight import Preflight
 from launcher_svc.core.reasons import LaunchReason
 from launcher_svc.core.spec import SNP_VMM_TYPE, WORKLOAD_RE, GuestSpec, validate_endpoint, validate_workload
 from launcher_svc.core.state import LaunchFlow, LaunchRecord, Phase, PhaseChange
-from launcher_svc.core.steps import ABORTED, StepMachine, Stepped, classify
+from launcher_svc.core.steps import ABORTED, StepMachine, Stepped, classify, failed_event
 from sevlaunch.errors import DeadlineExceeded, FailedPrecondition, Unavailable
 from sevlaunch.sev.errors import SevError
 from sevlaunch.sev.kernel_hashes import KernelHashes
@@ -161,16 +160,9 @@ class SnpFlow:
         rec = m.new_record(
             spec, LaunchFlow.SNP, requested_by, owner_endpoint=owner_endpoint, workload_id=workload_id
         )
-        await m.admit(spec, rec.launch_id)
-        try:
-            m.store.insert(rec)
-        except Exception:
-            m.release(rec.launch_id)
-            raise
-        queue: asyncio.Queue[LaunchEvent] = asyncio.Queue()
-        task = asyncio.create_task(self._drive(rec, pre, self.platform, self.owners, queue))
-        m.active[rec.launch_id].task = task
-        return rec, OrchestratedFlow._events(queue)
+        platform, owners = self.platform, self.owners
+        events = await m.start_driven(spec, rec, lambda queue: self._drive(rec, pre, platform, owners, queue))
+        return rec, events
 
     async def _drive(
         self,
@@ -234,7 +226,7 @@ class SnpFlow:
             target = m.target(rec)
             failed = await m.shielded(m.fail_closed(rec, target, reason, detail))
             await m.shielded(self._revoke(owners, failed))
-            queue.put_nowait(OrchestratedFlow._failed_event(failed, target, m.clock.time()))
+            queue.put_nowait(failed_event(failed, target, m.clock.time()))
         except Exception as exc:
             reason, detail = classify(exc)
             if reason == LaunchReason.INTERNAL:
@@ -244,7 +236,7 @@ class SnpFlow:
             target = m.target(rec)
             failed = await m.fail_closed(rec, target, reason, detail)
             await self._revoke(owners, failed)
-            queue.put_nowait(OrchestratedFlow._failed_event(failed, target, m.clock.time()))
+            queue.put_nowait(failed_event(failed, target, m.clock.time()))
 
     async def _revoke(self, owners: OwnerPort, rec: LaunchRecord) -> None:
         """Revokes the owner's authorisation of a launch that failed closed, if it got one. Never raises:

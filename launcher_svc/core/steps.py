@@ -18,13 +18,13 @@ import asyncio
 import dataclasses
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from launcher_svc.core.clock import Clock, Timer, wait_some, within
-from launcher_svc.core.config import LauncherConfig
+from launcher_svc.core.config import LauncherConfig, LaunchEvent
 from launcher_svc.core.domain_xml import SevLaunchParams, build_domain_xml, domain_name_for
 from launcher_svc.core.metrics import DestroyPath, LaunchMetrics, Outcome
 from launcher_svc.core.ports import Hypervisor, LaunchSecurityInfo, ReleasedSecret
@@ -144,6 +144,24 @@ class StepMachine:
     async def in_scope(self, launch_id: str, work: Awaitable[R]) -> R:
         with self.scope(launch_id):
             return await work
+
+    async def start_driven(
+        self,
+        spec: GuestSpec,
+        rec: LaunchRecord,
+        drive: Callable[[asyncio.Queue[LaunchEvent]], Coroutine[Any, Any, None]],
+    ) -> AsyncIterator[LaunchEvent]:
+        """Admits and stores `rec`, then drives it as a task of its own in the launch's scope (so a
+        client that goes away stops nothing); returns the stream of its events."""
+        await self.admit(spec, rec.launch_id)
+        try:
+            self.store.insert(rec)
+        except Exception:
+            self.release(rec.launch_id)
+            raise
+        queue: asyncio.Queue[LaunchEvent] = asyncio.Queue()
+        self.active[rec.launch_id].task = asyncio.create_task(self.in_scope(rec.launch_id, drive(queue)))
+        return launch_events(queue)
 
     def checkpoint(self, name: str) -> None:
         if self._checkpoint is not None:
@@ -525,3 +543,25 @@ class StepMachine:
         self._attempting.pop(rec.launch_id, None)
         self.metrics.launch_finished(rec.mode, Outcome.RUNNING, None)
         log.info("launch running", extra={"launch_id": rec.launch_id, "domain": rec.domain_name})
+
+
+async def launch_events(queue: asyncio.Queue[LaunchEvent]) -> AsyncIterator[LaunchEvent]:
+    """A driven launch's events, up to and including RUNNING or FAILED."""
+    while True:
+        event = await queue.get()
+        yield event
+        if event.phase in (Phase.RUNNING, Phase.FAILED):
+            return
+
+
+def failed_event(rec: LaunchRecord, target: Phase | None, now: float) -> LaunchEvent:
+    return LaunchEvent(
+        rec.launch_id,
+        Phase.FAILED,
+        now - rec.created_at,
+        rec.domain_name,
+        now,
+        failed_phase=target,
+        reason=rec.reason,
+        detail=rec.detail,
+    )

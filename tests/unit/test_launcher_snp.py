@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import contextvars
 import hashlib
 import sqlite3
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -59,6 +62,7 @@ def _core(
     *,
     platform: FakeSnpPlatform | None = None,
     phase_timeouts: dict[Phase, float] | None = None,
+    launch_scope: Any = None,
 ) -> Launcher:
     return Launcher(
         hypervisor=hv,
@@ -69,6 +73,7 @@ def _core(
             reconcile_interval=0, phase_timeouts=phase_timeouts or {}, attestation_poll=0.5
         ),
         clock=FakeClock(),
+        launch_scope=launch_scope,
     )
 
 
@@ -523,3 +528,36 @@ def _snp_domain(rec: LaunchRecord) -> str:
         sev=SnpLaunchParams(51, 1, SNP_POLICY),
         loader=LoaderType.ROM,
     )
+
+
+_LAUNCH_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("launch_id", default=None)
+
+
+@contextlib.contextmanager
+def _recording_scope(launch_id: str) -> Iterator[None]:
+    token = _LAUNCH_ID.set(launch_id)
+    try:
+        yield
+    finally:
+        _LAUNCH_ID.reset(token)
+
+
+class _ScopeSeeingOwner(FakeSnpOwner):
+    """Records the launch id in force when the launcher asks the owner (the server's scope puts it in
+    the calls' metadata; a launch driven outside its scope would send none)."""
+
+    seen: list[str | None]
+
+    async def authorize_snp_launch(self, *args: Any, **kwargs: Any) -> Any:
+        self.seen.append(_LAUNCH_ID.get())
+        return await super().authorize_snp_launch(*args, **kwargs)
+
+
+def test_an_snp_launch_runs_in_its_launch_scope(tmp_path: Path) -> None:
+    owner = _ScopeSeeingOwner(authorization(DIGEST))
+    owner.seen = []
+    # The server passes sevlaunch.rpc.launch_id_scope; this one records the id the same way.
+    core = _core(tmp_path, FakeHypervisor(), owner, launch_scope=_recording_scope)
+    rec, events = _run(core, _spec())
+    assert events[-1].phase is Phase.RUNNING
+    assert owner.seen == [rec.launch_id]
