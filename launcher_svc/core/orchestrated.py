@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 from launcher_svc.core.config import LaunchEvent
 from launcher_svc.core.ports import OwnerPort, OwnerSession, PlatformChain, PlatformPort, ReleasedSecret
@@ -18,7 +17,7 @@ from launcher_svc.core.preflight import Preflight, SessionMaterial, parse_sessio
 from launcher_svc.core.reasons import LaunchReason
 from launcher_svc.core.spec import GuestSpec, validate_endpoint, validate_workload
 from launcher_svc.core.state import LaunchFlow, LaunchRecord, Phase, PhaseChange
-from launcher_svc.core.steps import ABORTED, StepMachine, Stepped, classify, failed_event
+from launcher_svc.core.steps import ABORTED, StepMachine, classify, failed_event
 from sevlaunch.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger("launcher_svc")
@@ -62,10 +61,7 @@ class OrchestratedFlow:
         queue: asyncio.Queue[LaunchEvent],
     ) -> None:
         m = self.m
-
-        def emit(done: Stepped[Any]) -> None:
-            r = done.record
-            queue.put_nowait(LaunchEvent(r.launch_id, r.state, done.seconds, r.domain_name, m.clock.time()))
+        emit = m.emitter(queue)
 
         try:
             fetched = await m.step(rec, Phase.CHAIN_FETCHED, platform.certificate_chain)

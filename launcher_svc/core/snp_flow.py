@@ -173,10 +173,7 @@ class SnpFlow:
         queue: asyncio.Queue[LaunchEvent],
     ) -> None:
         m = self.m
-
-        def emit(done: Stepped[Any]) -> None:
-            r = done.record
-            queue.put_nowait(LaunchEvent(r.launch_id, r.state, done.seconds, r.domain_name, m.clock.time()))
+        emit = m.emitter(queue)
 
         try:
             fetched = await m.step(rec, Phase.CHAIN_FETCHED, platform.snp_evidence)

@@ -145,6 +145,15 @@ class StepMachine:
         with self.scope(launch_id):
             return await work
 
+    def emitter(self, queue: asyncio.Queue[LaunchEvent]) -> Callable[[Stepped[Any]], None]:
+        """Puts a finished step's progress event on a driven launch's stream."""
+
+        def emit(done: Stepped[Any]) -> None:
+            r, now = done.record, self.clock.time()
+            queue.put_nowait(LaunchEvent(r.launch_id, r.state, done.seconds, r.domain_name, now))
+
+        return emit
+
     async def start_driven(
         self,
         spec: GuestSpec,
