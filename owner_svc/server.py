@@ -31,7 +31,7 @@ from pathlib import Path
 from owner_svc.adapters.kek import KEKFileError, KeyEncryptionKey
 from owner_svc.adapters.metrics import PrometheusOwnerMetrics
 from owner_svc.adapters.refvalues_http import RefValuesPoller
-from owner_svc.adapters.store import OwnerStore, open_store
+from owner_svc.adapters.store import DEFAULT_DB_WAIT, OwnerStore, open_store
 from owner_svc.api.guest import (
     DEFAULT_GLOBAL_BURST,
     DEFAULT_GLOBAL_RATE,
@@ -87,6 +87,7 @@ class OwnerConfig:
     tls_dir: Path
     db: str | Path  # a SQLite file, or a postgresql:// URL (a str: Path() would mangle the URL)
     kek_file: Path
+    db_wait: float = DEFAULT_DB_WAIT
     listen: str = "127.0.0.1:0"
     identity: str = "owner"
     create_kek: bool = False
@@ -284,7 +285,7 @@ def build_app(config: OwnerConfig) -> OwnerApp:
     if not publishers:
         # Not fatal (reference values can come later with a restart), but nothing will be released.
         log.warning("no --publisher-key given: no reference value will be trusted, every release refused")
-    store = open_store(config.db, audit_mac_key=kek.audit_key)
+    store = open_store(config.db, audit_mac_key=kek.audit_key, db_wait=config.db_wait)
     try:
         # The database and the audit log's tail against its MACed head: on a damaged log the owner
         # would append to something that no longer proves anything, so it does not serve at all.
@@ -378,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_flags(p, listen=DEFAULT_LISTEN, identity="owner", metrics_listen=DEFAULT_METRICS_LISTEN)
     p.add_argument("--db", required=True, help="the store: a SQLite file, or a postgresql:// URL")
     p.add_argument(
+        "--db-wait",
+        type=float,
+        default=DEFAULT_DB_WAIT,
+        help="PostgreSQL: seconds a call waits for a database connection before it is UNAVAILABLE",
+    )
+    p.add_argument(
         "--kek-file", required=True, help="key-encryption key file (32 bytes, raw or base64; 0600)"
     )
     p.add_argument(
@@ -466,6 +473,7 @@ def config_from_args(args: argparse.Namespace) -> OwnerConfig:
     config = OwnerConfig(
         **server_options(args),
         db=args.db,
+        db_wait=args.db_wait,
         kek_file=Path(args.kek_file),
         create_kek=args.create_kek,
         trust_roots=_list(args.trust_root),
@@ -498,6 +506,8 @@ def config_from_args(args: argparse.Namespace) -> OwnerConfig:
         raise ConfigError("--session-ttl must be 1..86400 seconds")
     if config.refvalues_interval <= 0:
         raise ConfigError("--refvalues-interval must be positive")
+    if not 0 < config.db_wait <= 600:
+        raise ConfigError("--db-wait must be more than 0 and at most 600 seconds")
     return config
 
 
@@ -526,7 +536,7 @@ def _prepare_workers(config: OwnerConfig) -> None:
         kek = KeyEncryptionKey.from_file(config.kek_file, create=config.create_kek)
     except KEKFileError as exc:
         raise ConfigError(str(exc)) from None
-    store = open_store(config.db, audit_mac_key=kek.audit_key)
+    store = open_store(config.db, audit_mac_key=kek.audit_key, db_wait=config.db_wait)
     try:
         store.check_integrity()
     except StoreError as exc:

@@ -104,10 +104,10 @@ class PostgresDatabase:
             kwargs={"autocommit": True},
             # A connection broken while idle (server restart, failover) is replaced before use.
             check=ConnectionPool.check_connection,
-            # Reconnection attempts back off (1, 2, 4 s ...) only this long; then a new request starts a
-            # fresh attempt at once, so the owner serves again within a request of the server's return
-            # however long it was gone.
-            reconnect_timeout=5.0,
+            # Reconnection attempts back off (1, 2, 4 s ...) only as long as a call waits for a
+            # connection; then a new request starts a fresh attempt at once, so the owner serves again
+            # within a request of the server's return however long it was gone.
+            reconnect_timeout=wait_timeout,
             # How long a call waits for a connection: while the server is gone, UNAVAILABLE after this.
             timeout=wait_timeout,
             name="sevlaunch-owner",
@@ -203,6 +203,7 @@ class PostgresStore(SqlStore):
         min_connections: int = 1,
         max_connections: int = 16,
         connect_timeout: float = 10.0,
+        wait_timeout: float = 5.0,
         max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
         db = PostgresDatabase(
@@ -210,5 +211,6 @@ class PostgresStore(SqlStore):
             min_connections=min_connections,
             max_connections=max_connections,
             connect_timeout=connect_timeout,
+            wait_timeout=wait_timeout,
         )
         super().__init__(db, audit_mac_key=audit_mac_key, clock=clock, max_batch=max_batch)

@@ -23,7 +23,12 @@ from sevlaunch.rpc.entry import StartupError
 if TYPE_CHECKING:
     from owner_svc.adapters.postgres import PostgresStore
 
-__all__ = ["OwnerStore", "StoreConfigError", "is_postgres_url", "open_store"]
+__all__ = ["DEFAULT_DB_WAIT", "OwnerStore", "StoreConfigError", "is_postgres_url", "open_store"]
+
+
+#: Seconds a call waits for a PostgreSQL connection (`--db-wait`): long enough to ride out a server
+#: restart or failover, short enough that a client sees UNAVAILABLE and retries elsewhere.
+DEFAULT_DB_WAIT = 5.0
 
 
 class StoreConfigError(StartupError):
@@ -43,14 +48,16 @@ def open_store(
     *,
     audit_mac_key: bytes | None,
     clock: Callable[[], float] = time.time,
+    db_wait: float = DEFAULT_DB_WAIT,
 ) -> SQLiteStore | PostgresStore:
-    """The store `url_or_path` names, migrated to this code's schema."""
+    """The store `url_or_path` names, migrated to this code's schema. `db_wait`: how long a call waits
+    for a PostgreSQL connection before it is UNAVAILABLE (unused for SQLite)."""
     try:
         location = parse_location(url_or_path)
     except DatabaseLocationError as exc:
         raise StoreConfigError(str(exc)) from None
     if location.dsn is not None:
-        return _open_postgres(location.dsn, audit_mac_key=audit_mac_key, clock=clock)
+        return _open_postgres(location.dsn, audit_mac_key=audit_mac_key, clock=clock, db_wait=db_wait)
     assert location.path is not None
     try:
         return SQLiteStore(location.path, audit_mac_key=audit_mac_key, clock=clock)
@@ -58,7 +65,9 @@ def open_store(
         raise StoreConfigError(f"--db {location.path}: {_message(exc)}") from None
 
 
-def _open_postgres(dsn: str, *, audit_mac_key: bytes | None, clock: Callable[[], float]) -> PostgresStore:
+def _open_postgres(
+    dsn: str, *, audit_mac_key: bytes | None, clock: Callable[[], float], db_wait: float
+) -> PostgresStore:
     try:
         import psycopg
 
@@ -73,7 +82,7 @@ def _open_postgres(dsn: str, *, audit_mac_key: bytes | None, clock: Callable[[],
         # psycopg's message would quote the DSN, password included.
         raise StoreConfigError("--db: not a valid PostgreSQL URL") from None
     try:
-        return PostgresStore(dsn, audit_mac_key=audit_mac_key, clock=clock)
+        return PostgresStore(dsn, audit_mac_key=audit_mac_key, clock=clock, wait_timeout=db_wait)
     except StoreError as exc:
         raise StoreConfigError(_message(exc)) from None
 

@@ -108,11 +108,35 @@ def replicas(
     """Two owner processes on one database and one KEK (the replicas of a Deployment), both started, then
     provisioned through A only: reference values, workload and secret. B learns the reference values
     from the store (its generation moved), without a restart."""
+    yield from _replica_pair(pg_dsn, tmp_path, tls_dir, emu_root_file, publisher)
+
+
+@pytest.fixture
+def outage_replicas(
+    pg_dsn: str, tmp_path: Path, tls_dir: Path, emu_root_file: Path, publisher: Publisher
+) -> Iterator[tuple[Replica, Replica]]:
+    """`replicas` for database outages: a call waits OUTAGE_DB_WAIT (not the 5 s default) for a
+    connection before it is UNAVAILABLE, so a test making several calls while the server is down does not
+    wait 5 s for each."""
+    yield from _replica_pair(
+        pg_dsn, tmp_path, tls_dir, emu_root_file, publisher, "--db-wait", str(OUTAGE_DB_WAIT)
+    )
+
+
+#: The owners' `--db-wait` in the PostgreSQL outage tests.
+OUTAGE_DB_WAIT = 0.5
+
+
+def _replica_pair(
+    pg_dsn: str, tmp_path: Path, tls_dir: Path, emu_root_file: Path, publisher: Publisher, *extra: str
+) -> Iterator[tuple[Replica, Replica]]:
     KeyEncryptionKey.from_file(tmp_path / "kek", create=True)
     started: list[Replica] = []
     try:
         for name in ("a", "b"):
-            started.append(start_replica(name, pg_dsn, tmp_path, tls_dir, emu_root_file, publisher.pub_file))
+            started.append(
+                start_replica(name, pg_dsn, tmp_path, tls_dir, emu_root_file, publisher.pub_file, *extra)
+            )
         a, b = started
         provision(a, publisher)  # type: ignore[arg-type]  # a Replica has the stubs provision uses
         yield a, b

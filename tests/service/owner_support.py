@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 
+from owner_svc.adapters.store import DEFAULT_DB_WAIT
 from owner_svc.server import OwnerApp, OwnerConfig, build_app
 from sevlaunch.firmware.emulator import ChipConfig, EmulatedFirmware, EmulatedRoot
 from sevlaunch.refvalues import (
@@ -253,6 +254,7 @@ def make_owner(
         refvalues_interval: float = 3600,
         start_poller: bool = False,
         db: str | None = None,
+        db_wait: float = DEFAULT_DB_WAIT,
         checkpoint_interval: float = 300.0,
     ) -> OwnerHarness:
         base = tmp_path / subdir
@@ -260,6 +262,7 @@ def make_owner(
         config = OwnerConfig(
             tls_dir=tls_dir,
             db=db if db is not None else base / "owner.db",
+            db_wait=db_wait,
             kek_file=base / "kek",
             create_kek=True,
             listen="127.0.0.1:0",

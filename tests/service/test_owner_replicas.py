@@ -23,7 +23,7 @@ import owner_support
 import pg_fixture
 import psycopg
 import pytest
-from owner_replicas import Replica, audit_of, open_launch
+from owner_replicas import OUTAGE_DB_WAIT, Replica, audit_of, open_launch
 from owner_support import SEV_POLICY, Publisher, emulator_chain, secret_area
 
 from owner_svc.adapters.postgres import PostgresStore
@@ -227,12 +227,12 @@ def test_sigkill_of_one_replica_leaves_the_other_serving(
     threads = [threading.Thread(target=hammer, args=(r,)) for r in (a, b, a, b)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
+    # The kill races calls in flight on both replicas: it comes once each has answered some.
+    _wait_for(lambda: "NOT_FOUND" in outcomes["a"] and "NOT_FOUND" in outcomes["b"])
     a.proc.send_signal(signal.SIGKILL)
     a.proc.wait(timeout=10)
-    time.sleep(0.5)
     count_b = len(outcomes["b"])
-    time.sleep(0.5)
+    _wait_for(lambda: len(outcomes["b"]) > count_b + 5)
     stop.set()
     for t in threads:
         t.join(timeout=30)
@@ -270,6 +270,13 @@ def _allowed_releases(dsn: str, kek_file: Path, session_id: str) -> list[str]:
         store.close()
 
 
+def _wait_for(condition: Any, limit: float = 30.0) -> None:
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
 def _until_served(call: Any, limit: float = 30.0) -> tuple[Any, float]:
     """Retries `call` while it is UNAVAILABLE; returns its reply and how long the wait was."""
     started = time.monotonic()
@@ -288,7 +295,7 @@ def test_postgres_stopped_mid_release_releases_nothing_unaudited_and_the_owner_r
     pg_dsn: str,
     postgres_server: pg_fixture.PostgresServer,
 ) -> None:
-    h = make_owner(db=pg_dsn)
+    h = make_owner(db=pg_dsn, db_wait=OUTAGE_DB_WAIT)
     owner_support.provision(h, publisher)
     opened = h.stub().OpenSession(
         owner_pb2.OpenSessionRequest(workload_id="web", chain=emulator_chain(emu), policy=SEV_POLICY)
@@ -384,14 +391,14 @@ def test_replica_killed_mid_release_leaves_one_release_with_its_audit_record(
 
 
 def test_replicas_are_unavailable_while_postgres_is_down_and_resume_by_themselves(
-    replicas: tuple[Replica, Replica],
+    outage_replicas: tuple[Replica, Replica],
     emu: Any,
     pg_dsn: str,
     tmp_path: Path,
     postgres_server: pg_fixture.PostgresServer,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    a, b = replicas
+    a, b = outage_replicas
     pending = open_launch(a, emu)
     request = owner_pb2.OpenSessionRequest(workload_id="web", chain=emulator_chain(emu), policy=SEV_POLICY)
     postgres_server.halt()
