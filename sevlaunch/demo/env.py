@@ -45,7 +45,7 @@ from sevlaunch.refvalues import (
     public_key_pem,
     sign_envelope,
 )
-from sevlaunch.rpc import error_info, secure_channel_sync
+from sevlaunch.rpc import error_info, launch_id_scope, secure_channel_sync
 from sevlaunch.rpc.v1 import (
     launcher_pb2,
     launcher_pb2_grpc,
@@ -517,9 +517,11 @@ class DemoEnvironment:
                 result.reason = last.reason or "stream_ended"
                 result.detail = last.detail
         if result.launch_id:
-            info = self.launcher().GetLaunch(
-                launcher_pb2.GetLaunchRequest(launch_id=result.launch_id), timeout=self.call_timeout
-            )
+            # In the launch's scope: the launcher's log line of this read names the launch it is about.
+            with launch_id_scope(result.launch_id):
+                info = self.launcher().GetLaunch(
+                    launcher_pb2.GetLaunchRequest(launch_id=result.launch_id), timeout=self.call_timeout
+                )
             result.launcher_state = _phase_name(info.state)
             result.measurement = info.measurement.hex() if info.measurement else None
         for session in (
