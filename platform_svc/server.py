@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,6 +46,7 @@ from sevlaunch.rpc.entry import (
 from sevlaunch.rpc.server import DEFAULT_GRACE_SECONDS
 from sevlaunch.rpc.v1 import platform_pb2_grpc
 from sevlaunch.sev.chain import TrustedRoot, load_roots_file, pinned_roots
+from sevlaunch.snp.certs import TrustedRoot as SnpTrustedRoot
 
 DEFAULT_LISTEN = "0.0.0.0:50051"
 DEFAULT_METRICS = ":9101"
@@ -125,6 +127,10 @@ async def create_server(
     return server, core, fw
 
 
+def _emulator_snp_roots(emulator: EmulatedFirmware) -> list[SnpTrustedRoot]:
+    return [emulator.snp_trusted_root()]
+
+
 def _snp_core(
     cfg: PlatformConfig,
     fw: AsyncFirmware,
@@ -134,7 +140,11 @@ def _snp_core(
 ) -> SnpCore:
     """The SEV-SNP side: AMD's pinned SNP roots, plus, for the emulator only, its own emulated root
     (configured explicitly by choosing the emulator backend, as for SEV)."""
-    snp_roots = [emulator.snp_trusted_root()] if emulator is not None else []
+    snp_roots: Sequence[SnpTrustedRoot] | Callable[[], Sequence[SnpTrustedRoot]] = []
+    if emulator is not None:
+        # Made on the first SNP call, not at every start: the emulator makes its SNP root on first use.
+        snp_roots = functools.partial(_emulator_snp_roots, emulator)
+
     kds_url = cfg.kds_url or (None if emulator is not None else DEFAULT_KDS_URL)
     fetcher: VekFetcher | None = None
     if kds_url is not None:

@@ -144,7 +144,7 @@ class SnpCore:
     def __init__(
         self,
         firmware: SnpFirmwarePort,
-        roots: Sequence[TrustedRoot],
+        roots: Sequence[TrustedRoot] | Callable[[], Sequence[TrustedRoot]],
         sources: VekSources,
         metrics: PlatformMetrics,
         *,
@@ -152,7 +152,11 @@ class SnpCore:
         clock: Callable[[], datetime],
     ) -> None:
         self._fw = firmware
-        self._roots = tuple(roots)
+        # Extra roots given as a function are made on first need, in a thread: the emulator's root is
+        # three RSA-4096 keys, which a platform that never serves SNP should not wait for at start.
+        self._roots: tuple[TrustedRoot, ...] | None = None if callable(roots) else tuple(roots)
+        self._make_roots = roots if callable(roots) else None
+        self._roots_lock = asyncio.Lock()
         self._sources = sources
         self._metrics = metrics
         self._tables = cert_tables
@@ -160,6 +164,17 @@ class SnpCore:
         self._flights: dict[tuple[str, int, str], SingleFlightCache[VekChain]] = {}
         self._product: Product | None = None
         self._hwid: bytes | None = None
+
+    async def _load_roots(self) -> None:
+        if self._roots is None:
+            async with self._roots_lock:
+                if self._roots is None and self._make_roots is not None:
+                    self._roots = tuple(await asyncio.to_thread(self._make_roots))
+
+    @property
+    def _extra_roots(self) -> tuple[TrustedRoot, ...]:
+        assert self._roots is not None, "_load_roots() first"
+        return self._roots
 
     # -- status -------------------------------------------------------------------------------------
 
@@ -192,6 +207,7 @@ class SnpCore:
         """The chain of the reported TCB. `vlek` None: the VLEK when one is loaded and provisioned.
         `timeout`: the caller's remaining deadline; the chain is computed once for all concurrent
         callers, and a caller whose deadline passes leaves the computation running for the others."""
+        await self._load_roots()
         status = await self.status(committed_tcb=False)
         provisioned = self._sources.provisioned
         has_vlek = status.status.vlek_en and provisioned is not None and provisioned.vlek is not None
@@ -224,7 +240,7 @@ class SnpCore:
 
     def _verify(self, vek: bytes, chain: Sequence[x509.Certificate], status: SnpStatus) -> VerifiedVek:
         verified = _verify_chain(
-            _one(vek, "vek"), status.product, at=self._clock(), chain=chain, extra_roots=self._roots
+            _one(vek, "vek"), status.product, at=self._clock(), chain=chain, extra_roots=self._extra_roots
         )
         if verified.tcb != status.reported:
             raise ValueError(f"issued for TCB {verified.tcb}, the reported TCB is {status.reported}")
@@ -249,7 +265,7 @@ class SnpCore:
         )  # fmt: skip
 
     def _roots_for(self, product: Product) -> list[TrustedRoot]:
-        return [amd_root(product), *(r for r in self._roots if r.product is product)]
+        return [amd_root(product), *(r for r in self._extra_roots if r.product is product)]
 
     async def _compute(self, status: SnpStatus, kind: CertKind, deadline: float) -> VekChain:
         found = self._from_provisioned(status, kind)
@@ -334,6 +350,7 @@ class SnpCore:
         table = await self._tables_or_refuse().load()
         if table is None:
             raise FailedPrecondition(PlatformReason.NO_CERT_TABLE, "no certificate table is installed")
+        await self._load_roots()
         try:
             self._check_table(CertTable.from_bytes(table), await self.status())
             return table, True
@@ -357,6 +374,7 @@ class SnpCore:
             raise InvalidArgument(PlatformReason.BAD_CERT_TABLE, f"not a certificate table: {exc}") from None
         if parsed.vcek is None and parsed.vlek is None:
             raise InvalidArgument(PlatformReason.BAD_CERT_TABLE, "the table holds neither a VCEK nor a VLEK")
+        await self._load_roots()
         try:
             self._check_table(parsed, await self.status())
         except (SevError, ValueError) as exc:
