@@ -335,12 +335,13 @@ def test_guest_request_statuses(launched: tuple[EmulatedFirmware, int, bytes]) -
 
 
 def test_the_vlek_signs_reports_once_loaded(
-    launched: tuple[EmulatedFirmware, int, bytes], tmp_path: Path
+    launched: tuple[EmulatedFirmware, int, bytes], tmp_path: Path, emulated_root: EmulatedRoot
 ) -> None:
     fw, handle, _ = launched
     fw.snp_launch_finish(handle)
     stick = fw.snp_vlek_hashstick("example-cloud")
-    foreign = EmulatedFirmware(tmp_path / "other", root=None, snp_root=fw._snp_root)
+    # Another chip under the same AMD roots: the stick is wrapped for `fw` alone.
+    foreign = EmulatedFirmware(tmp_path / "other", root=emulated_root, snp_root=fw._snp_root)
     with pytest.raises(FirmwareError) as err:
         foreign.snp_vlek_load(stick)
     assert err.value.status is StatusCode.INVALID_KEY
@@ -364,7 +365,7 @@ def test_the_vlek_signs_reports_once_loaded(
 def test_the_product_decides_report_version_and_tcb_layout(
     tmp_path: Path, emulated_root: EmulatedRoot, product: Product, version: int
 ) -> None:
-    root = EmulatedSnpRoot.generate(product)
+    root = EmulatedSnpRoot.generate(product, key_size=2048)  # the layout is the point, not the key size
     fw = EmulatedFirmware(
         tmp_path / "c",
         config=ChipConfig(product=product.value),
