@@ -72,12 +72,6 @@ pytestmark = pytest.mark.skipif(not OVMF.is_file(), reason="Debian's ovmf packag
 
 
 @pytest.fixture(scope="session")
-def emulated_root() -> EmulatedRoot:
-    # RSA-4096 key generation is slow: one emulated AMD root for every chip of the session.
-    return EmulatedRoot.generate()
-
-
-@pytest.fixture(scope="session")
 def publisher(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     key = generate_private_key(KeyType.ED25519)
     path = tmp_path_factory.mktemp("publisher") / "distro.pub"

@@ -87,12 +87,7 @@ def serve() -> Iterator[Callable[[Callable[[], Awaitable[RpcServer]]], RunningSe
 # -- platform service fixtures (used by test_platform_*.py; owner/launcher suites may reuse them) -------
 
 
-@pytest.fixture(scope="session")
-def emulated_root() -> Any:
-    """One emulated AMD root for the session: generating its RSA-4096 keys takes about a second."""
-    from sevlaunch.firmware import EmulatedRoot
-
-    return EmulatedRoot.generate()
+# `emulated_root`: the session's one emulated AMD root, from tests/conftest.py.
 
 
 @pytest.fixture

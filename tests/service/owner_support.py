@@ -213,8 +213,8 @@ class OwnerHarness:
 
 
 @pytest.fixture(scope="session")
-def emu_root() -> EmulatedRoot:
-    return EmulatedRoot.generate()  # RSA-4096 twice: once per test session
+def emu_root(emulated_root: EmulatedRoot) -> EmulatedRoot:
+    return emulated_root  # the session's one root (tests/conftest.py): RSA-4096 keys take seconds
 
 
 @pytest.fixture(scope="session")

@@ -31,8 +31,8 @@ SECRET_GPA = 0x80C000
 
 
 @pytest.fixture(scope="module")
-def root() -> EmulatedRoot:
-    return EmulatedRoot.generate()
+def root(emulated_root: EmulatedRoot) -> EmulatedRoot:
+    return emulated_root
 
 
 class Env:

@@ -98,9 +98,11 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tls_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(
+    tls_dir: Path, tmp_path_factory: pytest.TempPathFactory, emulated_root: EmulatedRoot
+) -> Iterator[Stack]:
     base = tmp_path_factory.mktemp("malformed")
-    root = EmulatedRoot.generate()
+    root = emulated_root
     platform_chip = EmulatedFirmware(base / "platform-chip", root=root)
     launcher_chip = EmulatedFirmware(base / "launcher-chip", root=root)
     roots_file = base / "emulated.cert"
