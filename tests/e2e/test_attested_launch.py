@@ -736,8 +736,13 @@ def _launcher_process(w: World, db: Path, port: int) -> subprocess.Popen[bytes]:
     )
 
 
+# The launcher process is still starting when the wait begins: a refused connection must be retried in
+# milliseconds, not after gRPC's default reconnect backoff (1 s, then 1.6 s ...).
+_QUICK_RECONNECT = (("grpc.initial_reconnect_backoff_ms", 20), ("grpc.max_reconnect_backoff_ms", 100))
+
+
 def _wait_serving(addr: str, tls_dir: Path, timeout: float = 20) -> None:
-    channel = secure_channel_sync(addr, tls_dir, "client")
+    channel = secure_channel_sync(addr, tls_dir, "client", options=_QUICK_RECONNECT)
     grpc.channel_ready_future(channel).result(timeout=timeout)
     channel.close()
 
