@@ -46,7 +46,7 @@ HOST_IPS = {"h1": f"{SUBNET}.11", "h2": f"{SUBNET}.12"}
 OWNER_ADDR = f"{OWNER_IP}:50053"
 WORKLOAD = "multihost-web"
 #: Short, so that a cut link fails the launch quickly; every other phase keeps the default 30 s.
-RELEASE_TIMEOUT = 4.0
+RELEASE_TIMEOUT = 2.0
 
 
 def _why_no_namespaces() -> str | None:
