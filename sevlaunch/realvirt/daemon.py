@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,14 +119,37 @@ done
 # would add that user to the host, the namespace gets its own copy of the two files instead.
 mount --bind "$R/passwd" /etc/passwd
 mount --bind "$R/group" /etc/group
-# virtlogd ends with this process (libvirtd after the exec below), libvirtd with the test process.
+# virtlogd ends with this process (the reaper after the exec below), libvirtd with the test process.
 setpriv --pdeathsig TERM virtlogd --pid-file "$R/virtlogd.pid" --config /etc/libvirt/virtlogd.conf &
 i=0
 while [ ! -S /run/libvirt/virtlogd-sock ]; do
     i=$((i + 1)); [ "$i" -lt 200 ] || { echo "virtlogd did not start" >&2; exit 1; }
     sleep 0.05
 done
-exec libvirtd --pid-file "$R/libvirtd.pid" --config /etc/libvirt/libvirtd.conf
+exec "$2" -c "$3" libvirtd --pid-file "$R/libvirtd.pid" --config /etc/libvirt/libvirtd.conf
+"""
+
+# What the boot script becomes once virtlogd runs: libvirtd's parent, a child subreaper. A QEMU (here
+# the stand-in) daemonizes, so once it exits only its parent can reap it; without a subreaper that is
+# PID 1, and an init that reaps late (this machine's reaps about once a second) keeps libvirt, which
+# polls the pid every 200 ms until it is gone, waiting for it in every destroy and failed start.
+# Signals reach libvirtd through it; it ends when libvirtd does.
+_UNSHARE = ("unshare", "--mount", "--propagation", "private")
+_REAPER = r"""
+import ctypes, os, signal, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+daemon = os.fork()
+if daemon == 0:
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG: libvirtd ends with this process
+    os.execvp(sys.argv[1], sys.argv[1:])
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(sig, lambda signum, _frame: os.kill(daemon, signum))
+while True:
+    pid, status = os.wait()
+    if pid == daemon:
+        code = os.waitstatus_to_exitcode(status)
+        sys.exit(code if code >= 0 else 128 - code)
 """
 
 
@@ -168,7 +192,7 @@ class PrivateLibvirt:
         env = {"PATH": path, "HOME": str(self.root), "LC_ALL": "C"}
         with open(self.root / "boot.log", "ab") as log:
             self.process = subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private", "sh", "-c", _BOOT, "boot", str(self.root)],
+                [*_UNSHARE, "sh", "-c", _BOOT, "boot", str(self.root), sys.executable, _REAPER],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
