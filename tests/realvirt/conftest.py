@@ -14,19 +14,21 @@ import pytest
 from realvirt_fixture import CBITPOS, REDUCED_PHYS_BITS, RealvirtHost, skip_reason
 
 from launcher_svc.adapters.libvirt_backend import LibvirtHypervisor
-from sevlaunch.firmware import EmulatedFirmware
+from sevlaunch.firmware import EmulatedFirmware, EmulatedRoot
 from sevlaunch.realvirt.daemon import PrivateLibvirt
 from sevlaunch.realvirt.standin import StandinConfig, write_wrapper
 
 
 @pytest.fixture(scope="session")
-def realvirt_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealvirtHost]:
+def realvirt_host(
+    tmp_path_factory: pytest.TempPathFactory, emulated_root: EmulatedRoot
+) -> Iterator[RealvirtHost]:
     reason = skip_reason()
     if reason is not None:
         pytest.skip(reason)
     base = tmp_path_factory.mktemp("realvirt")
     chip_dir = base / "chip"
-    chip = EmulatedFirmware(chip_dir)
+    chip = EmulatedFirmware(chip_dir, root=emulated_root)
     qemu = shutil.which("qemu-system-x86_64")
     assert qemu is not None
     config = StandinConfig(

@@ -80,7 +80,7 @@ class RealvirtHost:
         while time.monotonic() - start < timeout:
             if path.exists() and text in path.read_bytes():
                 return time.monotonic() - start
-            time.sleep(0.25)
+            time.sleep(0.05)
         tail = path.read_bytes()[-400:] if path.exists() else b"(no serial log)"
         raise AssertionError(f"{text!r} not on {domain}'s console after {timeout}s: {tail!r}")
 

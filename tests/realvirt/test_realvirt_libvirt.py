@@ -32,7 +32,7 @@ from launcher_svc.adapters.libvirt_backend import LibvirtHypervisor
 from launcher_svc.core.loader import LoaderType, choose_loader
 from launcher_svc.core.preflight import FirmwareImage, SecretArea, read_firmware
 from sevlaunch.errors import FailedPrecondition, ServiceError
-from sevlaunch.firmware import FirmwareError, StatusCode
+from sevlaunch.firmware import EmulatedRoot, FirmwareError, StatusCode
 from sevlaunch.sev.chain import CertificateChain, load_roots_file, verify_chain
 from sevlaunch.sev.digest import launch_digest
 from sevlaunch.sev.errors import VerificationFailed
@@ -272,13 +272,13 @@ def test_a_qemu_without_sev_is_named_sev_unsupported(
 
 
 def test_a_session_for_another_chip_is_refused_at_launch_start(
-    realvirt_host: RealvirtHost, hv: LibvirtHypervisor, tmp_path: Path
+    realvirt_host: RealvirtHost, hv: LibvirtHypervisor, tmp_path: Path, emulated_root: EmulatedRoot
 ) -> None:
     """A GODH and session made for another chip's PDH: the firmware refuses LAUNCH_START, QEMU exits,
     libvirt says VIR_ERR_INTERNAL_ERROR with QEMU's fw_error; the backend names the firmware status."""
     from sevlaunch.firmware import EmulatedFirmware
 
-    other = EmulatedFirmware(tmp_path / "other-chip", root=None)
+    other = EmulatedFirmware(tmp_path / "other-chip", root=emulated_root)  # another chip, same AMD root
     chain = CertificateChain.from_full_bytes(other.full_chain())
     verified = verify_chain(chain, extra_roots=[load_roots_file(other.ask_ark(), "emulated")])
     session = create_session(verified.chain.pdh, POLICY)
