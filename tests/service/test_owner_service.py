@@ -604,7 +604,7 @@ def test_reference_values_polled_over_http_with_etag(
             pass
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{httpd.server_port}/ovmf.dsse"
         h = make_owner(refvalues_urls=(url,))

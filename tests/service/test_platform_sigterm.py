@@ -29,7 +29,9 @@ def _json_lines(stream: Any, out: queue.Queue[dict[str, Any]]) -> None:
 
 def test_sigterm_lets_in_flight_calls_finish(tls_dir: Path, emulated_chip: Any, scripted_kds: Any) -> None:
     cek = emulated_chip.kds_cek()
-    kds = scripted_kds(lambda n: (200, {}, cek), delay=1.5)  # keeps the first chain call in flight
+    # The KDS answers only once the server has taken the SIGTERM: the chain call is in flight then.
+    answer = threading.Event()
+    kds = scripted_kds(lambda n: (answer.wait(15), (200, {}, cek))[1])
     env = {
         **os.environ,
         "SEVLAUNCH_TLS_DIR": str(tls_dir),
@@ -83,8 +85,12 @@ def test_sigterm_lets_in_flight_calls_finish(tls_dir: Path, emulated_chip: Any, 
             t.start()
         while kds.requests == 0 and time.monotonic() < deadline:  # the export is under way
             time.sleep(0.02)
-        time.sleep(0.2)
+        time.sleep(0.2)  # the other callers' calls reach the server and join the export
         proc.send_signal(signal.SIGTERM)
+        messages = []
+        while not any(m["message"] == "signal received, shutting down" for m in messages):
+            messages.append(logs.get(timeout=15))
+        answer.set()
         for t in callers:
             t.join(15)
         assert results == ["kds"] * 5
@@ -96,7 +102,6 @@ def test_sigterm_lets_in_flight_calls_finish(tls_dir: Path, emulated_chip: Any, 
             except grpc.RpcError as err:
                 assert err.code() is grpc.StatusCode.UNAVAILABLE
         reader.join(5)
-        messages = []
         while not logs.empty():
             messages.append(logs.get())
         assert any(m["message"] == "signal received, shutting down" for m in messages)
@@ -104,6 +109,7 @@ def test_sigterm_lets_in_flight_calls_finish(tls_dir: Path, emulated_chip: Any, 
         ok_rpcs = [m for m in messages if m["message"] == "rpc" and m.get("code") == "OK"]
         assert len(ok_rpcs) == 5 and all(m["identity"] == "launcher" for m in ok_rpcs)
     finally:
+        answer.set()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
