@@ -56,7 +56,9 @@ class SnpDigestResult:
     per_page_floor_mb_s: float
 
 
-def snp_digest(*, rounds: int, image: bytes | None = None, source: str = "") -> SnpDigestResult:
+def snp_digest(
+    *, rounds: int, image: bytes | None = None, source: str = "", batch_s: float = 0.1
+) -> SnpDigestResult:
     """`sevlaunch.snp.launch_digest` (4 vCPUs, EPYC-Milan, guest features 0x21) of the 4 MiB image, in
     memory, against its floor: hashlib.sha384 over the same bytes, one call. The digest hashes every
     4 KiB page and then a 112-byte PAGE_INFO per page; the floor hashes the bytes once."""
@@ -81,8 +83,8 @@ def snp_digest(*, rounds: int, image: bytes | None = None, source: str = "") -> 
             hashlib.sha384(view[at : at + 4096]).digest()
             hashlib.sha384(info).digest()
 
-    pair = bench_pair("snp-digest", ours, floor, rounds=rounds, batch_s=0.1)
-    structural = bench_pair("snp-digest-pages", ours, per_page, rounds=rounds, batch_s=0.1)
+    pair = bench_pair("snp-digest", ours, floor, rounds=rounds, batch_s=batch_s)
+    structural = bench_pair("snp-digest-pages", ours, per_page, rounds=rounds, batch_s=batch_s)
     return SnpDigestResult(
         image_source=source,
         size=len(image),
@@ -124,7 +126,7 @@ def _walls(argvs: list[list[str]], runs: int, env: dict[str, str] | None = None)
     return [statistics.median(t) * 1000 for t in times]
 
 
-def digest(workdir: Path, *, rounds: int, wall_runs: int) -> DigestResult:
+def digest(workdir: Path, *, rounds: int, wall_runs: int, batch_s: float = 0.1) -> DigestResult:
     image, source = four_mib_image()
     path = workdir / "ovmf-4m.fd"
     path.write_bytes(image)
@@ -141,15 +143,15 @@ def digest(workdir: Path, *, rounds: int, wall_runs: int) -> DigestResult:
 
     assert sev_calc_launch_digest(str(path), None, None, None) == hashlib.sha256(image).digest()  # type: ignore[arg-type]
     vs_hashlib = bench_pair(
-        "digest", lambda: _cli(path), floor, rounds=rounds, batch_s=0.1, clock=time.perf_counter
+        "digest", lambda: _cli(path), floor, rounds=rounds, batch_s=batch_s, clock=time.perf_counter
     )
 
     def core() -> None:
         launch_digest(path.read_bytes(), mode="sev")
 
-    vs_core = bench_pair("digest-core", core, floor, rounds=rounds, batch_s=0.1, clock=time.perf_counter)
+    vs_core = bench_pair("digest-core", core, floor, rounds=rounds, batch_s=batch_s, clock=time.perf_counter)
     vs_snp = bench_pair(
-        "digest-snp", lambda: _cli(path), snp, rounds=rounds, batch_s=0.1, clock=time.perf_counter
+        "digest-snp", lambda: _cli(path), snp, rounds=rounds, batch_s=batch_s, clock=time.perf_counter
     )
     env = _installed_env(workdir / "pycache")
     ours = [
@@ -168,7 +170,7 @@ def digest(workdir: Path, *, rounds: int, wall_runs: int) -> DigestResult:
         cli_wall, snp_wall = _walls([ours, [snp_bin, "--mode", "sev", "--ovmf", str(path)]], wall_runs, env)
     else:
         (cli_wall,), snp_wall = _walls([ours], wall_runs, env), None
-    snp_result = snp_digest(rounds=rounds, image=image, source=source)
+    snp_result = snp_digest(rounds=rounds, image=image, source=source, batch_s=batch_s)
     return DigestResult(
         image_source=source,
         size=len(image),

@@ -241,7 +241,12 @@ class OwnerThroughput:
 
 
 def owner_throughput(
-    world: World, *, pairs: int, clients: tuple[int, ...] = (1, 8, 64), compare_single: bool = False
+    world: World,
+    *,
+    pairs: int,
+    clients: tuple[int, ...] = (1, 8, 64),
+    compare_single: bool = False,
+    floor_seconds: float = 1.0,
 ) -> OwnerThroughput:
     assert world.owner is not None
     host = world.hosts[0]
@@ -252,7 +257,7 @@ def owner_throughput(
     # Warm-up: both sides once (imports, caches, SQLite pages).
     inprocess_run(core, chain, measurer, host.firmware, pairs=4)
     asyncio.run(grpc_run(world, world.owner.address, chain, measurer, pairs=4, clients=1))
-    physical = [physical_floor(table, seconds=1.0)]
+    physical = [physical_floor(table, seconds=floor_seconds)]
     floors = [inprocess_run(core, chain, measurer, host.firmware, pairs=pairs)]
     results: dict[int, tuple[RunResult, float]] = {}
     for n in clients:  # floor, run, floor, run, ...: each run is compared with the floors around it
@@ -271,7 +276,7 @@ def owner_throughput(
             )
         finally:
             one.stop()
-    physical.append(physical_floor(table, seconds=1.0))
+    physical.append(physical_floor(table, seconds=floor_seconds))
     return OwnerThroughput(results, floors, pairs, physical, single)
 
 
@@ -288,7 +293,7 @@ class OwnerMemory:
         return self.rss_after_mb - self.rss_before_mb
 
 
-def owner_memory(world: World, *, sessions: int, clients: int = 8) -> OwnerMemory:
+def owner_memory(world: World, *, sessions: int, clients: int = 8, settle: int = 200) -> OwnerMemory:
     """RSS of the owner process before and after `sessions` more open+release pairs (8 clients)."""
     assert world.owner is not None
     host = world.hosts[0]
@@ -296,7 +301,7 @@ def owner_memory(world: World, *, sessions: int, clients: int = 8) -> OwnerMemor
     measurer = direct_measurer(host.firmware)
     pid = world.owner.pid
     # Settle the allocator first: a few hundred pairs so that caches and pools exist before "before".
-    asyncio.run(grpc_run(world, world.owner.address, chain, measurer, pairs=200, clients=clients))
+    asyncio.run(grpc_run(world, world.owner.address, chain, measurer, pairs=settle, clients=clients))
     before = tree_status_kb(pid, "VmRSS") / 1024
     t = time.perf_counter()
     asyncio.run(grpc_run(world, world.owner.address, chain, measurer, pairs=sessions, clients=clients))
