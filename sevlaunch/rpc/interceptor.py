@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -107,11 +108,31 @@ def current_caller() -> Caller:
     return caller
 
 
+class _RequestIds:
+    """Request ids for calls that bring none: a random per-process prefix and a counter. As unique as a
+    uuid4 in practice (64 random bits per process) without a getrandom call per RPC; the prefix is
+    drawn again in a forked child."""
+
+    def __init__(self) -> None:
+        self._pid = -1
+        self._prefix = ""
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        pid = os.getpid()
+        if pid != self._pid:
+            self._pid, self._prefix, self._counter = pid, os.urandom(8).hex(), itertools.count(1)
+        return f"{self._prefix}{next(self._counter):016x}"
+
+
+_request_ids = _RequestIds()
+
+
 def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID_RE.match(value):
             return value
-    return uuid.uuid4().hex
+    return _request_ids.next()
 
 
 class UndecodableRequest(InvalidArgument):
@@ -161,10 +182,14 @@ else:
     _Interceptor = grpc.aio.ServerInterceptor
 
 
+_WRAPPED_CACHE_SIZE = 1024
+
+
 class ShellInterceptor(_Interceptor):
     def __init__(self, authz: AuthzPolicy, metrics: RpcMetrics) -> None:
         self._authz = authz
         self._metrics = metrics
+        self._wrapped: dict[tuple[str, Any], grpc.RpcMethodHandler[Any, Any]] = {}
 
     async def intercept_service(
         self,
@@ -175,6 +200,22 @@ class ShellInterceptor(_Interceptor):
         if handler is None:
             return handler  # unknown method: grpc answers UNIMPLEMENTED
         method = handler_call_details.method
+        # gRPC asks on every call; a method's handler is the same object for the server's life, so
+        # its wrapped form is built once (bounded, in case some handler were made anew per call).
+        key = (method, handler)
+        try:
+            wrapped = self._wrapped.get(key)
+        except TypeError:  # a handler holding something unhashable: wrapped per call
+            return self._wrap_handler(method, handler)
+        if wrapped is None:
+            wrapped = self._wrap_handler(method, handler)
+            if len(self._wrapped) < _WRAPPED_CACHE_SIZE:
+                self._wrapped[key] = wrapped
+        return wrapped
+
+    def _wrap_handler(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         decode = handler.request_deserializer
         kind = grpc_type(
             client_streaming=bool(handler.request_streaming),
