@@ -334,7 +334,9 @@ class OwnerCore(OwnerAdmin, OwnerSnp):
             ),
         )
         self.metrics.session_opened()
-        log.info(
+        # Debug, not info: the shell's "rpc" line and the audit record already say it, and a line per
+        # decision was a tenth of the owner's CPU in a launch storm (bench/RESULTS.md).
+        log.debug(
             "session opened", extra={"workload": workload_id, "generation": generation, "caller": caller}
         )
         return OpenedSession(
@@ -502,7 +504,8 @@ class OwnerCore(OwnerAdmin, OwnerSnp):
                 event, FailedPrecondition(Reason.SESSION_ALREADY_USED, "the session was already used")
             )
         self.metrics.secret_released()
-        log.info(
+        # Debug for the same reason as "session opened"; refusals stay at info.
+        log.debug(
             "secret released",
             extra={"workload": session.workload_id, "caller": caller, "no_secret": table is None},
         )
