@@ -134,9 +134,21 @@ def run(quick: bool, tiny: bool, log: Any) -> dict[str, Any]:
                 "ratio": run.pairs_per_s / floor,
                 "p50_ms": run.pct(0.5),
                 "p99_ms": run.pct(0.99),
+                "owner_cpu_ms_per_pair": run.cpu_ms_per_pair("owner"),
+                "client_cpu_ms_per_pair": run.cpu_ms_per_pair("client"),
             }
             for n, (run, floor) in ot.by_clients.items()
         }
+        tr = ot.transport
+        out["grpc_floor"] = (
+            {
+                "pairs_per_s": tr.pairs_per_s,
+                "server_cpu_ms_per_pair": tr.server_cpu_ms_per_pair,
+                "client_cpu_ms_per_pair": tr.client_cpu_ms_per_pair,
+            }
+            if tr is not None
+            else None
+        )
         out["owner_floor_runs"] = [
             {"pairs_per_s": f.pairs_per_s, "p50_ms": f.pct(0.5), "p99_ms": f.pct(0.99)} for f in ot.floors
         ]
@@ -148,7 +160,12 @@ def run(quick: bool, tiny: bool, log: Any) -> dict[str, Any]:
         }
         single = ot.single_process
         out["owner_single_process"] = (
-            {"pairs_per_s": single.pairs_per_s, "p50_ms": single.pct(0.5), "p99_ms": single.pct(0.99)}
+            {
+                "pairs_per_s": single.pairs_per_s,
+                "p50_ms": single.pct(0.5),
+                "p99_ms": single.pct(0.99),
+                "owner_cpu_ms_per_pair": single.cpu_ms_per_pair("owner"),
+            }
             if single is not None
             else None
         )
@@ -241,6 +258,8 @@ def summary(r: dict[str, Any]) -> dict[str, Any]:
         **latencies,
         "owner_throughput_ratio": round(r["owner"][top]["ratio"], 3),
         "owner_pairs_per_s": round(r["owner"][top]["pairs_per_s"], 1),
+        "owner_cpu_ms_per_pair": round(r["owner"][top]["owner_cpu_ms_per_pair"], 3),
+        "grpc_floor_cpu_ms_per_pair": round(r["grpc_floor"]["server_cpu_ms_per_pair"], 3),
         "launch_overhead_ratio": round(r["launch"]["ratio"], 3),
         "launch_p50_ms": round(r["launch"]["grpc_p50_ms"], 1),
         "launch_p99_ms": round(r["launch"]["grpc_p99_ms"], 1),
@@ -331,13 +350,17 @@ def report(r: dict[str, Any], s: dict[str, Any], m: dict[str, str], command: str
         "core called directly in this process (same SQLite store, KEK, manifest, workload, secret), "
         "single-threaded, measured before and after each gRPC run (the mean of the two).",
         "",
-        "| clients | pairs/s | x physical floor | core in-process pairs/s | x core | p50 ms | p99 ms |",
-        "|---|---|---|---|---|---|---|",
+        "| clients | pairs/s | x physical floor | core in-process pairs/s | x core | p50 ms | p99 ms "
+        "| owner CPU ms a pair | client CPU ms a pair |",
+        "|---|---|---|---|---|---|---|---|---|",
         *[
             f"| {n} | {v['pairs_per_s']:.1f} | {v['pairs_per_s'] / ph['pairs_per_s']:.3f} | "
-            f"{v['floor_pairs_per_s']:.1f} | {v['ratio']:.2f} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} |"
+            f"{v['floor_pairs_per_s']:.1f} | {v['ratio']:.2f} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} | "
+            f"{v['owner_cpu_ms_per_pair']:.2f} | {v['client_cpu_ms_per_pair']:.2f} |"
             for n, v in o.items()
         ],
+        "",
+        *_cpu_budget(r, top),
         "",
         "Core in-process runs in order: "
         + ", ".join(f"{f['pairs_per_s']:.1f}" for f in r["owner_floor_runs"])
@@ -465,6 +488,33 @@ def report(r: dict[str, Any], s: dict[str, Any], m: dict[str, str], command: str
         "",
     ]
     return "\n".join(lines)
+
+
+def _cpu_budget(r: dict[str, Any], top: str) -> list[str]:
+    """Where the owner's CPU per pair goes, and what the floor ratio could be at best on these cores."""
+    g, v, ph = r["grpc_floor"], r["owner"][top], r["owner_physical"]
+    if g is None:
+        return []
+    crypto = 1000 / ph["pairs_per_s"]
+    owner, client = v["owner_cpu_ms_per_pair"], v["client_cpu_ms_per_pair"]
+    least = crypto + g["server_cpu_ms_per_pair"]
+    cores = os.cpu_count() or 1
+    ceiling = cores * 1000 / (least + g["client_cpu_ms_per_pair"])
+    return [
+        f"**Where a pair's CPU goes** (the {top}-client run; CPU is utime + stime of the owner's processes "
+        "and "
+        "of this client process over the timed phases). A bare grpc.aio server with the owner's mTLS, the "
+        "same clients and the same message sizes (`bench/grpc_floor.py`: no interceptor, logging, metrics, "
+        f"thread hop or protobuf) costs {g['server_cpu_ms_per_pair']:.3f} ms of server CPU a pair and "
+        f"{g['client_cpu_ms_per_pair']:.3f} ms of client CPU ({g['pairs_per_s']:.0f} pairs/s). With the "
+        f"pair's cryptography ({crypto:.3f} ms), an owner on grpc.aio needs at least {least:.2f} ms a pair; "
+        f"this one spends {owner:.2f} ms ({owner / least:.1f} x that), the rest being its own Python: the "
+        "shell, the core's store reads, the audit chain and group commit, threads handing over the GIL. "
+        f"The client spent {client:.2f} ms a pair. Even an owner at that least cost, beside the bare "
+        f"client, would fit {ceiling:.0f} pairs/s on {cores} cores ({ceiling / ph['pairs_per_s']:.2f} x "
+        f"the physical floor); at its measured cost and its client's, {cores * 1000 / (owner + client):.0f} "
+        f"pairs/s with every core busy ({cores * 1000 / (owner + client) / ph['pairs_per_s']:.2f} x).",
+    ]
 
 
 def _profile_head(text: str, lines: int) -> list[str]:

@@ -23,9 +23,11 @@ from bench._world import (
     WORKLOAD_ID,
     World,
     measure_with_firmware,
+    tree_cpu_seconds,
     tree_status_kb,
 )
 from bench.floor_bench import physical_floor
+from bench.grpc_floor import GrpcFloor, PairSizes, grpc_floor
 from owner_svc.adapters.kek import KeyEncryptionKey
 from owner_svc.adapters.metrics import PrometheusOwnerMetrics
 from owner_svc.adapters.sqlite import SQLiteStore
@@ -49,6 +51,13 @@ class RunResult:
     pairs: int
     seconds: float  # open phase + release phase
     pair_latencies: list[float]
+    #: CPU seconds over the timed phases: the owner's process tree (utime + stime) and this client process.
+    owner_cpu_s: float | None = None
+    client_cpu_s: float | None = None
+
+    def cpu_ms_per_pair(self, which: str) -> float | None:
+        cpu = self.owner_cpu_s if which == "owner" else self.client_cpu_s
+        return None if cpu is None else cpu / self.pairs * 1000
 
     @property
     def pairs_per_s(self) -> float:
@@ -100,7 +109,7 @@ def direct_measurer(fw: EmulatedFirmware) -> Measurer:
 
 async def grpc_run(
     world: World, address: str, chain: common_pb2.CertificateChain, measurer: Measurer, *, pairs: int,
-    clients: int, batch: int = 1000,
+    clients: int, batch: int = 1000, owner_pid: int | None = None,
 ) -> RunResult:  # fmt: skip
     channels = [secure_channel(address, world.tls_dir, "client") for _ in range(clients)]
     stubs = [owner_pb2_grpc.OwnerServiceStub(ch) for ch in channels]
@@ -110,6 +119,7 @@ async def grpc_run(
         build_id=world.hosts[0].firmware.config.build,
     )
     total = 0.0
+    client_cpu = owner_cpu = 0.0
     latencies: list[float] = []
     try:
         # Warm every connection (TLS handshake) outside the timed phases.
@@ -131,9 +141,11 @@ async def grpc_run(
                     )
                     open_lat[i] = time.perf_counter() - t  # noqa: B023
 
-            t0 = time.perf_counter()
+            cpu0, owner0, t0 = time.process_time(), _cpu(owner_pid), time.perf_counter()
             await asyncio.gather(*(opener(s) for s in stubs))
             t_open = time.perf_counter() - t0
+            client_cpu += time.process_time() - cpu0
+            owner_cpu += _cpu(owner_pid) - owner0
             measurements = [measurer(o.godh_cert, o.session_blob) for o in opened if o is not None]
             next_i = iter(range(n))
 
@@ -154,16 +166,22 @@ async def grpc_run(
                     rel_lat[i] = time.perf_counter() - t  # noqa: B023
                     assert len(reply.secret_header) == 52
 
-            t0 = time.perf_counter()
+            cpu0, owner0, t0 = time.process_time(), _cpu(owner_pid), time.perf_counter()
             await asyncio.gather(*(releaser(s) for s in stubs))
             t_release = time.perf_counter() - t0
+            client_cpu += time.process_time() - cpu0
+            owner_cpu += _cpu(owner_pid) - owner0
             total += t_open + t_release
             latencies += [a + b for a, b in zip(open_lat, rel_lat, strict=True)]
             done += n
     finally:
         for ch in channels:
             await ch.close(None)
-    return RunResult(pairs, total, latencies)
+    return RunResult(pairs, total, latencies, owner_cpu if owner_pid else None, client_cpu)
+
+
+def _cpu(pid: int | None) -> float:
+    return 0.0 if pid is None else tree_cpu_seconds(pid)
 
 
 # -- in-process floor ----------------------------------------------------------------------------------
@@ -230,6 +248,8 @@ class OwnerThroughput:
     physical: list[float]
     #: The same 64-client run against an owner of one process (when the owner under test has workers).
     single_process: RunResult | None = None
+    #: A bare grpc.aio server with the owner's mTLS, the same clients and message sizes (`grpc_floor`).
+    transport: GrpcFloor | None = None
 
     def ratio(self, clients: int) -> float:
         run, floor = self.by_clients[clients]
@@ -261,10 +281,16 @@ def owner_throughput(
     floors = [inprocess_run(core, chain, measurer, host.firmware, pairs=pairs)]
     results: dict[int, tuple[RunResult, float]] = {}
     for n in clients:  # floor, run, floor, run, ...: each run is compared with the floors around it
-        run = asyncio.run(grpc_run(world, world.owner.address, chain, measurer, pairs=pairs, clients=n))
+        run = asyncio.run(
+            grpc_run(
+                world, world.owner.address, chain, measurer, pairs=pairs, clients=n, owner_pid=world.owner.pid
+            )
+        )
         floors.append(inprocess_run(core, chain, measurer, host.firmware, pairs=pairs))
         results[n] = (run, statistics.mean([floors[-2].pairs_per_s, floors[-1].pairs_per_s]))
+    sizes = pair_sizes(core, chain, measurer, host.firmware)
     core.store.close()  # type: ignore[attr-defined]
+    transport = grpc_floor(world.tls_dir, sizes, pairs=pairs, clients=max(clients))
     single = None
     if compare_single:
         one = world.spawn_owner("owner-single.db")
@@ -272,12 +298,44 @@ def owner_throughput(
             world.configure_owner(one.address)
             asyncio.run(grpc_run(world, one.address, chain, measurer, pairs=4, clients=1))
             single = asyncio.run(
-                grpc_run(world, one.address, chain, measurer, pairs=pairs, clients=max(clients))
+                grpc_run(
+                    world, one.address, chain, measurer, pairs=pairs, clients=max(clients), owner_pid=one.pid
+                )
             )
         finally:
             one.stop()
     physical.append(physical_floor(table, seconds=floor_seconds))
-    return OwnerThroughput(results, floors, pairs, physical, single)
+    return OwnerThroughput(results, floors, pairs, physical, single, transport)
+
+
+def pair_sizes(
+    core: OwnerCore, chain: common_pb2.CertificateChain, measurer: Measurer, fw: EmulatedFirmware
+) -> PairSizes:
+    """The serialized sizes of one pair's requests and responses, as the servicer builds them."""
+    c = chain
+    chain_in = ChainInput(c.pdh_cert, c.pek_cert, c.oca_cert, c.cek_cert, c.ask_cert, c.ark_cert)
+    opened = core.open_session("client", WORKLOAD_ID, chain_in, POLICY)
+    measurement = measurer(opened.godh_cert, opened.session_blob)
+    cfg = fw.config
+    released = core.release_secret(
+        "client", opened.session_id, measurement, api_major=cfg.api_major, api_minor=cfg.api_minor,
+        build_id=cfg.build, policy=POLICY,
+    )  # fmt: skip
+    version = common_pb2.FirmwareVersion(api_major=cfg.api_major, api_minor=cfg.api_minor, build_id=cfg.build)
+    return PairSizes(
+        owner_pb2.OpenSessionRequest(workload_id=WORKLOAD_ID, chain=chain, policy=POLICY).ByteSize(),
+        owner_pb2.OpenSessionResponse(
+            session_id=opened.session_id, godh_cert=opened.godh_cert, session_blob=opened.session_blob,
+            policy=opened.policy, expires_at_unix=int(opened.expires_at), generation=opened.generation,
+        ).ByteSize(),
+        owner_pb2.ReleaseSecretRequest(
+            session_id=opened.session_id, launch_measurement=measurement, firmware=version, policy=POLICY
+        ).ByteSize(),
+        owner_pb2.ReleaseSecretResponse(
+            secret_header=released.header, secret_payload=released.payload,
+            matched_launch_digest=released.matched_digest, manifest_id=released.manifest_id,
+        ).ByteSize(),
+    )  # fmt: skip
 
 
 @dataclass
@@ -332,7 +390,14 @@ def _main() -> int:
         print(
             f"{n:3d} clients: {run.pairs_per_s:7.1f} pairs/s (core in-process {floor:.1f}), "
             f"p50 {run.pct(0.5):.1f} ms, p99 {run.pct(0.99):.1f} ms, "
-            f"floor ratio {run.pairs_per_s / physical:.3f}"
+            f"floor ratio {run.pairs_per_s / physical:.3f}, owner CPU {run.cpu_ms_per_pair('owner'):.2f} "
+            f"ms a pair, client CPU {run.cpu_ms_per_pair('client'):.2f} ms a pair"
+        )
+    if ot.transport is not None:
+        t = ot.transport
+        print(
+            f"bare grpc.aio server, same clients and sizes: {t.pairs_per_s:.0f} pairs/s, server CPU "
+            f"{t.server_cpu_ms_per_pair:.3f} ms a pair, client CPU {t.client_cpu_ms_per_pair:.3f} ms a pair"
         )
     return 0
 
