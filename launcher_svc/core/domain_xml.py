@@ -205,7 +205,9 @@ def _snp_launch_security(dom: ET.Element, spec: GuestSpec, snp: SnpLaunchParams)
         sysinfo = ET.Element("sysinfo", {"type": "fwcfg"})
         entry = ET.SubElement(sysinfo, "entry", {"name": INIT_DATA_FW_CFG})
         entry.text = snp.init_data.decode("ascii")
-        dom.insert(list(dom).index(dom.find("features")), sysinfo)  # type: ignore[arg-type]
+        features = dom.find("features")
+        children = list(dom)
+        dom.insert(children.index(features) if features is not None else len(children), sysinfo)
     attrib = {"type": "sev-snp"}
     if spec.kernel_path is not None:
         attrib["kernelHashes"] = "yes"
