@@ -112,7 +112,8 @@ class EmulatorAsids:
 
 
 class AsidCollector(Collector):
-    """`sevlaunch_platform_asids_in_use{kind}` and `sevlaunch_platform_asids_total{kind}`, read per scrape."""
+    """`sevlaunch_platform_asids_in_use{kind}` and `sevlaunch_platform_asids_capacity{kind}` (not
+    `_total`: that suffix is for counters), read at each scrape."""
 
     def __init__(self, source: AsidPools) -> None:
         self.source = source
@@ -127,7 +128,7 @@ class AsidCollector(Collector):
             labels=["kind"],
         )
         total = GaugeMetricFamily(
-            "sevlaunch_platform_asids_total",
+            "sevlaunch_platform_asids_capacity",
             "SEV ASIDs this host has, by pool (kind sev: SEV guests; sev_es: SEV-ES and SEV-SNP guests)",
             labels=["kind"],
         )

@@ -362,8 +362,8 @@ def test_asid_gauges_follow_the_chips_guests(start_platform: Any, tls_dir: Path,
         }
 
     assert asids() == {
-        ("total", "sev"): 16,
-        ("total", "sev_es"): 16,
+        ("capacity", "sev"): 16,
+        ("capacity", "sev_es"): 16,
         ("in_use", "sev"): 0,
         ("in_use", "sev_es"): 0,
     }
@@ -375,8 +375,8 @@ def test_asid_gauges_follow_the_chips_guests(start_platform: Any, tls_dir: Path,
         session = create_session(pdh, policy)
         emulated_chip.launch_start(session.godh.to_bytes(), session.blob.to_bytes(), policy)
     assert asids() == {
-        ("total", "sev"): 16,
-        ("total", "sev_es"): 16,
+        ("capacity", "sev"): 16,
+        ("capacity", "sev_es"): 16,
         ("in_use", "sev"): 2,
         ("in_use", "sev_es"): 1,
     }

@@ -32,7 +32,7 @@ SNP_POLICY = 0x30000
 def _scrape(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
     return {
         (name, kind): value
-        for name in ("sevlaunch_platform_asids_in_use", "sevlaunch_platform_asids_total")
+        for name in ("sevlaunch_platform_asids_in_use", "sevlaunch_platform_asids_capacity")
         for kind in ("sev", "sev_es")
         if (value := registry.get_sample_value(name, {"kind": kind})) is not None  # type: ignore[assignment]
     }
@@ -88,16 +88,16 @@ def test_misc_cgroup_pools(tmp_path: Path) -> None:
     assert _scrape(_registry(source)) == {
         ("sevlaunch_platform_asids_in_use", "sev"): 12,
         ("sevlaunch_platform_asids_in_use", "sev_es"): 98,
-        ("sevlaunch_platform_asids_total", "sev"): 410,
-        ("sevlaunch_platform_asids_total", "sev_es"): 99,
+        ("sevlaunch_platform_asids_capacity", "sev"): 410,
+        ("sevlaunch_platform_asids_capacity", "sev_es"): 99,
     }
 
 
 def test_what_the_kernel_does_not_state_is_not_exported(tmp_path: Path) -> None:
     # No misc.current in the root (kernels before 2023): the capacity only, no "in use" guessed.
     assert _scrape(_registry(_misc(tmp_path / "a", "sev 410\nsev_es 99\n"))) == {
-        ("sevlaunch_platform_asids_total", "sev"): 410,
-        ("sevlaunch_platform_asids_total", "sev_es"): 99,
+        ("sevlaunch_platform_asids_capacity", "sev"): 410,
+        ("sevlaunch_platform_asids_capacity", "sev_es"): 99,
     }
     # Capacity 0 is the kernel's "not present or not initialised" (SEV-ES off): no such pool.
     assert list(_misc(tmp_path / "b", "sev 509\nsev_es 0\n", "sev 1\nsev_es 0\n").pools()) == [
@@ -124,7 +124,7 @@ def test_a_scrape_without_a_source_serves_the_rest_and_logs_once(
     with caplog.at_level(logging.WARNING, logger="platform_svc"):
         for _ in range(3):
             text = generate_latest(registry).decode()
-            assert "sevlaunch_platform_asids_total{" not in text
+            assert "sevlaunch_platform_asids_capacity{" not in text
             assert "sevlaunch_platform_asids_in_use{" not in text
     warnings = [r for r in caplog.records if r.getMessage() == "SEV ASID gauges not exported"]
     assert len(warnings) == 1 and "misc.capacity" in warnings[0].error  # type: ignore[attr-defined]
@@ -173,9 +173,9 @@ def test_the_emulated_chip_counts_launched_guests_against_its_configured_pools(
         s = _scrape(registry)
         return (
             s[("sevlaunch_platform_asids_in_use", "sev")],
-            s[("sevlaunch_platform_asids_total", "sev")],
+            s[("sevlaunch_platform_asids_capacity", "sev")],
             s[("sevlaunch_platform_asids_in_use", "sev_es")],
-            s[("sevlaunch_platform_asids_total", "sev_es")],
+            s[("sevlaunch_platform_asids_capacity", "sev_es")],
         )
 
     assert gauges() == (0, 3, 0, 2)
