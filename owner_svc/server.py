@@ -164,6 +164,9 @@ class OwnerApp:
         loop = asyncio.get_running_loop()
         if self.poller is not None:
             self._tasks.append(loop.create_task(self.poller.run()))
+        # One checkpoint now: the log and the metrics name the head from the start, and the staleness
+        # alert measures from a checkpoint this process made, not from an interval it has yet to wait.
+        await self.checkpoint()
         self._tasks.append(loop.create_task(self._checkpoints()))
 
     async def _checkpoints(self) -> None:

@@ -4,6 +4,7 @@
         (--emulator STATE_DIR | --dev-sev /dev/sev) [--kds-url URL] [--cek-file F] [--cek-cache-dir DIR]
         [--vcek-cache-dir DIR] [--vcek-dir DIR | --vcek-file F] [--snp-cert-table PATH]
         [--metrics-listen :9101] [--health-listen 0.0.0.0:50061] [--kds-timeout 10]
+        [--misc-cgroup-dir /sys/fs/cgroup]
 
 Every flag is also an environment variable (`--tls-dir` ↔ SEVLAUNCH_TLS_DIR).
 """
@@ -20,6 +21,13 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from platform_svc.adapters.asids import (
+    DEFAULT_MISC_CGROUP_DIR,
+    AsidCollector,
+    AsidPools,
+    EmulatorAsids,
+    MiscCgroupAsids,
+)
 from platform_svc.adapters.firmware import AsyncFirmware, EmulatorCertTable, FirmwareMetrics
 from platform_svc.adapters.kds import (
     DEFAULT_KDS_URL,
@@ -72,6 +80,8 @@ class PlatformConfig:
     kds_attempts: int = 3
     chain_max_age: float | None = 3600.0
     grace: float = DEFAULT_GRACE_SECONDS
+    #: Where the root of the cgroup v2 hierarchy is (its misc.capacity/misc.current: the ASID gauges).
+    misc_cgroup_dir: Path = DEFAULT_MISC_CGROUP_DIR
 
 
 def _open_firmware(cfg: PlatformConfig) -> tuple[Firmware, EmulatedFirmware | None]:
@@ -95,6 +105,10 @@ async def create_server(
     server = RpcServer(service_name=SERVICE_NAME, authz=AUTHZ, **rpc_server_options(cfg))
     registry = server.metrics.registry
     fw = AsyncFirmware(firmware, FirmwareMetrics(registry), emulator=emulator)
+    asids: AsidPools = (
+        EmulatorAsids(emulator) if emulator is not None else MiscCgroupAsids(cfg.misc_cgroup_dir)
+    )
+    registry.register(AsidCollector(asids))
 
     roots: Sequence[TrustedRoot]
     if emulator is not None:
@@ -191,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kds-timeout", type=float, default=10.0, help="deadline in seconds for one CEK fetch")
     p.add_argument("--kds-attempts", type=int, default=3, help="KDS attempts within the deadline")
     p.add_argument(
+        "--misc-cgroup-dir",
+        default=str(DEFAULT_MISC_CGROUP_DIR),
+        help="the host's cgroup v2 root, whose misc.capacity and misc.current give the SEV ASID gauges "
+        "(in a container: the host's /sys/fs/cgroup mounted read-only)",
+    )
+    p.add_argument(
         "--chain-max-age",
         type=float,
         default=3600.0,
@@ -216,6 +236,7 @@ def config_from_args(args: argparse.Namespace) -> PlatformConfig:
         kds_timeout=args.kds_timeout,
         kds_attempts=args.kds_attempts,
         chain_max_age=args.chain_max_age if args.chain_max_age > 0 else None,
+        misc_cgroup_dir=Path(args.misc_cgroup_dir),
     )
 
 

@@ -66,6 +66,13 @@ class PrometheusOwnerMetrics:
             ["hash", "mac"],
             registry=registry,
         )
+        # When the newest checkpoint was made, for the staleness alert: 0 until the first one (made as
+        # the owner starts), so an owner that cannot checkpoint at all alerts as well.
+        self.checkpoint_time = Gauge(
+            "sevlaunch_owner_audit_checkpoint_timestamp_seconds",
+            "Unix time of the newest audit checkpoint this process made (0: none yet)",
+            registry=registry,
+        )
 
     def session_opened(self) -> None:
         self.sessions_opened.inc()
@@ -94,3 +101,4 @@ class PrometheusOwnerMetrics:
     def audit_checkpoint(self, seq: int, digest: str, mac: str) -> None:
         self.checkpoint.clear()
         self.checkpoint.labels(digest, mac).set(seq)
+        self.checkpoint_time.set_to_current_time()

@@ -1,7 +1,8 @@
 """Issue 12, the owner's own store faults (item 5) and its audit checkpoints (item 1), through a real
 owner: a full disk is UNAVAILABLE (`store_unavailable`) with nothing released without its audit record;
 a corrupt or unreadable database, or a damaged audit log, stops the start with one line; checkpoints
-go to the log and the metrics at an interval and on shutdown."""
+go to the log and the metrics at the start, at an interval and on shutdown, with the time of the newest one
+for the staleness alert."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from owner_support import (
 from owner_svc.adapters.kek import KeyEncryptionKey
 from owner_svc.adapters.sqlite import SQLiteStore
 from owner_svc.core.model import AuditEvent, SessionState
+from owner_svc.core.ports import StoreError
 from sevlaunch.audit import Checkpoint
 from sevlaunch.ownerdb import load_kek, verify_audit_db
 from sevlaunch.rpc import error_info
@@ -156,6 +158,48 @@ def test_audit_checkpoints_go_to_the_log_and_metrics_at_an_interval_and_on_shutd
     assert final and final[-1]["seq"] == 4
     kek = load_kek(h.config.kek_file)
     assert verify_audit_db(h.config.db, kek, checkpoints=[Checkpoint.parse(final[-1]["checkpoint"])]) == 4
+
+
+def _checkpoint_time(h: Any) -> float:
+    metrics = urllib.request.urlopen(h.running.metrics_url, timeout=5).read().decode()
+    [value] = [
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("sevlaunch_owner_audit_checkpoint_timestamp_seconds ")
+    ]
+    return value
+
+
+def test_the_checkpoint_time_is_exported_from_the_start_and_only_a_made_checkpoint_moves_it(
+    make_owner: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SevlaunchOwnerAuditCheckpointStale fires on `time() - max(this) > 2h`: the owner checkpoints as it
+    starts (not only after its first interval), and a checkpoint that fails leaves the time where it was,
+    so an owner that can no longer checkpoint ages into the alert."""
+    before = time.time()
+    h = make_owner(start_poller=True)  # the 300 s interval: only the start's checkpoint falls in this test
+    first = _checkpoint_time(h)
+    assert before <= first <= time.time()
+
+    time.sleep(0.05)
+    h.running.run(h.app.checkpoint())
+    second = _checkpoint_time(h)
+    assert first < second <= time.time()
+
+    def broken() -> Checkpoint:
+        raise StoreError("database is locked")
+
+    monkeypatch.setattr(h.app.store, "audit_checkpoint", broken)
+    with caplog.at_level(logging.ERROR, logger="owner_svc"):
+        time.sleep(0.05)
+        h.running.run(h.app.checkpoint())
+    assert any(r.getMessage() == "audit checkpoint failed" for r in caplog.records)
+    assert _checkpoint_time(h) == second
+
+
+def test_before_any_checkpoint_the_time_is_zero_so_the_alert_fires(make_owner: Any) -> None:
+    h = make_owner()  # the server without app.start(): no checkpoint made
+    assert _checkpoint_time(h) == 0.0
 
 
 # -------------------------------------------------------------------------- refusing to start

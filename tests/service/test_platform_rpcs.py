@@ -346,3 +346,37 @@ def test_metrics_after_a_session_show_the_right_counts(start_platform: Any, tls_
         "sevlaunch_firmware_commands_total",
         (("command", "FACTORY_RESET"), ("status", "SUCCESS")),
     ) not in s
+
+
+def test_asid_gauges_follow_the_chips_guests(start_platform: Any, tls_dir: Path, emulated_chip: Any) -> None:
+    """The per-host ASID pools of SevlaunchAsidsNearExhaustion, from the emulated chip the service runs
+    on (16 SEV and 16 SEV-ES ASIDs by default), read on each scrape."""
+    running, _ = start_platform()
+
+    def asids() -> dict[tuple[str, str], float]:
+        s = _samples(running.metrics_url)
+        return {
+            (name.removeprefix("sevlaunch_platform_asids_"), dict(labels)["kind"]): value
+            for (name, labels), value in s.items()
+            if name.startswith("sevlaunch_platform_asids_")
+        }
+
+    assert asids() == {
+        ("capacity", "sev"): 16,
+        ("capacity", "sev_es"): 16,
+        ("in_use", "sev"): 0,
+        ("in_use", "sev_es"): 0,
+    }
+    ch, stub = _stub(running.address, tls_dir, "platform-admin")
+    with ch:
+        chain = stub.GetCertificateChain(pb.GetCertificateChainRequest(), timeout=10).platform.chain
+    pdh = SEVCertificate.from_bytes(chain.pdh_cert)
+    for policy in (0, 0, 0x0007):  # two SEV guests, one SEV-ES guest
+        session = create_session(pdh, policy)
+        emulated_chip.launch_start(session.godh.to_bytes(), session.blob.to_bytes(), policy)
+    assert asids() == {
+        ("capacity", "sev"): 16,
+        ("capacity", "sev_es"): 16,
+        ("in_use", "sev"): 2,
+        ("in_use", "sev_es"): 1,
+    }

@@ -37,6 +37,15 @@ class EmulatedFirmware(PlatformCommands, SevGuestCommands, SnpGuestCommands):
         """The emulated ASK‖ARK (AMD's `ask_ark_<gen>.cert` layout): the root to trust explicitly."""
         return self._read(ASK_ARK_CERT)
 
+    def asids_in_use(self) -> dict[str, int]:
+        """ASIDs held by guests now, by pool as Linux's misc cgroup names them: "sev_es" (1..max_es_guests,
+        SEV-ES and SEV-SNP guests) and "sev" (above, plain SEV guests). For monitoring: read without the
+        chip lock (the state file is replaced atomically), so a scrape never waits for a command."""
+        chip = self._load()
+        used = chip.used_asids()
+        es = sum(1 for asid in used if asid <= chip.config.max_es_guests)
+        return {"sev": len(used) - es, "sev_es": es}
+
     def chip_id_hex(self) -> str:
         return self.get_id().hex()
 
