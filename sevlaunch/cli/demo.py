@@ -26,8 +26,9 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -265,67 +266,118 @@ def run_demo(args: argparse.Namespace) -> int:
     env = DemoEnvironment(firmware=firmware, on_step=p.step)
     results: list[LaunchOutcome] = []
     audit_ok = False
+
+    def body() -> None:
+        nonlocal audit_ok
+        p.line(f"sevlaunch demo: attested SEV launches on emulated hardware, in {env.workdir}")
+        p.line("set-up")
+        env.prepare()
+        env.start()
+        env.configure_owner()
+        runs: list[tuple[str, Path, str]] = [
+            (GOOD_GUEST, firmware, f"{firmware.name}, the image the signed reference values list"),
+            (TAMPERED_GUEST, env.tampered_firmware, f"{env.tampered_firmware.name}, one byte flipped"),
+        ]
+        for name, image, why in runs:
+            p.line(f"launch {name!r}: {why}")
+            result = env.launch(name, image, on_event=p.event)
+            _describe(p, result)
+            results.append(result)
+        audit_ok = _print_audit(p, env)
+        if args.keep:
+            env.keep = True
+            _keep_instructions(p, env)
+
+    ending = run_body(p, env, results, body)
+    return finish(
+        p,
+        args,
+        env,
+        ending,
+        prog="sevlaunch demo",
+        started=started,
+        checks_ok=_checks(results, audit_ok),
+        audit_ok=audit_ok,
+        workload_id=WORKLOAD_ID,
+        doc={"launches": [r.to_json() for r in results]},
+    )
+
+
+@dataclass
+class Ending:
+    """How a demo's body ended: normally (both None), interrupted (SIGINT or SIGTERM), or with an error."""
+
     interrupted: str | None = None
     error: str | None = None
+
+
+def run_body(
+    p: _Printer, env: DemoEnvironment, launched: Sequence[LaunchOutcome], body: Callable[[], None]
+) -> Ending:
+    """Runs a demo's `body` with SIGTERM taken as an interrupt. However it ends, the guests in `launched`
+    (read at the end, so the body appends to it) are destroyed and the services stopped and removed,
+    with signals deferred meanwhile."""
+    ending = Ending()
     with _terminate_as_interrupt():
         try:
-            p.line(f"sevlaunch demo: attested SEV launches on emulated hardware, in {env.workdir}")
-            p.line("set-up")
-            env.prepare()
-            env.start()
-            env.configure_owner()
-            runs: list[tuple[str, Path, str]] = [
-                (GOOD_GUEST, firmware, f"{firmware.name}, the image the signed reference values list"),
-                (TAMPERED_GUEST, env.tampered_firmware, f"{env.tampered_firmware.name}, one byte flipped"),
-            ]
-            for name, image, why in runs:
-                p.line(f"launch {name!r}: {why}")
-                result = env.launch(name, image, on_event=p.event)
-                _describe(p, result)
-                results.append(result)
-            audit_ok = _print_audit(p, env)
-            if args.keep:
-                env.keep = True
-                _keep_instructions(p, env)
+            body()
         except KeyboardInterrupt:
-            interrupted = "SIGINT"
+            ending.interrupted = "SIGINT"
         except _Interrupted as exc:
-            interrupted = str(exc)
+            ending.interrupted = str(exc)
         except (DemoError, ServiceStartError) as exc:
-            error = str(exc)
+            ending.error = str(exc)
         except grpc.RpcError as exc:
             info = error_info(exc)
-            error = f"gRPC call failed: {info.code.name} {info.reason} {info.message}".strip()
+            ending.error = f"gRPC call failed: {info.code.name} {info.reason} {info.message}".strip()
         finally:
             with _signals_deferred():
-                _cleanup(p, env, results)
+                _cleanup(p, env, launched)
+    return ending
+
+
+def finish(
+    p: _Printer,
+    args: argparse.Namespace,
+    env: DemoEnvironment,
+    ending: Ending,
+    *,
+    prog: str,
+    started: float,
+    checks_ok: bool,
+    audit_ok: bool,
+    workload_id: str,
+    doc: dict[str, Any],
+) -> int:
+    """The demo's last lines and exit status: 130 when interrupted, 0 when every check held, else 1;
+    with --json, `doc` (what the demo launched) and the fields every demo reports."""
     total = time.monotonic() - started
-    if interrupted:
-        p.line(f"interrupted ({interrupted}); everything stopped and removed")
+    if ending.interrupted:
+        p.line(f"interrupted ({ending.interrupted}); everything stopped and removed")
         return 130
-    if error:
-        p.line(f"sevlaunch demo: error: {error}")
-    ok = error is None and _checks(results, audit_ok)
+    if ending.error:
+        p.line(f"{prog}: error: {ending.error}")
+    ok = ending.error is None and checks_ok
     p.line(f"demo {'complete' if ok else 'FAILED'} in {total:.1f} s")
     if args.json:
-        doc: dict[str, Any] = {
-            "launches": [r.to_json() for r in results],
+        doc = {
+            **doc,
             "audit_ok": audit_ok,
             "ok": ok,
             "wall_seconds": round(total, 3),
             "reference_digest": env.reference_digest.hex(),
             "manifest_id": env.manifest_id,
         }
-        if error:
-            doc["error"] = error
+        if ending.error:
+            doc["error"] = ending.error
         if args.keep and env.keep:
-            doc |= kept_services_json(env, WORKLOAD_ID)
+            doc |= kept_services_json(env, workload_id)
         json.dump(doc, sys.stdout, indent=2)
         print()
     return 0 if ok else 1
 
 
-def _cleanup(p: _Printer, env: DemoEnvironment, results: list[LaunchOutcome]) -> None:
+def _cleanup(p: _Printer, env: DemoEnvironment, results: Sequence[LaunchOutcome]) -> None:
     if env.keep:
         env.close()
         return

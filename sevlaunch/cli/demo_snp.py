@@ -26,7 +26,6 @@ Exit status 0 when all of that came out as described, 1 otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -34,22 +33,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from sevlaunch.cli import CommandError
 from sevlaunch.cli.demo import (
-    _cleanup,
-    _Interrupted,
     _ms,
     _print_audit,
     _Printer,
     _short,
-    _signals_deferred,
-    _terminate_as_interrupt,
-    kept_services_json,
+    finish,
+    run_body,
 )
-from sevlaunch.demo.env import DemoError, LaunchOutcome
-from sevlaunch.demo.services import ServiceStartError
 from sevlaunch.demo.snp import (
     SNP_FIRMWARE,
     SNP_WORKLOAD_ID,
@@ -57,7 +49,6 @@ from sevlaunch.demo.snp import (
     SnpDemoEnvironment,
     SnpLaunchOutcome,
 )
-from sevlaunch.rpc import error_info
 
 GOOD = "demo-snp-guest"
 TAMPERED = "demo-snp-tampered"
@@ -145,92 +136,70 @@ def run_snp_demo(args: argparse.Namespace) -> int:
     results: list[SnpLaunchOutcome] = []
     replays: list[ReplayOutcome] = []
     audit_ok = False
-    interrupted: str | None = None
-    error: str | None = None
     on_event = _event_printer(p)
-    with _terminate_as_interrupt():
-        try:
-            p.line(f"sevlaunch demo --snp: attested SEV-SNP launches on emulated hardware, in {env.workdir}")
-            p.line("set-up")
-            env.prepare()
-            env.start()
-            env.configure_owner()
-            assert env.chip_tcb is not None
 
-            p.line(f"launch {GOOD!r}: {firmware.name}, the image the signed reference values list")
-            good = env.launch_snp(GOOD, firmware, on_event)
-            _describe(p, good)
-            results.append(good)
+    def body() -> None:
+        nonlocal audit_ok
+        p.line(f"sevlaunch demo --snp: attested SEV-SNP launches on emulated hardware, in {env.workdir}")
+        p.line("set-up")
+        env.prepare()
+        env.start()
+        env.configure_owner()
+        assert env.chip_tcb is not None
 
-            p.line(f"launch {TAMPERED!r}: {env.tampered_firmware.name}, one byte flipped")
-            bad = env.launch_snp(TAMPERED, env.tampered_firmware, on_event)
-            _describe(p, bad)
-            results.append(bad)
+        p.line(f"launch {GOOD!r}: {firmware.name}, the image the signed reference values list")
+        good = env.launch_snp(GOOD, firmware, on_event)
+        _describe(p, good)
+        results.append(good)
 
-            raised = replace(env.chip_tcb, snp=env.chip_tcb.snp + 1)
-            p.line(
-                f"launch {TCB!r}: while it boots, the tenant raises the minimum TCB to {raised} "
-                f"(the chip reports {env.chip_tcb})"
-            )
-            low = env.launch_snp(TCB, firmware, on_event, on_authorized=lambda: env.put_workload(raised))
-            env.put_workload()  # the floor back where the chip meets it
-            _describe(p, low)
-            results.append(low)
+        p.line(f"launch {TAMPERED!r}: {env.tampered_firmware.name}, one byte flipped")
+        bad = env.launch_snp(TAMPERED, env.tampered_firmware, on_event)
+        _describe(p, bad)
+        results.append(bad)
 
-            p.line(f"replays of {GOOD!r}'s report, as captured on the guest network")
-            recorded = env.guest_record(good.domain_name)
-            if recorded.get("report"):
-                replays.append(env.replay(REPLAY_SAME, recorded))
-                fresh = env.fresh_authorization()
-                replays.append(env.replay(REPLAY_OTHER, recorded, target=fresh.authorization_id))
-                env.revoke(fresh.authorization_id)
-                for r in replays:
-                    _describe_replay(p, r)
-            else:
-                p.line("  the guest recorded no report: nothing to replay")
-            audit_ok = _print_audit(p, env)
-            if args.keep:
-                env.keep = True
-                _keep_instructions(p, env)
-        except KeyboardInterrupt:
-            interrupted = "SIGINT"
-        except _Interrupted as exc:
-            interrupted = str(exc)
-        except (DemoError, ServiceStartError) as exc:
-            error = str(exc)
-        except grpc.RpcError as exc:
-            info = error_info(exc)
-            error = f"gRPC call failed: {info.code.name} {info.reason} {info.message}".strip()
-        finally:
-            with _signals_deferred():
-                launched: list[LaunchOutcome] = [*results]
-                _cleanup(p, env, launched)
-    total = time.monotonic() - started
-    if interrupted:
-        p.line(f"interrupted ({interrupted}); everything stopped and removed")
-        return 130
-    if error:
-        p.line(f"sevlaunch demo --snp: error: {error}")
-    ok = error is None and _checks(results, replays, audit_ok)
-    p.line(f"demo {'complete' if ok else 'FAILED'} in {total:.1f} s")
-    if args.json:
-        doc: dict[str, Any] = {
+        raised = replace(env.chip_tcb, snp=env.chip_tcb.snp + 1)
+        p.line(
+            f"launch {TCB!r}: while it boots, the tenant raises the minimum TCB to {raised} "
+            f"(the chip reports {env.chip_tcb})"
+        )
+        low = env.launch_snp(TCB, firmware, on_event, on_authorized=lambda: env.put_workload(raised))
+        env.put_workload()  # the floor back where the chip meets it
+        _describe(p, low)
+        results.append(low)
+
+        p.line(f"replays of {GOOD!r}'s report, as captured on the guest network")
+        recorded = env.guest_record(good.domain_name)
+        if recorded.get("report"):
+            replays.append(env.replay(REPLAY_SAME, recorded))
+            fresh = env.fresh_authorization()
+            replays.append(env.replay(REPLAY_OTHER, recorded, target=fresh.authorization_id))
+            env.revoke(fresh.authorization_id)
+            for r in replays:
+                _describe_replay(p, r)
+        else:
+            p.line("  the guest recorded no report: nothing to replay")
+        audit_ok = _print_audit(p, env)
+        if args.keep:
+            env.keep = True
+            _keep_instructions(p, env)
+
+    ending = run_body(p, env, results, body)
+    return finish(
+        p,
+        args,
+        env,
+        ending,
+        prog="sevlaunch demo --snp",
+        started=started,
+        checks_ok=_checks(results, replays, audit_ok),
+        audit_ok=audit_ok,
+        workload_id=SNP_WORKLOAD_ID,
+        doc={
             "technology": "sev-snp",
             "launches": [r.to_json() for r in results],
             "replays": [r.to_json() for r in replays],
-            "audit_ok": audit_ok,
-            "ok": ok,
-            "wall_seconds": round(total, 3),
-            "reference_digest": env.reference_digest.hex(),
-            "manifest_id": env.manifest_id,
-        }
-        if error:
-            doc["error"] = error
-        if args.keep and env.keep:
-            doc |= kept_services_json(env, SNP_WORKLOAD_ID)
-        json.dump(doc, sys.stdout, indent=2)
-        print()
-    return 0 if ok else 1
+        },
+    )
 
 
 def _keep_instructions(p: _Printer, env: SnpDemoEnvironment) -> None:
