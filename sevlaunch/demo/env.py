@@ -38,6 +38,7 @@ from sevlaunch.ownerdb import AuditDatabaseError, KEKFileError, load_kek, verify
 from sevlaunch.refvalues import (
     DigestConfig,
     KeyType,
+    Manifest,
     ReferenceDigest,
     generate_private_key,
     make_manifest,
@@ -281,12 +282,7 @@ class DemoEnvironment:
         """Writes everything the services need: certificates, the chip, keys, the signed manifest."""
         if not self.firmware.is_file():
             raise DemoError(f"no firmware image at {self.firmware} (Debian package `ovmf`)")
-        for d in (self.images_dir, self.owner_dir, self.publisher_key.parent, self.logs_dir):
-            d.mkdir(parents=True, exist_ok=True)
-
-        t = time.monotonic()
-        write_dev_certs(self.tls_dir)
-        self._step("dev certificates (CA; platform, launcher, owner, client, admins)", t)
+        self._prepare_folders_and_certificates()
 
         t = time.monotonic()
         # RSA-4096 ARK and ASK: the slowest step of the set-up (a few seconds on a small machine).
@@ -300,28 +296,40 @@ class DemoEnvironment:
         t = time.monotonic()
         image = self.firmware.read_bytes()
         self.reference_digest = bytes(launch_digest(image, mode="sev"))
-        key = generate_private_key(KeyType.ECDSA_P256)
-        # Only the public half is kept on disk: the demo signs its one manifest and needs no more.
-        (self.publisher_key.parent / (self.publisher_key.name + ".pub")).write_bytes(
-            public_key_pem(key.public_key())
+        self._publish(
+            make_manifest(
+                publisher="sevlaunch-demo",
+                firmware_name="OVMF",
+                firmware_version=firmware_version(self.firmware),
+                digests=[ReferenceDigest(self.reference_digest, DigestConfig(Technology.SEV))],
+                valid_days=1,
+                firmware_sha256=hashlib.sha256(image).hexdigest(),
+            )
         )
-        manifest = make_manifest(
-            publisher="sevlaunch-demo",
-            firmware_name="OVMF",
-            firmware_version=firmware_version(self.firmware),
-            digests=[ReferenceDigest(self.reference_digest, DigestConfig(Technology.SEV))],
-            valid_days=1,
-            firmware_sha256=hashlib.sha256(image).hexdigest(),
-        )
-        payload = manifest.to_json()
-        self.manifest_id = manifest_id(payload)
-        self.manifest_path.write_bytes(sign_envelope(payload, key).to_json())
         self._step(
             f"reference values for {self.firmware.name}: launch digest {self.reference_digest.hex()[:16]}…,"
             " signed by the demo publisher",
             t,
         )
+        self._tamper()
 
+    def _prepare_folders_and_certificates(self) -> None:
+        for d in (self.images_dir, self.owner_dir, self.publisher_key.parent, self.logs_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        t = time.monotonic()
+        write_dev_certs(self.tls_dir)
+        self._step("dev certificates (CA; platform, launcher, owner, client, admins)", t)
+
+    def _publish(self, manifest: Manifest) -> None:
+        """Signs the demo's one manifest with a fresh publisher key. Only the public half is kept on
+        disk: the demo signs nothing else."""
+        key = generate_private_key(KeyType.ECDSA_P256)
+        self.publisher_pub.write_bytes(public_key_pem(key.public_key()))
+        payload = manifest.to_json()
+        self.manifest_id = manifest_id(payload)
+        self.manifest_path.write_bytes(sign_envelope(payload, key).to_json())
+
+    def _tamper(self) -> None:
         t = time.monotonic()
         offset = tamper_firmware(self.firmware, self.tampered_firmware)
         self._step(f"tampered copy {self.tampered_firmware.name} (byte {offset:#x} flipped)", t)

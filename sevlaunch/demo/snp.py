@@ -35,20 +35,14 @@ from sevlaunch.demo.env import (
     EventCallback,
     LaunchOutcome,
     firmware_version,
-    tamper_firmware,
 )
 from sevlaunch.demo.services import wait_started
 from sevlaunch.firmware.emulator import ChipConfig, EmulatedFirmware
 from sevlaunch.firmware.emulator.snp_keys import SNP_ROOT_PEM
 from sevlaunch.refvalues import (
     DigestConfig,
-    KeyType,
     ReferenceDigest,
-    generate_private_key,
     make_manifest,
-    manifest_id,
-    public_key_pem,
-    sign_envelope,
 )
 from sevlaunch.rpc import error_info
 from sevlaunch.rpc.v1 import (
@@ -203,13 +197,7 @@ class SnpDemoEnvironment(DemoEnvironment):
     def prepare(self) -> None:
         if not self.firmware.is_file():
             raise DemoError(f"no firmware image at {self.firmware} (Debian package `ovmf`, the 2 MiB image)")
-        for d in (self.images_dir, self.owner_dir, self.publisher_key.parent, self.logs_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        from sevlaunch.cli.devcerts import write_dev_certs
-
-        t = time.monotonic()
-        write_dev_certs(self.tls_dir)
-        self._step("dev certificates (CA; platform, launcher, owner, client, admins)", t)
+        self._prepare_folders_and_certificates()
 
         t = time.monotonic()
         chip = EmulatedFirmware(
@@ -243,28 +231,22 @@ class SnpDemoEnvironment(DemoEnvironment):
             for n in (1, 2)
         ]
         self.reference_digest = digests[0].launch_digest
-        key = generate_private_key(KeyType.ECDSA_P256)
-        self.publisher_pub.write_bytes(public_key_pem(key.public_key()))
-        manifest = make_manifest(
-            publisher="sevlaunch-demo",
-            firmware_name="OVMF",
-            firmware_version=firmware_version(self.firmware),
-            digests=digests,
-            valid_days=1,
-            snp=SnpReference(FAMILY_ID, IMAGE_ID, GUEST_SVN, (self.chip_tcb,)),
+        self._publish(
+            make_manifest(
+                publisher="sevlaunch-demo",
+                firmware_name="OVMF",
+                firmware_version=firmware_version(self.firmware),
+                digests=digests,
+                valid_days=1,
+                snp=SnpReference(FAMILY_ID, IMAGE_ID, GUEST_SVN, (self.chip_tcb,)),
+            )
         )
-        payload = manifest.to_json()
-        self.manifest_id = manifest_id(payload)
-        self.manifest_path.write_bytes(sign_envelope(payload, key).to_json())
         self._step(
             f"SNP reference values for {self.firmware.name}: launch digests for 1 and 2 vCPUs of "
             f"{SNP_VCPU_TYPE} (1 vCPU: {self.reference_digest.hex()[:16]}…), signed by the demo publisher",
             t,
         )
-
-        t = time.monotonic()
-        offset = tamper_firmware(self.firmware, self.tampered_firmware)
-        self._step(f"tampered copy {self.tampered_firmware.name} (byte {offset:#x} flipped)", t)
+        self._tamper()
 
     def start(self) -> None:
         t = time.monotonic()
