@@ -23,10 +23,10 @@ import ctypes
 import errno
 import fcntl
 import os
-from types import TracebackType
 from typing import Any, Final
 
 from sevlaunch.errors import FailedPrecondition
+from sevlaunch.firmware.devfile import DeviceFile
 from sevlaunch.firmware.interface import PLATFORM_STATUS_SIZE, PlatformStatus
 from sevlaunch.firmware.status import FirmwareError, StatusCode
 from sevlaunch.sev.errors import Reason, Unsupported
@@ -140,7 +140,7 @@ _COMMAND_NAMES: Final = {
 }
 
 
-class DevSev:
+class DevSev(DeviceFile):
     """The platform commands of a real AMD SEV host through `/dev/sev`.
 
     The node is opened read-write when possible, read-only as a fallback (`writable` says which): with
@@ -157,30 +157,13 @@ class DevSev:
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             self.writable = False
 
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> DevSev:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"DevSev(path={self.path!r})"
-
     def _issue(self, cmd: int, data: ctypes.Structure | None) -> None:
         """SEV_ISSUE_CMD; a firmware status other than SUCCESS raises FirmwareError."""
-        if self._fd < 0:
-            raise RuntimeError("DevSev is closed")
+        fd = self._open_fd()
         arg = sev_issue_cmd(cmd=cmd, data=ctypes.addressof(data) if data is not None else 0, error=0)
         name = _COMMAND_NAMES.get(cmd, str(cmd))
         try:
-            self._ioctl(self._fd, SEV_ISSUE_CMD, arg, True)
+            self._ioctl(fd, SEV_ISSUE_CMD, arg, True)
         except OSError as exc:
             # The kernel copies the firmware status back even when the ioctl fails (-EIO).
             if arg.error:

@@ -244,19 +244,15 @@ class DevSevSnp(DevSev):
         super().__init__(path)
         self._snp_ioctl = ioctl
 
-    def __repr__(self) -> str:
-        return f"DevSevSnp(path={self.path!r})"
-
     def fileno(self) -> int:
         return self._fd
 
     def _issue_snp(self, cmd: int, data: ctypes.Structure | None) -> None:
         name = _COMMAND_NAMES[cmd]
-        if self._fd < 0:
-            raise RuntimeError("DevSevSnp is closed")
+        fd = self._open_fd()
         arg = sev_issue_cmd(cmd=cmd, data=ctypes.addressof(data) if data is not None else 0, error=0)
         try:
-            self._snp_ioctl(self._fd, SEV_ISSUE_CMD, arg, True)
+            self._snp_ioctl(fd, SEV_ISSUE_CMD, arg, True)
         except OSError as exc:
             if arg.error and arg.error != NO_FIRMWARE_CALL:
                 raise FirmwareError(arg.error, name) from exc

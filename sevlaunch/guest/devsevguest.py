@@ -16,9 +16,9 @@ import ctypes
 import errno
 import os
 import struct
-from types import TracebackType
 from typing import Final
 
+from sevlaunch.firmware.devfile import DeviceFile
 from sevlaunch.firmware.status import FirmwareError
 from sevlaunch.guest.source import (
     REPORT_DATA_SIZE,
@@ -114,7 +114,7 @@ def encode_report_response(report: bytes, status: int = MSG_REPORT_RSP_SUCCESS) 
     return body + bytes(REPORT_RESP_DATA_SIZE - len(body))
 
 
-class DevSevGuest:
+class DevSevGuest(DeviceFile):
     """A `GuestReportSource` over `/dev/sev-guest`. `ioctl` defaults to the system call (tests pass a
     fake kernel); `certs_len` is the first certificate buffer offered, `max_certs_len` the most this
     source will allocate when the host asks for more."""
@@ -139,30 +139,13 @@ class DevSevGuest:
             detail = f"no {path}: not an SEV-SNP guest, or sev-guest not loaded"
             raise GuestInterfaceUnavailable(detail) from exc
 
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> DevSevGuest:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"DevSevGuest(path={self.path!r})"
-
     def _request(self, request: int, name: str, req: ctypes.Structure, resp: snp_report_resp) -> None:
-        if self._fd < 0:
-            raise RuntimeError("DevSevGuest is closed")
+        fd = self._open_fd()
         arg = snp_guest_request_ioctl(
             msg_version=MSG_VERSION, req_data=ctypes.addressof(req), resp_data=ctypes.addressof(resp)
         )
         try:
-            self._ioctl(self._fd, request, arg, True)
+            self._ioctl(fd, request, arg, True)
         except OSError as exc:
             if arg.vmm_error:
                 raise HypervisorRefused(arg.vmm_error, f"{name}: VMM error {arg.vmm_error}") from exc
