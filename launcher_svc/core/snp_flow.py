@@ -281,25 +281,7 @@ class SnpFlow:
                 init_data=auth.init_data,
             ),
         )
-        launch_id, name = rec.launch_id, rec.domain_name
-
-        async def define() -> str:
-            return await m.hv_call(launch_id, m.hv.define, xml, timeout=None)
-
-        defined = await m.step(
-            rec, Phase.DEFINED, define, lambda uuid_: PhaseChange(Phase.DEFINED, domain_uuid=uuid_)
-        )
-        emit(defined)
-
-        async def start() -> None:
-            await m.hv_call(launch_id, m.hv.start_snp, name, pre.firmware, timeout=None)
-            active = m.active.get(launch_id)
-            if active is not None:
-                active.started = True
-
-        started = await m.step(defined.record, Phase.STARTED, start)
-        emit(started)
-        return started
+        return await m.define_then_start(rec, xml, emit, Phase.STARTED, m.hv.start_snp, pre.firmware)
 
     async def _attested(self, owners: OwnerPort, rec: LaunchRecord) -> AttestationVerdict:
         """Waits for the owner's verdict on the guest's attestation (the step's deadline bounds it)."""

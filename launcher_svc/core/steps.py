@@ -28,7 +28,7 @@ from launcher_svc.core.config import LauncherConfig, LaunchEvent
 from launcher_svc.core.domain_xml import SevLaunchParams, build_domain_xml, domain_name_for
 from launcher_svc.core.metrics import DestroyPath, LaunchMetrics, Outcome
 from launcher_svc.core.ports import Hypervisor, LaunchSecurityInfo, ReleasedSecret
-from launcher_svc.core.preflight import Preflight, SessionMaterial, preflight
+from launcher_svc.core.preflight import FirmwareImage, Preflight, SessionMaterial, preflight
 from launcher_svc.core.reasons import LaunchReason
 from launcher_svc.core.spec import GuestSpec
 from launcher_svc.core.state import (
@@ -451,24 +451,10 @@ class StepMachine:
                 session=material.session.to_bytes(),
             ),
         )
-        launch_id, name = rec.launch_id, rec.domain_name
-
-        async def define() -> str:
-            return await self.hv_call(launch_id, self.hv.define, xml, timeout=None)
-
-        defined = await self.step(
-            rec, Phase.DEFINED, define, lambda uuid_: PhaseChange(Phase.DEFINED, domain_uuid=uuid_)
+        started = await self.define_then_start(
+            rec, xml, emit, Phase.STARTED_PAUSED, self.hv.start_paused, pre.firmware
         )
-        emit(defined)
-
-        async def start() -> None:
-            await self.hv_call(launch_id, self.hv.start_paused, name, pre.firmware, timeout=None)
-            active = self.active.get(launch_id)
-            if active is not None:
-                active.started = True
-
-        started = await self.step(defined.record, Phase.STARTED_PAUSED, start)
-        emit(started)
+        launch_id, name = rec.launch_id, rec.domain_name
 
         async def measure() -> LaunchSecurityInfo:
             info = await self.hv_call(launch_id, self.hv.launch_security_info, name, timeout=None)
@@ -491,6 +477,37 @@ class StepMachine:
         )
         emit(measured)
         return measured
+
+    async def define_then_start(
+        self,
+        rec: LaunchRecord,
+        xml: str,
+        emit: Callable[[Stepped[Any]], None],
+        started_phase: Phase,
+        start_domain: Callable[[str, FirmwareImage], None],
+        firmware: FirmwareImage,
+    ) -> Stepped[None]:
+        """DEFINED (the domain from `xml`), then `started_phase` (`start_domain` starts it): shared by
+        the SEV and SEV-SNP flows."""
+        launch_id, name = rec.launch_id, rec.domain_name
+
+        async def define() -> str:
+            return await self.hv_call(launch_id, self.hv.define, xml, timeout=None)
+
+        defined = await self.step(
+            rec, Phase.DEFINED, define, lambda uuid_: PhaseChange(Phase.DEFINED, domain_uuid=uuid_)
+        )
+        emit(defined)
+
+        async def start() -> None:
+            await self.hv_call(launch_id, start_domain, name, firmware, timeout=None)
+            active = self.active.get(launch_id)
+            if active is not None:
+                active.started = True  # its ASID now counts on the chip, no longer as a reservation
+
+        started = await self.step(defined.record, started_phase, start)
+        emit(started)
+        return started
 
     @staticmethod
     def check_secret(secret: ReleasedSecret, pre: Preflight) -> None:
