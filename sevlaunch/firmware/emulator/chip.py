@@ -11,9 +11,11 @@ written atomically (`sevlaunch.firmware.state`).
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -35,6 +37,31 @@ from sevlaunch.firmware.state import atomic_write, chip_lock, remove_stale_tempo
 from sevlaunch.firmware.status import FirmwareError, StatusCode
 from sevlaunch.sev.cert import Algorithm, SEVCertificate, Usage
 from sevlaunch.snp.issue import EmulatedSnpRoot
+
+
+class _InState(Protocol):
+    @property
+    def gstate(self) -> Enum: ...
+
+
+G = TypeVar("G", bound=_InState)
+
+
+def find_guest(
+    guests: Mapping[int, G], handle: int, command: str, states: tuple[Enum, ...], what: str = "guest"
+) -> G:
+    """The guest context `handle`: INVALID_GUEST when there is none, INVALID_GUEST_STATE when it is in
+    none of `states` (any state when none are given)."""
+    guest = guests.get(handle)
+    if guest is None:
+        raise FirmwareError(StatusCode.INVALID_GUEST, command, f"no {what} with handle {handle}")
+    if states and guest.gstate not in states:
+        raise FirmwareError(
+            StatusCode.INVALID_GUEST_STATE,
+            command,
+            f"guest {handle} is {guest.gstate.name}, needs {'/'.join(s.name for s in states)}",
+        )
+    return guest
 
 
 class ChipBase:
@@ -227,16 +254,7 @@ class ChipBase:
 
     @staticmethod
     def _guest(chip: Chip, handle: int, command: str, *states: GuestState) -> Guest:
-        guest = chip.guests.get(handle)
-        if guest is None:
-            raise FirmwareError(StatusCode.INVALID_GUEST, command, f"no guest with handle {handle}")
-        if states and guest.gstate not in states:
-            raise FirmwareError(
-                StatusCode.INVALID_GUEST_STATE,
-                command,
-                f"guest {handle} is {guest.gstate.name}, needs {'/'.join(s.name for s in states)}",
-            )
-        return guest
+        return find_guest(chip.guests, handle, command, states)
 
     def _log_path(self, handle: int) -> Path:
         return self._guest_dir / f"{handle}.log"

@@ -19,6 +19,7 @@ from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from sevlaunch.firmware.emulator.chip import find_guest
 from sevlaunch.firmware.emulator.codec import Chip
 from sevlaunch.firmware.emulator.commands.snp import SnpPlatformCommands
 from sevlaunch.firmware.emulator.snp_keys import derive_vcek, derive_vlek
@@ -63,17 +64,7 @@ class SnpGuestCommands(SnpPlatformCommands):
     """SNP guest launch, the guest's report request, and SNP_DECOMMISSION."""
 
     def _snp_guest(self, chip: Chip, handle: int, command: str, *states: SnpGuestState) -> SnpGuest:
-        snp = self._snp(chip)
-        guest = snp.guests.get(handle)
-        if guest is None:
-            raise FirmwareError(StatusCode.INVALID_GUEST, command, f"no SNP guest with handle {handle}")
-        if states and guest.gstate not in states:
-            raise FirmwareError(
-                StatusCode.INVALID_GUEST_STATE,
-                command,
-                f"guest {handle} is {guest.gstate.name}, needs {'/'.join(s.name for s in states)}",
-            )
-        return guest
+        return find_guest(self._snp(chip).guests, handle, command, states, what="SNP guest")
 
     # -- launch ---------------------------------------------------------------------------------------
 
