@@ -58,15 +58,14 @@ class GrpcFloor:
         return self.client_cpu_s / self.pairs * 1000
 
 
-async def _serve(port: int, tls_dir: Path) -> None:
+async def _serve(port: int, tls_dir: Path, answer_sizes: tuple[int, int]) -> None:
     from sevlaunch.rpc.tls import server_credentials
 
     async def call(request: bytes, _context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         # The first byte says which answer: 0 an OpenSession-sized one, 1 a ReleaseSecret-sized one.
         return answers[request[0]] if request else b""
 
-    sizes = [int(x) for x in sys.argv[4].split(",")]
-    answers = [b"\x5a" * sizes[0], b"\x5a" * sizes[1]]
+    answers = [b"\x5a" * size for size in answer_sizes]
     server = grpc.aio.server()
     handler = grpc.method_handlers_generic_handler(
         "sevlaunch.bench.Floor", {"Call": grpc.unary_unary_rpc_method_handler(call)}
@@ -130,7 +129,8 @@ def grpc_floor(tls_dir: Path, sizes: PairSizes, *, pairs: int, clients: int) -> 
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
-        asyncio.run(_serve(int(sys.argv[2]), Path(sys.argv[3])))
+        open_size, release_size = (int(x) for x in sys.argv[4].split(","))
+        asyncio.run(_serve(int(sys.argv[2]), Path(sys.argv[3]), (open_size, release_size)))
         return 0
     p = argparse.ArgumentParser(prog="python -m bench.grpc_floor", description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", type=int, default=3000)
