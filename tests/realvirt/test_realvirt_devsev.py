@@ -42,7 +42,12 @@ def chip(tmp_path_factory: pytest.TempPathFactory) -> EmulatedFirmware:
     reason = _fuse_usable()
     if reason is not None:
         pytest.skip(reason)
-    return EmulatedFirmware(tmp_path_factory.mktemp("fusesev") / "chip")
+    chip = EmulatedFirmware(tmp_path_factory.mktemp("fusesev") / "chip")
+    # Its platform keys exist from the first command on: make them now, so that a twin copied before
+    # any other test ran holds the same ones (run alone, the ownership test copied a keyless chip).
+    chip.platform_status()
+    chip.pek_csr()
+    return chip
 
 
 @pytest.fixture
