@@ -31,7 +31,9 @@ from pathlib import Path
 from owner_svc.adapters.kek import KEKFileError, KeyEncryptionKey
 from owner_svc.adapters.metrics import PrometheusOwnerMetrics
 from owner_svc.adapters.refvalues_http import RefValuesPoller
+from owner_svc.adapters.sqlite import SQLiteStore
 from owner_svc.adapters.store import DEFAULT_DB_WAIT, OwnerStore, open_store
+from owner_svc.adapters.walflush import run_deferred
 from owner_svc.api.guest import (
     DEFAULT_GLOBAL_BURST,
     DEFAULT_GLOBAL_RATE,
@@ -40,7 +42,7 @@ from owner_svc.api.guest import (
     GuestServer,
 )
 from owner_svc.api.ratelimit import GuestRateLimiter
-from owner_svc.api.servicer import AUTHZ, SERVICE_NAME, OwnerServicer
+from owner_svc.api.servicer import AUTHZ, SERVICE_NAME, CallRunner, OwnerServicer
 from owner_svc.core.ports import StoreError
 from owner_svc.core.refset import ReferenceValueSet
 from owner_svc.core.service import AMD_GENERATIONS, DEFAULT_SESSION_TTL, OwnerCore
@@ -318,7 +320,10 @@ def build_app(config: OwnerConfig) -> OwnerApp:
     # The stored manifests, each re-verified against the keys configured now; from then on every
     # decision reloads them when the store's generation moved (another replica imported or revoked).
     core.sync_reference_values()
-    owner_pb2_grpc.add_OwnerServiceServicer_to_server(OwnerServicer(core), rpc.grpc_server)
+    # Over SQLite the launch storm's calls run on the loop's thread and await their flush; PostgreSQL's
+    # calls block on the network, so they keep their threads (and share COMMITs by group commit).
+    hot_path: CallRunner = run_deferred if isinstance(store, SQLiteStore) else asyncio.to_thread
+    owner_pb2_grpc.add_OwnerServiceServicer_to_server(OwnerServicer(core, hot_path=hot_path), rpc.grpc_server)
     guest = None
     if snp_setup is not None:
         assert config.guest_listen and config.guest_tls_cert and config.guest_tls_key

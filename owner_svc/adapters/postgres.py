@@ -185,6 +185,12 @@ class PostgresDatabase:
         except (psycopg.Error, PoolTimeout) as exc:
             raise self.translate(exc) from None
 
+    def deferring(self) -> bool:
+        return False  # a COMMIT here is a round trip to the server: calls share them (group commit)
+
+    def sync(self) -> None:
+        pass  # every COMMIT returned durable (synchronous_commit is the server's to set)
+
     def check(self) -> None:
         with self.read() as tx:
             tx.execute("SELECT 1")

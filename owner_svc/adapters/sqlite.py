@@ -1,5 +1,10 @@
 """The embedded store: one SQLite file in WAL mode (`SQLiteStore`, the `SqlStore` over `SQLiteDatabase`).
 
+Durability: WAL with `synchronous=NORMAL`, made durable behind the COMMITs by one flusher thread
+(`walflush.py`): a caller on a thread waits for the flush after its COMMIT (and after a read that could
+have seen a COMMIT not yet flushed); a call run with `run_deferred` commits at once and its coroutine
+awaits the flush before it answers.
+
 Concurrency: one connection per thread (SQLite connections are not shared across threads), writers
 serialised by a process-wide lock (this process's threads, handed over without SQLite's sleeping busy
 handler) and `BEGIN IMMEDIATE` (any other process on the file), so the conditional session update is
@@ -25,6 +30,7 @@ from owner_svc.adapters.dialect import SQLITE, Dialect
 from owner_svc.adapters.groupcommit import DEFAULT_MAX_BATCH, Job, Outcome
 from owner_svc.adapters.schema import SCHEMA_VERSION
 from owner_svc.adapters.sqlstore import SqlStore
+from owner_svc.adapters.walflush import WalFlusher, deferred
 from owner_svc.core.ports import (
     SchemaError,
     StoreConflict,
@@ -100,6 +106,12 @@ class SQLiteDatabase:
         self._users = 0
         self._closed = False
         self._idle = threading.Condition(self._conn_lock)
+        # A file database's writes are flushed behind their COMMITs; an in-memory one has nothing to flush.
+        self._flusher: WalFlusher | None = None
+        if not _in_memory(self.path):
+            self._flusher = WalFlusher(
+                self.path + "-wal", self.path, self._write_lock, checkpoint=self._checkpoint
+            )
 
     @contextmanager
     def _use(self) -> Iterator[sqlite3.Connection]:
@@ -133,7 +145,13 @@ class SQLiteDatabase:
             raise translate(exc) from None
         try:
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            if self._flusher is not None:
+                # COMMIT writes the log without syncing it; the flusher syncs it before anyone is told.
+                # Checkpoints run on the flusher's thread, not inside whichever caller's COMMIT.
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("PRAGMA wal_autocheckpoint=0")
+            else:
+                conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=30000")
             if self._max_pages is not None:
@@ -168,7 +186,7 @@ class SQLiteDatabase:
     def _processes_lock(self) -> Iterator[None]:
         """Between owner processes on this file (the caller holds `_write_lock`)."""
         name = self.path
-        if name in ("", ":memory:") or name.startswith("file:"):
+        if _in_memory(name):
             yield
             return
         if self._lock_fd is None:
@@ -184,13 +202,43 @@ class SQLiteDatabase:
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
+    def deferring(self) -> bool:
+        """Whether a write now commits without waiting for durability (the caller awaits it later)."""
+        return self._flusher is not None and deferred() is not None
+
+    def _ticket(self) -> int:
+        return 0 if self._flusher is None else self._flusher.reserve()
+
+    def _durable(self, ticket: int) -> None:
+        """Returns once `ticket` is durable; in a deferred call, leaves that to its coroutine."""
+        if self._flusher is None or not ticket:
+            return
+        later = deferred()
+        if later is not None:
+            later.add(self._flusher, ticket)
+        else:
+            self._flusher.wait(ticket)
+
+    def sync(self) -> None:
+        """Makes whatever any process committed to the file so far durable (one flush)."""
+        if self._flusher is not None:
+            self._flusher.barrier()
+
+    def _checkpoint(self) -> None:
+        if self._closed:
+            return  # closing checkpoints anyway (SQLite does, as the last connection closes)
+        with self._use() as conn:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
     @contextmanager
     def write(self) -> Iterator[_Tx]:
+        ticket = 0
         with self._use() as conn, self._write_lock, self._processes_lock():
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield _Tx(conn)
+                    ticket = self._ticket()
                     conn.execute("COMMIT")
                 finally:
                     # After an exception, or a COMMIT that failed (a full disk): nothing half-written
@@ -199,9 +247,11 @@ class SQLiteDatabase:
                         _rollback(conn)
             except sqlite3.Error as exc:
                 raise translate(exc) from None
+        self._durable(ticket)
 
     def write_batch(self, jobs: Sequence[Job], *, first: Callable[[_Tx], object]) -> list[Outcome]:
         outcomes: list[Outcome] = []
+        ticket = 0
         with self._use() as conn, self._write_lock, self._processes_lock():
             tx = _Tx(conn)
             try:
@@ -225,18 +275,24 @@ class SQLiteDatabase:
                         else:
                             conn.execute("RELEASE job")
                             outcomes.append((True, value))
+                    ticket = self._ticket()
                     conn.execute("COMMIT")
                 finally:
                     if conn.in_transaction:
                         _rollback(conn)
             except sqlite3.Error as exc:
                 raise translate(exc) from None
+        self._durable(ticket)
         return outcomes
 
     @contextmanager
     def read(self, *, snapshot: bool = False) -> Iterator[_Tx]:
         with self._use() as conn:
             yield from self._read(conn, snapshot)
+        # What the read saw may include a COMMIT of this process not yet flushed: whoever the result
+        # goes to learns of it only once it is durable (in a deferred call, its coroutine waits).
+        if self._flusher is not None:
+            self._durable(self._flusher.latest_unflushed())
 
     @staticmethod
     def _read(conn: sqlite3.Connection, snapshot: bool) -> Iterator[_Tx]:
@@ -258,6 +314,9 @@ class SQLiteDatabase:
         with self._conn_lock:
             self._closed = True
             self._idle.wait_for(lambda: self._users == 0, timeout=30)
+        if self._flusher is not None:
+            self._flusher.close()  # flushes what was committed, then its thread ends
+        with self._conn_lock:
             for conn in self._connections:
                 conn.close()
             self._connections.clear()
@@ -266,6 +325,10 @@ class SQLiteDatabase:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
+
+
+def _in_memory(name: str) -> bool:
+    return name in ("", ":memory:") or name.startswith("file:")
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

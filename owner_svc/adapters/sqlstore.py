@@ -85,6 +85,15 @@ class Database(Protocol):
 
     def close(self) -> None: ...
 
+    def deferring(self) -> bool:
+        """Whether a write now commits at once and the caller awaits its durability later
+        (`walflush.run_deferred`); then it need not queue for a group commit."""
+        ...
+
+    def sync(self) -> None:
+        """Returns once every write committed so far is durable (a no-op where COMMIT already is)."""
+        ...
+
     def check(self) -> None:
         """The database's own consistency check (SQLite: quick_check); raises StoreCorrupt."""
         ...
@@ -151,6 +160,11 @@ class SqlStore(SnpSqlStore):
     def _commit(self, write: Callable[[Tx], T]) -> T:
         """Runs `write` in the next group commit; returns once it is durable. Notes the audit head it
         reached only then, as `_write` does."""
+
+        if self.db.deferring():
+            # Committed now on this thread, awaited before the reply: no queue, no hand-over.
+            with self._write() as tx:
+                return write(tx)
 
         def job(tx: Tx) -> tuple[T, int]:
             self._local.appended = 0
@@ -258,6 +272,9 @@ class SqlStore(SnpSqlStore):
         """The head as it stands, its MAC checked: what the owner logs so it can be checked later."""
         with self.db.read() as tx:
             seq, digest, mac = self._read_head(tx)
+        # Logged and exported: it must never name a head that a crash could still take back, whichever
+        # process wrote it.
+        self.db.sync()
         self._check_head(seq, digest, mac)
         self._saw(seq)
         return Checkpoint(seq, digest, mac)

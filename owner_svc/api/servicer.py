@@ -1,13 +1,17 @@
 """OwnerService servicer: protobuf ↔ domain objects, the caller's identity, and nothing else.
 
-The core is synchronous (SQLite, RSA/ECDSA verification): each call runs in a worker thread so a slow
-verification never stalls the event loop. Errors propagate to the shell's interceptor, which maps them.
+The core is synchronous (SQLite, RSA/ECDSA verification). Its calls run in a worker thread, so a slow one
+never stalls the event loop, except the launch storm's two (OpenSession, ReleaseSecret) when the server
+gives a `hot_path` runner: over SQLite they run on the loop's own thread and await their writes'
+durability (`owner_svc.adapters.walflush.run_deferred`), because handing each call to a thread and back
+cost more CPU than its cryptography. Errors propagate to the shell's interceptor, which maps them.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import grpc.aio
 
@@ -38,6 +42,15 @@ from sevlaunch.rpc.v1 import common_pb2, owner_pb2, owner_pb2_grpc
 from sevlaunch.sev.technology import Technology
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class CallRunner(Protocol):
+    """Runs a synchronous core call for a coroutine (`asyncio.to_thread` is one)."""
+
+    def __call__(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Awaitable[T]: ...
+
 
 SERVICE_NAME = owner_pb2.DESCRIPTOR.services_by_name["OwnerService"].full_name
 LAUNCH_ROLES = ("launcher", "client")
@@ -205,8 +218,9 @@ def session_info(view: SessionView) -> owner_pb2.SessionInfo:
 
 
 class OwnerServicer(owner_pb2_grpc.OwnerServiceServicer):
-    def __init__(self, core: OwnerCore) -> None:
+    def __init__(self, core: OwnerCore, *, hot_path: CallRunner = asyncio.to_thread) -> None:
         self.core = core
+        self._hot = hot_path
 
     async def OpenSession(
         self, request: owner_pb2.OpenSessionRequest, context: Ctx
@@ -214,9 +228,7 @@ class OwnerServicer(owner_pb2_grpc.OwnerServiceServicer):
         caller = current_caller().identity
         c = request.chain
         chain = ChainInput(c.pdh_cert, c.pek_cert, c.oca_cert, c.cek_cert, c.ask_cert, c.ark_cert)
-        opened = await asyncio.to_thread(
-            self.core.open_session, caller, request.workload_id, chain, request.policy
-        )
+        opened = await self._hot(self.core.open_session, caller, request.workload_id, chain, request.policy)
         return owner_pb2.OpenSessionResponse(
             session_id=opened.session_id,
             godh_cert=opened.godh_cert,
@@ -233,7 +245,7 @@ class OwnerServicer(owner_pb2_grpc.OwnerServiceServicer):
         if not request.HasField("firmware"):
             raise InvalidArgument(Reason.BAD_FIRMWARE_VERSION, "firmware version is required")
         fw = request.firmware
-        released = await asyncio.to_thread(
+        released = await self._hot(
             self.core.release_secret,
             caller,
             request.session_id,
