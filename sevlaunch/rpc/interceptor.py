@@ -110,18 +110,18 @@ def current_caller() -> Caller:
 
 class _RequestIds:
     """Request ids for calls that bring none: a random per-process prefix and a counter. As unique as a
-    uuid4 in practice (64 random bits per process) without a getrandom call per RPC; the prefix is
-    drawn again in a forked child."""
+    uuid4 in practice (64 random bits per process) without a system call per RPC (no getrandom, no
+    getpid); the prefix is drawn again in a forked child."""
 
     def __init__(self) -> None:
-        self._pid = -1
-        self._prefix = ""
+        self.renew()
+        os.register_at_fork(after_in_child=self.renew)
+
+    def renew(self) -> None:
+        self._prefix = os.urandom(8).hex()
         self._counter = itertools.count(1)
 
     def next(self) -> str:
-        pid = os.getpid()
-        if pid != self._pid:
-            self._pid, self._prefix, self._counter = pid, os.urandom(8).hex(), itertools.count(1)
         return f"{self._prefix}{next(self._counter):016x}"
 
 
