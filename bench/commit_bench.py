@@ -1,13 +1,18 @@
-"""Group commit vs one transaction per write: the owner core in-process, called from many threads at once.
+"""How the owner's writes reach the disk: the owner core in-process, called from many threads at once.
 
     python -m bench.commit_bench [--threads 16] [--pairs 25] [--dsn postgresql://...]
 
-The same core (KEK, reference values, workload, secret, the emulated root trusted) over a store whose
-group commit takes at most `max_batch` writes per transaction: 1 (every session row and audit record
-its own transaction and durable COMMIT, one after another) against the default. Reports pairs/s, the
-process's CPU per pair and how many writes each COMMIT carried. With `--dsn`, the PostgreSQL store on
-that server (use one with fsync and synchronous_commit on, or the comparison measures nothing); else
-SQLite (WAL, synchronous=FULL) in a temporary directory.
+The same core (KEK, reference values, workload, secret, the emulated root trusted) over stores that
+write in different ways, interleaved:
+* group commit taking at most 1 write per transaction (every session row and audit record its own
+  transaction, one after another);
+* group commit (a writer thread commits every write waiting, together);
+* SQLite only, without group commit: each write commits on its caller's thread, and one flusher makes
+  the log durable for every COMMIT before it (`owner_svc.adapters.walflush`), as the server's hot path
+  does on the event loop.
+Reports pairs/s, the process's CPU per pair, and how many writes, transactions and fsyncs there were.
+With `--dsn`, the PostgreSQL store on that server (use one with fsync and synchronous_commit on, or the
+comparison measures nothing); else SQLite in a temporary directory.
 """
 
 from __future__ import annotations
@@ -30,14 +35,35 @@ from owner_svc.core.service import ChainInput, OwnerCore
 from sevlaunch.refvalues import PublisherKey
 from sevlaunch.sev.chain import load_roots_file
 
+#: The `max_batch` of a store without group commit (each write commits on its caller's thread).
+FLUSH_BEHIND = 0
+
 
 @dataclass
 class CommitRun:
-    max_batch: int
+    max_batch: int  # FLUSH_BEHIND: no group commit
     pairs_per_s: float
     cpu_ms_per_pair: float
     writes: int
-    commits: int
+    commits: int  # transactions
+    fsyncs: int
+
+    @property
+    def mode(self) -> str:
+        if self.max_batch == FLUSH_BEHIND:
+            return "own transaction, fsync shared behind"
+        return f"group commit, at most {self.max_batch} a transaction"
+
+
+def _counts(store: Any) -> tuple[int, int, int]:
+    """(writes, transactions, fsyncs) so far. SQLite's fsyncs are its flusher's; PostgreSQL's one per
+    COMMIT, on the server."""
+    flusher = getattr(getattr(store, "db", None), "flusher", None)
+    group = store.group_commit
+    if group is None:
+        assert flusher is not None
+        return flusher.commits, flusher.commits, flusher.flushes
+    return group.jobs, group.batches, flusher.flushes if flusher is not None else group.batches
 
 
 def _core(world: World, store: Any, kek: KeyEncryptionKey) -> OwnerCore:
@@ -88,30 +114,30 @@ def run(world: World, make_store: Callable[[KeyEncryptionKey, int], Any], *, thr
     warm: list[Any] = []
     opens(4, warm)
     releases([(o, measure(o.godh_cert, o.session_blob)) for o in warm])
-    group = store.group_commit
-    jobs, batches = group.jobs, group.batches
+    before = _counts(store)
     outs: list[list[Any]] = [[] for _ in range(threads)]
     wall_open, cpu_open = phase(opens, [(pairs, out) for out in outs])
     measured = [[(o, measure(o.godh_cert, o.session_blob)) for o in out] for out in outs]
     wall_release, cpu_release = phase(releases, [(m,) for m in measured])
+    after = _counts(store)
     store.close()
     n = threads * pairs
+    writes, commits, fsyncs = (a - b for a, b in zip(after, before, strict=True))
     return CommitRun(
         max_batch=max_batch,
         pairs_per_s=n / (wall_open + wall_release),
         cpu_ms_per_pair=(cpu_open + cpu_release) / n * 1000,
-        writes=group.jobs - jobs,
-        commits=group.batches - batches,
+        writes=writes,
+        commits=commits,
+        fsyncs=fsyncs,
     )
 
 
 def compare(world: World, make_store: Callable[[KeyEncryptionKey, int], Any], *, threads: int,
-            pairs: int) -> list[CommitRun]:  # fmt: skip
-    """One transaction per write, group commit, and again, interleaved (a noisy machine)."""
-    return [
-        run(world, make_store, threads=threads, pairs=pairs, max_batch=b)
-        for b in (1, DEFAULT_MAX_BATCH, 1, DEFAULT_MAX_BATCH)
-    ]
+            pairs: int, flush_behind: bool = True) -> list[CommitRun]:  # fmt: skip
+    """One transaction per write, group commit, (flush-behind,) and again, interleaved (a noisy machine)."""
+    modes = (1, DEFAULT_MAX_BATCH, *((FLUSH_BEHIND,) if flush_behind else ()))
+    return [run(world, make_store, threads=threads, pairs=pairs, max_batch=b) for b in modes * 2]
 
 
 def sqlite_store(world: World) -> Callable[[KeyEncryptionKey, int], Any]:
@@ -119,6 +145,8 @@ def sqlite_store(world: World) -> Callable[[KeyEncryptionKey, int], Any]:
 
     def make(kek: KeyEncryptionKey, max_batch: int) -> Any:
         db = world.workdir / "owner" / f"commit-{next(counter)}.db"
+        if max_batch == FLUSH_BEHIND:
+            return SQLiteStore(db, audit_mac_key=kek.audit_key, group_commit=False)
         return SQLiteStore(db, audit_mac_key=kek.audit_key, max_batch=max_batch)
 
     return make
@@ -136,10 +164,10 @@ def main() -> int:
         make = sqlite_store(world)
         if args.dsn:
             make = _postgres_store(args.dsn, args.threads)
-        for r in compare(world, make, threads=args.threads, pairs=args.pairs):
+        for r in compare(world, make, threads=args.threads, pairs=args.pairs, flush_behind=not args.dsn):
             print(
-                f"max_batch {r.max_batch:3d}: {r.pairs_per_s:7.1f} pairs/s, "
-                f"CPU {r.cpu_ms_per_pair:.3f} ms a pair, {r.writes} writes in {r.commits} commits"
+                f"{r.mode}: {r.pairs_per_s:7.1f} pairs/s, CPU {r.cpu_ms_per_pair:.3f} ms a pair, "
+                f"{r.writes} writes in {r.commits} transactions, {r.fsyncs} fsyncs"
             )
     return 0
 

@@ -69,8 +69,8 @@ def profile(pairs: int, top: int, threads: int, world: World | None = None) -> s
     for th in others:
         th.join()
     wall = time.perf_counter() - t
-    group = core.store.group_commit  # type: ignore[attr-defined]
-    batches = f"{group.jobs} writes in {group.batches} commits"
+    flusher = core.store.db.flusher  # type: ignore[attr-defined]
+    batches = f"{flusher.commits} commits made durable by {flusher.flushes} flushes"
     core.store.close()  # type: ignore[attr-defined]
     out = io.StringIO()
     stats = pstats.Stats(prof, stream=out)

@@ -114,6 +114,7 @@ class SqlStore(SnpSqlStore):
         audit_mac_key: bytes | None,
         clock: Callable[[], float] = time.time,
         max_batch: int = DEFAULT_MAX_BATCH,
+        group_commit: bool = True,
     ) -> None:
         self.db = db
         self._d = db.dialect
@@ -130,8 +131,9 @@ class SqlStore(SnpSqlStore):
             db.close()
             raise
         # The commit path (sessions and their audit records, refusals' audit records): concurrent
-        # calls' writes share one transaction and one durable COMMIT (groupcommit.py).
-        self._group = GroupCommit(self._run_batch, max_batch=max_batch)
+        # calls' writes share one transaction and one durable COMMIT (groupcommit.py). Without it, or for
+        # a deferred call (SQLite's hot path, walflush.py), a write commits on its caller's thread.
+        self._group = GroupCommit(self._run_batch, max_batch=max_batch) if group_commit else None
 
     def _q(self, sql: str) -> str:
         return self._d.sql(sql)
@@ -145,11 +147,12 @@ class SqlStore(SnpSqlStore):
             return tx.execute(self._q(sql), params).fetchall()
 
     def close(self) -> None:
-        self._group.close()
+        if self._group is not None:
+            self._group.close()
         self.db.close()
 
     @property
-    def group_commit(self) -> GroupCommit:
+    def group_commit(self) -> GroupCommit | None:
         return self._group
 
     def _run_batch(self, jobs: Sequence[Job]) -> list[Outcome]:
@@ -161,8 +164,8 @@ class SqlStore(SnpSqlStore):
         """Runs `write` in the next group commit; returns once it is durable. Notes the audit head it
         reached only then, as `_write` does."""
 
-        if self.db.deferring():
-            # Committed now on this thread, awaited before the reply: no queue, no hand-over.
+        if self._group is None or self.db.deferring():
+            # Committed now on this thread (and, deferred, awaited before the reply): no queue, no hand-off.
             with self._write() as tx:
                 return write(tx)
 

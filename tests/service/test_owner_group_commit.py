@@ -1,13 +1,14 @@
-"""Group commit of the owner's store: concurrent calls' writes share one transaction and one COMMIT, and
-no call is answered before its write is durable.
+"""Group commit of the owner's store: concurrent calls' writes share one transaction and one COMMIT (with
+SQLite, one fsync behind them), and no call is answered before its write is durable.
 
 * The owner as a process, SIGKILLed the moment it has answered part of a burst of concurrent
   OpenSession and ReleaseSecret calls (the rest still in flight), then restarted on the same database
   (SQLite, and PostgreSQL): every answered session and release is there with its audit record, and the
   audit chain verifies offline.
-* The batch itself, on a real SQLite database: writes queued while a COMMIT runs go in the next batch
-  together; a failing write is rolled back alone and its caller gets its error; a failed COMMIT fails
-  every write of the batch; two releases of one session in one batch: exactly one wins.
+* The batch itself (the write path of callers on threads), on a real SQLite database: writes queued
+  while a COMMIT runs go in the next batch together; a failing write is rolled back alone and its
+  caller gets its error; a failed COMMIT fails every write of the batch; two releases of one session in
+  one batch: exactly one wins.
 """
 
 from __future__ import annotations
@@ -177,7 +178,9 @@ def _event(session_id: str, action: str = "open_session") -> AuditEvent:
 
 @pytest.fixture
 def store(tmp_path: Path) -> Any:
-    s = SQLiteStore(tmp_path / "owner.db", audit_mac_key=b"k" * 32)
+    # The batch mechanics on a real database (the server's hot path commits on the event loop instead
+    # and shares the fsyncs: test_owner_walflush.py).
+    s = SQLiteStore(tmp_path / "owner.db", audit_mac_key=b"k" * 32, group_commit=True)
     s.put_workload("web", "{}", AuditEvent(actor="admin", action="put_workload", outcome="allowed"))
     yield s
     s.close()
