@@ -18,7 +18,14 @@ How a caller waits:
   tickets are collected, and the coroutine awaits one future the flusher resolves on its event loop (one
   wake-up per flush for all of its calls).
 
-A failed flush (an I/O error) is reported to every caller waiting and to every later one: what was
+Several owner processes on one file (`--workers`): a flush syncs the file, so it covers every process's
+COMMITs before it. A launch call always writes (a session, a release, a refusal's audit record), so its
+answer waits for a flush after everything it read. A read on a thread waits for this process's
+unflushed COMMITs only: an admin listing through one worker may show another worker's write one flush
+(about a millisecond) before that write is durable. The audit checkpoint, which is logged and exported,
+waits for a flush of the whole file (`SQLiteDatabase.sync`).
+
+A failed flush (an I/O error, or anything else) is reported to every caller waiting and to every later one: what was
 committed may not be on disk, so the store stops acknowledging writes until the owner restarts and
 SQLite recovers the log. Checkpoints (copying the log into the database file) run on the flusher's
 thread too, between flushes, instead of inside some caller's COMMIT.
@@ -167,10 +174,9 @@ class WalFlusher:
             failure = None
             try:
                 self._sync()
-            except OSError as exc:
-                failure = StoreUnavailable(
-                    f"the owner's store cannot make its writes durable: {exc.strerror or exc}"
-                )
+            except Exception as exc:  # whatever it was, nobody may be told their write is durable
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+                failure = StoreUnavailable(f"the owner's store cannot make its writes durable: {why}")
                 log.error("the store's log could not be flushed; writes are refused until a restart")
             with self._lock:
                 if failure is None:

@@ -162,6 +162,17 @@ def test_a_failed_flush_fails_the_waiting_calls_and_every_later_write(store: SQL
     assert len(_actions_on_disk(store.path)) == 3  # committed, never acknowledged
 
 
+def test_an_unexpected_flush_error_fails_closed_too(store: SQLiteStore) -> None:
+    def broken() -> None:
+        raise RuntimeError("not an OSError")
+
+    _flusher(store)._sync = broken  # type: ignore[method-assign]
+    with pytest.raises(StoreUnavailable, match="RuntimeError"):
+        store.append_audit(_event(1))
+    with pytest.raises(StoreUnavailable):
+        store.append_audit(_event(2))
+
+
 def test_a_refusal_also_waits_for_the_flush_of_what_it_wrote(store: SQLiteStore) -> None:
     held = HeldFlush(_flusher(store))
 
