@@ -378,7 +378,7 @@ def report(r: dict[str, Any], s: dict[str, Any], m: dict[str, str], command: str
         "### How writes reach the disk",
         "",
         "The owner core in-process from 16 threads at once (`bench/commit_bench.py`, SQLite, WAL): group "
-        "commit taking at most 1 write per transaction, group commit (a writer thread commits every write "
+        "commit taking at most 1 write per transaction, group commit (the first caller commits every write "
         "waiting, together; the default for callers on threads), and no group commit (each write commits on "
         "its caller's thread, as the server's OpenSession and ReleaseSecret do on the event loop). Either "
         "way one flusher thread makes the log durable for every COMMIT before it (`owner_svc/adapters/"

@@ -6,7 +6,7 @@ The same core (KEK, reference values, workload, secret, the emulated root truste
 write in different ways, interleaved:
 * group commit taking at most 1 write per transaction (every session row and audit record its own
   transaction, one after another);
-* group commit (a writer thread commits every write waiting, together);
+* group commit (the first caller commits every write waiting, together);
 * SQLite only, without group commit: each write commits on its caller's thread, and one flusher makes
   the log durable for every COMMIT before it (`owner_svc.adapters.walflush`), as the server's hot path
   does on the event loop.

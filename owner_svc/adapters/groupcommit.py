@@ -1,17 +1,19 @@
 """Group commit: the writes of concurrent calls share one transaction and one durable COMMIT.
 
 Every OpenSession and ReleaseSecret ends in a small write (a session row, an audit record) that must be
-durable before the reply: with SQLite in WAL mode and `synchronous=FULL`, one fsync per COMMIT, taken
-under the database's single write lock. One transaction per call made the owner as fast as the disk's
-fsync, however many calls were waiting. Here one writer thread takes every write waiting in its queue,
-runs them in one transaction, each in its own savepoint (a write that fails is rolled back alone and its
-caller gets its error), commits once, and only then wakes the callers: no call returns before its write
-is durable, and a COMMIT that fails fails every write of the batch, none of which was acknowledged.
+durable before the reply. One transaction and one disk flush per call made the owner as fast as the
+disk, however many calls were waiting. Here the writes waiting are run in one transaction, each in its
+own savepoint (a write that fails is rolled back alone and its caller gets its error), committed once,
+and only then are their callers answered: no call returns before its write is durable, and a COMMIT
+that fails fails every write of the batch, none of which was acknowledged.
 
-The batch grows by itself with the load: while one COMMIT's fsync runs, the next calls queue, and the
-next batch takes them all. A lone call waits for no one.
+Who runs the batch: the first caller that finds no batch running (the leader) runs its own write and
+every write queued before it started, in one batch; if more were queued meanwhile, it hands the next
+batch to the first of their callers and returns with its answer. A lone caller therefore commits on its
+own thread, with no hand-off to another thread and back, and under load each batch takes everyone who
+queued while the previous one ran.
 
-Order: the writer runs the jobs in the order they were queued, one after another on one connection, so
+Order: the leader runs the jobs in the order they were queued, one after another on one connection, so
 each sees the writes before it (an audit append reads the head the previous one wrote; a second
 conditional release of the same session in the batch finds it no longer open).
 """
@@ -19,8 +21,8 @@ conditional release of the same session in the batch finds it no longer open).
 from __future__ import annotations
 
 import logging
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -33,84 +35,88 @@ T = TypeVar("T")
 Job = Callable[[Any], Any]
 #: Per job, in order: (True, its result) or (False, the exception its caller gets).
 Outcome = tuple[bool, Any]
-#: Runs the jobs in one transaction and commits; raises (a StoreError) when the transaction as a whole
-#: failed, in which case nothing of it was committed, or its COMMIT's outcome is unknown.
+#: Runs the jobs in one transaction and commits (durably, before it returns); raises (a StoreError)
+#: when the transaction as a whole failed, in which case nothing of it was committed, or its COMMIT's
+#: outcome is unknown.
 RunBatch = Callable[[Sequence[Job]], list[Outcome]]
 
 DEFAULT_MAX_BATCH = 256
 
 
 class _Pending(Generic[T]):
-    __slots__ = ("done", "error", "job", "value")
+    __slots__ = ("error", "finished", "job", "value", "wake")
 
     def __init__(self, job: Job) -> None:
         self.job = job
-        self.done = threading.Event()
+        self.wake = threading.Event()  # set when answered, or when asked to lead the next batch
+        self.finished = False
         self.value: Any = None
         self.error: BaseException | None = None
 
 
-_STOP = object()
-
-
 class GroupCommit:
-    """One writer thread over `run_batch`; `submit` blocks until the job's transaction committed."""
+    """`submit` blocks until the job's transaction committed; the first caller to find no batch
+    running runs the batch itself (see the module's docstring)."""
 
-    def __init__(
-        self, run_batch: RunBatch, *, max_batch: int = DEFAULT_MAX_BATCH, name: str = "owner-store-writer"
-    ) -> None:
+    def __init__(self, run_batch: RunBatch, *, max_batch: int = DEFAULT_MAX_BATCH) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._run_batch = run_batch
         self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._queue: deque[_Pending[Any]] = deque()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._leading = False
         self._closed = False
-        self._close_lock = threading.Lock()
         #: Batch sizes committed so far (for tests and the benchmark's report), and how many batches.
         self.batches = 0
         self.jobs = 0
-        self._thread = threading.Thread(target=self._writer, name=name, daemon=True)
-        self._thread.start()
+
+    def queued(self) -> int:
+        """Writes waiting for a batch (not the one under way)."""
+        with self._lock:
+            return len(self._queue)
 
     def submit(self, job: Callable[[Any], T]) -> T:
         """Runs `job(tx)` in the next batch; returns its result once the batch committed, or raises
         the job's own error, or the batch's when the transaction as a whole failed."""
         pending: _Pending[T] = _Pending(job)
-        with self._close_lock:
+        with self._lock:
             if self._closed:
                 raise StoreUnavailable("the owner's store is closed")
-            self._queue.put(pending)
-        pending.done.wait()
+            self._queue.append(pending)
+            lead = not self._leading
+            self._leading = True
+        while True:
+            if lead:
+                self._lead()
+            pending.wake.wait()
+            if pending.finished:
+                break
+            pending.wake.clear()  # asked to lead the next batch, which holds this job
+            lead = True
         if pending.error is not None:
             raise pending.error
         return pending.value  # type: ignore[no-any-return]
 
     def close(self) -> None:
-        """Commits what was already queued, then stops the writer."""
-        with self._close_lock:
-            if self._closed:
-                return
+        """Refuses new writes; returns once the batches under way (and what was queued for them)
+        committed."""
+        with self._lock:
             self._closed = True
-            self._queue.put(_STOP)
-        self._thread.join()
+            self._idle.wait_for(lambda: not self._leading)
 
-    def _writer(self) -> None:
-        stopping = False
-        while not stopping:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            batch: list[_Pending[Any]] = [item]
-            while len(batch) < self._max_batch:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stopping = True
-                    break
-                batch.append(item)
-            self._commit(batch)
+    def _lead(self) -> None:
+        """One batch: what is queued now (up to `max_batch`); then the next leader, or no one."""
+        with self._lock:
+            batch = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
+        self._commit(batch)
+        with self._lock:
+            if self._queue:
+                self._queue[0].wake.set()  # its caller leads the next batch
+            else:
+                self._leading = False
+                self._idle.notify_all()
 
     def _commit(self, batch: list[_Pending[Any]]) -> None:
         try:
@@ -120,7 +126,7 @@ class GroupCommit:
         except BaseException as exc:  # handed to every caller of the batch, never lost
             for p in batch:
                 p.error = exc
-                p.done.set()
+                _answer(p)
             return
         self.batches += 1
         self.jobs += len(batch)
@@ -129,4 +135,9 @@ class GroupCommit:
                 p.value = value
             else:
                 p.error = value
-            p.done.set()
+            _answer(p)
+
+
+def _answer(p: _Pending[Any]) -> None:
+    p.finished = True
+    p.wake.set()

@@ -232,13 +232,23 @@ class SQLiteDatabase:
     def _checkpoint(self) -> None:
         if self._closed:
             return  # closing checkpoints anyway (SQLite does, as the last connection closes)
-        with self._use() as conn:
+        # Under the write locks: the next COMMIT then finds the whole log copied and starts it over from
+        # its beginning. Checkpointing beside running writers, it never did, and the log grew without end.
+        with self._use() as conn, self._write_lock, self._processes_lock():
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        self._local.writing = True
+        try:
+            yield
+        finally:
+            self._local.writing = False
 
     @contextmanager
     def write(self) -> Iterator[_Tx]:
         ticket = 0
-        with self._use() as conn, self._write_lock, self._processes_lock():
+        with self._use() as conn, self._write_lock, self._processes_lock(), self._writing():
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -257,7 +267,7 @@ class SQLiteDatabase:
     def write_batch(self, jobs: Sequence[Job], *, first: Callable[[_Tx], object]) -> list[Outcome]:
         outcomes: list[Outcome] = []
         ticket = 0
-        with self._use() as conn, self._write_lock, self._processes_lock():
+        with self._use() as conn, self._write_lock, self._processes_lock(), self._writing():
             tx = _Tx(conn)
             try:
                 conn.execute("BEGIN IMMEDIATE")
@@ -295,8 +305,10 @@ class SQLiteDatabase:
         with self._use() as conn:
             yield from self._read(conn, snapshot)
         # What the read saw may include a COMMIT of this process not yet flushed: whoever the result
-        # goes to learns of it only once it is durable (in a deferred call, its coroutine waits).
-        if self._flusher is not None:
+        # goes to learns of it only once it is durable (in a deferred call, its coroutine waits). Not
+        # inside a write of this thread: that write's own wait covers it, and a flush now would need
+        # the write lock this thread holds.
+        if self._flusher is not None and not getattr(self._local, "writing", False):
             self._durable(self._flusher.latest_unflushed())
 
     @staticmethod
@@ -353,10 +365,10 @@ class SQLiteStore(SqlStore):
         max_batch: int = DEFAULT_MAX_BATCH,
         group_commit: bool = True,
     ) -> None:
-        """`group_commit`: callers on threads queue their writes for a writer thread that commits them
-        together, instead of each committing on its own thread under the write lock (from 16 threads
-        the queue costs less CPU: `python -m bench.commit_bench`). Calls run with `run_deferred` commit
-        on their own thread either way."""
+        """`group_commit`: callers on threads that write at once share one transaction (the first runs
+        it for all, `groupcommit.py`), instead of each committing its own under the write lock (from 16
+        threads sharing costs less CPU: `python -m bench.commit_bench`). Calls run with `run_deferred`
+        commit their own on the event loop's thread either way."""
         self.path = str(path)
         db = SQLiteDatabase(path)
         super().__init__(

@@ -3,7 +3,7 @@
 the log durable with one `fdatasync` for every COMMIT that returned before it started.
 
 Why: with `synchronous=FULL` every COMMIT fsyncs under the database's write lock, so concurrent calls
-either wait for each other's fsyncs or hand their writes to a writer thread (group commit), and on the
+either wait for each other's fsyncs or hand their writes to another thread (group commit), and on the
 owner's hot path those thread hand-offs cost more CPU than the call's cryptography (bench/RESULTS.md).
 Here a call commits on its own thread at once, learns the outcome of its conditional update at once,
 and only its *reply* waits for the flush, together with every other call committed meanwhile.
@@ -13,7 +13,8 @@ that covers its own COMMIT, and with it every earlier one: the WAL is append-onl
 after a crash what survives is a prefix of the commits, and an acknowledged commit is inside it.
 
 How a caller waits:
-* A thread calls `wait(ticket)` (the store does this itself unless the call is deferred).
+* A thread calls `wait(ticket)` (the store does this itself unless the call is deferred); when no
+  flush is running it runs one itself, and whoever waits meanwhile shares it.
 * A coroutine runs the synchronous store code inside `run_deferred`: the writes commit at once, their
   tickets are collected, and the coroutine awaits one future the flusher resolves on its event loop (one
   wake-up per flush for all of its calls).
@@ -25,10 +26,10 @@ unflushed COMMITs only: an admin listing through one worker may show another wor
 (about a millisecond) before that write is durable. The audit checkpoint, which is logged and exported,
 waits for a flush of the whole file (`SQLiteDatabase.sync`).
 
-A failed flush (an I/O error, or anything else) is reported to every caller waiting and to every later one: what was
-committed may not be on disk, so the store stops acknowledging writes until the owner restarts and
-SQLite recovers the log. Checkpoints (copying the log into the database file) run on the flusher's
-thread too, between flushes, instead of inside some caller's COMMIT.
+A failed flush (an I/O error, or anything else) is reported to every caller waiting and to every later
+one: what was committed may not be on disk, so the store stops acknowledging writes until the owner
+restarts and SQLite recovers the log. Checkpoints (copying the log into the database file) run on the
+flusher's thread, between flushes, instead of inside some caller's COMMIT.
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ class WalFlusher:
         self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._kicks: set[asyncio.AbstractEventLoop] = set()
         self._since_checkpoint = 0
+        self._checkpoint_due = False
+        self._flushing = False  # a flush is running (on this object's thread or a caller's)
         #: How many flushes covered how many commits (for tests and the benchmark's report).
         self.flushes = 0
         self.commits = 0
@@ -120,14 +123,23 @@ class WalFlusher:
             self._usable()
             self._issued += 1
             ticket = self._issued
-            self._work.notify()
         self.wait(ticket)
 
     def wait(self, ticket: int) -> None:
-        """Blocks until `ticket` is durable; raises StoreUnavailable if its flush failed."""
+        """Blocks until `ticket` is durable; raises StoreUnavailable if its flush failed. When no flush
+        is running, the calling thread runs it itself (no hand-off to the flusher thread and back)."""
         with self._lock:
-            self._work.notify()
-            self._done.wait_for(lambda: self._flushed >= ticket or self._failure is not None)
+            while True:
+                if self._flushed >= ticket:
+                    return
+                if self._failure is not None:
+                    raise self._failure
+                if not self._flushing:
+                    self._flushing = True
+                    break
+                self._done.wait()
+        self._flush()
+        with self._lock:
             if self._flushed < ticket:
                 assert self._failure is not None
                 raise self._failure
@@ -161,43 +173,59 @@ class WalFlusher:
             self._work.notify()
         self._thread.join()
 
+    def _thread_has_work(self) -> bool:
+        if self._flushing:
+            return False  # a caller is flushing; it wakes this thread when it is done
+        pending = self._issued > self._flushed and self._failure is None
+        return pending or self._checkpoint_due or self._closing
+
     def _run(self) -> None:
         while True:
             with self._lock:
-                self._work.wait_for(
-                    lambda: (self._issued > self._flushed and self._failure is None) or self._closing
-                )
-                if self._closing and (self._issued == self._flushed or self._failure is not None):
-                    return
-            with self._commit_lock, self._lock:
-                target = self._issued
-            failure = None
-            try:
-                self._sync()
-            except Exception as exc:  # whatever it was, nobody may be told their write is durable
-                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-                failure = StoreUnavailable(f"the owner's store cannot make its writes durable: {why}")
-                log.error("the store's log could not be flushed; writes are refused until a restart")
-            with self._lock:
-                if failure is None:
-                    self.commits += target - self._flushed
-                    self.flushes += 1
-                    self._since_checkpoint += target - self._flushed
-                    self._flushed = target
-                else:
-                    self._failure = failure
-                self._done.notify_all()
-                due = [w for w in self._waiters if failure is not None or w[0] <= target]
-                self._waiters = [w for w in self._waiters if failure is None and w[0] > target]
-                checkpoint = self._since_checkpoint >= self._checkpoint_every and failure is None
-                if checkpoint:
-                    self._since_checkpoint = 0
-            _settle(due, failure)
-            if checkpoint and self._checkpoint is not None:
+                self._work.wait_for(self._thread_has_work)
+                checkpoint = self._checkpoint_due
+                self._checkpoint_due = False
+                flush = not checkpoint and self._issued > self._flushed and self._failure is None
+                if not (checkpoint or flush):
+                    return  # closing, and nothing is left to flush
+                self._flushing = flush
+            if flush:
+                self._flush()
+            elif self._checkpoint is not None:
                 try:
                     self._checkpoint()
                 except Exception as exc:  # a later one catches up; SQLite's log stays valid meanwhile
                     log.warning("store checkpoint failed", extra={"error": str(exc)})
+
+    def _flush(self) -> None:
+        """One flush of everything committed before it starts, by whoever set `_flushing`."""
+        with self._commit_lock, self._lock:
+            target = self._issued
+        failure = None
+        try:
+            self._sync()
+        except Exception as exc:  # whatever it was, nobody may be told their write is durable
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            failure = StoreUnavailable(f"the owner's store cannot make its writes durable: {why}")
+            log.error("the store's log could not be flushed; writes are refused until a restart")
+        with self._lock:
+            if failure is None:
+                self.commits += target - self._flushed
+                self.flushes += 1
+                self._since_checkpoint += target - self._flushed
+                self._flushed = target
+                if self._since_checkpoint >= self._checkpoint_every:
+                    self._since_checkpoint = 0
+                    self._checkpoint_due = True
+            else:
+                self._failure = failure
+            self._flushing = False
+            due = [w for w in self._waiters if failure is not None or w[0] <= target]
+            self._waiters = [w for w in self._waiters if failure is None and w[0] > target]
+            self._done.notify_all()
+            if self._checkpoint_due or (self._issued > self._flushed and self._failure is None):
+                self._work.notify()  # the thread: commits made meanwhile, or a checkpoint is due
+        _settle(due, failure)
 
     def _sync(self) -> None:
         # Opened by path each time: SQLite may have replaced the log while no connection held it. No log

@@ -202,7 +202,7 @@ def _held(group: GroupCommit) -> threading.Event:
 
 def _wait_queued(group: GroupCommit, n: int) -> None:
     deadline = time.monotonic() + 10
-    while group._queue.qsize() < n:  # the test waits for the calls to be queued
+    while group.queued() < n:  # the test waits for the calls to be queued
         assert time.monotonic() < deadline
         time.sleep(0.005)
 
