@@ -223,8 +223,12 @@ class WalFlusher:
             due = [w for w in self._waiters if failure is not None or w[0] <= target]
             self._waiters = [w for w in self._waiters if failure is None and w[0] > target]
             self._done.notify_all()
-            if self._checkpoint_due or (self._issued > self._flushed and self._failure is None):
-                self._work.notify()  # the thread: commits made meanwhile, or a checkpoint is due
+            if (
+                self._closing
+                or self._checkpoint_due
+                or (self._issued > self._flushed and self._failure is None)
+            ):
+                self._work.notify()  # the thread: commits made meanwhile, a checkpoint due, or it may end
         _settle(due, failure)
 
     def _sync(self) -> None:
