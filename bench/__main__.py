@@ -381,8 +381,8 @@ def report(r: dict[str, Any], s: dict[str, Any], m: dict[str, str], command: str
         "commit taking at most 1 write per transaction, group commit (the first caller commits every write "
         "waiting, together; the default for callers on threads), and no group commit (each write commits on "
         "its caller's thread, as the server's OpenSession and ReleaseSecret do on the event loop). Either "
-        "way one flusher thread makes the log durable for every COMMIT before it (`owner_svc/adapters/"
-        "walflush.py`); interleaved runs:",
+        "way one flush makes the log durable for every COMMIT before it (`owner_svc/adapters/walflush.py`:"
+        " a waiting thread's own, or the flusher thread's); interleaved runs:",
         "",
         "| writes | pairs/s | CPU ms a pair | writes | transactions | fsyncs |",
         "|---|---|---|---|---|---|",
