@@ -5,6 +5,8 @@ Add fixtures here with care: the owner, launcher and platform suites all load th
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--run-hw", action="store_true", default=False, help="also run the tests that need /dev/sev"
     )
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A test that runs a server's or the CLI's entry point in-process points the root logger at the
+    stderr pytest captured for it; after the test that stream is closed, and a later test's in-process
+    server logging through it printed "--- Logging error ---" tracebacks. Each test gets the root
+    logger back as it found it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:], root.level = handlers, level
 
 
 #: Identities beyond the defaults, for authorisation tests (a valid certificate with no role anywhere).
