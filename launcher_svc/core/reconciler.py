@@ -55,7 +55,16 @@ class Reconciler:
 
     def _on_lifecycle(self, name: str, kind: LifecycleKind) -> None:
         m = self.m
-        rec = m.store.by_domain(name)
+        try:
+            rec = m.store.by_domain(name)
+        except Exception as exc:
+            # An event that arrives after the store was closed (a launcher going away), or while it
+            # fails: one line, not an asyncio traceback; the next reconcile round looks at the domain.
+            log.warning(
+                "lifecycle event not checked: the launch store failed",
+                extra={"domain": name, "event": kind.value, "error": str(exc)},
+            )
+            return
         if rec is None or rec.state not in PRE_RUNNING:
             return
         active = m.active.get(rec.launch_id)
