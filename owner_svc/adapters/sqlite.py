@@ -52,6 +52,12 @@ _UNAVAILABLE = {
     14: "unable to open the database file",  # SQLITE_CANTOPEN
     22: "file too large",  # SQLITE_NOLFS
 }
+#: How long a write on the event loop's thread (`run_deferred`) waits for another writer's lock. Another
+#: owner process holds it for milliseconds (a COMMIT, a checkpoint); past this the call is ABORTED
+#: (StoreConflict, retryable), instead of the whole server, health checks included, freezing behind
+#: whatever else holds the file's write lock (an operator's open transaction, say).
+LOOP_BUSY_TIMEOUT_MS = 2000
+
 _CONFLICT = {5, 6}  # SQLITE_BUSY, SQLITE_LOCKED: another writer held the lock past the busy timeout
 _CORRUPT = {11: "the database disk image is malformed", 26: "file is not a database"}  # CORRUPT, NOTADB
 
@@ -250,6 +256,9 @@ class SQLiteDatabase:
         ticket = 0
         with self._use() as conn, self._write_lock, self._processes_lock(), self._writing():
             try:
+                if deferred() is not None and not getattr(self._local, "short_busy", False):
+                    conn.execute(f"PRAGMA busy_timeout={int(LOOP_BUSY_TIMEOUT_MS)}")
+                    self._local.short_busy = True
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield _Tx(conn)

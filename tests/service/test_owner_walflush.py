@@ -22,10 +22,11 @@ from typing import Any
 
 import pytest
 
+from owner_svc.adapters import sqlite as sqlite_adapter
 from owner_svc.adapters.sqlite import SQLiteStore
 from owner_svc.adapters.walflush import WalFlusher, run_deferred
 from owner_svc.core.model import AuditEvent
-from owner_svc.core.ports import StoreUnavailable
+from owner_svc.core.ports import StoreConflict, StoreUnavailable
 
 
 class HeldFlush:
@@ -190,6 +191,24 @@ def test_a_refusal_also_waits_for_the_flush_of_what_it_wrote(store: SQLiteStore)
             await asyncio.wait_for(task, 10)
 
     asyncio.run(scenario())
+
+
+def test_a_loop_write_behind_a_held_lock_is_aborted_not_frozen(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_adapter, "LOOP_BUSY_TIMEOUT_MS", 200)
+    other = sqlite3.connect(store.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # someone else's open write transaction on the file
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreConflict):
+            asyncio.run(run_deferred(store.append_audit, _event(1)))
+        assert time.monotonic() - started < 5  # the loop's 0.2 s, not the threads' 30 s
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    asyncio.run(run_deferred(store.append_audit, _event(2)))  # the lock gone, writes go through
+    assert len(_actions_on_disk(store.path)) == 1
 
 
 def test_close_flushes_what_was_committed_and_refuses_later_writes(tmp_path: Path) -> None:
