@@ -298,11 +298,7 @@ async def run_deferred(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs)
     due = DeferredFlushes()
     token = _deferred.set(due)
     try:
-        result = fn(*args, **kwargs)
-    except BaseException:
+        return fn(*args, **kwargs)
+    finally:
         _deferred.reset(token)
         await due.settled()
-        raise
-    _deferred.reset(token)
-    await due.settled()
-    return result
