@@ -5,7 +5,9 @@ durable before the reply. One transaction and one disk flush per call made the o
 disk, however many calls were waiting. Here the writes waiting are run in one transaction, each in its
 own savepoint (a write that fails is rolled back alone and its caller gets its error), committed once,
 and only then are their callers answered: no call returns before its write is durable, and a COMMIT
-that fails fails every write of the batch, none of which was acknowledged.
+that fails fails every write of the batch, none of which was acknowledged. Callers on threads write
+this way: PostgreSQL's every call, SQLite's admin and SEV-SNP calls (SQLite's OpenSession and
+ReleaseSecret commit on the event loop instead, `walflush.py`).
 
 Who runs the batch: the first caller that finds no batch running (the leader) runs its own write and
 every write queued before it started, in one batch; if more were queued meanwhile, it hands the next
@@ -20,15 +22,12 @@ conditional release of the same session in the batch finds it no longer open).
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 from owner_svc.core.ports import StoreUnavailable
-
-log = logging.getLogger("owner_svc.store")
 
 T = TypeVar("T")
 #: A write: runs inside the batch's transaction, given the database's transaction handle.

@@ -1,9 +1,9 @@
 """The embedded store: one SQLite file in WAL mode (`SQLiteStore`, the `SqlStore` over `SQLiteDatabase`).
 
-Durability: WAL with `synchronous=NORMAL`, made durable behind the COMMITs by one flusher thread
-(`walflush.py`): a caller on a thread waits for the flush after its COMMIT (and after a read that could
-have seen a COMMIT not yet flushed); a call run with `run_deferred` commits at once and its coroutine
-awaits the flush before it answers.
+Durability: WAL with `synchronous=NORMAL`, made durable behind the COMMITs by shared flushes
+(`walflush.py`): a caller on a thread waits for (or runs) the flush after its COMMIT, and after a read
+that could have seen a COMMIT not yet flushed; a call run with `run_deferred` commits at once and its
+coroutine awaits the flush before it answers.
 
 Concurrency: one connection per thread (SQLite connections are not shared across threads), writers
 serialised by a process-wide lock (this process's threads, handed over without SQLite's sleeping busy

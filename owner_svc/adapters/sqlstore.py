@@ -161,9 +161,9 @@ class SqlStore(SnpSqlStore):
         return self.db.write_batch(jobs, first=lambda tx: self._read_head(tx, lock=True))
 
     def _commit(self, write: Callable[[Tx], T]) -> T:
-        """Runs `write` in the next group commit; returns once it is durable. Notes the audit head it
-        reached only then, as `_write` does."""
-
+        """Runs `write` in the next group commit, or at once on this thread when there is none or the
+        call is deferred; returns once it is durable (deferred: once committed, its coroutine awaits the
+        rest). Notes the audit head it reached only then, as `_write` does."""
         if self._group is None or self.db.deferring():
             # Committed now on this thread (and, deferred, awaited before the reply): no queue, no hand-off.
             with self._write() as tx:

@@ -1,6 +1,7 @@
 """Durable before the reply, without an fsync inside each COMMIT: SQLite commits to its write-ahead log
-(WAL mode, `synchronous=NORMAL`, so a COMMIT writes its frames and returns), and one flusher thread makes
-the log durable with one `fdatasync` for every COMMIT that returned before it started.
+(WAL mode, `synchronous=NORMAL`, so a COMMIT writes its frames and returns), and one flush makes the log
+durable with one `fdatasync` for every COMMIT that returned before it started: a waiting thread's own
+flush when none is running, else the store's flusher thread's.
 
 Why: with `synchronous=FULL` every COMMIT fsyncs under the database's write lock, so concurrent calls
 either wait for each other's fsyncs or hand their writes to another thread (group commit), and on the
