@@ -142,17 +142,13 @@ def test_a_corrupt_launcher_db_that_cannot_be_set_aside_stops_the_start_in_one_l
         raise PermissionError(13, "Permission denied", path)
 
     monkeypatch.setattr(sqlite_store, "set_aside", refuse)
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        status = main(
-            [
-                "--tls-dir", str(tls_dir), "--listen", "127.0.0.1:0", "--metrics-listen", "",
-                "--hypervisor", "emulated", "--emulator", str(emulated_chip.state_dir), "--db", str(db),
-            ]
-        )  # fmt: skip
-    finally:
-        root.handlers[:], root.level = handlers, level
+    # main() points the root logger at this test's stderr; tests/conftest.py puts it back afterwards.
+    status = main(
+        [
+            "--tls-dir", str(tls_dir), "--listen", "127.0.0.1:0", "--metrics-listen", "",
+            "--hypervisor", "emulated", "--emulator", str(emulated_chip.state_dir), "--db", str(db),
+        ]
+    )  # fmt: skip
     assert status == 1
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
