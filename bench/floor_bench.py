@@ -44,40 +44,60 @@ def _ctr(key: bytes, iv: bytes, data: bytes) -> bytes:
     return enc.update(data) + enc.finalize()
 
 
-def make_pair(secret_table_size: int, policy: int = 0x3) -> Callable[[], None]:
-    """One pair's work as a closure. The platform's PDH key (the peer of the ECDH) and the owner's KEK
-    exist before; a launch digest stands for the reference values."""
-    pdh_public = ec.generate_private_key(_P384).public_key()
-    kek_at_rest = AESGCM(os.urandom(32))
-    launch_digest = hashlib.sha256(b"image").digest()
-    table = os.urandom(secret_table_size)
-    api_major, api_minor, build = 1, 55, 21
-    # What the host reports (its MNONCE and MEASURE): given, not computed by the owner.
-    mnonce, reported = os.urandom(16), os.urandom(32)
+class PairWork:
+    """One pair's work, as its two halves: `open()` is OpenSession's share, `release()` ReleaseSecret's.
+    The platform's PDH key (the peer of the ECDH) and the owner's KEK exist before; a launch digest stands
+    for the reference values. `release()` opens the keys the latest `open()` sealed."""
 
-    def pair() -> None:
-        # -- OpenSession
+    def __init__(self, secret_table_size: int, policy: int = 0x3) -> None:
+        self._pdh_public = ec.generate_private_key(_P384).public_key()
+        self._kek_at_rest = AESGCM(os.urandom(32))
+        self._launch_digest = hashlib.sha256(b"image").digest()
+        self._table = os.urandom(secret_table_size)
+        self._policy = policy
+        self._api = (1, 55, 21)
+        # What the host reports (its MNONCE and MEASURE): given, not computed by the owner.
+        self._mnonce, self._reported = os.urandom(16), os.urandom(32)
+        self._sealed = (b"", b"")
+        self.open()
+
+    def open(self) -> None:
         godh = ec.generate_private_key(_P384)
-        z = godh.exchange(_ECDH, pdh_public)
+        z = godh.exchange(_ECDH, self._pdh_public)
         godh.public_key().public_numbers()  # the GODH certificate's x and y
         nonce, wrap_iv, tek, tik = os.urandom(16), os.urandom(16), os.urandom(16), os.urandom(16)
         master = _kdf(z, b"sev-master-secret", nonce)
         kek, kik = _kdf(master, b"sev-kek"), _kdf(master, b"sev-kik")
         wrap_tk = _ctr(kek, wrap_iv, tek + tik)
         hmac.digest(kik, wrap_tk, "sha256")
-        hmac.digest(tik, struct.pack("<I", policy), "sha256")
+        hmac.digest(tik, struct.pack("<I", self._policy), "sha256")
         seal_nonce = os.urandom(12)
-        sealed = kek_at_rest.encrypt(seal_nonce, tek + tik, b"session-keys")
-        # -- ReleaseSecret
-        keys = kek_at_rest.decrypt(seal_nonce, sealed, b"session-keys")
+        self._sealed = (seal_nonce, self._kek_at_rest.encrypt(seal_nonce, tek + tik, b"session-keys"))
+
+    def release(self) -> None:
+        keys = self._kek_at_rest.decrypt(*self._sealed, b"session-keys")
         tek, tik = keys[:16], keys[16:]
-        measured = struct.pack("<BBBBI", 0x04, api_major, api_minor, build, policy) + launch_digest + mnonce
+        api_major, api_minor, build = self._api
+        measured = (
+            struct.pack("<BBBBI", 0x04, api_major, api_minor, build, self._policy)
+            + self._launch_digest
+            + self._mnonce
+        )
         measure = hmac.digest(tik, measured, "sha256")
-        hmac.compare_digest(measure, reported)
+        hmac.compare_digest(measure, self._reported)
         iv = os.urandom(16)
-        payload = _ctr(tek, iv, table)
-        header = struct.pack("<BI", 0x01, 0) + iv + struct.pack("<II", len(table), len(table))
+        payload = _ctr(tek, iv, self._table)
+        header = struct.pack("<BI", 0x01, 0) + iv + struct.pack("<II", len(self._table), len(self._table))
         hmac.digest(tik, header + payload + measure, "sha256")
+
+
+def make_pair(secret_table_size: int, policy: int = 0x3) -> Callable[[], None]:
+    """One pair's work (both halves of `PairWork`) as a closure."""
+    work = PairWork(secret_table_size, policy)
+
+    def pair() -> None:
+        work.open()
+        work.release()
 
     return pair
 

@@ -250,6 +250,9 @@ class OwnerThroughput:
     single_process: RunResult | None = None
     #: A bare grpc.aio server with the owner's mTLS, the same clients and message sizes (`grpc_floor`).
     transport: GrpcFloor | None = None
+    #: The same servers, as many processes as the owner has, doing the pair's cryptography as well: the
+    #: most an owner on grpc.aio can reach here (`grpc_floor --crypto`).
+    ceiling: GrpcFloor | None = None
 
     def ratio(self, clients: int) -> float:
         run, floor = self.by_clients[clients]
@@ -267,6 +270,7 @@ def owner_throughput(
     clients: tuple[int, ...] = (1, 8, 64),
     compare_single: bool = False,
     floor_seconds: float = 1.0,
+    owner_processes: int = 1,
 ) -> OwnerThroughput:
     assert world.owner is not None
     host = world.hosts[0]
@@ -291,6 +295,9 @@ def owner_throughput(
     sizes = pair_sizes(core, chain, measurer, host.firmware)
     core.store.close()  # type: ignore[attr-defined]
     transport = grpc_floor(world.tls_dir, sizes, pairs=pairs, clients=max(clients))
+    ceiling = grpc_floor(
+        world.tls_dir, sizes, pairs=pairs, clients=max(clients), processes=owner_processes, crypto_table=table
+    )
     single = None
     if compare_single:
         one = world.spawn_owner("owner-single.db")
@@ -305,7 +312,7 @@ def owner_throughput(
         finally:
             one.stop()
     physical.append(physical_floor(table, seconds=floor_seconds))
-    return OwnerThroughput(results, floors, pairs, physical, single, transport)
+    return OwnerThroughput(results, floors, pairs, physical, single, transport, ceiling)
 
 
 def pair_sizes(
@@ -383,7 +390,7 @@ def _main() -> int:
         world.prepare()
         owner = world.start_owner(workers=args.workers)
         world.configure_owner(owner.address)
-        ot = owner_throughput(world, pairs=args.pairs, clients=clients)
+        ot = owner_throughput(world, pairs=args.pairs, clients=clients, owner_processes=args.workers)
         physical = ot.physical_floor
     print(f"physical floor {physical:.0f} pairs/s")
     for n, (run, floor) in ot.by_clients.items():
@@ -398,6 +405,14 @@ def _main() -> int:
         print(
             f"bare grpc.aio server, same clients and sizes: {t.pairs_per_s:.0f} pairs/s, server CPU "
             f"{t.server_cpu_ms_per_pair:.3f} ms a pair, client CPU {t.client_cpu_ms_per_pair:.3f} ms a pair"
+        )
+    if ot.ceiling is not None:
+        c = ot.ceiling
+        print(
+            f"ceiling (the same server doing the pair's cryptography, {args.workers} process(es)): "
+            f"{c.pairs_per_s:.0f} pairs/s = {c.pairs_per_s / physical:.3f} x the physical floor, server "
+            f"CPU {c.server_cpu_ms_per_pair:.3f} ms a pair, "
+            f"client CPU {c.client_cpu_ms_per_pair:.3f} ms a pair"
         )
     return 0
 

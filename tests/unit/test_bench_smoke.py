@@ -60,6 +60,8 @@ def test_bench_main_quick_json_keys() -> None:
         "owner_pairs_per_s",
         "owner_cpu_ms_per_pair",
         "grpc_floor_cpu_ms_per_pair",
+        "owner_ceiling_ratio",
+        "owner_vs_ceiling",
         "launch_overhead_ratio",
         "launch_p50_ms",
         "launch_p99_ms",
