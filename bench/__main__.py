@@ -3,7 +3,8 @@
 1. owner throughput: OpenSession+ReleaseSecret pairs/s over mTLS with 1, 8, 64 clients (the owner with
    --workers 2) vs the physical floor (the raw cryptography of a pair, `bench.floor_bench`) and vs the
    owner core in-process (measured between the runs); p50/p99 pair latency; the same 64-client run
-   against a one-process owner; the core's profile.
+   against a one-process owner; the bare gRPC server's cost, and the ceiling (that server doing the
+   pair's cryptography, `bench.grpc_floor --crypto`); the core's profile.
 2. launch overhead: orchestrated launches through the three services vs the same launcher core with the
    owner core and the platform's cached chain in-process; p50/p99 per phase.
 3. chain cache: GetCertificateChain cold vs warm; firmware exports for concurrent calls.
