@@ -8,8 +8,8 @@ from the header: each Python value is compared with what the compiler made of th
 Headers: the machine's `linux-libc-dev` (`<linux/psp-sev.h>`, `<linux/sev-guest.h>`; bookworm's 6.1 has
 no SNP host commands, so its psp-sev.h is checked for the SEV structures only unless it has them) and a
 current one, Debian unstable's `linux-libc-dev` unpacked into .cache/linux-uapi by
-`scripts/fetch-uapi-headers`. `./run` installs gcc and the headers and fetches the current ones; a machine
-without them fails these tests rather than skipping them.
+`scripts/fetch-unstable-packages`. `./run` installs gcc and the headers and fetches the current ones; a
+machine without them fails these tests rather than skipping them.
 """
 
 from __future__ import annotations
@@ -267,7 +267,7 @@ def _compile_and_run(source: str, workdir: Path, include: Path | None) -> Layout
     ]
     if include is not None:
         assert (include / "linux" / "psp-sev.h").is_file(), (
-            f"{include} has no current kernel headers: run scripts/fetch-uapi-headers (./run test does)"
+            f"{include} has no current kernel headers: run scripts/fetch-unstable-packages (./run test does)"
         )
         command[1:1] = ["-I", str(include)]
     built = subprocess.run(command, capture_output=True, text=True, check=False)
