@@ -141,26 +141,9 @@ def run(quick: bool, tiny: bool, log: Any) -> dict[str, Any]:
             }
             for n, (run, floor) in ot.by_clients.items()
         }
-        tr = ot.transport
-        out["grpc_floor"] = (
-            {
-                "pairs_per_s": tr.pairs_per_s,
-                "server_cpu_ms_per_pair": tr.server_cpu_ms_per_pair,
-                "client_cpu_ms_per_pair": tr.client_cpu_ms_per_pair,
-            }
-            if tr is not None
-            else None
-        )
-        ce = ot.ceiling
+        out["grpc_floor"] = ot.transport.to_json() if ot.transport is not None else None
         out["owner_ceiling"] = (
-            {
-                "pairs_per_s": ce.pairs_per_s,
-                "server_cpu_ms_per_pair": ce.server_cpu_ms_per_pair,
-                "client_cpu_ms_per_pair": ce.client_cpu_ms_per_pair,
-                "processes": OWNER_WORKERS,
-            }
-            if ce is not None
-            else None
+            {**ot.ceiling.to_json(), "processes": OWNER_WORKERS} if ot.ceiling is not None else None
         )
         out["owner_floor_runs"] = [
             {"pairs_per_s": f.pairs_per_s, "p50_ms": f.pct(0.5), "p99_ms": f.pct(0.99)} for f in ot.floors
@@ -512,7 +495,7 @@ def report(r: dict[str, Any], s: dict[str, Any], m: dict[str, str], command: str
 
 def _cpu_budget(r: dict[str, Any], top: str) -> list[str]:
     """Where the owner's CPU per pair goes, and the most any owner on grpc.aio reaches on these cores."""
-    g, v, ph, ce = r["grpc_floor"], r["owner"][top], r["owner_physical"], r.get("owner_ceiling")
+    g, v, ph, ce = r["grpc_floor"], r["owner"][top], r["owner_physical"], r["owner_ceiling"]
     if g is None:
         return []
     crypto = 1000 / ph["pairs_per_s"]

@@ -29,6 +29,7 @@ import grpc
 import grpc.aio
 
 from bench._world import proc_cpu_seconds
+from bench.floor_bench import DEFAULT_TABLE
 
 _METHOD = "/sevlaunch.bench.Floor/Call"
 
@@ -61,6 +62,14 @@ class GrpcFloor:
     @property
     def client_cpu_ms_per_pair(self) -> float:
         return self.client_cpu_s / self.pairs * 1000
+
+    def to_json(self) -> dict[str, float]:
+        """The figures `python -m bench` records (its --details file, RESULTS.md)."""
+        return {
+            "pairs_per_s": self.pairs_per_s,
+            "server_cpu_ms_per_pair": self.server_cpu_ms_per_pair,
+            "client_cpu_ms_per_pair": self.client_cpu_ms_per_pair,
+        }
 
 
 async def _serve(port: int, tls_dir: Path, answer_sizes: tuple[int, int], crypto_table: int) -> None:
@@ -172,7 +181,7 @@ def main() -> int:
             pairs=args.pairs,
             clients=args.clients,
             processes=args.processes,
-            crypto_table=96 if args.crypto else 0,
+            crypto_table=DEFAULT_TABLE if args.crypto else 0,
         )
     print(
         f"{floor.pairs_per_s:.0f} pairs/s at {args.clients} clients; server CPU "
