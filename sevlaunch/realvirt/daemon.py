@@ -108,6 +108,8 @@ class DaemonError(Exception):
     """The private daemon did not start; the message quotes its log."""
 
 
+# The boot script runs in a mount namespace of its own (its bind mounts stay out of the host's).
+_UNSHARE = ("unshare", "--mount", "--propagation", "private")
 _BOOT = r"""
 set -eu
 R="$1"
@@ -134,7 +136,6 @@ exec "$2" -c "$3" libvirtd --pid-file "$R/libvirtd.pid" --config /etc/libvirt/li
 # PID 1, and an init that reaps late (this machine's reaps about once a second) keeps libvirt, which
 # polls the pid every 200 ms until it is gone, waiting for it in every destroy and failed start.
 # Signals reach libvirtd through it; it ends when libvirtd does.
-_UNSHARE = ("unshare", "--mount", "--propagation", "private")
 _REAPER = r"""
 import ctypes, os, signal, sys
 libc = ctypes.CDLL(None, use_errno=True)
