@@ -1,7 +1,6 @@
 """The alert rules and the Grafana dashboard under k8s/monitoring: `promtool check rules` passes, its unit
 tests (tests/unit/promtool) show the alerts firing when they should, the Prometheus Operator copy says the
-same, and every series they use is one the services export (or one listed as expected, which the alerts
-wait for)."""
+same, and every series they use is one the services export."""
 
 from __future__ import annotations
 
@@ -17,8 +16,6 @@ RULES = REPO / "k8s/monitoring/sevlaunch-alerts.rules.yaml"
 DASHBOARD = REPO / "k8s/monitoring/sevlaunch-dashboard.json"
 OPERATOR_RULE = REPO / "k8s/components/monitoring/prometheusrule.yaml"
 RULE_TESTS = Path(__file__).resolve().parent / "promtool/sevlaunch-alerts.test.yaml"
-#: Series the services do not export yet; the rule file's header names them too.
-EXPECTED_LATER: set[str] = set()
 SERIES = re.compile(r"\b((?:sevlaunch|grpc|process)_[a-z0-9_]+)")
 
 
@@ -75,9 +72,8 @@ def test_rules_and_dashboard_use_exported_series() -> None:
     used = {name for text in texts for name in SERIES.findall(text)}
     used -= {"process_resident_memory_bytes"}  # prometheus_client's ProcessCollector
     used -= {"grpc_code", "grpc_method", "grpc_service", "grpc_type"}  # label names, not series
-    unknown = used - exported - EXPECTED_LATER
+    unknown = used - exported
     assert not unknown, unknown
-    assert EXPECTED_LATER <= used
 
 
 def test_dashboard_is_grafana_json() -> None:
