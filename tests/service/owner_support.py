@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,6 +180,15 @@ def db_snapshot(path: Path) -> list[str]:
         return list(conn.iterdump())
     finally:
         conn.close()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 15.0, interval: float = 0.05) -> None:
+    """Polls `condition` until it holds; an AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(interval)
 
 
 def rpc_error(call: Callable[[], Any]) -> Any:

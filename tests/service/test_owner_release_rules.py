@@ -9,8 +9,7 @@ import logging
 import os
 import stat
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -199,14 +198,6 @@ def manifest_server() -> Iterator[tuple[str, dict[str, Any]]]:
         httpd.shutdown()
 
 
-def _wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.05)
-
-
 def test_polling_loop_picks_up_new_manifests_and_drops_bad_ones(
     make_owner: Any, publisher: Publisher, manifest_server: tuple[str, dict[str, Any]], caplog: Any
 ) -> None:
@@ -223,16 +214,16 @@ def test_polling_loop_picks_up_new_manifests_and_drops_bad_ones(
             for m in h.admin.ListReferenceValues(owner_pb2.ListReferenceValuesRequest()).manifests
         ]
 
-    _wait_for(lambda: in_force() == ["2024.05"])
+    owner_support.wait_for(lambda: in_force() == ["2024.05"])
     served["body"] = publisher.envelope(
         digests=reference_digests(b"\0" * 4096 + owner_support.OVMF_IMAGE), version="2024.08"
     )
-    _wait_for(lambda: sorted(in_force()) == ["2024.05", "2024.08"])
+    owner_support.wait_for(lambda: sorted(in_force()) == ["2024.05", "2024.08"])
 
     # A bad body (nested too deeply to parse) is rejected and logged, round after round; both stay.
     served["body"] = b"[" * 200000 + b"]" * 200000
     hits = served["hits"]
-    _wait_for(lambda: served["hits"] >= hits + 3)
+    owner_support.wait_for(lambda: served["hits"] >= hits + 3)
     rejected = [r for r in caplog.records if r.getMessage() == "reference values rejected"]
     assert rejected and all(getattr(r, "reason", "") == "bad_encoding" for r in rejected)
     assert not [r for r in caplog.records if r.getMessage() == "reference values poll failed"]
@@ -243,7 +234,7 @@ def test_polling_loop_picks_up_new_manifests_and_drops_bad_ones(
     stranger = Publisher(generate_private_key(KeyType.ED25519), publisher.pub_file)
     served["body"] = stranger.envelope(digests=reference_digests(), version="2099.01")
     hits = served["hits"]
-    _wait_for(lambda: served["hits"] >= hits + 2)
+    owner_support.wait_for(lambda: served["hits"] >= hits + 2)
     assert any(getattr(r, "reason", "") == "wrong_signer" for r in caplog.records)
     assert sorted(in_force()) == ["2024.05", "2024.08"]
 

@@ -228,11 +228,13 @@ def test_sigkill_of_one_replica_leaves_the_other_serving(
     for t in threads:
         t.start()
     # The kill races calls in flight on both replicas: it comes once each has answered some.
-    _wait_for(lambda: "NOT_FOUND" in outcomes["a"] and "NOT_FOUND" in outcomes["b"])
+    owner_support.wait_for(
+        lambda: "NOT_FOUND" in outcomes["a"] and "NOT_FOUND" in outcomes["b"], timeout=30, interval=0.01
+    )
     a.proc.send_signal(signal.SIGKILL)
     a.proc.wait(timeout=10)
     count_b = len(outcomes["b"])
-    _wait_for(lambda: len(outcomes["b"]) > count_b + 5)
+    owner_support.wait_for(lambda: len(outcomes["b"]) > count_b + 5, timeout=30, interval=0.01)
     stop.set()
     for t in threads:
         t.join(timeout=30)
@@ -268,13 +270,6 @@ def _allowed_releases(dsn: str, kek_file: Path, session_id: str) -> list[str]:
         ]
     finally:
         store.close()
-
-
-def _wait_for(condition: Any, limit: float = 30.0) -> None:
-    deadline = time.monotonic() + limit
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def _until_served(call: Any, limit: float = 30.0) -> tuple[Any, float]:

@@ -69,7 +69,7 @@ def store(tmp_path: Path) -> Iterator[SQLiteStore]:
 
 
 def _flusher(store: SQLiteStore) -> WalFlusher:
-    flusher = store.db._flusher
+    flusher = store.db.flusher
     assert flusher is not None
     return flusher
 
